@@ -1,0 +1,23 @@
+"""megasparse.kernels: Triton kernels, each beside its pure-torch reference. Knows nothing of Megatron."""
+
+from .common import HAVE_TRITON, magnitude
+from .mask_1d import mask_1d_reference, mask_1d_triton
+from .mask_transposable import (
+    N_PATTERNS,
+    PATTERNS,
+    mask_transposable_greedy,
+    mask_transposable_reference,
+    mask_transposable_triton,
+)
+
+__all__ = [
+    "HAVE_TRITON",
+    "magnitude",
+    "mask_1d_reference",
+    "mask_1d_triton",
+    "mask_transposable_reference",
+    "mask_transposable_triton",
+    "mask_transposable_greedy",
+    "PATTERNS",
+    "N_PATTERNS",
+]

@@ -1,0 +1,185 @@
+"""Drop-in sparse ColumnParallelLinear / RowParallelLinear for Megatron-core.
+
+Same constructor (plus the keyword `sparsity`), parameters, `(output, bias)` return and
+`sharded_state_dict` as the parents. Only the GEMM changes: Megatron's own forward runs
+unchanged and calls `_forward_impl`, which we override. Communication goes through
+Megatron's mappings (sequence-parallel all-gather / reduce-scatter, dgrad all-reduce).
+"""
+
+import contextlib
+import dataclasses
+import inspect
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel import layers as mcore_layers
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+from megasparse.backends import check_backend_static, resolve_backend
+from megasparse.config import SparsityConfig
+from megasparse.ops import LinearPlan, sparse_linear, weight_mask
+
+_FORWARD_IMPL_SIGNATURE = inspect.signature(mcore_layers.linear_with_grad_accumulation_and_async_allreduce)
+
+
+@contextlib.contextmanager
+def _torch_wgrad_fusion_allowed():
+    """Let the parent accept gradient_accumulation_fusion without apex: we accumulate in torch."""
+    available = mcore_layers._grad_accum_fusion_available
+    mcore_layers._grad_accum_fusion_available = True
+    try:
+        yield available
+    finally:
+        mcore_layers._grad_accum_fusion_available = available
+
+
+class _SparseLinearMixin:
+    """Sparsity state and the sparse `_forward_impl` shared by the column and row layers."""
+
+    def _setup_sparsity(self, sparsity: Optional[SparsityConfig], apex_wgrad_fusion: bool) -> None:
+        if sparsity is not None and not isinstance(sparsity, SparsityConfig):
+            raise TypeError(f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}")
+        self.sparsity = dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
+        self._apex_wgrad_fusion = apex_wgrad_fusion
+        if getattr(self, "gtp_remat_size", 1) > 1:
+            raise NotImplementedError(
+                f"megasparse: {type(self).__name__} does not support GTP weight rematerialization "
+                f"(gtp_remat_size={self.gtp_remat_size}); disable it for sparse layers"
+            )
+        self.register_buffer("_held_mask", None, persistent=False)
+        self._mask_step = 0  # steps seen (training forwards, or the iteration set from outside)
+        self._mask_refreshed_at = 0
+        self._iteration_driven = False
+        self._backends = {}
+        if self.weight is not None and self.sparsity.weights is not None:
+            self._check_shard_shape(tuple(self.weight.shape), self.config.params_dtype)
+
+    def _tp_size(self) -> int:
+        return self.tp_group.size() if self.tp_group is not None else 1
+
+    def _check_shard_shape(self, shape, dtype) -> None:
+        rows, cols = shape
+        tp = self._tp_size()
+        if cols % 4:
+            if self._split_dim == 1:
+                raise ValueError(
+                    f"megasparse: {type(self).__name__} input_size={self.input_size} split over tensor-parallel "
+                    f"size {tp} gives {cols} columns per rank, not a multiple of 4, so a 2:4 group would cross "
+                    f"ranks. Make input_size a multiple of 4*TP={4 * tp} (the sparse GEMMs want 64*TP={64 * tp})."
+                )
+            raise ValueError(
+                f"megasparse: {type(self).__name__} input_size={self.input_size} is not a multiple of 4, so it "
+                "cannot be cut into 2:4 groups. Use a multiple of 4 (the sparse GEMMs want 64)."
+            )
+        if self.sparsity.mask == "transposable" and rows % 4:
+            raise ValueError(
+                f"megasparse: the transposable mask needs 4x4 tiles, but {type(self).__name__} has {rows} output "
+                f"rows per tensor-parallel rank (TP={tp}). Make output_size a multiple of 4*TP={4 * tp}, "
+                "or use mask='1d'."
+            )
+        check_backend_static(self.sparsity.backend, shape, dtype, self.sparsity.mask == "transposable")
+
+    # --- the mask -------------------------------------------------------------------------
+
+    def set_sparsity_iteration(self, iteration: int) -> None:
+        """Drive held masks by training iteration instead of by counting forwards (used by schedules)."""
+        self._mask_step = int(iteration)
+        self._iteration_driven = True
+
+    def _compute_mask(self, weight):
+        return weight_mask(weight, self.sparsity.mask, self.sparsity.nonfinite_weights)
+
+    def _current_mask(self, weight):
+        interval = self.sparsity.mask_refresh_interval
+        if interval == 1:
+            return self._compute_mask(weight)
+        held = self._held_mask
+        stale = (
+            held is None
+            or held.shape != weight.shape
+            or held.device != weight.device
+            or self._mask_step - self._mask_refreshed_at >= interval
+            or self._mask_step < self._mask_refreshed_at
+        )
+        if stale:
+            self._held_mask = self._compute_mask(weight)
+            self._mask_refreshed_at = self._mask_step
+        return self._held_mask
+
+    @torch.no_grad()
+    def sparsity_mask(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The bool mask the layer computes with now, shaped like the weight (all True when dense)."""
+        weight = self.weight if weight is None else weight
+        if not self.sparsity.prunes_weights:
+            return torch.ones_like(weight, dtype=torch.bool)
+        if self.sparsity.mask_refresh_interval > 1 and self._held_mask is not None:
+            return self._held_mask.clone()
+        return self._compute_mask(weight)
+
+    # --- the GEMM -------------------------------------------------------------------------
+
+    def _backend_for(self, weight):
+        key = (weight.device, weight.dtype, tuple(weight.shape))
+        if key not in self._backends:
+            self._backends[key] = resolve_backend(self.sparsity.backend, weight, self.sparsity.mask == "transposable")
+        return self._backends[key]
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        call = _FORWARD_IMPL_SIGNATURE.bind(input, weight, *args, **kwargs)
+        call.apply_defaults()
+        call = call.arguments
+        fusion = bool(call["gradient_accumulation_fusion"])
+        if not self.sparsity.prunes_weights and (self._apex_wgrad_fusion or not fusion):
+            return super()._forward_impl(input, weight, *args, **kwargs)  # exactly the parent
+        if call["grad_output_buffer"] is not None:
+            raise NotImplementedError(
+                "megasparse: deferred embedding wgrad (grad_output_buffer) is for the output layer, "
+                "which megasparse never sparsifies"
+            )
+        tp_group = call["tp_group"] if call["tp_group"] is not None else self.tp_group
+        if call["sequence_parallel"]:
+            input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
+        elif call["allreduce_dgrad"]:
+            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+
+        if self.sparsity.prunes_weights:
+            mask = self._current_mask(weight)
+            backend = self._backend_for(weight)
+        else:  # dense phase without apex: the torch fallback of the fused wgrad
+            mask, backend = None, resolve_backend("dense", weight, False)
+        plan = LinearPlan(
+            backend=backend,
+            gradient=self.sparsity.gradient,
+            srste_decay=self.sparsity.srste_decay,
+            transposable=self.sparsity.mask == "transposable",
+            gradient_accumulation_fusion=fusion,
+        )
+        output = sparse_linear(input, weight, call["bias"], mask, plan)
+        if self.training and torch.is_grad_enabled() and not self._iteration_driven:
+            self._mask_step += 1
+        return output
+
+
+class SparseColumnParallelLinear(_SparseLinearMixin, mcore_layers.ColumnParallelLinear):
+    """ColumnParallelLinear with a 2:4 weight. Extra keyword: `sparsity: SparsityConfig`."""
+
+    _split_dim = 0
+
+    def __init__(self, *args, sparsity: Optional[SparsityConfig] = None, **kwargs):
+        with _torch_wgrad_fusion_allowed() as apex_wgrad_fusion:
+            super().__init__(*args, **kwargs)
+        self._setup_sparsity(sparsity, apex_wgrad_fusion)
+
+
+class SparseRowParallelLinear(_SparseLinearMixin, mcore_layers.RowParallelLinear):
+    """RowParallelLinear with a 2:4 weight. Extra keyword: `sparsity: SparsityConfig`."""
+
+    _split_dim = 1
+
+    def __init__(self, *args, sparsity: Optional[SparsityConfig] = None, **kwargs):
+        with _torch_wgrad_fusion_allowed() as apex_wgrad_fusion:
+            super().__init__(*args, **kwargs)
+        self._setup_sparsity(sparsity, apex_wgrad_fusion)

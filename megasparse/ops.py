@@ -1,0 +1,117 @@
+"""The sparse linear op: mask computation and one autograd path over a pluggable GEMM backend.
+
+This is the only module that chooses between kernels (Triton on CUDA, torch references on
+CPU) and between GEMM backends. Layers call `weight_mask` and `sparse_linear`.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megasparse import kernels
+from megasparse.backends import DenseBackend
+
+_MASK_KERNELS = {
+    "1d": (kernels.mask_1d_triton, kernels.mask_1d_reference),
+    "transposable": (kernels.mask_transposable_triton, kernels.mask_transposable_reference),
+}
+
+
+def weight_mask(weight: torch.Tensor, kind: str = "1d", nonfinite: str = "propagate") -> torch.Tensor:
+    """The 2:4 mask of `weight` ([out, in]) as a bool tensor of the same shape."""
+    if nonfinite == "error":
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        if bad:
+            raise FloatingPointError(
+                f"megasparse: the weight {tuple(weight.shape)} holds {bad} NaN/Inf values, so its 2:4 mask "
+                "is meaningless. The dense master weight is corrupt: resume from the last good checkpoint "
+                "or lower the learning rate (nonfinite_weights='propagate' lets the NaN reach the loss instead)."
+            )
+    triton_kernel, reference = _MASK_KERNELS[kind]
+    if weight.is_cuda and kernels.HAVE_TRITON:
+        return triton_kernel(weight)
+    return reference(weight)
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one sparse linear call runs: the GEMM backend and the weight-gradient rule."""
+
+    backend: object = DenseBackend()
+    gradient: str = "ste"
+    srste_decay: float = 0.0
+    transposable: bool = False
+    gradient_accumulation_fusion: bool = False
+
+
+def _weight_grad_fp32(dy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+    """dY^T X accumulated in fp32 (what Megatron's fused wgrad writes into main_grad)."""
+    if dy2d.is_cuda and dy2d.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(dy2d.t(), x2d, out_dtype=torch.float32)
+    return torch.mm(dy2d.t().float(), x2d.float()) if dy2d.dtype != torch.float64 else dy2d.t() @ x2d
+
+
+def _apply_gradient_mode(grad, weight, mask, plan: LinearPlan):
+    if mask is None:  # dense call (a dense phase): every mode is the plain gradient
+        return grad
+    if plan.gradient == "masked":
+        return grad * mask
+    if plan.gradient == "srste":
+        return grad + plan.srste_decay * (~mask) * weight.detach().to(grad.dtype)
+    return grad
+
+
+def _dummy_weight_grad(weight, dtype):
+    """What Megatron returns when the gradient went into main_grad (keeps its DDP hooks on the main thread)."""
+    if getattr(weight, "zero_out_wgrad", False):
+        return torch.zeros(weight.main_grad.shape, dtype=dtype, device=weight.device)
+    return torch.empty(weight.main_grad.shape, dtype=dtype, device=weight.device)
+
+
+class _SparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, plan: LinearPlan):
+        w_sparse = weight if mask is None else weight * mask
+        x2d = x.reshape(-1, x.shape[-1])
+        y2d = plan.backend.linear(x2d, w_sparse, bias)
+        # W and M are saved (not W*M): they exist anyway, so the backward costs no extra memory.
+        ctx.save_for_backward(x, weight, mask)
+        ctx.plan = plan
+        ctx.has_bias = bias is not None
+        ctx.main_grad = getattr(weight, "main_grad", None) if plan.gradient_accumulation_fusion else None
+        return y2d.reshape(*x.shape[:-1], y2d.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mask = ctx.saved_tensors
+        plan: LinearPlan = ctx.plan
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w_sparse = weight if mask is None else weight * mask
+            grad_x = plan.backend.input_grad(dy2d, w_sparse, plan.transposable).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            if ctx.main_grad is not None:
+                weight.main_grad = ctx.main_grad
+                grad = _weight_grad_fp32(dy2d, x2d)
+                ctx.main_grad.add_(_apply_gradient_mode(grad, weight, mask, plan).to(ctx.main_grad.dtype))
+                if hasattr(weight, "grad_added_to_main_grad"):
+                    grad_w = _dummy_weight_grad(weight, x.dtype)
+                    weight.grad_added_to_main_grad = True
+            else:
+                grad_w = _apply_gradient_mode(dy2d.t() @ x2d, weight, mask, plan)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = dy2d.sum(dim=0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def sparse_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor, plan: LinearPlan
+) -> torch.Tensor:
+    """y = x (M*W)^T + b with the backward of `plan`. x [..., in], weight [out, in], mask bool like weight.
+
+    mask=None runs the dense layer through the same path (used for the torch wgrad-fusion fallback).
+    """
+    return _SparseLinear.apply(x, weight, bias, mask, plan)
