@@ -5,6 +5,9 @@ cores too. Each tile's score is the kept sum of |w|, accumulated in float32 in a
 (tile positions 0..15, row-major) by both the reference and the kernel, so the two agree bit
 for bit; ties go to the lowest pattern index. `mask_transposable_greedy` is the greedy
 heuristic other libraries use, kept here only to measure how much the exact search gains.
+
+Non-finite weights score as 2**120 (finite, so sums never overflow or tie at inf): a pattern
+keeps as many of them as it can, and they reach the output as in the dense layer.
 """
 
 import itertools
@@ -36,6 +39,7 @@ def _enumerate_patterns() -> torch.Tensor:
 PATTERNS = _enumerate_patterns()
 N_PATTERNS = PATTERNS.shape[0]  # 90
 _PATTERN_SLOTS = 128  # the kernel scores a power-of-two number of slots; slots >= 90 never win
+_NONFINITE_SCORE = 2.0**120  # 16 of them still sum below float32 max
 
 
 def _tiles(a: torch.Tensor) -> torch.Tensor:
@@ -52,7 +56,7 @@ def _untile(t: torch.Tensor, shape) -> torch.Tensor:
 def mask_transposable_reference(weight: torch.Tensor) -> torch.Tensor:
     """Pure-torch reference. weight [out, in], both multiples of 4 -> bool mask of the same shape."""
     check_2d(weight, "the transposable 2:4 mask", 4, 4)
-    tiles = _tiles(magnitude(weight))
+    tiles = _tiles(magnitude(weight).clamp(max=_NONFINITE_SCORE))
     patterns = PATTERNS.to(tiles.device)
     score = torch.zeros(tiles.shape[0], N_PATTERNS, dtype=torch.float32, device=tiles.device)
     for k in range(16):  # fixed order, shared with the kernel, so float sums match exactly
@@ -62,24 +66,22 @@ def mask_transposable_reference(weight: torch.Tensor) -> torch.Tensor:
 
 
 def mask_transposable_greedy(weight: torch.Tensor) -> torch.Tensor:
-    """Greedy heuristic (for comparison only): visit |w| from largest, keep while row and column have < 2.
+    """Greedy heuristic (for comparison only): visit |w| from the largest, keep it while the kept set
+    still completes to one of the 90 patterns. Always ends on a valid pattern, rarely the best.
 
-    It can get stuck with fewer than 8 kept per tile; the result is still transposable 2:4.
+    (Without the completion check a greedy can stop at 7 kept in a tile: still hardware-valid,
+    but no longer 50% dense; the contract here is exactly 2 per row and column.)
     """
     check_2d(weight, "the transposable 2:4 mask", 4, 4)
-    tiles = _tiles(magnitude(weight))
-    n = tiles.shape[0]
+    tiles = _tiles(magnitude(weight).clamp(max=_NONFINITE_SCORE))
+    patterns = PATTERNS.to(tiles.device)
     order = tiles.argsort(dim=1, descending=True, stable=True)
-    keep = torch.zeros(n, 16, dtype=torch.bool, device=tiles.device)
-    row_count = torch.zeros(n, 4, dtype=torch.int64, device=tiles.device)
-    col_count = torch.zeros(n, 4, dtype=torch.int64, device=tiles.device)
+    keep = torch.zeros_like(tiles, dtype=torch.bool)
     for step in range(16):
-        idx = order[:, step : step + 1]
-        r, c = idx // 4, idx % 4
-        ok = (row_count.gather(1, r) < 2) & (col_count.gather(1, c) < 2)
-        keep.scatter_(1, idx, ok)
-        row_count.scatter_add_(1, r, ok.long())
-        col_count.scatter_add_(1, c, ok.long())
+        candidate = keep.clone()
+        candidate.scatter_(1, order[:, step : step + 1], True)
+        completes = ~(candidate[:, None, :] & ~patterns[None]).any(-1)  # [tiles, 90]: candidate within pattern
+        keep = torch.where(completes.any(-1, keepdim=True), candidate, keep)
     return _untile(keep, weight.shape)
 
 
@@ -87,7 +89,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _mask_transposable_kernel(
-        w_ptr, mask_ptr, patterns_ptr, n_cols, n_tiles, N_PATTERNS: tl.constexpr, SLOTS: tl.constexpr, BLOCK: tl.constexpr
+        w_ptr, mask_ptr, patterns_ptr, n_cols, n_tiles, N_PATTERNS: tl.constexpr, SLOTS: tl.constexpr, NONFINITE_SCORE: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         tiles = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         valid = tiles < n_tiles
@@ -97,7 +100,8 @@ if HAVE_TRITON:
         slot = tl.arange(0, SLOTS)
         score = tl.zeros([BLOCK, SLOTS], dtype=tl.float32)
         for k in tl.static_range(16):
-            a = magnitude_triton(tl.load(w_ptr + (row0 + k // 4) * n_cols + col0 + k % 4, mask=valid, other=0.0))
+            w = tl.load(w_ptr + (row0 + k // 4) * n_cols + col0 + k % 4, mask=valid, other=0.0)
+            a = tl.minimum(magnitude_triton(w), NONFINITE_SCORE)
             kept = tl.load(patterns_ptr + k * SLOTS + slot)  # [SLOTS] int8, pattern-major column k
             score = score + tl.where(kept[None, :] != 0, a[:, None], 0.0)
         score = tl.where(slot[None, :] < N_PATTERNS, score, -1.0)
@@ -129,6 +133,6 @@ def mask_transposable_triton(weight: torch.Tensor, block: int = 32) -> torch.Ten
     n_tiles = w.numel() // 16
     _mask_transposable_kernel[(triton.cdiv(n_tiles, block),)](
         w, mask, _pattern_table(w.device), w.shape[1], n_tiles,
-        N_PATTERNS=N_PATTERNS, SLOTS=_PATTERN_SLOTS, BLOCK=block,
+        N_PATTERNS=N_PATTERNS, SLOTS=_PATTERN_SLOTS, NONFINITE_SCORE=_NONFINITE_SCORE, BLOCK=block,
     )
     return mask.view(torch.bool)

@@ -1,0 +1,39 @@
+"""Build Megatron configs and (sparse or dense) parallel linears the same way in every test."""
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+
+from megasparse import SparseColumnParallelLinear, SparseRowParallelLinear
+
+
+def make_config(tp=1, sequence_parallel=False, dtype=torch.float64, **overrides):
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=16,
+        num_attention_heads=max(tp, 1),
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        **overrides,
+    )
+
+
+def make_column(config, in_size, out_size, sparsity=None, dense=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("bias", True)
+    kw.setdefault("gather_output", False)
+    cls = ColumnParallelLinear if dense else SparseColumnParallelLinear
+    extra = {} if dense else {"sparsity": sparsity}
+    return cls(in_size, out_size, config=config, init_method=torch.nn.init.normal_, **kw, **extra)
+
+
+def make_row(config, in_size, out_size, sparsity=None, dense=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("bias", True)
+    kw.setdefault("input_is_parallel", True)
+    kw.setdefault("skip_bias_add", False)
+    cls = RowParallelLinear if dense else SparseRowParallelLinear
+    extra = {} if dense else {"sparsity": sparsity}
+    return cls(in_size, out_size, config=config, init_method=torch.nn.init.normal_, **kw, **extra)
