@@ -1,0 +1,101 @@
+"""TP=2 over gloo (2 processes): the same full weights give the same masks and outputs as TP=1.
+
+The TP=1 side is the float64 plain-torch masked MLP on the full weights (test_layers.py checks
+the TP=1 layers against that same reference).
+"""
+
+import torch
+import torch.distributed as dist
+
+from megasparse import SparsityConfig
+from megasparse.kernels import mask_1d_reference, mask_transposable_reference
+from megasparse.testing import run_distributed
+
+SEQ, BATCH, HIDDEN, FFN = 8, 2, 16, 32
+SCENARIOS = [("1d", "ste"), ("transposable", "srste"), ("1d", "masked")]
+REFERENCE_MASKS = {"1d": mask_1d_reference, "transposable": mask_transposable_reference}
+
+
+def _activation(h):
+    return torch.relu(h).square()
+
+
+def _full_tensors():
+    g = torch.Generator().manual_seed(1234)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return {"w1": r(FFN, HIDDEN), "b1": r(FFN), "w2": r(HIDDEN, FFN), "b2": r(HIDDEN),
+            "x": r(SEQ, BATCH, HIDDEN), "dy": r(SEQ, BATCH, HIDDEN)}
+
+
+def _reference(t, mask_kind, gradient, decay):
+    m1, m2 = REFERENCE_MASKS[mask_kind](t["w1"]), REFERENCE_MASKS[mask_kind](t["w2"])
+    x = t["x"].clone().requires_grad_(True)
+    w1s, w2s = (t["w1"] * m1).requires_grad_(True), (t["w2"] * m2).requires_grad_(True)
+    b1, b2 = t["b1"].clone().requires_grad_(True), t["b2"].clone().requires_grad_(True)
+    y = torch.nn.functional.linear(_activation(torch.nn.functional.linear(x, w1s, b1)), w2s, b2)
+    y.backward(t["dy"])
+    dws = []
+    for ws, m, w in ((w1s, m1, t["w1"]), (w2s, m2, t["w2"])):
+        g = ws.grad
+        g = g * m if gradient == "masked" else g + decay * (~m) * w if gradient == "srste" else g
+        dws.append(g)
+    return {"m1": m1, "m2": m2, "y": y.detach(), "dx": x.grad, "dw1": dws[0], "dw2": dws[1], "db1": b1.grad, "db2": b2.grad}
+
+
+def _close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{what}: {m}")
+
+
+def _tp2_mlp_worker():
+    from megatron_helpers import make_column, make_config, make_row
+
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    t = _full_tensors()
+    rows = slice(rank * FFN // tp, (rank + 1) * FFN // tp)
+    seq = slice(rank * SEQ // tp, (rank + 1) * SEQ // tp)
+    for sequence_parallel in (False, True):
+        for mask_kind, gradient in SCENARIOS:
+            where = f"rank {rank} sp={sequence_parallel} {mask_kind}/{gradient}"
+            sparsity = SparsityConfig(mask=mask_kind, gradient=gradient, srste_decay=0.1, backend="dense")
+            cfg = make_config(tp=tp, sequence_parallel=sequence_parallel)
+            fc1 = make_column(cfg, HIDDEN, FFN, sparsity)
+            fc2 = make_row(cfg, FFN, HIDDEN, sparsity)
+            with torch.no_grad():
+                fc1.weight.copy_(t["w1"][rows]), fc1.bias.copy_(t["b1"][rows])
+                fc2.weight.copy_(t["w2"][:, rows]), fc2.bias.copy_(t["b2"])
+            x = (t["x"][seq] if sequence_parallel else t["x"]).clone().requires_grad_(True)
+            h, _ = fc1(x)
+            y, _ = fc2(_activation(h))
+            ref = _reference(t, mask_kind, gradient, 0.1)
+            assert torch.equal(fc1.sparsity_mask(), ref["m1"][rows]), where
+            assert torch.equal(fc2.sparsity_mask(), ref["m2"][:, rows]), where
+            _close(y, ref["y"][seq] if sequence_parallel else ref["y"], f"{where} output")
+            y.backward(t["dy"][seq] if sequence_parallel else t["dy"])
+            _close(x.grad, ref["dx"][seq] if sequence_parallel else ref["dx"], f"{where} input grad")
+            _close(fc1.weight.grad, ref["dw1"][rows], f"{where} fc1 weight grad")
+            _close(fc2.weight.grad, ref["dw2"][:, rows], f"{where} fc2 weight grad")
+            _close(fc1.bias.grad, ref["db1"][rows], f"{where} fc1 bias grad")
+            db2 = fc2.bias.grad.clone()
+            if sequence_parallel:  # Megatron all-reduces sequence-parallel bias grads over TP later
+                dist.all_reduce(db2)
+            _close(db2, ref["db2"], f"{where} fc2 bias grad")
+
+
+def _tp2_bad_shapes_worker():
+    import pytest
+    from megatron_helpers import make_column, make_config, make_row
+
+    cfg = make_config(tp=2)
+    with pytest.raises(ValueError, match="input_size=12 split over tensor-parallel size 2 gives 6 columns per rank.*4\\*TP=8"):
+        make_row(cfg, 12, 16, SparsityConfig())
+    with pytest.raises(ValueError, match="6 output rows per tensor-parallel rank \\(TP=2\\)"):
+        make_column(cfg, 16, 12, SparsityConfig(mask="transposable"))
+    make_row(cfg, 16, 16, SparsityConfig())  # 8 per rank: fine
+
+
+def test_tp2_matches_tp1_with_and_without_sequence_parallel():
+    run_distributed(_tp2_mlp_worker, world_size=2, tensor_model_parallel_size=2)
+
+
+def test_tp2_shard_that_splits_a_group_fails_at_construction():
+    run_distributed(_tp2_bad_shapes_worker, world_size=2, tensor_model_parallel_size=2)
