@@ -62,9 +62,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_megatron(rank: int, world_size: int, port: int, **parallel_sizes) -> None:
-    """gloo process group + Megatron parallel state (sizes as in initialize_model_parallel)."""
+def init_megatron(rank: int, world_size: int, port: int, seed: int = 1234, **parallel_sizes) -> None:
+    """gloo process group + Megatron parallel state (sizes as in initialize_model_parallel) + RNG tracker."""
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     patch_megatron_for_cpu()
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -72,6 +73,7 @@ def init_megatron(rank: int, world_size: int, port: int, **parallel_sizes) -> No
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
     parallel_state.initialize_model_parallel(**parallel_sizes)
+    model_parallel_cuda_manual_seed(seed)
 
 
 def shutdown_megatron() -> None:

@@ -8,15 +8,14 @@ from megasparse import SparseColumnParallelLinear, SparseRowParallelLinear
 
 
 def make_config(tp=1, sequence_parallel=False, dtype=torch.float64, **overrides):
+    settings = dict(num_layers=1, hidden_size=16, num_attention_heads=max(tp, 1))
+    settings.update(overrides)
     return TransformerConfig(
-        num_layers=1,
-        hidden_size=16,
-        num_attention_heads=max(tp, 1),
         tensor_model_parallel_size=tp,
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=True,
         params_dtype=dtype,
-        **overrides,
+        **settings,
     )
 
 

@@ -1,0 +1,83 @@
+"""The sparse linears drop into a Megatron GPT layer spec (0.16: ModuleSpec params; 0.19: functools.partial).
+
+Independent reference: the dense layer from the untouched spec, with each linear's weight
+replaced by W*M. The sparse layer must compute exactly that.
+"""
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megasparse import SparseColumnParallelLinear, SparseRowParallelLinear, SparsityConfig
+from megatron_helpers import make_config
+
+pytestmark = pytest.mark.usefixtures("megatron_tp1")
+
+LINEARS = {"linear_qkv": SparseColumnParallelLinear, "linear_proj": SparseRowParallelLinear,
+           "linear_fc1": SparseColumnParallelLinear, "linear_fc2": SparseRowParallelLinear}
+
+
+def _sparse_entry(cls, sparsity, form):
+    if form == "ModuleSpec":
+        return ModuleSpec(module=cls, params={"sparsity": sparsity})
+    return functools.partial(cls, sparsity=sparsity)
+
+
+def _swap(submodules, names, sparsity, form):
+    changes = {n: _sparse_entry(LINEARS[n], sparsity, form) for n in names if hasattr(submodules, n)}
+    return dataclasses.replace(submodules, **changes)
+
+
+def _sparse_layer_spec(sparsity, form):
+    spec = get_gpt_layer_local_spec()
+    layer = spec.submodules
+    attention = layer.self_attention
+    attention = dataclasses.replace(attention, submodules=_swap(attention.submodules, LINEARS, sparsity, form))
+    mlp = layer.mlp
+    if isinstance(mlp, functools.partial):  # 0.19 builder form
+        mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": _swap(mlp.keywords["submodules"], LINEARS, sparsity, form)})
+    else:
+        mlp = dataclasses.replace(mlp, submodules=_swap(mlp.submodules, LINEARS, sparsity, form))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(layer, self_attention=attention, mlp=mlp))
+
+
+def _forms():
+    spec = get_gpt_layer_local_spec()
+    # 0.16 builds linears with build_module (ModuleSpec); 0.19 calls the builder directly (partial).
+    return ["partial"] if isinstance(spec.submodules.mlp, functools.partial) else ["ModuleSpec"]
+
+
+@pytest.mark.parametrize("form", _forms())
+@pytest.mark.parametrize("mask", ["1d", "transposable"])
+def test_sparse_gpt_layer_equals_dense_layer_with_masked_weights(form, mask):
+    cfg = make_config(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, hidden_dropout=0.0,
+                      attention_dropout=0.0, add_bias_linear=True)
+    torch.manual_seed(0)
+    sparse = build_module(_sparse_layer_spec(SparsityConfig(mask=mask, backend="dense"), form), config=cfg, layer_number=1)
+    dense = build_module(get_gpt_layer_local_spec(), config=cfg, layer_number=1)
+    sparse, dense = sparse.double(), dense.double()  # the local LayerNorm ignores params_dtype
+    dense.load_state_dict(sparse.state_dict())
+    masked = 0
+    with torch.no_grad():
+        for name, module in sparse.named_modules():
+            if isinstance(module, (SparseColumnParallelLinear, SparseRowParallelLinear)):
+                dense.get_submodule(name).weight.mul_(module.sparsity_mask())
+                masked += 1
+    assert masked == 4
+    x = torch.randn(12, 2, 64, dtype=torch.float64)
+    causal = torch.triu(torch.ones(1, 1, 12, 12, dtype=torch.bool), diagonal=1)  # True = masked out
+    xs, xd = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ys, yd = sparse(xs, attention_mask=causal)[0], dense(xd, attention_mask=causal)[0]
+    torch.testing.assert_close(ys, yd, rtol=1e-10, atol=1e-10)
+    ys.sum().backward()
+    yd.sum().backward()
+    torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-10, atol=1e-10)
+    # ste: the dense master weight gets the gradient of the masked product, which is what the
+    # dense-with-masked-weights layer computes for its (already masked) weight
+    for name, module in sparse.named_modules():
+        if isinstance(module, (SparseColumnParallelLinear, SparseRowParallelLinear)):
+            torch.testing.assert_close(module.weight.grad, dense.get_submodule(name).weight.grad, rtol=1e-10, atol=1e-10)
