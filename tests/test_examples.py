@@ -1,0 +1,14 @@
+"""The examples in examples/ run as documented."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sparse_mlp_spec_example_runs_and_prunes_half():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "sparse_mlp_spec.py")], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("mask density 0.50") == 2, out.stdout
