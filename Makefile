@@ -11,11 +11,12 @@ VENV ?= .venv-mcore$(MCORE)
 DEMO_ARGS ?=
 PYTEST_ARGS ?= -q
 
-# megatron-core 0.17+ declares Python >= 3.12 but runs on 3.11; its only deps are torch, numpy, packaging.
+# megatron-core 0.17+ declares Python >= 3.12 but runs on 3.11; its deps (torch, numpy, packaging)
+# come from the other two installs (megasparse depends on numpy and packaging).
 ifeq ($(MCORE),0.16.1)
 MCORE_INSTALL = megatron-core==$(MCORE)
 else
-MCORE_INSTALL = --ignore-requires-python --no-deps megatron-core==$(MCORE) numpy packaging
+MCORE_INSTALL = --ignore-requires-python --no-deps megatron-core==$(MCORE)
 endif
 
 STAMP = $(VENV)/.megasparse-installed

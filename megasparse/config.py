@@ -1,5 +1,6 @@
 """SparsityConfig: what a sparse layer prunes, how, and with which GEMM backend."""
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,8 +62,18 @@ class SparsityConfig:
             raise ValueError(f"SparsityConfig.srste_decay must be >= 0, got {self.srste_decay!r}")
         if not isinstance(self.enabled, bool):
             raise ValueError(f"SparsityConfig.enabled must be True or False, got {self.enabled!r}")
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name, value):
+        # Later changes (layer.sparsity.mask = ...) are validated too: check on a copy, then set.
+        if getattr(self, "_validated", False) and name in _FIELD_NAMES:
+            dataclasses.replace(self, **{name: value})
+        object.__setattr__(self, name, value)
 
     @property
     def prunes_weights(self) -> bool:
         """True when the layer currently computes with a 2:4 weight."""
         return self.enabled and self.weights is not None
+
+
+_FIELD_NAMES = {f.name for f in dataclasses.fields(SparsityConfig)}

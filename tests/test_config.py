@@ -26,3 +26,12 @@ def test_prunes_weights_follows_enabled_and_weights():
     assert SparsityConfig().prunes_weights
     assert not SparsityConfig(enabled=False).prunes_weights
     assert not SparsityConfig(weights=None).prunes_weights
+
+
+def test_later_changes_are_validated_and_rejected_values_leave_config_unchanged():
+    cfg = SparsityConfig()
+    cfg.enabled = False
+    assert not cfg.prunes_weights
+    with pytest.raises(ValueError, match="SparsityConfig.mask"):
+        cfg.mask = "diagonal"
+    assert cfg.mask == "1d"

@@ -17,12 +17,13 @@ def _x(shape=(6, 2, 16), seed=5, dtype=torch.float64):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).requires_grad_(True)
 
 
+@pytest.mark.parametrize("is_expert", [False, True], ids=["dense-mlp", "expert"])
 @pytest.mark.parametrize("make", [make_column, make_row], ids=["column", "row"])
 @pytest.mark.parametrize("mask,gradient", MODES)
-def test_layer_matches_float64_reference(make, mask, gradient):
+def test_layer_matches_float64_reference(make, mask, gradient, is_expert):
     cfg = make_config()
     sparsity = SparsityConfig(mask=mask, gradient=gradient, srste_decay=0.05, backend="dense")
-    layer = make(cfg, 16, 32, sparsity)
+    layer = make(cfg, 16, 32, sparsity, is_expert=is_expert)
     x = _x()
     y, bias = layer(x)
     assert bias is None
@@ -34,6 +35,18 @@ def test_layer_matches_float64_reference(make, mask, gradient):
     torch.testing.assert_close(x.grad, ref["dx"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.weight.grad, ref["dw"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.bias.grad, ref["db"], rtol=1e-12, atol=1e-12)
+
+
+def test_frozen_weight_still_prunes_and_passes_input_grad():
+    layer = make_row(make_config(), 16, 32, SparsityConfig(backend="dense"))
+    layer.weight.requires_grad_(False)
+    x = _x()
+    y, _ = layer(x)
+    ref = masked_linear_reference(x, layer.weight, layer.bias, layer.sparsity_mask())
+    y.backward(ref["dy"])
+    torch.testing.assert_close(y, ref["y"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, ref["dx"], rtol=1e-12, atol=1e-12)
+    assert layer.weight.grad is None
 
 
 def test_skip_bias_add_returns_bias_like_parent():

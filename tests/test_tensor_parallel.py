@@ -81,6 +81,38 @@ def _tp2_mlp_worker():
             _close(db2, ref["db2"], f"{where} fc2 bias grad")
 
 
+def _tp2_gather_and_scatter_worker():
+    """fc1 with gather_output=True feeding fc2 with input_is_parallel=False (Megatron's other wiring)."""
+    from megatron_helpers import make_column, make_config, make_row
+
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    t = _full_tensors()
+    rows = slice(rank * FFN // tp, (rank + 1) * FFN // tp)
+    sparsity = SparsityConfig(mask="transposable", backend="dense")
+    cfg = make_config(tp=tp)
+    fc1 = make_column(cfg, HIDDEN, FFN, sparsity, gather_output=True)
+    fc2 = make_row(cfg, FFN, HIDDEN, sparsity, input_is_parallel=False)
+    with torch.no_grad():
+        fc1.weight.copy_(t["w1"][rows]), fc1.bias.copy_(t["b1"][rows])
+        fc2.weight.copy_(t["w2"][:, rows]), fc2.bias.copy_(t["b2"])
+    x = t["x"].clone().requires_grad_(True)
+    h, _ = fc1(x)
+    assert h.shape[-1] == FFN
+    y, _ = fc2(_activation(h))
+    y.backward(t["dy"])
+    ref = _reference(t, "transposable", "ste", 0.0)
+    _close(y, ref["y"], f"rank {rank} gathered output")
+    _close(x.grad, ref["dx"], f"rank {rank} input grad")
+    _close(fc1.weight.grad, ref["dw1"][rows], f"rank {rank} fc1 weight grad")
+    _close(fc2.weight.grad, ref["dw2"][:, rows], f"rank {rank} fc2 weight grad")
+
+
+def _tp2_workers():
+    _tp2_mlp_worker()
+    _tp2_gather_and_scatter_worker()
+    _tp2_bad_shapes_worker()
+
+
 def _tp2_bad_shapes_worker():
     import pytest
     from megatron_helpers import make_column, make_config, make_row
@@ -93,9 +125,6 @@ def _tp2_bad_shapes_worker():
     make_row(cfg, 16, 16, SparsityConfig())  # 8 per rank: fine
 
 
-def test_tp2_matches_tp1_with_and_without_sequence_parallel():
-    run_distributed(_tp2_mlp_worker, world_size=2, tensor_model_parallel_size=2)
-
-
-def test_tp2_shard_that_splits_a_group_fails_at_construction():
-    run_distributed(_tp2_bad_shapes_worker, world_size=2, tensor_model_parallel_size=2)
+def test_tp2_matches_tp1_sequence_parallel_gather_scatter_and_rejects_split_groups():
+    # one spawn for all TP=2 checks: starting two processes costs more than the checks
+    run_distributed(_tp2_workers, world_size=2, tensor_model_parallel_size=2)
