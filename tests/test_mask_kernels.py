@@ -107,3 +107,12 @@ def test_nonfinite_weights_are_kept_and_mask_stays_2_4(kernel):
 def test_bad_shapes_raise_clear_errors(kernel, shape):
     with pytest.raises(ValueError, match="megasparse: .*(multiple of|2-D weight)"):
         kernel(torch.randn(shape))
+
+
+def test_mask_report_orders_the_masks():
+    from megasparse.mask_report import report
+
+    r = report(128, seed=5)
+    kept = r["kept"]
+    assert kept["1d"] > kept["transposable (exact)"] > kept["transposable (greedy)"] > 0.5
+    assert r["greedy_beats_exact_tiles"] == 0.0 < r["exact_beats_greedy_tiles"]
