@@ -47,9 +47,14 @@ class LinearPlan:
 
 def _weight_grad_fp32(dy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
     """dY^T X accumulated in fp32 (what Megatron's fused wgrad writes into main_grad)."""
+    if dy2d.dtype == torch.float64:
+        return dy2d.t() @ x2d
     if dy2d.is_cuda and dy2d.dtype in (torch.float16, torch.bfloat16):
-        return torch.mm(dy2d.t(), x2d, out_dtype=torch.float32)
-    return torch.mm(dy2d.t().float(), x2d.float()) if dy2d.dtype != torch.float64 else dy2d.t() @ x2d
+        try:
+            return torch.mm(dy2d.t(), x2d, out_dtype=torch.float32)  # torch >= 2.8
+        except TypeError:
+            pass
+    return torch.mm(dy2d.t().float(), x2d.float())
 
 
 def _apply_gradient_mode(grad, weight, mask, plan: LinearPlan):
