@@ -1,5 +1,6 @@
 """megasparse.kernels: Triton kernels, each beside its pure-torch reference. Knows nothing of Megatron."""
 
+from .activation_sparsify import activation_sparsify_reference, activation_sparsify_triton
 from .common import HAVE_TRITON, magnitude
 from .mask_1d import mask_1d_reference, mask_1d_triton
 from .mask_transposable import (
@@ -20,4 +21,6 @@ __all__ = [
     "mask_transposable_greedy",
     "PATTERNS",
     "N_PATTERNS",
+    "activation_sparsify_reference",
+    "activation_sparsify_triton",
 ]

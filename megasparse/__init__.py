@@ -14,6 +14,7 @@ _LAZY = {
     "SparseRowParallelLinear": "megasparse.layers",
     "sparse_linear": "megasparse.ops",
     "weight_mask": "megasparse.ops",
+    "SparseMLP": "megasparse.mlp",
 }
 
 __all__ = ["SparsityConfig", *_LAZY]

@@ -1,10 +1,14 @@
 """GEMM backends for a 2:4-masked weight. Each is a small class; `resolve_backend` picks one.
 
 Every backend computes the same two products on an already-masked weight Ws = W * M:
-  linear(x, Ws, b)      = x Ws^T + b      (forward)
-  input_grad(dy, Ws, t) = dy Ws           (backward; sparse only when the mask is transposable)
-`dense` is the exact reference; the CUDA backends go through PyTorch's semi-structured
-sparse tensors (cuSPARSELt, CUTLASS), whose shape constraints we read from PyTorch itself.
+  linear(x, Ws, b, plan, w_24)            = x Ws^T + b   (forward)
+  input_grad(dy, Ws, plan, w_24, dy_24)   = dy Ws        (backward)
+Which operand is 2:4: the weight (`w_24`, and its transpose when `plan.transposable`), the
+input (`plan.input_2_4`, a 2:4 FFN activation), or dy (`dy_24`, the gradient of a 2:4
+activation). At most one operand of a GEMM can be sparse: the weight is
+preferred in the forward, dy in the input gradient. `dense` is the exact reference; the CUDA
+backends go through PyTorch's semi-structured sparse tensors (cuSPARSELt, CUTLASS), whose shape
+constraints we read from PyTorch itself.
 """
 
 import warnings
@@ -19,10 +23,10 @@ class DenseBackend:
 
     name = "dense"
 
-    def linear(self, x2d, w_sparse, bias):
+    def linear(self, x2d, w_sparse, bias, plan, w_2_4):
         return F.linear(x2d, w_sparse, bias)
 
-    def input_grad(self, dy2d, w_sparse, transposable):
+    def input_grad(self, dy2d, w_sparse, plan, w_2_4, dy_2_4):
         return dy2d @ w_sparse
 
 
@@ -37,13 +41,27 @@ class _SemiStructuredBackend:
     def tensor_class():
         raise NotImplementedError
 
-    def linear(self, x2d, w_sparse, bias):
-        return F.linear(x2d, self.tensor_class().from_dense(w_sparse), bias)
+    def linear(self, x2d, w_sparse, bias, plan, w_2_4):
+        if w_2_4:
+            return F.linear(x2d, self.tensor_class().from_dense(w_sparse), bias)
+        if plan.input_2_4 and self._fits(x2d):  # 2:4 activation as the sparse operand
+            y = torch.mm(self.tensor_class().from_dense(x2d), w_sparse.t())
+            return y if bias is None else y + bias
+        return F.linear(x2d, w_sparse, bias)
 
-    def input_grad(self, dy2d, w_sparse, transposable):
-        if not transposable:  # Ws^T is not 2:4 along its reduction dim: dense GEMM
-            return dy2d @ w_sparse
-        return F.linear(dy2d, self.tensor_class().from_dense(w_sparse.t().contiguous()))
+    def input_grad(self, dy2d, w_sparse, plan, w_2_4, dy_2_4):
+        if dy_2_4 and self._fits(dy2d):  # dH of a 2:4 activation is 2:4 along the reduction dim
+            return torch.mm(self.tensor_class().from_dense(dy2d.contiguous()), w_sparse)
+        if w_2_4 and plan.transposable:  # Ws^T is 2:4 too
+            return F.linear(dy2d, self.tensor_class().from_dense(w_sparse.t().contiguous()))
+        return dy2d @ w_sparse  # Ws^T is not 2:4 along its reduction dim: dense GEMM
+
+    def _fits(self, operand) -> bool:
+        """Whether a runtime operand (activation or its gradient) meets the sparse-operand shape rules."""
+        if operand.dtype not in self.dtypes:
+            return False
+        rows_multiple, cols_multiple = self.shape_multiple(operand.dtype)
+        return operand.shape[0] % rows_multiple == 0 and operand.shape[1] % cols_multiple == 0
 
     def shape_multiple(self, dtype):
         """(rows, cols) a sparse operand must be a multiple of, from PyTorch's own table."""

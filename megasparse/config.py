@@ -9,6 +9,25 @@ MASK_KINDS = ("1d", "transposable")
 GRADIENT_MODES = ("ste", "masked", "srste")
 BACKENDS = ("auto", "dense", "cusparselt", "cutlass")
 NONFINITE_POLICIES = ("propagate", "error")
+ACTIVATION_FUNCTIONS = (None, "squared_relu")
+ACTIVATION_TILE_ROWS = 64  # rows per kernel program for 2:4 activations (no effect on the result)
+
+
+def parse_activation_pattern(pattern: Optional[str]):
+    """None -> None; "2:4" -> (64, 4); "V:2:M" -> (V, M). 2:4 is V:2:4 for any V."""
+    if pattern is None:
+        return None
+    if pattern == "2:4":
+        return ACTIVATION_TILE_ROWS, 4
+    parts = pattern.split(":") if isinstance(pattern, str) else []
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[1] == "2":
+        v, m = int(parts[0]), int(parts[2])
+        if v >= 1 and m >= 4 and not (v & (v - 1)) and not (m & (m - 1)):
+            return v, m
+    raise ValueError(
+        f"SparsityConfig.activations must be None, '2:4' or 'V:2:M' with V and M powers of two and "
+        f"M >= 4 (e.g. '64:2:8'), got {pattern!r}"
+    )
 
 
 def _choice(field: str, value, allowed) -> None:
@@ -33,6 +52,12 @@ class SparsityConfig:
         N > 1 holds it for N steps (a step is one training forward, or the iteration set by
         `set_sparsity_iteration`).
     enabled: runtime switch; False makes the layer compute exactly like its dense parent.
+    activations: None, "2:4" or "V:2:M" (VENOM, e.g. "64:2:8" keeps 25%): sparsify the FFN
+        activation, i.e. the input of fc2 (a SparseRowParallelLinear). Column layers ignore it.
+        With `SparseMLP` the Squared-ReLU is fused with the sparsifier and fc1's input gradient
+        uses the activation's sparsity.
+    activation_function: None uses Megatron's `config.activation_func` (Squared-ReLU is detected
+        and fused); "squared_relu" forces Squared-ReLU in `SparseMLP`.
     nonfinite_weights: "propagate" keeps NaN/Inf weights in the mask so they reach the loss as
         in a dense layer (no host sync); "error" raises FloatingPointError when the mask is
         computed from a weight with NaN/Inf (one host sync per mask computation).
@@ -46,6 +71,8 @@ class SparsityConfig:
     mask_refresh_interval: int = 1
     enabled: bool = True
     nonfinite_weights: str = "propagate"
+    activations: Optional[str] = None
+    activation_function: Optional[str] = None
 
     def __post_init__(self):
         _choice("weights", self.weights, WEIGHT_PATTERNS)
@@ -53,6 +80,8 @@ class SparsityConfig:
         _choice("gradient", self.gradient, GRADIENT_MODES)
         _choice("backend", self.backend, BACKENDS)
         _choice("nonfinite_weights", self.nonfinite_weights, NONFINITE_POLICIES)
+        _choice("activation_function", self.activation_function, ACTIVATION_FUNCTIONS)
+        parse_activation_pattern(self.activations)
         if not isinstance(self.mask_refresh_interval, int) or self.mask_refresh_interval < 1:
             raise ValueError(
                 f"SparsityConfig.mask_refresh_interval must be an int >= 1 (1 = every step), "
@@ -74,6 +103,16 @@ class SparsityConfig:
     def prunes_weights(self) -> bool:
         """True when the layer currently computes with a 2:4 weight."""
         return self.enabled and self.weights is not None
+
+    @property
+    def sparsifies_activations(self) -> bool:
+        """True when the FFN activation (fc2's input) is currently sparsified."""
+        return self.enabled and self.activations is not None
+
+    @property
+    def activation_pattern(self):
+        """(V, M) of the activation pattern (2:4 is (64, 4)), or None."""
+        return parse_activation_pattern(self.activations)
 
 
 _FIELD_NAMES = {f.name for f in dataclasses.fields(SparsityConfig)}

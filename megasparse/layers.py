@@ -18,9 +18,10 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
+from megasparse.activation_sparsity import ActivationStats, sparsify
 from megasparse.backends import check_backend_static, resolve_backend
 from megasparse.config import SparsityConfig
-from megasparse.ops import LinearPlan, sparse_linear, weight_mask
+from megasparse.ops import GradOutputMask, LinearPlan, sparse_linear, weight_mask
 
 _FORWARD_IMPL_SIGNATURE = inspect.signature(mcore_layers.linear_with_grad_accumulation_and_async_allreduce)
 
@@ -56,6 +57,7 @@ class _SparseLinearMixin:
         self._backends = {}
         if self.weight is not None and self.sparsity.weights is not None:
             self._check_shard_shape(tuple(self.weight.shape), self.config.params_dtype)
+        self._setup_role()
 
     def _tp_size(self) -> int:
         return self.tp_group.size() if self.tp_group is not None else 1
@@ -132,7 +134,7 @@ class _SparseLinearMixin:
         call.apply_defaults()
         call = call.arguments
         fusion = bool(call["gradient_accumulation_fusion"])
-        if not self.sparsity.prunes_weights and (self._apex_wgrad_fusion or not fusion):
+        if not self._sparse_now() and (self._apex_wgrad_fusion or not fusion):
             return super()._forward_impl(input, weight, *args, **kwargs)  # exactly the parent
         if call["grad_output_buffer"] is not None:
             raise NotImplementedError(
@@ -145,26 +147,48 @@ class _SparseLinearMixin:
         elif call["allreduce_dgrad"]:
             input = copy_to_tensor_model_parallel_region(input, group=tp_group)
 
+        input, input_2_4 = self._sparse_input(input)
         if self.sparsity.prunes_weights:
             mask = self._current_mask(weight)
             backend = self._backend_for(weight)
-        else:  # dense phase without apex: the torch fallback of the fused wgrad
-            mask, backend = None, resolve_backend("dense", weight, False)
+        else:  # dense weights: activation sparsity only, a dense phase, or the torch wgrad-fusion fallback
+            mask = None
+            backend = self._backend_for(weight) if self._sparse_now() else resolve_backend("dense", weight, False)
         plan = LinearPlan(
             backend=backend,
             gradient=self.sparsity.gradient,
             srste_decay=self.sparsity.srste_decay,
             transposable=self.sparsity.mask == "transposable",
             gradient_accumulation_fusion=fusion,
+            input_2_4=input_2_4,
+            grad_output_mask=self._grad_output_mask_slot(),
         )
         output = sparse_linear(input, weight, call["bias"], mask, plan)
         if self.training and torch.is_grad_enabled() and not self._iteration_driven:
             self._mask_step += 1
         return output
 
+    # role-specific hooks: a column layer may receive a 2:4 output gradient (fc1 of a SparseMLP),
+    # a row layer may sparsify its input (fc2)
+
+    def _setup_role(self):
+        pass
+
+    def _sparse_now(self) -> bool:
+        return self.sparsity.prunes_weights
+
+    def _sparse_input(self, input):
+        return input, False
+
+    def _grad_output_mask_slot(self):
+        return None
+
 
 class SparseColumnParallelLinear(_SparseLinearMixin, mcore_layers.ColumnParallelLinear):
-    """ColumnParallelLinear with a 2:4 weight. Extra keyword: `sparsity: SparsityConfig`."""
+    """ColumnParallelLinear with a 2:4 weight. Extra keyword: `sparsity: SparsityConfig`.
+
+    `sparsity.activations` does not apply to a column layer (its input is not an FFN activation).
+    """
 
     _split_dim = 0
 
@@ -173,13 +197,82 @@ class SparseColumnParallelLinear(_SparseLinearMixin, mcore_layers.ColumnParallel
             super().__init__(*args, **kwargs)
         self._setup_sparsity(sparsity, apex_wgrad_fusion)
 
+    def _setup_role(self):
+        self._grad_output_sparsity = None  # the SparsityConfig of the fc2 whose activation we feed
+        self._open_grad_output_slot = None
+
+    def expect_sparse_grad_output(self, fc2_sparsity: SparsityConfig) -> None:
+        """Called by SparseMLP: our output gradient dH will carry fc2's 2:4 activation mask."""
+        self._grad_output_sparsity = fc2_sparsity
+
+    def receive_grad_output_mask(self, mask) -> None:
+        """The activation mask of the forward that just ran through us (consumed by its backward)."""
+        slot, self._open_grad_output_slot = self._open_grad_output_slot, None
+        if slot is not None:
+            slot.mask = mask
+
+    def _sparse_grad_output_expected(self) -> bool:
+        fc2 = self._grad_output_sparsity
+        return fc2 is not None and fc2.sparsifies_activations and fc2.activation_pattern[1] == 4
+
+    def _sparse_now(self) -> bool:
+        return self.sparsity.prunes_weights or self._sparse_grad_output_expected()
+
+    def _grad_output_mask_slot(self):
+        if not self._sparse_grad_output_expected():
+            return None
+        self._open_grad_output_slot = GradOutputMask()
+        return self._open_grad_output_slot
+
 
 class SparseRowParallelLinear(_SparseLinearMixin, mcore_layers.RowParallelLinear):
-    """RowParallelLinear with a 2:4 weight. Extra keyword: `sparsity: SparsityConfig`."""
+    """RowParallelLinear with a 2:4 weight and optionally a sparse input (the FFN activation, when it is fc2).
+
+    Extra keyword: `sparsity: SparsityConfig`. `activation_stats` accumulates how sparse the
+    input activation was and how much of it the sparsifier dropped.
+    """
 
     _split_dim = 1
 
     def __init__(self, *args, sparsity: Optional[SparsityConfig] = None, **kwargs):
+        self._comm_name = kwargs.get("tp_comm_buffer_name")
         with _torch_wgrad_fusion_allowed() as apex_wgrad_fusion:
             super().__init__(*args, **kwargs)
         self._setup_sparsity(sparsity, apex_wgrad_fusion)
+
+    def _setup_role(self):
+        self.activation_stats = ActivationStats()
+        self._pending_sparse_input = None
+        pattern = self.sparsity.activation_pattern
+        if pattern is None:
+            return
+        if self._comm_name not in (None, "fc2"):
+            raise ValueError(
+                f"megasparse: activation sparsity is for the FFN activation (the input of fc2), but this "
+                f"RowParallelLinear is {self._comm_name!r}; give it a SparsityConfig with activations=None"
+            )
+        columns, m, tp = self.input_size_per_partition, pattern[1], self._tp_size()
+        if columns % m:
+            raise ValueError(
+                f"megasparse: activations={self.sparsity.activations!r} groups {m} FFN columns, but "
+                f"ffn size {self.input_size} over tensor-parallel size {tp} gives {columns} per rank. "
+                f"Make the FFN size a multiple of {m}*TP={m * tp}."
+            )
+
+    def receive_sparse_input(self, values, mask) -> None:
+        """Called by SparseMLP's activation: the next input is `values`, already sparsified with `mask`."""
+        self._pending_sparse_input = (values, mask)
+
+    def _sparse_now(self) -> bool:
+        return self.sparsity.prunes_weights or self.sparsity.sparsifies_activations
+
+    def _sparse_input(self, input):
+        pending, self._pending_sparse_input = self._pending_sparse_input, None
+        if not self.sparsity.sparsifies_activations:
+            return input, False
+        pattern = self.sparsity.activation_pattern
+        if pending is None or pending[0] is not input:
+            # stats were already counted for a pending activation that was rescaled on the way
+            stats = self.activation_stats if pending is None else None
+            input, _ = sparsify(input, pattern, stats)
+        return input, pattern[1] == 4

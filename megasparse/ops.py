@@ -34,15 +34,23 @@ def weight_mask(weight: torch.Tensor, kind: str = "1d", nonfinite: str = "propag
     return reference(weight)
 
 
+class GradOutputMask:
+    """Filled after the forward with the 2:4 mask that the output gradient will have (see SparseMLP)."""
+
+    mask = None
+
+
 @dataclass(frozen=True)
 class LinearPlan:
-    """How one sparse linear call runs: the GEMM backend and the weight-gradient rule."""
+    """How one sparse linear call runs: the GEMM backend, which operands are 2:4, the weight-gradient rule."""
 
     backend: object = DenseBackend()
     gradient: str = "ste"
     srste_decay: float = 0.0
     transposable: bool = False
     gradient_accumulation_fusion: bool = False
+    input_2_4: bool = False
+    grad_output_mask: Optional[GradOutputMask] = None
 
 
 def _weight_grad_fp32(dy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
@@ -79,7 +87,7 @@ class _SparseLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mask, plan: LinearPlan):
         w_sparse = weight if mask is None else weight * mask
         x2d = x.reshape(-1, x.shape[-1])
-        y2d = plan.backend.linear(x2d, w_sparse, bias)
+        y2d = plan.backend.linear(x2d, w_sparse, bias, plan, mask is not None)
         # W and M are saved (not W*M): they exist anyway, so the backward costs no extra memory.
         ctx.save_for_backward(x, weight, mask)
         ctx.plan = plan
@@ -96,7 +104,8 @@ class _SparseLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             w_sparse = weight if mask is None else weight * mask
-            grad_x = plan.backend.input_grad(dy2d, w_sparse, plan.transposable).reshape(x.shape)
+            dy_2_4 = plan.grad_output_mask is not None and plan.grad_output_mask.mask is not None
+            grad_x = plan.backend.input_grad(dy2d, w_sparse, plan, mask is not None, dy_2_4).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             if ctx.main_grad is not None:
                 weight.main_grad = ctx.main_grad

@@ -10,10 +10,10 @@ import functools
 import pytest
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import build_module
 
 from megasparse import SparseColumnParallelLinear, SparseRowParallelLinear, SparsityConfig
-from megatron_helpers import make_config
+from megatron_helpers import linear_entry, make_config
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
 
@@ -21,43 +21,31 @@ LINEARS = {"linear_qkv": SparseColumnParallelLinear, "linear_proj": SparseRowPar
            "linear_fc1": SparseColumnParallelLinear, "linear_fc2": SparseRowParallelLinear}
 
 
-def _sparse_entry(cls, sparsity, form):
-    if form == "ModuleSpec":
-        return ModuleSpec(module=cls, params={"sparsity": sparsity})
-    return functools.partial(cls, sparsity=sparsity)
-
-
-def _swap(submodules, names, sparsity, form):
-    changes = {n: _sparse_entry(LINEARS[n], sparsity, form) for n in names if hasattr(submodules, n)}
+def _swap(submodules, names, sparsity):
+    changes = {n: linear_entry(LINEARS[n], sparsity) for n in names if hasattr(submodules, n)}
     return dataclasses.replace(submodules, **changes)
 
 
-def _sparse_layer_spec(sparsity, form):
+def _sparse_layer_spec(sparsity):
     spec = get_gpt_layer_local_spec()
     layer = spec.submodules
     attention = layer.self_attention
-    attention = dataclasses.replace(attention, submodules=_swap(attention.submodules, LINEARS, sparsity, form))
+    attention = dataclasses.replace(attention, submodules=_swap(attention.submodules, LINEARS, sparsity))
     mlp = layer.mlp
     if isinstance(mlp, functools.partial):  # 0.19 builder form
-        mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": _swap(mlp.keywords["submodules"], LINEARS, sparsity, form)})
+        mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": _swap(mlp.keywords["submodules"], LINEARS, sparsity)})
     else:
-        mlp = dataclasses.replace(mlp, submodules=_swap(mlp.submodules, LINEARS, sparsity, form))
+        mlp = dataclasses.replace(mlp, submodules=_swap(mlp.submodules, LINEARS, sparsity))
     return dataclasses.replace(spec, submodules=dataclasses.replace(layer, self_attention=attention, mlp=mlp))
 
 
-def _forms():
-    spec = get_gpt_layer_local_spec()
-    # 0.16 builds linears with build_module (ModuleSpec); 0.19 calls the builder directly (partial).
-    return ["partial"] if isinstance(spec.submodules.mlp, functools.partial) else ["ModuleSpec"]
-
-
-@pytest.mark.parametrize("form", _forms())
 @pytest.mark.parametrize("mask", ["1d", "transposable"])
-def test_sparse_gpt_layer_equals_dense_layer_with_masked_weights(form, mask):
+def test_sparse_gpt_layer_equals_dense_layer_with_masked_weights(mask):
+    """On 0.16 the linears are ModuleSpecs, on 0.19 functools.partial builders (see linear_entry)."""
     cfg = make_config(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, hidden_dropout=0.0,
                       attention_dropout=0.0, add_bias_linear=True)
     torch.manual_seed(0)
-    sparse = build_module(_sparse_layer_spec(SparsityConfig(mask=mask, backend="dense"), form), config=cfg, layer_number=1)
+    sparse = build_module(_sparse_layer_spec(SparsityConfig(mask=mask, backend="dense")), config=cfg, layer_number=1)
     dense = build_module(get_gpt_layer_local_spec(), config=cfg, layer_number=1)
     sparse, dense = sparse.double(), dense.double()  # the local LayerNorm ignores params_dtype
     dense.load_state_dict(sparse.state_dict())

@@ -3,16 +3,19 @@
 import pytest
 import torch
 
+from devices import on_triton_device
+from megasparse import kernels
 from megasparse.kernels import (
     N_PATTERNS,
     PATTERNS,
     mask_1d_reference,
-    mask_1d_triton,
     mask_transposable_greedy,
     mask_transposable_reference,
-    mask_transposable_triton,
 )
 from reference import brute_force_transposable
+
+mask_1d_triton = on_triton_device(kernels.mask_1d_triton)
+mask_transposable_triton = on_triton_device(kernels.mask_transposable_triton)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -107,9 +107,45 @@ def _tp2_gather_and_scatter_worker():
     _close(fc2.weight.grad, ref["dw2"][:, rows], f"rank {rank} fc2 weight grad")
 
 
+def _tp2_sparse_mlp_worker():
+    """SparseMLP (Squared-ReLU, sparse activations and weights) at TP=2 equals the full-weight reference."""
+    from megatron.core.activations import squared_relu
+    from megatron_helpers import make_config, make_mlp
+    from reference import sparse_mlp_reference
+
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    t = _full_tensors()
+    rows = slice(rank * FFN // tp, (rank + 1) * FFN // tp)
+    seq = slice(rank * SEQ // tp, (rank + 1) * SEQ // tp)
+    for sequence_parallel in (False, True):
+        for activations, pattern in (("2:4", (64, 4)), ("4:2:8", (4, 8))):
+            where = f"rank {rank} sp={sequence_parallel} activations={activations}"
+            sparsity = SparsityConfig(activations=activations, mask="transposable", backend="dense")
+            cfg = make_config(tp=tp, sequence_parallel=sequence_parallel, hidden_size=HIDDEN, ffn_hidden_size=FFN,
+                              activation_func=squared_relu)
+            mlp = make_mlp(cfg, FFN, sparsity, sparsity)
+            fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+            with torch.no_grad():
+                fc1.weight.copy_(t["w1"][rows]), fc1.bias.copy_(t["b1"][rows])
+                fc2.weight.copy_(t["w2"][:, rows]), fc2.bias.copy_(t["b2"])
+            x = (t["x"][seq] if sequence_parallel else t["x"]).clone().requires_grad_(True)
+            y, bias = mlp(x)
+            y = y + bias
+            m1, m2 = mask_transposable_reference(t["w1"]), mask_transposable_reference(t["w2"])
+            ref = sparse_mlp_reference(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], m1, m2, pattern, "squared_relu",
+                                       grad_output=t["dy"])
+            _close(y, ref["y"][seq] if sequence_parallel else ref["y"], f"{where} output")
+            y.backward(t["dy"][seq] if sequence_parallel else t["dy"])
+            _close(x.grad, ref["dx"][seq] if sequence_parallel else ref["dx"], f"{where} input grad")
+            _close(fc1.weight.grad, ref["dw1"][rows], f"{where} fc1 weight grad")
+            _close(fc1.bias.grad, ref["db1"][rows], f"{where} fc1 bias grad")
+            _close(fc2.weight.grad, ref["dw2"][:, rows], f"{where} fc2 weight grad")
+
+
 def _tp2_workers():
     _tp2_mlp_worker()
     _tp2_gather_and_scatter_worker()
+    _tp2_sparse_mlp_worker()
     _tp2_bad_shapes_worker()
 
 
@@ -123,8 +159,10 @@ def _tp2_bad_shapes_worker():
     with pytest.raises(ValueError, match="6 output rows per tensor-parallel rank \\(TP=2\\)"):
         make_column(cfg, 16, 12, SparsityConfig(mask="transposable"))
     make_row(cfg, 16, 16, SparsityConfig())  # 8 per rank: fine
+    with pytest.raises(ValueError, match="ffn size 24 over tensor-parallel size 2 gives 12 per rank.*8\\*TP=16"):
+        make_row(cfg, 24, 16, SparsityConfig(weights=None, activations="64:2:8"))
 
 
-def test_tp2_matches_tp1_sequence_parallel_gather_scatter_and_rejects_split_groups():
+def test_tp2_matches_tp1_sequence_parallel_gather_scatter_sparse_mlp_and_rejects_split_groups():
     # one spawn for all TP=2 checks: starting two processes costs more than the checks
     run_distributed(_tp2_workers, world_size=2, tensor_model_parallel_size=2)

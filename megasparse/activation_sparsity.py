@@ -1,0 +1,116 @@
+"""FFN activation sparsity: the sparsifying autograd ops, their statistics, and the MLP hook.
+
+Two entry points:
+- `SparseRowParallelLinear` (fc2) sparsifies whatever activation it receives (`sparsify`);
+- `SparseMLP` replaces Megatron's activation call by `FFNActivationSparsifier`, which fuses
+  Squared-ReLU with the sparsifier, hands fc2 the already-sparse activation, and tells fc1
+  that its output gradient dH has the same 2:4 pattern (so dX = dH W1 can be a sparse GEMM).
+"""
+
+from typing import Optional
+
+import torch
+
+from megasparse import kernels
+
+
+def _kernel(x2d, pattern, squared_relu):
+    v, m = pattern
+    if x2d.is_cuda and kernels.HAVE_TRITON:
+        return kernels.activation_sparsify_triton(x2d, v, m, squared_relu)
+    return kernels.activation_sparsify_reference(x2d, v, m, squared_relu)
+
+
+class ActivationStats:
+    """Sums since the last `reset()`, kept on the device (reading them syncs; updating does not)."""
+
+    def __init__(self):
+        self.sums = None  # float64 [zeros, sum|a|, dropped sum|a|, numel]
+
+    def add(self, stats: torch.Tensor) -> None:
+        self.sums = stats.detach().clone() if self.sums is None else self.sums + stats.detach()
+
+    def reset(self) -> None:
+        self.sums = None
+
+    def as_dict(self) -> dict:
+        """zero_fraction: exact zeros in the activation; dropped_l1_fraction: share of sum|a| pruned."""
+        if self.sums is None:
+            return {"zero_fraction": float("nan"), "dropped_l1_fraction": float("nan"), "elements": 0}
+        zeros, total, dropped, numel = self.sums.tolist()
+        return {"zero_fraction": zeros / max(numel, 1.0), "dropped_l1_fraction": dropped / total if total else 0.0,
+                "elements": int(numel)}
+
+
+class _Sparsify(torch.autograd.Function):
+    """values = a * mask; the gradient is masked the same way."""
+
+    @staticmethod
+    def forward(ctx, a, pattern, stats):
+        values, mask, _, step_stats = _kernel(a.reshape(-1, a.shape[-1]), pattern, squared_relu=False)
+        if stats is not None:
+            stats.add(step_stats)
+        ctx.save_for_backward(mask)
+        ctx.mark_non_differentiable(mask)
+        return values.reshape(a.shape), mask.reshape(a.shape)
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_mask):
+        (mask,) = ctx.saved_tensors
+        return grad_values * mask.reshape(grad_values.shape), None, None
+
+
+class _SquaredReLUSparsify(torch.autograd.Function):
+    """values = sparsify(relu(x)^2); dx = dvalues * mask * 2 relu(x), so dx has the mask's sparsity."""
+
+    @staticmethod
+    def forward(ctx, x, pattern, stats):
+        values, mask, _, step_stats = _kernel(x.reshape(-1, x.shape[-1]), pattern, squared_relu=True)
+        stats.add(step_stats)
+        ctx.save_for_backward(x, mask)
+        ctx.mark_non_differentiable(mask)
+        return values.reshape(x.shape), mask.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_mask):
+        x, mask = ctx.saved_tensors
+        mask = mask.reshape(x.shape)
+        return torch.where(mask, 2 * torch.relu(x) * grad_values, 0).to(grad_values.dtype), None, None
+
+
+def sparsify(a: torch.Tensor, pattern, stats: Optional[ActivationStats]):
+    """(values, mask) of an already-activated tensor [..., ffn]; stats (if given) accumulate."""
+    return _Sparsify.apply(a, pattern, stats)
+
+
+def squared_relu_sparsify(x: torch.Tensor, pattern, stats: ActivationStats):
+    """(values, mask) of sparsify(relu(x)^2), fused in one kernel pass."""
+    return _SquaredReLUSparsify.apply(x, pattern, stats)
+
+
+def is_squared_relu(fn) -> bool:
+    from megatron.core.activations import squared_relu
+
+    return fn is squared_relu
+
+
+class FFNActivationSparsifier:
+    """The activation function `SparseMLP` installs: activation + sparsify, wired to fc1 and fc2."""
+
+    def __init__(self, activation, fc1, fc2):
+        self.activation = activation
+        self.fc1, self.fc2 = fc1, fc2
+
+    def __call__(self, x):
+        sparsity = self.fc2.sparsity
+        if not sparsity.sparsifies_activations:
+            return self.activation(x)
+        pattern = sparsity.activation_pattern
+        if sparsity.activation_function == "squared_relu" or is_squared_relu(self.activation):
+            values, mask = squared_relu_sparsify(x, pattern, self.fc2.activation_stats)
+        else:
+            values, mask = sparsify(self.activation(x), pattern, self.fc2.activation_stats)
+        self.fc2.receive_sparse_input(values, mask)
+        if pattern[1] == 4:  # a 2:4 dH is a sparse GEMM operand; V:N:M has no library GEMM
+            self.fc1.receive_grad_output_mask(mask)
+        return values

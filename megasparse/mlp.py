@@ -1,0 +1,37 @@
+"""SparseMLP: Megatron's MLP with the FFN activation sparsified where it is computed.
+
+Drop-in for `MLP` in a layer spec (0.16 `ModuleSpec(module=SparseMLP, submodules=...)`, 0.19
+`partial(SparseMLP.as_mlp_submodule, submodules=...)`), with `SparseColumnParallelLinear` /
+`SparseRowParallelLinear` as fc1 / fc2 and `activations` set in fc2's SparsityConfig. Megatron's
+own forward runs unchanged; only the activation call is replaced, so that
+- Squared-ReLU and the 2:4 / V:N:M sparsifier run as one kernel pass;
+- fc2 receives the already-sparse activation (and on sparse backends, a 2:4 activation can be
+  the sparse GEMM operand when fc2's weight is dense);
+- fc1 learns that its output gradient dH = dA * mask * 2 relu(H) carries the 2:4 mask, so its
+  input gradient dX = dH W1 can run with dH as the sparse operand.
+Activations Megatron computes elsewhere (gated linear units, fused bias-GeLU/SwiGLU, TE
+activations) are still sparsified by fc2 itself, unfused, and their loss shows in the stats.
+"""
+
+from megatron.core.transformer.mlp import MLP
+
+from megasparse.activation_sparsity import FFNActivationSparsifier
+from megasparse.layers import SparseColumnParallelLinear, SparseRowParallelLinear
+
+
+class SparseMLP(MLP):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        fc1, fc2 = self.linear_fc1, self.linear_fc2
+        if isinstance(fc2, SparseRowParallelLinear):
+            self.activation_func = FFNActivationSparsifier(self.activation_func, fc1, fc2)
+            if isinstance(fc1, SparseColumnParallelLinear):
+                fc1.expect_sparse_grad_output(fc2.sparsity)
+
+    def activation_stats(self, reset: bool = False) -> dict:
+        """Exact-zero fraction and dropped-L1 fraction of the activation since the last reset (this rank)."""
+        stats = self.linear_fc2.activation_stats
+        result = stats.as_dict()
+        if reset:
+            stats.reset()
+        return result
