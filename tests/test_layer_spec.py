@@ -26,16 +26,17 @@ def _swap(submodules, names, sparsity):
     return dataclasses.replace(submodules, **changes)
 
 
-def _sparse_layer_spec(sparsity):
+def _sparse_layer_spec(sparsity, mlp_sparsity=None):
+    mlp_sparsity = mlp_sparsity or sparsity
     spec = get_gpt_layer_local_spec()
     layer = spec.submodules
     attention = layer.self_attention
     attention = dataclasses.replace(attention, submodules=_swap(attention.submodules, LINEARS, sparsity))
     mlp = layer.mlp
     if isinstance(mlp, functools.partial):  # 0.19 builder form
-        mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": _swap(mlp.keywords["submodules"], LINEARS, sparsity)})
+        mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": _swap(mlp.keywords["submodules"], LINEARS, mlp_sparsity)})
     else:
-        mlp = dataclasses.replace(mlp, submodules=_swap(mlp.submodules, LINEARS, sparsity))
+        mlp = dataclasses.replace(mlp, submodules=_swap(mlp.submodules, LINEARS, mlp_sparsity))
     return dataclasses.replace(spec, submodules=dataclasses.replace(layer, self_attention=attention, mlp=mlp))
 
 
@@ -69,3 +70,41 @@ def test_sparse_gpt_layer_equals_dense_layer_with_masked_weights(mask):
     for name, module in sparse.named_modules():
         if isinstance(module, (SparseColumnParallelLinear, SparseRowParallelLinear)):
             torch.testing.assert_close(module.weight.grad, dense.get_submodule(name).weight.grad, rtol=1e-10, atol=1e-10)
+
+
+def _with_sparse_mlp(spec):
+    """Swap the layer's MLP class for SparseMLP in whichever form this megatron-core uses."""
+    from megasparse import SparseMLP
+
+    layer = spec.submodules
+    mlp = layer.mlp
+    if isinstance(mlp, functools.partial):
+        mlp = functools.partial(SparseMLP.as_mlp_submodule, *mlp.args, **mlp.keywords)
+    else:
+        mlp = dataclasses.replace(mlp, module=SparseMLP)
+    return dataclasses.replace(spec, submodules=dataclasses.replace(layer, mlp=mlp))
+
+
+def test_sparse_mlp_in_gpt_layer_spec_sparsifies_the_activation():
+    from megatron.core.activations import squared_relu
+
+    from megasparse import SparseMLP
+
+    cfg = make_config(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, hidden_dropout=0.0,
+                      attention_dropout=0.0, activation_func=squared_relu)
+    spec = _sparse_layer_spec(SparsityConfig(backend="dense"), SparsityConfig(activations="2:4", backend="dense"))
+    torch.manual_seed(0)
+    sparse = build_module(_with_sparse_mlp(spec), config=cfg, layer_number=1).double()
+    assert isinstance(sparse.mlp, SparseMLP)
+    torch.manual_seed(0)
+    dense = build_module(get_gpt_layer_local_spec(), config=cfg, layer_number=1).double()
+    dense.load_state_dict(sparse.state_dict())
+    x = torch.randn(12, 2, 64, dtype=torch.float64)
+    causal = torch.triu(torch.ones(1, 1, 12, 12, dtype=torch.bool), diagonal=1)
+    y_sparse = sparse(x, attention_mask=causal)[0]
+    assert sparse.mlp.activation_stats()["elements"] == 12 * 2 * 128
+    for module in sparse.modules():
+        if hasattr(module, "sparsity"):
+            module.sparsity.enabled = False
+    assert not torch.equal(y_sparse, sparse(x, attention_mask=causal)[0])
+    assert torch.equal(sparse(x, attention_mask=causal)[0], dense(x, attention_mask=causal)[0])  # dense phase
