@@ -14,6 +14,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megasparse import SparseColumnParallelLinear, SparseRowParallelLinear, SparsityConfig
+from megasparse.compat import LINEARS_ARE_BUILDERS
 from megasparse.testing import free_port, init_megatron, shutdown_megatron
 
 
@@ -34,7 +35,7 @@ def main():
     try:
         config = TransformerConfig(num_layers=1, hidden_size=256, num_attention_heads=4, ffn_hidden_size=1024,
                                    use_cpu_initialization=True)
-        builder_form = tuple(int(v) for v in megatron.core.__version__.split(".")[:2]) >= (0, 19)
+        builder_form = LINEARS_ARE_BUILDERS  # True on megatron-core 0.19
         spec = sparse_mlp_spec(SparsityConfig(mask="transposable", gradient="ste"), builder_form)
         mlp = spec(config=config) if builder_form else build_module(spec, config=config)
         x = torch.randn(32, 4, 256, requires_grad=True)  # [sequence, batch, hidden]

@@ -15,6 +15,8 @@ _LAZY = {
     "sparse_linear": "megasparse.ops",
     "weight_mask": "megasparse.ops",
     "SparseMLP": "megasparse.mlp",
+    "SparseSequentialMLP": "megasparse.experts",
+    "SparseGroupedMLP": "megasparse.experts",
 }
 
 __all__ = ["SparsityConfig", *_LAZY]

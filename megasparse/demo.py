@@ -49,14 +49,15 @@ class SparseFFNLanguageModel(torch.nn.Module):
         super().__init__()
         from megatron.core.transformer.mlp import MLPSubmodules
 
+        from megasparse.compat import linear_entry
         from megasparse.layers import SparseColumnParallelLinear, SparseRowParallelLinear
         from megasparse.mlp import SparseMLP
 
         hidden = context * embed
         self.embed = torch.nn.Embedding(256, embed)
         self.norm = torch.nn.LayerNorm(hidden)
-        fc1 = _linear_entry(SparseColumnParallelLinear, sparsity)
-        fc2 = _linear_entry(SparseRowParallelLinear, sparsity)
+        fc1 = linear_entry(SparseColumnParallelLinear, sparsity)
+        fc2 = linear_entry(SparseRowParallelLinear, sparsity)
         self.mlp = SparseMLP(config, MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2), ffn_hidden_size=config.ffn_hidden_size)
         self.head = torch.nn.Linear(hidden, 256)
 
@@ -67,18 +68,6 @@ class SparseFFNLanguageModel(torch.nn.Module):
         h = self.embed(windows).flatten(1)
         y, bias = self.mlp(self.norm(h)[None])  # Megatron layers take [seq, batch, hidden]
         return self.head(h + y[0] + bias)
-
-
-def _linear_entry(cls, sparsity):
-    """A linear for Megatron's MLP: a ModuleSpec on megatron-core 0.16, a builder on 0.19+."""
-    import functools
-
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    if isinstance(get_gpt_layer_local_spec().submodules.mlp, functools.partial):
-        return functools.partial(cls, sparsity=sparsity)
-    return ModuleSpec(module=cls, params={"sparsity": sparsity})
 
 
 def batches(data, context, batch_size, generator):

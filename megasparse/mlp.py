@@ -19,14 +19,19 @@ from megasparse.activation_sparsity import FFNActivationSparsifier
 from megasparse.layers import SparseColumnParallelLinear, SparseRowParallelLinear
 
 
+def install_activation_sparsity(mlp: MLP) -> None:
+    """Give an MLP (or an MoE expert) SparseMLP's activation: fused, and wired to fc1 and fc2."""
+    fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+    if isinstance(fc2, SparseRowParallelLinear) and not isinstance(mlp.activation_func, FFNActivationSparsifier):
+        mlp.activation_func = FFNActivationSparsifier(mlp.activation_func, fc1, fc2)
+        if isinstance(fc1, SparseColumnParallelLinear):
+            fc1.expect_sparse_grad_output(fc2.sparsity)
+
+
 class SparseMLP(MLP):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        fc1, fc2 = self.linear_fc1, self.linear_fc2
-        if isinstance(fc2, SparseRowParallelLinear):
-            self.activation_func = FFNActivationSparsifier(self.activation_func, fc1, fc2)
-            if isinstance(fc1, SparseColumnParallelLinear):
-                fc1.expect_sparse_grad_output(fc2.sparsity)
+        install_activation_sparsity(self)
 
     def activation_stats(self, reset: bool = False) -> dict:
         """Exact-zero fraction and dropped-L1 fraction of the activation since the last reset (this rank)."""

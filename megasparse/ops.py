@@ -129,3 +129,53 @@ def sparse_linear(
     mask=None runs the dense layer through the same path (used for the torch wgrad-fusion fallback).
     """
     return _SparseLinear.apply(x, weight, bias, mask, plan)
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """W * M with the weight gradient of a gradient mode (for paths that use a plain dense GEMM on W * M)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, gradient, srste_decay):
+        ctx.save_for_backward(weight, mask)
+        ctx.plan = LinearPlan(gradient=gradient, srste_decay=srste_decay)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mask = ctx.saved_tensors
+        return _apply_gradient_mode(grad, weight, mask, ctx.plan), None, None, None
+
+
+def masked_weight(weight, mask, gradient="ste", srste_decay=0.0):
+    """W * M whose backward gives the dense weight the gradient of `gradient` (ste / masked / srste)."""
+    return _MaskedWeight.apply(weight, mask, gradient, srste_decay)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y[rows of group e] = x[rows of e] W[e]^T for all groups in one grouped GEMM (torch._grouped_mm)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, offsets):
+        ctx.save_for_backward(x, weights, offsets)
+        return torch._grouped_mm(x, weights.transpose(1, 2), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weights, offsets = ctx.saved_tensors
+        dy = dy.contiguous()
+        grad_x = torch._grouped_mm(dy, weights, offs=offsets) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # dW[e] = dy[e]^T x[e]: tokens are the reduction dim, padded to 16 bytes
+            tokens = x.shape[0]
+            padded = -(-tokens // (16 // x.element_size())) * (16 // x.element_size())
+            dy_t = dy.new_zeros(dy.shape[1], padded)
+            dy_t[:, :tokens] = dy.t()
+            x_padded = x.new_zeros(padded, x.shape[1])
+            x_padded[:tokens] = x
+            grad_w = torch._grouped_mm(dy_t, x_padded, offs=offsets)
+        return grad_x, grad_w, None
+
+
+def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [tokens, in] sorted by group, weights [groups, out, in], offsets int32 cumulative row ends."""
+    return _GroupedLinear.apply(x.contiguous(), weights, offsets)

@@ -4,7 +4,9 @@ Megatron-core hard-codes a few CUDA calls. On a machine without CUDA we redirect
 all here and nowhere else:
 - `torch.cuda.current_device()` (used to place buffers in the comm mappings) -> the CPU;
 - the CUDA RNG tracker's `fork()` (model-parallel dropout/init regions) -> a fork of the CPU
-  generator with the same per-name state bookkeeping.
+  generator with the same per-name state bookkeeping;
+- `te_general_gemm`, which the MoE router's gating GEMM names even without Transformer Engine
+  -> None, Megatron's own "no TE" value (this one is applied with or without CUDA).
 `run_distributed` spawns N gloo processes with Megatron's parallel state initialized.
 """
 
@@ -21,7 +23,14 @@ _patched = False
 def patch_megatron_for_cpu() -> None:
     """Redirect Megatron-core's hard-coded CUDA calls when CUDA is absent. Idempotent."""
     global _patched
-    if _patched or torch.cuda.is_available():
+    if _patched:
+        return
+    _patched = True
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if torch.cuda.is_available():
         return
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -53,7 +62,6 @@ def patch_megatron_for_cpu() -> None:
 
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    _patched = True
 
 
 def free_port() -> int:

@@ -38,34 +38,12 @@ def make_row(config, in_size, out_size, sparsity=None, dense=False, seed=0, **kw
     return cls(in_size, out_size, config=config, init_method=torch.nn.init.normal_, **kw, **extra)
 
 
-def _mlp_builds_linears_with_partial() -> bool:
-    """0.16 builds linears from ModuleSpec (build_module); 0.19 calls builders such as functools.partial."""
-    import functools
-
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    return isinstance(get_gpt_layer_local_spec().submodules.mlp, functools.partial)
-
-
-BUILDS_WITH_PARTIAL = _mlp_builds_linears_with_partial()
-
-
-def linear_entry(cls, sparsity):
-    """How this megatron-core version wants a sparse linear in a spec."""
-    import functools
-
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    if BUILDS_WITH_PARTIAL:
-        return functools.partial(cls, sparsity=sparsity)
-    return ModuleSpec(module=cls, params={"sparsity": sparsity})
-
-
 def make_mlp(config, ffn, fc1_sparsity=None, fc2_sparsity=None, mlp_cls=None, seed=0):
     """An MLP (SparseMLP by default) with sparse fc1/fc2 built the way Megatron builds them."""
     from megatron.core.transformer.mlp import MLPSubmodules
 
     from megasparse import SparseMLP
+    from megasparse.compat import linear_entry
 
     torch.manual_seed(seed)
     submodules = MLPSubmodules(

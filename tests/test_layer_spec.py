@@ -13,7 +13,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import build_module
 
 from megasparse import SparseColumnParallelLinear, SparseRowParallelLinear, SparsityConfig
-from megatron_helpers import linear_entry, make_config
+from megasparse.compat import linear_entry
+from megatron_helpers import make_config
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
 
@@ -42,7 +43,7 @@ def _sparse_layer_spec(sparsity, mlp_sparsity=None):
 
 @pytest.mark.parametrize("mask", ["1d", "transposable"])
 def test_sparse_gpt_layer_equals_dense_layer_with_masked_weights(mask):
-    """On 0.16 the linears are ModuleSpecs, on 0.19 functools.partial builders (see linear_entry)."""
+    """On 0.16 the linears are ModuleSpecs, on 0.19 functools.partial builders (megasparse.compat)."""
     cfg = make_config(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, hidden_dropout=0.0,
                       attention_dropout=0.0, add_bias_linear=True)
     torch.manual_seed(0)
