@@ -17,6 +17,7 @@ _LAZY = {
     "SparseMLP": "megasparse.mlp",
     "SparseSequentialMLP": "megasparse.experts",
     "SparseGroupedMLP": "megasparse.experts",
+    "SparseTEGroupedMLP": "megasparse.experts",
 }
 
 __all__ = ["SparsityConfig", *_LAZY]

@@ -164,9 +164,14 @@ class _SparseLinearMixin:
             grad_output_mask=self._grad_output_mask_slot(),
         )
         output = sparse_linear(input, weight, call["bias"], mask, plan)
-        if self.training and torch.is_grad_enabled() and not self._iteration_driven:
-            self._mask_step += 1
+        if self.training and torch.is_grad_enabled():
+            self._advance_mask_step()
         return output
+
+    def _advance_mask_step(self) -> None:
+        """One training step seen (unless a schedule drives the iteration)."""
+        if not self._iteration_driven:
+            self._mask_step += 1
 
     # role-specific hooks: a column layer may receive a 2:4 output gradient (fc1 of a SparseMLP),
     # a row layer may sparsify its input (fc2)

@@ -145,3 +145,88 @@ def test_all_tokens_to_other_ranks_still_gives_every_parameter_a_gradient():
     (y.sum() + 0.0).backward()
     assert y.shape == (0, HIDDEN)
     assert all(p.grad is not None and not p.grad.any() for p in experts.parameters())
+
+
+class TorchGroupedLinear(torch.nn.Module):
+    """A stand-in for TE's GroupedLinear at expert-TP 1 (TE does not install without CUDA): same parameter
+    names (weight{i}, bias{i}) and forward(x, m_splits) -> (output, bias or None)."""
+
+    def __init__(self, num_gemms, input_size, output_size, *, config, init_method, bias, skip_bias_add, **_):
+        super().__init__()
+        self.num_gemms, self.skip_bias_add = num_gemms, skip_bias_add
+        for i in range(num_gemms):
+            w = torch.empty(output_size, input_size, dtype=config.params_dtype)
+            init_method(w)
+            self.register_parameter(f"weight{i}", torch.nn.Parameter(w))
+            if bias:
+                self.register_parameter(f"bias{i}", torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)))
+
+    def forward(self, x, m_splits):
+        outs = []
+        for i, xe in enumerate(torch.split(x, list(m_splits))):
+            b = getattr(self, f"bias{i}", None)
+            outs.append(torch.nn.functional.linear(xe, getattr(self, f"weight{i}"), None if self.skip_bias_add else b))
+        biases = [getattr(self, f"bias{i}") for i in range(self.num_gemms)] if self.skip_bias_add and hasattr(self, "bias0") else None
+        return torch.cat(outs), biases
+
+
+def _te_experts(cls, sparsity, dtype, seed=0):
+    from megatron.core.transformer.moe import experts as mcore_experts
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+    submodules_cls = getattr(mcore_experts, "GroupedMLPSubmodules", MLPSubmodules)
+    torch.manual_seed(seed)
+    extra = {} if cls is TEGroupedMLP else {"sparsity": sparsity}
+    submodules = submodules_cls(linear_fc1=TorchGroupedLinear, linear_fc2=TorchGroupedLinear)
+    return cls(EXPERTS, _config(dtype), submodules, pg_collection=_pg(), **extra)
+
+
+class _PerExpertView:
+    """Present a TE-style experts module as local_experts[e].linear_fc{1,2} for the shared reference check."""
+
+    def __init__(self, te_experts, masks_kind="1d"):
+        from megasparse.ops import weight_mask
+
+        class Layer:
+            def __init__(self, weight, sparse):
+                self.weight, self.bias = weight, None
+                self._mask = weight_mask(weight, masks_kind) if sparse else torch.ones_like(weight, dtype=torch.bool)
+
+            def sparsity_mask(self):
+                return self._mask
+
+        class Expert:
+            pass
+
+        self.module = te_experts
+        self.local_experts = []
+        for e in range(EXPERTS):
+            expert = Expert()
+            expert.linear_fc1 = Layer(getattr(te_experts.linear_fc1, f"weight{e}"), te_experts.sparsity.prunes_weights)
+            expert.linear_fc2 = Layer(getattr(te_experts.linear_fc2, f"weight{e}"), te_experts.sparsity.prunes_weights)
+            self.local_experts.append(expert)
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.float64, 1e-10)])  # grouped / looped path
+def test_sparse_te_grouped_mlp_logic_matches_reference(dtype, tol):
+    from megasparse import SparseTEGroupedMLP
+
+    experts = _te_experts(SparseTEGroupedMLP, SparsityConfig(activations="2:4", backend="dense"), dtype)
+    x, probs, tokens = _inputs(dtype)
+    _check_against_reference(_PerExpertView(experts), x, probs, tokens, (64, 4), tol)
+    assert experts.activation_stats()["elements"] == sum(TOKENS_PER_EXPERT) * FFN
+
+
+def test_disabled_sparse_te_grouped_mlp_is_te_grouped_mlp():
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+    from megasparse import SparseTEGroupedMLP
+
+    sparse = _te_experts(SparseTEGroupedMLP, SparsityConfig(enabled=False), torch.float32, seed=2)
+    dense = _te_experts(TEGroupedMLP, None, torch.float32, seed=2)
+    x, probs, tokens = _inputs(torch.float32)
+    assert torch.equal(sparse(x, tokens, probs)[0], dense(x, tokens, probs)[0])
+    assert list(sparse.state_dict()) == list(dense.state_dict())
