@@ -18,6 +18,7 @@ _LAZY = {
     "SparseSequentialMLP": "megasparse.experts",
     "SparseGroupedMLP": "megasparse.experts",
     "SparseTEGroupedMLP": "megasparse.experts",
+    "sparsify_spec": "megasparse.specs",
 }
 
 __all__ = ["SparsityConfig", *_LAZY]
