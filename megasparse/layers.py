@@ -51,6 +51,7 @@ class _SparseLinearMixin:
                 f"(gtp_remat_size={self.gtp_remat_size}); disable it for sparse layers"
             )
         self.register_buffer("_held_mask", None, persistent=False)
+        self._dist_checkpointing = False
         self._mask_step = 0  # steps seen (training forwards, or the iteration set from outside)
         self._mask_refreshed_at = 0
         self._iteration_driven = False
@@ -110,6 +111,55 @@ class _SparseLinearMixin:
             self._held_mask = self._compute_mask(weight)
             self._mask_refreshed_at = self._mask_step
         return self._held_mask
+
+    def reset_held_mask(self) -> None:
+        """Forget a held mask: the next forward prunes the current weight."""
+        self._held_mask = None
+
+    # Held masks are training state: they go into checkpoints. The torch state_dict carries them in
+    # the parent's `_extra_state` entry (same keys as the parent); dist checkpoints carry them as a
+    # tensor sharded like the weight, so TP resharding works.
+
+    def get_extra_state(self):
+        if self._held_mask is None or self.sparsity.mask_refresh_interval == 1 or self._dist_checkpointing:
+            return None  # exactly the parent's value
+        return {"megasparse_held_mask": self._held_mask.clone(), "refreshed_at": self._mask_refreshed_at}
+
+    def set_extra_state(self, state):
+        self._restore_held_mask(state.get("megasparse_held_mask") if isinstance(state, dict) else None,
+                                state.get("refreshed_at", 0) if isinstance(state, dict) else 0)
+
+    def _restore_held_mask(self, mask, refreshed_at):
+        if mask is None or self.weight is None or tuple(mask.shape) != tuple(self.weight.shape):
+            self._held_mask = None  # none saved (or another layout): the next forward recomputes it
+            return
+        self._held_mask = mask.to(device=self.weight.device, dtype=torch.bool)
+        self._mask_refreshed_at = int(refreshed_at)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        self._dist_checkpointing = True
+        try:
+            result = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            self._dist_checkpointing = False
+        if self._held_mask is not None and self.sparsity.mask_refresh_interval > 1:
+            from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+            extra = {"megasparse_held_mask": self._held_mask.to(torch.uint8),
+                     "megasparse_refreshed_at": torch.tensor([self._mask_refreshed_at])}
+            kwargs = {"tp_group": self.tp_group}
+            if metadata is not None and "dp_cp_group" in metadata:
+                kwargs["dp_cp_group"] = metadata["dp_cp_group"]
+            result.update(make_sharded_tensors_for_checkpoint(
+                extra, prefix, {"megasparse_held_mask": self._split_dim}, sharded_offsets, **kwargs))
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        mask = state_dict.pop(prefix + "megasparse_held_mask", None)
+        refreshed_at = state_dict.pop(prefix + "megasparse_refreshed_at", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if mask is not None:  # from a dist checkpoint (set_extra_state saw None)
+            self._restore_held_mask(mask, int(refreshed_at[0]) if refreshed_at is not None else 0)
 
     @torch.no_grad()
     def sparsity_mask(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,0 +1,60 @@
+"""SparsitySchedule: dense warm-up, sparse phase, dense final phase, switched by iteration.
+
+The phase is a pure function of the iteration, so a run resumed from a checkpoint lands in the
+same phase as the uninterrupted run; the dense master weights are trained in every phase, so
+nothing is lost at a switch. Held masks (mask_refresh_interval > 1) are part of the checkpoint
+(see SparseColumn/RowParallelLinear) and refresh at the iterations the schedule passes in.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+DENSE_WARMUP, SPARSE, DENSE_FINAL = "dense-warmup", "sparse", "dense-final"
+
+
+def sparse_modules(model):
+    """Every megasparse module in `model` (any wrapper: DDP, Float16Module, a list of chunks)."""
+    from megasparse.config import SparsityConfig
+
+    models = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in models for m in chunk.modules() if isinstance(getattr(m, "sparsity", None), SparsityConfig)]
+
+
+@dataclass
+class SparsitySchedule:
+    """dense for iterations [0, dense_warmup_iters), sparse until train_iters - dense_final_iters, then dense."""
+
+    dense_warmup_iters: int = 0
+    dense_final_iters: int = 0
+    train_iters: Optional[int] = None
+
+    def __post_init__(self):
+        if self.dense_warmup_iters < 0 or self.dense_final_iters < 0:
+            raise ValueError("SparsitySchedule: dense_warmup_iters and dense_final_iters must be >= 0")
+        if self.dense_final_iters and self.train_iters is None:
+            raise ValueError("SparsitySchedule: a dense final phase needs train_iters (where training ends)")
+        if self.train_iters is not None and self.dense_warmup_iters + self.dense_final_iters > self.train_iters:
+            raise ValueError(
+                f"SparsitySchedule: dense warm-up ({self.dense_warmup_iters}) + dense final "
+                f"({self.dense_final_iters}) iterations exceed train_iters ({self.train_iters}): no sparse phase left"
+            )
+
+    def phase(self, iteration: int) -> str:
+        if iteration < self.dense_warmup_iters:
+            return DENSE_WARMUP
+        if self.train_iters is not None and iteration >= self.train_iters - self.dense_final_iters:
+            return DENSE_FINAL
+        return SPARSE
+
+    def apply(self, model, iteration: int) -> str:
+        """Put every sparse module of `model` in the phase of `iteration` (call once per iteration)."""
+        phase = self.phase(iteration)
+        sparse = phase == SPARSE
+        for module in sparse_modules(model):
+            if module.sparsity.enabled != sparse:
+                module.sparsity.enabled = sparse
+                if sparse and hasattr(module, "reset_held_mask"):
+                    module.reset_held_mask()  # a new sparse phase prunes the current dense weight
+            if hasattr(module, "set_sparsity_iteration"):
+                module.set_sparsity_iteration(iteration)
+        return phase
