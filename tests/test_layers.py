@@ -83,20 +83,30 @@ def test_state_dict_and_sharded_state_dict_match_parent(make):
     from megatron.core import parallel_state
 
     cfg = make_config()
-    parent, sparse = make(cfg, 16, 32, dense=True), make(cfg, 16, 32, SparsityConfig(mask_refresh_interval=4))
-    sparse(_x())  # a held mask exists now; it must not leak into the checkpoint
-    sd_p, sd_s = parent.state_dict(), sparse.state_dict()
-    assert list(sd_p) == list(sd_s)
-    assert all(getattr(sd_p[k], "shape", None) == getattr(sd_s[k], "shape", None) for k in sd_p)
+    parent, sparse = make(cfg, 16, 32, dense=True), make(cfg, 16, 32, SparsityConfig())
+    held = make(cfg, 16, 32, SparsityConfig(mask_refresh_interval=4))
+    sparse(_x()), held(_x())  # a held mask exists now
+    sd_p = parent.state_dict()
+    for layer in (sparse, held):  # torch state_dict: the parent's keys and shapes (held masks ride in _extra_state)
+        sd_s = layer.state_dict()
+        assert list(sd_p) == list(sd_s)
+        assert all(getattr(sd_p[k], "shape", None) == getattr(sd_s[k], "shape", None) for k in sd_p)
     meta = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-    sh_p, sh_s = parent.sharded_state_dict("l.", metadata=meta), sparse.sharded_state_dict("l.", metadata=meta)
+    sh_p = parent.sharded_state_dict("l.", metadata=meta)
+    sh_s = sparse.sharded_state_dict("l.", metadata=meta)
     assert list(sh_p) == list(sh_s)
     for k, v in sh_p.items():
         if hasattr(v, "global_shape"):
             assert (v.global_shape, v.global_offset, v.key) == (sh_s[k].global_shape, sh_s[k].global_offset, sh_s[k].key)
+    # dist checkpoints of held-mask layers add the mask, sharded like the weight (a dense model ignores it)
+    sh_h = held.sharded_state_dict("l.", metadata=meta)
+    assert sorted(set(sh_h) - set(sh_p)) == ["l.megasparse_held_mask", "l.megasparse_refreshed_at"]
+    assert sh_h["l.megasparse_held_mask"].global_shape == sh_h["l.weight"].global_shape
     # a dense checkpoint loads into the sparse layer and back
     sparse.load_state_dict(parent.state_dict())
     assert torch.equal(sparse.weight, parent.weight)
+    parent.load_state_dict(held.state_dict())
+    assert torch.equal(held.weight, parent.weight)
 
 
 def test_gradient_accumulation_fusion_without_apex_accumulates_into_main_grad():
