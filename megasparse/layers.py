@@ -135,6 +135,7 @@ class _SparseLinearMixin:
             return
         self._held_mask = mask.to(device=self.weight.device, dtype=torch.bool)
         self._mask_refreshed_at = int(refreshed_at)
+        self._mask_step = max(self._mask_step, self._mask_refreshed_at)  # held until the next refresh point
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         self._dist_checkpointing = True
@@ -142,10 +143,12 @@ class _SparseLinearMixin:
             result = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         finally:
             self._dist_checkpointing = False
-        if self._held_mask is not None and self.sparsity.mask_refresh_interval > 1:
+        if self.sparsity.mask_refresh_interval > 1 and self.weight is not None and self.sparsity.weights is not None:
             from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-            extra = {"megasparse_held_mask": self._held_mask.to(torch.uint8),
+            # always present for held-mask layers, so that loading asks for it too
+            held = self._held_mask if self._held_mask is not None else self._compute_mask(self.weight)
+            extra = {"megasparse_held_mask": held.to(torch.uint8),
                      "megasparse_refreshed_at": torch.tensor([self._mask_refreshed_at])}
             kwargs = {"tp_group": self.tp_group}
             if metadata is not None and "dp_cp_group" in metadata:

@@ -3,6 +3,7 @@
 Megatron-core hard-codes a few CUDA calls. On a machine without CUDA we redirect them,
 all here and nowhere else:
 - `torch.cuda.current_device()` (used to place buffers in the comm mappings) -> the CPU;
+- `torch.cuda.synchronize()` (dist_checkpointing's writer) -> nothing to wait for;
 - the CUDA RNG tracker's `fork()` (model-parallel dropout/init regions) -> a fork of the CPU
   generator with the same per-name state bookkeeping;
 - `te_general_gemm`, which the MoE router's gating GEMM names even without Transformer Engine
@@ -35,6 +36,7 @@ def patch_megatron_for_cpu() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
 
     class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
         """Same bookkeeping as Megatron's tracker, on the CPU generator."""
