@@ -1,18 +1,21 @@
-"""The main job (for now): a tensor-parallel sparse FFN language model trained on real text on CPU.
+"""The main job: a real megatron-core GPTModel trained on real text with sparse recipes, side by side.
 
-    python -m megasparse.demo              # TP=2 over gloo, 4 recipes, ~1-2 minutes on 2 cores
+    python -m megasparse.demo            # TP=2 over gloo on CPU (NCCL on GPUs), 4 recipes, ~4 minutes on 2 cores
 
-A byte-level next-byte model on the Python standard library's own source (no download):
-embedding of the previous `context` bytes -> Megatron's MLP as `SparseMLP` (fc1 a
-SparseColumnParallelLinear, Squared-ReLU, fc2 a SparseRowParallelLinear) -> residual -> output
-head. It trains each recipe from the same initialization and prints loss, validation loss, the
-weight density the GEMMs see, the share of |W| the 2:4 masks keep, and for activation sparsity
-how many activations were exact zeros and how much of their L1 mass was dropped. The GPTModel
-demo of the roadmap replaces this model.
+A byte-level GPT (vocab 256) learns the Python standard library's own source files (no
+download). Every recipe starts from the same initialization and sees the same batches:
+  dense                  Megatron's layers
+  2:4                    2:4 weights on fc1/fc2 (SparseMLP, Squared-ReLU)
+  2:4+act-2:4            plus 2:4 Squared-ReLU activation sparsity
+  sparse-then-dense      dense warm-up 10%, 2:4 + act 2:4, dense final 25% (SparsitySchedule)
+It prints a table (validation loss, activation exact zeros, activation L1 dropped, |W| kept,
+time per step) and writes the loss curves to demo_out/loss_curves.png and the numbers to
+demo_out/results.json.
 """
 
 import argparse
 import glob
+import json
 import os
 import sys
 import time
@@ -23,12 +26,11 @@ import torch.distributed as dist
 from megasparse.config import SparsityConfig
 
 RECIPES = {
-    "dense": dict(sparsity=SparsityConfig(enabled=False)),
-    "2:4": dict(sparsity=SparsityConfig(mask="1d", gradient="ste")),
-    "2:4-transposable-srste": dict(sparsity=SparsityConfig(mask="transposable", gradient="srste")),
-    "2:4+act-2:4": dict(sparsity=SparsityConfig(mask="1d", activations="2:4")),
-    "act-64:2:8": dict(sparsity=SparsityConfig(weights=None, activations="64:2:8")),
-    "2:4-then-dense": dict(sparsity=SparsityConfig(mask="1d", gradient="ste"), dense_final_fraction=0.25),
+    "dense": dict(sparsity=None),
+    "2:4": dict(sparsity=SparsityConfig(weights="2:4")),
+    "2:4+act-2:4": dict(sparsity=SparsityConfig(weights="2:4", activations="2:4")),
+    "sparse-then-dense": dict(sparsity=SparsityConfig(weights="2:4", activations="2:4"),
+                              dense_warmup=0.10, dense_final=0.25),
 }
 
 
@@ -44,156 +46,198 @@ def load_corpus(max_bytes: int) -> torch.Tensor:
     return torch.frombuffer(bytes(data[:max_bytes]), dtype=torch.uint8).long()
 
 
-class SparseFFNLanguageModel(torch.nn.Module):
-    def __init__(self, config, context, embed, sparsity):
-        super().__init__()
-        from megatron.core.transformer.mlp import MLPSubmodules
-
-        from megasparse.compat import linear_entry
-        from megasparse.layers import SparseColumnParallelLinear, SparseRowParallelLinear
-        from megasparse.mlp import SparseMLP
-
-        hidden = context * embed
-        self.embed = torch.nn.Embedding(256, embed)
-        self.norm = torch.nn.LayerNorm(hidden)
-        fc1 = linear_entry(SparseColumnParallelLinear, sparsity)
-        fc2 = linear_entry(SparseRowParallelLinear, sparsity)
-        self.mlp = SparseMLP(config, MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2), ffn_hidden_size=config.ffn_hidden_size)
-        self.head = torch.nn.Linear(hidden, 256)
-
-    def sparse_layers(self):
-        return [self.mlp.linear_fc1, self.mlp.linear_fc2]
-
-    def forward(self, windows):  # windows [batch, context] -> logits [batch, 256]
-        h = self.embed(windows).flatten(1)
-        y, bias = self.mlp(self.norm(h)[None])  # Megatron layers take [seq, batch, hidden]
-        return self.head(h + y[0] + bias)
+def text_batches(data, seq, batch, generator):
+    """(tokens, labels), each [batch, seq]: random windows of the corpus and the next byte."""
+    starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=generator)
+    windows = data[starts[:, None] + torch.arange(seq + 1)]
+    return windows[:, :-1], windows[:, 1:]
 
 
-def batches(data, context, batch_size, generator):
-    starts = torch.randint(0, len(data) - context - 1, (batch_size,), generator=generator)
-    idx = starts[:, None] + torch.arange(context + 1)
-    chunk = data[idx]
-    return chunk[:, :-1], chunk[:, -1]
+def build_gpt(args, sparsity, device):
+    from megatron.core.activations import squared_relu
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from megasparse.specs import sparsify_spec
+
+    config = TransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, ffn_hidden_size=args.ffn,
+        tensor_model_parallel_size=args.tp, use_cpu_initialization=True, params_dtype=torch.float32,
+        activation_func=squared_relu, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02,
+    )
+    spec = get_gpt_layer_local_spec()
+    if sparsity is not None:
+        spec = sparsify_spec(spec, sparsity, targets=args.targets)
+    torch.manual_seed(args.seed)  # the same initialization for every recipe
+    model = GPTModel(config, spec, vocab_size=256, max_sequence_length=args.seq, position_embedding_type="learned_absolute")
+    return model.to(device)
+
+
+def gpt_loss(model, tokens, labels):
+    seq = tokens.shape[1]
+    positions = torch.arange(seq, device=tokens.device).expand_as(tokens)
+    causal = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=tokens.device), diagonal=1)
+    return model(tokens, positions, causal, labels=labels).mean()
 
 
 @torch.no_grad()
-def weight_stats(model):
-    """Density of the weight the GEMMs see and the share of |W| the masks keep (summed over TP ranks)."""
-    kept = total = nonzero = numel = 0.0
-    for layer in model.sparse_layers():
-        mask = layer.sparsity_mask()
-        a = layer.weight.abs().double()
-        kept += float((a * mask).sum())
-        total += float(a.sum())
-        nonzero += float(mask.sum())
-        numel += mask.numel()
-    t = torch.tensor([kept, total, nonzero, numel], dtype=torch.float64)
+def sparsity_stats(model):
+    """Across TP ranks: share of |W| the masks keep (sparse layers only) and the FFN activation stats."""
+    from megasparse.schedule import sparse_modules
+
+    kept = total = zeros = act_total = act_dropped = numel = 0.0
+    for m in sparse_modules(model):
+        if getattr(m, "weight", None) is not None and m.sparsity.weights is not None:
+            a = m.weight.abs().double()
+            kept += float((a * m.sparsity_mask()).sum())
+            total += float(a.sum())
+        stats = getattr(m, "activation_stats", None)
+        if stats is not None and stats.sums is not None:
+            z, t, d, n = stats.sums.tolist()
+            zeros, act_total, act_dropped, numel = zeros + z, act_total + t, act_dropped + d, numel + n
+    t = torch.tensor([kept, total, zeros, act_total, act_dropped, numel], dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t[2] / t[3]), float(t[0] / t[1])
+    kept, total, zeros, act_total, act_dropped, numel = t.tolist()
+    return {"w_kept": kept / total if total else None, "act_zeros": zeros / numel if numel else None,
+            "act_dropped": act_dropped / act_total if act_total else None}
 
 
-def train_recipe(name, args, data_train, data_val, config):
+def train_recipe(name, args, data, device):
+    from megasparse.schedule import SPARSE, SparsitySchedule, sparse_modules
+
     recipe = RECIPES[name]
-    torch.manual_seed(args.seed)  # same init for every recipe (and every rank: replicated parts agree)
-    model = SparseFFNLanguageModel(config, args.context, args.embed, recipe["sparsity"])
+    model = build_gpt(args, recipe["sparsity"], device)
+    schedule = SparsitySchedule(dense_warmup_iters=int(recipe.get("dense_warmup", 0) * args.steps),
+                                dense_final_iters=int(recipe.get("dense_final", 0) * args.steps), train_iters=args.steps)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    dense_from = int(args.steps * (1 - recipe.get("dense_final_fraction", 0.0)))
+    split = int(0.9 * len(data))
+    train_gen, val_gen = torch.Generator().manual_seed(args.seed + 1), torch.Generator().manual_seed(args.seed + 2)
+    val_batches = [text_batches(data[split:], args.seq, args.batch, val_gen) for _ in range(4)]
+    curve, val_curve, seconds, timed = [], [], 0.0, 0
     rank0 = dist.get_rank() == 0
-    bar = range(args.steps)
+    steps = range(args.steps)
     if rank0:
         from tqdm import tqdm
 
-        bar = tqdm(bar, desc=f"{name:>24}", ncols=100, file=sys.stdout, mininterval=1.0)
-    warmup = min(10, args.steps // 2)  # first steps pay one-time costs: not timed
-    start, loss_ema = time.perf_counter(), None
-    for step in bar:
-        if step == warmup:
-            start = time.perf_counter()
-        if step == dense_from and dense_from < args.steps:
-            for layer in model.sparse_layers():
-                layer.sparsity.enabled = False  # dense final phase: the dense master weight carries on
-        if step == args.steps - 1:
-            model.mlp.activation_stats(reset=True)  # report the activation of the last training step
-        x, y = batches(data_train, args.context, args.batch, gen)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        steps = tqdm(steps, desc=f"{name:>18}", ncols=100, file=sys.stdout, mininterval=1.0)
+    for it in steps:
+        phase = schedule.apply(model, it)
+        if it == args.steps - 1:
+            for m in sparse_modules(model):
+                if hasattr(m, "activation_stats"):
+                    m.activation_stats.reset()  # report the activation of the last training step
+        tokens, labels = (t.to(device) for t in text_batches(data[:split], args.seq, args.batch, train_gen))
+        start = time.perf_counter()
+        loss = gpt_loss(model, tokens, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-        if rank0 and step % 25 == 0:
-            bar.set_postfix(loss=f"{loss_ema:.3f}")
-    seconds_per_step = (time.perf_counter() - start) / (args.steps - warmup)
+        if it >= min(10, args.steps // 2):  # the first steps pay one-time costs
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds, timed = seconds + time.perf_counter() - start, timed + 1
+        curve.append(loss.item())
+        if it % args.eval_every == 0 or it == args.steps - 1:
+            val_curve.append((it, evaluate(model, val_batches, device)))
+        if rank0:
+            steps.set_postfix(loss=f"{curve[-1]:.3f}", phase=phase if phase != SPARSE else "sparse")
+    stats = sparsity_stats(model)
+    return {"recipe": name, "val_loss": val_curve[-1][1], "train_curve": curve, "val_curve": val_curve,
+            "ms_per_step": 1000 * seconds / max(timed, 1), **stats}
+
+
+@torch.no_grad()
+def evaluate(model, val_batches, device):
     model.eval()
-    with torch.no_grad():
-        vgen = torch.Generator().manual_seed(999)
-        losses = []
-        for _ in range(8):
-            vx, vy = batches(data_val, args.context, 512, vgen)
-            losses.append(torch.nn.functional.cross_entropy(model(vx), vy).item())
-        val = sum(losses) / len(losses)
-    density, kept = weight_stats(model)
-    act = model.mlp.activation_stats()
-    return {"recipe": name, "train_loss": loss_ema, "val_loss": val, "density": density,
-            "kept_abs_w": kept, "act_zeros": act["zero_fraction"], "act_dropped": act["dropped_l1_fraction"],
-            "ms_per_step": 1000 * seconds_per_step}
+    losses = [gpt_loss(model, t.to(device), l.to(device)).item() for t, l in val_batches]
+    model.train()
+    return sum(losses) / len(losses)
 
 
-def _run(args):
-    from megatron.core.transformer import TransformerConfig
+def report(results, args, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    fmt = lambda v, spec: "-".rjust(int(spec.split(".")[0])) if v is None else format(v, spec)  # noqa: E731
+    lines = [
+        f"byte-level GPT on the Python stdlib source, TP={args.tp}, {args.layers} layers, hidden {args.hidden}, "
+        f"ffn {args.ffn}, seq {args.seq}, batch {args.batch}, {args.steps} steps; sparse targets {' '.join(args.targets)}",
+        f"{'recipe':>18} | {'val loss':>8} | {'act zeros':>9} | {'act L1 dropped':>14} | {'|W| kept':>8} | {'ms/step':>8}",
+    ]
+    lines.append("-" * len(lines[1]))
+    for r in results:
+        lines.append(f"{r['recipe']:>18} | {r['val_loss']:>8.3f} | {fmt(r['act_zeros'], '9.3f')} | "
+                     f"{fmt(r['act_dropped'], '14.4f')} | {fmt(r['w_kept'], '8.3f')} | {r['ms_per_step']:>8.1f}")
+    lines.append("act: the FFN activation (fc2 input) of the last training step; |W| kept: share of the sparse "
+                 "layers' |W| inside the 2:4 masks at the end (in a dense phase: what the masks would keep)")
+    print("\n" + "\n".join(lines))
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"settings": vars(args), "results": results}, f, indent=1)
+    plot(results, os.path.join(out_dir, "loss_curves.png"))
+    print(f"wrote {out_dir}/results.json and {out_dir}/loss_curves.png")
 
-    from megatron.core.activations import squared_relu
 
-    config = TransformerConfig(
-        num_layers=1, hidden_size=args.context * args.embed, ffn_hidden_size=args.ffn, num_attention_heads=args.tp,
-        tensor_model_parallel_size=args.tp, use_cpu_initialization=True, params_dtype=torch.float32,
-        activation_func=squared_relu, init_method_std=0.02,
-    )
-    data = load_corpus(args.corpus_bytes)
-    split = int(0.9 * len(data))
-    results = [train_recipe(name, args, data[:split], data[split:], config) for name in args.recipes]
-    if dist.get_rank() == 0:
-        print(f"\nbyte-level LM on {len(data) / 1e6:.1f} MB of Python stdlib source, TP={args.tp} (gloo, CPU), "
-              f"{args.steps} steps, fc1 {args.context * args.embed}->{args.ffn}, fc2 {args.ffn}->{args.context * args.embed}")
-        header = (f"{'recipe':>22} | {'train loss':>10} | {'val loss':>8} | {'W density':>9} | {'|W| kept':>8} | "
-                  f"{'act zeros':>9} | {'act L1 dropped':>14} | {'ms/step':>7}")
-        print(header + "\n" + "-" * len(header))
-        for r in results:
-            act = (f"{r['act_zeros']:>9.3f} | {r['act_dropped']:>14.4f}" if r["act_zeros"] == r["act_zeros"]
-                   else f"{'-':>9} | {'-':>14}")
-            print(f"{r['recipe']:>22} | {r['train_loss']:>10.3f} | {r['val_loss']:>8.3f} | {r['density']:>9.3f} | "
-                  f"{r['kept_abs_w']:>8.3f} | {act} | {r['ms_per_step']:>7.1f}")
-        print("W density and |W| kept: at the end of training (1.000 in a dense phase). act: the FFN activation of "
-              "the last training step, on rank 0's ffn shard (exact zeros before sparsifying, L1 share dropped).")
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in results:
+        curve = torch.tensor(r["train_curve"])
+        smooth = torch.nn.functional.avg_pool1d(curve[None, None], 9, 1, 4, count_include_pad=False)[0, 0]
+        line, = ax.plot(smooth.tolist(), label=f"{r['recipe']} (train)", alpha=0.8)
+        steps, vals = zip(*r["val_curve"])
+        ax.plot(steps, vals, "o--", color=line.get_color(), markersize=3, label=f"{r['recipe']} (val)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.set_title("megasparse demo: byte-level GPT on Python stdlib source")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _worker(rank, args, port):
+    import warnings
+
     from megasparse.testing import init_megatron, shutdown_megatron
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // args.tp))
-    init_megatron(rank, args.tp, port, tensor_model_parallel_size=args.tp)
+    warnings.filterwarnings("ignore")  # Megatron's deprecation notices would bury the progress bars
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // args.tp))
+    init_megatron(rank, args.tp, port, backend="nccl" if cuda else "gloo", tensor_model_parallel_size=args.tp)
     try:
-        import warnings
-
-        warnings.filterwarnings("ignore")  # Megatron's deprecation notices would bury the progress bars
-        _run(args)
+        device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+        data = load_corpus(args.corpus_bytes)
+        results = [train_recipe(name, args, data, device) for name in args.recipes]
+        if rank == 0:
+            report(results, args, args.out)
     finally:
         shutdown_megatron()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (gloo processes)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (processes; GPUs when there are any)")
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    p.add_argument("--context", type=int, default=8, help="previous bytes the model sees")
-    p.add_argument("--embed", type=int, default=32, help="embedding size per byte (hidden = context*embed)")
-    p.add_argument("--ffn", type=int, default=1024, help="FFN size (a multiple of 4*tp)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--targets", nargs="+", default=["fc1", "fc2"], help="linears made sparse (see sparsify_spec)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--corpus-bytes", type=int, default=2_000_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo_out", help="where results.json and loss_curves.png go")
     args = p.parse_args(argv)
     from megasparse.testing import free_port
 

@@ -72,7 +72,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_megatron(rank: int, world_size: int, port: int, seed: int = 1234, **parallel_sizes) -> None:
+def init_megatron(rank: int, world_size: int, port: int, seed: int = 1234, backend: str = "gloo",
+                  **parallel_sizes) -> None:
     """gloo process group + Megatron parallel state (sizes as in initialize_model_parallel) + RNG tracker."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -81,7 +82,7 @@ def init_megatron(rank: int, world_size: int, port: int, seed: int = 1234, **par
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
     parallel_state.initialize_model_parallel(**parallel_sizes)
     model_parallel_cuda_manual_seed(seed)
 

@@ -120,7 +120,7 @@ def test_expert_checkpoints_are_interchangeable_with_dense_sequential_mlp(cls):
     from megatron.core import parallel_state
 
     dense = _experts(SequentialMLP, None, dtype=torch.float32, seed=3)
-    sparse = _experts(cls, SparsityConfig(mask_refresh_interval=3), dtype=torch.float32, seed=4)
+    sparse = _experts(cls, SparsityConfig(), dtype=torch.float32, seed=4)
     sd_dense, sd_sparse = dense.state_dict(), sparse.state_dict()
     assert list(sd_dense) == list(sd_sparse)
     assert all(getattr(sd_dense[k], "shape", None) == getattr(sd_sparse[k], "shape", None) for k in sd_dense)
@@ -130,6 +130,9 @@ def test_expert_checkpoints_are_interchangeable_with_dense_sequential_mlp(cls):
     for k, v in sh_dense.items():
         if hasattr(v, "global_shape"):
             assert (v.key, v.global_shape, v.global_offset) == (sh_sparse[k].key, sh_sparse[k].global_shape, sh_sparse[k].global_offset)
+    held = _experts(cls, SparsityConfig(mask_refresh_interval=3), dtype=torch.float32, seed=4)
+    extra = set(held.sharded_state_dict("moe.experts.", metadata=meta)) - set(sh_dense)
+    assert extra and all("megasparse_" in k for k in extra)  # held masks add only their own entries
     sparse.load_state_dict(sd_dense)  # dense -> sparse
     dense2 = _experts(SequentialMLP, None, dtype=torch.float32, seed=5)
     dense2.load_state_dict(sparse.state_dict())  # -> dense again: nothing lost
