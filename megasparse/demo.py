@@ -15,6 +15,7 @@ demo_out/results.json.
 
 import argparse
 import glob
+import logging
 import json
 import os
 import sys
@@ -84,13 +85,14 @@ def gpt_loss(model, tokens, labels):
 @torch.no_grad()
 def sparsity_stats(model):
     """Across TP ranks: share of |W| the masks keep (sparse layers only) and the FFN activation stats."""
+    from megasparse.ops import weight_mask
     from megasparse.schedule import sparse_modules
 
     kept = total = zeros = act_total = act_dropped = numel = 0.0
     for m in sparse_modules(model):
         if getattr(m, "weight", None) is not None and m.sparsity.weights is not None:
             a = m.weight.abs().double()
-            kept += float((a * m.sparsity_mask()).sum())
+            kept += float((a * weight_mask(m.weight, m.sparsity.mask)).sum())  # also in a dense phase
             total += float(a.sum())
         stats = getattr(m, "activation_stats", None)
         if stats is not None and stats.sums is not None:
@@ -182,20 +184,24 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    floor = min(min(v for _, v in r["val_curve"]) for r in results)
     for r in results:
         curve = torch.tensor(r["train_curve"])
-        smooth = torch.nn.functional.avg_pool1d(curve[None, None], 9, 1, 4, count_include_pad=False)[0, 0]
-        line, = ax.plot(smooth.tolist(), label=f"{r['recipe']} (train)", alpha=0.8)
+        smooth = torch.nn.functional.avg_pool1d(curve[None, None], 25, 1, 12, count_include_pad=False)[0, 0]
+        train_ax.plot(smooth.tolist(), label=r["recipe"], linewidth=1.2)
         steps, vals = zip(*r["val_curve"])
-        ax.plot(steps, vals, "o--", color=line.get_color(), markersize=3, label=f"{r['recipe']} (val)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (nats/byte)")
-    ax.set_title("megasparse demo: byte-level GPT on Python stdlib source")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+        val_ax.plot(steps, vals, "o-", markersize=3, label=r["recipe"], linewidth=1.2)
+    for ax, title in ((train_ax, "training loss (25-step mean)"), (val_ax, "validation loss")):
+        ax.set_ylim(floor - 0.1, floor + 1.0)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("nats / byte")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("megasparse demo: byte-level GPT (megatron-core, TP=2) on Python stdlib source")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -205,6 +211,8 @@ def _worker(rank, args, port):
     from megasparse.testing import init_megatron, shutdown_megatron
 
     warnings.filterwarnings("ignore")  # Megatron's deprecation notices would bury the progress bars
+    # megatron-core 0.16 logs "Unknown MLP type" for any MLP subclass (SparseMLP): it then uses the default TP group
+    logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(rank)
