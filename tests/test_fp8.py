@@ -113,3 +113,28 @@ def test_cusparselt_fp8_matches_emulation():
     sparse = fp8_gemm(x_q, sx, w_q, sw, sparse=True)
     dense = fp8_gemm(x_q, sx, w_q, sw, sparse=False)
     torch.testing.assert_close(sparse.float(), dense.float(), rtol=1e-2, atol=1e-1)
+
+
+def test_numerics_tool_on_a_checkpoint(tmp_path, capsys):
+    import json
+
+    from megasparse.fp8_numerics import main, report
+
+    state = {"model": {"decoder.layers.0.mlp.linear_fc1.weight": _w((64, 32), 7),
+                       "decoder.layers.0.mlp.linear_fc2.weight": _w((32, 64), 8) * 10,
+                       "embedding.word_embeddings.weight": _w((100, 32), 9),
+                       "decoder.layers.0.mlp.linear_fc1.bias": torch.zeros(64)}}
+    rows = report(state)
+    assert sorted(rows) == ["decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.0.mlp.linear_fc2.weight"]
+    fc1 = rows["decoder.layers.0.mlp.linear_fc1.weight"]
+    assert 0.70 < fc1["kept"] < 0.78  # Gaussian 1d 2:4
+    assert 0 < fc1["fp8_err"] < 0.05 and 0 < fc1["prune-then-quantize_err"] < 0.05
+    assert fc1["prune-then-quantize_total"] > 5 * fc1["fp8_err"]  # dominated by pruning, not by FP8
+    # scale invariance of per-tensor scaling: a 10x weight has the same relative error
+    torch.testing.assert_close(rows["decoder.layers.0.mlp.linear_fc2.weight"]["fp8_err"],
+                               report({"w.weight": _w((32, 64), 8)})["w.weight"]["fp8_err"], rtol=1e-3, atol=1e-6)
+    path, out = tmp_path / "ckpt.pt", tmp_path / "numbers.json"
+    torch.save(state, path)
+    main(["--checkpoint", str(path), "--json", str(out)])
+    assert "P>Q err" in capsys.readouterr().out
+    assert json.loads(out.read_text()).keys() == rows.keys()
