@@ -195,11 +195,19 @@ class _Rewriter:
             self.found.add(target)
             return entry
         name = getattr(module, "__name__", repr(entry))
+        if name in ("TEColumnParallelLinear", "TERowParallelLinear", "TELayerNormColumnParallelLinear"):
+            from megasparse.te import sparse_te_class
+
+            if sparsity.activations is not None and target in ("fc2", "shared_experts"):
+                raise NotImplementedError(
+                    f"sparsify_spec: {target} is Transformer Engine's {name}, which cannot sparsify activations; "
+                    "use the local spec (--transformer-impl local) for activation sparsity")
+            self.found.add(target)
+            return linear_entry(sparse_te_class(module), sparsity)
         if name.startswith("TE"):
             raise NotImplementedError(
-                f"sparsify_spec: {target} is Transformer Engine's {name}; sparse TE linears are not available yet. "
-                "Build the model with the local spec (Megatron-LM: --transformer-impl local), or leave "
-                f"{target!r} out of the targets."
+                f"sparsify_spec: {target} is Transformer Engine's {name}, which has no sparse variant; build the "
+                f"model with the local spec (Megatron-LM: --transformer-impl local), or leave {target!r} out."
             )
         raise TypeError(f"sparsify_spec: cannot make {target} ({name}) sparse: not a Column/RowParallelLinear")
 

@@ -95,19 +95,19 @@ def test_bad_targets_and_specs_are_clear_errors():
         sparsify_spec(spec, {"weights": "2:4"})
 
 
-def test_transformer_engine_linears_get_a_clear_error():
+def test_te_linears_without_a_sparse_variant_get_a_clear_error():
+    import dataclasses
+
     from megatron.core.tensor_parallel import ColumnParallelLinear
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    class TELayerNormColumnParallelLinear(ColumnParallelLinear.__base__):  # a stand-in with TE's name
+    class TEFusedQKVLinear(ColumnParallelLinear):  # a TE-named class megasparse has no sparse variant for
         pass
 
     spec = get_gpt_layer_local_spec()
     attention = spec.submodules.self_attention
-    import dataclasses
-
     fake_te = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=ModuleSpec(
         module=attention.module, params=attention.params,
-        submodules=dataclasses.replace(attention.submodules, linear_qkv=TELayerNormColumnParallelLinear))))
-    with pytest.raises(NotImplementedError, match="Transformer Engine's TELayerNormColumnParallelLinear.*--transformer-impl local"):
+        submodules=dataclasses.replace(attention.submodules, linear_qkv=TEFusedQKVLinear))))
+    with pytest.raises(NotImplementedError, match="Transformer Engine's TEFusedQKVLinear.*--transformer-impl local"):
         sparsify_spec(fake_te, SparsityConfig(), targets=("qkv",))

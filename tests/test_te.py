@@ -1,0 +1,144 @@
+"""Sparse TE linears: the mask/gradient logic with stand-ins for TE (which needs CUDA); real TE is gpu-marked."""
+
+import dataclasses
+
+import pytest
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear
+
+from megasparse import SparsityConfig
+from megasparse.ops import weight_mask
+from megasparse.te import sparse_te_class
+from megatron_helpers import make_config
+from reference import masked_linear_reference
+
+pytestmark = pytest.mark.usefixtures("megatron_tp1")
+
+
+class FakeTELinear(torch.nn.Module):
+    """What the sparse classes rely on in TE: a `weight` and a forward that reads `_get_weight_tensors()`."""
+
+    def __init__(self, in_features, out_features, *, config):
+        super().__init__()
+        self.config = config
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features, dtype=config.params_dtype))
+
+    def _get_weight_tensors(self):
+        return [self.weight]
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self._get_weight_tensors()[0]), None
+
+
+@pytest.mark.parametrize("mask,gradient", [("1d", "ste"), ("transposable", "masked"), ("1d", "srste")])
+def test_te_linear_computes_with_the_masked_weight_and_the_gradient_mode(mask, gradient):
+    torch.manual_seed(0)
+    layer = sparse_te_class(FakeTELinear)(16, 32, config=make_config(), sparsity=SparsityConfig(
+        mask=mask, gradient=gradient, srste_decay=0.1))
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    m = weight_mask(layer.weight, mask)
+    assert torch.equal(layer.sparsity_mask(), m)
+    ref = masked_linear_reference(x, layer.weight, None, m, gradient, 0.1)
+    y.backward(ref["dy"])
+    torch.testing.assert_close(y, ref["y"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, ref["dx"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.weight.grad, ref["dw"], rtol=1e-12, atol=1e-12)
+
+
+def test_disabled_te_linear_is_the_te_linear():
+    torch.manual_seed(1)
+    base = FakeTELinear(16, 32, config=make_config())
+    torch.manual_seed(1)
+    sparse = sparse_te_class(FakeTELinear)(16, 32, config=make_config(), sparsity=SparsityConfig(enabled=False))
+    x = torch.randn(5, 16, dtype=torch.float64)
+    assert torch.equal(base(x)[0], sparse(x)[0])
+    assert list(base.state_dict()) == list(sparse.state_dict())
+
+
+@pytest.mark.parametrize("kwargs,config_kw,error,match", [
+    ({"activations": "2:4"}, {}, ValueError, "activation sparsity is not available in TE linears"),
+    ({"mask_refresh_interval": 2}, {}, ValueError, "mask_refresh_interval=1"),
+    ({}, {"gradient_accumulation_fusion": True}, NotImplementedError, "gradient_accumulation_fusion"),
+])
+def test_te_linear_refuses_what_it_cannot_do(kwargs, config_kw, error, match):
+    with pytest.raises(error, match=match):
+        sparse_te_class(FakeTELinear)(16, 32, config=make_config(**config_kw), sparsity=SparsityConfig(**kwargs))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sparse_te_class(FakeTELinear)(18, 32, config=make_config(), sparsity=SparsityConfig())
+
+
+class TEColumnParallelLinear(ColumnParallelLinear):
+    """A stand-in with TE's class name and weight hook, so sparsify_spec's TE mapping can be built on CPU."""
+
+    def _get_weight_tensors(self):
+        return [self.weight]
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        return super().forward(input_, weight=self._get_weight_tensors()[0], runtime_gather_output=runtime_gather_output)
+
+
+def test_sparsify_spec_maps_te_linears():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    from megasparse import sparsify_spec
+
+    spec = get_gpt_layer_local_spec()
+    attention = spec.submodules.self_attention
+    te_spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=ModuleSpec(
+        module=attention.module, params=attention.params,
+        submodules=dataclasses.replace(attention.submodules, linear_qkv=TEColumnParallelLinear))))
+    cfg = make_config(dtype=torch.float32, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64)
+    layer = build_module(sparsify_spec(te_spec, SparsityConfig(), targets=("qkv",)), config=cfg, layer_number=1)
+    qkv = layer.self_attention.linear_qkv
+    assert type(qkv).__name__ == "SparseTEColumnParallelLinear" and isinstance(qkv, TEColumnParallelLinear)
+    x = torch.randn(6, 2, 32)
+    expected = torch.nn.functional.linear(x, qkv.weight * weight_mask(qkv.weight)) + qkv.bias
+    torch.testing.assert_close(qkv(x)[0], expected)
+    with pytest.raises(NotImplementedError, match="cannot sparsify activations"):
+        from megatron.core.tensor_parallel import RowParallelLinear
+
+        class TERowParallelLinear(RowParallelLinear):
+            pass
+
+        mlp = spec.submodules.mlp
+        from megasparse.compat import LINEARS_ARE_BUILDERS
+
+        sub = (mlp.keywords["submodules"] if LINEARS_ARE_BUILDERS else mlp.submodules)
+        sub = dataclasses.replace(sub, linear_fc2=TERowParallelLinear)
+        import functools
+
+        mlp = functools.partial(mlp.func, submodules=sub) if LINEARS_ARE_BUILDERS else dataclasses.replace(mlp, submodules=sub)
+        te_mlp_spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
+        sparsify_spec(te_mlp_spec, SparsityConfig(activations="2:4"), targets=("fc2",))
+
+
+def test_named_te_classes_need_transformer_engine():
+    import megasparse.te as te
+
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs Transformer Engine"):
+            te.SparseTEColumnParallelLinear
+    else:
+        assert te.SparseTEColumnParallelLinear.__name__ == "SparseTEColumnParallelLinear"
+
+
+@pytest.mark.gpu
+def test_real_te_linear_under_fp8_quantizes_the_masked_weight():
+    te_pkg = pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
+    from transformer_engine.common.recipe import DelayedScaling
+
+    import megasparse.te as te
+
+    cfg = make_config(dtype=torch.bfloat16, hidden_size=256, num_attention_heads=4)
+    layer = te.SparseTEColumnParallelLinear(256, 512, config=cfg, init_method=torch.nn.init.normal_, gather_output=False,
+                                            bias=False, skip_bias_add=True, is_expert=False,
+                                            sparsity=SparsityConfig()).cuda()
+    x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
+    with te_pkg.pytorch.fp8_autocast(enabled=True, fp8_recipe=DelayedScaling()):
+        y, _ = layer(x)
+    ref = x.double() @ (layer.weight.double() * layer.sparsity_mask()).t()
+    assert ((y.double() - ref).norm() / ref.norm()) < 0.1
