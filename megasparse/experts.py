@@ -188,11 +188,14 @@ def looped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config)
 
 
 class SparseTEGroupedMLP(TEGroupedMLP):
-    def __init__(self, *args, sparsity=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, num_local_experts, config, submodules, *args, sparsity=None, **kwargs):
         if sparsity is not None and not isinstance(sparsity, SparsityConfig):
             raise TypeError(f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}")
-        self.sparsity = dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
+        sparsity = dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
+        # Under FP8, TE's own grouped forward runs; its grouped linears then hand TE the masked weights.
+        submodules = self._with_sparse_te_linears(submodules, sparsity)
+        super().__init__(num_local_experts, config, submodules, *args, **kwargs)
+        self.sparsity = sparsity
         if self.sparsity.mask_refresh_interval != 1:
             raise ValueError("megasparse: SparseTEGroupedMLP recomputes masks every step; use mask_refresh_interval=1")
         fc1_in = self._weights(self.linear_fc1)[0].shape[1]
@@ -206,6 +209,20 @@ class SparseTEGroupedMLP(TEGroupedMLP):
             if size % multiple:
                 raise ValueError(f"megasparse: the {what} ({size}) must be a multiple of {multiple} for the sparse groups")
         self.grouped_activation_stats = ActivationStats()
+
+    @staticmethod
+    def _with_sparse_te_linears(submodules, sparsity):
+        from megasparse.compat import linear_entry
+        from megasparse.te import sparse_te_class
+
+        weights_only = dataclasses.replace(sparsity, activations=None, activation_function=None)
+        entries = {}
+        for name in ("linear_fc1", "linear_fc2"):
+            cls = getattr(submodules, name)
+            cls = getattr(cls, "module", getattr(cls, "func", cls))
+            if isinstance(cls, type):
+                entries[name] = linear_entry(sparse_te_class(cls), weights_only)
+        return dataclasses.replace(submodules, **entries)
 
     def _weights(self, linear):
         return [getattr(linear, f"weight{i}") for i in range(self.num_local_experts)]
@@ -227,10 +244,11 @@ class SparseTEGroupedMLP(TEGroupedMLP):
         if not (s.prunes_weights or s.sparsifies_activations):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         if getattr(self.config, "fp8", None) or getattr(self.config, "fp4", None):
-            raise NotImplementedError(
-                "megasparse: SparseTEGroupedMLP does not run under FP8/FP4 yet (TE has to quantize the masked "
-                "weight; that is the FP8 + sparsity work). Train these experts in bf16, or use enabled=False."
-            )
+            if s.sparsifies_activations:
+                raise NotImplementedError("megasparse: SparseTEGroupedMLP under FP8 prunes weights only; "
+                                          "set activations=None (activation sparsity runs in bf16)")
+            # TE's grouped FP8 GEMMs on the masked weights (the sparse TE grouped linears)
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         x = permuted_local_hidden_states
         fc1 = self._sparse_weights_and_biases(self.linear_fc1)
         fc2 = self._sparse_weights_and_biases(self.linear_fc2)
