@@ -19,6 +19,9 @@ _LAZY = {
     "SparseGroupedMLP": "megasparse.experts",
     "SparseTEGroupedMLP": "megasparse.experts",
     "sparsify_spec": "megasparse.specs",
+    "SparsitySchedule": "megasparse.schedule",
+    "add_args": "megasparse.args",
+    "Fp8SparseLinear": "megasparse.fp8",
 }
 
 __all__ = ["SparsityConfig", *_LAZY]

@@ -145,3 +145,14 @@ def test_megatron_lm_hooks_with_a_stand_in_for_its_args():
     assert on_forward_step(layer, args) == SPARSE and layer.mlp.linear_fc1.sparsity.enabled
     with pytest.raises(ValueError, match="needs --sparsity-weights 2:4 and/or --sparsity-activations"):
         MegatronLMSpec(_megatron_lm_args(sparsity_weights=None, sparsity_activations=None)).module
+
+
+def test_public_names_named_in_the_issues_exist():
+    import megasparse
+
+    parser = megasparse.add_args(argparse.ArgumentParser())  # usable as Megatron-LM's extra_args_provider
+    assert parser.parse_args(["--sparsity-weights", "2:4"]).sparsity_weights == "2:4"
+    assert megasparse.SparsitySchedule is SparsitySchedule
+    for name in ("SparseColumnParallelLinear", "SparseRowParallelLinear", "SparseMLP", "SparseSequentialMLP",
+                 "SparseGroupedMLP", "SparseTEGroupedMLP", "sparsify_spec", "SparsityConfig", "Fp8SparseLinear"):
+        assert getattr(megasparse, name) is not None
