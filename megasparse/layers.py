@@ -126,8 +126,8 @@ class _SparseLinearMixin:
         return {"megasparse_held_mask": self._held_mask.clone(), "refreshed_at": self._mask_refreshed_at}
 
     def set_extra_state(self, state):
-        self._restore_held_mask(state.get("megasparse_held_mask") if isinstance(state, dict) else None,
-                                state.get("refreshed_at", 0) if isinstance(state, dict) else 0)
+        state = state if isinstance(state, dict) else {}  # the parent's None, or a dense checkpoint's
+        self._restore_held_mask(state.get("megasparse_held_mask"), state.get("refreshed_at", 0))
 
     def _restore_held_mask(self, mask, refreshed_at):
         if mask is None or self.weight is None or tuple(mask.shape) != tuple(self.weight.shape):
