@@ -213,7 +213,7 @@ def _worker(rank, args, port):
     warnings.filterwarnings("ignore")  # Megatron's deprecation notices would bury the progress bars
     # megatron-core 0.16 logs "Unknown MLP type" for any MLP subclass (SparseMLP): it then uses the default TP group
     logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.device_count() >= args.tp  # one GPU per TP rank, else gloo on the CPU
     if cuda:
         torch.cuda.set_device(rank)
     else:
@@ -249,6 +249,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     from megasparse.testing import free_port
 
+    if 0 < torch.cuda.device_count() < args.tp:
+        print(f"megasparse.demo: {torch.cuda.device_count()} GPU(s) for TP={args.tp}: running on the CPU over gloo")
     torch.multiprocessing.spawn(_worker, args=(args, free_port()), nprocs=args.tp, join=True)
 
 
