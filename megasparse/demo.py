@@ -98,7 +98,8 @@ def sparsity_stats(model):
         if stats is not None and stats.sums is not None:
             z, t, d, n = stats.sums.tolist()
             zeros, act_total, act_dropped, numel = zeros + z, act_total + t, act_dropped + d, numel + n
-    t = torch.tensor([kept, total, zeros, act_total, act_dropped, numel], dtype=torch.float64)
+    device = next(model.parameters()).device  # NCCL reduces device tensors only
+    t = torch.tensor([kept, total, zeros, act_total, act_dropped, numel], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     kept, total, zeros, act_total, act_dropped, numel = t.tolist()
     return {"w_kept": kept / total if total else None, "act_zeros": zeros / numel if numel else None,
