@@ -77,15 +77,20 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_fp8_weight(weight, scale=None, mask_kind="1d", order="prune-then-quantize"):
-    """(e4m3 2:4 weight, its scale, the mask). scale None: current scaling from the tensor the order quantizes."""
+    """(e4m3 2:4 weight, its scale, the mask).
+
+    scale: a tensor, None (current scaling), or a function of the tensor the order quantizes
+    (e.g. an AmaxTracker's `scale`), so the mask is computed once.
+    """
     if order not in ORDERS:
         raise ValueError(f"megasparse: FP8 order must be one of {list(ORDERS)}, got {order!r}")
+    scale_of = scale if callable(scale) else (lambda t: scale_for(t.detach().abs().max()) if scale is None else scale)
     if order == "prune-then-quantize":
         mask = weight_mask(weight, mask_kind)
         pruned = weight * mask
-        scale = scale_for(pruned.detach().abs().max()) if scale is None else scale
+        scale = scale_of(pruned)
         return quantize(pruned, scale), scale, mask
-    scale = scale_for(weight.detach().abs().max()) if scale is None else scale
+    scale = scale_of(weight)
     q = quantize(weight, scale)
     mask = weight_mask(q.float(), mask_kind)
     return (q.float() * mask).to(E4M3), scale, mask
@@ -107,8 +112,8 @@ def fp8_gemm(x_q, scale_x, w_q, scale_w, out_dtype=torch.bfloat16, sparse=True):
 
 class _Fp8SparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, scale_x, scale_w, mask_kind, order, gradient):
-        w_q, scale_w, mask = sparse_fp8_weight(weight, scale_w, mask_kind, order)
+    def forward(ctx, x, weight, scale_x, weight_scale, mask_kind, order, gradient):
+        w_q, scale_w, mask = sparse_fp8_weight(weight, weight_scale, mask_kind, order)
         x2d = x.reshape(-1, x.shape[-1])
         y = fp8_gemm(quantize(x2d, scale_x), scale_x, w_q, scale_w)
         ctx.save_for_backward(x, weight, w_q, scale_w, mask)
@@ -137,6 +142,4 @@ class Fp8SparseLinear:
 
     def __call__(self, x, weight):
         scale_x = self.x_amax.scale(x)
-        w_ref = weight if self.order == "quantize-then-prune" else weight * weight_mask(weight, self.mask_kind)
-        scale_w = self.w_amax.scale(w_ref)
-        return _Fp8SparseLinear.apply(x, weight, scale_x, scale_w, self.mask_kind, self.order, self.gradient)
+        return _Fp8SparseLinear.apply(x, weight, scale_x, self.w_amax.scale, self.mask_kind, self.order, self.gradient)

@@ -24,6 +24,18 @@ from megasparse.config import SparsityConfig
 from megasparse.ops import GradOutputMask, LinearPlan, sparse_linear, weight_mask
 
 _FORWARD_IMPL_SIGNATURE = inspect.signature(mcore_layers.linear_with_grad_accumulation_and_async_allreduce)
+_FORWARD_IMPL_DEFAULTS = {
+    name: p.default for name, p in _FORWARD_IMPL_SIGNATURE.parameters.items() if p.default is not inspect.Parameter.empty
+}
+
+
+def _forward_impl_arguments(input, weight, args, kwargs) -> dict:
+    """The arguments of Megatron's linear function by name (Megatron passes keywords: the fast path)."""
+    if not args:
+        return {**_FORWARD_IMPL_DEFAULTS, **kwargs, "input": input, "weight": weight}
+    call = _FORWARD_IMPL_SIGNATURE.bind(input, weight, *args, **kwargs)
+    call.apply_defaults()
+    return call.arguments
 
 
 @contextlib.contextmanager
@@ -183,9 +195,7 @@ class _SparseLinearMixin:
         return self._backends[key]
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        call = _FORWARD_IMPL_SIGNATURE.bind(input, weight, *args, **kwargs)
-        call.apply_defaults()
-        call = call.arguments
+        call = _forward_impl_arguments(input, weight, args, kwargs)
         fusion = bool(call["gradient_accumulation_fusion"])
         if not self._sparse_now() and (self._apex_wgrad_fusion or not fusion):
             return super()._forward_impl(input, weight, *args, **kwargs)  # exactly the parent

@@ -42,6 +42,13 @@ def _reference(t, mask_kind, gradient, decay):
     return {"m1": m1, "m2": m2, "y": y.detach(), "dx": x.grad, "dw1": dws[0], "dw2": dws[1], "db1": b1.grad, "db2": b2.grad}
 
 
+def _load_shards(fc1, fc2, t, rows):
+    """This rank's slices of the full weights: fc1 rows (column-parallel), fc2 columns (row-parallel)."""
+    with torch.no_grad():
+        fc1.weight.copy_(t["w1"][rows]), fc1.bias.copy_(t["b1"][rows])
+        fc2.weight.copy_(t["w2"][:, rows]), fc2.bias.copy_(t["b2"])
+
+
 def _close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{what}: {m}")
 
@@ -60,9 +67,7 @@ def _tp2_mlp_worker():
             cfg = make_config(tp=tp, sequence_parallel=sequence_parallel)
             fc1 = make_column(cfg, HIDDEN, FFN, sparsity)
             fc2 = make_row(cfg, FFN, HIDDEN, sparsity)
-            with torch.no_grad():
-                fc1.weight.copy_(t["w1"][rows]), fc1.bias.copy_(t["b1"][rows])
-                fc2.weight.copy_(t["w2"][:, rows]), fc2.bias.copy_(t["b2"])
+            _load_shards(fc1, fc2, t, rows)
             x = (t["x"][seq] if sequence_parallel else t["x"]).clone().requires_grad_(True)
             h, _ = fc1(x)
             y, _ = fc2(_activation(h))
@@ -92,9 +97,7 @@ def _tp2_gather_and_scatter_worker():
     cfg = make_config(tp=tp)
     fc1 = make_column(cfg, HIDDEN, FFN, sparsity, gather_output=True)
     fc2 = make_row(cfg, FFN, HIDDEN, sparsity, input_is_parallel=False)
-    with torch.no_grad():
-        fc1.weight.copy_(t["w1"][rows]), fc1.bias.copy_(t["b1"][rows])
-        fc2.weight.copy_(t["w2"][:, rows]), fc2.bias.copy_(t["b2"])
+    _load_shards(fc1, fc2, t, rows)
     x = t["x"].clone().requires_grad_(True)
     h, _ = fc1(x)
     assert h.shape[-1] == FFN
@@ -125,9 +128,7 @@ def _tp2_sparse_mlp_worker():
                               activation_func=squared_relu)
             mlp = make_mlp(cfg, FFN, sparsity, sparsity)
             fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
-            with torch.no_grad():
-                fc1.weight.copy_(t["w1"][rows]), fc1.bias.copy_(t["b1"][rows])
-                fc2.weight.copy_(t["w2"][:, rows]), fc2.bias.copy_(t["b2"])
+            _load_shards(fc1, fc2, t, rows)
             x = (t["x"][seq] if sequence_parallel else t["x"]).clone().requires_grad_(True)
             y, bias = mlp(x)
             y = y + bias
