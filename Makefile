@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m megasparse.demo $(DEMO_ARGS)
+	$(VENV)/bin/python -m megasparse.tools.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -17,7 +17,7 @@ torchrun --nproc-per-node "$GPUS" "$MEGATRON_LM/pretrain_gpt.py" \
   --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 500 --weight-decay 0.1 --clip-grad 1.0 \
   --bf16 --squared-relu --disable-bias-linear \
   --transformer-impl local \
-  --spec megasparse.specs sparse_gpt_layer_spec \
+  --spec megasparse.megatron_lm sparse_gpt_layer_spec \
   --sparsity-weights 2:4 --sparsity-mask transposable --sparsity-grad ste \
   --sparsity-activations 2:4 --sparsity-targets fc1 fc2 experts \
   --sparsity-dense-warmup-iters 1000 --sparsity-dense-final-iters 0.1 \

@@ -2,9 +2,8 @@
 
 import argparse
 
-from megasparse.config import BACKENDS, GRADIENT_MODES, MASK_KINDS, SparsityConfig
+from megasparse.config import BACKENDS, DEFAULT_TARGETS, GRADIENT_MODES, MASK_KINDS, TARGETS, SparsityConfig
 from megasparse.schedule import SparsitySchedule
-from megasparse.specs import DEFAULT_TARGETS, TARGETS
 
 
 def _none_or(value: str):

@@ -10,6 +10,8 @@ GRADIENT_MODES = ("ste", "masked", "srste")
 BACKENDS = ("auto", "dense", "cusparselt", "cutlass")
 NONFINITE_POLICIES = ("propagate", "error")
 ACTIVATION_FUNCTIONS = (None, "squared_relu")
+TARGETS = ("qkv", "proj", "fc1", "fc2", "experts", "shared_experts")  # what sparsify_spec can sparsify
+DEFAULT_TARGETS = ("fc1", "fc2", "experts")
 ACTIVATION_TILE_ROWS = 64  # rows per kernel program for 2:4 activations (no effect on the result)
 
 

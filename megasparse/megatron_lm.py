@@ -2,12 +2,15 @@
 
     pretrain(..., extra_args_provider=megasparse.megatron_lm.extra_args_provider(other_provider))
     forward_step(...):  megasparse.megatron_lm.on_forward_step(model)
-    launch flag:        --spec megasparse.specs sparse_gpt_layer_spec
+    launch flag:        --spec megasparse.megatron_lm sparse_gpt_layer_spec
 
 megatron.training is imported only when these run inside Megatron-LM.
 """
 
-from megasparse.args import add_args, schedule_from_args
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megasparse.args import add_args, config_from_args, schedule_from_args
+from megasparse.specs import sparsify_spec
 
 _schedules = {}
 
@@ -40,3 +43,56 @@ def on_forward_step(model, args=None) -> str:
         _schedules.clear()
         _schedules[key] = schedule_from_args(args)
     return _schedules[key].apply(model, getattr(args, "curr_iteration", 0) or 0)
+
+
+def gpt_layer_spec_from_args(args):
+    """Megatron-LM's own GPT layer spec for these arguments, made sparse by the --sparsity-* flags."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    sparsity = config_from_args(args)
+    if sparsity.weights is None and sparsity.activations is None:
+        raise ValueError("--spec megasparse.megatron_lm sparse_gpt_layer_spec needs --sparsity-weights 2:4 and/or "
+                         "--sparsity-activations")
+    freq = getattr(args, "moe_layer_freq", 1)
+    if getattr(args, "num_experts", None) and freq not in (1, None):
+        raise NotImplementedError(
+            "megasparse: --moe-layer-freq mixes dense and MoE layers, which needs a block spec; build it with "
+            "get_gpt_decoder_block_spec and pass it through megasparse.sparsify_spec in your own builder")
+    common = dict(num_experts=getattr(args, "num_experts", None), moe_grouped_gemm=getattr(args, "moe_grouped_gemm", False),
+                  qk_layernorm=getattr(args, "qk_layernorm", False),
+                  multi_latent_attention=getattr(args, "multi_latent_attention", False))
+    if getattr(args, "transformer_impl", "local") == "transformer_engine":
+        base = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)
+    else:
+        base = gpt_layer_specs.get_gpt_layer_local_spec(
+            **common, normalization=getattr(args, "normalization", None), qk_l2_norm=getattr(args, "qk_l2_norm", False))
+    return sparsify_spec(base, sparsity, args.sparsity_targets)
+
+
+class MegatronLMSpec(ModuleSpec):
+    """A layer spec that Megatron-LM's `--spec` can name: resolved from the run's arguments when the
+    model is built (Megatron-LM reads the named object itself, without calling it)."""
+
+    def __init__(self, args=None):  # pylint: disable=super-init-not-called  (fields resolve lazily)
+        self.__dict__["_args"] = args
+        self.__dict__["_resolved"] = None
+
+    def _spec(self):
+        if self.__dict__["_resolved"] is None:
+            if self.__dict__["_args"] is None:
+                self.__dict__["_args"] = megatron_lm_args()
+            args = self.__dict__["_args"]
+            self.__dict__["_resolved"] = gpt_layer_spec_from_args(args)
+        return self.__dict__["_resolved"]
+
+    module = property(lambda self: self._spec().module)
+    params = property(lambda self: self._spec().params)
+    submodules = property(lambda self: self._spec().submodules)
+    metainfo = property(lambda self: getattr(self._spec(), "metainfo", {}))
+
+    def __repr__(self):
+        return "MegatronLMSpec(<GPT layer spec from Megatron-LM's arguments and the --sparsity-* flags>)"
+
+
+# Megatron-LM: --spec megasparse.megatron_lm sparse_gpt_layer_spec
+sparse_gpt_layer_spec = MegatronLMSpec()

@@ -2,8 +2,7 @@
 
 Handles both spec forms: megatron-core 0.16 (ModuleSpec everywhere) and 0.19 (MLP, MoE and
 experts as functools.partial builders). Never touches embeddings or the output layer (they are
-not part of layer specs). Also `sparse_gpt_layer_spec`, for Megatron-LM's
-`--spec megasparse.specs sparse_gpt_layer_spec` (see megasparse.megatron_lm).
+not part of layer specs). Megatron-LM's `--spec` entry point lives in megasparse.megatron_lm.
 """
 
 import dataclasses
@@ -15,10 +14,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megasparse.compat import linear_entry
-from megasparse.config import SparsityConfig
-
-TARGETS = ("qkv", "proj", "fc1", "fc2", "experts", "shared_experts")
-DEFAULT_TARGETS = ("fc1", "fc2", "experts")
+from megasparse.config import DEFAULT_TARGETS, TARGETS, SparsityConfig
 
 
 def sparsify_spec(spec, sparsity: SparsityConfig, targets=DEFAULT_TARGETS):
@@ -210,60 +206,3 @@ class _Rewriter:
                 f"model with the local spec (Megatron-LM: --transformer-impl local), or leave {target!r} out."
             )
         raise TypeError(f"sparsify_spec: cannot make {target} ({name}) sparse: not a Column/RowParallelLinear")
-
-
-def gpt_layer_spec_from_args(args):
-    """Megatron-LM's own GPT layer spec for these arguments, made sparse by the --sparsity-* flags."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    from megasparse.args import config_from_args
-
-    sparsity = config_from_args(args)
-    if sparsity.weights is None and sparsity.activations is None:
-        raise ValueError("--spec megasparse.specs sparse_gpt_layer_spec needs --sparsity-weights 2:4 and/or "
-                         "--sparsity-activations")
-    freq = getattr(args, "moe_layer_freq", 1)
-    if getattr(args, "num_experts", None) and freq not in (1, None):
-        raise NotImplementedError(
-            "megasparse: --moe-layer-freq mixes dense and MoE layers, which needs a block spec; build it with "
-            "get_gpt_decoder_block_spec and pass it through megasparse.sparsify_spec in your own builder")
-    common = dict(num_experts=getattr(args, "num_experts", None), moe_grouped_gemm=getattr(args, "moe_grouped_gemm", False),
-                  qk_layernorm=getattr(args, "qk_layernorm", False),
-                  multi_latent_attention=getattr(args, "multi_latent_attention", False))
-    if getattr(args, "transformer_impl", "local") == "transformer_engine":
-        base = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)
-    else:
-        base = gpt_layer_specs.get_gpt_layer_local_spec(
-            **common, normalization=getattr(args, "normalization", None), qk_l2_norm=getattr(args, "qk_l2_norm", False))
-    return sparsify_spec(base, sparsity, args.sparsity_targets)
-
-
-class MegatronLMSpec(ModuleSpec):
-    """A layer spec that Megatron-LM's `--spec` can name: resolved from the run's arguments when the
-    model is built (Megatron-LM reads the named object itself, without calling it)."""
-
-    def __init__(self, args=None):  # pylint: disable=super-init-not-called  (fields resolve lazily)
-        self.__dict__["_args"] = args
-        self.__dict__["_resolved"] = None
-
-    def _spec(self):
-        if self.__dict__["_resolved"] is None:
-            if self.__dict__["_args"] is None:
-                from megasparse.megatron_lm import megatron_lm_args
-
-                self.__dict__["_args"] = megatron_lm_args()
-            args = self.__dict__["_args"]
-            self.__dict__["_resolved"] = gpt_layer_spec_from_args(args)
-        return self.__dict__["_resolved"]
-
-    module = property(lambda self: self._spec().module)
-    params = property(lambda self: self._spec().params)
-    submodules = property(lambda self: self._spec().submodules)
-    metainfo = property(lambda self: getattr(self._spec(), "metainfo", {}))
-
-    def __repr__(self):
-        return "MegatronLMSpec(<GPT layer spec from Megatron-LM's arguments and the --sparsity-* flags>)"
-
-
-# Megatron-LM: --spec megasparse.specs sparse_gpt_layer_spec
-sparse_gpt_layer_spec = MegatronLMSpec()

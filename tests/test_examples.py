@@ -19,7 +19,7 @@ def test_bench_without_gpu_says_so_and_runs_the_smoke():
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("on a GPU the benchmark measures for real: run python -m megasparse.bench")
-    out = subprocess.run([sys.executable, "-m", "megasparse.bench"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        pytest.skip("on a GPU the benchmark measures for real: run python -m megasparse.tools.bench")
+    out = subprocess.run([sys.executable, "-m", "megasparse.tools.bench"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "no CUDA GPU here" in out.stdout and "smoke test passed" in out.stdout

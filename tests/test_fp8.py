@@ -118,7 +118,7 @@ def test_cusparselt_fp8_matches_emulation():
 def test_numerics_tool_on_a_checkpoint(tmp_path, capsys):
     import json
 
-    from megasparse.fp8_numerics import main, report
+    from megasparse.tools.fp8_numerics import main, report
 
     state = {"model": {"decoder.layers.0.mlp.linear_fc1.weight": _w((64, 32), 7),
                        "decoder.layers.0.mlp.linear_fc2.weight": _w((32, 64), 8) * 10,

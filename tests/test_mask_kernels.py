@@ -113,7 +113,7 @@ def test_bad_shapes_raise_clear_errors(kernel, shape):
 
 
 def test_mask_report_orders_the_masks():
-    from megasparse.mask_report import report
+    from megasparse.tools.mask_report import report
 
     r = report(128, seed=5)
     kept = r["kept"]

@@ -125,7 +125,7 @@ def _megatron_lm_args(**overrides):
 
 def test_megatron_lm_hooks_with_a_stand_in_for_its_args():
     from megasparse.megatron_lm import extra_args_provider, on_forward_step
-    from megasparse.specs import MegatronLMSpec
+    from megasparse.megatron_lm import MegatronLMSpec
 
     seen = []
     provider = extra_args_provider(lambda p: seen.append(p) or p)
