@@ -3,8 +3,9 @@
 Two entry points:
 - `SparseRowParallelLinear` (fc2) sparsifies whatever activation it receives (`sparsify`);
 - `SparseMLP` replaces Megatron's activation call by `FFNActivationSparsifier`, which fuses
-  Squared-ReLU with the sparsifier, hands fc2 the already-sparse activation, and tells fc1
-  that its output gradient dH has the same 2:4 pattern (so dX = dH W1 can be a sparse GEMM).
+  Squared-ReLU with the sparsifier. Its output is marked with the pattern, so fc2 uses it as it
+  is, and so is its gradient dH = dA * mask * 2 relu(H), so fc1's input gradient dX = dH W1 can
+  take dH as the sparse operand (megasparse.sparse_operand).
 """
 
 from typing import Optional
@@ -12,6 +13,7 @@ from typing import Optional
 import torch
 
 from megasparse import kernels
+from megasparse.sparse_operand import mark_sparse
 
 
 def _kernel(x2d, pattern, squared_relu):
@@ -52,7 +54,7 @@ class _Sparsify(torch.autograd.Function):
             stats.add(step_stats)
         ctx.save_for_backward(mask)
         ctx.mark_non_differentiable(mask)
-        return values.reshape(a.shape), mask.reshape(a.shape)
+        return mark_sparse(values.reshape(a.shape), pattern), mask.reshape(a.shape)
 
     @staticmethod
     def backward(ctx, grad_values, _grad_mask):
@@ -69,13 +71,15 @@ class _SquaredReLUSparsify(torch.autograd.Function):
         stats.add(step_stats)
         ctx.save_for_backward(x, mask)
         ctx.mark_non_differentiable(mask)
-        return values.reshape(x.shape), mask.reshape(x.shape)
+        ctx.pattern = pattern
+        return mark_sparse(values.reshape(x.shape), pattern), mask.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad_values, _grad_mask):
         x, mask = ctx.saved_tensors
         mask = mask.reshape(x.shape)
-        return torch.where(mask, 2 * torch.relu(x) * grad_values, 0).to(grad_values.dtype), None, None
+        grad_x = torch.where(mask, 2 * torch.relu(x) * grad_values, 0).to(grad_values.dtype)
+        return mark_sparse(grad_x, ctx.pattern), None, None  # dH has the activation's pattern
 
 
 def sparsify(a: torch.Tensor, pattern, stats: Optional[ActivationStats]):
@@ -95,11 +99,11 @@ def is_squared_relu(fn) -> bool:
 
 
 class FFNActivationSparsifier:
-    """The activation function `SparseMLP` installs: activation + sparsify, wired to fc1 and fc2."""
+    """The activation function `SparseMLP` installs: activation + sparsify with fc2's current config."""
 
-    def __init__(self, activation, fc1, fc2):
+    def __init__(self, activation, fc2):
         self.activation = activation
-        self.fc1, self.fc2 = fc1, fc2
+        self.fc2 = fc2
 
     def __call__(self, x):
         sparsity = self.fc2.sparsity
@@ -107,10 +111,5 @@ class FFNActivationSparsifier:
             return self.activation(x)
         pattern = sparsity.activation_pattern
         if sparsity.activation_function == "squared_relu" or is_squared_relu(self.activation):
-            values, mask = squared_relu_sparsify(x, pattern, self.fc2.activation_stats)
-        else:
-            values, mask = sparsify(self.activation(x), pattern, self.fc2.activation_stats)
-        self.fc2.receive_sparse_input(values, mask)
-        if pattern[1] == 4:  # a 2:4 dH is a sparse GEMM operand; V:N:M has no library GEMM
-            self.fc1.receive_grad_output_mask(mask)
-        return values
+            return squared_relu_sparsify(x, pattern, self.fc2.activation_counter)[0]
+        return sparsify(self.activation(x), pattern, self.fc2.activation_counter)[0]

@@ -1,12 +1,13 @@
-"""GEMM backends for a 2:4-masked weight. Each is a small class; `resolve_backend` picks one.
+"""GEMM backends for 2:4 sparse operands. Each is a small class; `resolve_backend` picks one.
 
-Every backend computes the same two products on an already-masked weight Ws = W * M:
-  linear(x, Ws, b, plan, w_24)            = x Ws^T + b   (forward)
-  input_grad(dy, Ws, plan, w_24, dy_24)   = dy Ws        (backward)
-Which operand is 2:4: the weight (`w_24`, and its transpose when `plan.transposable`), the
-input (`plan.input_2_4`, a 2:4 FFN activation), or dy (`dy_24`, the gradient of a 2:4
-activation). At most one operand of a GEMM can be sparse: the weight is
-preferred in the forward, dy in the input gradient. `dense` is the exact reference; the CUDA
+A backend computes two products and is told which operand is sparse (megasparse.sparse_operand):
+  linear(x, w, bias, sparse)    = x w^T + b   sparse: WEIGHT (w is `compress`ed W*M), ACTIVATION
+                                                (x is a 2:4 activation), or None
+  input_grad(dy, w, sparse)     = dy w        sparse: WEIGHT (w is the `compress`ed transposed
+                                                weight (W*M)^T), GRAD_OUTPUT (dy is 2:4), or None
+`compress` turns a 2:4 matrix into the backend's sparse operand once per optimizer step (see
+megasparse.weight_state); runtime operands (activations, dH) are compressed per call, and only
+when `fits` says the sparse kernels accept their shape. `dense` is the exact reference; the CUDA
 backends go through PyTorch's semi-structured sparse tensors (cuSPARSELt, CUTLASS), whose shape
 constraints we read from PyTorch itself.
 """
@@ -17,17 +18,27 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megasparse.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT
+
 
 class DenseBackend:
-    """Masked dense GEMM: exact semantics on any device, no speed-up."""
+    """Masked dense GEMM: exact semantics on any device, no speed-up. Its sparse operand is W*M itself."""
 
     name = "dense"
 
-    def linear(self, x2d, w_sparse, bias, plan, w_2_4):
-        return F.linear(x2d, w_sparse, bias)
+    def compress(self, matrix):
+        return matrix
 
-    def input_grad(self, dy2d, w_sparse, plan, w_2_4, dy_2_4):
-        return dy2d @ w_sparse
+    def fits(self, operand) -> bool:
+        return True
+
+    def linear(self, x2d, w, bias, sparse):
+        return F.linear(x2d, w, bias)
+
+    def input_grad(self, dy2d, w, sparse):
+        if sparse == WEIGHT:  # w is the transposed weight [in, out]
+            return F.linear(dy2d, w)
+        return dy2d @ w
 
 
 class _SemiStructuredBackend:
@@ -41,24 +52,25 @@ class _SemiStructuredBackend:
     def tensor_class():
         raise NotImplementedError
 
-    def linear(self, x2d, w_sparse, bias, plan, w_2_4):
-        if w_2_4:
-            return F.linear(x2d, self.tensor_class().from_dense(w_sparse), bias)
-        if plan.input_2_4 and self._fits(x2d):  # 2:4 activation as the sparse operand
-            y = torch.mm(self.tensor_class().from_dense(x2d), w_sparse.t())
+    def compress(self, matrix):
+        return self.tensor_class().from_dense(matrix.contiguous())
+
+    def linear(self, x2d, w, bias, sparse):
+        if sparse == ACTIVATION:  # x is 2:4 along its reduction dim
+            y = torch.mm(self.compress(x2d), w.t())
             return y if bias is None else y + bias
-        return F.linear(x2d, w_sparse, bias)
+        return F.linear(x2d, w, bias)  # w is a compressed operand when sparse == WEIGHT
 
-    def input_grad(self, dy2d, w_sparse, plan, w_2_4, dy_2_4):
-        if dy_2_4 and self._fits(dy2d):  # dH of a 2:4 activation is 2:4 along the reduction dim
-            return torch.mm(self.tensor_class().from_dense(dy2d.contiguous()), w_sparse)
-        if w_2_4 and plan.transposable:  # Ws^T is 2:4 too
-            return F.linear(dy2d, self.tensor_class().from_dense(w_sparse.t().contiguous()))
-        return dy2d @ w_sparse  # Ws^T is not 2:4 along its reduction dim: dense GEMM
+    def input_grad(self, dy2d, w, sparse):
+        if sparse == GRAD_OUTPUT:  # dH of a 2:4 activation is 2:4 along the reduction dim
+            return torch.mm(self.compress(dy2d), w)
+        if sparse == WEIGHT:  # w is the compressed (W*M)^T [in, out]
+            return F.linear(dy2d, w)
+        return dy2d @ w
 
-    def _fits(self, operand) -> bool:
+    def fits(self, operand) -> bool:
         """Whether a runtime operand (activation or its gradient) meets the sparse-operand shape rules."""
-        if operand.dtype not in self.dtypes:
+        if operand.dtype not in self.dtypes or operand.shape[0] == 0:  # an expert with no tokens
             return False
         rows_multiple, cols_multiple = self.shape_multiple(operand.dtype)
         return operand.shape[0] % rows_multiple == 0 and operand.shape[1] % cols_multiple == 0
@@ -109,12 +121,21 @@ class CusparseltBackend(_SemiStructuredBackend):
 
 
 class CutlassBackend(_SemiStructuredBackend):
+    """PyTorch's CUTLASS 2:4 kernels. Not fp32: CUTLASS's fp32 sparsity is 1:2, which would drop
+    kept values of a 2:4 weight. Not sm90+: PyTorch builds these kernels for sm8x only."""
+
     name = "cutlass"
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     @staticmethod
     def tensor_class():
         return torch.sparse.SparseSemiStructuredTensorCUTLASS
+
+    def device_reason(self, device):
+        reason = super().device_reason(device)
+        if reason is None and torch.cuda.get_device_capability(device)[0] != 8:
+            major, minor = torch.cuda.get_device_capability(device)
+            reason = f"cutlass's 2:4 kernels in PyTorch are built for sm8x only, found sm{major}{minor}"
+        return reason
 
 
 BACKENDS = {b.name: b for b in (DenseBackend(), CusparseltBackend(), CutlassBackend())}

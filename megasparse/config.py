@@ -46,13 +46,13 @@ class SparsityConfig:
         optimum per 4x4 tile, so the backward input-gradient GEMM is sparse too).
     gradient: how the dense master weight is updated. "ste": the dense gradient; "masked": the
         gradient times the mask; "srste": dense gradient + srste_decay * (1 - mask) * W
-        (Zhou et al. 2021). The srste term is added on every backward: with k
-        gradient-accumulation micro-batches per step it is applied k times.
+        (Zhou et al. 2021). Per optimizer step: "masked" is exact for any number of micro-batches,
+        and the srste term is added once per step (in the step's first backward).
     backend: "auto" (fastest available, else "dense" with one warning), "dense" (masked dense
         GEMM, exact, any device), "cusparselt" or "cutlass" (sparse tensor cores, CUDA sm80+).
-    mask_refresh_interval: 1 recomputes the mask from the dense weight on every forward;
-        N > 1 holds it for N steps (a step is one training forward, or the iteration set by
-        `set_sparsity_iteration`).
+    mask_refresh_interval: 1 recomputes the mask from the dense weight at every optimizer step;
+        N > 1 holds it for N steps. A step is an optimizer step (found without user calls), or
+        the iteration set by `set_sparsity_iteration` / SparsitySchedule (megasparse.weight_state).
     enabled: runtime switch; False makes the layer compute exactly like its dense parent.
     activations: None, "2:4" or "V:2:M" (VENOM, e.g. "64:2:8" keeps 25%): sparsify the FFN
         activation, i.e. the input of fc2 (a SparseRowParallelLinear). Column layers ignore it.
@@ -63,6 +63,10 @@ class SparsityConfig:
     nonfinite_weights: "propagate" keeps NaN/Inf weights in the mask so they reach the loss as
         in a dense layer (no host sync); "error" raises FloatingPointError when the mask is
         computed from a weight with NaN/Inf (one host sync per mask computation).
+    hold_backward_weight: the input-gradient GEMM's weight operand, held for the whole optimizer
+        step (True) or rebuilt from W and the bit-packed mask in each backward (False). None:
+        hold for transposable masks (the compressed (W*M)^T, +0.56x of the dense weight's bytes)
+        and rebuild for 1d masks (W*M, which would cost +1.0x). Numerically identical either way.
     """
 
     weights: Optional[str] = "2:4"
@@ -75,6 +79,7 @@ class SparsityConfig:
     nonfinite_weights: str = "propagate"
     activations: Optional[str] = None
     activation_function: Optional[str] = None
+    hold_backward_weight: Optional[bool] = None
 
     def __post_init__(self):
         _choice("weights", self.weights, WEIGHT_PATTERNS)
@@ -91,14 +96,21 @@ class SparsityConfig:
             )
         if not self.srste_decay >= 0.0:
             raise ValueError(f"SparsityConfig.srste_decay must be >= 0, got {self.srste_decay!r}")
+        if not (self.hold_backward_weight is None or isinstance(self.hold_backward_weight, bool)):
+            raise ValueError("SparsityConfig.hold_backward_weight must be None (automatic), True or False, "
+                             f"got {self.hold_backward_weight!r}")
         if not isinstance(self.enabled, bool):
             raise ValueError(f"SparsityConfig.enabled must be True or False, got {self.enabled!r}")
+        object.__setattr__(self, "mask_rule_revision", 0)
         object.__setattr__(self, "_validated", True)
 
     def __setattr__(self, name, value):
         # Later changes (layer.sparsity.mask = ...) are validated too: check on a copy, then set.
         if getattr(self, "_validated", False) and name in _FIELD_NAMES:
             dataclasses.replace(self, **{name: value})
+            if name in _MASK_RULE_FIELDS and getattr(self, name) != value:
+                # a held mask of the old rule must not survive (see megasparse.weight_state)
+                object.__setattr__(self, "mask_rule_revision", self.mask_rule_revision + 1)
         object.__setattr__(self, name, value)
 
     @property
@@ -118,3 +130,4 @@ class SparsityConfig:
 
 
 _FIELD_NAMES = {f.name for f in dataclasses.fields(SparsityConfig)}
+_MASK_RULE_FIELDS = ("weights", "mask", "enabled", "nonfinite_weights")

@@ -33,7 +33,8 @@ from megasparse.activation_sparsity import ActivationStats, is_squared_relu, spa
 from megasparse.compat import with_sparse_linears
 from megasparse.config import SparsityConfig
 from megasparse.mlp import install_activation_sparsity
-from megasparse.ops import grouped_linear, masked_weight, weight_mask
+from megasparse.backends import BACKENDS
+from megasparse.ops import grouped_linear, masked_weight
 
 
 class SparseSequentialMLP(SequentialMLP):
@@ -48,7 +49,8 @@ class SparseSequentialMLP(SequentialMLP):
     def activation_stats(self, reset: bool = False) -> dict:
         """Activation statistics summed over the local experts since the last reset (this rank)."""
         total = ActivationStats()
-        sources = [e.linear_fc2.activation_stats for e in self.local_experts if hasattr(e.linear_fc2, "activation_stats")]
+        sources = [e.linear_fc2.activation_counter for e in self.local_experts
+                   if hasattr(e.linear_fc2, "activation_counter")]
         for stats in sources + [self.grouped_activation_stats]:
             if stats.sums is not None:
                 total.add(stats.sums)
@@ -79,17 +81,27 @@ def can_group(config, x, fc1_weight, fc2_weight) -> bool:
     )
 
 
-def stacked_sparse_weight(weights, sparsity, held_masks=None):
-    """[experts, out, in] masked weights with the gradient mode; one mask kernel when masks are fresh."""
-    stacked = torch.stack(list(weights))
-    if not sparsity.prunes_weights:
-        return stacked
-    if sparsity.mask_refresh_interval > 1 and held_masks is not None:
-        mask = held_masks()
-    else:
-        flat = stacked.detach().reshape(-1, stacked.shape[-1])
-        mask = weight_mask(flat, sparsity.mask, sparsity.nonfinite_weights).reshape(stacked.shape)
-    return masked_weight(stacked, mask, sparsity.gradient, sparsity.srste_decay)
+class StackedWeights:
+    """[experts, out, in] of this step's W*M, stacked once per optimizer step from the experts' states."""
+
+    def __init__(self):
+        self._steps, self._stacked = None, None
+
+    def __call__(self, steps, sparsity):
+        if self._steps is None or len(steps) != len(self._steps) or any(a is not b for a, b in zip(steps, self._steps)):
+            self._steps, self._stacked = list(steps), torch.stack([s.dense() for s in steps])
+        return masked_weight(steps, sparsity.gradient, sparsity.srste_decay, stacked=self._stacked)
+
+
+def _activation_with_recompute(activation, h, tokens_per_expert, stats, config):
+    """The activation, recomputed in the backward when Megatron's recompute_modules has "moe_act"."""
+    if "moe_act" not in (getattr(config, "recompute_modules", None) or []) or not getattr(
+            config, "recompute_granularity", None) == "selective":
+        return activation(h, tokens_per_expert, stats), None
+    from megatron.core import tensor_parallel
+
+    checkpoint = tensor_parallel.CheckpointWithoutOutput()
+    return checkpoint.checkpoint(activation, h, tokens_per_expert, stats), checkpoint
 
 
 def grouped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config):
@@ -109,10 +121,12 @@ def grouped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config
     h = grouped_linear(x, w1, offsets)
     if b1 is not None:
         h = h + b1[expert_of_token]
-    a = activation(h, tokens_per_expert, stats)
+    a, checkpoint = _activation_with_recompute(activation, h, tokens_per_expert, stats, config)
     p = probs.unsqueeze(-1)
     a = (a * p).to(a.dtype)  # as MLP's per_token_scale
     y = grouped_linear(a, w2, offsets)
+    if checkpoint is not None:
+        checkpoint.discard_output_and_register_recompute(y)
     if b2 is not None:  # as MLP: the expert bias is scaled by the token's prob
         y = y + b2[expert_of_token] * p
     return y
@@ -141,6 +155,10 @@ def sparse_activation(plain_activation, fc2_sparsity):
 
 
 class SparseGroupedMLP(SparseSequentialMLP):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stacked = {"linear_fc1": StackedWeights(), "linear_fc2": StackedWeights()}
+
     def _can_group(self, x) -> bool:
         fc1, fc2 = self.local_experts[0].linear_fc1, self.local_experts[0].linear_fc2
         return hasattr(fc1, "sparsity") and hasattr(fc2, "sparsity") and can_group(self.config, x, fc1.weight, fc2.weight)
@@ -155,18 +173,16 @@ class SparseGroupedMLP(SparseSequentialMLP):
         plain = getattr(plain, "activation", plain)  # the function under SparseMLP's hook
         y = grouped_ffn(
             x, tokens_per_expert, permuted_probs,
-            self._sparse_weights_and_biases(fc1s), self._sparse_weights_and_biases(fc2s),
+            self._sparse_weights_and_biases("linear_fc1", fc1s), self._sparse_weights_and_biases("linear_fc2", fc2s),
             sparse_activation(plain, fc2s[0].sparsity), self.grouped_activation_stats, self.config,
         )
-        if self.training and torch.is_grad_enabled():
-            for layer in fc1s + fc2s:
-                layer._advance_mask_step()
         return y, None
 
-    @staticmethod
-    def _sparse_weights_and_biases(layers):
-        held = lambda: torch.stack([layer._current_mask(layer.weight) for layer in layers])  # noqa: E731
-        weights = stacked_sparse_weight([layer.weight for layer in layers], layers[0].sparsity, held)
+    def _sparse_weights_and_biases(self, name, layers):
+        """Each expert's per-step state gives its mask (held masks included); stacked once per step."""
+        dense = BACKENDS["dense"]  # the grouped GEMM runs on W*M
+        steps = [layer.weight_state.step(layer.weight, layer.sparsity, dense) for layer in layers]
+        weights = self._stacked[name](steps, layers[0].sparsity)
         biases = None if layers[0].bias is None else torch.stack([layer.bias for layer in layers])
         return weights, biases
 
@@ -196,8 +212,6 @@ class SparseTEGroupedMLP(TEGroupedMLP):
         submodules = self._with_sparse_te_linears(submodules, sparsity)
         super().__init__(num_local_experts, config, submodules, *args, **kwargs)
         self.sparsity = sparsity
-        if self.sparsity.mask_refresh_interval != 1:
-            raise ValueError("megasparse: SparseTEGroupedMLP recomputes masks every step; use mask_refresh_interval=1")
         fc1_in = self._weights(self.linear_fc1)[0].shape[1]
         fc2_in = self._weights(self.linear_fc2)[0].shape[1]
         checks = []
@@ -209,6 +223,34 @@ class SparseTEGroupedMLP(TEGroupedMLP):
             if size % multiple:
                 raise ValueError(f"megasparse: the {what} ({size}) must be a multiple of {multiple} for the sparse groups")
         self.grouped_activation_stats = ActivationStats()
+        self._stacked = {"linear_fc1": StackedWeights(), "linear_fc2": StackedWeights()}
+
+    # the SparseModule interface: masks and held state live in the sparse TE grouped linears
+
+    def _sparse_linears(self):
+        return [self.linear_fc1, self.linear_fc2]
+
+    def sparsity_mask(self, weight=None):
+        """The mask of one expert weight (`weight0`.. of linear_fc1 / linear_fc2)."""
+        if weight is None:
+            raise ValueError("megasparse: SparseTEGroupedMLP has one mask per expert weight: pass the weight, "
+                             "e.g. sparsity_mask(experts.linear_fc1.weight0)")
+        for linear in self._sparse_linears():
+            if any(w is weight for w in self._weights(linear)):
+                return linear.sparsity_mask(weight)
+        raise ValueError("megasparse: that tensor is not one of this module's expert weights")
+
+    def sparsity_stats(self) -> dict:
+        return {"activations": self.activation_stats(), "fc1": self.linear_fc1.sparsity_stats(),
+                "fc2": self.linear_fc2.sparsity_stats()}
+
+    def set_sparsity_iteration(self, iteration: int) -> None:
+        for linear in self._sparse_linears():
+            linear.set_sparsity_iteration(iteration)
+
+    def reset_held_mask(self) -> None:
+        for linear in self._sparse_linears():
+            linear.reset_held_mask()
 
     @staticmethod
     def _with_sparse_te_linears(submodules, sparsity):
@@ -227,8 +269,10 @@ class SparseTEGroupedMLP(TEGroupedMLP):
     def _weights(self, linear):
         return [getattr(linear, f"weight{i}") for i in range(self.num_local_experts)]
 
-    def _sparse_weights_and_biases(self, linear):
-        weights = stacked_sparse_weight(self._weights(linear), self.sparsity)
+    def _sparse_weights_and_biases(self, name):
+        """The sparse TE grouped linear's per-step states give the masks; stacked once per step."""
+        linear = getattr(self, name)
+        weights = self._stacked[name](linear.weight_steps(), self.sparsity)
         biases = [getattr(linear, f"bias{i}", None) for i in range(self.num_local_experts)]
         has_bias = all(b is not None and b.numel() for b in biases)
         return weights, torch.stack(biases) if has_bias else None
@@ -250,8 +294,8 @@ class SparseTEGroupedMLP(TEGroupedMLP):
             # TE's grouped FP8 GEMMs on the masked weights (the sparse TE grouped linears)
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         x = permuted_local_hidden_states
-        fc1 = self._sparse_weights_and_biases(self.linear_fc1)
-        fc2 = self._sparse_weights_and_biases(self.linear_fc2)
+        fc1 = self._sparse_weights_and_biases("linear_fc1")
+        fc2 = self._sparse_weights_and_biases("linear_fc2")
         run = grouped_ffn if can_group(self.config, x, fc1[0][0], fc2[0][0]) else looped_ffn
         y = run(x, tokens_per_expert, permuted_probs, fc1, fc2, sparse_activation(self.activation_func, s),
                 self.grouped_activation_stats, self.config)

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from megasparse.ops import _apply_gradient_mode, LinearPlan, weight_mask
+from megasparse.backends import BACKENDS
+from megasparse.masks import weight_mask
+from megasparse.ops import gradient_term
+from megasparse.weight_state import WeightStep, pack_mask
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
@@ -76,7 +79,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
-def sparse_fp8_weight(weight, scale=None, mask_kind="1d", order="prune-then-quantize"):
+def sparse_fp8_weight(weight, scale=None, mask_kind="1d", order="prune-then-quantize", nonfinite="propagate"):
     """(e4m3 2:4 weight, its scale, the mask).
 
     scale: a tensor, None (current scaling), or a function of the tensor the order quantizes
@@ -86,13 +89,13 @@ def sparse_fp8_weight(weight, scale=None, mask_kind="1d", order="prune-then-quan
         raise ValueError(f"megasparse: FP8 order must be one of {list(ORDERS)}, got {order!r}")
     scale_of = scale if callable(scale) else (lambda t: scale_for(t.detach().abs().max()) if scale is None else scale)
     if order == "prune-then-quantize":
-        mask = weight_mask(weight, mask_kind)
+        mask = weight_mask(weight, mask_kind, nonfinite)
         pruned = weight * mask
         scale = scale_of(pruned)
         return quantize(pruned, scale), scale, mask
     scale = scale_of(weight)
     q = quantize(weight, scale)
-    mask = weight_mask(q.float(), mask_kind)
+    mask = weight_mask(q.float(), mask_kind, nonfinite)
     return (q.float() * mask).to(E4M3), scale, mask
 
 
@@ -126,7 +129,8 @@ class _Fp8SparseLinear(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
         w_used = (w_q.float() / scale_w).to(x.dtype)  # the dequantized 2:4 weight the forward used
         grad_x = (dy2d @ w_used).reshape(x.shape)
-        grad_w = _apply_gradient_mode(dy2d.t() @ x.reshape(-1, x.shape[-1]), weight, mask, LinearPlan(gradient=ctx.gradient))
+        step = WeightStep(weight, pack_mask(mask), BACKENDS["dense"], False, hold_backward=False)
+        grad_w = gradient_term(ctx.gradient, dy2d.t() @ x.reshape(-1, x.shape[-1]), weight, step, 0.0)
         return grad_x, grad_w.to(weight.dtype), None, None, None, None, None
 
 

@@ -7,8 +7,8 @@ own forward runs unchanged; only the activation call is replaced, so that
 - Squared-ReLU and the 2:4 / V:N:M sparsifier run as one kernel pass;
 - fc2 receives the already-sparse activation (and on sparse backends, a 2:4 activation can be
   the sparse GEMM operand when fc2's weight is dense);
-- fc1 learns that its output gradient dH = dA * mask * 2 relu(H) carries the 2:4 mask, so its
-  input gradient dX = dH W1 can run with dH as the sparse operand.
+- fc1's output gradient dH = dA * mask * 2 relu(H) arrives marked 2:4, so its input gradient
+  dX = dH W1 can run with dH as the sparse operand (megasparse.sparse_operand).
 Activations Megatron computes elsewhere (gated linear units, fused bias-GeLU/SwiGLU, TE
 activations) are still sparsified by fc2 itself, unfused, and their loss shows in the stats.
 """
@@ -20,12 +20,13 @@ from megasparse.layers import SparseColumnParallelLinear, SparseRowParallelLinea
 
 
 def install_activation_sparsity(mlp: MLP) -> None:
-    """Give an MLP (or an MoE expert) SparseMLP's activation: fused, and wired to fc1 and fc2."""
+    """Give an MLP (or an MoE expert) SparseMLP's activation: fused with the sparsifier, counted once."""
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
     if isinstance(fc2, SparseRowParallelLinear) and not isinstance(mlp.activation_func, FFNActivationSparsifier):
-        mlp.activation_func = FFNActivationSparsifier(mlp.activation_func, fc1, fc2)
+        mlp.activation_func = FFNActivationSparsifier(mlp.activation_func, fc2)
+        fc2.input_sparsified_upstream = True
         if isinstance(fc1, SparseColumnParallelLinear):
-            fc1.expect_sparse_grad_output(fc2.sparsity)
+            fc1.feeds_sparse_activation_of(fc2)  # fc1 reads fc2's current config at every forward
 
 
 class SparseMLP(MLP):
@@ -35,8 +36,4 @@ class SparseMLP(MLP):
 
     def activation_stats(self, reset: bool = False) -> dict:
         """Exact-zero fraction and dropped-L1 fraction of the activation since the last reset (this rank)."""
-        stats = self.linear_fc2.activation_stats
-        result = stats.as_dict()
-        if reset:
-            stats.reset()
-        return result
+        return self.linear_fc2.activation_stats(reset)

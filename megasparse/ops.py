@@ -1,56 +1,35 @@
-"""The sparse linear op: mask computation and one autograd path over a pluggable GEMM backend.
+"""The sparse linear op: one autograd path over a pluggable GEMM backend.
 
-This is the only module that chooses between kernels (Triton on CUDA, torch references on
-CPU) and between GEMM backends. Layers call `weight_mask` and `sparse_linear`.
+The GEMMs run on a backend (megasparse.backends) with this optimizer step's weight state
+(megasparse.weight_state); layers call `sparse_linear_step`, paths that run their own GEMM on
+W*M (TE, grouped experts) call `masked_weight`.
 """
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from megasparse import kernels
 from megasparse.backends import DenseBackend
-
-_MASK_KERNELS = {
-    "1d": (kernels.mask_1d_triton, kernels.mask_1d_reference),
-    "transposable": (kernels.mask_transposable_triton, kernels.mask_transposable_reference),
-}
-
-
-def weight_mask(weight: torch.Tensor, kind: str = "1d", nonfinite: str = "propagate") -> torch.Tensor:
-    """The 2:4 mask of `weight` ([out, in]) as a bool tensor of the same shape."""
-    if nonfinite == "error":
-        bad = int((~torch.isfinite(weight.detach())).sum())
-        if bad:
-            raise FloatingPointError(
-                f"megasparse: the weight {tuple(weight.shape)} holds {bad} NaN/Inf values, so its 2:4 mask "
-                "is meaningless. The dense master weight is corrupt: resume from the last good checkpoint "
-                "or lower the learning rate (nonfinite_weights='propagate' lets the NaN reach the loss instead)."
-            )
-    triton_kernel, reference = _MASK_KERNELS[kind]
-    if weight.is_cuda and kernels.HAVE_TRITON:
-        return triton_kernel(weight)
-    return reference(weight)
-
-
-class GradOutputMask:
-    """Filled after the forward with the 2:4 mask that the output gradient will have (see SparseMLP)."""
-
-    mask = None
+from megasparse.masks import weight_mask  # noqa: F401  (re-exported: the public mask function)
+from megasparse.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT, is_2_4
+from megasparse.weight_state import WeightStep, pack_mask
 
 
 @dataclass(frozen=True)
 class LinearPlan:
-    """How one sparse linear call runs: the GEMM backend, which operands are 2:4, the weight-gradient rule."""
+    """How one sparse linear call runs: the GEMM backend and the weight-gradient rule.
+
+    Which operand of each GEMM is sparse is decided per call: the weight when the step prunes it,
+    else a 2:4-marked activation (forward) or dH (input gradient); see megasparse.sparse_operand.
+    """
 
     backend: object = DenseBackend()
     gradient: str = "ste"
     srste_decay: float = 0.0
     transposable: bool = False
     gradient_accumulation_fusion: bool = False
-    input_2_4: bool = False
-    grad_output_mask: Optional[GradOutputMask] = None
 
 
 def _weight_grad_fp32(dy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
@@ -65,13 +44,29 @@ def _weight_grad_fp32(dy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
     return torch.mm(dy2d.t().float(), x2d.float())
 
 
-def _apply_gradient_mode(grad, weight, mask, plan: LinearPlan):
-    if mask is None:  # dense call (a dense phase): every mode is the plain gradient
+def _accumulate_weight_grad(main_grad, dy2d, x2d) -> None:
+    """main_grad += dY^T X in fp32, without a full-size fp32 temporary where torch can (CUDA, torch >= 2.8)."""
+    if dy2d.is_cuda and dy2d.dtype in (torch.float16, torch.bfloat16) and main_grad.dtype == torch.float32:
+        try:
+            torch.addmm(main_grad, dy2d.t(), x2d, out_dtype=torch.float32, out=main_grad)
+            return
+        except (TypeError, RuntimeError):
+            pass
+    main_grad.add_(_weight_grad_fp32(dy2d, x2d).to(main_grad.dtype))
+
+
+def gradient_term(mode, grad, weight, step: WeightStep, srste_decay: float):
+    """The dense master weight's gradient under `mode`, from the micro-batch gradient of W*M.
+
+    "masked" multiplies by the mask (exact per step: it is linear). "srste" adds its decay
+    lambda * (1 - M) * W once per optimizer step (the first backward of the step).
+    """
+    if step is None or not step.pruned or mode == "ste":
         return grad
-    if plan.gradient == "masked":
-        return grad * mask
-    if plan.gradient == "srste":
-        return grad + plan.srste_decay * (~mask) * weight.detach().to(grad.dtype)
+    if mode == "masked":
+        return grad * step.mask()
+    if mode == "srste" and step.take_decay():
+        return grad + srste_decay * (~step.mask()) * weight.detach().to(grad.dtype)
     return grad
 
 
@@ -82,73 +77,135 @@ def _dummy_weight_grad(weight, dtype):
     return torch.empty(weight.main_grad.shape, dtype=dtype, device=weight.device)
 
 
+def _forward_gemm(x, x2d, step: WeightStep, bias, backend):
+    if step.pruned:
+        return backend.linear(x2d, step.compressed(), bias, WEIGHT)
+    if is_2_4(x) and backend.fits(x2d):  # dense weight, 2:4 activation as the sparse operand
+        return backend.linear(x2d, step.dense(), bias, ACTIVATION)
+    return backend.linear(x2d, step.dense(), bias, None)
+
+
+def _input_grad_gemm(dy, dy2d, step: WeightStep, backend):
+    if is_2_4(dy) and backend.fits(dy2d):  # dH of a 2:4 activation (fc1 of a SparseMLP)
+        return backend.input_grad(dy2d, step.dense(), GRAD_OUTPUT)
+    if step.pruned and step.transposable:  # (W*M)^T is 2:4 too
+        return backend.input_grad(dy2d, step.compressed_t(), WEIGHT)
+    return backend.input_grad(dy2d, step.dense(), None)  # (W*M)^T is not 2:4 along its reduction dim
+
+
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, plan: LinearPlan):
-        w_sparse = weight if mask is None else weight * mask
+    def forward(ctx, x, weight, bias, step: WeightStep, plan: LinearPlan):
         x2d = x.reshape(-1, x.shape[-1])
-        y2d = plan.backend.linear(x2d, w_sparse, bias, plan, mask is not None)
-        # W and M are saved (not W*M): they exist anyway, so the backward costs no extra memory.
-        ctx.save_for_backward(x, weight, mask)
-        ctx.plan = plan
+        y2d = _forward_gemm(x, x2d, step, bias, plan.backend)
+        # x and this step's state are saved; the weight's operands live in the step, shared by micro-batches
+        ctx.save_for_backward(x, weight)
+        ctx.step, ctx.plan = step, plan
         ctx.has_bias = bias is not None
         ctx.main_grad = getattr(weight, "main_grad", None) if plan.gradient_accumulation_fusion else None
         return y2d.reshape(*x.shape[:-1], y2d.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mask = ctx.saved_tensors
-        plan: LinearPlan = ctx.plan
+        x, weight = ctx.saved_tensors
+        step, plan = ctx.step, ctx.plan
         dy2d = dy.reshape(-1, dy.shape[-1])
         x2d = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_sparse = weight if mask is None else weight * mask
-            dy_2_4 = plan.grad_output_mask is not None and plan.grad_output_mask.mask is not None
-            grad_x = plan.backend.input_grad(dy2d, w_sparse, plan, mask is not None, dy_2_4).reshape(x.shape)
+            grad_x = _input_grad_gemm(dy, dy2d, step, plan.backend).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             if ctx.main_grad is not None:
                 weight.main_grad = ctx.main_grad
-                grad = _weight_grad_fp32(dy2d, x2d)
-                ctx.main_grad.add_(_apply_gradient_mode(grad, weight, mask, plan).to(ctx.main_grad.dtype))
+                if plan.gradient == "ste" or not step.pruned:
+                    _accumulate_weight_grad(ctx.main_grad, dy2d, x2d)
+                else:
+                    grad = gradient_term(plan.gradient, _weight_grad_fp32(dy2d, x2d), weight, step, plan.srste_decay)
+                    ctx.main_grad.add_(grad.to(ctx.main_grad.dtype))
                 if hasattr(weight, "grad_added_to_main_grad"):
                     grad_w = _dummy_weight_grad(weight, x.dtype)
                     weight.grad_added_to_main_grad = True
             else:
-                grad_w = _apply_gradient_mode(dy2d.t() @ x2d, weight, mask, plan)
+                grad_w = gradient_term(plan.gradient, dy2d.t() @ x2d, weight, step, plan.srste_decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy2d.sum(dim=0)
         return grad_x, grad_w, grad_b, None, None
 
 
+def sparse_linear_step(x, weight, bias, step: WeightStep, plan: LinearPlan) -> torch.Tensor:
+    """y = x (M*W)^T + b with this optimizer step's weight state (megasparse.weight_state)."""
+    return _SparseLinear.apply(x, weight, bias, step, plan)
+
+
 def sparse_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor, plan: LinearPlan
 ) -> torch.Tensor:
-    """y = x (M*W)^T + b with the backward of `plan`. x [..., in], weight [out, in], mask bool like weight.
+    """y = x (M*W)^T + b with the backward of `plan`, for one call. x [..., in], weight [out, in], mask bool.
 
-    mask=None runs the dense layer through the same path (used for the torch wgrad-fusion fallback).
+    mask=None runs the dense layer through the same path. Layers use `sparse_linear_step` with
+    their per-step state instead, so that the mask and operands are built once per step.
     """
-    return _SparseLinear.apply(x, weight, bias, mask, plan)
+    bits = None if mask is None else pack_mask(mask)
+    step = WeightStep(weight, bits, plan.backend, plan.transposable, hold_backward=True)
+    return sparse_linear_step(x, weight, bias, step, plan)
 
 
-class _MaskedWeight(torch.autograd.Function):
-    """W * M with the weight gradient of a gradient mode (for paths that use a plain dense GEMM on W * M)."""
+class _MaskedWeights(torch.autograd.Function):
+    """This step's W*M of one or more weights (stacked: grouped experts), for paths that run their
+    own GEMM on it; the backward gives each dense weight the gradient of the gradient mode."""
 
     @staticmethod
-    def forward(ctx, weight, mask, gradient, srste_decay):
-        ctx.save_for_backward(weight, mask)
-        ctx.plan = LinearPlan(gradient=gradient, srste_decay=srste_decay)
-        return weight * mask
+    def forward(ctx, masked, steps, gradient, srste_decay, *weights):
+        ctx.steps, ctx.gradient, ctx.srste_decay = steps, gradient, srste_decay
+        ctx.save_for_backward(*weights)
+        view = masked.view_as(masked)  # a new view each call: the cached tensor itself stays out of graphs
+        ctx.fused = None
+        if len(weights) == 1 and getattr(weights[0], "main_grad", None) is not None:
+            # Wgrad fusion (Transformer Engine): TE accumulates dY^T X into the main_grad of the tensor
+            # it computes with. Under every gradient mode that is the ste gradient of the dense weight.
+            view.main_grad = weights[0].main_grad
+            if hasattr(weights[0], "grad_added_to_main_grad"):
+                view.grad_added_to_main_grad = False
+            ctx.fused = weakref.ref(view)
+        return view
 
     @staticmethod
     def backward(ctx, grad):
-        weight, mask = ctx.saved_tensors
-        return _apply_gradient_mode(grad, weight, mask, ctx.plan), None, None, None
+        weights = ctx.saved_tensors
+        view = ctx.fused() if ctx.fused is not None else None
+        if view is not None and getattr(view, "grad_added_to_main_grad", False):
+            (weight,), (step,) = weights, ctx.steps
+            weight.grad_added_to_main_grad = True
+            main_grad_term(ctx.gradient, weight, step, ctx.srste_decay)
+            return (None, None, None, None, grad)  # TE's dummy gradient: Megatron's DDP hook skips it
+        parts = [grad] if len(weights) == 1 and grad.dim() == weights[0].dim() else grad.unbind(0)
+        grads = [gradient_term(ctx.gradient, g, w, step, ctx.srste_decay)
+                 for g, w, step in zip(parts, weights, ctx.steps)]
+        return (None, None, None, None, *grads)
 
 
-def masked_weight(weight, mask, gradient="ste", srste_decay=0.0):
-    """W * M whose backward gives the dense weight the gradient of `gradient` (ste / masked / srste)."""
-    return _MaskedWeight.apply(weight, mask, gradient, srste_decay)
+def main_grad_term(mode, weight, step: WeightStep, srste_decay: float) -> None:
+    """Apply the gradient mode to a main_grad that already holds the accumulated ste gradient.
+
+    "masked" zeroes the pruned entries after each micro-batch (idempotent, so exact per step);
+    "srste" adds its decay once per step.
+    """
+    if step is None or not step.pruned or mode == "ste":
+        return
+    if mode == "masked":
+        weight.main_grad.mul_(step.mask())
+    elif mode == "srste" and step.take_decay():
+        weight.main_grad.add_((srste_decay * (~step.mask()) * weight.detach()).to(weight.main_grad.dtype))
+
+
+def masked_weight(steps, gradient="ste", srste_decay=0.0, stacked=None):
+    """W*M of this step for one WeightStep (or a list of them, stacked along a new dim 0; pass the
+    stacked tensor cached for the step as `stacked`). The dense weights get `gradient`'s gradient."""
+    if isinstance(steps, WeightStep):
+        steps, masked = [steps], steps.dense()
+    else:
+        masked = stacked if stacked is not None else torch.stack([s.dense() for s in steps])
+    return _MaskedWeights.apply(masked, steps, gradient, srste_decay, *[s.weight for s in steps])
 
 
 class _GroupedLinear(torch.autograd.Function):

@@ -13,11 +13,12 @@ DENSE_WARMUP, SPARSE, DENSE_FINAL = "dense-warmup", "sparse", "dense-final"
 
 
 def sparse_modules(model):
-    """Every megasparse module in `model` (any wrapper: DDP, Float16Module, a list of chunks)."""
-    from megasparse.config import SparsityConfig
+    """Every megasparse module (megasparse.interface.SparseModule) in `model` (any wrapper: DDP,
+    Float16Module, a list of chunks)."""
+    from megasparse.interface import is_sparse_module
 
     models = model if isinstance(model, (list, tuple)) else [model]
-    return [m for chunk in models for m in chunk.modules() if isinstance(getattr(m, "sparsity", None), SparsityConfig)]
+    return [m for chunk in models for m in chunk.modules() if is_sparse_module(m)]
 
 
 @dataclass
@@ -53,8 +54,7 @@ class SparsitySchedule:
         for module in sparse_modules(model):
             if module.sparsity.enabled != sparse:
                 module.sparsity.enabled = sparse
-                if sparse and hasattr(module, "reset_held_mask"):
+                if sparse:
                     module.reset_held_mask()  # a new sparse phase prunes the current dense weight
-            if hasattr(module, "set_sparsity_iteration"):
-                module.set_sparsity_iteration(iteration)
+            module.set_sparsity_iteration(iteration)
         return phase

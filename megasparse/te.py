@@ -1,23 +1,33 @@
 """Sparse Transformer Engine linears: under any FP8 recipe, TE quantizes the 2:4-masked weight.
 
 TE's Linear, LayerNormLinear and GroupedLinear take their weights from `_get_weight_tensors()`;
-the sparse classes return W*M there (through `masked_weight`, so the dense master weight gets the
-gradient of the chosen mode). Everything else - the FP8 recipe (delayed, current/tensorwise,
-blockwise, MXFP8), amax bookkeeping, communication, checkpoints - stays TE's and Megatron's.
+the sparse classes return this optimizer step's W*M there (megasparse.weight_state: built once
+per step, through `masked_weight`, so the dense master weight gets the gradient of the chosen
+mode). Everything else - the FP8 recipe (delayed, current/tensorwise, blockwise, MXFP8), amax
+bookkeeping, communication, checkpoints - stays TE's and Megatron's.
+
+gradient_accumulation_fusion (Megatron's default with TE): TE accumulates dY^T X of W*M into
+main_grad, which is the ste gradient of the dense weight; "masked" and "srste" are then applied
+to main_grad (megasparse.ops.main_grad_term: masked after each micro-batch, srste once per step).
 
     SparseTEColumnParallelLinear, SparseTERowParallelLinear, SparseTELayerNormColumnParallelLinear
 are built on first access from Megatron's TE classes (Transformer Engine must be installed);
 `sparse_te_class(base)` makes the sparse variant of any such class. Not supported (clear errors):
-gradient_accumulation_fusion (TE would write the unmasked gradient straight into main_grad) and
-FP8 primary weights (fp8_model_init). The GEMM is TE's dense (FP8 or bf16) GEMM on the masked
-weight: the speed-up path is megasparse.fp8 / the cuSPARSELt backends.
+TE without `_get_weight_tensors` (before 2.5: it would silently train dense), held masks
+(mask_refresh_interval > 1: TE's `_extra_state` holds its FP8 metadata, so there is no checkpoint
+entry for them), FP8 primary weights (fp8_model_init), and TE's delayed wgrad
+(delay_wgrad_compute: TE's backward_dw writes .grad onto the tensor it computed with, W*M, not
+onto the master weight). The GEMM is TE's dense (FP8 or bf16) GEMM on the masked weight.
 """
 
 import dataclasses
 import functools
 
+from megasparse.backends import BACKENDS
 from megasparse.config import SparsityConfig
-from megasparse.ops import masked_weight, weight_mask
+from megasparse.interface import describe
+from megasparse.ops import masked_weight
+from megasparse.weight_state import SparseWeightState, compute_mask
 
 _TE_BASES = {
     "SparseTEColumnParallelLinear": "TEColumnParallelLinear",
@@ -34,36 +44,76 @@ class _SparseTEMixin:
         if self.sparsity.activations is not None:
             raise ValueError("megasparse: activation sparsity is not available in TE linears; use activations=None")
         if self.sparsity.mask_refresh_interval != 1:
-            raise ValueError("megasparse: sparse TE linears recompute masks every step; use mask_refresh_interval=1")
-        if getattr(getattr(self, "config", None), "gradient_accumulation_fusion", False):
+            raise ValueError(
+                "megasparse: sparse TE linears cannot hold masks across steps: held masks must go into the "
+                "checkpoint, and TE's _extra_state entry carries TE's FP8 metadata. Use mask_refresh_interval=1 "
+                "(masks are still computed once per optimizer step), or the local spec for held masks.")
+        if not hasattr(super(), "_get_weight_tensors"):
             raise NotImplementedError(
-                "megasparse: sparse TE linears do not support gradient_accumulation_fusion (TE would accumulate the "
-                "unmasked weight gradient into main_grad); disable it (--no-gradient-accumulation-fusion)")
-        weight = getattr(self, "weight", None)
-        if weight is not None and self.sparsity.weights is not None:
-            rows, cols = weight.shape
-            if cols % 4 or (self.sparsity.mask == "transposable" and rows % 4):
-                raise ValueError(f"megasparse: a sparse TE linear needs its weight shard {tuple(weight.shape)} cut into "
-                                 "2:4 groups: input size per rank a multiple of 4 (and output size for transposable)")
+                "megasparse: this Transformer Engine has no _get_weight_tensors (TE < 2.5), so a sparse TE "
+                "linear would silently train dense. Upgrade Transformer Engine to 2.5 or newer, or use the "
+                "local spec (--transformer-impl local).")
+        if getattr(self, "wgrad_store", None) is not None and getattr(self.wgrad_store, "delay_wgrad_compute",
+                                                                        lambda: False)():
+            raise NotImplementedError(
+                "megasparse: sparse TE linears do not support delay_wgrad_compute (TE's delayed wgrad writes "
+                "the gradient onto W*M, not onto the dense master weight); disable it for sparse layers.")
+        self.weight_states = [SparseWeightState() for _ in self._sparse_weight_names()]
+        for name in self._sparse_weight_names():
+            weight = getattr(self, name)
+            if self.sparsity.weights is not None:
+                rows, cols = weight.shape
+                if cols % 4 or (self.sparsity.mask == "transposable" and rows % 4):
+                    raise ValueError(
+                        f"megasparse: a sparse TE linear needs its weight shard {tuple(weight.shape)} cut into "
+                        "2:4 groups: input size per rank a multiple of 4 (and output size for transposable)")
+
+    def _sparse_weight_names(self):
+        if hasattr(self, "num_gemms"):  # TE GroupedLinear: weight0 .. weight{n-1}
+            return [f"weight{i}" for i in range(self.num_gemms)]
+        return ["weight"]
+
+    def weight_steps(self):
+        """This optimizer step's WeightStep of each weight (the TE GEMMs run on W*M: the dense backend)."""
+        return [state.step(getattr(self, name), self.sparsity, BACKENDS["dense"])
+                for state, name in zip(self.weight_states, self._sparse_weight_names())]
 
     def _get_weight_tensors(self):
         weights = super()._get_weight_tensors()
         if not self.sparsity.prunes_weights:
             return weights
-        s = self.sparsity
-        sparse = []
         for w in weights:
             if type(w).__name__ != "Parameter" and hasattr(w, "dequantize"):
                 raise NotImplementedError("megasparse: FP8 primary weights (fp8_model_init) cannot be pruned; "
                                           "keep high-precision master weights for sparse TE linears")
-            sparse.append(masked_weight(w, weight_mask(w, s.mask, s.nonfinite_weights), s.gradient, s.srste_decay))
-        return sparse
+        s = self.sparsity
+        return [masked_weight(step, s.gradient, s.srste_decay) for step in self.weight_steps()]
+
+    # --- the SparseModule interface (megasparse.interface) --------------------------------
 
     def sparsity_mask(self, weight=None):
-        weight = self.weight if weight is None else weight
+        weight = getattr(self, self._sparse_weight_names()[0]) if weight is None else weight
+        for state, name in zip(self.weight_states, self._sparse_weight_names()):
+            if getattr(self, name) is weight:
+                return state.current_mask(weight, self.sparsity)
         if not self.sparsity.prunes_weights:
             return weight.detach().new_ones(weight.shape, dtype=bool)
-        return weight_mask(weight, self.sparsity.mask, self.sparsity.nonfinite_weights)
+        return compute_mask(weight, self.sparsity)
+
+    def sparsity_stats(self) -> dict:
+        held = [state.held_bytes() for state in self.weight_states]
+        return {"state_bytes": {k: sum(h.get(k, 0) for h in held) for k in set().union(*held)}}
+
+    def set_sparsity_iteration(self, iteration: int) -> None:
+        for state in self.weight_states:
+            state.set_iteration(iteration)
+
+    def reset_held_mask(self) -> None:
+        for state in self.weight_states:
+            state.invalidate(drop_held_mask=True)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparsity={describe(self.sparsity)}"
 
 
 @functools.lru_cache(maxsize=None)

@@ -164,6 +164,9 @@ class TorchGroupedLinear(torch.nn.Module):
             if bias:
                 self.register_parameter(f"bias{i}", torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)))
 
+    def _get_weight_tensors(self):  # TE >= 2.5
+        return [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
+
     def forward(self, x, m_splits):
         outs = []
         for i, xe in enumerate(torch.split(x, list(m_splits))):

@@ -100,7 +100,7 @@ def _reload_worker(ckpt_dir):
     sparse.load_state_dict(dist_checkpointing.load(sparse.sharded_state_dict(), os.path.join(ckpt_dir, "sparse_tp2")))
     with torch.no_grad():
         got = _loss(sparse.eval(), *probe).item()
-    held = [m._held_mask is not None for m in sparse.modules() if hasattr(m, "_held_mask")]
+    held = [m.weight_state.held_mask() is not None for m in sparse.modules() if hasattr(m, "weight_state")]
     assert abs(got - reference) < 1e-4, (got, reference, held)  # resharded weights and held masks
 
     dense = _gpt(tp=1, moe=False, sparse=False)

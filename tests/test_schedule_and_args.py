@@ -9,6 +9,7 @@ from megatron.core.activations import squared_relu
 from megasparse import SparsityConfig
 from megasparse.args import add_args, config_from_args, schedule_from_args
 from megasparse.schedule import DENSE_FINAL, DENSE_WARMUP, SPARSE, SparsitySchedule, sparse_modules
+from megasparse.weight_state import compute_mask
 from megatron_helpers import make_config, make_mlp
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
@@ -69,12 +70,12 @@ def test_resumed_run_matches_uninterrupted_run_with_held_masks():
     first = _mlp(sparsity)
     opt1 = torch.optim.Adam(first.parameters(), lr=1e-2)
     _train(first, opt1, schedule, range(6))  # stop mid-hold: masks refreshed at iteration 5, held until 8
-    assert first.linear_fc1._held_mask is not None
+    assert first.linear_fc1.weight_state.held_mask() is not None
     checkpoint = {"model": first.state_dict(), "opt": opt1.state_dict()}
 
     resumed = _mlp(sparsity, seed=99)  # a different init: everything must come from the checkpoint
     resumed.load_state_dict(checkpoint["model"])
-    assert torch.equal(resumed.linear_fc1._held_mask, first.linear_fc1._held_mask)
+    assert torch.equal(resumed.linear_fc1.weight_state.held_mask(), first.linear_fc1.weight_state.held_mask())
     opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
     opt2.load_state_dict(checkpoint["opt"])
     _train(resumed, opt2, schedule, range(6, 10))
@@ -89,8 +90,8 @@ def test_held_mask_lost_from_checkpoint_would_change_the_run():
     first = _mlp(sparsity)
     opt = torch.optim.Adam(first.parameters(), lr=5e-2)
     _train(first, opt, schedule, range(5))  # refreshed at iteration 3, then two updates
-    held = first.linear_fc1._held_mask
-    recomputed = first.linear_fc1._compute_mask(first.linear_fc1.weight)
+    held = first.linear_fc1.weight_state.held_mask()
+    recomputed = compute_mask(first.linear_fc1.weight, first.linear_fc1.sparsity)
     assert not torch.equal(held, recomputed)
 
 

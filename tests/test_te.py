@@ -56,16 +56,83 @@ def test_disabled_te_linear_is_the_te_linear():
     assert list(base.state_dict()) == list(sparse.state_dict())
 
 
-@pytest.mark.parametrize("kwargs,config_kw,error,match", [
-    ({"activations": "2:4"}, {}, ValueError, "activation sparsity is not available in TE linears"),
-    ({"mask_refresh_interval": 2}, {}, ValueError, "mask_refresh_interval=1"),
-    ({}, {"gradient_accumulation_fusion": True}, NotImplementedError, "gradient_accumulation_fusion"),
+class OldTELinear(torch.nn.Module):
+    """TE before 2.5: no _get_weight_tensors (the forward reads self.weight directly)."""
+
+    def __init__(self, in_features, out_features, *, config):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features))
+
+
+class DelayedWgradTELinear(FakeTELinear):
+    """TE with delay_wgrad_compute (Megatron passes it from the config)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wgrad_store = type("WeightGradStore", (), {"delay_wgrad_compute": lambda self: True})()
+
+
+@pytest.mark.parametrize("cls,kwargs,error,match", [
+    (FakeTELinear, {"activations": "2:4"}, ValueError, "activation sparsity is not available in TE linears"),
+    (FakeTELinear, {"mask_refresh_interval": 2}, ValueError, "_extra_state.*mask_refresh_interval=1"),
+    (OldTELinear, {}, NotImplementedError, "TE < 2.5.*silently train dense.*2.5 or newer"),
+    (DelayedWgradTELinear, {}, NotImplementedError, "delay_wgrad_compute"),
 ])
-def test_te_linear_refuses_what_it_cannot_do(kwargs, config_kw, error, match):
+def test_te_linear_refuses_what_it_cannot_do(cls, kwargs, error, match):
     with pytest.raises(error, match=match):
-        sparse_te_class(FakeTELinear)(16, 32, config=make_config(**config_kw), sparsity=SparsityConfig(**kwargs))
+        sparse_te_class(cls)(16, 32, config=make_config(), sparsity=SparsityConfig(**kwargs))
     with pytest.raises(ValueError, match="multiple of 4"):
         sparse_te_class(FakeTELinear)(18, 32, config=make_config(), sparsity=SparsityConfig())
+
+
+class _FusedWgradGemm(torch.autograd.Function):
+    """TE's GEMM with fuse_wgrad_accumulation: dY^T X goes into weight.main_grad of the tensor it was
+    given, which then reports grad_added_to_main_grad and returns a dummy gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        ctx.weight = weight
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        ctx.weight.main_grad.add_(dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float())
+        ctx.weight.grad_added_to_main_grad = True
+        return dy @ weight, torch.zeros_like(weight)
+
+
+class FusedWgradTELinear(FakeTELinear):
+    def forward(self, x):
+        return _FusedWgradGemm.apply(x, self._get_weight_tensors()[0]), None
+
+
+@pytest.mark.parametrize("gradient", ["ste", "masked", "srste"])
+def test_te_wgrad_fusion_main_grad_equals_reference_over_micro_batches(gradient):
+    """gradient_accumulation_fusion with TE: main_grad after k micro-batches equals the float64 reference,
+    with srste's term exactly once in the step."""
+    torch.manual_seed(3)
+    cfg = make_config(gradient_accumulation_fusion=True)
+    layer = sparse_te_class(FusedWgradTELinear)(16, 32, config=cfg, sparsity=SparsityConfig(
+        gradient=gradient, srste_decay=0.1))
+    layer.weight.main_grad = torch.zeros(32, 16, dtype=torch.float32)
+    layer.weight.grad_added_to_main_grad = False
+    mask = weight_mask(layer.weight)
+    expected = torch.zeros(32, 16, dtype=torch.float64)
+    for micro_batch in range(4):
+        x = torch.randn(5, 16, dtype=torch.float64)
+        dy = torch.randn(5, 32, dtype=torch.float64)
+        layer(x)[0].backward(dy)
+        ref = masked_linear_reference(x, layer.weight, None, mask, "ste")  # the ste gradient of W*M
+        expected += dy.t() @ x
+    if gradient == "masked":
+        expected *= mask
+    if gradient == "srste":
+        expected += 0.1 * (~mask) * layer.weight.detach()
+    assert ref["y"] is not None
+    assert layer.weight.grad_added_to_main_grad is True
+    torch.testing.assert_close(layer.weight.main_grad.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 class TEColumnParallelLinear(ColumnParallelLinear):
