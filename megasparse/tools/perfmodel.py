@@ -99,7 +99,8 @@ def _standins():
 
 def _fp8_cast(t, dtype=fp8.E4M3):
     """TE's fused cast + transpose + amax: one read of t, the FP8 copy and its transpose written."""
-    q, q_t, amax = torch.ops.megasparse_perf.fp8_cast_transpose(t, dtype)
+    with torch.no_grad():  # a cast of the operand, not a differentiable op
+        q, q_t, amax = torch.ops.megasparse_perf.fp8_cast_transpose(t, dtype)
     return q, q_t, fp8.scale_for(amax)
 
 
