@@ -50,21 +50,36 @@ def cslt_compress_meta(sparse_input):
     return sparse_input.new_empty(compressed_numel(rows, cols, sparse_input.dtype))
 
 
-def cslt_sparse_mm_meta(compressed_A, dense_B, bias=None, alpha=None, out_dtype=None,
-                        transpose_result=False, alg_id=0, split_k=1, split_k_mode=-1):
+def cslt_sparse_mm_meta(
+    compressed_A,
+    dense_B,
+    bias=None,
+    alpha=None,
+    out_dtype=None,
+    transpose_result=False,
+    alg_id=0,
+    split_k=1,
+    split_k_mode=-1,
+):
     global alpha_item_calls
     if compressed_A.dim() != 1:
         raise RuntimeError("_cslt_sparse_mm: compressed_A must be the 1-D tensor of _cslt_compress")
     if dense_B.dim() != 2 or dense_B.dtype != compressed_A.dtype:
-        raise RuntimeError(f"_cslt_sparse_mm: dense_B must be 2-D with A's dtype {compressed_A.dtype}, "
-                           f"got {dense_B.dim()}-D {dense_B.dtype}")
+        raise RuntimeError(
+            f"_cslt_sparse_mm: dense_B must be 2-D with A's dtype {compressed_A.dtype}, "
+            f"got {dense_B.dim()}-D {dense_B.dtype}"
+        )
     k, n = dense_B.shape
     m = compressed_A.numel() * 16 // compression_factor(compressed_A.dtype) // k
     if compressed_numel(m, k, compressed_A.dtype) != compressed_A.numel():
-        raise RuntimeError(f"_cslt_sparse_mm: compressed_A ({compressed_A.numel()} elements) is not an "
-                           f"[m, {k}] matrix: the reduction dims of A and B disagree")
+        raise RuntimeError(
+            f"_cslt_sparse_mm: compressed_A ({compressed_A.numel()} elements) is not an "
+            f"[m, {k}] matrix: the reduction dims of A and B disagree"
+        )
     if out_dtype is not None and out_dtype not in _OUT_DTYPES.get(compressed_A.dtype, ()):
-        raise RuntimeError(f"_cslt_sparse_mm: out_dtype {out_dtype} is not supported for {compressed_A.dtype}")
+        raise RuntimeError(
+            f"_cslt_sparse_mm: out_dtype {out_dtype} is not supported for {compressed_A.dtype}"
+        )
     if bias is not None and bias.shape != (m,):
         raise RuntimeError(f"_cslt_sparse_mm: bias must be [{m}], got {tuple(bias.shape)}")
     if alpha is not None and alpha.numel() == 1:
@@ -74,7 +89,7 @@ def cslt_sparse_mm_meta(compressed_A, dense_B, bias=None, alpha=None, out_dtype=
 
 
 class _CudaLooking:
-    """A tensor seen by PyTorch's from_dense validation as if it were on CUDA (meta tensors only)."""
+    """A meta tensor that PyTorch's from_dense validation sees as a CUDA tensor."""
 
     is_cuda = True
 

@@ -31,11 +31,34 @@ WEIGHT_PREP, MICROBATCH = "weight_prep", "microbatch"
 COMPUTE_KERNELS = {}
 
 _FREE = {
-    aten.t, aten.transpose, aten.view, aten._unsafe_view, aten.reshape, aten.expand, aten.permute,
-    aten.slice, aten.select, aten.unsqueeze, aten.squeeze, aten.as_strided, aten.alias, aten.detach,
-    aten.empty, aten.empty_like, aten.new_empty, aten.empty_strided, aten.new_empty_strided,
-    aten.lift_fresh, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.narrow,
-    aten._reshape_alias, aten.view_as, aten.expand_as,
+    aten.t,
+    aten.transpose,
+    aten.view,
+    aten._unsafe_view,
+    aten.reshape,
+    aten.expand,
+    aten.permute,
+    aten.slice,
+    aten.select,
+    aten.unsqueeze,
+    aten.squeeze,
+    aten.as_strided,
+    aten.alias,
+    aten.detach,
+    aten.empty,
+    aten.empty_like,
+    aten.new_empty,
+    aten.empty_strided,
+    aten.new_empty_strided,
+    aten.lift_fresh,
+    aten.split,
+    aten.split_with_sizes,
+    aten.chunk,
+    aten.unbind,
+    aten.narrow,
+    aten._reshape_alias,
+    aten.view_as,
+    aten.expand_as,
 }
 
 
@@ -86,7 +109,9 @@ def _gemm(func, args, kwargs, out):
     if packet == aten._cslt_sparse_mm:
         compressed, dense = args[0], args[1]
         k, n = dense.shape
-        m = compressed.numel() * 16 // compression_factor(compressed.dtype) // k  # cuSPARSELtOps.cpp
+        m = (
+            compressed.numel() * 16 // compression_factor(compressed.dtype) // k
+        )  # cuSPARSELtOps.cpp
         return m, n, k, dense.dtype, "A"
     return None
 
@@ -142,8 +167,13 @@ class OpRecorder(TorchDispatchMode):
         prep = self._phase == WEIGHT_PREP or (inputs and all(map(self.is_weight_derived, inputs)))
         if prep:
             self.mark_weight(*outputs)
-            key = (func, tuple(id(t) for t in inputs), repr([a for a in tree_flatten((args, kwargs))[0]
-                                                             if not isinstance(a, torch.Tensor)]))
+            key = (
+                func,
+                tuple(id(t) for t in inputs),
+                repr(
+                    [a for a in tree_flatten((args, kwargs))[0] if not isinstance(a, torch.Tensor)]
+                ),
+            )
             if key in self._prep_done:
                 return out  # the step state holds this value already
             self._prep_done.add(key)
@@ -171,8 +201,22 @@ class OpRecorder(TorchDispatchMode):
         written = sum(tensor_bytes(t) for t in outputs)
         if gemm is not None:
             m, n, k, dtype, sparse = gemm
-            self.records.append(OpRecord(name, phase, "gemm", 2 * m * n * k, read, written, sparse, dtype,
-                                         (m, n, k), self._label))
+            self.records.append(
+                OpRecord(
+                    name,
+                    phase,
+                    "gemm",
+                    2 * m * n * k,
+                    read,
+                    written,
+                    sparse,
+                    dtype,
+                    (m, n, k),
+                    self._label,
+                )
+            )
         else:
             flops = sum(t.numel() for t in outputs)
-            self.records.append(OpRecord(name, phase, "memory", flops, read, written, label=self._label))
+            self.records.append(
+                OpRecord(name, phase, "memory", flops, read, written, label=self._label)
+            )

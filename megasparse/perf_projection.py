@@ -15,8 +15,8 @@ import torch
 
 GEMM_EFFICIENCY = 0.70  # assumed: large cuBLAS(Lt) GEMMs reach ~70% of the dense datasheet peak
 MEMORY_EFFICIENCY = 0.80  # assumed: elementwise kernels reach ~80% of HBM bandwidth
-# assumed: FlashAttention-3 (Shah et al. 2024, arXiv:2407.08608) reaches up to 75% of H100 peak in the
-# forward in bf16; the backward is lower, so 50% for forward + backward together.
+# assumed: FlashAttention-3 (Shah et al. 2024, arXiv:2407.08608) reaches up to 75% of H100 peak in
+# the # forward in bf16; the backward is lower, so 50% for forward + backward together.
 ATTENTION_EFFICIENCY = 0.50
 
 
@@ -44,7 +44,8 @@ SPEEDUPS = {
     # torchao/sparsity/training README, and PyTorch blog "Accelerating Neural Network Training with
     # Semi-Structured (2:4) Sparsity", 2024).
     ("sm80", torch.bfloat16): (1.24, 1.27, "TorchAO, A100, per MLP linear"),
-    # cuSPARSELt 0.8.1 vs cuBLASLt on H100 PCIe, GEMMs with M >= 4096 (github.com/bcacdwk/vllmbench):
+    # cuSPARSELt 0.8.1 vs cuBLASLt on H100 PCIe, GEMMs with M >= 4096
+    # (github.com/bcacdwk/vllmbench):
     # BF16 0.97-1.59x, FP8 1.53-1.73x. Applied to the SXM part as well (assumed).
     ("sm90", torch.bfloat16): (0.97, 1.59, "bcacdwk/vllmbench, cuSPARSELt 0.8.1, H100 PCIe"),
     ("sm90", torch.float8_e4m3fn): (1.53, 1.73, "bcacdwk/vllmbench, cuSPARSELt 0.8.1, H100 PCIe"),

@@ -49,7 +49,9 @@ def cuda_event_timer(fn: Callable[[], object], iterations: int = 10, warmup: int
 
 
 def versions_key(device_name: str) -> str:
-    cusparselt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
+    cusparselt = (
+        torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
+    )
     return f"{device_name}|torch {torch.__version__}|cusparselt {cusparselt}"
 
 
@@ -88,8 +90,10 @@ class SpeedGate:
             return data
         backup = self.path.with_name(self.path.name + ".corrupt")
         why = data if isinstance(data, Exception) else "not a JSON object"
-        warnings.warn(f"megasparse: speed gate cache {self.path} is unreadable ({why}); "
-                      f"ignoring it (moved to {backup}) and measuring again")
+        warnings.warn(
+            f"megasparse: speed gate cache {self.path} is unreadable ({why}); "
+            f"ignoring it (moved to {backup}) and measuring again"
+        )
         os.replace(self.path, backup)  # kept for inspection: nothing lost
         return {}
 
@@ -101,8 +105,9 @@ class SpeedGate:
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
         os.replace(tmp, self.path)  # atomic: readers never see half a file
 
-    def use_sparse(self, layer: str, role: str, shape, dtype, dense_fn, sparse_fn,
-                   device_name: str, group=None) -> bool:
+    def use_sparse(
+        self, layer: str, role: str, shape, dtype, dense_fn, sparse_fn, device_name: str, group=None
+    ) -> bool:
         """Whether `layer` should run `role` sparse. dense_fn / sparse_fn run one GEMM each."""
         if not enabled():
             return True
@@ -114,20 +119,29 @@ class SpeedGate:
             decision = {"sparse": sparse_s < dense_s, "ratio": dense_s / sparse_s}
             self._store(key, decision)
         sparse = agree(bool(decision["sparse"]), group)
-        logger.info("megasparse speed gate: %s %s %s %s: %s (dense/sparse time %.2fx%s%s)", layer, role,
-                    tuple(shape), str(dtype).replace("torch.", ""), "sparse" if sparse else "dense",
-                    decision["ratio"], ", cached" if cached else "",
-                    "" if sparse == decision["sparse"] else ", overruled by another TP rank")
+        logger.info(
+            "megasparse speed gate: %s %s %s %s: %s (dense/sparse time %.2fx%s%s)",
+            layer,
+            role,
+            tuple(shape),
+            str(dtype).replace("torch.", ""),
+            "sparse" if sparse else "dense",
+            decision["ratio"],
+            ", cached" if cached else "",
+            "" if sparse == decision["sparse"] else ", overruled by another TP rank",
+        )
         return sparse
 
 
 def gemm_pair(role: str, tokens: int, weight: torch.Tensor, backend):
-    """(dense_fn, sparse_fn) for one role at a shard shape; the compression is per-step, not timed."""
+    """(dense_fn, sparse_fn) for a role at a shard shape (compression is per step: untimed)."""
     out_features, in_features = weight.shape
     if role == "forward":
         x = torch.randn(tokens, in_features, dtype=weight.dtype, device=weight.device)
         sparse_w = backend.tensor_class().from_dense(weight)
-        return (lambda: torch.nn.functional.linear(x, weight)), (lambda: torch.nn.functional.linear(x, sparse_w))
+        return (lambda: torch.nn.functional.linear(x, weight)), (
+            lambda: torch.nn.functional.linear(x, sparse_w)
+        )
     dy = torch.randn(tokens, out_features, dtype=weight.dtype, device=weight.device)
     sparse_wt = backend.tensor_class().from_dense(weight.t().contiguous())
     return (lambda: dy @ weight), (lambda: torch.nn.functional.linear(dy, sparse_wt))

@@ -30,11 +30,16 @@ def test_fakes_follow_cusparselt_ops_cpp():
         packed = torch._cslt_compress(meta(256, 128))
         assert packed.shape == (256 * 128 * 9 // 16,) and packed.dtype == BF16
         assert torch._cslt_sparse_mm(packed, meta(128, 64)).shape == (256, 64)
-        assert torch._cslt_sparse_mm(packed, meta(128, 64), transpose_result=True).shape == (64, 256)
+        assert torch._cslt_sparse_mm(packed, meta(128, 64), transpose_result=True).shape == (
+            64,
+            256,
+        )
         with pytest.raises(RuntimeError, match="reduction dims"):
             torch._cslt_sparse_mm(packed, meta(96, 64))  # wrong K
         with pytest.raises(RuntimeError, match="out_dtype"):
-            torch._cslt_sparse_mm(packed, meta(128, 64), out_dtype=torch.float32)  # bf16 has no out_dtype
+            torch._cslt_sparse_mm(
+                packed, meta(128, 64), out_dtype=torch.float32
+            )  # bf16 has no out_dtype
     # outside the block torch's own meta kernel is back (it reads m from size(0) of the 1-D tensor)
     assert torch._cslt_sparse_mm(packed, meta(128, 64)).shape == (256 * 128 * 9 // 16, 64)
 
@@ -62,7 +67,8 @@ def test_cusparselt_ffn_forward_backward(tp, transposable):
     assert x.grad.shape == x.shape and w1.grad.shape == w1.shape and w2.grad.shape == w2.shape
     assert {x.grad.dtype, w1.grad.dtype, w2.grad.dtype} == {BF16}
     gemms = [r for r in cslt_calls(rec) if r.op == "_cslt_sparse_mm"]
-    # fc1 fwd, fc2 fwd, then (transposable) fc2 and fc1 input gradients: (weight rows, tokens, reduction)
+    # fc1 fwd, fc2 fwd, then (transposable) fc2 and fc1 input gradients:
+    # (weight rows, tokens, reduction)
     expected = [(FFN // tp, TOKENS, HIDDEN), (HIDDEN, TOKENS, FFN // tp)]
     if transposable:
         expected += [(FFN // tp, TOKENS, HIDDEN), (HIDDEN, TOKENS, FFN // tp)]
@@ -71,7 +77,7 @@ def test_cusparselt_ffn_forward_backward(tp, transposable):
 
 @pytest.mark.parametrize("tp", [1, 8])
 def test_cusparselt_sparse_grad_output_of_a_2_4_activation(tp):
-    """fc1's input gradient with dH (2:4 along ffn) as the sparse operand: compressed per micro-batch."""
+    """fc1's input gradient with dH (2:4 along ffn) as the sparse operand, compressed per call."""
     x, w1 = meta(TOKENS, HIDDEN, grad=True), meta(FFN // tp, HIDDEN, grad=True)
     slot = GradOutputMask()
     slot.mask = meta(TOKENS, FFN // tp, dtype=torch.bool)
@@ -94,15 +100,27 @@ def test_fp8_sparse_gemm(tp, monkeypatch):
         y = fp8.fp8_gemm(x_q, scale, w_q, scale, sparse=True)
     assert (y.shape, y.dtype) == ((TOKENS, FFN // tp), BF16)
     compress, mm = cslt_calls(rec)
-    assert compress.op == "_cslt_compress" and mm.mnk == (FFN // tp, TOKENS, HIDDEN) and mm.dtype == E4M3
+    assert (
+        compress.op == "_cslt_compress"
+        and mm.mnk == (FFN // tp, TOKENS, HIDDEN)
+        and mm.dtype == E4M3
+    )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a one-element alpha makes _cslt_sparse_mm call .item() "
-                                       "(a host sync per GEMM); remove this mark when fp8_gemm is fixed")
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 11: a one-element alpha makes _cslt_sparse_mm call .item() "
+    "(a host sync per GEMM); remove this mark when fp8_gemm is fixed",
+)
 def test_fp8_sparse_gemm_has_no_host_sync(monkeypatch):
     monkeypatch.setattr(fp8, "_fp8_cusparselt_ok", lambda device: True)
     before = fake_ops.alpha_item_calls
     with fake_gpu_ops():
-        fp8.fp8_gemm(meta(64, 128, dtype=E4M3), torch.ones((), device="meta"), meta(64, 128, dtype=E4M3),
-                     torch.ones((), device="meta"), sparse=True)
+        fp8.fp8_gemm(
+            meta(64, 128, dtype=E4M3),
+            torch.ones((), device="meta"),
+            meta(64, 128, dtype=E4M3),
+            torch.ones((), device="meta"),
+            sparse=True,
+        )
     assert fake_ops.alpha_item_calls == before

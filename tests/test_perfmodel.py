@@ -24,7 +24,12 @@ def test_gemm_flops_equal_the_hand_count():
     with OpRecorder() as rec:
         torch.mm(a, b)
     (r,) = rec.records
-    assert (r.kind, r.flops, r.mnk, r.sparse_operand) == ("gemm", 2 * 384 * 256 * 512, (384, 256, 512), None)
+    assert (r.kind, r.flops, r.mnk, r.sparse_operand) == (
+        "gemm",
+        2 * 384 * 256 * 512,
+        (384, 256, 512),
+        None,
+    )
     assert (r.bytes_read, r.bytes_written) == ((384 * 512 + 512 * 256) * 2, 384 * 256 * 2)
 
 
@@ -34,7 +39,11 @@ def test_elementwise_bytes_equal_the_tensor_sizes():
         x + y
         x * bias  # broadcast: the bias is read once, not 64 times
     add, mul = rec.records
-    assert (add.kind, add.bytes_read, add.bytes_written) == ("memory", 2 * 64 * 128 * 2, 64 * 128 * 2)
+    assert (add.kind, add.bytes_read, add.bytes_written) == (
+        "memory",
+        2 * 64 * 128 * 2,
+        64 * 128 * 2,
+    )
     assert (mul.bytes_read, mul.bytes_written) == (64 * 128 * 2 + 128 * 4, 64 * 128 * 4)
 
 
@@ -49,8 +58,16 @@ def test_sparse_linear_on_cusparselt_is_flagged_sparse_and_weight_work_is_per_st
         y.backward(torch.empty_like(y))
     gemms = [r for r in rec.records if r.kind == "gemm"]
     fwd, dgrad, wgrad = gemms
-    assert (fwd.op, fwd.sparse_operand, fwd.flops) == ("_cslt_sparse_mm", "A", 2 * tokens * out_f * in_f)
-    assert (dgrad.op, dgrad.sparse_operand, dgrad.mnk) == ("_cslt_sparse_mm", "A", (in_f, tokens, out_f))
+    assert (fwd.op, fwd.sparse_operand, fwd.flops) == (
+        "_cslt_sparse_mm",
+        "A",
+        2 * tokens * out_f * in_f,
+    )
+    assert (dgrad.op, dgrad.sparse_operand, dgrad.mnk) == (
+        "_cslt_sparse_mm",
+        "A",
+        (in_f, tokens, out_f),
+    )
     assert (wgrad.op, wgrad.sparse_operand, wgrad.flops) == ("mm", None, 2 * tokens * out_f * in_f)
     assert all(r.phase == "microbatch" for r in gemms)
     prep = [r.op for r in rec.records if r.phase == "weight_prep"]
@@ -75,14 +92,35 @@ def test_sparse_gemm_time_is_dense_time_over_the_cited_speedup():
 
 
 def test_rows_have_the_json_keys_and_dense_is_one(tmp_path, monkeypatch):
-    rows = perfmodel.rows(devices={"H100": DEVICES["H100"]}, tokens_list=(4096,), tps=(8,), ks=(1, 16),
-                          scopes=("ffn",), recipes=("dense bf16", "2:4 (transposable)"))
-    keys = {"device", "recipe", "scope", "tokens", "tp", "microbatches", "ratio_vs_dense", "weight_prep_share"}
+    rows = perfmodel.rows(
+        devices={"H100": DEVICES["H100"]},
+        tokens_list=(4096,),
+        tps=(8,),
+        ks=(1, 16),
+        scopes=("ffn",),
+        recipes=("dense bf16", "2:4 (transposable)"),
+    )
+    keys = {
+        "device",
+        "recipe",
+        "scope",
+        "tokens",
+        "tp",
+        "microbatches",
+        "ratio_vs_dense",
+        "weight_prep_share",
+    }
     assert len(rows) == 4 and all(keys <= set(r) for r in rows)
     by = {(r["recipe"], r["microbatches"]): r for r in rows}
-    assert by[("dense bf16", 1)]["ratio_vs_dense"] == 1.0 and by[("dense bf16", 1)]["weight_prep_share"] == 0
+    assert (
+        by[("dense bf16", 1)]["ratio_vs_dense"] == 1.0
+        and by[("dense bf16", 1)]["weight_prep_share"] == 0
+    )
     # the weight prep is amortized: its share falls with more micro-batches per step
-    assert by[("2:4 (transposable)", 16)]["weight_prep_share"] < by[("2:4 (transposable)", 1)]["weight_prep_share"]
+    assert (
+        by[("2:4 (transposable)", 16)]["weight_prep_share"]
+        < by[("2:4 (transposable)", 1)]["weight_prep_share"]
+    )
     monkeypatch.setattr(perfmodel, "rows", lambda bound: rows)
     perfmodel.main(["--json", str(tmp_path / "p.json")])
     assert json.loads((tmp_path / "p.json").read_text()) == rows

@@ -28,6 +28,7 @@ def timer_for(dense_s, sparse_s, calls=None):
         if calls is not None:
             calls.append(fn())
         return dense_s if fn is dense else sparse_s
+
     return timer
 
 
@@ -62,7 +63,7 @@ def test_cache_hit_avoids_timing_and_keys_by_role(tmp_path):
     assert gate_use(SpeedGate(path, never_time)) is True  # a new process: read from the file
     with pytest.raises(AssertionError, match="timed"):
         gate_use(SpeedGate(path, never_time), role="input_grad")  # another role is another entry
-    (key, entry), = json.loads(path.read_text()).items()
+    ((key, entry),) = json.loads(path.read_text()).items()
     assert "H100" in key and "forward" in key and "16384x3584x8192" in key and "bfloat16" in key
     assert entry == {"sparse": True, "ratio": 2.0}
 
@@ -97,8 +98,10 @@ def _tp_worker(rank, port, cache_dir, results):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         # rank 0 measures a win, rank 1 a loss: both must run dense
-        gate = SpeedGate(os.path.join(cache_dir, f"rank{rank}.json"),
-                         timer_for(2.0, 1.0) if rank == 0 else timer_for(1.0, 2.0))
+        gate = SpeedGate(
+            os.path.join(cache_dir, f"rank{rank}.json"),
+            timer_for(2.0, 1.0) if rank == 0 else timer_for(1.0, 2.0),
+        )
         decision = gate_use(gate, group=dist.group.WORLD)
         winner = SpeedGate(os.path.join(cache_dir, f"win{rank}.json"), timer_for(2.0, 1.0))
         both_win = gate_use(winner, group=dist.group.WORLD)
@@ -111,5 +114,10 @@ def _tp_worker(rank, port, cache_dir, results):
 def test_tensor_parallel_ranks_agree(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    torch.multiprocessing.spawn(_tp_worker, args=(free_port(), str(tmp_path), str(results)), nprocs=2)
-    assert [json.loads((results / f"{r}.json").read_text()) for r in (0, 1)] == [[False, True], [False, True]]
+    torch.multiprocessing.spawn(
+        _tp_worker, args=(free_port(), str(tmp_path), str(results)), nprocs=2
+    )
+    assert [json.loads((results / f"{r}.json").read_text()) for r in (0, 1)] == [
+        [False, True],
+        [False, True],
+    ]

@@ -1,4 +1,4 @@
-"""Projected speed of megasparse's recipes, from the ops its code runs: `python -m megasparse.perfmodel`.
+"""Projected speed of megasparse recipes from the ops its code runs: python -m megasparse.perfmodel.
 
 Each case (recipe x FFN or GPT layer x tokens x TP) runs megasparse's real autograd ops forward and
 backward on device="meta" tensors under an OpRecorder (no GPU, no memory); `perf_projection`
@@ -22,7 +22,13 @@ from megasparse.backends import BACKENDS
 from megasparse.fake_ops import fake_gpu_ops
 from megasparse.op_recorder import COMPUTE_KERNELS, WEIGHT_PREP, OpRecorder
 from megasparse.perf_projection import (
-    ATTENTION_EFFICIENCY, DEVICES, GEMM_EFFICIENCY, MEMORY_EFFICIENCY, SPEEDUPS, op_time, project,
+    ATTENTION_EFFICIENCY,
+    DEVICES,
+    GEMM_EFFICIENCY,
+    MEMORY_EFFICIENCY,
+    SPEEDUPS,
+    op_time,
+    project,
     sparse_speedup,
 )
 
@@ -39,18 +45,39 @@ _lib.define("mask_2_4(Tensor weight, str kind) -> Tensor")
 _lib.define("act_sparsify(Tensor x, bool squared_relu) -> (Tensor, Tensor, Tensor)")
 _lib.define("fp8_cast_transpose(Tensor x, ScalarType dtype) -> (Tensor, Tensor, Tensor)")
 _lib.define("attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)")
-_lib.define("attention_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse)"
-            " -> (Tensor, Tensor, Tensor)")
+_lib.define(
+    "attention_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse)"
+    " -> (Tensor, Tensor, Tensor)"
+)
 _lib.impl("mask_2_4", lambda w, kind: torch.empty_like(w, dtype=torch.bool), "Meta")
-_lib.impl("act_sparsify", lambda x, sq: (torch.empty_like(x), torch.empty_like(x, dtype=torch.bool),
-                                         x.new_empty(4, dtype=torch.float64)), "Meta")
-_lib.impl("fp8_cast_transpose", lambda x, dtype: (torch.empty_like(x, dtype=dtype),
-                                                 torch.empty_like(x.t(), dtype=dtype).contiguous(),
-                                                 x.new_empty((), dtype=torch.float32)), "Meta")
-_lib.impl("attention_fwd", lambda q, k, v: (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)),
-          "Meta")
-_lib.impl("attention_bwd", lambda do, q, k, v, o, lse: (torch.empty_like(q), torch.empty_like(k),
-                                                          torch.empty_like(v)), "Meta")
+_lib.impl(
+    "act_sparsify",
+    lambda x, sq: (
+        torch.empty_like(x),
+        torch.empty_like(x, dtype=torch.bool),
+        x.new_empty(4, dtype=torch.float64),
+    ),
+    "Meta",
+)
+_lib.impl(
+    "fp8_cast_transpose",
+    lambda x, dtype: (
+        torch.empty_like(x, dtype=dtype),
+        torch.empty_like(x.t(), dtype=dtype).contiguous(),
+        x.new_empty((), dtype=torch.float32),
+    ),
+    "Meta",
+)
+_lib.impl(
+    "attention_fwd",
+    lambda q, k, v: (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)),
+    "Meta",
+)
+_lib.impl(
+    "attention_bwd",
+    lambda do, q, k, v, o, lse: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
+    "Meta",
+)
 
 
 def _attention_flops(q, *rest):
@@ -61,7 +88,9 @@ def _attention_flops(q, *rest):
 
 COMPUTE_KERNELS["megasparse_perf::attention_fwd"] = _attention_flops
 # FlashAttention-2 paper (Dao 2023): the backward does 2.5x the forward's matmul FLOPs.
-COMPUTE_KERNELS["megasparse_perf::attention_bwd"] = lambda do, q, *rest: 5 * _attention_flops(q) // 2
+COMPUTE_KERNELS["megasparse_perf::attention_bwd"] = (
+    lambda do, q, *rest: 5 * _attention_flops(q) // 2
+)
 
 
 def _mask_kernel(weight):
@@ -87,15 +116,19 @@ class _Attention(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _standins():
-    """The GPU kernels (Triton masks, fused activation sparsifier, cuSPARSELt FP8) instead of the CPU paths."""
+    """GPU kernels (Triton masks, fused activation sparsifier, cuSPARSELt FP8) for the CPU paths."""
     kernels = {"1d": (_mask_kernel, _mask_kernel), "transposable": (_mask_kernel, _mask_kernel)}
-    with fake_gpu_ops(), mock.patch.dict(ops._MASK_KERNELS, kernels), \
-            mock.patch.object(activation_sparsity, "_kernel", _act_kernel), \
-            mock.patch.object(fp8, "_fp8_cusparselt_ok", lambda device: True):
+    with (
+        fake_gpu_ops(),
+        mock.patch.dict(ops._MASK_KERNELS, kernels),
+        mock.patch.object(activation_sparsity, "_kernel", _act_kernel),
+        mock.patch.object(fp8, "_fp8_cusparselt_ok", lambda device: True),
+    ):
         yield
 
 
 # --- FP8 dense baseline (Transformer Engine's recipe: all three GEMMs in FP8) -----------------
+
 
 def _fp8_cast(t, dtype=fp8.E4M3):
     """TE's fused cast + transpose + amax: one read of t, the FP8 copy and its transpose written."""
@@ -112,7 +145,9 @@ class _Fp8DenseLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         x_q, x_q_t, x_scale = _fp8_cast(x2d)
         one = x_scale.new_ones(())
-        y = torch._scaled_mm(x_q, w_q.t(), scale_a=one / x_scale, scale_b=one / w_scale, out_dtype=BF16)
+        y = torch._scaled_mm(
+            x_q, w_q.t(), scale_a=one / x_scale, scale_b=one / w_scale, out_dtype=BF16
+        )
         ctx.save_for_backward(x_q_t, x_scale, w_q_t, w_scale)
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], -1)
@@ -122,12 +157,17 @@ class _Fp8DenseLinear(torch.autograd.Function):
         x_q_t, x_scale, w_q_t, w_scale = ctx.saved_tensors
         dy_q, dy_q_t, dy_scale = _fp8_cast(dy.reshape(-1, dy.shape[-1]), torch.float8_e5m2)
         one = dy_scale.new_ones(())
-        dx = torch._scaled_mm(dy_q, w_q_t.t(), scale_a=one / dy_scale, scale_b=one / w_scale, out_dtype=BF16)
-        dw = torch._scaled_mm(dy_q_t, x_q_t.t(), scale_a=one / dy_scale, scale_b=one / x_scale, out_dtype=BF16)
+        dx = torch._scaled_mm(
+            dy_q, w_q_t.t(), scale_a=one / dy_scale, scale_b=one / w_scale, out_dtype=BF16
+        )
+        dw = torch._scaled_mm(
+            dy_q_t, x_q_t.t(), scale_a=one / dy_scale, scale_b=one / x_scale, out_dtype=BF16
+        )
         return dx.reshape(ctx.x_shape), dw, None, None, None
 
 
 # --- recipes: how one linear runs, and what is prepared per optimizer step --------------------
+
 
 @dataclass
 class Linear:
@@ -145,8 +185,9 @@ class Linear:
     def plan(self, **kwargs):
         if not self.sparse or self.recipe == "dense bf16":
             return ops.LinearPlan(backend=BACKENDS["dense"])
-        return ops.LinearPlan(backend=BACKENDS["cusparselt"], transposable="transposable" in self.recipe,
-                              **kwargs)
+        return ops.LinearPlan(
+            backend=BACKENDS["cusparselt"], transposable="transposable" in self.recipe, **kwargs
+        )
 
     def __call__(self, x, weight, state, **plan_kwargs):
         if self.recipe == "FP8 dense" or (self.recipe == "FP8 2:4" and not self.sparse):
@@ -161,7 +202,7 @@ def _meta(*shape, dtype=BF16, grad=False):
 
 
 def _ffn(rec, recipe, x, tp):
-    """fc1 -> squared ReLU (2:4-sparsified for "2:4 + 2:4 act") -> fc2, Megatron's TP shard shapes."""
+    """fc1 -> squared ReLU (2:4 for "2:4 + 2:4 act") -> fc2, at Megatron's TP shard shapes."""
     fc1, fc2 = Linear(recipe, True), Linear(recipe, True)
     w1, w2 = _meta(FFN // tp, HIDDEN, grad=True), _meta(HIDDEN, FFN // tp, grad=True)
     rec.mark_weight(w1, w2)
@@ -173,22 +214,30 @@ def _ffn(rec, recipe, x, tp):
         return fc2(squared_relu(fc1(x, w1, s1)), w2, s2)
     slot = ops.GradOutputMask()
     h = fc1(x, w1, s1, grad_output_mask=slot)
-    a, slot.mask = activation_sparsity.squared_relu_sparsify(h, (64, 4), activation_sparsity.ActivationStats())
+    a, slot.mask = activation_sparsity.squared_relu_sparsify(
+        h, (64, 4), activation_sparsity.ActivationStats()
+    )
     return fc2(a, w2, s2, input_2_4=True)
 
 
 def _attention_block(rec, recipe, x, tp):
-    """LayerNorm -> QKV -> causal flash attention -> proj (dense in every recipe: megasparse's default
+    """QKV -> causal flash attention -> proj, dense in every recipe (megasparse's default
     targets are fc1/fc2; FP8 recipes run them in FP8)."""
     qkv, proj = Linear(recipe, False), Linear(recipe, False)
-    w_qkv, w_proj = _meta(3 * HIDDEN // tp, HIDDEN, grad=True), _meta(HIDDEN, HIDDEN // tp, grad=True)
+    w_qkv, w_proj = _meta(3 * HIDDEN // tp, HIDDEN, grad=True), _meta(
+        HIDDEN, HIDDEN // tp, grad=True
+    )
     rec.mark_weight(w_qkv, w_proj)
     with rec.phase(WEIGHT_PREP):
         s_qkv, s_proj = qkv.prepare(w_qkv), proj.prepare(w_proj)
     tokens, heads = x.shape[0], HIDDEN // HEAD_DIM // tp
     q, k, v = qkv(x, w_qkv, s_qkv).reshape(tokens // SEQ, SEQ, 3, heads, HEAD_DIM).unbind(2)
     o = _Attention.apply(*(t.transpose(1, 2).reshape(-1, SEQ, HEAD_DIM) for t in (q, k, v)))
-    o = o.reshape(tokens // SEQ, heads, SEQ, HEAD_DIM).transpose(1, 2).reshape(tokens, heads * HEAD_DIM)
+    o = (
+        o.reshape(tokens // SEQ, heads, SEQ, HEAD_DIM)
+        .transpose(1, 2)
+        .reshape(tokens, heads * HEAD_DIM)
+    )
     return proj(o, w_proj, s_proj)
 
 
@@ -213,15 +262,28 @@ def record_case(recipe: str, scope: str, tokens: int, tp: int) -> OpRecorder:
 
 # --- the table -----------------------------------------------------------------------------
 
+
 def _baseline(recipe):
     return "FP8 dense" if recipe in FP8_RECIPES else "dense bf16"
 
 
-def rows(devices=DEVICES, tokens_list=TOKENS, tps=TPS, ks=MICROBATCHES, scopes=("ffn", "layer"),
-         recipes=RECIPES, bound="mid"):
-    """One row per (device, recipe, scope, tokens, tp, k), ratios against dense bf16 (and FP8 dense)."""
-    recorded = {(r, s, t, p): record_case(r, s, t, p).records
-                for r in recipes for s in scopes for t in tokens_list for p in tps}
+def rows(
+    devices=DEVICES,
+    tokens_list=TOKENS,
+    tps=TPS,
+    ks=MICROBATCHES,
+    scopes=("ffn", "layer"),
+    recipes=RECIPES,
+    bound="mid",
+):
+    """One row per (device, recipe, scope, tokens, tp, k); ratios vs dense bf16 (and FP8 dense)."""
+    recorded = {
+        (r, s, t, p): record_case(r, s, t, p).records
+        for r in recipes
+        for s in scopes
+        for t in tokens_list
+        for p in tps
+    }
     out = []
     for dev_key, device in devices.items():
         for (recipe, scope, tokens, tp), records in recorded.items():
@@ -229,12 +291,24 @@ def rows(devices=DEVICES, tokens_list=TOKENS, tps=TPS, ks=MICROBATCHES, scopes=(
                 continue  # no FP8 on this device
             proj = project(records, device, bound)
             dense = project(recorded[("dense bf16", scope, tokens, tp)], device, bound)
-            base = project(recorded[(_baseline(recipe), scope, tokens, tp)], device, bound) \
-                if _baseline(recipe) != "dense bf16" and (_baseline(recipe), scope, tokens, tp) in recorded else None
+            base = (
+                project(recorded[(_baseline(recipe), scope, tokens, tp)], device, bound)
+                if _baseline(recipe) != "dense bf16"
+                and (_baseline(recipe), scope, tokens, tp) in recorded
+                else None
+            )
             for k in ks:
-                row = {"device": dev_key, "recipe": recipe, "scope": scope, "tokens": tokens, "tp": tp,
-                       "microbatches": k, "ratio_vs_dense": dense.step_s(k) / proj.step_s(k),
-                       "weight_prep_share": proj.prep_share(k), "step_ms": proj.step_s(k) * 1e3}
+                row = {
+                    "device": dev_key,
+                    "recipe": recipe,
+                    "scope": scope,
+                    "tokens": tokens,
+                    "tp": tp,
+                    "microbatches": k,
+                    "ratio_vs_dense": dense.step_s(k) / proj.step_s(k),
+                    "weight_prep_share": proj.prep_share(k),
+                    "step_ms": proj.step_s(k) * 1e3,
+                }
                 if base is not None:
                     row["ratio_vs_fp8_dense"] = base.step_s(k) / proj.step_s(k)
                 out.append(row)
@@ -251,8 +325,10 @@ def _op_lines(records, device, bound):
     lines = []
     for (phase, op, mnk, dtype, sparse), t in sorted(grouped.items(), key=lambda kv: -kv[1])[:14]:
         shape = "x".join(map(str, mnk)) if mnk else ""
-        lines.append(f"    {phase:<11} {op:<16} {shape:<18} {dtype:<14} {'2:4' if sparse else '':<4}"
-                     f" {t * 1e3:8.3f} ms")
+        lines.append(
+            f"    {phase:<11} {op:<16} {shape:<18} {dtype:<14} {'2:4' if sparse else '':<4}"
+            f" {t * 1e3:8.3f} ms"
+        )
     return lines
 
 
@@ -264,7 +340,9 @@ def activation_ceiling(device, tokens, tp, bound="mid"):
     tokens, along which a 1-D pattern is dense. A pattern 2:4 along tokens as well (both-ways,
     xformers' sparsify24) lets the wgrads be sparse: 6 of 6.
     """
-    dense = project(record_case("dense bf16", "ffn", tokens, tp).records, device, bound).microbatch_s
+    dense = project(
+        record_case("dense bf16", "ffn", tokens, tp).records, device, bound
+    ).microbatch_s
     gemm = 2 * tokens * HIDDEN * (FFN // tp)
     t_gemm = gemm / (device.bf16_tflops * 1e12 * GEMM_EFFICIENCY)
     s_table = sparse_speedup(device, BF16, tokens, bound)
@@ -279,14 +357,22 @@ def report(bound="mid", device_key="H100", tokens=16384, tp=1, k=4):
     dev = DEVICES[device_key]
     recs = {r: record_case(r, "ffn", tokens, tp).records for r in RECIPES}
     proj = {r: project(recs[r], dev, bound) for r in RECIPES}
-    lines = [f"== Targets (PROJECTED, not measured): {dev.name}, FFN fwd+bwd, {tokens} tokens, TP {tp}, k={k}"]
+    lines = [
+        f"== Targets (PROJECTED, not measured): {dev.name}, FFN fwd+bwd, {tokens} tokens, "
+        f"TP {tp}, k={k}"
+    ]
 
     def verdict(name, value, target, recipe, baseline, fmt="{:.2f}x", ge=True):
         met = value >= target if ge else value <= target
-        lines.append(f"  {name}: projected {fmt.format(value)} (target {'>=' if ge else '<='} "
-                     f"{fmt.format(target)}) -> PROJECTED {'MET' if met else 'MISSED'}")
+        lines.append(
+            f"  {name}: projected {fmt.format(value)} (target {'>=' if ge else '<='} "
+            f"{fmt.format(target)}) -> PROJECTED {'MET' if met else 'MISSED'}"
+        )
         if not met:
-            lines.append(f"    why, op by op ({recipe}; projected ms per micro-batch, weight_prep once per step):")
+            lines.append(
+                f"    why, op by op ({recipe}; projected ms per micro-batch, "
+                "weight_prep once per step):"
+            )
             lines.extend(_op_lines(recs[recipe], dev, bound))
             lines.append(f"    baseline {baseline}:")
             lines.extend(_op_lines(recs[baseline], dev, bound))
@@ -294,51 +380,90 @@ def report(bound="mid", device_key="H100", tokens=16384, tp=1, k=4):
     best = max(("2:4 (1d)", "2:4 (transposable)"), key=lambda r: -proj[r].step_s(k))
     ratio = proj["dense bf16"].step_s(k) / proj[best].step_s(k)
     verdict(f"2:4 weights ({best}) vs dense bf16", ratio, 1.3, best, "dense bf16")
-    verdict(f"weight prep share of {best}", proj[best].prep_share(k), 0.05, best, "dense bf16",
-            fmt="{:.1%}", ge=False)
+    verdict(
+        f"weight prep share of {best}",
+        proj[best].prep_share(k),
+        0.05,
+        best,
+        "dense bf16",
+        fmt="{:.1%}",
+        ge=False,
+    )
     ratio = proj["FP8 dense"].step_s(k) / proj["FP8 2:4"].step_s(k)
     verdict("FP8 2:4 vs FP8 dense", ratio, 1.3, "FP8 2:4", "FP8 dense")
     ceiling, s = activation_ceiling(dev, tokens, tp, bound)
-    lines.append(f"  2:4-activation ceiling (projected, GEMMs only, other ops at dense cost; sparse GEMM "
-                 f"{s:.2f}x from the table / 2x = sparse peak):")
-    lines.append(f"    1-D pattern (4 of 6 GEMMs sparse, wgrads dense): {ceiling[('table', 4)]:.2f}x "
-                 f"/ {ceiling[('2x peak', 4)]:.2f}x")
-    lines.append(f"    both-ways 2:4 (6 of 6 GEMMs sparse):             {ceiling[('table', 6)]:.2f}x "
-                 f"/ {ceiling[('2x peak', 6)]:.2f}x")
+    lines.append(
+        f"  2:4-activation ceiling (projected, GEMMs only, other ops at dense cost; sparse GEMM "
+        f"{s:.2f}x from the table / 2x = sparse peak):"
+    )
+    lines.append(
+        f"    1-D pattern (4 of 6 GEMMs sparse, wgrads dense): {ceiling[('table', 4)]:.2f}x "
+        f"/ {ceiling[('2x peak', 4)]:.2f}x"
+    )
+    lines.append(
+        f"    both-ways 2:4 (6 of 6 GEMMs sparse):             {ceiling[('table', 6)]:.2f}x "
+        f"/ {ceiling[('2x peak', 6)]:.2f}x"
+    )
     return lines
 
 
 def assumptions(bound):
-    lines = ["== Assumptions (projection, not measurement)",
-             f"  dense GEMMs at {GEMM_EFFICIENCY:.0%} of the datasheet dense peak; memory-bound ops at "
-             f"{MEMORY_EFFICIENCY:.0%} of HBM bandwidth; flash attention at {ATTENTION_EFFICIENCY:.0%} of peak",
-             f"  sparse GEMM = dense GEMM time / speed-up ({bound} of the published range):"]
+    lines = [
+        "== Assumptions (projection, not measurement)",
+        f"  dense GEMMs at {GEMM_EFFICIENCY:.0%} of the datasheet dense peak; memory-bound ops at "
+        f"{MEMORY_EFFICIENCY:.0%} of HBM bandwidth; flash attention at "
+        f"{ATTENTION_EFFICIENCY:.0%} of peak",
+        f"  sparse GEMM = dense GEMM time / speed-up ({bound} of the published range):",
+    ]
     for (arch, dtype), (low, high, source) in SPEEDUPS.items():
-        lines.append(f"    {arch} {str(dtype).replace('torch.', ''):<14} {low:.2f}-{high:.2f}x  {source}")
-    lines += ["  per-step state: the mask, W*M, compressed operands and FP8 weight copies are computed once per",
-              "  optimizer step (weight prep) and reused by k micro-batches; Triton mask and activation kernels",
-              "  at memory bandwidth (issue 11 targets; today's transposable mask kernel is estimated 20-80x slower)",
-              f"  sequence length {SEQ}, head dim {HEAD_DIM}, squared-ReLU FFN (no gate), no bias, sequence parallel;",
-              "  communication, optimizer and FP8 amax bookkeeping are not modeled"]
+        lines.append(
+            f"    {arch} {str(dtype).replace('torch.', ''):<14} {low:.2f}-{high:.2f}x  {source}"
+        )
+    lines += [
+        "  per-step state: the mask, W*M, compressed operands and FP8 weight copies are computed",
+        "  once per optimizer step (weight prep) and reused by k micro-batches; Triton mask and",
+        "  activation kernels at memory bandwidth (issue 11 targets; today's transposable mask",
+        "  kernel is estimated 20-80x slower)",
+        f"  sequence length {SEQ}, head dim {HEAD_DIM}, squared-ReLU FFN (no gate), no bias,",
+        "  no sequence parallelism;",
+        "  communication, optimizer and FP8 amax bookkeeping are not modeled",
+    ]
     return lines
 
 
 def table(all_rows, device="H100", tokens=16384, k=4):
-    lines = [f"== Projected step-time ratio vs dense bf16 ({device}, {tokens} tokens, k={k}; "
-             "ratio >1 is faster; prep = projected share of step time spent preparing weights)",
-             f"  {'recipe':<20} {'scope':<6} " + " ".join(f"{'TP' + str(p):>17}" for p in TPS)]
+    lines = [
+        f"== Projected step-time ratio vs dense bf16 ({device}, {tokens} tokens, k={k}; "
+        "ratio >1 is faster; prep = projected share of step time spent preparing weights)",
+        f"  {'recipe':<20} {'scope':<6} " + " ".join(f"{'TP' + str(p):>17}" for p in TPS),
+    ]
     for recipe in RECIPES:
         for scope in ("ffn", "layer"):
             cells = []
             for tp in TPS:
-                r = next((x for x in all_rows if (x["device"], x["recipe"], x["scope"], x["tokens"], x["tp"],
-                                                  x["microbatches"]) == (device, recipe, scope, tokens, tp, k)),
-                         None)
+                r = next(
+                    (
+                        x
+                        for x in all_rows
+                        if (
+                            x["device"],
+                            x["recipe"],
+                            x["scope"],
+                            x["tokens"],
+                            x["tp"],
+                            x["microbatches"],
+                        )
+                        == (device, recipe, scope, tokens, tp, k)
+                    ),
+                    None,
+                )
                 if r is None:
                     cells.append(f"{'n/a':>17}")
                     continue
                 extra = f" ({r['ratio_vs_fp8_dense']:.2f}xF8)" if "ratio_vs_fp8_dense" in r else ""
-                cells.append(f"{r['ratio_vs_dense']:.2f}x{extra} p{r['weight_prep_share']:.1%}".rjust(17))
+                cells.append(
+                    f"{r['ratio_vs_dense']:.2f}x{extra} p{r['weight_prep_share']:.1%}".rjust(17)
+                )
             lines.append(f"  {recipe:<20} {scope:<6} " + " ".join(cells))
     return lines
 
@@ -346,8 +471,12 @@ def table(all_rows, device="H100", tokens=16384, k=4):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all rows (every device, shape, TP, k) to this file")
-    parser.add_argument("--bound", choices=("low", "mid", "high"), default="mid",
-                        help="which end of each published sparse speed-up range to use")
+    parser.add_argument(
+        "--bound",
+        choices=("low", "mid", "high"),
+        default="mid",
+        help="which end of each published sparse speed-up range to use",
+    )
     args = parser.parse_args(argv)
     all_rows = rows(bound=args.bound)
     for device in DEVICES:
