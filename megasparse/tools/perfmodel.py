@@ -1,0 +1,493 @@
+"""Projected speed of megasparse recipes from the ops its code runs: python -m megasparse.perfmodel.
+
+Each case (recipe x FFN or GPT layer x tokens x TP) runs megasparse's real autograd ops forward and
+backward on device="meta" tensors under an OpRecorder (no GPU, no memory); `perf_projection`
+turns the recorded ops into projected time per device. Kernels whose CPU reference would be
+recorded instead of the GPU kernel (the Triton mask and activation kernels) and flash attention
+are stood in for by one op each with the kernel's own inputs and outputs (`_standins`).
+Nothing printed is a measurement.
+"""
+
+import argparse
+import contextlib
+import json
+from dataclasses import dataclass
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from megasparse import activation_sparsity, fp8, ops
+from megasparse.backends import BACKENDS
+from megasparse.fake_ops import fake_gpu_ops
+from megasparse.op_recorder import COMPUTE_KERNELS, WEIGHT_PREP, OpRecorder
+from megasparse.perf_projection import (
+    ATTENTION_EFFICIENCY,
+    DEVICES,
+    GEMM_EFFICIENCY,
+    MEMORY_EFFICIENCY,
+    SPEEDUPS,
+    op_time,
+    project,
+    sparse_speedup,
+)
+
+HIDDEN, FFN, SEQ, HEAD_DIM = 8192, 28672, 4096, 128
+TOKENS, TPS, MICROBATCHES = (4096, 8192, 16384, 32768), (1, 2, 8), (1, 4, 16)
+RECIPES = ("dense bf16", "2:4 (1d)", "2:4 (transposable)", "2:4 + 2:4 act", "FP8 dense", "FP8 2:4")
+FP8_RECIPES = ("FP8 dense", "FP8 2:4")
+BF16 = torch.bfloat16
+
+# --- stand-ins for GPU kernels: one op with the kernel's inputs and outputs ------------------
+
+_lib = torch.library.Library("megasparse_perf", "DEF")
+_lib.define("mask_2_4(Tensor weight, str kind) -> Tensor")
+_lib.define("act_sparsify(Tensor x, bool squared_relu) -> (Tensor, Tensor, Tensor)")
+_lib.define("fp8_cast_transpose(Tensor x, ScalarType dtype) -> (Tensor, Tensor, Tensor)")
+_lib.define("attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)")
+_lib.define(
+    "attention_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse)"
+    " -> (Tensor, Tensor, Tensor)"
+)
+_lib.impl("mask_2_4", lambda w, kind: torch.empty_like(w, dtype=torch.bool), "Meta")
+_lib.impl(
+    "act_sparsify",
+    lambda x, sq: (
+        torch.empty_like(x),
+        torch.empty_like(x, dtype=torch.bool),
+        x.new_empty(4, dtype=torch.float64),
+    ),
+    "Meta",
+)
+_lib.impl(
+    "fp8_cast_transpose",
+    lambda x, dtype: (
+        torch.empty_like(x, dtype=dtype),
+        torch.empty_like(x.t(), dtype=dtype).contiguous(),
+        x.new_empty((), dtype=torch.float32),
+    ),
+    "Meta",
+)
+_lib.impl(
+    "attention_fwd",
+    lambda q, k, v: (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)),
+    "Meta",
+)
+_lib.impl(
+    "attention_bwd",
+    lambda do, q, k, v, o, lse: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
+    "Meta",
+)
+
+
+def _attention_flops(q, *rest):
+    """Causal attention [batch*heads, seq, head_dim]: QK^T and PV, half the square (causal)."""
+    bh, s, d = q.shape
+    return 2 * 2 * bh * s * s * d // 2
+
+
+COMPUTE_KERNELS["megasparse_perf::attention_fwd"] = _attention_flops
+# FlashAttention-2 paper (Dao 2023): the backward does 2.5x the forward's matmul FLOPs.
+COMPUTE_KERNELS["megasparse_perf::attention_bwd"] = (
+    lambda do, q, *rest: 5 * _attention_flops(q) // 2
+)
+
+
+def _mask_kernel(weight):
+    return torch.ops.megasparse_perf.mask_2_4(weight, "2:4")
+
+
+def _act_kernel(x2d, pattern, squared_relu):
+    values, mask, stats = torch.ops.megasparse_perf.act_sparsify(x2d, squared_relu)
+    return values, mask, None, stats
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        o, lse = torch.ops.megasparse_perf.attention_fwd(q, k, v)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        return torch.ops.megasparse_perf.attention_bwd(do, *ctx.saved_tensors)
+
+
+@contextlib.contextmanager
+def _standins():
+    """GPU kernels (Triton masks, fused activation sparsifier, cuSPARSELt FP8) for the CPU paths."""
+    kernels = {"1d": (_mask_kernel, _mask_kernel), "transposable": (_mask_kernel, _mask_kernel)}
+    with (
+        fake_gpu_ops(),
+        mock.patch.dict(ops._MASK_KERNELS, kernels),
+        mock.patch.object(activation_sparsity, "_kernel", _act_kernel),
+        mock.patch.object(fp8, "_fp8_cusparselt_ok", lambda device: True),
+    ):
+        yield
+
+
+# --- FP8 dense baseline (Transformer Engine's recipe: all three GEMMs in FP8) -----------------
+
+
+def _fp8_cast(t, dtype=fp8.E4M3):
+    """TE's fused cast + transpose + amax: one read of t, the FP8 copy and its transpose written."""
+    with torch.no_grad():  # a cast of the operand, not a differentiable op
+        q, q_t, amax = torch.ops.megasparse_perf.fp8_cast_transpose(t, dtype)
+    return q, q_t, fp8.scale_for(amax)
+
+
+class _Fp8DenseLinear(torch.autograd.Function):
+    """y = x W^T with e4m3 x and W, e5m2 dy in dgrad/wgrad (TE's HYBRID format), bf16 outputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, w_q, w_q_t, w_scale):
+        x2d = x.reshape(-1, x.shape[-1])
+        x_q, x_q_t, x_scale = _fp8_cast(x2d)
+        one = x_scale.new_ones(())
+        y = torch._scaled_mm(
+            x_q, w_q.t(), scale_a=one / x_scale, scale_b=one / w_scale, out_dtype=BF16
+        )
+        ctx.save_for_backward(x_q_t, x_scale, w_q_t, w_scale)
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_q_t, x_scale, w_q_t, w_scale = ctx.saved_tensors
+        dy_q, dy_q_t, dy_scale = _fp8_cast(dy.reshape(-1, dy.shape[-1]), torch.float8_e5m2)
+        one = dy_scale.new_ones(())
+        dx = torch._scaled_mm(
+            dy_q, w_q_t.t(), scale_a=one / dy_scale, scale_b=one / w_scale, out_dtype=BF16
+        )
+        dw = torch._scaled_mm(
+            dy_q_t, x_q_t.t(), scale_a=one / dy_scale, scale_b=one / x_scale, out_dtype=BF16
+        )
+        return dx.reshape(ctx.x_shape), dw, None, None, None
+
+
+# --- recipes: how one linear runs, and what is prepared per optimizer step --------------------
+
+
+@dataclass
+class Linear:
+    recipe: str
+    sparse: bool  # whether this linear is one megasparse sparsifies (fc1, fc2)
+
+    def prepare(self, weight):
+        """Per-optimizer-step state of this weight (run in the weight-prep phase)."""
+        if self.recipe == "FP8 dense" or (self.recipe == "FP8 2:4" and not self.sparse):
+            return _fp8_cast(weight)
+        if not self.sparse or self.recipe in ("dense bf16", "FP8 2:4"):
+            return None  # FP8 2:4 prepares inside megasparse.fp8 (recorded as weight prep there)
+        return ops.weight_mask(weight, "transposable" if "transposable" in self.recipe else "1d")
+
+    def plan(self, **kwargs):
+        if not self.sparse or self.recipe == "dense bf16":
+            return ops.LinearPlan(backend=BACKENDS["dense"])
+        return ops.LinearPlan(
+            backend=BACKENDS["cusparselt"], transposable="transposable" in self.recipe, **kwargs
+        )
+
+    def __call__(self, x, weight, state, **plan_kwargs):
+        if self.recipe == "FP8 dense" or (self.recipe == "FP8 2:4" and not self.sparse):
+            return _Fp8DenseLinear.apply(x, weight, *state)
+        if self.recipe == "FP8 2:4":
+            return fp8.Fp8SparseLinear(mask_kind="1d")(x, weight)
+        return ops.sparse_linear(x, weight, None, state, self.plan(**plan_kwargs))
+
+
+def _meta(*shape, dtype=BF16, grad=False):
+    return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=grad)
+
+
+def _ffn(rec, recipe, x, tp):
+    """fc1 -> squared ReLU (2:4 for "2:4 + 2:4 act") -> fc2, at Megatron's TP shard shapes."""
+    fc1, fc2 = Linear(recipe, True), Linear(recipe, True)
+    w1, w2 = _meta(FFN // tp, HIDDEN, grad=True), _meta(HIDDEN, FFN // tp, grad=True)
+    rec.mark_weight(w1, w2)
+    with rec.phase(WEIGHT_PREP):
+        s1, s2 = fc1.prepare(w1), fc2.prepare(w2)
+    if recipe != "2:4 + 2:4 act":
+        from megatron.core.activations import squared_relu
+
+        return fc2(squared_relu(fc1(x, w1, s1)), w2, s2)
+    slot = ops.GradOutputMask()
+    h = fc1(x, w1, s1, grad_output_mask=slot)
+    a, slot.mask = activation_sparsity.squared_relu_sparsify(
+        h, (64, 4), activation_sparsity.ActivationStats()
+    )
+    return fc2(a, w2, s2, input_2_4=True)
+
+
+def _attention_block(rec, recipe, x, tp):
+    """QKV -> causal flash attention -> proj, dense in every recipe (megasparse's default
+    targets are fc1/fc2; FP8 recipes run them in FP8)."""
+    qkv, proj = Linear(recipe, False), Linear(recipe, False)
+    w_qkv, w_proj = _meta(3 * HIDDEN // tp, HIDDEN, grad=True), _meta(
+        HIDDEN, HIDDEN // tp, grad=True
+    )
+    rec.mark_weight(w_qkv, w_proj)
+    with rec.phase(WEIGHT_PREP):
+        s_qkv, s_proj = qkv.prepare(w_qkv), proj.prepare(w_proj)
+    tokens, heads = x.shape[0], HIDDEN // HEAD_DIM // tp
+    q, k, v = qkv(x, w_qkv, s_qkv).reshape(tokens // SEQ, SEQ, 3, heads, HEAD_DIM).unbind(2)
+    o = _Attention.apply(*(t.transpose(1, 2).reshape(-1, SEQ, HEAD_DIM) for t in (q, k, v)))
+    o = (
+        o.reshape(tokens // SEQ, heads, SEQ, HEAD_DIM)
+        .transpose(1, 2)
+        .reshape(tokens, heads * HEAD_DIM)
+    )
+    return proj(o, w_proj, s_proj)
+
+
+def record_case(recipe: str, scope: str, tokens: int, tp: int) -> OpRecorder:
+    """Forward + backward of one FFN or GPT layer at per-rank shard shapes, recorded op by op.
+
+    No sequence parallelism: LayerNorm and residual adds see all tokens on every rank.
+    Communication is not modeled (the same in every recipe).
+    """
+    rec = OpRecorder()
+    with _standins(), rec:
+        x = _meta(tokens, HIDDEN, grad=True)
+        if scope == "ffn":
+            out = _ffn(rec, recipe, x, tp)
+        else:
+            ln_w = _meta(HIDDEN, grad=True)
+            h = x + _attention_block(rec, recipe, F.layer_norm(x, (HIDDEN,), ln_w), tp)
+            out = h + _ffn(rec, recipe, F.layer_norm(h, (HIDDEN,), ln_w), tp)
+        out.backward(torch.empty_like(out))
+    return rec
+
+
+# --- the table -----------------------------------------------------------------------------
+
+
+def _baseline(recipe):
+    return "FP8 dense" if recipe in FP8_RECIPES else "dense bf16"
+
+
+def rows(
+    devices=DEVICES,
+    tokens_list=TOKENS,
+    tps=TPS,
+    ks=MICROBATCHES,
+    scopes=("ffn", "layer"),
+    recipes=RECIPES,
+    bound="mid",
+):
+    """One row per (device, recipe, scope, tokens, tp, k); ratios vs dense bf16 (and FP8 dense)."""
+    recorded = {
+        (r, s, t, p): record_case(r, s, t, p).records
+        for r in recipes
+        for s in scopes
+        for t in tokens_list
+        for p in tps
+    }
+    out = []
+    for dev_key, device in devices.items():
+        for (recipe, scope, tokens, tp), records in recorded.items():
+            if recipe in FP8_RECIPES and device.fp8_tflops is None:
+                continue  # no FP8 on this device
+            proj = project(records, device, bound)
+            dense = project(recorded[("dense bf16", scope, tokens, tp)], device, bound)
+            base = (
+                project(recorded[(_baseline(recipe), scope, tokens, tp)], device, bound)
+                if _baseline(recipe) != "dense bf16"
+                and (_baseline(recipe), scope, tokens, tp) in recorded
+                else None
+            )
+            for k in ks:
+                row = {
+                    "device": dev_key,
+                    "recipe": recipe,
+                    "scope": scope,
+                    "tokens": tokens,
+                    "tp": tp,
+                    "microbatches": k,
+                    "ratio_vs_dense": dense.step_s(k) / proj.step_s(k),
+                    "weight_prep_share": proj.prep_share(k),
+                    "step_ms": proj.step_s(k) * 1e3,
+                }
+                if base is not None:
+                    row["ratio_vs_fp8_dense"] = base.step_s(k) / proj.step_s(k)
+                out.append(row)
+    return out
+
+
+def _op_lines(records, device, bound):
+    """Op-by-op projected time, the largest first (the reason a target is met or missed)."""
+    grouped = {}
+    for r in records:
+        dtype = str(r.dtype).replace("torch.", "") if r.dtype else ""
+        key = (r.phase, r.op, r.mnk, dtype, r.sparse_operand)
+        grouped[key] = grouped.get(key, 0.0) + op_time(r, device, bound)
+    lines = []
+    for (phase, op, mnk, dtype, sparse), t in sorted(grouped.items(), key=lambda kv: -kv[1])[:14]:
+        shape = "x".join(map(str, mnk)) if mnk else ""
+        lines.append(
+            f"    {phase:<11} {op:<16} {shape:<18} {dtype:<14} {'2:4' if sparse else '':<4}"
+            f" {t * 1e3:8.3f} ms"
+        )
+    return lines
+
+
+def activation_ceiling(device, tokens, tp, bound="mid"):
+    """Upper bound of FFN fwd+bwd speed-up when only GEMMs change (non-GEMM ops at dense cost).
+
+    A GEMM has one sparse operand. With 2:4 weights (transposable) and a 1-D 2:4 activation, 4 of
+    the 6 FFN GEMMs can be sparse (fc1/fc2 forward, fc1/fc2 dgrad); the two wgrad GEMMs reduce over
+    tokens, along which a 1-D pattern is dense. A pattern 2:4 along tokens as well (both-ways,
+    xformers' sparsify24) lets the wgrads be sparse: 6 of 6.
+    """
+    dense = project(
+        record_case("dense bf16", "ffn", tokens, tp).records, device, bound
+    ).microbatch_s
+    gemm = 2 * tokens * HIDDEN * (FFN // tp)
+    t_gemm = gemm / (device.bf16_tflops * 1e12 * GEMM_EFFICIENCY)
+    s_table = sparse_speedup(device, BF16, tokens, bound)
+    result = {}
+    for label, s in (("table", s_table), ("2x peak", 2.0)):
+        for n_sparse in (4, 6):
+            result[(label, n_sparse)] = dense / (dense - n_sparse * t_gemm * (1 - 1 / s))
+    return result, s_table
+
+
+def report(bound="mid", device_key="H100", tokens=16384, tp=1, k=4):
+    dev = DEVICES[device_key]
+    recs = {r: record_case(r, "ffn", tokens, tp).records for r in RECIPES}
+    proj = {r: project(recs[r], dev, bound) for r in RECIPES}
+    lines = [
+        f"== Targets (PROJECTED, not measured): {dev.name}, FFN fwd+bwd, {tokens} tokens, "
+        f"TP {tp}, k={k}"
+    ]
+
+    def verdict(name, value, target, recipe, baseline, fmt="{:.2f}x", ge=True):
+        met = value >= target if ge else value <= target
+        lines.append(
+            f"  {name}: projected {fmt.format(value)} (target {'>=' if ge else '<='} "
+            f"{fmt.format(target)}) -> PROJECTED {'MET' if met else 'MISSED'}"
+        )
+        if not met:
+            lines.append(
+                f"    why, op by op ({recipe}; projected ms per micro-batch, "
+                "weight_prep once per step):"
+            )
+            lines.extend(_op_lines(recs[recipe], dev, bound))
+            lines.append(f"    baseline {baseline}:")
+            lines.extend(_op_lines(recs[baseline], dev, bound))
+
+    best = max(("2:4 (1d)", "2:4 (transposable)"), key=lambda r: -proj[r].step_s(k))
+    ratio = proj["dense bf16"].step_s(k) / proj[best].step_s(k)
+    verdict(f"2:4 weights ({best}) vs dense bf16", ratio, 1.3, best, "dense bf16")
+    verdict(
+        f"weight prep share of {best}",
+        proj[best].prep_share(k),
+        0.05,
+        best,
+        "dense bf16",
+        fmt="{:.1%}",
+        ge=False,
+    )
+    ratio = proj["FP8 dense"].step_s(k) / proj["FP8 2:4"].step_s(k)
+    verdict("FP8 2:4 vs FP8 dense", ratio, 1.3, "FP8 2:4", "FP8 dense")
+    ceiling, s = activation_ceiling(dev, tokens, tp, bound)
+    lines.append(
+        f"  2:4-activation ceiling (projected, GEMMs only, other ops at dense cost; sparse GEMM "
+        f"{s:.2f}x from the table / 2x = sparse peak):"
+    )
+    lines.append(
+        f"    1-D pattern (4 of 6 GEMMs sparse, wgrads dense): {ceiling[('table', 4)]:.2f}x "
+        f"/ {ceiling[('2x peak', 4)]:.2f}x"
+    )
+    lines.append(
+        f"    both-ways 2:4 (6 of 6 GEMMs sparse):             {ceiling[('table', 6)]:.2f}x "
+        f"/ {ceiling[('2x peak', 6)]:.2f}x"
+    )
+    return lines
+
+
+def assumptions(bound):
+    lines = [
+        "== Assumptions (projection, not measurement)",
+        f"  dense GEMMs at {GEMM_EFFICIENCY:.0%} of the datasheet dense peak; memory-bound ops at "
+        f"{MEMORY_EFFICIENCY:.0%} of HBM bandwidth; flash attention at "
+        f"{ATTENTION_EFFICIENCY:.0%} of peak",
+        f"  sparse GEMM = dense GEMM time / speed-up ({bound} of the published range):",
+    ]
+    for (arch, dtype), (low, high, source) in SPEEDUPS.items():
+        lines.append(
+            f"    {arch} {str(dtype).replace('torch.', ''):<14} {low:.2f}-{high:.2f}x  {source}"
+        )
+    lines += [
+        "  per-step state: the mask, W*M, compressed operands and FP8 weight copies are computed",
+        "  once per optimizer step (weight prep) and reused by k micro-batches; Triton mask and",
+        "  activation kernels at memory bandwidth (issue 11 targets; today's transposable mask",
+        "  kernel is estimated 20-80x slower)",
+        f"  sequence length {SEQ}, head dim {HEAD_DIM}, squared-ReLU FFN (no gate), no bias,",
+        "  no sequence parallelism;",
+        "  communication, optimizer and FP8 amax bookkeeping are not modeled",
+    ]
+    return lines
+
+
+def table(all_rows, device="H100", tokens=16384, k=4):
+    lines = [
+        f"== Projected step-time ratio vs dense bf16 ({device}, {tokens} tokens, k={k}; "
+        "ratio >1 is faster; prep = projected share of step time spent preparing weights)",
+        f"  {'recipe':<20} {'scope':<6} " + " ".join(f"{'TP' + str(p):>17}" for p in TPS),
+    ]
+    for recipe in RECIPES:
+        for scope in ("ffn", "layer"):
+            cells = []
+            for tp in TPS:
+                r = next(
+                    (
+                        x
+                        for x in all_rows
+                        if (
+                            x["device"],
+                            x["recipe"],
+                            x["scope"],
+                            x["tokens"],
+                            x["tp"],
+                            x["microbatches"],
+                        )
+                        == (device, recipe, scope, tokens, tp, k)
+                    ),
+                    None,
+                )
+                if r is None:
+                    cells.append(f"{'n/a':>17}")
+                    continue
+                extra = f" ({r['ratio_vs_fp8_dense']:.2f}xF8)" if "ratio_vs_fp8_dense" in r else ""
+                cells.append(
+                    f"{r['ratio_vs_dense']:.2f}x{extra} p{r['weight_prep_share']:.1%}".rjust(17)
+                )
+            lines.append(f"  {recipe:<20} {scope:<6} " + " ".join(cells))
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write all rows (every device, shape, TP, k) to this file")
+    parser.add_argument(
+        "--bound",
+        choices=("low", "mid", "high"),
+        default="mid",
+        help="which end of each published sparse speed-up range to use",
+    )
+    args = parser.parse_args(argv)
+    all_rows = rows(bound=args.bound)
+    for device in DEVICES:
+        print("\n".join(table(all_rows, device)))
+    print("\n".join(report(args.bound)))
+    print("\n".join(assumptions(args.bound)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(all_rows, f, indent=1)
+        print(f"wrote {len(all_rows)} projected rows to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The perf model's accounting against hand counts (no timing: everything runs on meta tensors)."""
+
+import json
+
+import pytest
+import torch
+
+from megasparse.backends import BACKENDS
+from megasparse.fake_ops import fake_gpu_ops
+from megasparse.op_recorder import OpRecorder
+from megasparse.ops import LinearPlan, sparse_linear
+from megasparse.perf_projection import DEVICES, SPEEDUPS, op_time
+from megasparse.tools import perfmodel
+
+BF16 = torch.bfloat16
+
+
+def meta(*shape, dtype=BF16, grad=False):
+    return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=grad)
+
+
+def test_gemm_flops_equal_the_hand_count():
+    a, b = meta(384, 512), meta(512, 256)
+    with OpRecorder() as rec:
+        torch.mm(a, b)
+    (r,) = rec.records
+    assert (r.kind, r.flops, r.mnk, r.sparse_operand) == (
+        "gemm",
+        2 * 384 * 256 * 512,
+        (384, 256, 512),
+        None,
+    )
+    assert (r.bytes_read, r.bytes_written) == ((384 * 512 + 512 * 256) * 2, 384 * 256 * 2)
+
+
+def test_elementwise_bytes_equal_the_tensor_sizes():
+    x, y, bias = meta(64, 128), meta(64, 128), meta(128, dtype=torch.float32)
+    with OpRecorder() as rec:
+        x + y
+        x * bias  # broadcast: the bias is read once, not 64 times
+    add, mul = rec.records
+    assert (add.kind, add.bytes_read, add.bytes_written) == (
+        "memory",
+        2 * 64 * 128 * 2,
+        64 * 128 * 2,
+    )
+    assert (mul.bytes_read, mul.bytes_written) == (64 * 128 * 2 + 128 * 4, 64 * 128 * 4)
+
+
+def test_sparse_linear_on_cusparselt_is_flagged_sparse_and_weight_work_is_per_step():
+    tokens, out_f, in_f = 4096, 512, 1024
+    x, w = meta(tokens, in_f, grad=True), meta(out_f, in_f, grad=True)
+    mask = meta(out_f, in_f, dtype=torch.bool)
+    plan = LinearPlan(backend=BACKENDS["cusparselt"], transposable=True)
+    with fake_gpu_ops(), OpRecorder() as rec:
+        rec.mark_weight(w, mask)
+        y = sparse_linear(x, w, None, mask, plan)
+        y.backward(torch.empty_like(y))
+    gemms = [r for r in rec.records if r.kind == "gemm"]
+    fwd, dgrad, wgrad = gemms
+    assert (fwd.op, fwd.sparse_operand, fwd.flops) == (
+        "_cslt_sparse_mm",
+        "A",
+        2 * tokens * out_f * in_f,
+    )
+    assert (dgrad.op, dgrad.sparse_operand, dgrad.mnk) == (
+        "_cslt_sparse_mm",
+        "A",
+        (in_f, tokens, out_f),
+    )
+    assert (wgrad.op, wgrad.sparse_operand, wgrad.flops) == ("mm", None, 2 * tokens * out_f * in_f)
+    assert all(r.phase == "microbatch" for r in gemms)
+    prep = [r.op for r in rec.records if r.phase == "weight_prep"]
+    # W*M once (the backward's recomputation is the same per-step value), W and W^T compressed
+    assert sorted(prep) == ["_cslt_compress", "_cslt_compress", "clone", "mul"]
+    compress = next(r for r in rec.records if r.op == "_cslt_compress")
+    assert compress.bytes_written == out_f * in_f * 9 // 16 * 2  # cuSPARSELtOps.cpp: numel * 9 / 16
+
+
+def test_sparse_gemm_time_is_dense_time_over_the_cited_speedup():
+    x, w = meta(16384, 8192), meta(3584, 8192)
+    mask = meta(3584, 8192, dtype=torch.bool)
+    with fake_gpu_ops(), OpRecorder() as rec:
+        sparse_linear(x, w, None, mask, LinearPlan(backend=BACKENDS["cusparselt"]))
+        torch.mm(x, w.t())
+    sparse, dense = [r for r in rec.records if r.kind == "gemm"]
+    h100 = DEVICES["H100"]
+    low, high, _ = SPEEDUPS[("sm90", BF16)]
+    assert op_time(sparse, h100, "low") == pytest.approx(op_time(dense, h100) / low)
+    assert op_time(sparse, h100, "high") == pytest.approx(op_time(dense, h100) / high)
+    assert op_time(dense, h100) == pytest.approx(2 * 16384 * 3584 * 8192 / (989.4e12 * 0.70))
+
+
+def test_rows_have_the_json_keys_and_dense_is_one(tmp_path, monkeypatch):
+    rows = perfmodel.rows(
+        devices={"H100": DEVICES["H100"]},
+        tokens_list=(4096,),
+        tps=(8,),
+        ks=(1, 16),
+        scopes=("ffn",),
+        recipes=("dense bf16", "2:4 (transposable)"),
+    )
+    keys = {
+        "device",
+        "recipe",
+        "scope",
+        "tokens",
+        "tp",
+        "microbatches",
+        "ratio_vs_dense",
+        "weight_prep_share",
+    }
+    assert len(rows) == 4 and all(keys <= set(r) for r in rows)
+    by = {(r["recipe"], r["microbatches"]): r for r in rows}
+    assert (
+        by[("dense bf16", 1)]["ratio_vs_dense"] == 1.0
+        and by[("dense bf16", 1)]["weight_prep_share"] == 0
+    )
+    # the weight prep is amortized: its share falls with more micro-batches per step
+    assert (
+        by[("2:4 (transposable)", 16)]["weight_prep_share"]
+        < by[("2:4 (transposable)", 1)]["weight_prep_share"]
+    )
+    monkeypatch.setattr(perfmodel, "rows", lambda bound: rows)
+    perfmodel.main(["--json", str(tmp_path / "p.json")])
+    assert json.loads((tmp_path / "p.json").read_text()) == rows
+
+
+def test_report_says_projected_and_gives_a_verdict_per_target():
+    lines = perfmodel.report()
+    assert "PROJECTED" in lines[0]
+    verdicts = [line for line in lines if "-> PROJECTED" in line]
+    assert len(verdicts) == 3 and all(v.endswith(("MET", "MISSED")) for v in verdicts)
+    assert any("ceiling" in line for line in lines)
