@@ -11,7 +11,8 @@ from megasparse import fake_ops, fp8
 from megasparse.backends import BACKENDS
 from megasparse.fake_ops import fake_gpu_ops
 from megasparse.op_recorder import OpRecorder
-from megasparse.ops import GradOutputMask, LinearPlan, sparse_linear
+from megasparse.ops import LinearPlan, sparse_linear
+from megasparse.sparse_operand import mark_sparse
 
 HIDDEN, FFN, TOKENS = 8192, 28672, 16384
 BF16, E4M3 = torch.bfloat16, torch.float8_e4m3fn
@@ -79,12 +80,10 @@ def test_cusparselt_ffn_forward_backward(tp, transposable):
 def test_cusparselt_sparse_grad_output_of_a_2_4_activation(tp):
     """fc1's input gradient with dH (2:4 along ffn) as the sparse operand, compressed per call."""
     x, w1 = meta(TOKENS, HIDDEN, grad=True), meta(FFN // tp, HIDDEN, grad=True)
-    slot = GradOutputMask()
-    slot.mask = meta(TOKENS, FFN // tp, dtype=torch.bool)
-    plan = LinearPlan(backend=BACKENDS["cusparselt"], grad_output_mask=slot)
+    plan = LinearPlan(backend=BACKENDS["cusparselt"])
     with fake_gpu_ops(), OpRecorder() as rec:
         h = sparse_linear(x, w1, None, None, plan)
-        h.backward(torch.empty_like(h))
+        h.backward(mark_sparse(torch.empty_like(h), (64, 4)))  # dH as the 2:4 activation's backward marks it
     compress = [r for r in cslt_calls(rec) if r.op == "_cslt_compress"]
     assert len(compress) == 1 and compress[0].bytes_read == TOKENS * (FFN // tp) * 2
     (mm,) = [r for r in cslt_calls(rec) if r.op == "_cslt_sparse_mm"]

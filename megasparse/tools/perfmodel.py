@@ -17,7 +17,9 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from megasparse import activation_sparsity, fp8, ops
+from megasparse import activation_sparsity, fp8, masks, ops
+from megasparse.config import SparsityConfig
+from megasparse.weight_state import SparseWeightState
 from megasparse.backends import BACKENDS
 from megasparse.fake_ops import fake_gpu_ops
 from megasparse.op_recorder import COMPUTE_KERNELS, WEIGHT_PREP, OpRecorder
@@ -120,7 +122,7 @@ def _standins():
     kernels = {"1d": (_mask_kernel, _mask_kernel), "transposable": (_mask_kernel, _mask_kernel)}
     with (
         fake_gpu_ops(),
-        mock.patch.dict(ops._MASK_KERNELS, kernels),
+        mock.patch.dict(masks._MASK_KERNELS, kernels),
         mock.patch.object(activation_sparsity, "_kernel", _act_kernel),
         mock.patch.object(fp8, "_fp8_cusparselt_ok", lambda device: True),
     ):
@@ -175,26 +177,33 @@ class Linear:
     sparse: bool  # whether this linear is one megasparse sparsifies (fc1, fc2)
 
     def prepare(self, weight):
-        """Per-optimizer-step state of this weight (run in the weight-prep phase)."""
+        """Per-optimizer-step state of this weight (run in the weight-prep phase): megasparse's own
+        SparseWeightState, with every operand the step holds built here, as at a step's first use."""
         if self.recipe == "FP8 dense" or (self.recipe == "FP8 2:4" and not self.sparse):
             return _fp8_cast(weight)
-        if not self.sparse or self.recipe in ("dense bf16", "FP8 2:4"):
+        if self.recipe == "FP8 2:4":
             return None  # FP8 2:4 prepares inside megasparse.fp8 (recorded as weight prep there)
-        return ops.weight_mask(weight, "transposable" if "transposable" in self.recipe else "1d")
+        sparse = self.sparse and self.recipe != "dense bf16"
+        mask = "transposable" if "transposable" in self.recipe else "1d"
+        sparsity = SparsityConfig(weights="2:4" if sparse else None, mask=mask)
+        step = SparseWeightState().step(weight, sparsity, self.plan().backend)
+        if step.pruned:
+            step.compressed()
+            if step.transposable and step.hold_backward:
+                step.compressed_t()
+        return step
 
-    def plan(self, **kwargs):
+    def plan(self):
         if not self.sparse or self.recipe == "dense bf16":
             return ops.LinearPlan(backend=BACKENDS["dense"])
-        return ops.LinearPlan(
-            backend=BACKENDS["cusparselt"], transposable="transposable" in self.recipe, **kwargs
-        )
+        return ops.LinearPlan(backend=BACKENDS["cusparselt"], transposable="transposable" in self.recipe)
 
-    def __call__(self, x, weight, state, **plan_kwargs):
+    def __call__(self, x, weight, state):
         if self.recipe == "FP8 dense" or (self.recipe == "FP8 2:4" and not self.sparse):
             return _Fp8DenseLinear.apply(x, weight, *state)
         if self.recipe == "FP8 2:4":
             return fp8.Fp8SparseLinear(mask_kind="1d")(x, weight)
-        return ops.sparse_linear(x, weight, None, state, self.plan(**plan_kwargs))
+        return ops.sparse_linear_step(x, weight, None, state, self.plan())
 
 
 def _meta(*shape, dtype=BF16, grad=False):
@@ -212,12 +221,10 @@ def _ffn(rec, recipe, x, tp):
         from megatron.core.activations import squared_relu
 
         return fc2(squared_relu(fc1(x, w1, s1)), w2, s2)
-    slot = ops.GradOutputMask()
-    h = fc1(x, w1, s1, grad_output_mask=slot)
-    a, slot.mask = activation_sparsity.squared_relu_sparsify(
-        h, (64, 4), activation_sparsity.ActivationStats()
-    )
-    return fc2(a, w2, s2, input_2_4=True)
+    # the activation's values and its gradient dH come out marked 2:4 (megasparse.sparse_operand)
+    h = fc1(x, w1, s1)
+    a, _ = activation_sparsity.squared_relu_sparsify(h, (64, 4), activation_sparsity.ActivationStats())
+    return fc2(a, w2, s2)
 
 
 def _attention_block(rec, recipe, x, tp):
