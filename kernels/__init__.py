@@ -3,6 +3,8 @@
 from .activation_sparsify import activation_sparsify_reference, activation_sparsify_triton
 from .common import HAVE_TRITON, magnitude
 from .mask_1d import mask_1d_reference, mask_1d_triton
+from . import activation_2_4 as _activation_2_4
+from . import activation_sparsify as _activation_sparsify
 from . import mask_1d as _mask_1d
 from . import mask_transposable as _mask_transposable
 from .mask_transposable import (
@@ -17,7 +19,7 @@ from .mask_transposable import (
 
 def compile_specs(dtype):
     """Every kernel launch at `dtype`, described for the offline compile report."""
-    return [spec for module in (_mask_1d, _mask_transposable) for spec in module.compile_specs(dtype)]
+    return [spec for module in (_mask_1d, _mask_transposable, _activation_2_4, _activation_sparsify) for spec in module.compile_specs(dtype)]
 
 
 __all__ = [
