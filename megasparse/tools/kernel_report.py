@@ -131,6 +131,8 @@ def all_specs(dtypes=DTYPES):
 
 
 def report(archs=tuple(ARCHS), dtypes=DTYPES) -> list:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("kernel_report compiles for the GPU: run it without TRITON_INTERPRET=1")
     return [compile_spec(spec, arch) for arch in archs for spec in all_specs(dtypes)]
 
 
