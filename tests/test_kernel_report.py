@@ -1,7 +1,8 @@
 """Offline GPU compile of every Triton kernel (no GPU needed): no spills, each input element read once.
 
-The CPU proxy for "runs at memory bandwidth": compiled for sm_80 and sm_90a at the launch
-parameters the code uses (bf16, the training dtype), counted from ptxas -v and cuobjdump -sass.
+The CPU proxy for "runs at memory bandwidth": compiled at the launch
+parameters the code uses (bf16, the training dtype; sm_90a here to keep CI short, the CLI
+does sm_80 too), counted from ptxas -v and cuobjdump -sass.
 """
 
 import json
@@ -26,15 +27,15 @@ def rows(tmp_path_factory):
     """The CLI, in a process without TRITON_INTERPRET (the test session interprets kernels)."""
     out = tmp_path_factory.mktemp("report") / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "megasparse.tools.kernel_report", "--dtype", "bfloat16",
+    done = subprocess.run([sys.executable, "-m", "megasparse.tools.kernel_report", "--dtype", "bfloat16", "--arch", "sm_90a",
                            "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mask_transposable" in done.stdout
     return json.loads(out.read_text())
 
 
-def test_every_kernel_is_compiled_for_both_archs(rows):
-    assert {(r["kernel"], r["arch"]) for r in rows} == {(k, a) for k in KERNELS for a in ("sm_80", "sm_90a")}
+def test_every_kernel_is_compiled(rows):
+    assert {(r["kernel"], r["arch"]) for r in rows} == {(k, "sm_90a") for k in KERNELS}
     for r in rows:
         assert {"kernel", "arch", "dtype", "registers", "spill_bytes"} <= r.keys() and r["dtype"] == "bfloat16"
 
@@ -48,7 +49,7 @@ def test_no_spills_and_registers_leave_room_for_occupancy(rows):
 def test_each_input_element_is_loaded_once_with_vector_loads(rows):
     for r in rows:
         assert r["load_redundancy"] == 1.0, r
-        assert min(r["load_widths_bits"]) >= 64 or r["kernel"] == "squared_relu_sparsify_backward", r
+        assert min(r["load_widths_bits"]) >= 64, r
 
 
 def test_sass_parser_counts_widths():
