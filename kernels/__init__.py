@@ -1,5 +1,10 @@
 """megasparse.kernels: Triton kernels, each beside its pure-torch reference. Knows nothing of Megatron."""
 
+from . import activation_2_4 as _activation_2_4
+from . import activation_sparsify as _activation_sparsify
+from . import mask_1d as _mask_1d
+from . import mask_transposable as _mask_transposable
+from . import squared_relu_backward as _squared_relu_backward
 from .activation_sparsify import activation_sparsify_reference, activation_sparsify_triton
 from .common import HAVE_TRITON, magnitude
 from .mask_1d import mask_1d_reference, mask_1d_triton
@@ -10,9 +15,21 @@ from .mask_transposable import (
     mask_transposable_reference,
     mask_transposable_triton,
 )
+from .squared_relu_backward import (
+    squared_relu_sparsify_backward_reference,
+    squared_relu_sparsify_backward_triton,
+)
+
+
+def compile_specs(dtype):
+    """Every kernel launch at `dtype`, described for the offline compile report."""
+    modules = (_mask_1d, _mask_transposable, _activation_2_4, _activation_sparsify, _squared_relu_backward)
+    return [spec for module in modules for spec in module.compile_specs(dtype)]
+
 
 __all__ = [
     "HAVE_TRITON",
+    "compile_specs",
     "magnitude",
     "mask_1d_reference",
     "mask_1d_triton",
@@ -23,4 +40,6 @@ __all__ = [
     "N_PATTERNS",
     "activation_sparsify_reference",
     "activation_sparsify_triton",
+    "squared_relu_sparsify_backward_reference",
+    "squared_relu_sparsify_backward_triton",
 ]

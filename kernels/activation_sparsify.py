@@ -16,11 +16,15 @@ stats [zeros, sum|a|, dropped sum|a|, numel] in float64.
 
 import torch
 
-from .common import HAVE_TRITON, require_triton
+from .activation_2_4 import activation_2_4_reference
+from .common import HAVE_TRITON, TRITON_TYPES, CompileSpec, require_triton
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from .activation_2_4 import activation_2_4_triton
+    from .common import join4
 
 
 def _check(x: torch.Tensor, v: int, m: int) -> None:
@@ -35,6 +39,11 @@ def _check(x: torch.Tensor, v: int, m: int) -> None:
         )
 
 
+def _all_columns(blocks: int, ffn: int, device) -> torch.Tensor:
+    """`columns` of 2:4: every block keeps columns 0..3 of every group."""
+    return torch.arange(4, dtype=torch.int16, device=device).expand(blocks, ffn // 4, 4).contiguous()
+
+
 def _keep_top(score: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
     """Along the last dim keep the k largest eligible scores; ties go to the lower index."""
     n = score.shape[-1]
@@ -45,9 +54,12 @@ def _keep_top(score: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tens
 
 
 def activation_sparsify_reference(x: torch.Tensor, v: int, m: int, squared_relu: bool):
-    """Pure-torch reference of the kernel below."""
+    """Pure-torch reference of the kernels: V:2:M below, 2:4 (M = 4) in activation_2_4."""
     _check(x, v, m)
     tokens, ffn = x.shape
+    if m == 4:  # every block keeps all 4 columns: no norms needed, the same mask in half the time
+        values, mask, stats = activation_2_4_reference(x, squared_relu)
+        return values, mask, _all_columns(-(-tokens // v), ffn, x.device), stats
     a = x.double() if x.dtype == torch.float64 else x.float()
     a = torch.relu(a).square() if squared_relu else a
     blocks = -(-tokens // v)
@@ -66,71 +78,118 @@ def activation_sparsify_reference(x: torch.Tensor, v: int, m: int, squared_relu:
     return (a * mask).to(x.dtype), mask, columns, stats
 
 
+# Launch of the V:2:M kernel (M >= 8): one program takes V rows x GROUPS groups of M columns,
+# about ELEMENTS elements; 2:4 (M = 4) runs the flat kernel of activation_2_4.
+ELEMENTS = 4096
+NUM_WARPS = 4
+REPORT_PATTERNS = ((64, 8), (64, 16))  # (V, M) compiled by the offline report
+
+
+def groups_per_program(v: int, m: int) -> int:
+    return max(1, ELEMENTS // (v * m))
+
+
 if HAVE_TRITON:
 
     @triton.jit
-    def _activation_sparsify_kernel(
+    def _activation_vnm_kernel(
         x_ptr, values_ptr, mask_ptr, columns_ptr, stats_ptr, tokens, ffn,
-        V: tl.constexpr, M: tl.constexpr, SQUARED_RELU: tl.constexpr, FP64: tl.constexpr,
+        V: tl.constexpr, M: tl.constexpr, GROUPS: tl.constexpr, SQUARED_RELU: tl.constexpr,
+        FP64: tl.constexpr,
     ):
-        block, group = tl.program_id(0), tl.program_id(1)
+        block, chunk = tl.program_id(0), tl.program_id(1)
         rows = block * V + tl.arange(0, V)
-        cols = tl.arange(0, M)
-        offsets = rows.to(tl.int64)[:, None] * ffn + group * M + cols[None, :]
-        valid = (rows < tokens)[:, None]
+        cols = chunk * (GROUPS * M) + tl.arange(0, GROUPS * M)
+        offsets = rows.to(tl.int64)[:, None] * ffn + cols[None, :]  # [V, GROUPS * M]
+        valid = (rows < tokens)[:, None] & (cols < ffn)[None, :]
         x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
-        if FP64:
-            a = x.to(tl.float64)
-        else:
-            a = x.to(tl.float32)
+        a = x.to(tl.float64) if FP64 else x.to(tl.float32)
         if SQUARED_RELU:
-            a = tl.maximum(a, 0.0)
+            a = tl.where(a < 0.0, 0.0, a)  # relu that keeps NaN, as torch.relu
             a = a * a
-        # the block's 4 columns: largest L2 norm (float64 sums), ties to the lower column
-        norm = tl.sum((a * a).to(tl.float64), axis=0)  # [M]
-        col_lower = cols[None, :] < cols[:, None]  # [c, c']: c' < c
-        beaten = (norm[None, :] > norm[:, None]) | ((norm[None, :] == norm[:, None]) & col_lower)
-        chosen = tl.sum(beaten.to(tl.int32), axis=1) < 4  # [M]
-        # inside them, the 2 largest |a| per row, ties to the lower column
-        mag = tl.abs(a)
-        mine, other = mag[:, :, None], mag[:, None, :]  # [row, c, c']
-        beaten_row = chosen[None, None, :] & ((other > mine) | ((other == mine) & col_lower[None, :, :]))
-        keep = chosen[None, :] & (tl.sum(beaten_row.to(tl.int32), axis=2) < 2) & valid
-        tl.store(values_ptr + offsets, tl.where(keep, a, 0.0).to(values_ptr.dtype.element_ty), mask=valid)
+        a3 = tl.reshape(a, [V, GROUPS, M])
+        mag = tl.abs(a3)
+        # each group's 4 columns: largest L2 norm over the block (float64), ties to the lower column
+        a64 = a3.to(tl.float64)
+        norm = tl.sum(a64 * a64, axis=0)  # [GROUPS, M]
+        c = tl.arange(0, M)
+        lower = c[None, :] < c[:, None]  # [c, c']: c' < c
+        beaten = (norm[:, None, :] > norm[:, :, None]) | ((norm[:, None, :] == norm[:, :, None]) & lower[None])
+        chosen = tl.sum(beaten.to(tl.int32), axis=2) < 4  # [GROUPS, M]
+        # the chosen columns in ascending order: column k_j has j chosen columns before it
+        before = tl.sum((chosen[:, None, :] & lower[None]).to(tl.int32), axis=2)
+        k0 = tl.sum(tl.where(chosen & (before == 0), c[None, :], 0), axis=1)  # [GROUPS]
+        k1 = tl.sum(tl.where(chosen & (before == 1), c[None, :], 0), axis=1)
+        k2 = tl.sum(tl.where(chosen & (before == 2), c[None, :], 0), axis=1)
+        k3 = tl.sum(tl.where(chosen & (before == 3), c[None, :], 0), axis=1)
+        # inside them the 2 largest |a| per row, ties to the lower column: count the chosen
+        # columns that beat each element
+        c3 = c[None, None, :]
+        n_beaten = tl.zeros([V, GROUPS, M], dtype=tl.int32)
+        for j in tl.static_range(4):
+            k = (k0 if j == 0 else k1 if j == 1 else k2 if j == 2 else k3)[None, :, None]
+            other = tl.sum(tl.where(c3 == k, mag, 0.0), axis=2)[:, :, None]  # |a| at column k
+            n_beaten += ((other > mag) | ((other == mag) & (k < c3))).to(tl.int32)
+        keep = chosen[None, :, :] & (n_beaten < 2)
+        keep = tl.reshape(keep, [V, GROUPS * M]) & valid
+        # a * mask (not where): NaN/inf times a dropped 0 stays NaN, as in the reference
+        tl.store(values_ptr + offsets, (a * keep.to(a.dtype)).to(values_ptr.dtype.element_ty), mask=valid)
         tl.store(mask_ptr + offsets, keep.to(tl.int8), mask=valid)
-        # kept columns in ascending order: the k-th chosen column is the one with k chosen before it
-        before = tl.sum((chosen[None, :] & col_lower).to(tl.int32), axis=1)  # [M]
-        out = (block * (ffn // M) + group) * 4
-        for k in tl.static_range(4):
-            tl.store(columns_ptr + out + k, tl.sum(tl.where(chosen & (before == k), cols, 0), axis=0).to(tl.int16))
-        zeros = tl.sum(tl.sum(((a == 0.0) & valid).to(tl.float32), axis=1), axis=0)
-        total = tl.sum(tl.sum(mag, axis=1), axis=0)
-        dropped = tl.sum(tl.sum(tl.where(keep, 0.0, mag), axis=1), axis=0)
-        partial = (block * tl.num_programs(1) + group) * 3
-        tl.store(stats_ptr + partial, zeros)
-        tl.store(stats_ptr + partial + 1, total)
-        tl.store(stats_ptr + partial + 2, dropped)
+        group = chunk * GROUPS + tl.arange(0, GROUPS)
+        out = (block * (ffn // M) + group)[:, None] * 4 + tl.arange(0, 4)[None, :]
+        tl.store(columns_ptr + out, join4(k0, k1, k2, k3).to(tl.int16), mask=(group < ffn // M)[:, None])
+        mag2 = tl.reshape(mag, [V, GROUPS * M])
+        stats_ptr += (block * tl.num_programs(1) + chunk) * 3
+        tl.store(stats_ptr, tl.sum(tl.sum(((a == 0.0) & valid).to(tl.float32), axis=1), axis=0))
+        tl.store(stats_ptr + 1, tl.sum(tl.sum(mag2, axis=1), axis=0))
+        tl.store(stats_ptr + 2, tl.sum(tl.sum(tl.where(keep, 0.0, mag2), axis=1), axis=0))
 
 
 def activation_sparsify_triton(x: torch.Tensor, v: int, m: int, squared_relu: bool):
-    """Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); same results as the reference.
+    """Triton kernels (GPU, or CPU under TRITON_INTERPRET=1); same results as the reference.
 
-    For 2:4 (M = 4) V only sets the rows per program; 64 is a good tile.
+    2:4 (M = 4) runs the flat 2:4 kernel (V only sets the shape of `columns`).
     """
     require_triton()
     _check(x, v, m)
     x = x.contiguous()
     tokens, ffn = x.shape
     blocks = triton.cdiv(tokens, v)
-    values = torch.empty_like(x)
-    mask = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    columns = torch.empty(blocks, ffn // m, 4, dtype=torch.int16, device=x.device)
-    partial = torch.empty(blocks * (ffn // m), 3, dtype=torch.float32, device=x.device)
-    if x.numel():
-        _activation_sparsify_kernel[(blocks, ffn // m)](
-            x, values, mask, columns, partial, tokens, ffn, V=v, M=m, SQUARED_RELU=squared_relu,
-            FP64=x.dtype == torch.float64,
-        )
+    if m == 4:
+        values, mask, partial = activation_2_4_triton(x, squared_relu)
+        columns = _all_columns(blocks, ffn, x.device)
+    else:
+        values = torch.empty_like(x)
+        mask = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        columns = torch.empty(blocks, ffn // m, 4, dtype=torch.int16, device=x.device)
+        groups = groups_per_program(v, m)
+        grid = (blocks, triton.cdiv(ffn // m, groups))
+        partial = torch.empty(grid[0] * grid[1], 3, dtype=torch.float32, device=x.device)
+        if x.numel():
+            _activation_vnm_kernel[grid](
+                x, values, mask, columns, partial, tokens, ffn, V=v, M=m, GROUPS=groups,
+                SQUARED_RELU=squared_relu, FP64=x.dtype == torch.float64, num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )
+        mask = mask.view(torch.bool)
     sums = partial.double().sum(0)
     stats = torch.cat([sums, torch.tensor([float(x.numel())], dtype=torch.float64, device=x.device)])
-    return values, mask.view(torch.bool), columns, stats
+    return values, mask, columns, stats
+
+
+def compile_specs(dtype: torch.dtype) -> list:
+    """The V:2:M launches above at REPORT_PATTERNS, described for the offline compile report."""
+    t = TRITON_TYPES[dtype]
+    specs = []
+    for v, m in REPORT_PATTERNS:
+        groups = groups_per_program(v, m)
+        specs.append(CompileSpec(
+            kernel=f"activation_{v}_2_{m}_squared_relu", fn=_activation_vnm_kernel,
+            dtype=str(dtype).split(".")[1],
+            signature={"x_ptr": "*" + t, "values_ptr": "*" + t, "mask_ptr": "*i8", "columns_ptr": "*i16",
+                       "stats_ptr": "*fp32", "tokens": "i32", "ffn": "i32"},
+            constexprs={"V": v, "M": m, "GROUPS": groups, "SQUARED_RELU": True, "FP64": False},
+            num_warps=NUM_WARPS, elements=v * m * groups, reads={"x_ptr": v * m * groups},
+            aligned=("x_ptr", "values_ptr", "mask_ptr", "columns_ptr", "stats_ptr", "ffn"),
+        ))
+    return specs

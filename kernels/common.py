@@ -5,6 +5,8 @@ a non-finite weight is always kept, so it reaches the output and the loss exactl
 dense layer (where Megatron's NaN checks see it) and the mask stays exactly 2:4.
 """
 
+import dataclasses
+
 import torch
 
 try:  # Triton is optional: CPU-only installs use the torch references.
@@ -16,6 +18,32 @@ except ImportError:  # pragma: no cover - triton ships with every Linux torch in
     triton = None
     tl = None
     HAVE_TRITON = False
+
+
+TRITON_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16",
+                torch.float16: "fp16", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32"}
+
+
+@dataclasses.dataclass
+class CompileSpec:
+    """How a launcher calls one kernel, for the offline compile report (megasparse.tools.kernel_report).
+
+    Built by each kernel module from the same constants its launcher passes, so the report
+    compiles exactly what runs. `reads` maps each input pointer to the elements one program needs.
+    """
+
+    kernel: str
+    fn: object
+    dtype: str
+    signature: dict  # argument -> Triton type ("*bf16", "i32", ...), constexprs left out
+    constexprs: dict
+    num_warps: int
+    elements: int  # elements one program covers
+    reads: dict
+    # arguments Triton sees divisible by 16 at real shapes: pointers (torch allocations are
+    # aligned) and sizes such as ffn or in_features
+    aligned: tuple = ()
+    enable_fp_fusion: bool = False
 
 
 def magnitude(weight: torch.Tensor) -> torch.Tensor:
@@ -49,3 +77,34 @@ if HAVE_TRITON:
     def magnitude_triton(x):
         a = tl.abs(x.to(tl.float32))
         return tl.where(a != a, float("inf"), a)
+
+    @triton.jit
+    def split4(x):
+        """[N, 4] -> its 4 columns as [N] tensors (in-thread when the 4 are one vector load)."""
+        even, odd = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))  # [N, 2]: columns (0, 2), (1, 3)
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def join4(x0, x1, x2, x3):
+        """Inverse of split4: four [N] tensors -> [N, 4]."""
+        return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), [x0.shape[0], 4])
+
+    @triton.jit
+    def top2_of_4(a0, a1, a2, a3):
+        """Keep flags of the 2 largest of 4, ties to the lower index: i is dropped when at least
+        2 others beat it, where j beats i if a_j > a_i, or a_j == a_i and j < i. Both directions
+        are compared, so a NaN neither beats nor is beaten (it is kept), as in the references."""
+        b01, b10 = a1 > a0, (a0 > a1) | (a0 == a1)  # b_ij: j beats i
+        b02, b20 = a2 > a0, (a0 > a2) | (a0 == a2)
+        b03, b30 = a3 > a0, (a0 > a3) | (a0 == a3)
+        b12, b21 = a2 > a1, (a1 > a2) | (a1 == a2)
+        b13, b31 = a3 > a1, (a1 > a3) | (a1 == a3)
+        b23, b32 = a3 > a2, (a2 > a3) | (a2 == a3)
+        i32 = tl.int32
+        k0 = b01.to(i32) + b02.to(i32) + b03.to(i32) < 2
+        k1 = b10.to(i32) + b12.to(i32) + b13.to(i32) < 2
+        k2 = b20.to(i32) + b21.to(i32) + b23.to(i32) < 2
+        k3 = b30.to(i32) + b31.to(i32) + b32.to(i32) < 2
+        return k0, k1, k2, k3

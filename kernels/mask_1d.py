@@ -7,13 +7,13 @@ element i of a group is dropped when at least 2 others beat it, where j beats i 
 
 import torch
 
-from .common import HAVE_TRITON, check_2d, magnitude, require_triton
+from .common import TRITON_TYPES, HAVE_TRITON, CompileSpec, check_2d, magnitude, require_triton
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .common import magnitude_triton
+    from .common import join4, magnitude_triton, split4, top2_of_4
 
 
 def mask_1d_reference(weight: torch.Tensor) -> torch.Tensor:
@@ -26,29 +26,42 @@ def mask_1d_reference(weight: torch.Tensor) -> torch.Tensor:
     return (beaten_by.sum(-1) < 2).reshape(weight.shape)
 
 
+# Launch: one program covers BLOCK consecutive elements (BLOCK / 4 groups), 16 per thread, so
+# every thread issues 16-byte (fp32) or 2 x 16-byte (bf16/fp16) loads and 16-byte mask stores.
+BLOCK = 2048
+NUM_WARPS = 4
+
 if HAVE_TRITON:
 
     @triton.jit
-    def _mask_1d_kernel(w_ptr, mask_ptr, n_groups, BLOCK: tl.constexpr):
-        groups = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        lane = tl.arange(0, 4)
-        offsets = groups.to(tl.int64)[:, None] * 4 + lane[None, :]
-        valid = (groups < n_groups)[:, None]
-        a = magnitude_triton(tl.load(w_ptr + offsets, mask=valid, other=0.0))  # [BLOCK, 4]
-        mine = a[:, :, None]
-        other = a[:, None, :]
-        lower_index = lane[None, None, :] < lane[None, :, None]
-        beaten_by = (other > mine) | ((other == mine) & lower_index)
-        n_beaten = tl.sum(beaten_by.to(tl.int32), axis=2)
-        tl.store(mask_ptr + offsets, (n_beaten < 2).to(tl.int8), mask=valid)
+    def _mask_1d_kernel(w_ptr, mask_ptr, numel, BLOCK: tl.constexpr):
+        # groups of 4 never cross rows (in % 4 == 0), so the weight is one flat run of groups
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offsets < numel
+        a = magnitude_triton(tl.load(w_ptr + offsets, mask=valid, other=0.0))
+        a0, a1, a2, a3 = split4(tl.reshape(a, [BLOCK // 4, 4]))
+        k0, k1, k2, k3 = top2_of_4(a0, a1, a2, a3)
+        keep = tl.reshape(join4(k0, k1, k2, k3), [BLOCK])
+        tl.store(mask_ptr + offsets, keep.to(tl.int8), mask=valid)
 
 
-def mask_1d_triton(weight: torch.Tensor, block: int = 256) -> torch.Tensor:
+def mask_1d_triton(weight: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); same result as the reference."""
     require_triton()
     check_2d(weight, "the 1d 2:4 mask", 1, 4)
     w = weight.detach().contiguous()
     mask = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    n_groups = w.numel() // 4
-    _mask_1d_kernel[(triton.cdiv(n_groups, block),)](w, mask, n_groups, BLOCK=block)
+    if w.numel():
+        _mask_1d_kernel[(triton.cdiv(w.numel(), block),)](w, mask, w.numel(), BLOCK=block,
+                                                          num_warps=NUM_WARPS)
     return mask.view(torch.bool)
+
+
+def compile_specs(dtype: torch.dtype) -> list:
+    """The launch above, described for the offline compile report."""
+    return [CompileSpec(
+        kernel="mask_1d", fn=_mask_1d_kernel, dtype=str(dtype).split(".")[1],
+        signature={"w_ptr": "*" + TRITON_TYPES[dtype], "mask_ptr": "*i8", "numel": "i32"},
+        constexprs={"BLOCK": BLOCK}, num_warps=NUM_WARPS, elements=BLOCK, reads={"w_ptr": BLOCK},
+        aligned=("w_ptr", "mask_ptr", "numel"),
+    )]

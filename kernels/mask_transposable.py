@@ -14,13 +14,13 @@ import itertools
 
 import torch
 
-from .common import HAVE_TRITON, check_2d, magnitude, require_triton
+from .common import TRITON_TYPES, HAVE_TRITON, CompileSpec, check_2d, magnitude, require_triton
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .common import magnitude_triton
+    from .common import magnitude_triton, split4
 
 
 def _enumerate_patterns() -> torch.Tensor:
@@ -38,7 +38,6 @@ def _enumerate_patterns() -> torch.Tensor:
 
 PATTERNS = _enumerate_patterns()
 N_PATTERNS = PATTERNS.shape[0]  # 90
-_PATTERN_SLOTS = 128  # the kernel scores a power-of-two number of slots; slots >= 90 never win
 _NONFINITE_SCORE = 2.0**120  # 16 of them still sum below float32 max
 
 
@@ -85,54 +84,99 @@ def mask_transposable_greedy(weight: torch.Tensor) -> torch.Tensor:
     return _untile(keep, weight.shape)
 
 
+# Launch: one program scores a band of 4 rows x BLOCK_TILES tiles, one tile per thread.
+BLOCK_TILES = 128
+NUM_WARPS = 4
+
 if HAVE_TRITON:
 
+    @triton.constexpr_function
+    def _row3_column(i0, j0, i1, j1, i2, j2, k):
+        """The k-th (0 or 1) column row 3 must keep so every column keeps 2; -1 if none can."""
+        used = (1 << 4 * i0) + (1 << 4 * j0) + (1 << 4 * i1) + (1 << 4 * j1) + (1 << 4 * i2) + (1 << 4 * j2)
+        need = 0x2222 - used  # hex digit c: how many more column c needs; two 1s when feasible
+        if need not in (0x0011, 0x0101, 0x1001, 0x0110, 0x1010, 0x1100):
+            return -1
+        if k == 0:
+            return 0 if need & 0xF else (1 if need & 0xF0 else 2)
+        return 3 if need & 0xF000 else (2 if need & 0xF00 else 1)
+
+    @triton.constexpr_function
+    def _pattern_bits(i0, j0, i1, j1, i2, j2):
+        """The pattern's kept positions as bits 4 * row + col (row 3 completes the columns)."""
+        i3, j3 = _row3_column(i0, j0, i1, j1, i2, j2, 0), _row3_column(i0, j0, i1, j1, i2, j2, 1)
+        rows = ((1 << i0) + (1 << j0), (1 << i1) + (1 << j1), (1 << i2) + (1 << j2), (1 << i3) + (1 << j3))
+        return rows[0] + (rows[1] << 4) + (rows[2] << 8) + (rows[3] << 12)
+
     @triton.jit
-    def _mask_transposable_kernel(
-        w_ptr, mask_ptr, patterns_ptr, n_cols, n_tiles, N_PATTERNS: tl.constexpr, SLOTS: tl.constexpr, NONFINITE_SCORE: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        tiles = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        valid = tiles < n_tiles
-        tiles_per_row = n_cols // 4
-        row0 = (tiles // tiles_per_row).to(tl.int64) * 4
-        col0 = (tiles % tiles_per_row).to(tl.int64) * 4
-        slot = tl.arange(0, SLOTS)
-        score = tl.zeros([BLOCK, SLOTS], dtype=tl.float32)
-        for k in tl.static_range(16):
-            w = tl.load(w_ptr + (row0 + k // 4) * n_cols + col0 + k % 4, mask=valid, other=0.0)
-            a = tl.minimum(magnitude_triton(w), NONFINITE_SCORE)
-            kept = tl.load(patterns_ptr + k * SLOTS + slot)  # [SLOTS] int8, pattern-major column k
-            score = score + tl.where(kept[None, :] != 0, a[:, None], 0.0)
-        score = tl.where(slot[None, :] < N_PATTERNS, score, -1.0)
-        best = tl.argmax(score, axis=1, tie_break_left=True)
-        for k in tl.static_range(16):
-            kept = tl.load(patterns_ptr + k * SLOTS + best, mask=valid, other=0)
-            tl.store(mask_ptr + (row0 + k // 4) * n_cols + col0 + k % 4, kept, mask=valid)
+    def _load_row(ptr, cols, valid, NONFINITE_SCORE: tl.constexpr):
+        """One row of BLOCK tiles: 4 consecutive elements per tile (one vector load per thread)."""
+        a = tl.minimum(magnitude_triton(tl.load(ptr + cols, mask=valid, other=0.0)), NONFINITE_SCORE)
+        return split4(a)
+
+    @triton.jit
+    def _mask_transposable_kernel(w_ptr, mask_ptr, n_cols, BLOCK: tl.constexpr,
+                                  NONFINITE_SCORE: tl.constexpr):
+        band = tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cols = tile[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK, 4]
+        valid = cols < n_cols
+        w_ptr += band * 4 * n_cols
+        r0 = _load_row(w_ptr, cols, valid, NONFINITE_SCORE)
+        r1 = _load_row(w_ptr + n_cols, cols, valid, NONFINITE_SCORE)
+        r2 = _load_row(w_ptr + 2 * n_cols, cols, valid, NONFINITE_SCORE)
+        r3 = _load_row(w_ptr + 3 * n_cols, cols, valid, NONFINITE_SCORE)
+        # The 90 patterns in PATTERNS order (row pairs (i, j), i < j, row 0 slowest). A pattern's
+        # score is its 8 kept |w| summed in row-major order, as in the reference (adding the
+        # reference's zeros is exact), so partial sums of shared prefixes are computed once.
+        # A strict > keeps the first maximum: the lowest pattern index wins ties.
+        best = tl.full([BLOCK], -1.0, tl.float32)
+        bits = tl.zeros([BLOCK], tl.int32)  # kept positions of the best pattern, bit 4 * row + col
+        for i0 in tl.static_range(4):
+            for j0 in tl.static_range(i0 + 1, 4):
+                s0 = r0[i0] + r0[j0]
+                for i1 in tl.static_range(4):
+                    s1i = s0 + r1[i1]
+                    for j1 in tl.static_range(i1 + 1, 4):
+                        s1 = s1i + r1[j1]
+                        for i2 in tl.static_range(4):
+                            s2i = s1 + r2[i2]
+                            for j2 in tl.static_range(i2 + 1, 4):
+                                s2 = s2i + r2[j2]
+                                # row 3 must keep the 2 columns still used once
+                                # (constexpr calls inline: an assigned constexpr becomes a tensor)
+                                if _row3_column(i0, j0, i1, j1, i2, j2, 0) >= 0:
+                                    score = (s2 + r3[_row3_column(i0, j0, i1, j1, i2, j2, 0)]
+                                             + r3[_row3_column(i0, j0, i1, j1, i2, j2, 1)])
+                                    better = score > best
+                                    best = tl.where(better, score, best)
+                                    bits = tl.where(better, _pattern_bits(i0, j0, i1, j1, i2, j2), bits)
+        lane = tl.arange(0, 4)[None, :]
+        mask_ptr += band * 4 * n_cols
+        for r in tl.static_range(4):
+            kept = (bits[:, None] >> (4 * r + lane)) & 1
+            tl.store(mask_ptr + r * n_cols + cols, kept.to(tl.int8), mask=valid)
 
 
-_pattern_table_cache = {}
-
-
-def _pattern_table(device) -> torch.Tensor:
-    """[16, SLOTS] int8: column p is pattern p; padding slots are all zero."""
-    key = str(device)
-    if key not in _pattern_table_cache:
-        table = torch.zeros(16, _PATTERN_SLOTS, dtype=torch.int8)
-        table[:, :N_PATTERNS] = PATTERNS.t().to(torch.int8)
-        _pattern_table_cache[key] = table.to(device)
-    return _pattern_table_cache[key]
-
-
-def mask_transposable_triton(weight: torch.Tensor, block: int = 32) -> torch.Tensor:
+def mask_transposable_triton(weight: torch.Tensor, block: int = BLOCK_TILES) -> torch.Tensor:
     """Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); same result as the reference."""
     require_triton()
     check_2d(weight, "the transposable 2:4 mask", 4, 4)
     w = weight.detach().contiguous()
     mask = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    n_tiles = w.numel() // 16
-    _mask_transposable_kernel[(triton.cdiv(n_tiles, block),)](
-        w, mask, _pattern_table(w.device), w.shape[1], n_tiles,
-        N_PATTERNS=N_PATTERNS, SLOTS=_PATTERN_SLOTS, NONFINITE_SCORE=_NONFINITE_SCORE, BLOCK=block,
-    )
+    if w.numel():
+        grid = (w.shape[0] // 4, triton.cdiv(w.shape[1] // 4, block))
+        _mask_transposable_kernel[grid](w, mask, w.shape[1], BLOCK=block, NONFINITE_SCORE=_NONFINITE_SCORE,
+                                        num_warps=NUM_WARPS, enable_fp_fusion=False)
     return mask.view(torch.bool)
+
+
+def compile_specs(dtype: torch.dtype) -> list:
+    """The launch above, described for the offline compile report."""
+    return [CompileSpec(
+        kernel="mask_transposable", fn=_mask_transposable_kernel, dtype=str(dtype).split(".")[1],
+        signature={"w_ptr": "*" + TRITON_TYPES[dtype], "mask_ptr": "*i8", "n_cols": "i32"},
+        constexprs={"BLOCK": BLOCK_TILES, "NONFINITE_SCORE": _NONFINITE_SCORE}, num_warps=NUM_WARPS,
+        elements=16 * BLOCK_TILES, reads={"w_ptr": 16 * BLOCK_TILES},
+        aligned=("w_ptr", "mask_ptr", "n_cols"),
+    )]

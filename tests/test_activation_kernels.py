@@ -97,3 +97,90 @@ def test_bad_patterns_and_shapes(v, m, ffn, match):
     for fn in (activation_sparsify_reference, activation_sparsify_triton):
         with pytest.raises(ValueError, match=match):
             fn(torch.randn(4, ffn), v, m, True)
+
+
+MORE_CASES = [  # (V, M, tokens, ffn): several programs and ragged edges of the new launch tiles
+    (64, 4, 37, 236),  # 2:4, flat kernel, last program partial
+    (64, 8, 70, 1600),  # 64:2:8, 8 groups per program, partial group chunk and row block
+    (2, 32, 5, 96),  # 2:2:32
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v,m,tokens,ffn", MORE_CASES)
+def test_triton_matches_reference_on_larger_tiles(v, m, tokens, ffn, dtype):
+    x = _x(tokens, ffn, dtype, seed=tokens)
+    x[3, :] = x[2, :]  # equal rows: tied column norms inside blocks
+    got = activation_sparsify_triton(x, v, m, True)
+    ref = activation_sparsify_reference(x, v, m, True)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    if dtype != torch.bfloat16 or torch.cuda.is_available():
+        assert torch.equal(got[0], ref[0])
+    else:  # the CPU interpreter truncates fp32 -> bf16 (see above)
+        torch.testing.assert_close(got[0], ref[0], rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("squared_relu", [True, False])
+def test_2_4_nonfinite_inputs_match_reference(squared_relu):
+    x = _x(8, 64, torch.float32, seed=1)
+    x[2, 0], x[2, 5], x[3, 9], x[4, 12] = float("nan"), float("inf"), float("-inf"), float("nan")
+    got = activation_sparsify_triton(x, 64, 4, squared_relu)
+    ref = activation_sparsify_reference(x, 64, 4, squared_relu)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    assert torch.equal(got[0].nan_to_num(7.0), ref[0].nan_to_num(7.0))
+    assert got[1][2, 0] and got[1][2, 5]  # NaN (never beaten) and +inf are kept
+
+
+def test_2_4_reference_path_equals_the_general_v_2_m_reference():
+    """The 2:4 shortcut (no norms) gives what the general V:2:M code gives with M = 4."""
+    from megasparse.kernels.activation_sparsify import _keep_top
+
+    x = _x(50, 64, torch.float32, seed=5)
+    x[7, :] = x[6, :]
+    values, mask, columns, stats = activation_sparsify_reference(x, 16, 4, True)
+    a = torch.relu(x).square()
+    general = _keep_top(a.abs().reshape(50, 16, 4), torch.ones(50, 16, 4, dtype=torch.bool), 2)
+    assert torch.equal(mask, general.reshape(50, 64))
+    assert torch.equal(columns, torch.arange(4, dtype=torch.int16).expand(4, 16, 4))
+    assert torch.equal(values, a * mask)
+    assert stats[2].item() == pytest.approx((a.double() * ~mask).sum().item(), rel=1e-12)
+
+
+squared_relu_backward_triton = on_triton_device(kernels.squared_relu_sparsify_backward_triton)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_squared_relu_backward_matches_reference_and_autograd(dtype):
+    from megasparse.kernels import squared_relu_sparsify_backward_reference as reference
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(37, 236, generator=g).to(dtype)
+    grad = torch.randn(37, 236, generator=g).to(dtype)
+    _, mask, _, _ = activation_sparsify_reference(x, 64, 4, True)
+    got, ref = squared_relu_backward_triton(x, mask, grad), reference(x, mask, grad)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype != torch.bfloat16 or torch.cuda.is_available():
+        assert torch.equal(got, ref)
+    else:  # the CPU interpreter truncates fp32 -> bf16 (see above)
+        torch.testing.assert_close(got, ref, rtol=2 ** -7, atol=0)
+    # independent: autograd of (relu(x)^2 * mask) in float64
+    xd = x.double().requires_grad_(True)
+    (torch.relu(xd).square() * mask).backward(grad.double())
+    torch.testing.assert_close(ref.double(), xd.grad, rtol=2 ** -7 if dtype != torch.float32 else 1e-6, atol=0)
+    assert (ref[~mask] == 0).all()
+
+
+def test_squared_relu_backward_nonfinite_and_bad_shapes():
+    from megasparse.kernels import squared_relu_sparsify_backward_reference as reference
+
+    x = torch.tensor([[float("nan"), float("inf"), -1.0, 2.0, float("nan"), 3.0, 0.0, -0.0]])
+    mask = torch.tensor([[True, True, True, True, False, False, True, True]])
+    grad = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])
+    got = squared_relu_backward_triton(x, mask, grad)
+    expected = torch.tensor([[float("nan"), float("inf"), 0.0, 16.0, 0.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(reference(x, mask, grad).nan_to_num(9.0), expected.nan_to_num(9.0))
+    assert torch.equal(got.nan_to_num(9.0), expected.nan_to_num(9.0))
+    for fn in (reference, kernels.squared_relu_sparsify_backward_triton):
+        with pytest.raises(ValueError, match="one shape"):
+            fn(x, mask.float(), grad)

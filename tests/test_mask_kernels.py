@@ -119,3 +119,34 @@ def test_mask_report_orders_the_masks():
     kept = r["kept"]
     assert kept["1d"] > kept["transposable (exact)"] > kept["transposable (greedy)"] > 0.5
     assert r["greedy_beats_exact_tiles"] == 0.0 < r["exact_beats_greedy_tiles"]
+
+
+def test_mask_transposable_triton_finds_every_one_of_the_90_patterns():
+    """Tile p holds pattern p as 1s on 0s: pattern p is the unique optimum, so the kernel's
+    unrolled pattern enumeration must reproduce PATTERNS in order and position."""
+    w = torch.cat([PATTERNS[p].reshape(4, 4).float() for p in range(N_PATTERNS)], 1)
+    assert torch.equal(mask_transposable_triton(w), w.bool())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_transposable_triton_ties_and_nonfinite_match_reference(dtype):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randint(-2, 3, (8, 1040), generator=g).float()  # many equal scores: tie rule decides
+    w[0, :4] = float("nan")
+    w[1, :4] = float("inf")
+    w[4, 9], w[6, 30] = float("-inf"), float("nan")
+    w = w.to(dtype)
+    assert torch.equal(mask_transposable_triton(w), mask_transposable_reference(w))
+    assert torch.equal(mask_transposable_triton(torch.zeros(4, 8, dtype=dtype)),
+                       mask_transposable_reference(torch.zeros(4, 8, dtype=dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 1000), (1, 2052)])  # several programs, ragged last one
+def test_mask_1d_triton_matches_reference_with_ties_and_nonfinite(shape, dtype):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randint(-2, 3, shape, generator=g).float()
+    flat = w.view(-1)
+    flat[5], flat[10], flat[11], flat[-1] = float("nan"), float("inf"), float("-inf"), float("nan")
+    w = w.to(dtype)
+    assert torch.equal(mask_1d_triton(w), mask_1d_reference(w))
