@@ -78,7 +78,10 @@ class _SquaredReLUSparsify(torch.autograd.Function):
     def backward(ctx, grad_values, _grad_mask):
         x, mask = ctx.saved_tensors
         mask = mask.reshape(x.shape)
-        grad_x = torch.where(mask, 2 * torch.relu(x) * grad_values, 0).to(grad_values.dtype)
+        if x.is_cuda and kernels.HAVE_TRITON:  # one fused pass: dx = where(mask, 2 relu(x) dA, 0)
+            grad_x = kernels.squared_relu_sparsify_backward_triton(x, mask, grad_values.contiguous())
+        else:
+            grad_x = kernels.squared_relu_sparsify_backward_reference(x, mask, grad_values)
         return mark_sparse(grad_x, ctx.pattern), None, None  # dH has the activation's pattern
 
 

@@ -23,9 +23,12 @@ from megasparse.activation_sparsity import ActivationStats, sparsify
 from megasparse.backends import BACKENDS, check_backend_static, resolve_backend
 from megasparse.config import SparsityConfig
 from megasparse.interface import describe, layer_stats
+from megasparse import speed_gate
 from megasparse.ops import LinearPlan, sparse_linear_step
 from megasparse.sparse_operand import is_2_4, sparse_pattern
 from megasparse.weight_state import SparseWeightState, compute_mask
+
+ALL_ROLES = speed_gate.ROLES
 
 _FORWARD_IMPL_SIGNATURE = inspect.signature(mcore_layers.linear_with_grad_accumulation_and_async_allreduce)
 _FORWARD_IMPL_DEFAULTS = {
@@ -69,6 +72,7 @@ class _SparseLinearMixin:
         self.weight_state = SparseWeightState()
         self._dist_checkpointing = False
         self._backends = {}
+        self._gate_decisions = {}
         if self.weight is not None and self.sparsity.weights is not None:
             self._check_shard_shape(tuple(self.weight.shape), self.config.params_dtype)
 
@@ -195,8 +199,21 @@ class _SparseLinearMixin:
             srste_decay=self.sparsity.srste_decay,
             transposable=self.sparsity.mask == "transposable",
             gradient_accumulation_fusion=fusion,
+            sparse_weight_roles=self._gated_roles(input, step, backend),
         )
         return sparse_linear_step(input, weight, call["bias"], step, plan)
+
+    def _gated_roles(self, input, step, backend) -> tuple:
+        """The GEMM roles where W*M runs sparse: all of them, except that backend='auto' on a GPU asks
+        the speed gate (megasparse.speed_gate), once per shard shape, dtype and token count."""
+        if not (step.pruned and speed_gate.applies(self.sparsity.backend, backend, step.weight)):
+            return ALL_ROLES
+        tokens = input.numel() // input.shape[-1]
+        key = (tuple(step.weight.shape), step.weight.dtype, tokens, step.transposable)
+        if key not in self._gate_decisions:
+            self._gate_decisions[key] = speed_gate.sparse_roles(
+                type(self).__name__, step, backend, tokens, self.tp_group)
+        return self._gate_decisions[key]
 
     # fc2 sparsifies its input (the FFN activation); fc1 receives dH of a sparse activation
 

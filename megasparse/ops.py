@@ -30,6 +30,7 @@ class LinearPlan:
     srste_decay: float = 0.0
     transposable: bool = False
     gradient_accumulation_fusion: bool = False
+    sparse_weight_roles: tuple = ("forward", "input_grad")  # where the speed gate lets W*M be sparse
 
 
 def _weight_grad_fp32(dy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
@@ -77,18 +78,20 @@ def _dummy_weight_grad(weight, dtype):
     return torch.empty(weight.main_grad.shape, dtype=dtype, device=weight.device)
 
 
-def _forward_gemm(x, x2d, step: WeightStep, bias, backend):
-    if step.pruned:
+def _forward_gemm(x, x2d, step: WeightStep, bias, plan):
+    backend = plan.backend
+    if step.pruned and "forward" in plan.sparse_weight_roles:
         return backend.linear(x2d, step.compressed(), bias, WEIGHT)
     if is_2_4(x) and backend.fits(x2d):  # dense weight, 2:4 activation as the sparse operand
         return backend.linear(x2d, step.dense(), bias, ACTIVATION)
     return backend.linear(x2d, step.dense(), bias, None)
 
 
-def _input_grad_gemm(dy, dy2d, step: WeightStep, backend):
+def _input_grad_gemm(dy, dy2d, step: WeightStep, plan):
+    backend = plan.backend
     if is_2_4(dy) and backend.fits(dy2d):  # dH of a 2:4 activation (fc1 of a SparseMLP)
         return backend.input_grad(dy2d, step.dense(), GRAD_OUTPUT)
-    if step.pruned and step.transposable:  # (W*M)^T is 2:4 too
+    if step.pruned and step.transposable and "input_grad" in plan.sparse_weight_roles:  # (W*M)^T is 2:4 too
         return backend.input_grad(dy2d, step.compressed_t(), WEIGHT)
     return backend.input_grad(dy2d, step.dense(), None)  # (W*M)^T is not 2:4 along its reduction dim
 
@@ -97,7 +100,7 @@ class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, step: WeightStep, plan: LinearPlan):
         x2d = x.reshape(-1, x.shape[-1])
-        y2d = _forward_gemm(x, x2d, step, bias, plan.backend)
+        y2d = _forward_gemm(x, x2d, step, bias, plan)
         # x and this step's state are saved; the weight's operands live in the step, shared by micro-batches
         ctx.save_for_backward(x, weight)
         ctx.step, ctx.plan = step, plan
@@ -113,7 +116,7 @@ class _SparseLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad_gemm(dy, dy2d, step, plan.backend).reshape(x.shape)
+            grad_x = _input_grad_gemm(dy, dy2d, step, plan).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             if ctx.main_grad is not None:
                 weight.main_grad = ctx.main_grad

@@ -145,3 +145,26 @@ def gemm_pair(role: str, tokens: int, weight: torch.Tensor, backend):
     dy = torch.randn(tokens, out_features, dtype=weight.dtype, device=weight.device)
     sparse_wt = backend.tensor_class().from_dense(weight.t().contiguous())
     return (lambda: dy @ weight), (lambda: torch.nn.functional.linear(dy, sparse_wt))
+
+
+def applies(requested_backend: str, backend, weight) -> bool:
+    """The gate decides only for backend='auto' with a sparse backend on a CUDA weight."""
+    return requested_backend == "auto" and backend.name != "dense" and weight.is_cuda and enabled()
+
+
+_GATE = None
+
+
+def sparse_roles(layer: str, step, backend, tokens: int, group=None) -> tuple:
+    """The roles ("forward", "input_grad") where this weight step's W*M should run sparse."""
+    global _GATE
+    if _GATE is None:
+        _GATE = SpeedGate()
+    weight = step.dense()
+    device_name = torch.cuda.get_device_name(weight.device)
+    roles = ["forward"] + (["input_grad"] if step.transposable else [])
+    return tuple(
+        role for role in roles
+        if _GATE.use_sparse(layer, role, (tokens, *weight.shape), weight.dtype,
+                            *gemm_pair(role, tokens, weight, backend), device_name, group)
+    )

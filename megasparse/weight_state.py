@@ -91,7 +91,9 @@ class WeightStep:
         if self._dense is not None:
             return self._dense
         masked = self._masked()
-        if self.hold_backward or self.backend.name == "dense":  # dense: W*M is the forward operand too
+        # held where W*M itself is a GEMM operand in every micro-batch: the dense backend's forward,
+        # or a held 1d backward (a transposable backward uses the compressed (W*M)^T instead)
+        if self.backend.name == "dense" or (self.hold_backward and not self.transposable):
             self._dense = masked
         return masked
 
