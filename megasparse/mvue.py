@@ -61,7 +61,8 @@ def mvue24_variance(groups: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(a))
 
 
-def mvue24(x: torch.Tensor, dim: int = 0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def mvue24(x: torch.Tensor, dim: int = 0,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Prune `x` 2:4 along `dim` (groups of 4 consecutive elements) with the MVUE.
 
     For the weight-gradient GEMM dW = dY^T X (dY [tokens, out]) call `mvue24(dY, dim=0)`:
@@ -80,9 +81,11 @@ def mvue24(x: torch.Tensor, dim: int = 0, generator: Optional[torch.Generator] =
     edges = torch.cumsum(p, -1)
     edges[..., -1] = 2.0  # they sum to 2 up to rounding (less only with < 2 nonzeros: p = 1 each)
     start = edges - p
-    u = torch.rand(groups.shape[:-1], generator=generator, device=x.device, dtype=p.dtype)[..., None]
+    u = torch.rand(groups.shape[:-1], generator=generator, device=x.device, dtype=p.dtype)
+    u = u[..., None]
     # element i is kept when u or u + 1 falls in [start_i, edges_i)
     keep = ((start <= u) & (u < edges)) | ((start <= u + 1) & (u + 1 < edges))
     a = groups.to(p.dtype)
-    values = torch.where(keep & (p > 0), a / p.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(a))
+    scaled = a / p.clamp_min(torch.finfo(p.dtype).tiny)
+    values = torch.where(keep & (p > 0), scaled, torch.zeros_like(a))
     return values.to(x.dtype).reshape(moved.shape).movedim(-1, dim)

@@ -120,5 +120,6 @@ def test_sste_scale_over_tp_shards_equals_the_full_tensor(tmp_path):
 
     full = torch.randn(8, 32)
     out = str(tmp_path / "beta.pt")
-    torch.multiprocessing.spawn(_tp_scale_worker, args=(free_port(), full, out), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_tp_scale_worker, args=(free_port(), full, out), nprocs=2,
+                                join=True)
     assert torch.allclose(torch.load(out), sste_scale(full), rtol=1e-6)
