@@ -10,8 +10,9 @@ SparseSequentialMLP
 SparseTEGroupedMLP
     Megatron's TEGroupedMLP (Transformer Engine's grouped experts: parameters `weight{i}` of
     TE GroupedLinear) with `sparsity=`; its sparse forward is the grouped path below on the
-    masked TE weights (bf16/fp16; a per-expert loop where grouping does not apply). Under FP8
-    it refuses with a clear error: TE must quantize the masked weight, which is the FP8 issue.
+    masked TE weights (bf16/fp16; a per-expert loop where grouping does not apply). Under FP8,
+    TE's own grouped FP8 forward runs on the masked weights (its sparse TE grouped linears hand TE
+    W*M), weights only. Masks come from the TE grouped linears' per-step states.
 
 SparseGroupedMLP
     The same module and parameters as SparseSequentialMLP, but the forward runs all local experts at once: one mask
@@ -59,10 +60,12 @@ class SparseSequentialMLP(SequentialMLP):
         return total.as_dict()
 
 
-def _grouped_gemm_device_ok(device) -> bool:
+def _grouped_gemm_device_ok(device, dtype) -> bool:
+    """torch._grouped_mm is one fast kernel only for bf16 on sm90+; elsewhere on CUDA it loops with a
+    host sync, and the per-expert sparse GEMMs are the better choice. (CPU: any dtype, for tests.)"""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type != "cuda" or (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def can_group(config, x, fc1_weight, fc2_weight) -> bool:
@@ -71,7 +74,7 @@ def can_group(config, x, fc1_weight, fc2_weight) -> bool:
     return (
         aligned > 0
         and x.shape[0] > 0
-        and _grouped_gemm_device_ok(x.device)
+        and _grouped_gemm_device_ok(x.device, x.dtype)
         and not (config.gated_linear_unit or config.bias_activation_fusion or config.use_te_activation_func)
         and not (getattr(config, "fp8", None) or getattr(config, "fp4", None))
         and getattr(config, "moe_latent_size", None) is None
@@ -208,6 +211,11 @@ class SparseTEGroupedMLP(TEGroupedMLP):
         if sparsity is not None and not isinstance(sparsity, SparsityConfig):
             raise TypeError(f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}")
         sparsity = dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
+        if getattr(config, "moe_single_grouped_weight", False):
+            raise NotImplementedError(
+                "megasparse: moe_single_grouped_weight keeps all experts in one TE parameter and runs TE's op "
+                "fuser, which SparseTEGroupedMLP does not enter; set moe_single_grouped_weight=False "
+                "(--no-moe-single-grouped-weight) for sparse experts.")
         # Under FP8, TE's own grouped forward runs; its grouped linears then hand TE the masked weights.
         submodules = self._with_sparse_te_linears(submodules, sparsity)
         super().__init__(num_local_experts, config, submodules, *args, **kwargs)

@@ -80,6 +80,9 @@ def _dummy_weight_grad(weight, dtype):
 
 def _forward_gemm(x, x2d, step: WeightStep, bias, plan):
     backend = plan.backend
+    if x2d.shape[0] == 0:  # an expert that received no tokens: no GEMM (sparse kernels refuse empty operands)
+        y = x2d.new_zeros(0, step.weight.shape[0])
+        return y if bias is None else y + bias
     if step.pruned and "forward" in plan.sparse_weight_roles:
         return backend.linear(x2d, step.compressed(), bias, WEIGHT)
     if is_2_4(x) and backend.fits(x2d):  # dense weight, 2:4 activation as the sparse operand
@@ -89,6 +92,8 @@ def _forward_gemm(x, x2d, step: WeightStep, bias, plan):
 
 def _input_grad_gemm(dy, dy2d, step: WeightStep, plan):
     backend = plan.backend
+    if dy2d.shape[0] == 0:
+        return dy2d.new_zeros(0, step.weight.shape[1])
     if is_2_4(dy) and backend.fits(dy2d):  # dH of a 2:4 activation (fc1 of a SparseMLP)
         return backend.input_grad(dy2d, step.dense(), GRAD_OUTPUT)
     if step.pruned and step.transposable and "input_grad" in plan.sparse_weight_roles:  # (W*M)^T is 2:4 too
@@ -211,31 +216,21 @@ def masked_weight(steps, gradient="ste", srste_decay=0.0, stacked=None):
     return _MaskedWeights.apply(masked, steps, gradient, srste_decay, *[s.weight for s in steps])
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """y[rows of group e] = x[rows of e] W[e]^T for all groups in one grouped GEMM (torch._grouped_mm)."""
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient (_grouped_mm's backward needs one)."""
 
     @staticmethod
-    def forward(ctx, x, weights, offsets):
-        ctx.save_for_backward(x, weights, offsets)
-        return torch._grouped_mm(x, weights.transpose(1, 2), offs=offsets)
+    def forward(ctx, y):
+        return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weights, offsets = ctx.saved_tensors
-        dy = dy.contiguous()
-        grad_x = torch._grouped_mm(dy, weights, offs=offsets) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:  # dW[e] = dy[e]^T x[e]: tokens are the reduction dim, padded to 16 bytes
-            tokens = x.shape[0]
-            padded = -(-tokens // (16 // x.element_size())) * (16 // x.element_size())
-            dy_t = dy.new_zeros(dy.shape[1], padded)
-            dy_t[:, :tokens] = dy.t()
-            x_padded = x.new_zeros(padded, x.shape[1])
-            x_padded[:tokens] = x
-            grad_w = torch._grouped_mm(dy_t, x_padded, offs=offsets)
-        return grad_x, grad_w, None
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [tokens, in] sorted by group, weights [groups, out, in], offsets int32 cumulative row ends."""
-    return _GroupedLinear.apply(x.contiguous(), weights, offsets)
+    """x [tokens, in] sorted by group, weights [groups, out, in], offsets int32 cumulative row ends.
+
+    One grouped GEMM (torch._grouped_mm) with PyTorch's own autograd for the input and weight gradients.
+    """
+    return _ContiguousGrad.apply(torch._grouped_mm(x.contiguous(), weights.transpose(1, 2), offs=offsets))
