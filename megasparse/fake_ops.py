@@ -91,7 +91,8 @@ def cslt_sparse_mm_meta(
     elif alpha is not None and (alpha.dtype != torch.float32 or alpha.numel() != m
                                 or not alpha.is_contiguous()):
         # vector alpha (CUSPARSELT_MATMUL_ALPHA_VECTOR_SCALING): m contiguous floats, read on device
-        raise RuntimeError(f"_cslt_sparse_mm: a vector alpha must be {m} contiguous float32 values, "
+        raise RuntimeError(f"_cslt_sparse_mm: a vector alpha must be {m} contiguous float32 "
+                           "values, "
                            f"got {tuple(alpha.shape)} {alpha.dtype}")
     sparse_mm_calls.append(dict(
         m=m, k=k, n=n, dtype=compressed_A.dtype, dense_contiguous=dense_B.is_contiguous(),

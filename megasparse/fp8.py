@@ -10,9 +10,9 @@ The order is configurable: "prune-then-quantize" masks the dense weight and quan
 ties, which the lower-index rule breaks). Either way the FP8 weight is exactly 2:4.
 
 The GEMM runs on cuSPARSELt (torch._cslt_sparse_mm with an e4m3 sparse operand, sm90 only:
-see megasparse.fp8_gemm) where available, else on torch._scaled_mm (CUDA, or the CPU emulation: same operands, same
-scales, fp32 accumulation, bf16 output). The backward runs in the input's precision on the
-dequantized sparse weight (a straight-through quantizer); only the forward GEMM is FP8.
+see megasparse.fp8_gemm) where available, else on torch._scaled_mm (CUDA, or the CPU emulation:
+same operands, same scales, fp32 accumulation, bf16 output). The backward runs in the input's
+precision on the dequantized sparse weight (a straight-through quantizer); only the forward GEMM is FP8.
 This standalone class studies numerics (both orders); for training, Megatron's sparse TE linears
 run megasparse.fp8_linear (forward and input gradient on FP8 2:4, per-step cached FP8 weight).
 """
@@ -113,8 +113,9 @@ def fp8_gemm(x_q, scale_x, w_q, scale_w, out_dtype=torch.bfloat16, sparse=True):
     Compresses w_q per call: layers cache the compressed weight per step (megasparse.fp8_linear)."""
     inv_x, inv_w = (1.0 / scale_x).float(), (1.0 / scale_w).float()
     if sparse and _fp8_cusparselt_ok(w_q.device):
-        return fp8_gemm_ops.sparse_fp8_mm(x_q, inv_x, fp8_gemm_ops.compress(w_q), w_q.shape[0], inv_w,
-                                          out_dtype, use_cusparselt=True)
+        packed = fp8_gemm_ops.compress(w_q)
+        return fp8_gemm_ops.sparse_fp8_mm(x_q, inv_x, packed, w_q.shape[0], inv_w, out_dtype,
+                                          use_cusparselt=True)
     return fp8_gemm_ops.dense_fp8_mm(x_q, inv_x, w_q, inv_w, out_dtype)
 
 

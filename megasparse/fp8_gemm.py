@@ -1,4 +1,4 @@
-"""FP8 (e4m3) GEMMs with one 2:4 operand, without host syncs: cuSPARSELt on sm90, emulated elsewhere.
+"""FP8 (e4m3) GEMMs with one 2:4 operand, no host syncs: cuSPARSELt on sm90, emulated elsewhere.
 
 y = (x_q * x_scale_inv) @ (w_q * w_scale_inv)^T, fp32 accumulation, one rounding to `out_dtype`.
 
@@ -41,7 +41,8 @@ ALPHA_MODES = ("vector", "output")
 def alpha_mode() -> str:
     mode = os.environ.get("MEGASPARSE_FP8_ALPHA", "vector")
     if mode not in ALPHA_MODES:
-        raise ValueError(f"megasparse: MEGASPARSE_FP8_ALPHA must be one of {ALPHA_MODES}, got {mode!r}")
+        raise ValueError(f"megasparse: MEGASPARSE_FP8_ALPHA must be one of {ALPHA_MODES}, "
+                         f"got {mode!r}")
     return mode
 
 
@@ -82,7 +83,7 @@ def pad_rows(t: torch.Tensor, multiple: int = TOKEN_MULTIPLE) -> torch.Tensor:
 
 
 def alpha_vector(scale_inv_a: torch.Tensor, scale_inv_b: torch.Tensor, rows: int) -> torch.Tensor:
-    """The per-tensor product scale as an [rows] float32 device vector (cuSPARSELt's vector alpha)."""
+    """The per-tensor product scale as an [rows] float32 device vector (cuSPARSELt vector alpha)."""
     return (scale_inv_a.float() * scale_inv_b.float()).reshape(1).expand(rows).contiguous()
 
 
@@ -102,10 +103,12 @@ def sparse_fp8_mm(a_q, a_scale_inv, sparse_b, rows_b, b_scale_inv, out_dtype=tor
     a_pad = pad_rows(a_q)
     if use_cusparselt:
         if alpha_mode() == "vector":
-            y = torch._cslt_sparse_mm(sparse_b, a_pad.t(), alpha=alpha_vector(a_scale_inv, b_scale_inv,
-                                      rows_b), out_dtype=out_dtype, transpose_result=True)
+            alpha = alpha_vector(a_scale_inv, b_scale_inv, rows_b)
+            y = torch._cslt_sparse_mm(sparse_b, a_pad.t(), alpha=alpha, out_dtype=out_dtype,
+                                      transpose_result=True)
         else:
-            y = torch._cslt_sparse_mm(sparse_b, a_pad.t(), out_dtype=torch.float32, transpose_result=True)
+            y = torch._cslt_sparse_mm(sparse_b, a_pad.t(), out_dtype=torch.float32,
+                                      transpose_result=True)
             y = (y * (a_scale_inv.float() * b_scale_inv.float())).to(out_dtype)
     else:
         y = torch._scaled_mm(a_pad, sparse_b.t(), scale_a=a_scale_inv.float().reshape(()),

@@ -78,7 +78,8 @@ class _Fp8SparseLinear(torch.autograd.Function):
         saved_x = x_q if plan.fp8_wgrad else x2d
         ctx.save_for_backward(saved_x, x_si, weight)
         ctx.step, ctx.plan, ctx.x_shape, ctx.has_bias = step, plan, x.shape, bias is not None
-        ctx.main_grad = getattr(weight, "main_grad", None) if plan.gradient_accumulation_fusion else None
+        fused = plan.gradient_accumulation_fusion
+        ctx.main_grad = getattr(weight, "main_grad", None) if fused else None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -97,7 +98,8 @@ class _Fp8SparseLinear(torch.autograd.Function):
             else:
                 dy_q, dy_si = plan.grad_scaler(dy2d)
                 # wq.backward is (W*M)^T [in, out] row-major: dense_fp8_mm's b_q_t
-                grad_x = fp8_gemm.dense_fp8_mm(dy_q, dy_si, wq.backward, wq.scale_inv, plan.out_dtype)
+                grad_x = fp8_gemm.dense_fp8_mm(dy_q, dy_si, wq.backward, wq.scale_inv,
+                                               plan.out_dtype)
             grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad32 = _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan)
@@ -131,13 +133,14 @@ def _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan):
 def fp8_sparse_linear_step(x, weight, bias, step: WeightStep, plan: Fp8LinearPlan) -> torch.Tensor:
     """y = x (M*W)^T + b in FP8 with this optimizer step's weight state (step.pruned must hold)."""
     if not step.pruned:
-        raise ValueError("megasparse: the FP8 2:4 op needs a pruned weight step (a dense phase runs "
+        raise ValueError("megasparse: the FP8 2:4 op needs a pruned weight step (a dense phase "
+                         "runs "
                          "the dense FP8 GEMM)")
     return _Fp8SparseLinear.apply(x, weight, bias, step, plan)
 
 
 def default_plan(recipe=None, use_cusparselt=False, **kwargs) -> Fp8LinearPlan:
-    """A plan with megasparse's own scalers following `recipe` (an Fp8Recipe; None: HYBRID current)."""
+    """A plan with megasparse's own scalers following `recipe` (Fp8Recipe; None: HYBRID current)."""
     from megasparse.fp8_recipe import Fp8Recipe
 
     recipe = recipe or Fp8Recipe()

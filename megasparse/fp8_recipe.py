@@ -81,7 +81,8 @@ class Fp8Recipe:
 
 class CurrentScaler:
     def __init__(self, dtype=E4M3, margin=0, pow2=False, group=None, epsilon=0.0):
-        self.dtype, self.margin, self.pow2, self.group, self.epsilon = dtype, margin, pow2, group, epsilon
+        self.dtype, self.margin, self.pow2 = dtype, margin, pow2
+        self.group, self.epsilon = group, epsilon
 
     def __call__(self, t: torch.Tensor):
         amax = t.detach().abs().amax().float()
@@ -97,7 +98,8 @@ class DelayedScaler:
 
     def __init__(self, dtype=E4M3, margin=0, history_len=16, algo="max"):
         if algo not in ("max", "most_recent"):
-            raise ValueError(f"megasparse: amax_compute_algo must be 'max' or 'most_recent', got {algo!r}")
+            raise ValueError("megasparse: amax_compute_algo must be 'max' or 'most_recent', "
+                             f"got {algo!r}")
         self.dtype, self.margin, self.history_len, self.algo = dtype, margin, history_len, algo
         self.history = None
         self.seen = 0

@@ -137,7 +137,8 @@ def _fp8_forward_hook(te_linear: type) -> type:
 
         return te_fp8_forward(self, inp, te_linear.forward, *args, **kwargs)
 
-    return type("_MegasparseFp8" + te_linear.__name__, (te_linear,), {"forward": forward, "__module__": __name__})
+    name = "_MegasparseFp8" + te_linear.__name__
+    return type(name, (te_linear,), {"forward": forward, "__module__": __name__})
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,7 +151,8 @@ def sparse_te_class(base: type) -> type:
 
     name = "Sparse" + base.__name__
     te_linear = _te_linear_class(base)
-    bases = (_SparseTEMixin, base) + ((_fp8_forward_hook(te_linear),) if te_linear is not None else ())
+    hook = (_fp8_forward_hook(te_linear),) if te_linear is not None else ()
+    bases = (_SparseTEMixin, base) + hook
     return type(name, bases, {"__init__": __init__, "__module__": __name__, "__qualname__": name})
 
 

@@ -1,5 +1,6 @@
 """FP8 2:4 in sparse Transformer Engine linears: under TE's fp8_autocast, the forward GEMM (and with
-transposable masks the input-gradient GEMM) run as e4m3 2:4 cuSPARSELt GEMMs (megasparse.fp8_linear).
+transposable masks the input-gradient GEMM) run as e4m3 2:4 cuSPARSELt GEMMs
+(megasparse.fp8_linear).
 
 Where it enters: `te_fp8_forward` replaces the forward of TE's own `Linear` class (it sits between
 Megatron's TE wrapper and TE's Linear in the MRO, see megasparse.te), so it receives exactly what
@@ -53,7 +54,8 @@ def fp8_route(module):
     device = module.weight.device
     reason = None
     if recipe is None:
-        reason = f"TE recipe {type(te_recipe).__name__} is block-scaled; cuSPARSELt takes per-tensor scales"
+        reason = (f"TE recipe {type(te_recipe).__name__} is block-scaled; cuSPARSELt takes "
+                  "per-tensor scales")
     elif device.type == "cuda":
         reason = fp8_gemm.fp8_cusparselt_reason(device)
     else:
@@ -66,7 +68,8 @@ def fp8_route(module):
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
-            warnings.warn(f"megasparse: FP8 2:4 is off for this layer ({reason}); TE's dense FP8 GEMM "
+            warnings.warn(f"megasparse: FP8 2:4 is off for this layer ({reason}); TE's dense FP8 "
+                          "GEMM "
                           "runs on W*M instead", stacklevel=3)
         return None
     return recipe, True

@@ -186,7 +186,7 @@ def _quantized_operands(tokens, out, k, seed=0):
 
 @pytest.mark.parametrize("tokens", [48, 21])  # 21: padded to 32 and unpadded
 def test_emulated_sparse_fp8_mm_is_the_gpu_math(tokens):
-    """The emulation = fp32 accumulation of the e4m3 products, times x_si * w_si, rounded once to bf16:
+    """The emulation = fp32 accumulation of the e4m3 products, times x_si * w_si, rounded once:
     checked against float64 of the same quantized operands (only bf16 output rounding remains)."""
     x_q, x_si, w_q, w_si = _quantized_operands(tokens, 64, 128)
     y = gemm_ops.sparse_fp8_mm(x_q, x_si, w_q, 64, w_si, torch.bfloat16, use_cusparselt=False)
@@ -216,20 +216,23 @@ def test_recipe_from_te_like_objects():
     d.fp8_format, d.margin, d.amax_history_len, d.amax_compute_algo = hybrid, 1, 16, "most_recent"
     d.override_linear_precision = SimpleNamespace(fprop=False, dgrad=False, wgrad=True)
     r = Fp8Recipe.from_te(d)
-    assert (r.grad_dtype, r.margin, r.amax_history_len, r.amax_compute_algo, r.fp8_wgrad, r.delayed) \
+    got = (r.grad_dtype, r.margin, r.amax_history_len, r.amax_compute_algo, r.fp8_wgrad, r.delayed)
+    assert got \
         == (E5M2, 1, 16, "most_recent", False, True)
     assert isinstance(r.own_scaler(fp8_gemm_dtype := torch.float8_e4m3fn), DelayedScaler)
     c = type("Float8CurrentScaling", (), {})()
     c.fp8_format, c.fp8_quant_fwd_inp = e4m3, SimpleNamespace(power_2_scale=True)
     rc = Fp8Recipe.from_te(c)
-    assert rc.grad_dtype == fp8_gemm_dtype and rc.pow2_scales and isinstance(rc.own_scaler(E5M2), CurrentScaler)
+    assert rc.grad_dtype == fp8_gemm_dtype and rc.pow2_scales
+    assert isinstance(rc.own_scaler(E5M2), CurrentScaler)
     assert Fp8Recipe.from_te(type("MXFP8BlockScaling", (), {})()) is None
 
 
 def test_scalers_follow_te_math_on_device():
     t = torch.tensor([[3.0, -6.0], [0.5, 1.0]])
     q, si = CurrentScaler(torch.float8_e4m3fn, margin=1)(t)
-    assert si.item() == pytest.approx(6.0 * 2 / E4M3_MAX, rel=1e-6) and q.dtype == torch.float8_e4m3fn
+    assert si.item() == pytest.approx(6.0 * 2 / E4M3_MAX, rel=1e-6)
+    assert q.dtype == torch.float8_e4m3fn
     q5, si5 = CurrentScaler(E5M2, pow2=True)(t)
     assert q5.dtype == E5M2 and torch.log2(si5).item().is_integer()  # power-of-2 scale
     delayed = DelayedScaler(history_len=2, algo="max")
@@ -242,7 +245,8 @@ def test_scalers_follow_te_math_on_device():
 
 
 def _fp8_layer_step(w, mask_kind):
-    return SparseWeightState().step(w, SparsityConfig(mask=mask_kind, gradient="ste"), BACKENDS["dense"])
+    cfg = SparsityConfig(mask=mask_kind, gradient="ste")
+    return SparseWeightState().step(w, cfg, BACKENDS["dense"])
 
 
 @pytest.mark.parametrize("mask_kind", ["1d", "transposable"])
@@ -321,3 +325,17 @@ def test_cusparselt_fp8_linear_matches_emulation(monkeypatch, alpha):
     y = gemm_ops.sparse_fp8_mm(x_q, x_si, gemm_ops.compress(w_q), 256, w_si, use_cusparselt=True)
     ref = gemm_ops.sparse_fp8_mm(x_q.cpu(), x_si.cpu(), w_q.cpu(), 256, w_si.cpu())
     torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=2**-7, atol=1e-3)
+
+
+def test_numerics_tool_reports_the_training_paths_weight_error():
+    """fp8_numerics' prune-then-quantize error is the error of the e4m3 weight fp8_linear trains with."""
+    from megasparse.tools.fp8_numerics import layer_report
+
+    w = _w((64, 128), 12)
+    step = _fp8_layer_step(w, "1d")
+    wq = fp8_linear.fp8_weight(step, use_cusparselt=False)
+    pruned = (w * step.mask()).double()
+    err = ((wq.forward.double() * wq.scale_inv.double() - pruned).norm() / pruned.norm()).item()
+    assert layer_report(w)["prune-then-quantize_err"] == pytest.approx(err, rel=1e-6)  # fp32 1/scale
+    w_q, _, _ = sparse_fp8_weight(w, None, "1d", "prune-then-quantize")  # what the tool quantizes
+    assert torch.equal(w_q.float(), wq.forward.float())

@@ -214,7 +214,7 @@ def test_real_te_linear_under_fp8_quantizes_the_masked_weight():
 # --- FP8 2:4 under fp8_autocast (megasparse.te_fp8) with stand-ins for TE's Linear and state ------
 
 class Linear(torch.nn.Module):
-    """Stands in for transformer_engine.pytorch.Linear: a forward that reads _get_weight_tensors()."""
+    """Stands in for transformer_engine.pytorch.Linear: its forward reads _get_weight_tensors()."""
 
     def __init__(self, in_features, out_features, *, config, bias=False, return_bias=False):
         super().__init__()
@@ -263,7 +263,8 @@ def test_te_linear_runs_fp8_2_4_under_fp8_autocast(monkeypatch, bias, return_bia
     x = torch.randn(10, 64, requires_grad=True)
     exact = x.detach() @ (layer.weight.detach() * weight_mask(layer.weight, "transposable")).t()
     y_off, b_off = layer(x)
-    torch.testing.assert_close(y_off, exact + (layer.bias.detach() if bias and not return_bias else 0))
+    added = layer.bias.detach() if bias and not return_bias else 0
+    torch.testing.assert_close(y_off, exact + added)
     monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, _delayed_recipe()))
     y, b = layer(x)
     assert y.dtype == torch.float32 and (b is layer.bias if return_bias else b is None)
@@ -273,7 +274,7 @@ def test_te_linear_runs_fp8_2_4_under_fp8_autocast(monkeypatch, bias, return_bia
         return quantize_with(t, s).double() / s.double()
 
     wm = layer.weight.detach() * layer.sparsity_mask()
-    ref = q64(x.detach()) @ q64(wm).t() + (layer.bias.detach().double() if bias and not return_bias else 0)
+    ref = q64(x.detach()) @ q64(wm).t() + (added.double() if bias and not return_bias else 0)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)  # the FP8 path, not TE's GEMM
     assert not torch.allclose(y, y_off)
     y.sum().backward()
@@ -283,10 +284,11 @@ def test_te_linear_runs_fp8_2_4_under_fp8_autocast(monkeypatch, bias, return_bia
 
 
 def test_te_linear_fp8_uses_the_modules_te_quantizer_state(monkeypatch):
-    """Delayed scaling with TE's quantizers: x is scaled by TE's scale, its amax lands in TE's buffer."""
+    """Delayed scaling with TE's quantizers: x scaled by TE's scale, its amax in TE's buffer."""
     import megasparse.te_fp8 as te_fp8
 
-    layer = sparse_te_class(TEColumnParallelLinearLike)(64, 32, config=make_config(), sparsity=SparsityConfig())
+    layer = sparse_te_class(TEColumnParallelLinearLike)(64, 32, config=make_config(),
+                                                        sparsity=SparsityConfig())
     Float8Quantizer = type("Float8Quantizer", (), {})
     fwd, bwd = Float8Quantizer(), Float8Quantizer()
     fwd.scale, fwd.amax = torch.tensor([16.0]), torch.zeros(1)
@@ -310,7 +312,8 @@ def test_te_linear_fp8_uses_the_modules_te_quantizer_state(monkeypatch):
 def test_te_fp8_route_falls_back_with_a_reason(monkeypatch):
     import megasparse.te_fp8 as te_fp8
 
-    layer = sparse_te_class(TEColumnParallelLinearLike)(64, 32, config=make_config(), sparsity=SparsityConfig())
+    layer = sparse_te_class(TEColumnParallelLinearLike)(64, 32, config=make_config(),
+                                                        sparsity=SparsityConfig())
     monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, type("MXFP8BlockScaling", (), {})()))
     with pytest.warns(UserWarning, match="block-scaled"):
         assert te_fp8.fp8_route(layer) is None
