@@ -9,7 +9,8 @@ below follow aten/src/ATen/native/sparse/cuda/cuSPARSELtOps.cpp:
 - `_cslt_sparse_mm(cA, B [k, n])` recovers `m = cA.numel() * 16 / factor / k` and returns
   [m, n], or [n, m] with `transpose_result`; out_dtype only for 8-bit inputs.
 A one-element `alpha` is read with `.item()` there (a host sync per call): `alpha_item_calls`
-counts those calls so a dry run can assert the hot path has none.
+counts those calls so a dry run can assert the hot path has none; a longer alpha is cuSPARSELt's
+per-row vector (m float32 values on the device), checked here. `sparse_mm_calls` logs each call.
 
 `SparseSemiStructuredTensor.from_dense` refuses any non-CUDA tensor before its dim, contiguity,
 dtype and shape checks; `meta_device_checks()` lets meta tensors through to those same checks.
@@ -31,6 +32,9 @@ _OUT_DTYPES = {
 }
 
 alpha_item_calls = 0
+# every faked _cslt_sparse_mm call: dict(m, k, n, dtype, dense_contiguous, alpha (shape, dtype) or
+# None, out_dtype, transpose_result), so dry runs can check each call's arguments
+sparse_mm_calls = []
 
 
 def compression_factor(dtype: torch.dtype) -> int:
@@ -84,6 +88,16 @@ def cslt_sparse_mm_meta(
         raise RuntimeError(f"_cslt_sparse_mm: bias must be [{m}], got {tuple(bias.shape)}")
     if alpha is not None and alpha.numel() == 1:
         alpha_item_calls += 1  # cuSPARSELtOps.cpp: alpha = alpha_tensor.item<float>()
+    elif alpha is not None and (alpha.dtype != torch.float32 or alpha.numel() != m
+                                or not alpha.is_contiguous()):
+        # vector alpha (CUSPARSELT_MATMUL_ALPHA_VECTOR_SCALING): m contiguous floats, read on device
+        raise RuntimeError(f"_cslt_sparse_mm: a vector alpha must be {m} contiguous float32 "
+                           "values, "
+                           f"got {tuple(alpha.shape)} {alpha.dtype}")
+    sparse_mm_calls.append(dict(
+        m=m, k=k, n=n, dtype=compressed_A.dtype, dense_contiguous=dense_B.is_contiguous(),
+        alpha=None if alpha is None else (tuple(alpha.shape), alpha.dtype), out_dtype=out_dtype,
+        transpose_result=transpose_result))
     shape = (n, m) if transpose_result else (m, n)
     return dense_B.new_empty(shape, dtype=out_dtype or dense_B.dtype)
 

@@ -9,10 +9,12 @@ The order is configurable: "prune-then-quantize" masks the dense weight and quan
 "quantize-then-prune" quantizes W and masks the quantized values (FP8's coarse grid creates more
 ties, which the lower-index rule breaks). Either way the FP8 weight is exactly 2:4.
 
-The GEMM runs on cuSPARSELt (torch._cslt_sparse_mm with an e4m3 sparse operand, sm89/sm90)
-where available, else on torch._scaled_mm (CUDA, or the CPU emulation: same operands, same
-scales, fp32 accumulation, bf16 output). The backward runs in the input's precision on the
-dequantized sparse weight (a straight-through quantizer); only the forward GEMM is FP8.
+The GEMM runs on cuSPARSELt (torch._cslt_sparse_mm with an e4m3 sparse operand, sm90 only:
+see megasparse.fp8_gemm) where available, else on torch._scaled_mm (CUDA, or the CPU emulation:
+same operands, same scales, fp32 accumulation, bf16 output). The backward runs in the input's
+precision on the dequantized sparse weight (a straight-through quantizer); only the forward GEMM is FP8.
+This standalone class studies numerics (both orders); for training, Megatron's sparse TE linears
+run megasparse.fp8_linear (forward and input gradient on FP8 2:4, per-step cached FP8 weight).
 """
 
 from collections import deque
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megasparse import fp8_gemm as fp8_gemm_ops
 from megasparse.backends import BACKENDS
 from megasparse.masks import weight_mask
 from megasparse.ops import gradient_term
@@ -100,17 +103,20 @@ def sparse_fp8_weight(weight, scale=None, mask_kind="1d", order="prune-then-quan
 
 
 def _fp8_cusparselt_ok(device) -> bool:
-    return (device.type == "cuda" and torch.backends.cusparselt.is_available()
-            and torch.cuda.get_device_capability(device) >= (8, 9))
+    """sm90 with cuSPARSELt 0.6.2+ (megasparse.fp8_gemm.fp8_cusparselt_reason says why not)."""
+    return fp8_gemm_ops.fp8_cusparselt_ok(device)
 
 
 def fp8_gemm(x_q, scale_x, w_q, scale_w, out_dtype=torch.bfloat16, sparse=True):
-    """(x_q / scale_x) @ (w_q / scale_w)^T with fp32 accumulation; cuSPARSELt when it can, else _scaled_mm."""
+    """(x_q / scale_x) @ (w_q / scale_w)^T with fp32 accumulation; cuSPARSELt when it can, else
+    _scaled_mm. No host sync (vector alpha, see megasparse.fp8_gemm); tokens padded to 16.
+    Compresses w_q per call: layers cache the compressed weight per step (megasparse.fp8_linear)."""
     inv_x, inv_w = (1.0 / scale_x).float(), (1.0 / scale_w).float()
     if sparse and _fp8_cusparselt_ok(w_q.device):
-        return torch._cslt_sparse_mm(torch._cslt_compress(w_q), x_q.t(), alpha=(inv_x * inv_w).reshape(1),
-                                     out_dtype=out_dtype, transpose_result=True)
-    return torch._scaled_mm(x_q, w_q.t(), scale_a=inv_x.reshape(()), scale_b=inv_w.reshape(()), out_dtype=out_dtype)
+        packed = fp8_gemm_ops.compress(w_q)
+        return fp8_gemm_ops.sparse_fp8_mm(x_q, inv_x, packed, w_q.shape[0], inv_w, out_dtype,
+                                          use_cusparselt=True)
+    return fp8_gemm_ops.dense_fp8_mm(x_q, inv_x, w_q, inv_w, out_dtype)
 
 
 class _Fp8SparseLinear(torch.autograd.Function):

@@ -17,7 +17,10 @@ TE without `_get_weight_tensors` (before 2.5: it would silently train dense), he
 (mask_refresh_interval > 1: TE's `_extra_state` holds its FP8 metadata, so there is no checkpoint
 entry for them), FP8 primary weights (fp8_model_init), and TE's delayed wgrad
 (delay_wgrad_compute: TE's backward_dw writes .grad onto the tensor it computed with, W*M, not
-onto the master weight). The GEMM is TE's dense (FP8 or bf16) GEMM on the masked weight.
+onto the master weight). The GEMM is TE's dense (FP8 or bf16) GEMM on the masked weight, except
+under fp8_autocast with a per-tensor recipe on sm90: then the column/row-parallel linears (TE's
+`Linear`) run the forward and (transposable masks) input-gradient GEMMs as FP8 2:4 cuSPARSELt
+GEMMs (megasparse.te_fp8, which says exactly when).
 """
 
 import dataclasses
@@ -116,6 +119,28 @@ class _SparseTEMixin:
         return f"{super().extra_repr()}, sparsity={describe(self.sparsity)}"
 
 
+def _te_linear_class(base: type):
+    """TE's own `Linear` in base's MRO (Megatron's TE column/row-parallel wrappers), or None."""
+    for cls in base.__mro__:
+        if cls.__name__ == "Linear" and cls.__module__.split(".")[0] == "transformer_engine":
+            return cls
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_forward_hook(te_linear: type) -> type:
+    """A subclass of TE's Linear whose forward runs megasparse.te_fp8 (FP8 2:4) when it applies.
+    Placed right above TE's Linear in the MRO, so Megatron's wrapper calls it as TE's forward."""
+
+    def forward(self, inp, *args, **kwargs):
+        from megasparse.te_fp8 import te_fp8_forward
+
+        return te_fp8_forward(self, inp, te_linear.forward, *args, **kwargs)
+
+    name = "_MegasparseFp8" + te_linear.__name__
+    return type(name, (te_linear,), {"forward": forward, "__module__": __name__})
+
+
 @functools.lru_cache(maxsize=None)
 def sparse_te_class(base: type) -> type:
     """The sparse variant of a TE linear class (same constructor plus `sparsity=`)."""
@@ -125,7 +150,10 @@ def sparse_te_class(base: type) -> type:
         self._setup_sparse_te(sparsity)
 
     name = "Sparse" + base.__name__
-    return type(name, (_SparseTEMixin, base), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+    te_linear = _te_linear_class(base)
+    hook = (_fp8_forward_hook(te_linear),) if te_linear is not None else ()
+    bases = (_SparseTEMixin, base) + hook
+    return type(name, bases, {"__init__": __init__, "__module__": __name__, "__qualname__": name})
 
 
 def __getattr__(name):

@@ -73,6 +73,7 @@ class WeightStep:
         self._dense = None  # W*M
         self._compressed = None  # compress(W*M)
         self._compressed_t = None  # compress((W*M)^T)
+        self._extras = {}  # other per-step operands by key (megasparse.fp8_linear: the FP8 weight)
 
     @property
     def pruned(self) -> bool:
@@ -112,6 +113,12 @@ class WeightStep:
             self._compressed_t = operand
         return operand
 
+    def cached(self, key, build):
+        """`build()` once per step under `key` (e.g. the FP8 weight and its compressed operands)."""
+        if key not in self._extras:
+            self._extras[key] = build()
+        return self._extras[key]
+
     def take_decay(self) -> bool:
         """True once per step: whether the caller should add this step's per-step gradient term."""
         pending, self.decay_pending = self.decay_pending, False
@@ -123,7 +130,10 @@ class WeightStep:
                  "compressed": self._compressed, "compressed_t": self._compressed_t}
         if parts["compressed"] is parts["dense"]:
             parts["compressed"] = None  # the dense backend's operand is W*M itself
-        return {name: _nbytes(value) for name, value in parts.items() if value is not None}
+        held = {name: _nbytes(value) for name, value in parts.items() if value is not None}
+        for key, value in self._extras.items():  # objects listing their tensors: held_tensors()
+            held[str(key)] = sum(_nbytes(t) for t in value.held_tensors())
+        return held
 
 
 def _nbytes(value) -> int:

@@ -138,3 +138,204 @@ def test_numerics_tool_on_a_checkpoint(tmp_path, capsys):
     main(["--checkpoint", str(path), "--json", str(out)])
     assert "P>Q err" in capsys.readouterr().out
     assert json.loads(out.read_text()).keys() == rows.keys()
+
+
+# --- the FP8 2:4 training path (megasparse.fp8_gemm, fp8_recipe, fp8_linear) ----------------------
+
+from megasparse import fp8_gemm as gemm_ops  # noqa: E402
+from megasparse import fp8_linear  # noqa: E402
+from megasparse.backends import BACKENDS  # noqa: E402
+from megasparse.config import SparsityConfig  # noqa: E402
+from megasparse.fp8_recipe import (  # noqa: E402
+    CurrentScaler,
+    DelayedScaler,
+    Fp8Recipe,
+    TeQuantizerScaler,
+    quantize_with,
+    scale_from_amax,
+)
+from megasparse.weight_state import SparseWeightState  # noqa: E402
+
+E5M2 = torch.float8_e5m2
+
+
+@pytest.mark.parametrize("capability,version,ok,why", [
+    ((9, 0), 602, True, None),
+    ((8, 9), 602, False, "xfailIfSM89"),
+    ((10, 0), 602, False, "sm8x/sm9x only"),
+    ((8, 0), 602, False, "sm90"),
+    ((9, 0), 601, False, "0.6.2"),
+])
+def test_fp8_cusparselt_capability(monkeypatch, capability, version, ok, why):
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: version)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    reason = gemm_ops.fp8_cusparselt_reason(torch.device("cuda", 0))
+    assert (reason is None) == ok and gemm_ops.fp8_cusparselt_ok(torch.device("cuda", 0)) == ok
+    assert ok or why in reason
+    assert "CUDA" in gemm_ops.fp8_cusparselt_reason(torch.device("cpu"))
+
+
+def _quantized_operands(tokens, out, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(tokens, k, generator=g), torch.randn(out, k, generator=g)
+    w = w * weight_mask(w)
+    sx, sw = scale_from_amax(x.abs().amax()), scale_from_amax(w.abs().amax())
+    return quantize_with(x, sx), sx.reciprocal(), quantize_with(w, sw), sw.reciprocal()
+
+
+@pytest.mark.parametrize("tokens", [48, 21])  # 21: padded to 32 and unpadded
+def test_emulated_sparse_fp8_mm_is_the_gpu_math(tokens):
+    """The emulation = fp32 accumulation of the e4m3 products, times x_si * w_si, rounded once:
+    checked against float64 of the same quantized operands (only bf16 output rounding remains)."""
+    x_q, x_si, w_q, w_si = _quantized_operands(tokens, 64, 128)
+    y = gemm_ops.sparse_fp8_mm(x_q, x_si, w_q, 64, w_si, torch.bfloat16, use_cusparselt=False)
+    ref = (x_q.double() @ w_q.double().t()) * (x_si.double() * w_si.double())
+    assert y.shape == (tokens, 64) and y.dtype == torch.bfloat16
+    err = (y.double() - ref).abs()
+    assert (err <= ref.abs() * 2**-8 + 1e-6).all()  # bf16: half an ulp (8 bits of mantissa)
+    assert torch.equal(y, ref.to(torch.bfloat16)) or (err > 0).float().mean() < 0.05  # ties only
+    y32 = gemm_ops.sparse_fp8_mm(x_q, x_si, w_q, 64, w_si, torch.float32)
+    torch.testing.assert_close(y32.double(), ref, rtol=1e-5, atol=1e-5)  # fp32 accumulation
+
+
+def test_alpha_vector_and_padding():
+    a = gemm_ops.alpha_vector(torch.tensor(0.5), torch.tensor([0.25]), 7)
+    assert a.shape == (7,) and a.dtype == torch.float32 and a.is_contiguous() and (a == 0.125).all()
+    t = torch.ones(21, 4)
+    p = gemm_ops.pad_rows(t)
+    assert p.shape == (32, 4) and p[21:].abs().sum() == 0 and gemm_ops.pad_rows(p) is p
+
+
+def test_recipe_from_te_like_objects():
+    Fmt = type("Format", (), {})
+    hybrid, e4m3 = Fmt(), Fmt()
+    hybrid.name, e4m3.name = "HYBRID", "E4M3"
+    DelayedScaling = type("DelayedScaling", (), {})
+    d = DelayedScaling()
+    d.fp8_format, d.margin, d.amax_history_len, d.amax_compute_algo = hybrid, 1, 16, "most_recent"
+    d.override_linear_precision = SimpleNamespace(fprop=False, dgrad=False, wgrad=True)
+    r = Fp8Recipe.from_te(d)
+    got = (r.grad_dtype, r.margin, r.amax_history_len, r.amax_compute_algo, r.fp8_wgrad, r.delayed)
+    assert got \
+        == (E5M2, 1, 16, "most_recent", False, True)
+    assert isinstance(r.own_scaler(fp8_gemm_dtype := torch.float8_e4m3fn), DelayedScaler)
+    c = type("Float8CurrentScaling", (), {})()
+    c.fp8_format, c.fp8_quant_fwd_inp = e4m3, SimpleNamespace(power_2_scale=True)
+    rc = Fp8Recipe.from_te(c)
+    assert rc.grad_dtype == fp8_gemm_dtype and rc.pow2_scales
+    assert isinstance(rc.own_scaler(E5M2), CurrentScaler)
+    assert Fp8Recipe.from_te(type("MXFP8BlockScaling", (), {})()) is None
+
+
+def test_scalers_follow_te_math_on_device():
+    t = torch.tensor([[3.0, -6.0], [0.5, 1.0]])
+    q, si = CurrentScaler(torch.float8_e4m3fn, margin=1)(t)
+    assert si.item() == pytest.approx(6.0 * 2 / E4M3_MAX, rel=1e-6)
+    assert q.dtype == torch.float8_e4m3fn
+    q5, si5 = CurrentScaler(E5M2, pow2=True)(t)
+    assert q5.dtype == E5M2 and torch.log2(si5).item().is_integer()  # power-of-2 scale
+    delayed = DelayedScaler(history_len=2, algo="max")
+    sis = [delayed(torch.tensor([a]))[1].item() * E4M3_MAX for a in (2.0, 8.0, 1.0, 1.0)]
+    assert sis == pytest.approx([2.0, 2.0, 8.0, 8.0], rel=1e-6)  # the window holds 2 past amaxes
+    assert isinstance(delayed.history, torch.Tensor)  # the history stays a (device) tensor
+    te_q = SimpleNamespace(scale=torch.tensor([4.0]), amax=torch.tensor([1.5]))
+    q, si = TeQuantizerScaler(te_q)(torch.tensor([[2.0, -3.0]]))
+    assert si.item() == 0.25 and q.float().tolist() == [[8.0, -12.0]] and te_q.amax.item() == 3.0
+
+
+def _fp8_layer_step(w, mask_kind):
+    cfg = SparsityConfig(mask=mask_kind, gradient="ste")
+    return SparseWeightState().step(w, cfg, BACKENDS["dense"])
+
+
+@pytest.mark.parametrize("mask_kind", ["1d", "transposable"])
+@pytest.mark.parametrize("grad_dtype", [E5M2, torch.float8_e4m3fn])  # HYBRID, E4M3 formats
+def test_fp8_linear_against_float64_of_quantized_operands(mask_kind, grad_dtype):
+    """Forward, input gradient and weight gradient equal float64 products of exactly the operands
+    the op quantizes (scales from amaxes, W*M pruned first), up to bf16/fp32 output rounding."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 128, generator=g).requires_grad_(True)
+    x = torch.randn(3, 7, 128, generator=g).requires_grad_(True)  # 21 tokens: padded
+    dy = torch.randn(3, 7, 64, generator=g).to(torch.bfloat16)
+    step = _fp8_layer_step(w, mask_kind)
+    plan = fp8_linear.default_plan(Fp8Recipe(grad_dtype=grad_dtype))
+    y = fp8_linear.fp8_sparse_linear_step(x, w, None, step, plan)
+    y.backward(dy)
+
+    def q64(t, dtype=torch.float8_e4m3fn):
+        s = scale_from_amax(t.abs().amax(), dtype)
+        return quantize_with(t, s, dtype).double() / s.double()
+
+    wm = w.detach() * step.mask()
+    x2, dy2 = x.detach().reshape(-1, 128), dy.reshape(-1, 64).float()
+    y_ref = q64(x2) @ q64(wm).t()
+    dgrad_dtype = torch.float8_e4m3fn if mask_kind == "transposable" else grad_dtype
+    dx_ref = q64(dy2, dgrad_dtype) @ q64(wm)
+    dw_ref = q64(dy2, grad_dtype).t() @ q64(x2)
+    torch.testing.assert_close(y.double().reshape(-1, 64), y_ref, rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(x.grad.double().reshape(-1, 128), dx_ref, rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), dw_ref, rtol=1e-5, atol=1e-4)  # fp32 output
+    # and the whole op is close to the exact masked linear (FP8 error only)
+    exact = x2.double() @ wm.double().t()
+    assert ((y.double().reshape(-1, 64) - exact).norm() / exact.norm()) < 0.06
+
+
+def test_fp8_weight_built_once_per_step_and_gradient_modes(monkeypatch):
+    builds = []
+    original = fp8_linear.Fp8Weight.__init__
+    monkeypatch.setattr(fp8_linear.Fp8Weight, "__init__",
+                        lambda self, *a: (builds.append(1), original(self, *a))[1])
+    w = torch.randn(32, 64, requires_grad=True)
+    state, cfg = SparseWeightState(), SparsityConfig(gradient="masked")
+    plan = fp8_linear.default_plan(gradient="masked")
+    for _ in range(3):  # three micro-batches: one FP8 weight
+        step = state.step(w, cfg, BACKENDS["dense"])
+        fp8_linear.fp8_sparse_linear_step(torch.randn(16, 64), w, None, step, plan).sum().backward()
+    assert len(builds) == 1
+    assert (w.grad[~step.mask()] == 0).all() and w.grad[step.mask()].abs().sum() > 0  # masked mode
+    assert "('fp8_weight', False)" in step.held_bytes()
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step changes the weight: a new FP8 weight
+    step = state.step(w, cfg, BACKENDS["dense"])
+    fp8_linear.fp8_sparse_linear_step(torch.randn(16, 64), w, None, step, plan)
+    assert len(builds) == 2
+
+
+def test_fp8_linear_main_grad_fusion():
+    w = torch.randn(32, 64, requires_grad=True)
+    w.main_grad = torch.zeros(32, 64)
+    w.grad_added_to_main_grad = False
+    plan = fp8_linear.default_plan(gradient_accumulation_fusion=True)
+    step = _fp8_layer_step(w, "1d")
+    x = torch.randn(16, 64)
+    fp8_linear.fp8_sparse_linear_step(x, w, None, step, plan).sum().backward()
+    assert w.grad_added_to_main_grad and w.main_grad.abs().sum() > 0
+    ref = torch.ones(16, 32).double().t() @ x.double()
+    assert ((w.main_grad.double() - ref).norm() / ref.norm()) < 0.06
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alpha", ["vector", "output"])
+def test_cusparselt_fp8_linear_matches_emulation(monkeypatch, alpha):
+    if gemm_ops.fp8_cusparselt_reason(torch.device("cuda")) is not None:
+        pytest.skip(gemm_ops.fp8_cusparselt_reason(torch.device("cuda")))
+    monkeypatch.setenv("MEGASPARSE_FP8_ALPHA", alpha)
+    x_q, x_si, w_q, w_si = (t.cuda() for t in _quantized_operands(200, 256, 512, seed=3))
+    y = gemm_ops.sparse_fp8_mm(x_q, x_si, gemm_ops.compress(w_q), 256, w_si, use_cusparselt=True)
+    ref = gemm_ops.sparse_fp8_mm(x_q.cpu(), x_si.cpu(), w_q.cpu(), 256, w_si.cpu())
+    torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=2**-7, atol=1e-3)
+
+
+def test_numerics_tool_reports_the_training_paths_weight_error():
+    """fp8_numerics' prune-then-quantize error is the error of the e4m3 weight fp8_linear trains with."""
+    from megasparse.tools.fp8_numerics import layer_report
+
+    w = _w((64, 128), 12)
+    step = _fp8_layer_step(w, "1d")
+    wq = fp8_linear.fp8_weight(step, use_cusparselt=False)
+    pruned = (w * step.mask()).double()
+    err = ((wq.forward.double() * wq.scale_inv.double() - pruned).norm() / pruned.norm()).item()
+    assert layer_report(w)["prune-then-quantize_err"] == pytest.approx(err, rel=1e-6)  # fp32 1/scale
+    w_q, _, _ = sparse_fp8_weight(w, None, "1d", "prune-then-quantize")  # what the tool quantizes
+    assert torch.equal(w_q.float(), wq.forward.float())

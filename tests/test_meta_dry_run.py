@@ -106,11 +106,6 @@ def test_fp8_sparse_gemm(tp, monkeypatch):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: a one-element alpha makes _cslt_sparse_mm call .item() "
-    "(a host sync per GEMM); remove this mark when fp8_gemm is fixed",
-)
 def test_fp8_sparse_gemm_has_no_host_sync(monkeypatch):
     monkeypatch.setattr(fp8, "_fp8_cusparselt_ok", lambda device: True)
     before = fake_ops.alpha_item_calls
@@ -123,3 +118,53 @@ def test_fp8_sparse_gemm_has_no_host_sync(monkeypatch):
             sparse=True,
         )
     assert fake_ops.alpha_item_calls == before
+    assert fake_ops.sparse_mm_calls[-1]["alpha"] == ((64,), torch.float32)  # one per weight row
+
+
+def _fp8_step(weight, mask_kind):
+    from megasparse.weight_state import WeightStep, pack_mask
+
+    mask = torch.empty(weight.shape, device="meta", dtype=torch.bool)
+    return WeightStep(weight, pack_mask(mask), BACKENDS["dense"], mask_kind == "transposable", True)
+
+
+@pytest.mark.parametrize("tp", [1, 8])
+@pytest.mark.parametrize("mask_kind", ["1d", "transposable"])
+@pytest.mark.parametrize("tokens", [TOKENS, TOKENS - 8])  # 16k, and a count that needs padding
+def test_fp8_2_4_ffn_forward_backward(tp, mask_kind, tokens):
+    """The FP8 2:4 training op (megasparse.fp8_linear) on fc1 and fc2 at real shard shapes: every
+    cuSPARSELt call's arguments, no host sync, the FP8 weight built once for two micro-batches."""
+    from megasparse.fp8_linear import default_plan, fp8_sparse_linear_step
+
+    w1, w2 = meta(FFN // tp, HIDDEN, grad=True), meta(HIDDEN, FFN // tp, grad=True)
+    s1, s2 = _fp8_step(w1, mask_kind), _fp8_step(w2, mask_kind)
+    plan = default_plan(use_cusparselt=True)
+    before_sync, before_calls = fake_ops.alpha_item_calls, len(fake_ops.sparse_mm_calls)
+    with fake_gpu_ops(), OpRecorder() as rec:
+        for _ in range(2):  # two micro-batches of one optimizer step
+            x = meta(tokens, HIDDEN, grad=True)
+            h = fp8_sparse_linear_step(x, w1, None, s1, plan)
+            y = fp8_sparse_linear_step(torch.relu(h), w2, None, s2, plan)
+            y.backward(torch.empty_like(y))
+    assert (h.shape, y.shape, y.dtype, x.grad.shape, x.grad.dtype) == (
+        (tokens, FFN // tp), (tokens, HIDDEN), BF16, x.shape, BF16)
+    assert w1.grad.shape == w1.shape and w2.grad.shape == w2.shape
+    assert fake_ops.alpha_item_calls == before_sync  # no .item(): vector alpha only
+    calls = fake_ops.sparse_mm_calls[before_calls:]
+    padded = -(-tokens // 16) * 16
+    # per micro-batch: fc1 fwd, fc2 fwd, then (transposable) fc2 and fc1 input gradients
+    # (m = rows of the sparse operand, n = padded tokens, k = reduction)
+    step_calls = [(FFN // tp, padded, HIDDEN), (HIDDEN, padded, FFN // tp)]
+    if mask_kind == "transposable":
+        step_calls += [(FFN // tp, padded, HIDDEN), (HIDDEN, padded, FFN // tp)]
+    assert [(c["m"], c["n"], c["k"]) for c in calls] == step_calls * 2
+    for c in calls:
+        assert c["dtype"] == E4M3 and c["out_dtype"] == BF16 and c["transpose_result"]
+        assert not c["dense_contiguous"]  # B = x^T of a row-major x: the layout FP8 kernels want
+        assert c["alpha"] == ((c["m"],), torch.float32)
+    compress = [r for r in cslt_calls(rec) if r.op == "_cslt_compress"]
+    assert len(compress) == (4 if mask_kind == "transposable" else 2)  # once per step, per operand
+    assert all(r.dtype == E4M3 or r.dtype is None for r in compress)
+    scaled = [r for r in rec.records if r.op == "_scaled_mm"]
+    # wgrad of fc1 and fc2 per micro-batch (FP8 as TE), plus the dense FP8 dgrads for 1d masks
+    assert len(scaled) == 2 * (2 if mask_kind == "transposable" else 4)

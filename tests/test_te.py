@@ -209,3 +209,115 @@ def test_real_te_linear_under_fp8_quantizes_the_masked_weight():
         y, _ = layer(x)
     ref = x.double() @ (layer.weight.double() * layer.sparsity_mask()).t()
     assert ((y.double() - ref).norm() / ref.norm()) < 0.1
+
+
+# --- FP8 2:4 under fp8_autocast (megasparse.te_fp8) with stand-ins for TE's Linear and state ------
+
+class Linear(torch.nn.Module):
+    """Stands in for transformer_engine.pytorch.Linear: its forward reads _get_weight_tensors()."""
+
+    def __init__(self, in_features, out_features, *, config, bias=False, return_bias=False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features))
+        self.use_bias, self.return_bias, self.parallel_mode = bias, return_bias, "column"
+        self.bias = torch.nn.Parameter(torch.randn(out_features)) if bias else None
+
+    def _get_weight_tensors(self):
+        return [self.weight]
+
+    def forward(self, inp, is_first_microbatch=None):
+        out = torch.nn.functional.linear(inp, self._get_weight_tensors()[0])
+        if self.use_bias and not self.return_bias:
+            out = out + self.bias
+        return (out, self.bias) if self.return_bias else out
+
+
+Linear.__module__ = "transformer_engine.pytorch.module.linear"
+
+
+class TEColumnParallelLinearLike(Linear):
+    """Megatron's wrapper: calls TE's forward through super() and returns (out, bias)."""
+
+    def forward(self, x):
+        out = super().forward(x, is_first_microbatch=None)
+        return out if self.return_bias else (out, None)
+
+
+def _delayed_recipe():
+    recipe = type("DelayedScaling", (), {})()
+    recipe.fp8_format, recipe.margin = type("F", (), {"name": "HYBRID"})(), 0
+    recipe.amax_history_len, recipe.amax_compute_algo = 1, "max"
+    return recipe
+
+
+@pytest.mark.parametrize("bias,return_bias", [(False, False), (True, False), (True, True)])
+def test_te_linear_runs_fp8_2_4_under_fp8_autocast(monkeypatch, bias, return_bias):
+    import megasparse.te_fp8 as te_fp8
+    from megasparse.fp8_recipe import quantize_with, scale_from_amax
+
+    torch.manual_seed(5)
+    cls = sparse_te_class(TEColumnParallelLinearLike)
+    assert any(c.__name__.startswith("_MegasparseFp8") for c in cls.__mro__)
+    layer = cls(64, 32, config=make_config(), bias=bias, return_bias=return_bias,
+                sparsity=SparsityConfig(mask="transposable"))
+    x = torch.randn(10, 64, requires_grad=True)
+    exact = x.detach() @ (layer.weight.detach() * weight_mask(layer.weight, "transposable")).t()
+    y_off, b_off = layer(x)
+    added = layer.bias.detach() if bias and not return_bias else 0
+    torch.testing.assert_close(y_off, exact + added)
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, _delayed_recipe()))
+    y, b = layer(x)
+    assert y.dtype == torch.float32 and (b is layer.bias if return_bias else b is None)
+
+    def q64(t):
+        s = scale_from_amax(t.abs().amax())
+        return quantize_with(t, s).double() / s.double()
+
+    wm = layer.weight.detach() * layer.sparsity_mask()
+    ref = q64(x.detach()) @ q64(wm).t() + (added.double() if bias and not return_bias else 0)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)  # the FP8 path, not TE's GEMM
+    assert not torch.allclose(y, y_off)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.weight.grad.shape == layer.weight.shape
+    if bias and not return_bias:
+        torch.testing.assert_close(layer.bias.grad, torch.full((32,), 10.0))
+
+
+def test_te_linear_fp8_uses_the_modules_te_quantizer_state(monkeypatch):
+    """Delayed scaling with TE's quantizers: x scaled by TE's scale, its amax in TE's buffer."""
+    import megasparse.te_fp8 as te_fp8
+
+    layer = sparse_te_class(TEColumnParallelLinearLike)(64, 32, config=make_config(),
+                                                        sparsity=SparsityConfig())
+    Float8Quantizer = type("Float8Quantizer", (), {})
+    fwd, bwd = Float8Quantizer(), Float8Quantizer()
+    fwd.scale, fwd.amax = torch.tensor([16.0]), torch.zeros(1)
+    bwd.scale, bwd.amax = torch.tensor([1024.0]), torch.zeros(1)
+    layer.fp8, layer.quantizers = True, {"scaling_fwd": [fwd], "scaling_bwd": [bwd]}
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, _delayed_recipe()))
+    x = torch.randn(16, 64) * 3
+    y, _ = layer(x)
+    assert fwd.amax.item() == x.abs().max().item()
+    x_q = (x * 16).clamp(-448, 448).to(torch.float8_e4m3fn).double() / 16  # TE's scale, not amax's
+    from megasparse.fp8_recipe import quantize_with, scale_from_amax
+
+    wm = layer.weight.detach() * layer.sparsity_mask()
+    s = scale_from_amax(wm.abs().amax())
+    ref = x_q @ (quantize_with(wm, s).double() / s.double()).t()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert bwd.amax.item() == 1.0  # dY = ones: its amax recorded for TE's backward scale update
+
+
+def test_te_fp8_route_falls_back_with_a_reason(monkeypatch):
+    import megasparse.te_fp8 as te_fp8
+
+    layer = sparse_te_class(TEColumnParallelLinearLike)(64, 32, config=make_config(),
+                                                        sparsity=SparsityConfig())
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, type("MXFP8BlockScaling", (), {})()))
+    with pytest.warns(UserWarning, match="block-scaled"):
+        assert te_fp8.fp8_route(layer) is None
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, _delayed_recipe()))
+    assert te_fp8.fp8_route(layer) is not None
+    layer.sparsity.backend = "dense"
+    assert te_fp8.fp8_route(layer) is None

@@ -1,0 +1,150 @@
+"""The FP8 2:4 linear op: y = x (M*W)^T with e4m3 operands, for training under an FP8 recipe.
+
+- forward GEMM: e4m3 x and the e4m3 2:4 weight on cuSPARSELt (megasparse.fp8_gemm);
+- input gradient: with transposable masks on cuSPARSELt too (the compressed e4m3 (W*M)^T, dY in
+  e4m3: PyTorch's cuSPARSELt binding takes e4m3 only, so under HYBRID dY gets a second, e4m3 cast
+  for this GEMM); with 1d masks a dense FP8 GEMM (`torch._scaled_mm`) on the e4m3 W*M, as TE;
+- weight gradient: as TE does it: an FP8 GEMM of dY (the recipe's gradient format) and x (e4m3),
+  fp32 output, or a high-precision GEMM when the recipe overrides wgrad precision.
+The e4m3 weight is pruned, then quantized with the amax of W*M ("amax after pruning"), and built
+once per optimizer step with its compressed operands (`WeightStep.cached`), shared by every
+micro-batch. x is saved for the backward in e4m3 (as TE saves it).
+Gradient modes (ste / masked / srste) and Megatron's main_grad fusion work as in megasparse.ops.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from megasparse import fp8_gemm
+from megasparse.fp8_gemm import E4M3
+from megasparse.fp8_recipe import CurrentScaler, scale_from_amax, quantize_with
+from megasparse.ops import gradient_term
+from megasparse.weight_state import WeightStep
+
+
+@dataclass(frozen=True)
+class Fp8LinearPlan:
+    x_scaler: object  # callable t -> (e4m3 q, scale_inv)
+    grad_scaler: object  # the recipe's gradient format (wgrad, dense dgrad)
+    dgrad_scaler: object = None  # e4m3, for the sparse dgrad (None: grad_scaler, which is e4m3)
+    use_cusparselt: bool = False
+    fp8_wgrad: bool = True
+    gradient: str = "ste"
+    srste_decay: float = 0.0
+    gradient_accumulation_fusion: bool = False
+    out_dtype: torch.dtype = torch.bfloat16
+
+
+class Fp8Weight:
+    """This step's e4m3 W*M: the forward operand, the input-gradient operand, the scale."""
+
+    def __init__(self, step: WeightStep, use_cusparselt: bool):
+        pruned = step.dense()  # W*M of this step
+        scale = scale_from_amax(pruned.detach().abs().amax())  # amax after pruning
+        w_q = quantize_with(pruned.detach(), scale)
+        self.scale_inv = scale.reciprocal()
+        self.rows, self.cols = w_q.shape
+        self.forward = fp8_gemm.compress(w_q) if use_cusparselt else w_q
+        w_q_t = w_q.t().contiguous()  # [in, out]: (W*M)^T, 2:4 along out for transposable masks
+        self.sparse_t = step.transposable
+        self.backward = fp8_gemm.compress(w_q_t) if (use_cusparselt and self.sparse_t) else w_q_t
+
+    def held_tensors(self):
+        return [self.scale_inv, self.forward, self.backward]
+
+
+def fp8_weight(step: WeightStep, use_cusparselt: bool) -> Fp8Weight:
+    return step.cached(("fp8_weight", use_cusparselt), lambda: Fp8Weight(step, use_cusparselt))
+
+
+def _dummy_weight_grad(weight, dtype):
+    shape, device = weight.main_grad.shape, weight.device
+    if getattr(weight, "zero_out_wgrad", False):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class _Fp8SparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, step: WeightStep, plan: Fp8LinearPlan):
+        wq = fp8_weight(step, plan.use_cusparselt)
+        x2d = x.reshape(-1, x.shape[-1])
+        x_q, x_si = plan.x_scaler(x2d)
+        y = fp8_gemm.sparse_fp8_mm(x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype,
+                                   plan.use_cusparselt)
+        if bias is not None:
+            y = y + bias
+        saved_x = x_q if plan.fp8_wgrad else x2d
+        ctx.save_for_backward(saved_x, x_si, weight)
+        ctx.step, ctx.plan, ctx.x_shape, ctx.has_bias = step, plan, x.shape, bias is not None
+        fused = plan.gradient_accumulation_fusion
+        ctx.main_grad = getattr(weight, "main_grad", None) if fused else None
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved_x, x_si, weight = ctx.saved_tensors
+        step, plan = ctx.step, ctx.plan
+        wq = fp8_weight(step, plan.use_cusparselt)
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        grad_x = grad_w = grad_b = None
+        dy_q = dy_si = None
+        if ctx.needs_input_grad[0]:
+            if wq.sparse_t:  # (W*M)^T is 2:4: the input gradient is a 2:4 GEMM too
+                d_q, d_si = (plan.dgrad_scaler or plan.grad_scaler)(dy2d)
+                grad_x = fp8_gemm.sparse_fp8_mm(d_q, d_si, wq.backward, wq.cols, wq.scale_inv,
+                                                plan.out_dtype, plan.use_cusparselt)
+            else:
+                dy_q, dy_si = plan.grad_scaler(dy2d)
+                # wq.backward is (W*M)^T [in, out] row-major: dense_fp8_mm's b_q_t
+                grad_x = fp8_gemm.dense_fp8_mm(dy_q, dy_si, wq.backward, wq.scale_inv,
+                                               plan.out_dtype)
+            grad_x = grad_x.reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad32 = _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan)
+            if ctx.main_grad is not None:
+                weight.main_grad = ctx.main_grad
+                grad = gradient_term(plan.gradient, grad32, weight, step, plan.srste_decay)
+                ctx.main_grad.add_(grad.to(ctx.main_grad.dtype))
+                if hasattr(weight, "grad_added_to_main_grad"):
+                    grad_w = _dummy_weight_grad(weight, dy.dtype)
+                    weight.grad_added_to_main_grad = True
+            else:
+                grad_w = gradient_term(plan.gradient, grad32, weight, step, plan.srste_decay)
+                grad_w = grad_w.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = dy2d.sum(dim=0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan):
+    """dY^T X in fp32: FP8 (as TE: dY in the recipe's gradient format, x in e4m3) or high precision.
+    Tokens are the reduction dim: both operands are padded with zero rows to a multiple of 16."""
+    if not plan.fp8_wgrad:
+        return dy2d.t().float() @ saved_x.float()
+    if dy_q is None:
+        dy_q, dy_si = plan.grad_scaler(dy2d)
+    dy_t = fp8_gemm.pad_rows(dy_q).t().contiguous()  # [out, tokens]
+    x_t = fp8_gemm.pad_rows(saved_x).t().contiguous()  # [in, tokens]
+    return fp8_gemm.dense_fp8_mm(dy_t, dy_si, x_t, x_si, torch.float32)
+
+
+def fp8_sparse_linear_step(x, weight, bias, step: WeightStep, plan: Fp8LinearPlan) -> torch.Tensor:
+    """y = x (M*W)^T + b in FP8 with this optimizer step's weight state (step.pruned must hold)."""
+    if not step.pruned:
+        raise ValueError("megasparse: the FP8 2:4 op needs a pruned weight step (a dense phase "
+                         "runs "
+                         "the dense FP8 GEMM)")
+    return _Fp8SparseLinear.apply(x, weight, bias, step, plan)
+
+
+def default_plan(recipe=None, use_cusparselt=False, **kwargs) -> Fp8LinearPlan:
+    """A plan with megasparse's own scalers following `recipe` (Fp8Recipe; None: HYBRID current)."""
+    from megasparse.fp8_recipe import Fp8Recipe
+
+    recipe = recipe or Fp8Recipe()
+    grad = recipe.own_scaler(recipe.grad_dtype)
+    dgrad = None if recipe.grad_dtype == E4M3 else CurrentScaler(E4M3, recipe.margin)
+    return Fp8LinearPlan(recipe.own_scaler(E4M3), grad, dgrad, use_cusparselt, recipe.fp8_wgrad,
+                         **kwargs)

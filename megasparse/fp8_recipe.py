@@ -1,0 +1,147 @@
+"""Per-tensor FP8 scaling of the runtime operands (x, dY) under a Transformer Engine recipe.
+
+Every scale stays on the device (no `.item()`): amaxes, histories and scales are tensors.
+
+- `Fp8Recipe.from_te(recipe)` reads a TE recipe (duck-typed, TE is not imported): the formats
+  (E4M3: e4m3 everywhere; HYBRID: e4m3 forward, e5m2 gradients), margin, the delayed-scaling
+  history, current scaling's power-of-2 option, and whether wgrad runs in FP8
+  (`override_linear_precision.wgrad`). Only per-tensor recipes (DelayedScaling,
+  Float8CurrentScaling) map onto cuSPARSELt's per-tensor alpha; block recipes (MXFP8,
+  Float8BlockScaling, NVFP4) return None and keep TE's own GEMM on W*M.
+- Scalers quantize one tensor and return (q, scale_inv):
+  `TeQuantizerScaler`: the module's own TE delayed-scaling quantizer: its `scale` (from TE's amax
+  history, reduced over TE's amax group at the end of fp8_autocast) and its `amax` buffer, into
+  which this tensor's amax is recorded, so TE's bookkeeping runs unchanged.
+  `CurrentScaler`: this tensor's amax (Float8CurrentScaling), max-reduced over a process group when
+  TE's quantizer has one (sequence parallel), as TE does.
+  `DelayedScaler`: megasparse's own device-side amax history (DelayedScaling's math) where no TE
+  quantizer state exists (stand-ins, the local path).
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megasparse.fp8_gemm import E4M3, E5M2
+
+FP8_MAX = {E4M3: float(torch.finfo(E4M3).max), E5M2: float(torch.finfo(E5M2).max)}
+
+
+def quantize_with(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3) -> torch.Tensor:
+    """t * scale saturated to the format's range, cast to `dtype` (round to nearest even)."""
+    fmax = FP8_MAX[dtype]
+    return (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+
+
+def scale_from_amax(amax: torch.Tensor, dtype=E4M3, margin: int = 0, pow2: bool = False,
+                    epsilon: float = 0.0) -> torch.Tensor:
+    """TE's per-tensor scale: fmax / amax / 2**margin (1 where amax is 0 or not finite)."""
+    amax = torch.clamp_min(amax.float(), epsilon) if epsilon else amax.float()
+    scale = FP8_MAX[dtype] / amax / 2.0**margin
+    scale = torch.where(torch.isfinite(scale) & (amax > 0), scale, torch.ones_like(scale))
+    if pow2:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    return scale
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    grad_dtype: torch.dtype = E5M2  # HYBRID
+    margin: int = 0
+    amax_history_len: int = 1  # 1: current scaling
+    amax_compute_algo: str = "max"
+    pow2_scales: bool = False
+    fp8_wgrad: bool = True
+    delayed: bool = False
+
+    @classmethod
+    def from_te(cls, recipe) -> Optional["Fp8Recipe"]:
+        """The per-tensor recipe megasparse follows, or None for a block-scaled TE recipe."""
+        kind = type(recipe).__name__
+        if kind not in ("DelayedScaling", "Float8CurrentScaling"):
+            return None
+        fmt = getattr(getattr(recipe, "fp8_format", None), "name", "HYBRID")
+        grad_dtype = E4M3 if fmt == "E4M3" else E5M2
+        override = getattr(recipe, "override_linear_precision", None)
+        fp8_wgrad = not bool(getattr(override, "wgrad", False))
+        if kind == "DelayedScaling":
+            algo = getattr(recipe, "amax_compute_algo", "max")
+            return cls(grad_dtype, int(getattr(recipe, "margin", 0)), int(recipe.amax_history_len),
+                       algo if isinstance(algo, str) else "max", False, fp8_wgrad, True)
+        pow2 = bool(getattr(getattr(recipe, "fp8_quant_fwd_inp", None), "power_2_scale", False))
+        return cls(grad_dtype, 0, 1, "max", pow2, fp8_wgrad, False)
+
+    def own_scaler(self, dtype):
+        """megasparse's scaler following this recipe (no TE state)."""
+        if self.delayed and self.amax_history_len > 1:
+            return DelayedScaler(dtype, self.margin, self.amax_history_len, self.amax_compute_algo)
+        return CurrentScaler(dtype, self.margin, self.pow2_scales)
+
+
+class CurrentScaler:
+    def __init__(self, dtype=E4M3, margin=0, pow2=False, group=None, epsilon=0.0):
+        self.dtype, self.margin, self.pow2 = dtype, margin, pow2
+        self.group, self.epsilon = group, epsilon
+
+    def __call__(self, t: torch.Tensor):
+        amax = t.detach().abs().amax().float()
+        if self.group is not None and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        scale = scale_from_amax(amax, self.dtype, self.margin, self.pow2, self.epsilon)
+        return quantize_with(t, scale, self.dtype), scale.reciprocal()
+
+
+class DelayedScaler:
+    """The scale of past amaxes (max or most recent of the last `history_len`); the first call
+    uses its own amax. Histories are device tensors; the bookkeeping is host-side counting only."""
+
+    def __init__(self, dtype=E4M3, margin=0, history_len=16, algo="max"):
+        if algo not in ("max", "most_recent"):
+            raise ValueError("megasparse: amax_compute_algo must be 'max' or 'most_recent', "
+                             f"got {algo!r}")
+        self.dtype, self.margin, self.history_len, self.algo = dtype, margin, history_len, algo
+        self.history = None
+        self.seen = 0
+
+    def __call__(self, t: torch.Tensor):
+        amax = t.detach().abs().amax().float()
+        if self.history is None or self.history.device != amax.device:
+            self.history, self.seen = amax.new_zeros(self.history_len), 0
+        if self.seen == 0:
+            used = amax
+        elif self.algo == "most_recent":
+            used = self.history[(self.seen - 1) % self.history_len]
+        else:
+            used = self.history[: min(self.seen, self.history_len)].amax()
+        scale = scale_from_amax(used, self.dtype, self.margin)
+        self.history[self.seen % self.history_len] = amax
+        self.seen += 1
+        return quantize_with(t, scale, self.dtype), scale.reciprocal()
+
+
+class TeQuantizerScaler:
+    """A TE delayed-scaling quantizer's state: its scale; the tensor's amax goes into its buffer."""
+
+    def __init__(self, quantizer, dtype=E4M3):
+        self.quantizer, self.dtype = quantizer, dtype
+
+    def __call__(self, t: torch.Tensor):
+        scale = self.quantizer.scale.reshape(()).float()
+        amax_buffer = self.quantizer.amax
+        amax_buffer.copy_(torch.maximum(amax_buffer, t.detach().abs().amax().float().reshape(
+            amax_buffer.shape)))
+        return quantize_with(t, scale, self.dtype), scale.reciprocal()
+
+
+def te_scaler(quantizer, dtype):
+    """The scaler for a TE quantizer object (duck-typed by class name), or None."""
+    kind = type(quantizer).__name__
+    if kind == "Float8Quantizer" and hasattr(quantizer, "scale") and hasattr(quantizer, "amax"):
+        return TeQuantizerScaler(quantizer, dtype)
+    if kind == "Float8CurrentScalingQuantizer":
+        group = getattr(quantizer, "amax_reduction_group", None)
+        group = group if getattr(quantizer, "with_amax_reduction", False) else None
+        return CurrentScaler(dtype, 0, bool(getattr(quantizer, "force_pow_2_scales", False)), group,
+                             float(getattr(quantizer, "amax_epsilon", 0.0)))
+    return None
