@@ -168,3 +168,36 @@ def test_fp8_2_4_ffn_forward_backward(tp, mask_kind, tokens):
     scaled = [r for r in rec.records if r.op == "_scaled_mm"]
     # wgrad of fc1 and fc2 per micro-batch (FP8 as TE), plus the dense FP8 dgrads for 1d masks
     assert len(scaled) == 2 * (2 if mask_kind == "transposable" else 4)
+
+
+@pytest.mark.parametrize("tp", [1, 8])
+def test_grouped_experts_with_uneven_and_zero_token_counts(tp):
+    """SparseGroupedMLP's path on meta tensors: 8 experts' per-step states stacked once, one grouped GEMM
+    per product (forward, and PyTorch's autograd for dX and dW), expert 1 with no tokens."""
+    from types import SimpleNamespace
+
+    from megatron.core.activations import squared_relu
+
+    from megasparse import SparsityConfig
+    from megasparse.activation_sparsity import ActivationStats
+    from megasparse.experts import StackedWeights, grouped_ffn, sparse_activation
+    from megasparse.tools.perfmodel import _standins
+    from megasparse.weight_state import SparseWeightState
+
+    counts = [4096, 0, 1000, 3000, 16, 2048, 2, 6222]
+    experts, ffn = len(counts), FFN // tp
+    sparsity = SparsityConfig(activations="2:4", backend="dense")
+    x = meta(sum(counts), HIDDEN, grad=True)
+    w1 = [meta(ffn, HIDDEN, grad=True) for _ in range(experts)]
+    w2 = [meta(HIDDEN, ffn, grad=True) for _ in range(experts)]
+    config = SimpleNamespace(moe_apply_probs_on_input=False, recompute_modules=None, recompute_granularity=None)
+    with _standins(), OpRecorder() as rec:
+        fc1 = StackedWeights()([SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w1], sparsity)
+        fc2 = StackedWeights()([SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w2], sparsity)
+        y = grouped_ffn(x, torch.tensor(counts), meta(sum(counts), dtype=torch.float32), (fc1, None),
+                        (fc2, None), sparse_activation(squared_relu, sparsity), ActivationStats(), config)
+        y.backward(torch.empty_like(y))
+    assert y.shape == x.shape == x.grad.shape and y.dtype == BF16
+    assert all(w.grad.shape == w.shape for w in w1 + w2)
+    grouped = [r for r in rec.records if r.op == "_grouped_mm"]
+    assert len(grouped) == 6  # fc1, fc2 forward; dX and dW of each
