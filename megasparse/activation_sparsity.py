@@ -23,6 +23,13 @@ def _kernel(x2d, pattern, squared_relu):
     return kernels.activation_sparsify_reference(x2d, v, m, squared_relu)
 
 
+def _backward_kernel(x, mask, grad):
+    """dx = where(mask, 2 relu(x) grad, 0): one fused pass on CUDA."""
+    if x.is_cuda and kernels.HAVE_TRITON:
+        return kernels.squared_relu_sparsify_backward_triton(x, mask, grad.contiguous())
+    return kernels.squared_relu_sparsify_backward_reference(x, mask, grad)
+
+
 class ActivationStats:
     """Sums since the last `reset()`, kept on the device (reading them syncs; updating does not)."""
 
@@ -78,10 +85,7 @@ class _SquaredReLUSparsify(torch.autograd.Function):
     def backward(ctx, grad_values, _grad_mask):
         x, mask = ctx.saved_tensors
         mask = mask.reshape(x.shape)
-        if x.is_cuda and kernels.HAVE_TRITON:  # one fused pass: dx = where(mask, 2 relu(x) dA, 0)
-            grad_x = kernels.squared_relu_sparsify_backward_triton(x, mask, grad_values.contiguous())
-        else:
-            grad_x = kernels.squared_relu_sparsify_backward_reference(x, mask, grad_values)
+        grad_x = _backward_kernel(x, mask, grad_values)
         return mark_sparse(grad_x, ctx.pattern), None, None  # dH has the activation's pattern
 
 

@@ -94,10 +94,11 @@ def _input_grad_gemm(dy, dy2d, step: WeightStep, plan):
     backend = plan.backend
     if dy2d.shape[0] == 0:
         return dy2d.new_zeros(0, step.weight.shape[1])
+    if step.pruned and step.transposable and "input_grad" in plan.sparse_weight_roles:
+        # (W*M)^T is 2:4 too and compressed once per step: cheaper than compressing dH per call
+        return backend.input_grad(dy2d, step.compressed_t(), WEIGHT)
     if is_2_4(dy) and backend.fits(dy2d):  # dH of a 2:4 activation (fc1 of a SparseMLP)
         return backend.input_grad(dy2d, step.dense(), GRAD_OUTPUT)
-    if step.pruned and step.transposable and "input_grad" in plan.sparse_weight_roles:  # (W*M)^T is 2:4 too
-        return backend.input_grad(dy2d, step.compressed_t(), WEIGHT)
     return backend.input_grad(dy2d, step.dense(), None)  # (W*M)^T is not 2:4 along its reduction dim
 
 

@@ -1,6 +1,7 @@
 """Which operand of a GEMM is 2:4, made explicit: names for the GEMM roles and a 2:4 tensor marker.
 
-A GEMM has at most one sparse operand. The ops module names it when it calls a backend:
+A GEMM has at most one sparse operand. The ops module names it when it calls a backend, preferring
+the pruned weight (compressed once per optimizer step) over a runtime operand (compressed per call):
     WEIGHT       the pruned weight W*M (forward), or its transpose (input gradient, transposable masks)
     ACTIVATION   a 2:4 FFN activation, the input of fc2
     GRAD_OUTPUT  dH, the gradient of a 2:4 activation, in fc1's input-gradient GEMM dX = dH W1

@@ -47,6 +47,7 @@ BF16 = torch.bfloat16
 _lib = torch.library.Library("megasparse_perf", "DEF")
 _lib.define("mask_2_4(Tensor weight, str kind) -> Tensor")
 _lib.define("act_sparsify(Tensor x, bool squared_relu) -> (Tensor, Tensor, Tensor)")
+_lib.define("squared_relu_sparse_bwd(Tensor x, Tensor mask, Tensor grad) -> Tensor")
 _lib.define("fp8_cast_transpose(Tensor x, ScalarType dtype) -> (Tensor, Tensor, Tensor)")
 _lib.define("attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)")
 _lib.define(
@@ -54,6 +55,7 @@ _lib.define(
     " -> (Tensor, Tensor, Tensor)"
 )
 _lib.impl("mask_2_4", lambda w, kind: torch.empty_like(w, dtype=torch.bool), "Meta")
+_lib.impl("squared_relu_sparse_bwd", lambda x, mask, grad: torch.empty_like(grad), "Meta")
 _lib.impl(
     "act_sparsify",
     lambda x, sq: (
@@ -101,6 +103,10 @@ def _mask_kernel(weight):
     return torch.ops.megasparse_perf.mask_2_4(weight, "2:4")
 
 
+def _act_backward_kernel(x, mask, grad):
+    return torch.ops.megasparse_perf.squared_relu_sparse_bwd(x, mask, grad)
+
+
 def _act_kernel(x2d, pattern, squared_relu):
     values, mask, stats = torch.ops.megasparse_perf.act_sparsify(x2d, squared_relu)
     return values, mask, None, stats
@@ -126,6 +132,7 @@ def _standins():
         fake_gpu_ops(),
         mock.patch.dict(masks._MASK_KERNELS, kernels),
         mock.patch.object(activation_sparsity, "_kernel", _act_kernel),
+        mock.patch.object(activation_sparsity, "_backward_kernel", _act_backward_kernel),
         mock.patch.object(fp8, "_fp8_cusparselt_ok", lambda device: True),
     ):
         yield
