@@ -4,4 +4,4 @@ from megasparse.tools.kernel_report import *  # noqa: F401,F403
 from megasparse.tools.kernel_report import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
