@@ -19,11 +19,14 @@ if HAVE_TRITON:
 def mask_1d_reference(weight: torch.Tensor) -> torch.Tensor:
     """Pure-torch reference. weight [out, in] with in % 4 == 0 -> bool mask of the same shape."""
     check_2d(weight, "the 1d 2:4 mask", 1, 4)
-    a = magnitude(weight).reshape(-1, 4)
-    mine, other = a[:, :, None], a[:, None, :]  # [groups, i, j]
-    lower_index = torch.ones(4, 4, dtype=torch.bool, device=a.device).tril(-1)  # [i, j]: j < i
-    beaten_by = (other > mine) | ((other == mine) & lower_index)
-    return (beaten_by.sum(-1) < 2).reshape(weight.shape)
+    columns = magnitude(weight).reshape(-1, 4).unbind(1)
+    beaten = [torch.zeros(columns[0].shape, dtype=torch.uint8, device=weight.device) for _ in range(4)]
+    for i in range(4):  # the 6 pairs of a group, each compared once
+        for j in range(i + 1, 4):
+            j_wins = columns[j] > columns[i]  # a tie goes to the lower index i
+            beaten[i] += j_wins
+            beaten[j] += ~j_wins
+    return (torch.stack(beaten, 1) < 2).reshape(weight.shape)  # kept: beaten by fewer than 2
 
 
 # Launch: one program covers BLOCK consecutive elements (BLOCK / 4 groups), 16 per thread, so

@@ -57,9 +57,11 @@ def mask_transposable_reference(weight: torch.Tensor) -> torch.Tensor:
     check_2d(weight, "the transposable 2:4 mask", 4, 4)
     tiles = _tiles(magnitude(weight).clamp(max=_NONFINITE_SCORE))
     patterns = PATTERNS.to(tiles.device)
+    included = patterns.t().to(torch.float32).contiguous()  # [16, 90]: 1.0 where pattern keeps k
+    tiles = tiles.to(torch.float32)
     score = torch.zeros(tiles.shape[0], N_PATTERNS, dtype=torch.float32, device=tiles.device)
     for k in range(16):  # fixed order, shared with the kernel, so float sums match exactly
-        score = score + torch.where(patterns[:, k], tiles[:, k : k + 1], 0.0)
+        score.addcmul_(tiles[:, k : k + 1], included[k])  # in place; |w| * 1 or * 0 is exact
     best = score.argmax(dim=1)  # first maximum: lowest pattern index wins ties
     return _untile(patterns[best], weight.shape)
 
