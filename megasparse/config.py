@@ -1,6 +1,8 @@
 """SparsityConfig: what a sparse layer prunes, how, and with which GEMM backend."""
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -84,21 +86,32 @@ class SparsityConfig:
         _choice("nonfinite_weights", self.nonfinite_weights, NONFINITE_POLICIES)
         _choice("activation_function", self.activation_function, ACTIVATION_FUNCTIONS)
         parse_activation_pattern(self.activations)
-        if not isinstance(self.mask_refresh_interval, int) or self.mask_refresh_interval < 1:
+        interval = self.mask_refresh_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(
                 f"SparsityConfig.mask_refresh_interval must be an int >= 1 (1 = every step), "
-                f"got {self.mask_refresh_interval!r}"
+                f"got {interval!r} ({type(interval).__name__})"
             )
-        if not self.srste_decay >= 0.0:
-            raise ValueError(f"SparsityConfig.srste_decay must be >= 0, got {self.srste_decay!r}")
+        decay = self.srste_decay
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not math.isfinite(decay) \
+                or decay < 0:
+            raise ValueError(
+                f"SparsityConfig.srste_decay must be a finite number >= 0 such as 2e-4, got {decay!r} "
+                f"({type(decay).__name__}); pass a float, e.g. float(value)"
+            )
         if not isinstance(self.enabled, bool):
             raise ValueError(f"SparsityConfig.enabled must be True or False, got {self.enabled!r}")
         object.__setattr__(self, "_validated", True)
 
     def __setattr__(self, name, value):
         # Later changes (layer.sparsity.mask = ...) are validated too: check on a copy, then set.
-        if getattr(self, "_validated", False) and name in _FIELD_NAMES:
-            dataclasses.replace(self, **{name: value})
+        # A misspelt field (cfg.weigths = None) would be ignored silently: refuse it.
+        if getattr(self, "_validated", False):
+            if name in _FIELD_NAMES:
+                dataclasses.replace(self, **{name: value})
+            elif not name.startswith("_"):
+                raise AttributeError(
+                    f"SparsityConfig has no field {name!r}; the fields are {sorted(_FIELD_NAMES)}")
         object.__setattr__(self, name, value)
 
     @property
