@@ -1,6 +1,8 @@
 """SparsityConfig: what a sparse layer prunes, how, and with which GEMM backend."""
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,13 +91,19 @@ class SparsityConfig:
         _choice("nonfinite_weights", self.nonfinite_weights, NONFINITE_POLICIES)
         _choice("activation_function", self.activation_function, ACTIVATION_FUNCTIONS)
         parse_activation_pattern(self.activations)
-        if not isinstance(self.mask_refresh_interval, int) or self.mask_refresh_interval < 1:
+        interval = self.mask_refresh_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(
                 f"SparsityConfig.mask_refresh_interval must be an int >= 1 (1 = every step), "
-                f"got {self.mask_refresh_interval!r}"
+                f"got {interval!r} ({type(interval).__name__})"
             )
-        if not self.srste_decay >= 0.0:
-            raise ValueError(f"SparsityConfig.srste_decay must be >= 0, got {self.srste_decay!r}")
+        decay = self.srste_decay
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not math.isfinite(decay) \
+                or decay < 0:
+            raise ValueError(
+                f"SparsityConfig.srste_decay must be a finite number >= 0 such as 2e-4, got {decay!r} "
+                f"({type(decay).__name__}); pass a float, e.g. float(value)"
+            )
         if not (self.hold_backward_weight is None or isinstance(self.hold_backward_weight, bool)):
             raise ValueError("SparsityConfig.hold_backward_weight must be None (automatic), True or False, "
                              f"got {self.hold_backward_weight!r}")
@@ -106,11 +114,16 @@ class SparsityConfig:
 
     def __setattr__(self, name, value):
         # Later changes (layer.sparsity.mask = ...) are validated too: check on a copy, then set.
-        if getattr(self, "_validated", False) and name in _FIELD_NAMES:
-            dataclasses.replace(self, **{name: value})
-            if name in _MASK_RULE_FIELDS and getattr(self, name) != value:
-                # a held mask of the old rule must not survive (see megasparse.weight_state)
-                object.__setattr__(self, "mask_rule_revision", self.mask_rule_revision + 1)
+        # A misspelt field (cfg.weigths = None) would be ignored silently: refuse it.
+        if getattr(self, "_validated", False):
+            if name in _FIELD_NAMES:
+                dataclasses.replace(self, **{name: value})
+                if name in _MASK_RULE_FIELDS and getattr(self, name) != value:
+                    # a held mask of the old rule must not survive (see megasparse.weight_state)
+                    object.__setattr__(self, "mask_rule_revision", self.mask_rule_revision + 1)
+            elif not name.startswith("_"):
+                raise AttributeError(
+                    f"SparsityConfig has no field {name!r}; the fields are {sorted(_FIELD_NAMES)}")
         object.__setattr__(self, name, value)
 
     @property

@@ -10,7 +10,7 @@ megatron.training is imported only when these run inside Megatron-LM.
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megasparse.args import add_args, config_from_args, schedule_from_args
-from megasparse.specs import sparsify_spec
+from megasparse.specs import require_transformer_engine, sparsify_spec
 
 _schedules = {}
 
@@ -62,6 +62,7 @@ def gpt_layer_spec_from_args(args):
                   qk_layernorm=getattr(args, "qk_layernorm", False),
                   multi_latent_attention=getattr(args, "multi_latent_attention", False))
     if getattr(args, "transformer_impl", "local") == "transformer_engine":
+        require_transformer_engine("--transformer-impl transformer_engine (Megatron-LM's default)")
         base = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)
     else:
         base = gpt_layer_specs.get_gpt_layer_local_spec(

@@ -38,6 +38,18 @@ def sparsify_spec(spec, sparsity: SparsityConfig, targets=DEFAULT_TARGETS):
     return result
 
 
+def require_transformer_engine(what: str) -> None:
+    """Raise megasparse's clear error when `what` needs Transformer Engine and it is not installed
+    (Megatron's own TE spec builders fail obscurely then: NameError on 0.16, TypeError on 0.19)."""
+    from megatron.core.extensions import transformer_engine as mcore_te
+
+    if not getattr(mcore_te, "HAVE_TE", False):
+        raise ImportError(
+            f"megasparse: {what} needs Transformer Engine, which is not installed: install it "
+            "(pip install megasparse[te], on a CUDA machine) or use Megatron's local spec "
+            "(Megatron-LM: --transformer-impl local; megatron-core: get_gpt_layer_local_spec)")
+
+
 def _owner_class(func):
     """The class a builder constructs: a class, or the class of a bound classmethod like MLP.as_mlp_submodule."""
     if inspect.ismethod(func) and inspect.isclass(func.__self__):
@@ -194,6 +206,8 @@ class _Rewriter:
         if name in ("TEColumnParallelLinear", "TERowParallelLinear", "TELayerNormColumnParallelLinear"):
             from megasparse.te import sparse_te_class
 
+            if getattr(module, "__module__", "").startswith("megatron.core.extensions"):  # Megatron's TE class
+                require_transformer_engine(f"sparsify_spec: {target} ({name})")
             if sparsity.activations is not None and target in ("fc2", "shared_experts"):
                 raise NotImplementedError(
                     f"sparsify_spec: {target} is Transformer Engine's {name}, which cannot sparsify activations; "

@@ -15,6 +15,10 @@ from megasparse import SparsityConfig
         ({"srste_decay": -1.0}, "srste_decay"),
         ({"enabled": "yes"}, "enabled"),
         ({"nonfinite_weights": "ignore"}, "nonfinite_weights"),
+        ({"mask_refresh_interval": True}, "mask_refresh_interval"),
+        ({"srste_decay": "0.1"}, "srste_decay"),
+        ({"srste_decay": float("inf")}, "srste_decay"),
+        ({"srste_decay": float("nan")}, "srste_decay"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):
@@ -35,3 +39,18 @@ def test_later_changes_are_validated_and_rejected_values_leave_config_unchanged(
     with pytest.raises(ValueError, match="SparsityConfig.mask"):
         cfg.mask = "diagonal"
     assert cfg.mask == "1d"
+
+
+def test_srste_decay_given_as_text_names_the_fix():
+    with pytest.raises(ValueError, match=r"srste_decay must be a finite number.*'0.1' \(str\).*pass a float"):
+        SparsityConfig(srste_decay="0.1")
+    assert SparsityConfig(srste_decay=1).srste_decay == 1  # an int is a fine number
+
+
+def test_misspelt_field_is_refused_with_the_valid_names():
+    cfg = SparsityConfig()
+    with pytest.raises(AttributeError, match=r"no field 'weigths'.*'weights'"):
+        cfg.weigths = None
+    assert cfg.weights == "2:4" and not hasattr(cfg, "weigths")
+    cfg.weights = None  # the real field still works
+    assert not cfg.prunes_weights

@@ -111,3 +111,33 @@ def test_te_linears_without_a_sparse_variant_get_a_clear_error():
         submodules=dataclasses.replace(attention.submodules, linear_qkv=TEFusedQKVLinear))))
     with pytest.raises(NotImplementedError, match="Transformer Engine's TEFusedQKVLinear.*--transformer-impl local"):
         sparsify_spec(fake_te, SparsityConfig(), targets=("qkv",))
+
+
+def test_te_spec_without_transformer_engine_gets_megasparse_error_first():
+    """Without TE, Megatron's TE spec builder fails obscurely (NameError on 0.16, TypeError on 0.19):
+    megasparse's Megatron-LM spec and sparsify_spec say what to do before that happens."""
+    import argparse
+    import dataclasses
+
+    from megatron.core.extensions import transformer_engine as mcore_te
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megasparse.args import add_args
+    from megasparse.megatron_lm import gpt_layer_spec_from_args
+
+    if getattr(mcore_te, "HAVE_TE", False):
+        pytest.skip("Transformer Engine is installed here")
+    args = add_args(argparse.ArgumentParser()).parse_args(["--sparsity-weights", "2:4"])
+    args.transformer_impl = "transformer_engine"
+    with pytest.raises(ImportError, match=r"needs Transformer Engine.*--transformer-impl local"):
+        gpt_layer_spec_from_args(args)
+    te_class = getattr(mcore_te, "TEColumnParallelLinear", None)
+    if not isinstance(te_class, type):
+        pytest.skip("this megatron-core defines no TE class without Transformer Engine")
+    spec = get_gpt_layer_local_spec()
+    attention = spec.submodules.self_attention
+    te_spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=ModuleSpec(
+        module=attention.module, params=attention.params,
+        submodules=dataclasses.replace(attention.submodules, linear_qkv=te_class))))
+    with pytest.raises(ImportError, match=r"sparsify_spec: qkv \(TEColumnParallelLinear\) needs Transformer Engine"):
+        sparsify_spec(te_spec, SparsityConfig(), targets=("qkv",))

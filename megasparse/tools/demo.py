@@ -9,8 +9,8 @@ download). Every recipe starts from the same initialization and sees the same ba
   2:4+act-2:4            plus 2:4 Squared-ReLU activation sparsity
   sparse-then-dense      dense warm-up 10%, 2:4 + act 2:4, dense final 25% (SparsitySchedule)
 It prints a table (validation loss, activation exact zeros, activation L1 dropped, |W| kept,
-time per step) and writes the loss curves to demo_out/loss_curves.png and the numbers to
-demo_out/results.json.
+time per step) and writes the numbers to demo_out/results.json and, when matplotlib is installed
+(pip install 'megasparse[plot]'), the loss curves to demo_out/loss_curves.png.
 """
 
 import argparse
@@ -106,8 +106,13 @@ def sparsity_stats(model):
             "act_dropped": act_dropped / act_total if act_total else None}
 
 
+def phase_label(sparsity, phase: str) -> str:
+    """What the progress bar shows: the schedule's phase, or "dense" for a recipe with no sparsity."""
+    return "dense" if sparsity is None else phase
+
+
 def train_recipe(name, args, data, device):
-    from megasparse.schedule import SPARSE, SparsitySchedule, sparse_modules
+    from megasparse.schedule import SparsitySchedule, sparse_modules
 
     recipe = RECIPES[name]
     model = build_gpt(args, recipe["sparsity"], device)
@@ -144,7 +149,7 @@ def train_recipe(name, args, data, device):
         if it % args.eval_every == 0 or it == args.steps - 1:
             val_curve.append((it, evaluate(model, val_batches, device)))
         if rank0:
-            steps.set_postfix(loss=f"{curve[-1]:.3f}", phase=phase if phase != SPARSE else "sparse")
+            steps.set_postfix(loss=f"{curve[-1]:.3f}", phase=phase_label(recipe["sparsity"], phase))
     stats = sparsity_stats(model)
     return {"recipe": name, "val_loss": val_curve[-1][1], "train_curve": curve, "val_curve": val_curve,
             "ms_per_step": 1000 * seconds / max(timed, 1), **stats}
@@ -175,12 +180,19 @@ def report(results, args, out_dir):
     print("\n" + "\n".join(lines))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"settings": vars(args), "results": results}, f, indent=1)
-    plot(results, os.path.join(out_dir, "loss_curves.png"))
-    print(f"wrote {out_dir}/results.json and {out_dir}/loss_curves.png")
+    if plot(results, os.path.join(out_dir, "loss_curves.png")):
+        print(f"wrote {out_dir}/results.json and {out_dir}/loss_curves.png")
+    else:
+        print(f"wrote {out_dir}/results.json; no loss_curves.png: matplotlib is not installed "
+              "(pip install matplotlib, or pip install 'megasparse[plot]')")
 
 
-def plot(results, path):
-    import matplotlib
+def plot(results, path) -> bool:
+    """Loss curves as a PNG; False (nothing written) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -204,6 +216,7 @@ def plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _worker(rank, args, port):
