@@ -182,7 +182,7 @@ def _megatron_mlp_with_optimizer(sparsity, overlap, distributed):
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=distributed)
     model = DistributedDataParallel(cfg, ddp_config, mlp)
     optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="sgd", lr=0.5, sgd_momentum=0.0, weight_decay=0.0, clip_grad=0.0, bf16=False, fp16=False,
+        optimizer="adam", lr=0.05, weight_decay=0.0, clip_grad=0.0, bf16=False, fp16=False,
         use_distributed_optimizer=distributed), [model])
     return mlp, model, optimizer
 
@@ -191,7 +191,14 @@ def _megatron_mlp_with_optimizer(sparsity, overlap, distributed):
 @pytest.mark.parametrize("mode,interval", [("srste", 1), ("masked", 3)])
 def test_megatron_ddp_and_optimizer_find_the_step_without_user_calls(mask_calls, overlap, distributed, mode,
                                                                       interval):
+    from megasparse.testing import _CudaToCpu, cpu_megatron
+
     sparsity = SparsityConfig(gradient=mode, srste_decay=DECAY, mask_refresh_interval=interval, backend="dense")
+    with cpu_megatron(), _CudaToCpu():  # Megatron's optimizers and DDP buffers hard-code device="cuda"
+        _ddp_steps(sparsity, mask_calls, overlap, distributed, mode, interval)
+
+
+def _ddp_steps(sparsity, mask_calls, overlap, distributed, mode, interval):
     mlp, model, optimizer = _megatron_mlp_with_optimizer(sparsity, overlap, distributed)
     fc1 = mlp.linear_fc1
     g = torch.Generator().manual_seed(1)
@@ -211,7 +218,8 @@ def test_megatron_ddp_and_optimizer_find_the_step_without_user_calls(mask_calls,
 
         handle = fc1.register_forward_hook(capture)
         for k in range(MICRO_BATCHES):
-            out, _ = model(torch.randn(3, 2, 16, generator=g))
+            out, bias = model(torch.randn(3, 2, 16, generator=g))
+            out = out if bias is None else out + bias  # every parameter gets its gradient (DDP's hooks)
             if k < MICRO_BATCHES - 1:  # as Megatron's schedules: reduce only after the last micro-batch
                 with model.no_sync():
                     out.square().sum().backward()
