@@ -239,3 +239,35 @@ def test_disabled_sparse_te_grouped_mlp_is_te_grouped_mlp():
     x, probs, tokens = _inputs(torch.float32)
     assert torch.equal(sparse(x, tokens, probs)[0], dense(x, tokens, probs)[0])
     assert list(sparse.state_dict()) == list(dense.state_dict())
+
+
+def test_sparse_te_grouped_mlp_honours_moe_act_recompute(monkeypatch):
+    """recompute_modules=["moe_act"]: the sparse activation is recomputed in the backward (Megatron's
+    CheckpointWithoutOutput), with the same outputs and gradients bit for bit."""
+    from megatron.core import tensor_parallel
+
+    from megasparse import SparseTEGroupedMLP
+
+    used = []
+
+    class Counting(tensor_parallel.CheckpointWithoutOutput):
+        def discard_output_and_register_recompute(self, hook_tensor):
+            used.append(True)
+            return super().discard_output_and_register_recompute(hook_tensor)
+
+    monkeypatch.setattr(tensor_parallel, "CheckpointWithoutOutput", Counting)
+    x, probs, tokens = _inputs(torch.float32)
+    results = []
+    for recompute in (False, True):
+        experts = _te_experts(SparseTEGroupedMLP, SparsityConfig(activations="2:4", backend="dense"),
+                              torch.float32, seed=3)
+        if recompute:
+            experts.config.recompute_granularity = "selective"
+            experts.config.recompute_modules = ["moe_act"]
+        xr = x.clone().requires_grad_(True)
+        y, _ = experts(xr, tokens, probs)
+        y.backward(torch.ones_like(y))
+        results.append([y.detach(), xr.grad] + [p.grad for p in experts.parameters()])
+    assert used  # the recompute path ran
+    for plain, recomputed in zip(*results):
+        assert torch.equal(plain, recomputed)

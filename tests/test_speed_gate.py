@@ -121,3 +121,35 @@ def test_tensor_parallel_ranks_agree(tmp_path):
         [False, True],
         [False, True],
     ]
+
+
+@pytest.mark.usefixtures("megatron_tp1")
+def test_layers_follow_the_gate_per_role_and_ask_once_per_shape(monkeypatch):
+    """backend='auto' on a GPU: a role the gate finds slower runs the dense GEMM on W*M; asked once."""
+    from megasparse import SparsityConfig, speed_gate as gate_module
+    from megasparse.backends import DenseBackend
+    from megatron_helpers import make_column, make_config
+
+    class Recording(DenseBackend):
+        name = "recording-sparse"
+        calls = []
+
+        def linear(self, x2d, w, bias, sparse):
+            self.calls.append(("forward", sparse))
+            return super().linear(x2d, w, bias, sparse)
+
+        def input_grad(self, dy2d, w, sparse):
+            self.calls.append(("input_grad", sparse))
+            return super().input_grad(dy2d, w, sparse)
+
+    asked = []
+    monkeypatch.setattr("megasparse.layers.resolve_backend", lambda *a, **k: Recording())
+    monkeypatch.setattr(gate_module, "applies", lambda requested, backend, weight: requested == "auto")
+    monkeypatch.setattr(gate_module, "sparse_roles",
+                        lambda layer, step, backend, tokens, group: asked.append(tokens) or ("input_grad",))
+    layer = make_column(make_config(), 16, 32, SparsityConfig(mask="transposable"))
+    for _ in range(3):
+        x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+        layer(x)[0].sum().backward()
+    assert asked == [6]  # one decision for this shard shape and token count
+    assert set(Recording.calls) == {("forward", None), ("input_grad", "weight")}
