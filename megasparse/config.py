@@ -135,7 +135,8 @@ class SparsityConfig:
     def _validate_quality_options(self):
         """Checks of the training-quality options (issue 14)."""
         _choice("wgrad_sparsity", self.wgrad_sparsity, WGRAD_SPARSITY)
-        if not (isinstance(self.masked_decay_factor, (int, float)) and self.masked_decay_factor >= 0):
+        factor = self.masked_decay_factor
+        if not (isinstance(factor, (int, float)) and factor >= 0):
             raise ValueError(f"SparsityConfig.masked_decay_factor must be a number >= 0, "
                              f"got {self.masked_decay_factor!r}")
         if not isinstance(self.wgrad_seed, int) or isinstance(self.wgrad_seed, bool):
@@ -144,9 +145,10 @@ class SparsityConfig:
             raise ValueError(f"SparsityConfig.track_flip_rate must be True or False, "
                              f"got {self.track_flip_rate!r}")
         if self.gradient == "sste" and self.mask != "1d":
-            raise ValueError("SparsityConfig(gradient='sste') soft-thresholds groups of 4 along the "
-                             f"input dim, which is the '1d' mask; got mask={self.mask!r}. Use "
-                             "mask='1d', or another gradient mode with the transposable mask.")
+            raise ValueError("SparsityConfig(gradient='sste') soft-thresholds groups of 4 "
+                             "along the input dim, which is the '1d' mask; got "
+                             f"mask={self.mask!r}. Use mask='1d', or another gradient mode "
+                             "with the transposable mask.")
         if self.gradient == "sste" and self.mask_refresh_interval != 1:
             raise ValueError("SparsityConfig(gradient='sste') recomputes its continuous pruning "
                              "S(W) from W at every step, so it cannot hold a mask; got "

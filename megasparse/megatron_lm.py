@@ -36,7 +36,8 @@ def extra_args_provider(other=None):
 
 
 def on_forward_step(model, args=None) -> str:
-    """Put the model's sparse layers in the phase of the current iteration. Cheap; call every forward_step.
+    """Put the model's sparse layers in the phase of the current iteration. Cheap; call every
+    forward_step.
 
     With --sparsity-flip-rate it also logs the sparse layers' flip rate and kept |W| share to
     Megatron's tensorboard / wandb writers every --log-interval iterations (`log_sparsity_stats`).
@@ -58,7 +59,8 @@ _last_logged = {"iteration": None}
 
 
 def _log_once_per_interval(model, iteration: int, interval: int) -> None:
-    """Called by every micro-batch's forward_step: log at the first one of every interval-th iteration."""
+    """Called by every micro-batch's forward_step: log at the first call of every interval-th
+    iteration."""
     if iteration % interval or _last_logged["iteration"] == iteration:
         return
     _last_logged["iteration"] = iteration
@@ -104,8 +106,8 @@ def sparsity_scalars(model) -> dict:
 
 
 def log_sparsity_stats(model, iteration: int, tb_writer=None, wandb_writer=None) -> dict:
-    """Write `sparsity_scalars(model)` as megasparse/<name> to a tensorboard SummaryWriter and/or a
-    wandb run (Megatron's `get_tensorboard_writer()` / `get_wandb_writer()`). Returns the scalars."""
+    """Write `sparsity_scalars(model)` as megasparse/<name> to a tensorboard SummaryWriter and/or
+    a wandb run (Megatron's `get_tensorboard_writer()` / `get_wandb_writer()`). Returns them."""
     if tb_writer is None and wandb_writer is None:
         return {}
     scalars = {f"megasparse/{name}": value for name, value in sparsity_scalars(model).items()}

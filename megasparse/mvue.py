@@ -91,8 +91,8 @@ def mvue24(x: torch.Tensor, dim: int = 0,
     return values.to(x.dtype).reshape(moved.shape).movedim(-1, dim)
 
 
-def mvue_weight_grad(dy2d: torch.Tensor, x2d: torch.Tensor, generator: Optional[torch.Generator] = None,
-                     backend=None) -> torch.Tensor:
+def mvue_weight_grad(dy2d: torch.Tensor, x2d: torch.Tensor,
+                     generator: Optional[torch.Generator] = None, backend=None) -> torch.Tensor:
     """dW = MVUE(dY)^T X for dY [tokens, out], X [tokens, in]: the weight-gradient GEMM with dY
     pruned 2:4 along tokens (the GEMM's reduction dim) by `mvue24`, so E[dW] = dY^T X.
 

@@ -92,7 +92,8 @@ def gradient_term(mode, grad, weight, step: WeightStep, srste_decay: float):
 def _uses_mvue(step: WeightStep) -> bool:
     """wgrad_sparsity="mvue" while the step prunes the weight (megasparse.mvue.mvue_weight_grad)."""
     sparsity = getattr(step, "sparsity", None)
-    return step is not None and step.pruned and sparsity is not None and sparsity.wgrad_sparsity == "mvue"
+    return (step is not None and step.pruned and sparsity is not None
+            and sparsity.wgrad_sparsity == "mvue")
 
 
 def _dummy_weight_grad(weight, dtype):
@@ -151,16 +152,16 @@ class _SparseLinear(torch.autograd.Function):
                 if not mvue and (plan.gradient in STRAIGHT_THROUGH or not step.pruned):
                     _accumulate_weight_grad(ctx.main_grad, dy2d, x2d)
                 else:
-                    wgrad = (mvue_weight_grad(dy2d, x2d, step.wgrad_generator(), plan.backend) if mvue
-                             else _weight_grad_fp32(dy2d, x2d))
+                    wgrad = (mvue_weight_grad(dy2d, x2d, step.wgrad_generator(), plan.backend)
+                             if mvue else _weight_grad_fp32(dy2d, x2d))
                     grad = gradient_term(plan.gradient, wgrad, weight, step, plan.srste_decay)
                     ctx.main_grad.add_(grad.to(ctx.main_grad.dtype))
                 if hasattr(weight, "grad_added_to_main_grad"):
                     grad_w = _dummy_weight_grad(weight, x.dtype)
                     weight.grad_added_to_main_grad = True
             else:
-                wgrad = (mvue_weight_grad(dy2d, x2d, step.wgrad_generator(), plan.backend).to(dy2d.dtype)
-                         if mvue else dy2d.t() @ x2d)
+                wgrad = dy2d.t() @ x2d if not mvue else mvue_weight_grad(
+                    dy2d, x2d, step.wgrad_generator(), plan.backend).to(dy2d.dtype)
                 grad_w = gradient_term(plan.gradient, wgrad, weight, step, plan.srste_decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy2d.sum(dim=0)

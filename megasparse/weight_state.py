@@ -194,10 +194,10 @@ class SparseWeightState:
         self._step: Optional[WeightStep] = None
         # quality (see the module docstring)
         self.index = next(_STATE_INDEX)
-        self.tp_group = None  # S-STE's beta is summed over it (None: Megatron's TP group of the weight)
+        self.tp_group = None  # S-STE's beta is summed over it (None: Megatron's TP group)
         self.sste_beta: Optional[torch.Tensor] = None
         self.flip_prev_bits = None
-        self.flip_rate: Optional[torch.Tensor] = None  # share of mask entries changed at the last mask
+        self.flip_rate: Optional[torch.Tensor] = None  # share changed at the last mask
         self.flip_step = None  # the step count of that mask
         self._flip_shape = None
 
@@ -331,7 +331,8 @@ class SparseWeightState:
     def restore_extra_state(self, state, weight) -> None:
         """Restore what `extra_state` saved (held mask, S-STE's beta); None or {}: nothing saved."""
         state = state if isinstance(state, dict) else {}
-        self.restore_held_mask(state.get("megasparse_held_mask"), state.get("refreshed_at", 0), weight)
+        self.restore_held_mask(state.get("megasparse_held_mask"), state.get("refreshed_at", 0),
+                               weight)
         beta = state.get("megasparse_sste_beta")
         self.sste_beta = None if beta is None else torch.as_tensor(beta).clone()
 

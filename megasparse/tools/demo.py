@@ -12,7 +12,7 @@ It prints a table (validation loss, activation exact zeros, activation L1 droppe
 time per step) and writes the loss curves to demo_out/loss_curves.png and the numbers to
 demo_out/results.json.
 
-    python -m megasparse.tools.demo --quality   # the quality table of issue 14 (README, "Training quality")
+    python -m megasparse.tools.demo --quality   # issue 14's quality table (README)
 
 runs the 2:4 pretraining recipes of the literature on the same model, data and seeds (2:4 weights
 on fc1/fc2, no activation sparsity; QUALITY_RECIPES): dense; 2:4 with ste / srste (Zhou et al.
@@ -183,7 +183,8 @@ def train_recipe(name, args, data, device):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     split = int(0.9 * len(data))
     train_gen, val_gen = torch.Generator().manual_seed(args.seed + 1), torch.Generator().manual_seed(args.seed + 2)
-    val_batches = [text_batches(data[split:], args.seq, args.batch, val_gen) for _ in range(args.val_batches)]
+    val_batches = [text_batches(data[split:], args.seq, args.batch, val_gen)
+                   for _ in range(args.val_batches)]
     curve, val_curve, seconds, timed = [], [], 0.0, 0
     flips = []
     prune_at = schedule.dense_warmup_iters if recipe.get("prune") else None
@@ -196,7 +197,8 @@ def train_recipe(name, args, data, device):
     for it in steps:
         if it == prune_at:
             _prune_now(model, recipe["prune"], args, data, device)
-            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)  # fine-tune anew
+            # fine-tune with a fresh optimizer (no moments of the pruned weights)
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
         phase = schedule.apply(model, it)
         if it == args.steps - 1:
             for m in sparse_modules(model):
@@ -205,7 +207,8 @@ def train_recipe(name, args, data, device):
         tokens, labels = (t.to(device) for t in text_batches(data[:split], args.seq, args.batch, train_gen))
         start = time.perf_counter()
         loss = gpt_loss(model, tokens, labels)
-        flips.append(_flip_rate(model) if sparsity is not None else None)  # this step's mask vs the last
+        # this step's mask against the last one
+        flips.append(_flip_rate(model) if sparsity is not None else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -260,10 +263,12 @@ def quality_report(results, args, out_dir, seconds):
     os.makedirs(out_dir, exist_ok=True)
     dense = next((r["val_loss"] for r in results if r["recipe"] == "dense"), None)
     lines = [
-        f"byte-level GPT on the Python stdlib source, TP={args.tp}, {args.layers} layers, hidden {args.hidden}, "
-        f"ffn {args.ffn}, seq {args.seq}, batch {args.batch}, {args.steps} steps, AdamW lr {args.lr}, "
-        f"seed {args.seed}; 2:4 weights on {' '.join(args.targets)}; {args.val_batches} validation batches",
-        f"| {'recipe':<18} | {'val loss':>8} | {'gap to dense':>12} | {'final flip rate':>15} | {'ms/step':>7} |",
+        f"byte-level GPT on the Python stdlib source, TP={args.tp}, {args.layers} layers, "
+        f"hidden {args.hidden}, ffn {args.ffn}, seq {args.seq}, batch {args.batch}, "
+        f"{args.steps} steps, AdamW lr {args.lr}, seed {args.seed}; 2:4 weights on "
+        f"{' '.join(args.targets)}; {args.val_batches} validation batches",
+        f"| {'recipe':<18} | {'val loss':>8} | {'gap to dense':>12} | {'final flip rate':>15} "
+        f"| {'ms/step':>7} |",
         f"|{'-' * 20}|{'-' * 10}:|{'-' * 13}:|{'-' * 16}:|{'-' * 8}:|",
     ]
     for r in results:
