@@ -2,7 +2,8 @@
 
 import argparse
 
-from megasparse.config import BACKENDS, DEFAULT_TARGETS, GRADIENT_MODES, MASK_KINDS, TARGETS, SparsityConfig
+from megasparse.config import (BACKENDS, DEFAULT_TARGETS, GRADIENT_MODES, MASK_KINDS, TARGETS,
+                               WGRAD_SPARSITY, SparsityConfig)
 from megasparse.schedule import SparsitySchedule
 
 
@@ -29,8 +30,12 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="'1d': 2 of every 4 weights along the input dim. 'transposable': 2:4 along both dims "
                         "(exact optimum per 4x4 tile), so the backward input-gradient GEMM is sparse too.")
     g.add_argument("--sparsity-grad", default="ste", choices=GRADIENT_MODES,
-                   help="Gradient of the dense master weight: 'ste' (dense gradient), 'masked' (zero for pruned "
-                        "weights), 'srste' (dense gradient plus --sparsity-srste-decay times the pruned weights).")
+                   help="Gradient of the dense master weight: 'ste' (dense gradient), 'masked' "
+                        "(zero for pruned weights), 'srste' (dense gradient plus "
+                        "--sparsity-srste-decay times the pruned weights), 'masked_decay' (Hu et "
+                        "al. ICML 2024: plus --sparsity-masked-decay-factor times the pruned "
+                        "weights, once per step), 'sste' (S-STE, Hu et al. NeurIPS 2024: forward "
+                        "weight beta * soft-threshold(W), straight-through gradient).")
     g.add_argument("--sparsity-srste-decay", type=float, default=2e-4, help="SR-STE decay lambda (default 2e-4).")
     g.add_argument("--sparsity-targets", nargs="+", default=list(DEFAULT_TARGETS), choices=TARGETS,
                    help="Which linears become sparse (default: fc1 fc2 experts). Embedding and output layer never do.")
@@ -44,6 +49,20 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--sparsity-mask-refresh-iters", type=int, default=1,
                    help="Recompute masks from the dense weights every N iterations (default 1: every iteration); "
                         "held masks are saved in checkpoints.")
+    # training-quality options (issue 14)
+    g.add_argument("--sparsity-masked-decay-factor", type=float, default=6e-5,
+                   help="lambda_W of --sparsity-grad masked_decay (default 6e-5, Hu et al.'s "
+                        "GPT-2 124M).")
+    g.add_argument("--sparsity-wgrad", type=_none_or, default=None, choices=WGRAD_SPARSITY,
+                   help="'mvue': the weight-gradient GEMM uses the output gradient pruned 2:4 "
+                        "along tokens by the minimum-variance unbiased estimator (Chmiel et al. "
+                        "ICLR 2023); 'none' (default).")
+    g.add_argument("--sparsity-wgrad-seed", type=int, default=0,
+                   help="Base seed of the MVUE draws (with the rank, the weight and the step).")
+    g.add_argument("--sparsity-flip-rate", action="store_true",
+                   help="Track the mask flip rate (share of mask entries changed since the last "
+                        "mask, on the device) and log it with the kept |W| share to Megatron's "
+                        "tensorboard/wandb writers every --log-interval iterations.")
     return parser
 
 
@@ -53,6 +72,10 @@ def config_from_args(args) -> SparsityConfig:
         gradient=args.sparsity_grad, srste_decay=args.sparsity_srste_decay, backend=args.sparsity_backend,
         mask_refresh_interval=args.sparsity_mask_refresh_iters,
         activation_function="squared_relu" if getattr(args, "squared_relu", False) else None,
+        masked_decay_factor=getattr(args, "sparsity_masked_decay_factor", 6e-5),
+        wgrad_sparsity=getattr(args, "sparsity_wgrad", None),
+        wgrad_seed=getattr(args, "sparsity_wgrad_seed", 0),
+        track_flip_rate=getattr(args, "sparsity_flip_rate", False),
     )
 
 

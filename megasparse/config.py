@@ -9,6 +9,9 @@ from typing import Optional
 WEIGHT_PATTERNS = (None, "2:4")
 MASK_KINDS = ("1d", "transposable")
 GRADIENT_MODES = ("ste", "masked", "srste")
+# --- training-quality options (issue 14): more gradient modes, MVUE wgrad, flip-rate tracking ---
+GRADIENT_MODES = GRADIENT_MODES + ("masked_decay", "sste")
+WGRAD_SPARSITY = (None, "mvue")
 BACKENDS = ("auto", "dense", "cusparselt", "cutlass")
 NONFINITE_POLICIES = ("propagate", "error")
 ACTIVATION_FUNCTIONS = (None, "squared_relu")
@@ -69,6 +72,25 @@ class SparsityConfig:
         step (True) or rebuilt from W and the bit-packed mask in each backward (False). None:
         hold for transposable masks (the compressed (W*M)^T, +0.56x of the dense weight's bytes)
         and rebuild for 1d masks (W*M, which would cost +1.0x). Numerically identical either way.
+
+    Training-quality options (all off by default; megasparse.gradient_rules, megasparse.mvue):
+    gradient="masked_decay": Hu et al., ICML 2024 ("Accelerating Transformer Pre-training with
+        2:4 Sparsity"): the step's gradient + masked_decay_factor * (1 - M) * W, added once per
+        optimizer step (in the step's first backward, whatever the number of micro-batches).
+    masked_decay_factor: lambda_W of masked_decay (default 6e-5, the paper's GPT-2 124M value).
+    gradient="sste": S-STE, Hu, Zhu, Chen, NeurIPS 2024: the forward weight is beta * S(W), S the
+        2:4 soft threshold (continuous in W), beta a fixed per-tensor scalar computed once at the
+        layer's first sparse forward (summed over the TP group, so TP-invariant) and kept in the
+        layer's extra state; straight-through gradient (the dense W gets dL/d(beta S(W))).
+        Needs mask="1d" and mask_refresh_interval=1 (S(W) is recomputed from W every step).
+    wgrad_sparsity="mvue": the weight-gradient GEMM dW = dY^T X uses MVUE-pruned dY (2:4 along
+        tokens, unbiased: Chmiel et al., ICLR 2023) as its sparse operand, while the layer prunes
+        its weight. Random draws: one torch.Generator per weight and optimizer step, seeded from
+        (wgrad_seed, global rank, weight index, step) on the device (no host sync).
+    wgrad_seed: the base seed of those draws.
+    track_flip_rate: keep the previous mask (bit-packed) and count, on the device, the share of
+        mask entries that changed at every mask computation (Hu et al. ICML 2024's flip rate):
+        `layer.sparsity_stats()["flip_rate"]`.
     """
 
     weights: Optional[str] = "2:4"
@@ -82,6 +104,11 @@ class SparsityConfig:
     activations: Optional[str] = None
     activation_function: Optional[str] = None
     hold_backward_weight: Optional[bool] = None
+    # training-quality options (issue 14), see the docstring
+    masked_decay_factor: float = 6e-5
+    wgrad_sparsity: Optional[str] = None
+    wgrad_seed: int = 0
+    track_flip_rate: bool = False
 
     def __post_init__(self):
         _choice("weights", self.weights, WEIGHT_PATTERNS)
@@ -109,8 +136,31 @@ class SparsityConfig:
                              f"got {self.hold_backward_weight!r}")
         if not isinstance(self.enabled, bool):
             raise ValueError(f"SparsityConfig.enabled must be True or False, got {self.enabled!r}")
+        self._validate_quality_options()
         object.__setattr__(self, "mask_rule_revision", 0)
         object.__setattr__(self, "_validated", True)
+
+    def _validate_quality_options(self):
+        """Checks of the training-quality options (issue 14)."""
+        _choice("wgrad_sparsity", self.wgrad_sparsity, WGRAD_SPARSITY)
+        factor = self.masked_decay_factor
+        if not (isinstance(factor, (int, float)) and factor >= 0):
+            raise ValueError(f"SparsityConfig.masked_decay_factor must be a number >= 0, "
+                             f"got {self.masked_decay_factor!r}")
+        if not isinstance(self.wgrad_seed, int) or isinstance(self.wgrad_seed, bool):
+            raise ValueError(f"SparsityConfig.wgrad_seed must be an int, got {self.wgrad_seed!r}")
+        if not isinstance(self.track_flip_rate, bool):
+            raise ValueError(f"SparsityConfig.track_flip_rate must be True or False, "
+                             f"got {self.track_flip_rate!r}")
+        if self.gradient == "sste" and self.mask != "1d":
+            raise ValueError("SparsityConfig(gradient='sste') soft-thresholds groups of 4 "
+                             "along the input dim, which is the '1d' mask; got "
+                             f"mask={self.mask!r}. Use mask='1d', or another gradient mode "
+                             "with the transposable mask.")
+        if self.gradient == "sste" and self.mask_refresh_interval != 1:
+            raise ValueError("SparsityConfig(gradient='sste') recomputes its continuous pruning "
+                             "S(W) from W at every step, so it cannot hold a mask; got "
+                             f"mask_refresh_interval={self.mask_refresh_interval}. Use 1.")
 
     def __setattr__(self, name, value):
         # Later changes (layer.sparsity.mask = ...) are validated too: check on a copy, then set.

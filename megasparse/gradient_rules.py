@@ -14,8 +14,11 @@ masked_decay  Hu, Zhao, Huang, Chen, Zhu, "Accelerating Transformer Pre-training
               accumulation and after gradient clipping, right before `optimizer.step()`.
               Factor lambda_W of the paper's GPT-2 runs: 6e-5 (124M, 774M), 2e-4 (350M, 1558M);
               the paper chooses it in the warm-up stage from the flip rate.
-              Unlike `srste` in `megasparse.ops` (added in every backward, so k times with k
-              micro-batches) it is added once per step, and its scale does not depend on k.
+              In megasparse (SparsityConfig(gradient="masked_decay", masked_decay_factor=...))
+              it is added once per optimizer step, in the step's first backward (so before
+              Megatron's gradient clipping, which then sees it too), whatever the number k of
+              micro-batches; `srste` (Zhou et al. 2021) uses the same per-step term with its
+              own factor `srste_decay`.
 
 sste          Hu, Zhu, Chen, "S-STE: Continuous Pruning Function for Efficient 2:4 Sparse
               Pre-training", NeurIPS 2024 (arXiv:2409.09099): the forward weight is
@@ -24,7 +27,10 @@ sste          Hu, Zhu, Chen, "S-STE: Continuous Pruning Function for Efficient 2
               the hard 2:4 mask). beta is one per-tensor scalar minimizing ||W - beta S(W)||^2,
                   beta = <W, S(W)> / <S(W), S(W)>,
               computed once from the initial weights and then frozen (the authors' code:
-              `init_scale` at model construction, a buffer saved with the model). The backward
+              `init_scale` at model construction, a buffer saved with the model). In
+              megasparse (gradient="sste") beta is computed at the weight's first sparse
+              forward (megasparse.weight_state), summed over its TP group, and saved in the
+              layer's extra state. The backward
               is the straight-through estimator: dL/dW := dL/dW~ (their `SoftThreshold.backward`
               returns the output gradient unchanged), so the per-step term is zero.
 """
@@ -61,13 +67,14 @@ def soft_threshold24(weight: torch.Tensor) -> torch.Tensor:
 
 
 def sste_scale(weight: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """beta = <W, S(W)> / <S(W), S(W)> (S-STE's fixed per-tensor rescale), a float32 0-dim tensor.
+    """beta = <W, S(W)> / <S(W), S(W)> (S-STE's fixed per-tensor rescale), a 0-dim tensor
+    (float32; float64 for a float64 weight).
 
     Call it once, on the initial weight, and keep the result (a buffer). With a tensor-parallel
     shard pass its TP group: both dot products are summed over the shards, so beta is the one
     of the full weight (the same at every TP size). No host sync.
     """
-    w = weight.detach().float()
+    w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))  # float64 stays
     s = soft_threshold24(w)
     dots = torch.stack([(w * s).sum(), (s * s).sum()])
     if group is not None:

@@ -48,10 +48,23 @@ def describe(sparsity: SparsityConfig) -> str:
 
 @torch.no_grad()
 def layer_stats(layer) -> dict:
-    """kept_weight_l1: share of sum|W| the current mask keeps; state_bytes: what the per-step state holds."""
+    """kept_weight_l1: share of sum|W| the current mask keeps (a 0-dim tensor); state_bytes: what
+    the per-step state holds; weight_bytes.
+
+    With `SparsityConfig.track_flip_rate` also (Hu et al., ICML 2024, "Accelerating Transformer
+    Pre-training with 2:4 Sparsity", Sec. 4.1): flip_rate, the share of the weight's mask entries
+    that changed at the last mask computation (a 0-dim float32 tensor on the weight's device;
+    None before the second mask), and flip_step, the step count of that mask. Nothing here syncs
+    with the host: the caller reads the tensors when it logs.
+    """
     weight = layer.weight
-    mask = layer.sparsity_mask()
+    state = layer.weight_state
     total = weight.abs().sum()
-    kept = (weight.abs() * mask).sum() / total if total > 0 else total.new_ones(())
-    return {"kept_weight_l1": kept, "state_bytes": layer.weight_state.held_bytes(),
-            "weight_bytes": weight.numel() * weight.element_size()}
+    # no division by a host-side test of total: where sum|W| = 0 the kept share is 1
+    kept = torch.where(total > 0, (weight.abs() * layer.sparsity_mask()).sum() / total.clamp_min(
+        torch.finfo(total.dtype).tiny), total.new_ones(()))
+    stats = {"kept_weight_l1": kept, "state_bytes": state.held_bytes(),
+             "weight_bytes": weight.numel() * weight.element_size()}
+    if layer.sparsity.track_flip_rate:
+        stats["flip_rate"], stats["flip_step"] = state.flip_rate, state.flip_step
+    return stats

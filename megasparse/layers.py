@@ -70,6 +70,7 @@ class _SparseLinearMixin:
                 f"(gtp_remat_size={self.gtp_remat_size}); disable it for sparse layers"
             )
         self.weight_state = SparseWeightState()
+        self.weight_state.tp_group = self.tp_group  # S-STE's beta is summed over the layer's TP group
         self._dist_checkpointing = False
         self._backends = {}
         self._gate_decisions = {}
@@ -135,9 +136,8 @@ class _SparseLinearMixin:
         return self.weight_state.extra_state(self.sparsity)
 
     def set_extra_state(self, state):
-        state = state if isinstance(state, dict) else {}  # the parent's None, or a dense checkpoint's
-        self.weight_state.restore_held_mask(state.get("megasparse_held_mask"), state.get("refreshed_at", 0),
-                                            self.weight)
+        # held mask and S-STE's beta (the parent's None, or a dense checkpoint's: nothing)
+        self.weight_state.restore_extra_state(state, self.weight)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         self._dist_checkpointing = True

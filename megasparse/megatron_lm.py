@@ -36,13 +36,87 @@ def extra_args_provider(other=None):
 
 
 def on_forward_step(model, args=None) -> str:
-    """Put the model's sparse layers in the phase of the current iteration. Cheap; call every forward_step."""
+    """Put the model's sparse layers in the phase of the current iteration. Cheap; call every
+    forward_step.
+
+    With --sparsity-flip-rate it also logs the sparse layers' flip rate and kept |W| share to
+    Megatron's tensorboard / wandb writers every --log-interval iterations (`log_sparsity_stats`).
+    """
     args = args if args is not None else _megatron_args()
     key = id(args)
     if key not in _schedules:
         _schedules.clear()
         _schedules[key] = schedule_from_args(args)
-    return _schedules[key].apply(model, getattr(args, "curr_iteration", 0) or 0)
+    iteration = getattr(args, "curr_iteration", 0) or 0
+    if getattr(args, "sparsity_flip_rate", False):
+        _log_once_per_interval(model, iteration, getattr(args, "log_interval", 100) or 100)
+    return _schedules[key].apply(model, iteration)
+
+
+# --- quality: flip rate and kept |W| to Megatron's writers (issue 14) -------------------------
+
+_last_logged = {"iteration": None}
+
+
+def _log_once_per_interval(model, iteration: int, interval: int) -> None:
+    """Called by every micro-batch's forward_step: log at the first call of every interval-th
+    iteration."""
+    if iteration % interval or _last_logged["iteration"] == iteration:
+        return
+    _last_logged["iteration"] = iteration
+    from megatron.training import get_tensorboard_writer, get_wandb_writer
+
+    log_sparsity_stats(model, iteration, get_tensorboard_writer(), get_wandb_writer())
+
+
+def sparsity_scalars(model) -> dict:
+    """{name: float}: each sparse layer's flip rate (share of its mask entries changed at its last
+    mask computation; Hu et al., ICML 2024) and kept |W| share, with their means over the layers.
+
+    This rank's shards only (Megatron's writers live on the last rank). One host sync (the read).
+    """
+    import torch
+
+    from megasparse.schedule import sparse_modules
+
+    names, values = [], []
+    models = model if isinstance(model, (list, tuple)) else [model]
+    sparse = {id(m) for m in sparse_modules(models)}
+    for chunk_index, chunk in enumerate(models):
+        for name, module in chunk.named_modules():
+            if id(module) not in sparse or getattr(module, "weight_state", None) is None:
+                continue
+            if getattr(module, "weight", None) is None or module.sparsity.weights is None:
+                continue
+            stats = module.sparsity_stats()
+            prefix = f"{chunk_index}.{name}" if len(models) > 1 else name
+            names.append(f"kept_weight_l1/{prefix}")
+            values.append(stats["kept_weight_l1"].float().reshape(()))
+            if stats.get("flip_rate") is not None:
+                names.append(f"flip_rate/{prefix}")
+                values.append(stats["flip_rate"].float().reshape(()))
+    if not values:
+        return {}
+    result = dict(zip(names, torch.stack([v.to(values[0].device) for v in values]).tolist()))
+    for kind in ("flip_rate", "kept_weight_l1"):
+        own = [v for n, v in result.items() if n.startswith(kind + "/")]
+        if own:
+            result[f"{kind}/mean"] = sum(own) / len(own)
+    return result
+
+
+def log_sparsity_stats(model, iteration: int, tb_writer=None, wandb_writer=None) -> dict:
+    """Write `sparsity_scalars(model)` as megasparse/<name> to a tensorboard SummaryWriter and/or
+    a wandb run (Megatron's `get_tensorboard_writer()` / `get_wandb_writer()`). Returns them."""
+    if tb_writer is None and wandb_writer is None:
+        return {}
+    scalars = {f"megasparse/{name}": value for name, value in sparsity_scalars(model).items()}
+    if tb_writer is not None:
+        for name, value in scalars.items():
+            tb_writer.add_scalar(name, value, iteration)
+    if wandb_writer is not None and scalars:
+        wandb_writer.log(scalars, iteration)
+    return scalars
 
 
 def gpt_layer_spec_from_args(args):

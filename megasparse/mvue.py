@@ -89,3 +89,32 @@ def mvue24(x: torch.Tensor, dim: int = 0,
     scaled = a / p.clamp_min(torch.finfo(p.dtype).tiny)
     values = torch.where(keep & (p > 0), scaled, torch.zeros_like(a))
     return values.to(x.dtype).reshape(moved.shape).movedim(-1, dim)
+
+
+def mvue_weight_grad(dy2d: torch.Tensor, x2d: torch.Tensor,
+                     generator: Optional[torch.Generator] = None, backend=None) -> torch.Tensor:
+    """dW = MVUE(dY)^T X for dY [tokens, out], X [tokens, in]: the weight-gradient GEMM with dY
+    pruned 2:4 along tokens (the GEMM's reduction dim) by `mvue24`, so E[dW] = dY^T X.
+
+    Tokens are zero-padded to a multiple of 4 (zero rows add nothing). Accumulates in fp32 for
+    half-precision inputs and returns fp32 (float32/float64 inputs keep their dtype).
+    The GEMM: on a sparse backend (megasparse.backends, CUDA, fp16/bf16) the pruned dY^T
+    [out, tokens] is 2:4 along its reduction dim, so it is the compressed sparse operand:
+        dW^T = X^T MVUE(dY) = backend.linear(X^T, backend.compress(MVUE(dY)^T), None, WEIGHT)
+    (cuSPARSELt / CUTLASS; the gpu-marked test checks it against the dense math). Elsewhere (the
+    dense backend, CPU) it is the same math as a dense GEMM on the pruned dY.
+    """
+    pad = (-dy2d.shape[0]) % 4
+    if pad:
+        dy2d = torch.nn.functional.pad(dy2d, (0, 0, 0, pad))
+        x2d = torch.nn.functional.pad(x2d, (0, 0, 0, pad))
+    pruned = mvue24(dy2d, dim=0, generator=generator)
+    if backend is not None and backend.name != "dense":
+        from megasparse.sparse_operand import WEIGHT
+
+        pruned_t, x_t = pruned.t().contiguous(), x2d.t().contiguous()
+        if backend.fits(pruned_t) and backend.fits(x_t):
+            return backend.linear(x_t, backend.compress(pruned_t), None, WEIGHT).t().float()
+    if pruned.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(pruned.t().float(), x2d.float())
+    return pruned.t() @ x2d

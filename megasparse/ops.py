@@ -56,19 +56,44 @@ def _accumulate_weight_grad(main_grad, dy2d, x2d) -> None:
     main_grad.add_(_weight_grad_fp32(dy2d, x2d).to(main_grad.dtype))
 
 
+STRAIGHT_THROUGH = ("ste", "sste")  # the dense W gets the gradient of its forward weight unchanged
+
+
+def _decay_factor(mode, step: WeightStep, srste_decay: float) -> float:
+    """The per-step decay of `mode`: srste_decay for "srste"; for "masked_decay" the step's
+    config's masked_decay_factor (the caller's `srste_decay` when the step has no config)."""
+    if mode == "masked_decay" and getattr(step, "sparsity", None) is not None:
+        return step.sparsity.masked_decay_factor
+    return srste_decay
+
+
 def gradient_term(mode, grad, weight, step: WeightStep, srste_decay: float):
     """The dense master weight's gradient under `mode`, from the micro-batch gradient of W*M.
 
     "masked" multiplies by the mask (exact per step: it is linear). "srste" adds its decay
-    lambda * (1 - M) * W once per optimizer step (the first backward of the step).
+    lambda * (1 - M) * W once per optimizer step (the first backward of the step); so does
+    "masked_decay" (Hu et al., ICML 2024; megasparse.gradient_rules.masked_decay) with the
+    config's masked_decay_factor. "sste" (S-STE, Hu et al., NeurIPS 2024) is straight-through:
+    the gradient of the forward weight beta * S(W) goes to W unchanged, like "ste".
     """
-    if step is None or not step.pruned or mode == "ste":
+    if step is None or not step.pruned or mode in STRAIGHT_THROUGH:
         return grad
     if mode == "masked":
         return grad * step.mask()
     if mode == "srste" and step.take_decay():
         return grad + srste_decay * (~step.mask()) * weight.detach().to(grad.dtype)
+    if mode == "masked_decay" and step.take_decay():
+        from megasparse.gradient_rules import masked_decay
+
+        return masked_decay(weight, step.mask(), grad, _decay_factor(mode, step, srste_decay))
     return grad
+
+
+def _uses_mvue(step: WeightStep) -> bool:
+    """wgrad_sparsity="mvue" while the step prunes the weight (megasparse.mvue.mvue_weight_grad)."""
+    sparsity = getattr(step, "sparsity", None)
+    return (step is not None and step.pruned and sparsity is not None
+            and sparsity.wgrad_sparsity == "mvue")
 
 
 def _dummy_weight_grad(weight, dtype):
@@ -124,18 +149,26 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad_gemm(dy, dy2d, step, plan).reshape(x.shape)
         if ctx.needs_input_grad[1]:
+            # wgrad_sparsity="mvue": dW from the MVUE-pruned dY (a fresh draw per backward)
+            mvue = _uses_mvue(step)
+            if mvue:
+                from megasparse.mvue import mvue_weight_grad
             if ctx.main_grad is not None:
                 weight.main_grad = ctx.main_grad
-                if plan.gradient == "ste" or not step.pruned:
+                if not mvue and (plan.gradient in STRAIGHT_THROUGH or not step.pruned):
                     _accumulate_weight_grad(ctx.main_grad, dy2d, x2d)
                 else:
-                    grad = gradient_term(plan.gradient, _weight_grad_fp32(dy2d, x2d), weight, step, plan.srste_decay)
+                    wgrad = (mvue_weight_grad(dy2d, x2d, step.wgrad_generator(), plan.backend)
+                             if mvue else _weight_grad_fp32(dy2d, x2d))
+                    grad = gradient_term(plan.gradient, wgrad, weight, step, plan.srste_decay)
                     ctx.main_grad.add_(grad.to(ctx.main_grad.dtype))
                 if hasattr(weight, "grad_added_to_main_grad"):
                     grad_w = _dummy_weight_grad(weight, x.dtype)
                     weight.grad_added_to_main_grad = True
             else:
-                grad_w = gradient_term(plan.gradient, dy2d.t() @ x2d, weight, step, plan.srste_decay)
+                wgrad = dy2d.t() @ x2d if not mvue else mvue_weight_grad(
+                    dy2d, x2d, step.wgrad_generator(), plan.backend).to(dy2d.dtype)
+                grad_w = gradient_term(plan.gradient, wgrad, weight, step, plan.srste_decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy2d.sum(dim=0)
         return grad_x, grad_w, grad_b, None, None
@@ -197,14 +230,15 @@ def main_grad_term(mode, weight, step: WeightStep, srste_decay: float) -> None:
     """Apply the gradient mode to a main_grad that already holds the accumulated ste gradient.
 
     "masked" zeroes the pruned entries after each micro-batch (idempotent, so exact per step);
-    "srste" adds its decay once per step.
+    "srste" and "masked_decay" add their decay once per step; "sste" is straight-through.
     """
-    if step is None or not step.pruned or mode == "ste":
+    if step is None or not step.pruned or mode in STRAIGHT_THROUGH:
         return
     if mode == "masked":
         weight.main_grad.mul_(step.mask())
-    elif mode == "srste" and step.take_decay():
-        weight.main_grad.add_((srste_decay * (~step.mask()) * weight.detach()).to(weight.main_grad.dtype))
+    elif mode in ("srste", "masked_decay") and step.take_decay():
+        decay = _decay_factor(mode, step, srste_decay)
+        weight.main_grad.add_((decay * (~step.mask()) * weight.detach()).to(weight.main_grad.dtype))
 
 
 def masked_weight(steps, gradient="ste", srste_decay=0.0, stacked=None):

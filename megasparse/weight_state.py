@@ -20,16 +20,34 @@ Boundaries of kind 1 and 2 count steps for held masks (kind 2 sets the count to 
 
 This module is the only copy of the mask policy (`compute_mask`) and of held-mask checkpoint I/O;
 every sparse module (local and TE linears, experts, FP8) goes through it.
+
+Training-quality pieces (issue 14; each marked "quality" below, all off unless the config asks):
+- S-STE (gradient="sste", Hu, Zhu, Chen, NeurIPS 2024): the step's forward weight is
+  beta * S(W) (megasparse.gradient_rules.sste_weight) instead of W*M; same hard mask M (the
+  support of S(W) lies inside it). beta is computed once per weight, at its first sparse
+  forward (so after a dense warm-up, from the warmed-up weight), summed over the weight's
+  tensor-parallel group (`SparseWeightState.tp_group`, else Megatron's TP group of the
+  weight: TP-invariant), and saved in the extra state (`extra_state` / `restore_extra_state`).
+- MVUE weight gradients (wgrad_sparsity="mvue"): `WeightStep.wgrad_generator()` is a
+  torch.Generator on the weight's device, seeded once per step from (wgrad_seed, global rank,
+  weight index, step count): reproducible, no host sync.
+- Flip rate (track_flip_rate, Hu et al., ICML 2024): at every mask computation the new bits
+  are XOR-ed with the previous mask's and counted on the device (a popcount table): the share
+  of mask entries that changed since the last mask (`flip_rate`, a 0-dim tensor).
 """
 
+import itertools
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from megasparse import step_clock
 from megasparse.masks import weight_mask
 
 _BIT_WEIGHTS = {}
+_POPCOUNT = {}  # quality: bits set in each uint8 value, per device (flip rate)
+_STATE_INDEX = itertools.count()  # quality: weight index for the MVUE seeds (construction order)
 
 
 def compute_mask(weight: torch.Tensor, sparsity) -> torch.Tensor:
@@ -63,7 +81,14 @@ class WeightStep:
     mask_bits None means the weight is used dense (a dense phase, or activation sparsity only).
     """
 
-    def __init__(self, weight, mask_bits, backend, transposable: bool, hold_backward: bool):
+    def __init__(self, weight, mask_bits, backend, transposable: bool, hold_backward: bool,
+                 sparsity=None, sste_beta=None, wgrad_seed: Optional[int] = None):
+        # quality: the config the step was built under (its gradient parameters are read at use),
+        # S-STE's beta (the forward weight is beta * S(W) when set), the MVUE seed of this step
+        self.sparsity = sparsity
+        self.sste_beta = sste_beta
+        self.wgrad_seed = wgrad_seed
+        self._wgrad_generator = None
         self.weight = weight
         self.mask_bits = mask_bits
         self.backend = backend
@@ -83,10 +108,23 @@ class WeightStep:
         return None if self.mask_bits is None else unpack_mask(self.mask_bits, self.weight.shape)
 
     def _masked(self):
+        if self.sste_beta is not None:  # quality: S-STE's forward weight beta * S(W)
+            from megasparse.gradient_rules import sste_weight
+
+            return sste_weight(self.weight, self.sste_beta)
         return self.weight.detach() * self.mask()
 
+    def wgrad_generator(self) -> torch.Generator:
+        """quality: this step's generator of MVUE draws (created and seeded once per step)."""
+        if self._wgrad_generator is None:
+            generator = torch.Generator(device=self.weight.device)
+            generator.manual_seed(0 if self.wgrad_seed is None else self.wgrad_seed)
+            self._wgrad_generator = generator
+        return self._wgrad_generator
+
     def dense(self) -> torch.Tensor:
-        """The weight the GEMMs compute with, as a dense tensor (W*M, or W in a dense phase)."""
+        """The weight the GEMMs compute with, as a dense tensor (W*M, or W in a dense phase;
+        beta * S(W) under S-STE)."""
         if not self.pruned:
             return self.weight.detach()
         if self._dense is not None:
@@ -164,6 +202,14 @@ class SparseWeightState:
         self._mask_key = None
         self._rule = None
         self._step: Optional[WeightStep] = None
+        # quality (see the module docstring)
+        self.index = next(_STATE_INDEX)
+        self.tp_group = None  # S-STE's beta is summed over it (None: Megatron's TP group)
+        self.sste_beta: Optional[torch.Tensor] = None
+        self.flip_prev_bits = None
+        self.flip_rate: Optional[torch.Tensor] = None  # share changed at the last mask
+        self.flip_step = None  # the step count of that mask
+        self._flip_shape = None
 
     # --- step boundaries ------------------------------------------------------------------
 
@@ -197,11 +243,52 @@ class SparseWeightState:
                 self.held_mask_bits = None  # re-enabled, or a new mask rule: prune the current weight
             self._rule, self._mask_key = _mask_rule(sparsity), mask_key
             bits = self._mask_bits(weight, sparsity) if sparsity.prunes_weights else None
-            self._step = WeightStep(weight, bits, backend, transposable, hold)
-        elif (step.backend, step.transposable, step.hold_backward) != (backend, transposable, hold):
-            self._step = WeightStep(weight, step.mask_bits, backend, transposable, hold)  # same mask
+            self._step = self._new_step(weight, bits, backend, transposable, hold, sparsity)
+        elif ((step.backend, step.transposable, step.hold_backward) != (backend, transposable, hold)
+              or (step.sste_beta is not None) != self._uses_sste(sparsity)):
+            self._step = self._new_step(weight, step.mask_bits, backend, transposable, hold,
+                                        sparsity)  # same mask
             self._step.decay_pending = step.decay_pending
         return self._step
+
+    # --- quality: S-STE's beta, MVUE seeds, flip rate ------------------------------------------
+
+    @staticmethod
+    def _uses_sste(sparsity) -> bool:
+        return sparsity.gradient == "sste" and sparsity.prunes_weights
+
+    def _new_step(self, weight, bits, backend, transposable, hold, sparsity) -> WeightStep:
+        beta = None
+        if bits is not None and self._uses_sste(sparsity):
+            if self.sste_beta is None:  # the first sparse forward: fixed from now on
+                from megasparse.gradient_rules import sste_scale
+
+                self.sste_beta = sste_scale(weight, _tp_group_of(weight, self.tp_group))
+            beta = self.sste_beta.to(weight.device)
+        seed = None
+        if sparsity.wgrad_sparsity is not None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            seed = hash((sparsity.wgrad_seed, rank, self.index, self.steps)) & (2 ** 63 - 1)
+        return WeightStep(weight, bits, backend, transposable, hold, sparsity=sparsity,
+                          sste_beta=beta, wgrad_seed=seed)
+
+    def _record_flips(self, bits, shape) -> None:
+        """Share of mask entries that differ from the previous mask's (on the device, no sync)."""
+        prev = self.flip_prev_bits
+        if prev is not None and prev.shape == bits.shape and prev.device == bits.device \
+                and self._flip_shape == tuple(shape):
+            table = _POPCOUNT.get(bits.device)
+            if table is None:
+                values = torch.arange(256, device=bits.device)
+                table = sum((values >> k) & 1 for k in range(8)).to(torch.int32)
+                _POPCOUNT[bits.device] = table
+            changed = table[(prev ^ bits).long()].sum(dtype=torch.int64)
+            numel = 1
+            for size in shape:
+                numel *= size
+            self.flip_rate = changed.to(torch.float32) / numel
+            self.flip_step = self.steps
+        self.flip_prev_bits, self._flip_shape = bits, tuple(shape)
 
     def _mask_bits(self, weight, sparsity):
         interval = sparsity.mask_refresh_interval
@@ -218,6 +305,8 @@ class SparseWeightState:
                 return held
         self.mask_computations += 1
         bits = pack_mask(compute_mask(weight, sparsity))
+        if sparsity.track_flip_rate:  # quality: flip rate
+            self._record_flips(bits, weight.shape)
         if interval > 1:
             self.held_mask_bits, self.held_shape, self.refreshed_at = bits, tuple(weight.shape), self.steps
         return bits
@@ -242,9 +331,20 @@ class SparseWeightState:
         return unpack_mask(self.held_mask_bits, self.held_shape)
 
     def extra_state(self, sparsity) -> Optional[dict]:
-        if self.held_mask_bits is None or sparsity.mask_refresh_interval == 1:
-            return None  # exactly the parent's value
-        return {"megasparse_held_mask": self.held_mask(), "refreshed_at": self.refreshed_at}
+        state = {}
+        if self.held_mask_bits is not None and sparsity.mask_refresh_interval > 1:
+            state = {"megasparse_held_mask": self.held_mask(), "refreshed_at": self.refreshed_at}
+        if self.sste_beta is not None:  # quality: S-STE's fixed beta
+            state["megasparse_sste_beta"] = self.sste_beta.detach().cpu().clone()
+        return state or None  # None: exactly the parent's value
+
+    def restore_extra_state(self, state, weight) -> None:
+        """Restore what `extra_state` saved (held mask, S-STE's beta); None or {}: nothing saved."""
+        state = state if isinstance(state, dict) else {}
+        self.restore_held_mask(state.get("megasparse_held_mask"), state.get("refreshed_at", 0),
+                               weight)
+        beta = state.get("megasparse_sste_beta")
+        self.sste_beta = None if beta is None else torch.as_tensor(beta).clone()
 
     def restore_held_mask(self, mask, refreshed_at, weight) -> None:
         """Restore a held mask from a checkpoint (None, or another layout: the next use recomputes it)."""
@@ -274,3 +374,24 @@ class SparseWeightState:
         if self.held_mask_bits is not None:
             step["held_mask"] = _nbytes(self.held_mask_bits)
         return step
+
+
+def _tp_group_of(weight, group):
+    """quality: the group S-STE's beta is summed over: `group`, else Megatron's tensor-parallel
+    group of a weight marked tensor-parallel (the expert TP group for expert weights), else None."""
+    if group is not None:
+        return group if group.size() > 1 else None
+    if not getattr(weight, "tensor_model_parallel", False):
+        return None
+    try:
+        from megatron.core import parallel_state
+    except ImportError:
+        return None
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if getattr(weight, "allreduce", True) is False and \
+            hasattr(parallel_state, "get_expert_tensor_parallel_group"):
+        group = parallel_state.get_expert_tensor_parallel_group(check_initialized=False)
+    else:
+        group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+    return group if group is not None and group.size() > 1 else None

@@ -11,9 +11,23 @@ download). Every recipe starts from the same initialization and sees the same ba
 It prints a table (validation loss, activation exact zeros, activation L1 dropped, |W| kept,
 time per step) and writes the numbers to demo_out/results.json and, when matplotlib is installed
 (pip install 'megasparse[plot]'), the loss curves to demo_out/loss_curves.png.
+
+    python -m megasparse.tools.demo --quality   # issue 14's quality table (README)
+
+runs the 2:4 pretraining recipes of the literature on the same model, data and seeds (2:4 weights
+on fc1/fc2, no activation sparsity; QUALITY_RECIPES): dense; 2:4 with ste / srste (Zhou et al.
+2021) / masked_decay (Hu et al., ICML 2024) / sste (Hu et al., NeurIPS 2024), each without and with
+the MVUE weight gradient (Chmiel et al., ICLR 2023); sparse-then-dense; and pruned-from-dense
+(SparseGPT, megasparse.tools.prune, at half the steps) then sparse fine-tune with the mask held.
+Columns: validation loss, gap to dense in %, final flip rate (share of mask entries changed per
+step, mean over the last 5% of steps and the sparse layers; Hu et al., ICML 2024). Plot: loss and
+flip rate over steps (demo_out/quality.png). Seeds: --seed s initializes the model (s), draws the
+training batches (s+1), the validation batches (s+2), the calibration batches (s+3) and the MVUE
+draws (wgrad_seed=s).
 """
 
 import argparse
+import dataclasses
 import glob
 import logging
 import json
@@ -33,6 +47,28 @@ RECIPES = {
     "sparse-then-dense": dict(sparsity=SparsityConfig(weights="2:4", activations="2:4"),
                               dense_warmup=0.10, dense_final=0.25),
 }
+
+
+def _quality(gradient="ste", **kw):
+    return SparsityConfig(weights="2:4", gradient=gradient, track_flip_rate=True, **kw)
+
+
+QUALITY_RECIPES = {  # --quality: 2:4 weights only (fc1, fc2), see the module docstring
+    "dense": dict(sparsity=None),
+    "ste": dict(sparsity=_quality("ste")),
+    "srste": dict(sparsity=_quality("srste")),
+    "masked_decay": dict(sparsity=_quality("masked_decay")),
+    "sste": dict(sparsity=_quality("sste")),
+    "ste+mvue": dict(sparsity=_quality("ste", wgrad_sparsity="mvue")),
+    "srste+mvue": dict(sparsity=_quality("srste", wgrad_sparsity="mvue")),
+    "masked_decay+mvue": dict(sparsity=_quality("masked_decay", wgrad_sparsity="mvue")),
+    "sste+mvue": dict(sparsity=_quality("sste", wgrad_sparsity="mvue")),
+    "sparse-then-dense": dict(sparsity=_quality("ste"), dense_warmup=0.10, dense_final=0.25),
+    # dense for half the steps, SparseGPT one-shot 2:4, then sparse fine-tuning with that mask held
+    "pruned-then-sparse": dict(sparsity=_quality("masked", mask_refresh_interval=1_000_000),
+                               dense_warmup=0.5, prune="sparsegpt"),
+}
+ALL_RECIPES = {**RECIPES, **QUALITY_RECIPES}
 
 
 def load_corpus(max_bytes: int) -> torch.Tensor:
@@ -94,7 +130,7 @@ def sparsity_stats(model):
             a = m.weight.abs().double()
             kept += float((a * weight_mask(m.weight, m.sparsity.mask)).sum())  # also in a dense phase
             total += float(a.sum())
-        stats = getattr(m, "activation_stats", None)
+        stats = getattr(m, "activation_counter", None)  # the fc2 layers' ActivationStats
         if stats is not None and stats.sums is not None:
             z, t, d, n = stats.sums.tolist()
             zeros, act_total, act_dropped, numel = zeros + z, act_total + t, act_dropped + d, numel + n
@@ -111,18 +147,52 @@ def phase_label(sparsity, phase: str) -> str:
     return "dense" if sparsity is None else phase
 
 
+def _flip_rate(model):
+    """Mean flip rate of the sparse layers at this step (a tensor: no host sync), 0 for a held mask,
+    None when no layer has two masks yet or none prunes now."""
+    from megasparse.schedule import sparse_modules
+
+    rates = []
+    for m in sparse_modules(model):
+        state = getattr(m, "weight_state", None)
+        if state is None or not (m.sparsity.prunes_weights and m.sparsity.track_flip_rate):
+            continue
+        if state.flip_rate is not None and state.flip_step == state.steps:
+            rates.append(state.flip_rate)
+        elif state.flip_prev_bits is not None:
+            rates.append(torch.zeros((), device=state.flip_prev_bits.device))  # held: no flips
+    return torch.stack(rates).mean() if rates else None
+
+
+def _prune_now(model, method, args, data, device):
+    """One-shot 2:4 pruning of the (still dense) model's target linears (megasparse.tools.prune)."""
+    from megasparse.tools.prune import prune_model
+
+    g = torch.Generator().manual_seed(args.seed + 3)
+    split = int(0.9 * len(data))
+    calib = [tuple(t.to(device) for t in text_batches(data[:split], args.seq, args.batch, g))
+             for _ in range(16)]
+    prune_model(model, method, calib, gpt_loss, args.targets)
+
+
 def train_recipe(name, args, data, device):
     from megasparse.schedule import SparsitySchedule, sparse_modules
 
-    recipe = RECIPES[name]
-    model = build_gpt(args, recipe["sparsity"], device)
+    recipe = ALL_RECIPES[name]
+    sparsity = recipe["sparsity"]
+    if sparsity is not None and sparsity.wgrad_sparsity is not None:
+        sparsity = dataclasses.replace(sparsity, wgrad_seed=args.seed)
+    model = build_gpt(args, sparsity, device)
     schedule = SparsitySchedule(dense_warmup_iters=int(recipe.get("dense_warmup", 0) * args.steps),
                                 dense_final_iters=int(recipe.get("dense_final", 0) * args.steps), train_iters=args.steps)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     split = int(0.9 * len(data))
     train_gen, val_gen = torch.Generator().manual_seed(args.seed + 1), torch.Generator().manual_seed(args.seed + 2)
-    val_batches = [text_batches(data[split:], args.seq, args.batch, val_gen) for _ in range(4)]
+    val_batches = [text_batches(data[split:], args.seq, args.batch, val_gen)
+                   for _ in range(args.val_batches)]
     curve, val_curve, seconds, timed = [], [], 0.0, 0
+    flips = []
+    prune_at = schedule.dense_warmup_iters if recipe.get("prune") else None
     rank0 = dist.get_rank() == 0
     steps = range(args.steps)
     if rank0:
@@ -130,14 +200,20 @@ def train_recipe(name, args, data, device):
 
         steps = tqdm(steps, desc=f"{name:>18}", ncols=100, file=sys.stdout, mininterval=1.0)
     for it in steps:
+        if it == prune_at:
+            _prune_now(model, recipe["prune"], args, data, device)
+            # fine-tune with a fresh optimizer (no moments of the pruned weights)
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
         phase = schedule.apply(model, it)
         if it == args.steps - 1:
             for m in sparse_modules(model):
-                if hasattr(m, "activation_stats"):
-                    m.activation_stats.reset()  # report the activation of the last training step
+                if getattr(m, "activation_counter", None) is not None:
+                    m.activation_counter.reset()  # report the activation of the last training step
         tokens, labels = (t.to(device) for t in text_batches(data[:split], args.seq, args.batch, train_gen))
         start = time.perf_counter()
         loss = gpt_loss(model, tokens, labels)
+        # this step's mask against the last one
+        flips.append(_flip_rate(model) if sparsity is not None else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -151,8 +227,11 @@ def train_recipe(name, args, data, device):
         if rank0:
             steps.set_postfix(loss=f"{curve[-1]:.3f}", phase=phase_label(recipe["sparsity"], phase))
     stats = sparsity_stats(model)
+    flip_curve = [(i, float(f)) for i, f in enumerate(flips) if f is not None]
+    tail = [f for i, f in flip_curve if i >= args.steps - max(1, args.steps // 20)]
     return {"recipe": name, "val_loss": val_curve[-1][1], "train_curve": curve, "val_curve": val_curve,
-            "ms_per_step": 1000 * seconds / max(timed, 1), **stats}
+            "ms_per_step": 1000 * seconds / max(timed, 1), "flip_curve": flip_curve,
+            "final_flip_rate": sum(tail) / len(tail) if tail else None, **stats}
 
 
 @torch.no_grad()
@@ -187,8 +266,37 @@ def report(results, args, out_dir):
               "(pip install matplotlib, or pip install 'megasparse[plot]')")
 
 
-def plot(results, path) -> bool:
-    """Loss curves as a PNG; False (nothing written) when matplotlib is not installed."""
+def quality_report(results, args, out_dir, seconds):
+    """The quality table (issue 14): validation loss, gap to dense in %, final flip rate."""
+    os.makedirs(out_dir, exist_ok=True)
+    dense = next((r["val_loss"] for r in results if r["recipe"] == "dense"), None)
+    lines = [
+        f"byte-level GPT on the Python stdlib source, TP={args.tp}, {args.layers} layers, "
+        f"hidden {args.hidden}, ffn {args.ffn}, seq {args.seq}, batch {args.batch}, "
+        f"{args.steps} steps, AdamW lr {args.lr}, seed {args.seed}; 2:4 weights on "
+        f"{' '.join(args.targets)}; {args.val_batches} validation batches",
+        f"| {'recipe':<18} | {'val loss':>8} | {'gap to dense':>12} | {'final flip rate':>15} "
+        f"| {'ms/step':>7} |",
+        f"|{'-' * 20}|{'-' * 10}:|{'-' * 13}:|{'-' * 16}:|{'-' * 8}:|",
+    ]
+    for r in results:
+        gap = "-" if dense is None else f"{100 * (r['val_loss'] - dense) / dense:+.2f}%"
+        flip = "-" if r["final_flip_rate"] is None else f"{r['final_flip_rate']:.2e}"
+        lines.append(f"| {r['recipe']:<18} | {r['val_loss']:>8.4f} | {gap:>12} | {flip:>15} | "
+                     f"{r['ms_per_step']:>7.1f} |")
+    lines.append(f"wall time {seconds / 60:.1f} min")
+    print("\n" + "\n".join(lines))
+    with open(os.path.join(out_dir, "quality.json"), "w") as f:
+        json.dump({"settings": vars(args), "results": results, "table": lines}, f, indent=1)
+    with open(os.path.join(out_dir, "quality.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plotted = plot(results, os.path.join(out_dir, "quality.png"), flips=True)
+    print(f"wrote {out_dir}/quality.json, {out_dir}/quality.md" + (" and quality.png" if plotted else
+          " (no plot: pip install 'megasparse[plot]')"))
+
+
+def plot(results, path, flips=False) -> bool:
+    """Loss (and flip-rate) curves as a PNG; False (nothing written) when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
@@ -197,7 +305,20 @@ def plot(results, path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if flips:
+        fig, (train_ax, val_ax, flip_ax) = plt.subplots(1, 3, figsize=(16, 4.6))
+        for r in results:
+            if r.get("flip_curve"):
+                steps, rates = zip(*r["flip_curve"])
+                flip_ax.plot(steps, [max(v, 1e-7) for v in rates], label=r["recipe"], linewidth=0.9)
+        flip_ax.set_yscale("log")
+        flip_ax.set_xlabel("iteration")
+        flip_ax.set_ylabel("share of mask entries changed")
+        flip_ax.set_title("mask flip rate (Hu et al. 2024)")
+        flip_ax.grid(alpha=0.3)
+        flip_ax.legend(fontsize=7)
+    else:
+        fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     floor = min(min(v for _, v in r["val_curve"]) for r in results)
     for r in results:
         curve = torch.tensor(r["train_curve"])
@@ -212,7 +333,7 @@ def plot(results, path) -> bool:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("megasparse demo: byte-level GPT (megatron-core, TP=2) on Python stdlib source")
+    fig.suptitle("megasparse demo: byte-level GPT (megatron-core) on Python stdlib source")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -236,9 +357,13 @@ def _worker(rank, args, port):
     try:
         device = torch.device("cuda", rank) if cuda else torch.device("cpu")
         data = load_corpus(args.corpus_bytes)
+        start = time.perf_counter()
         results = [train_recipe(name, args, data, device) for name in args.recipes]
         if rank == 0:
-            report(results, args, args.out)
+            if args.quality:
+                quality_report(results, args, args.out, time.perf_counter() - start)
+            else:
+                report(results, args, args.out)
     finally:
         shutdown_megatron()
 
@@ -247,7 +372,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (processes; GPUs when there are any)")
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--quality", action="store_true",
+                   help="the quality table of issue 14 (QUALITY_RECIPES; see the module docstring)")
+    p.add_argument("--recipes", nargs="+", default=None, choices=list(ALL_RECIPES),
+                   help="default: all of RECIPES (all of QUALITY_RECIPES with --quality)")
+    p.add_argument("--val-batches", type=int, default=None,
+                   help="validation batches (default 4; 16 with --quality)")
     p.add_argument("--targets", nargs="+", default=["fc1", "fc2"], help="linears made sparse (see sparsify_spec)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
@@ -261,6 +391,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_out", help="where results.json and loss_curves.png go")
     args = p.parse_args(argv)
+    if args.recipes is None:
+        args.recipes = list(QUALITY_RECIPES if args.quality else RECIPES)
+    if args.val_batches is None:
+        args.val_batches = 16 if args.quality else 4
     from megasparse.testing import free_port
 
     if 0 < torch.cuda.device_count() < args.tp:
