@@ -32,6 +32,7 @@ environment variables set, `cpu_megatron(training=True)` active).
 """
 
 import contextlib
+import importlib.util
 import os
 import socket
 import sys
@@ -146,8 +147,6 @@ def _training_patches(patch):
         patch(typing, "override", lambda method: method)
     from megatron.training import arguments, initialize, training
 
-    for name, value in _cuda_stand_ins().items():
-        patch(torch.cuda, name, value)
     patch(torch.cuda, "device_count", lambda: 1)  # initialize_megatron: model-parallel init, seeding
     original_init = initialize.initialize_megatron
 
@@ -171,7 +170,8 @@ def cpu_megatron(training: bool = False):
     """Inside the block, Megatron's hard-coded CUDA calls run on the CPU (see the module docstring).
 
     Everything is restored when the block ends. With CUDA available only the TE-less MoE router
-    fix is applied. `training=True` also covers Megatron-LM's training loop (megatron.training).
+    fix is applied. `training=True` also covers Megatron's training machinery: DDP, optimizers,
+    pipeline schedules, and Megatron-LM's loop (megatron.training) where it is installed.
     """
     with contextlib.ExitStack() as stack:
 
@@ -191,11 +191,17 @@ def cpu_megatron(training: bool = False):
             return
         patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
         patch(torch.cuda, "synchronize", lambda device=None: None)
+        # activation recompute saves and restores the "CUDA" RNG state: the CPU generator's
+        patch(mcore_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.get_rng_state())
+        patch(mcore_random, "_set_cuda_rng_state", lambda state, *args, **kwargs: torch.set_rng_state(state))
         if not getattr(mcore_random._CUDA_RNG_STATE_TRACKER, "on_cpu", False):  # not yet (nested blocks)
             patch(mcore_random, "_CUDA_RNG_STATE_TRACKER", _cpu_rng_tracker_class()())
             patch(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
         if training:
-            _training_patches(patch)
+            for name, value in _cuda_stand_ins().items():
+                patch(torch.cuda, name, value)
+            if importlib.util.find_spec("megatron.training") is not None:
+                _training_patches(patch)
             stack.enter_context(_CudaToCpu())
         yield
 
@@ -223,14 +229,14 @@ _sessions = []  # the cpu_megatron() blocks opened by init_megatron, closed by s
 
 
 def init_megatron(rank: int, world_size: int, port: int, seed: int = 1234, backend: str = "gloo",
-                  **parallel_sizes) -> None:
+                  cpu_training: bool = False, **parallel_sizes) -> None:
     """gloo process group + Megatron parallel state (sizes as in initialize_model_parallel) + RNG
-    tracker, with cpu_megatron() active until shutdown_megatron()."""
+    tracker, with cpu_megatron(training=cpu_training) active until shutdown_megatron()."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     session = contextlib.ExitStack()
-    session.enter_context(cpu_megatron())
+    session.enter_context(cpu_megatron(training=cpu_training))
     _sessions.append(session)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -250,22 +256,23 @@ def shutdown_megatron() -> None:
         _sessions.pop().close()
 
 
-def _worker(rank, world_size, port, parallel_sizes, fn, args):
+def _worker(rank, world_size, port, parallel_sizes, fn, args, cpu_training):
     torch.set_num_threads(1)  # N processes share the machine's cores
-    init_megatron(rank, world_size, port, **parallel_sizes)
+    init_megatron(rank, world_size, port, cpu_training=cpu_training, **parallel_sizes)
     try:
         fn(*args)
     finally:
         shutdown_megatron()
 
 
-def run_distributed(fn, world_size: int = 2, args=(), **parallel_sizes) -> None:
+def run_distributed(fn, world_size: int = 2, args=(), cpu_training: bool = False, **parallel_sizes) -> None:
     """Run fn(*args) on `world_size` gloo processes; an exception on any rank fails the call.
 
     fn must be importable by name (a module-level function). parallel_sizes go to
     megatron.core.parallel_state.initialize_model_parallel, e.g. tensor_model_parallel_size=2.
+    cpu_training=True: cpu_megatron(training=True) (Megatron DDP, optimizers, pipeline schedules).
     """
-    _start(_worker, (world_size, free_port(), parallel_sizes, fn, args), world_size)
+    _start(_worker, (world_size, free_port(), parallel_sizes, fn, args, cpu_training), world_size)
 
 
 # -- Megatron-LM's training loop in gloo processes -------------------------------------------------
