@@ -103,8 +103,9 @@ def _activation_with_recompute(activation, h, tokens_per_expert, stats, config):
         return activation(h, tokens_per_expert, stats), None
     from megatron.core import tensor_parallel
 
-    checkpoint = tensor_parallel.CheckpointWithoutOutput()
-    return checkpoint.checkpoint(activation, h, tokens_per_expert, stats), checkpoint
+    checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=getattr(config, "fp8", None))  # None: no FP8
+    run = lambda h, tokens: activation(h, tokens, stats)  # noqa: E731  (checkpoint saves tensors only)
+    return checkpoint.checkpoint(run, h, tokens_per_expert), checkpoint
 
 
 def grouped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config):
