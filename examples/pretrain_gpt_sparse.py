@@ -1,8 +1,9 @@
-"""Pretrain a GPT with megasparse through Megatron-LM's own training loop, without patching Megatron-LM.
+"""Pretrain a GPT with megasparse through Megatron-LM's own loop, without patching Megatron-LM.
 
     torchrun --nproc-per-node 8 examples/pretrain_gpt_sparse.py \
-        --tensor-model-parallel-size 2 --num-layers 24 --hidden-size 2048 --num-attention-heads 16 \
-        --seq-length 4096 --max-position-embeddings 4096 --micro-batch-size 2 --global-batch-size 256 \
+        --tensor-model-parallel-size 2 --num-layers 24 --hidden-size 2048 \
+        --num-attention-heads 16 --seq-length 4096 --max-position-embeddings 4096 \
+        --micro-batch-size 2 --global-batch-size 256 \
         --train-iters 20000 --lr 3e-4 --bf16 --squared-relu --no-bias-gelu-fusion \
         --sparsity-weights 2:4 --sparsity-activations 2:4 --sparsity-dense-warmup-iters 1000 \
         --mock-data --tokenizer-type NullTokenizer --vocab-size 32000
@@ -30,14 +31,18 @@ try:
     from megatron.training.arguments import core_transformer_config_from_args
 except ImportError as error:  # megatron-core 0.16 and older ship no megatron.training
     raise SystemExit(
-        "examples/pretrain_gpt_sparse.py needs megatron.training (megatron-core 0.17+ wheels, or a Megatron-LM "
-        f"checkout on PYTHONPATH); with older versions patch Megatron-LM instead (patches/README.md): {error}")
+        "examples/pretrain_gpt_sparse.py needs megatron.training (megatron-core 0.17+ wheels, "
+        "or a Megatron-LM checkout on PYTHONPATH); with older versions patch Megatron-LM "
+        f"instead (patches/README.md): {error}"
+    )
 
 import megasparse
 import megasparse.megatron_lm as megasparse_lm
 
 
-def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+def model_provider(
+    pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None
+):
     """Megatron-core's GPTModel, its layer spec made sparse by the --sparsity-* flags."""
     args = get_args()
     config = config if config is not None else core_transformer_config_from_args(args)
@@ -66,27 +71,47 @@ def _builds_data():
     return parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
 
 
+def _blend(args):
+    """--data-path as Megatron's (paths, weights) blend: "PATH" or "W1 PATH1 W2 PATH2 ..."."""
+    if args.mock_data:
+        return None
+    if len(args.data_path) == 1:
+        return args.data_path, None
+    return list(args.data_path[1::2]), [float(weight) for weight in args.data_path[::2]]
+
+
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
     """Megatron's GPT datasets: mock data with --mock-data, else --data-path / --split."""
     args = get_args()
     config = GPTDatasetConfig(
-        random_seed=args.seed, sequence_length=args.seq_length, blend=None if args.mock_data else
-        ([*args.data_path[1::2]], [float(w) for w in args.data_path[::2]]) if len(args.data_path) > 1
-        else (args.data_path, None), split=args.split, tokenizer=get_tokenizer(),
-        reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss, create_attention_mask=args.create_attention_mask_in_dataloader,
-        path_to_cache=args.data_cache_path, mmap_bin_files=args.mmap_bin_files,
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=_blend(args),
+        split=args.split,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
     )
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
     print_rank_0("> building GPT datasets ...")
-    return BlendedMegatronDatasetBuilder(dataset_type, train_val_test_num_samples, _builds_data, config).build()
+    return BlendedMegatronDatasetBuilder(
+        dataset_type, train_val_test_num_samples, _builds_data, config
+    ).build()
 
 
 train_valid_test_datasets_provider.is_distributed = True  # the provider decides where data is read
 
 
 def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def get_batch(data_iterator):
@@ -94,8 +119,11 @@ def get_batch(data_iterator):
     if not _builds_data():
         return None, None, None, None, None
     batch = next(data_iterator)
-    get = lambda key: batch[key].to(_device(), non_blocking=True) if batch.get(key) is not None else None  # noqa
-    return get("tokens"), get("labels"), get("loss_mask"), get("attention_mask"), get("position_ids")
+    keys = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+    return tuple(
+        batch[key].to(_device(), non_blocking=True) if batch.get(key) is not None else None
+        for key in keys
+    )
 
 
 def loss_func(loss_mask, output_tensor):
@@ -117,13 +145,21 @@ def forward_step(data_iterator, model):
 
 def main():
     defaults = {"tokenizer_type": "GPT2BPETokenizer"}
-    kwargs = dict(train_valid_test_dataset_provider=train_valid_test_datasets_provider, model_provider=model_provider,
-                  model_type=ModelType.encoder_or_decoder, forward_step_func=forward_step)
-    if "cfg_container" in inspect.signature(pretrain).parameters:  # megatron-core 0.18+: parse first
+    kwargs = dict(
+        train_valid_test_dataset_provider=train_valid_test_datasets_provider,
+        model_provider=model_provider,
+        model_type=ModelType.encoder_or_decoder,
+        forward_step_func=forward_step,
+    )
+    if (
+        "cfg_container" in inspect.signature(pretrain).parameters
+    ):  # megatron-core 0.18+: parse first
         from megatron.training.argument_utils import pretrain_cfg_container_from_args
         from megatron.training.arguments import parse_and_validate_args
 
-        args = parse_and_validate_args(extra_args_provider=megasparse.add_args, args_defaults=defaults)
+        args = parse_and_validate_args(
+            extra_args_provider=megasparse.add_args, args_defaults=defaults
+        )
         kwargs["cfg_container"] = pretrain_cfg_container_from_args(args)
     else:  # megatron-core 0.17: pretrain parses the arguments itself
         kwargs.update(extra_args_provider=megasparse.add_args, args_defaults=defaults)

@@ -125,11 +125,11 @@ class SparsityConfig:
                 f"got {interval!r} ({type(interval).__name__})"
             )
         decay = self.srste_decay
-        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not math.isfinite(decay) \
-                or decay < 0:
+        is_number = isinstance(decay, numbers.Real) and not isinstance(decay, bool)
+        if not is_number or not math.isfinite(decay) or decay < 0:
             raise ValueError(
-                f"SparsityConfig.srste_decay must be a finite number >= 0 such as 2e-4, got {decay!r} "
-                f"({type(decay).__name__}); pass a float, e.g. float(value)"
+                f"SparsityConfig.srste_decay must be a finite number >= 0 such as 2e-4, "
+                f"got {decay!r} ({type(decay).__name__}); pass a float, e.g. float(value)"
             )
         if not (self.hold_backward_weight is None or isinstance(self.hold_backward_weight, bool)):
             raise ValueError("SparsityConfig.hold_backward_weight must be None (automatic), True or False, "

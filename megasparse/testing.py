@@ -51,6 +51,7 @@ def free_port() -> int:
 
 # -- the redirections ------------------------------------------------------------------------------
 
+
 def _cpu_rng_tracker_class():
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -85,7 +86,8 @@ def _cpu_rng_tracker_class():
 
 def _is_cuda(device) -> bool:
     return (isinstance(device, str) and device.startswith("cuda")) or (
-        isinstance(device, torch.device) and device.type == "cuda")
+        isinstance(device, torch.device) and device.type == "cuda"
+    )
 
 
 class _CudaToCpu(TorchFunctionMode):
@@ -97,7 +99,9 @@ class _CudaToCpu(TorchFunctionMode):
         if name == "cuda" and args and isinstance(args[0], torch.Tensor):  # tensor.cuda()
             return args[0]
         if name == "type" and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
-            return func(*args).replace("torch.", "torch.cuda.", 1)  # "torch.cuda.FloatTensor" checks
+            return func(*args).replace(
+                "torch.", "torch.cuda.", 1
+            )  # "torch.cuda.FloatTensor" checks
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if name == "to":
@@ -135,8 +139,13 @@ def _cuda_stand_ins():
     }
     for name in ("set_stream", "set_device", "empty_cache"):
         stand_ins[name] = lambda *args, **kwargs: None
-    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
-                 "device_memory_used"):
+    for name in (
+        "memory_allocated",
+        "max_memory_allocated",
+        "memory_reserved",
+        "max_memory_reserved",
+        "device_memory_used",
+    ):
         stand_ins[name] = lambda *args, **kwargs: 0
     return stand_ins
 
@@ -147,7 +156,9 @@ def _training_patches(patch):
         patch(typing, "override", lambda method: method)
     from megatron.training import arguments, initialize, training
 
-    patch(torch.cuda, "device_count", lambda: 1)  # initialize_megatron: model-parallel init, seeding
+    patch(
+        torch.cuda, "device_count", lambda: 1
+    )  # initialize_megatron: model-parallel init, seeding
     original_init = initialize.initialize_megatron
 
     def initialize_megatron(*args, **kwargs):
@@ -160,7 +171,9 @@ def _training_patches(patch):
         if hasattr(module, "set_jit_fusion_options"):
             patch(module, "set_jit_fusion_options", lambda *args, **kwargs: None)  # CUDA warm-up
     if hasattr(initialize, "_compile_dependencies"):
-        patch(initialize, "_compile_dependencies", lambda *args, **kwargs: None)  # fused kernels: nvcc
+        patch(
+            initialize, "_compile_dependencies", lambda *args, **kwargs: None
+        )  # fused kernels: nvcc
     if hasattr(arguments, "get_device_arch_version"):
         patch(arguments, "get_device_arch_version", lambda: 0)
 
@@ -179,7 +192,9 @@ def cpu_megatron(training: bool = False):
             missing = object()
             old = getattr(owner, name, missing)
             setattr(owner, name, value)
-            stack.callback(lambda: delattr(owner, name) if old is missing else setattr(owner, name, old))
+            stack.callback(
+                lambda: delattr(owner, name) if old is missing else setattr(owner, name, old)
+            )
 
         from megatron.core.tensor_parallel import random as mcore_random
         from megatron.core.transformer.moe import moe_utils
@@ -193,8 +208,14 @@ def cpu_megatron(training: bool = False):
         patch(torch.cuda, "synchronize", lambda device=None: None)
         # activation recompute saves and restores the "CUDA" RNG state: the CPU generator's
         patch(mcore_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.get_rng_state())
-        patch(mcore_random, "_set_cuda_rng_state", lambda state, *args, **kwargs: torch.set_rng_state(state))
-        if not getattr(mcore_random._CUDA_RNG_STATE_TRACKER, "on_cpu", False):  # not yet (nested blocks)
+        patch(
+            mcore_random,
+            "_set_cuda_rng_state",
+            lambda state, *args, **kwargs: torch.set_rng_state(state),
+        )
+        if not getattr(
+            mcore_random._CUDA_RNG_STATE_TRACKER, "on_cpu", False
+        ):  # not yet (nested blocks)
             patch(mcore_random, "_CUDA_RNG_STATE_TRACKER", _cpu_rng_tracker_class()())
             patch(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
         if training:
@@ -206,7 +227,7 @@ def cpu_megatron(training: bool = False):
         yield
 
 
-# -- worker processes -------------------------------------------------------------------------------
+# -- worker processes ------------------------------------------------------------------------------
 
 _PRELOAD = ["torch", "megatron.core", "megatron.core.models.gpt", "megasparse"]
 
@@ -219,8 +240,9 @@ def _start(worker, args, nprocs) -> None:
     """
     context = torch.multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
-    torch.multiprocessing.start_processes(worker, args=args, nprocs=nprocs, join=True,
-                                          start_method="forkserver")
+    torch.multiprocessing.start_processes(
+        worker, args=args, nprocs=nprocs, join=True, start_method="forkserver"
+    )
 
 
 # -- Megatron-core's parallel state in gloo processes ----------------------------------------------
@@ -228,8 +250,15 @@ def _start(worker, args, nprocs) -> None:
 _sessions = []  # the cpu_megatron() blocks opened by init_megatron, closed by shutdown_megatron
 
 
-def init_megatron(rank: int, world_size: int, port: int, seed: int = 1234, backend: str = "gloo",
-                  cpu_training: bool = False, **parallel_sizes) -> None:
+def init_megatron(
+    rank: int,
+    world_size: int,
+    port: int,
+    seed: int = 1234,
+    backend: str = "gloo",
+    cpu_training: bool = False,
+    **parallel_sizes,
+) -> None:
     """gloo process group + Megatron parallel state (sizes as in initialize_model_parallel) + RNG
     tracker, with cpu_megatron(training=cpu_training) active until shutdown_megatron()."""
     from megatron.core import parallel_state
@@ -265,7 +294,9 @@ def _worker(rank, world_size, port, parallel_sizes, fn, args, cpu_training):
         shutdown_megatron()
 
 
-def run_distributed(fn, world_size: int = 2, args=(), cpu_training: bool = False, **parallel_sizes) -> None:
+def run_distributed(
+    fn, world_size: int = 2, args=(), cpu_training: bool = False, **parallel_sizes
+) -> None:
     """Run fn(*args) on `world_size` gloo processes; an exception on any rank fails the call.
 
     fn must be importable by name (a module-level function). parallel_sizes go to
@@ -277,10 +308,17 @@ def run_distributed(fn, world_size: int = 2, args=(), cpu_training: bool = False
 
 # -- Megatron-LM's training loop in gloo processes -------------------------------------------------
 
+
 def _megatron_lm_worker(rank, world_size, port, fn, argv, args):
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_DEVICE_MAX_CONNECTIONS="1")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        CUDA_DEVICE_MAX_CONNECTIONS="1",
+    )
     sys.argv = ["megatron-lm", *argv]
     with cpu_megatron(training=True):
         try:

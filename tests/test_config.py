@@ -42,7 +42,8 @@ def test_later_changes_are_validated_and_rejected_values_leave_config_unchanged(
 
 
 def test_srste_decay_given_as_text_names_the_fix():
-    with pytest.raises(ValueError, match=r"srste_decay must be a finite number.*'0.1' \(str\).*pass a float"):
+    fix = r"srste_decay must be a finite number.*'0.1' \(str\).*pass a float"
+    with pytest.raises(ValueError, match=fix):
         SparsityConfig(srste_decay="0.1")
     assert SparsityConfig(srste_decay=1).srste_decay == 1  # an int is a fine number
 

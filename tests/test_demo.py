@@ -1,4 +1,4 @@
-"""The demo's reporting works for a pip user without matplotlib, and its progress bar tells the truth."""
+"""The demo reports without matplotlib (a pip user's install); its progress bar tells the truth."""
 
 import argparse
 import json
@@ -9,13 +9,28 @@ from megasparse.tools import demo
 
 
 def _results():
-    return [{"recipe": name, "val_loss": 2.0, "train_curve": [3.0, 2.5], "val_curve": [(0, 3.0), (1, 2.0)],
-             "ms_per_step": 1.0, "w_kept": None, "act_zeros": None, "act_dropped": None} for name in demo.RECIPES]
+    return [
+        {
+            "recipe": name,
+            "val_loss": 2.0,
+            "train_curve": [3.0, 2.5],
+            "val_curve": [(0, 3.0), (1, 2.0)],
+            "ms_per_step": 1.0,
+            "w_kept": None,
+            "act_zeros": None,
+            "act_dropped": None,
+        }
+        for name in demo.RECIPES
+    ]
 
 
-def test_report_without_matplotlib_writes_results_and_says_how_to_plot(tmp_path, monkeypatch, capsys):
+def test_report_without_matplotlib_writes_results_and_says_how_to_plot(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
-    args = argparse.Namespace(tp=2, layers=2, hidden=8, ffn=16, seq=4, batch=2, steps=2, targets=["fc1"])
+    args = argparse.Namespace(
+        tp=2, layers=2, hidden=8, ffn=16, seq=4, batch=2, steps=2, targets=["fc1"]
+    )
     demo.report(_results(), args, str(tmp_path))
     out = capsys.readouterr().out
     assert "matplotlib is not installed" in out and "megasparse[plot]" in out
@@ -24,7 +39,9 @@ def test_report_without_matplotlib_writes_results_and_says_how_to_plot(tmp_path,
 
 
 def test_progress_bar_phase_of_the_dense_recipe_is_dense():
-    phase = SparsitySchedule().apply([], 0)  # what train_recipe gets for a recipe without a schedule
+    phase = SparsitySchedule().apply(
+        [], 0
+    )  # what train_recipe gets for a recipe without a schedule
     assert phase == SPARSE
     assert demo.phase_label(demo.RECIPES["dense"]["sparsity"], phase) == "dense"
     assert demo.phase_label(demo.RECIPES["2:4"]["sparsity"], phase) == SPARSE

@@ -22,9 +22,17 @@ def _config(**overrides):
     from megatron.core.activations import squared_relu
     from megatron.core.transformer import TransformerConfig
 
-    settings = dict(num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=64,
-                    use_cpu_initialization=True, params_dtype=torch.float32, activation_func=squared_relu,
-                    hidden_dropout=0.1, attention_dropout=0.1)
+    settings = dict(
+        num_layers=2,
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        activation_func=squared_relu,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+    )
     settings.update(overrides)
     return TransformerConfig(**settings)
 
@@ -35,16 +43,25 @@ def _sparse_spec(moe=False, refresh=2):
     from megasparse import SparsityConfig, sparsify_spec
 
     sparsity = SparsityConfig(activations="2:4", mask_refresh_interval=refresh)
-    return sparsify_spec(get_gpt_layer_local_spec(num_experts=4 if moe else None), sparsity, targets=TARGETS)
+    return sparsify_spec(
+        get_gpt_layer_local_spec(num_experts=4 if moe else None), sparsity, targets=TARGETS
+    )
 
 
 def _gpt(config, moe=False, pre_process=True, post_process=True):
     from megatron.core.models.gpt import GPTModel
 
     torch.manual_seed(0)
-    return GPTModel(config, _sparse_spec(moe), vocab_size=VOCAB, max_sequence_length=SEQ, pre_process=pre_process,
-                    post_process=post_process, share_embeddings_and_output_weights=False,
-                    position_embedding_type="learned_absolute")
+    return GPTModel(
+        config,
+        _sparse_spec(moe),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="learned_absolute",
+    )
 
 
 def _batches(n, seed=0):
@@ -59,18 +76,24 @@ def _gpt_loss(model, tokens, labels):
     return model(tokens, positions, causal, labels=labels)
 
 
-# -- activation recompute ---------------------------------------------------------------------------
+# -- activation recompute --------------------------------------------------------------------------
 
-MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, moe_token_dispatcher_type="allgather",
-           moe_aux_loss_coeff=0.0, add_bias_linear=False)
+MOE = dict(
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=64,
+    moe_token_dispatcher_type="allgather",
+    moe_aux_loss_coeff=0.0,
+    add_bias_linear=False,
+)
 
 
 def _train_gpt(moe, steps=3, **recompute):
     """Losses and final parameters of a few SGD steps (dropout on, held masks refreshed every 2).
 
     No linear biases: Megatron's selective "mlp" recompute returns fc2's bias Parameter
-    (skip_bias_add) from its CheckpointFunction, which makes the bias a non-leaf and recurses without
-    end in the backward - with Megatron's dense MLP too (megatron-core 0.16.1 on CPU)."""
+    (skip_bias_add) from its CheckpointFunction, which makes the bias a non-leaf and recurses
+    without end in the backward - with Megatron's dense MLP too (megatron-core 0.16.1 on CPU)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megasparse.schedule import SparsitySchedule
@@ -92,12 +115,22 @@ def _train_gpt(moe, steps=3, **recompute):
 
 
 @pytest.mark.usefixtures("megatron_tp1")
-@pytest.mark.parametrize("moe,recompute", [
-    (False, dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)),
-    (False, dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2)),
-    (False, dict(recompute_granularity="selective", recompute_modules=["mlp"])),
-    (True, dict(recompute_granularity="selective", recompute_modules=["moe"])),
-], ids=["full-uniform", "full-block", "selective-mlp", "selective-moe"])
+@pytest.mark.parametrize(
+    "moe,recompute",
+    [
+        (
+            False,
+            dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        ),
+        (
+            False,
+            dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+        ),
+        (False, dict(recompute_granularity="selective", recompute_modules=["mlp"])),
+        (True, dict(recompute_granularity="selective", recompute_modules=["moe"])),
+    ],
+    ids=["full-uniform", "full-block", "selective-mlp", "selective-moe"],
+)
 def test_activation_recompute_is_bit_exact(moe, recompute):
     reference_losses, reference = _train_gpt(moe)
     losses, params = _train_gpt(moe, **recompute)
@@ -107,24 +140,31 @@ def test_activation_recompute_is_bit_exact(moe, recompute):
     assert reference_losses[-1] != reference_losses[0]
 
 
-# -- pipeline parallelism ---------------------------------------------------------------------------
+# -- pipeline parallelism --------------------------------------------------------------------------
 
 NUM_MICROBATCHES = 4
 
 
 def _global_name(name, offset):
-    return re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+    return re.sub(
+        r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name
+    )
 
 
 def _pipeline_worker(out_dir, pp):
-    """One training iteration of 4 micro-batches with Megatron's schedule for this PP size; PP=1 writes
-    the reference (weights, gradients, losses), PP=2 loads its stage's weights from it and compares."""
+    """One training iteration of 4 micro-batches with Megatron's schedule for this PP size: PP=1
+    writes the reference (weights, gradients, losses), PP=2 loads its stage's weights from it and
+    compares."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     rank = parallel_state.get_pipeline_model_parallel_rank()
-    config = _config(pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32, hidden_dropout=0.0,
-                     attention_dropout=0.0)
+    config = _config(
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     model = _gpt(config, pre_process=rank == 0, post_process=rank == pp - 1)
     offset = rank * config.num_layers // pp
     reference_file = os.path.join(out_dir, "pp1.pt")
@@ -148,9 +188,15 @@ def _pipeline_worker(out_dir, pp):
         causal = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
         return model(tokens, positions, causal, labels=labels), loss_func
 
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches, model=[model],
-                                num_microbatches=NUM_MICROBATCHES, seq_length=SEQ, micro_batch_size=MBS,
-                                forward_only=False)
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[model],
+        num_microbatches=NUM_MICROBATCHES,
+        seq_length=SEQ,
+        micro_batch_size=MBS,
+        forward_only=False,
+    )
     grads = {_global_name(n, offset): p.grad for n, p in model.named_parameters()}
     if pp == 1:
         weights = {n: p.detach() for n, p in model.named_parameters()}
@@ -165,11 +211,17 @@ def _pipeline_worker(out_dir, pp):
 
 def test_pipeline_parallel_1f1b_four_microbatches_is_bit_exact(tmp_path):
     run_distributed(_pipeline_worker, world_size=1, args=(str(tmp_path), 1), cpu_training=True)
-    run_distributed(_pipeline_worker, world_size=2, args=(str(tmp_path), 2), cpu_training=True,
-                    pipeline_model_parallel_size=2)
+    run_distributed(
+        _pipeline_worker,
+        world_size=2,
+        args=(str(tmp_path), 2),
+        cpu_training=True,
+        pipeline_model_parallel_size=2,
+    )
 
 
-# -- Megatron DDP and optimizer ---------------------------------------------------------------------
+# -- Megatron DDP and optimizer --------------------------------------------------------------------
+
 
 def _ddp_worker(out_dir, name, ddp_settings, fusion):
     """DP=2, two micro-batches per step, two optimizer steps; the parameters after them are saved.
@@ -185,8 +237,13 @@ def _ddp_worker(out_dir, name, ddp_settings, fusion):
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, **ddp_settings)
     model = DistributedDataParallel(config, ddp_config, block)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=ddp_config.use_distributed_optimizer),
-        [model])
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-2,
+            use_distributed_optimizer=ddp_config.use_distributed_optimizer,
+        ),
+        [model],
+    )
     rank = torch.distributed.get_rank()
     g = torch.Generator().manual_seed(10 + rank)  # each data-parallel rank its own data
     causal = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
@@ -203,7 +260,10 @@ def _ddp_worker(out_dir, name, ddp_settings, fusion):
         update_successful, _, _ = optimizer.step()
         assert update_successful
     if rank == 0:
-        torch.save({n: p.detach().clone() for n, p in block.named_parameters()}, os.path.join(out_dir, name))
+        torch.save(
+            {n: p.detach().clone() for n, p in block.named_parameters()},
+            os.path.join(out_dir, name),
+        )
 
 
 DDP_VARIANTS = {
@@ -215,11 +275,17 @@ DDP_VARIANTS = {
 
 
 def test_megatron_ddp_and_optimizer_are_bit_exact(tmp_path):
-    run_distributed(_ddp_worker, world_size=2, args=(str(tmp_path), "plain", {}, False), cpu_training=True)
+    run_distributed(
+        _ddp_worker, world_size=2, args=(str(tmp_path), "plain", {}, False), cpu_training=True
+    )
     reference = torch.load(tmp_path / "plain")
     for name, (ddp_settings, fusion) in DDP_VARIANTS.items():
-        run_distributed(_ddp_worker, world_size=2, args=(str(tmp_path), name, ddp_settings, fusion),
-                        cpu_training=True)
+        run_distributed(
+            _ddp_worker,
+            world_size=2,
+            args=(str(tmp_path), name, ddp_settings, fusion),
+            cpu_training=True,
+        )
         got = torch.load(tmp_path / name)
         for param, value in got.items():
             assert torch.equal(value, reference[param]), f"{name}: {param}"

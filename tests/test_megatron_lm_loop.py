@@ -1,4 +1,4 @@
-"""examples/pretrain_gpt_sparse.py under Megatron-LM's own training loop (megatron.training.pretrain),
+"""examples/pretrain_gpt_sparse.py under Megatron-LM's own loop (megatron.training.pretrain),
 on CPU over gloo, at TP=2 and at PP=2: the model holds megasparse's modules, the dense warm-up
 switches to sparse at its boundary, the loss falls, and a torch_dist checkpoint resumed mid-run
 (held masks included) reproduces the uninterrupted run's losses bit for bit.
@@ -20,13 +20,17 @@ ITERS, SAVE_AT, WARMUP, REFRESH = 20, 10, 4, 3
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("megatron.training") is None,
-    reason="megatron-core < 0.17 ships no megatron.training (Megatron-LM's loop); run with MCORE=0.19.2")
+    reason="megatron-core < 0.17 ships no megatron.training (Megatron-LM's loop); "
+    "run with MCORE=0.19.2",
+)
 
 FLAGS = f"""
---distributed-backend gloo --num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 256
+--distributed-backend gloo --num-layers 2 --hidden-size 64 --num-attention-heads 4
+--ffn-hidden-size 256
 --seq-length 32 --max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 8
 --train-iters {ITERS} --lr 3e-3 --lr-decay-style constant --seed 7
---squared-relu --no-bias-gelu-fusion --no-bias-dropout-fusion --transformer-impl local --no-persist-layer-norm
+--squared-relu --no-bias-gelu-fusion --no-bias-dropout-fusion --transformer-impl local
+--no-persist-layer-norm
 --no-gradient-accumulation-fusion --hidden-dropout 0 --attention-dropout 0
 --mock-data --tokenizer-type NullTokenizer --vocab-size 256 --num-workers 0
 --log-interval 1 --eval-iters 0 --eval-interval 1000
@@ -52,10 +56,19 @@ def _entry(out_dir):
     def recorded_forward_step(data_iterator, model):
         output = forward_step(data_iterator, model)
         modules = sparse_modules(model)
-        records.append({"iteration": megatron.training.get_args().curr_iteration,
-                        "enabled": sorted({m.sparsity.enabled for m in modules}),
-                        "classes": sorted({type(m).__name__ for m in model.modules()
-                                           if type(m).__name__.startswith("Sparse")})})
+        records.append(
+            {
+                "iteration": megatron.training.get_args().curr_iteration,
+                "enabled": sorted({m.sparsity.enabled for m in modules}),
+                "classes": sorted(
+                    {
+                        type(m).__name__
+                        for m in model.modules()
+                        if type(m).__name__.startswith("Sparse")
+                    }
+                ),
+            }
+        )
         return output
 
     def recorded_loss_func(loss_mask, output_tensor):
@@ -76,27 +89,37 @@ def _run(tmp_path, name, parallel, extra):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("parallel", [["--tensor-model-parallel-size", "2"],
-                                      ["--pipeline-model-parallel-size", "2"]], ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "parallel",
+    [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+    ids=["tp2", "pp2"],
+)
 def test_example_trains_switches_phase_and_resumes_bit_for_bit(tmp_path, parallel):
     ckpt = str(tmp_path / "ckpt")
     full = _run(tmp_path, "full", parallel, ["--save", ckpt])
     resumed = _run(tmp_path, "resumed", parallel, ["--load", ckpt, "--ckpt-step", str(SAVE_AT)])
 
-    for rank in full:  # every rank (TP shards, PP stages) holds sparse FFN modules, in the right phase
+    for (
+        rank
+    ) in full:  # every rank (TP shards, PP stages) holds sparse FFN modules, in the right phase
         assert {"SparseColumnParallelLinear", "SparseRowParallelLinear", "SparseMLP"} <= set(
-            rank["records"][0]["classes"]), rank["records"][0]
+            rank["records"][0]["classes"]
+        ), rank["records"][0]
         phases = {r["iteration"]: r["enabled"] for r in rank["records"]}
         assert sorted(phases) == list(range(ITERS))
         assert all(phases[i] == [i >= WARMUP] for i in phases), phases
     losses = [loss for rank in full for loss in rank["losses"]]
     assert {it for it, _, _ in losses} == set(range(ITERS))
-    per_iter = [sum(v for it, v, _ in losses if it == i) / sum(n for it, _, n in losses if it == i)
-                for i in range(ITERS)]
+    per_iter = [
+        sum(v for it, v, _ in losses if it == i) / sum(n for it, _, n in losses if it == i)
+        for i in range(ITERS)
+    ]
     assert sum(per_iter[-3:]) / 3 < sum(per_iter[:3]) / 3 - 0.3, per_iter
 
     assert os.path.isdir(os.path.join(ckpt, f"iter_{SAVE_AT:07d}"))
     for before, after in zip(full, resumed):
         assert [r["iteration"] for r in after["records"]][0] == SAVE_AT
         tail = [entry for entry in before["losses"] if entry[0] >= SAVE_AT]
-        assert after["losses"] == tail  # bit for bit (Python floats round-trip through JSON exactly)
+        assert (
+            after["losses"] == tail
+        )  # bit for bit (Python floats round-trip through JSON exactly)

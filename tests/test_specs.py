@@ -136,8 +136,10 @@ def test_te_spec_without_transformer_engine_gets_megasparse_error_first():
         pytest.skip("this megatron-core defines no TE class without Transformer Engine")
     spec = get_gpt_layer_local_spec()
     attention = spec.submodules.self_attention
-    te_spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=ModuleSpec(
-        module=attention.module, params=attention.params,
-        submodules=dataclasses.replace(attention.submodules, linear_qkv=te_class))))
-    with pytest.raises(ImportError, match=r"sparsify_spec: qkv \(TEColumnParallelLinear\) needs Transformer Engine"):
+    te_attention = ModuleSpec(module=attention.module, params=attention.params,
+                              submodules=dataclasses.replace(attention.submodules, linear_qkv=te_class))
+    te_spec = dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, self_attention=te_attention))
+    fix = r"sparsify_spec: qkv \(TEColumnParallelLinear\) needs Transformer Engine"
+    with pytest.raises(ImportError, match=fix):
         sparsify_spec(te_spec, SparsityConfig(), targets=("qkv",))
