@@ -33,8 +33,13 @@ def main():
 
     init_megatron(0, 1, free_port(), tensor_model_parallel_size=1)
     try:
-        config = TransformerConfig(num_layers=1, hidden_size=256, num_attention_heads=4, ffn_hidden_size=1024,
-                                   use_cpu_initialization=True)
+        config = TransformerConfig(
+            num_layers=1,
+            hidden_size=256,
+            num_attention_heads=4,
+            ffn_hidden_size=1024,
+            use_cpu_initialization=True,
+        )
         builder_form = LINEARS_ARE_BUILDERS  # True on megatron-core 0.19
         spec = sparse_mlp_spec(SparsityConfig(mask="transposable", gradient="ste"), builder_form)
         mlp = spec(config=config) if builder_form else build_module(spec, config=config)
@@ -43,8 +48,10 @@ def main():
         y.square().mean().backward()
         for name in ("linear_fc1", "linear_fc2"):
             layer = getattr(mlp, name)
-            print(f"{name}: {type(layer).__name__} weight {tuple(layer.weight.shape)}, "
-                  f"mask density {layer.sparsity_mask().float().mean():.2f}, grad norm {layer.weight.grad.norm():.3f}")
+            print(
+                f"{name}: {type(layer).__name__} weight {tuple(layer.weight.shape)}, "
+                f"mask density {layer.sparsity_mask().float().mean():.2f}, grad norm {layer.weight.grad.norm():.3f}"
+            )
         print(f"megatron-core {megatron.core.__version__}: output {tuple(y.shape)}")
     finally:
         shutdown_megatron()

@@ -23,7 +23,13 @@ from .squared_relu_backward import (
 
 def compile_specs(dtype):
     """Every kernel launch at `dtype`, described for the offline compile report."""
-    modules = (_mask_1d, _mask_transposable, _activation_2_4, _activation_sparsify, _squared_relu_backward)
+    modules = (
+        _mask_1d,
+        _mask_transposable,
+        _activation_2_4,
+        _activation_sparsify,
+        _squared_relu_backward,
+    )
     return [spec for module in modules for spec in module.compile_specs(dtype)]
 
 

@@ -38,16 +38,30 @@ def activation_2_4_reference(x: torch.Tensor, squared_relu: bool):
     a = torch.relu(a).square() if squared_relu else a
     mask = _top2_of_4(a.abs().reshape(-1, 4)).reshape(x.shape)
     magnitude = a.abs().double()
-    stats = torch.stack([(a == 0).sum().double(), magnitude.sum(), (magnitude * ~mask).sum(),
-                         torch.tensor(float(a.numel()), dtype=torch.float64, device=x.device)])
+    stats = torch.stack(
+        [
+            (a == 0).sum().double(),
+            magnitude.sum(),
+            (magnitude * ~mask).sum(),
+            torch.tensor(float(a.numel()), dtype=torch.float64, device=x.device),
+        ]
+    )
     return (a * mask).to(x.dtype), mask, stats
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _activation_2_4_kernel(x_ptr, values_ptr, mask_ptr, stats_ptr, numel, BLOCK: tl.constexpr,
-                               SQUARED_RELU: tl.constexpr, FP64: tl.constexpr):
+    def _activation_2_4_kernel(
+        x_ptr,
+        values_ptr,
+        mask_ptr,
+        stats_ptr,
+        numel,
+        BLOCK: tl.constexpr,
+        SQUARED_RELU: tl.constexpr,
+        FP64: tl.constexpr,
+    ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = offsets < numel
         x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
@@ -60,7 +74,9 @@ if HAVE_TRITON:
         k0, k1, k2, k3 = top2_of_4(m0, m1, m2, m3)
         keep = tl.reshape(join4(k0, k1, k2, k3), [BLOCK])
         # a * mask (not where): NaN/inf times a dropped 0 stays NaN, as in the reference
-        tl.store(values_ptr + offsets, (a * keep.to(a.dtype)).to(values_ptr.dtype.element_ty), mask=valid)
+        tl.store(
+            values_ptr + offsets, (a * keep.to(a.dtype)).to(values_ptr.dtype.element_ty), mask=valid
+        )
         tl.store(mask_ptr + offsets, keep.to(tl.int8), mask=valid)
         stats_ptr += tl.program_id(0) * 3
         tl.store(stats_ptr, tl.sum(((a == 0.0) & valid).to(tl.float32), axis=0))
@@ -75,20 +91,41 @@ def activation_2_4_triton(x: torch.Tensor, squared_relu: bool):
     programs = triton.cdiv(x.numel(), BLOCK)
     partial = torch.empty(programs, 3, dtype=torch.float32, device=x.device)
     if programs:
-        _activation_2_4_kernel[(programs,)](x, values, mask, partial, x.numel(), BLOCK=BLOCK,
-                                            SQUARED_RELU=squared_relu, FP64=x.dtype == torch.float64,
-                                            num_warps=NUM_WARPS, enable_fp_fusion=False)
+        _activation_2_4_kernel[(programs,)](
+            x,
+            values,
+            mask,
+            partial,
+            x.numel(),
+            BLOCK=BLOCK,
+            SQUARED_RELU=squared_relu,
+            FP64=x.dtype == torch.float64,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
     return values, mask.view(torch.bool), partial
 
 
 def compile_specs(dtype: torch.dtype) -> list:
     """The launches above (fused Squared-ReLU and plain), described for the offline compile report."""
     t = TRITON_TYPES[dtype]
-    return [CompileSpec(
-        kernel=f"activation_2_4{'_squared_relu' if squared_relu else ''}", fn=_activation_2_4_kernel,
-        dtype=str(dtype).split(".")[1],
-        signature={"x_ptr": "*" + t, "values_ptr": "*" + t, "mask_ptr": "*i8", "stats_ptr": "*fp32",
-                   "numel": "i32"},
-        constexprs={"BLOCK": BLOCK, "SQUARED_RELU": squared_relu, "FP64": False}, num_warps=NUM_WARPS,
-        elements=BLOCK, reads={"x_ptr": BLOCK}, aligned=("x_ptr", "values_ptr", "mask_ptr", "stats_ptr", "numel"),
-    ) for squared_relu in (True, False)]
+    return [
+        CompileSpec(
+            kernel=f"activation_2_4{'_squared_relu' if squared_relu else ''}",
+            fn=_activation_2_4_kernel,
+            dtype=str(dtype).split(".")[1],
+            signature={
+                "x_ptr": "*" + t,
+                "values_ptr": "*" + t,
+                "mask_ptr": "*i8",
+                "stats_ptr": "*fp32",
+                "numel": "i32",
+            },
+            constexprs={"BLOCK": BLOCK, "SQUARED_RELU": squared_relu, "FP64": False},
+            num_warps=NUM_WARPS,
+            elements=BLOCK,
+            reads={"x_ptr": BLOCK},
+            aligned=("x_ptr", "values_ptr", "mask_ptr", "stats_ptr", "numel"),
+        )
+        for squared_relu in (True, False)
+    ]

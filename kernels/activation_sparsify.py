@@ -29,9 +29,13 @@ if HAVE_TRITON:
 
 def _check(x: torch.Tensor, v: int, m: int) -> None:
     if x.dim() != 2:
-        raise ValueError(f"megasparse: activation sparsity needs a 2-D [tokens, ffn] input, got {tuple(x.shape)}")
+        raise ValueError(
+            f"megasparse: activation sparsity needs a 2-D [tokens, ffn] input, got {tuple(x.shape)}"
+        )
     if m < 4 or m & (m - 1) or v < 1 or v & (v - 1):
-        raise ValueError(f"megasparse: V:2:M needs V and M powers of two with M >= 4, got V={v}, M={m}")
+        raise ValueError(
+            f"megasparse: V:2:M needs V and M powers of two with M >= 4, got V={v}, M={m}"
+        )
     if x.shape[1] % m:
         raise ValueError(
             f"megasparse: V:2:M activation sparsity with M={m} needs the ffn size per tensor-parallel rank "
@@ -41,7 +45,9 @@ def _check(x: torch.Tensor, v: int, m: int) -> None:
 
 def _all_columns(blocks: int, ffn: int, device) -> torch.Tensor:
     """`columns` of 2:4: every block keeps columns 0..3 of every group."""
-    return torch.arange(4, dtype=torch.int16, device=device).expand(blocks, ffn // 4, 4).contiguous()
+    return (
+        torch.arange(4, dtype=torch.int16, device=device).expand(blocks, ffn // 4, 4).contiguous()
+    )
 
 
 def _keep_top(score: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
@@ -73,8 +79,14 @@ def activation_sparsify_reference(x: torch.Tensor, v: int, m: int, squared_relu:
     mask = keep.permute(0, 2, 1, 3).reshape(blocks * v, ffn)[:tokens]
     columns = torch.nonzero(chosen)[:, 2].reshape(blocks, ffn // m, 4).to(torch.int16)
     dropped = (a.abs().double() * ~mask).sum()
-    stats = torch.stack([(a == 0).sum().double(), a.abs().double().sum(), dropped,
-                         torch.tensor(float(a.numel()), dtype=torch.float64, device=x.device)])
+    stats = torch.stack(
+        [
+            (a == 0).sum().double(),
+            a.abs().double().sum(),
+            dropped,
+            torch.tensor(float(a.numel()), dtype=torch.float64, device=x.device),
+        ]
+    )
     return (a * mask).to(x.dtype), mask, columns, stats
 
 
@@ -93,8 +105,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _activation_vnm_kernel(
-        x_ptr, values_ptr, mask_ptr, columns_ptr, stats_ptr, tokens, ffn,
-        V: tl.constexpr, M: tl.constexpr, GROUPS: tl.constexpr, SQUARED_RELU: tl.constexpr,
+        x_ptr,
+        values_ptr,
+        mask_ptr,
+        columns_ptr,
+        stats_ptr,
+        tokens,
+        ffn,
+        V: tl.constexpr,
+        M: tl.constexpr,
+        GROUPS: tl.constexpr,
+        SQUARED_RELU: tl.constexpr,
         FP64: tl.constexpr,
     ):
         block, chunk = tl.program_id(0), tl.program_id(1)
@@ -114,7 +135,9 @@ if HAVE_TRITON:
         norm = tl.sum(a64 * a64, axis=0)  # [GROUPS, M]
         c = tl.arange(0, M)
         lower = c[None, :] < c[:, None]  # [c, c']: c' < c
-        beaten = (norm[:, None, :] > norm[:, :, None]) | ((norm[:, None, :] == norm[:, :, None]) & lower[None])
+        beaten = (norm[:, None, :] > norm[:, :, None]) | (
+            (norm[:, None, :] == norm[:, :, None]) & lower[None]
+        )
         chosen = tl.sum(beaten.to(tl.int32), axis=2) < 4  # [GROUPS, M]
         # the chosen columns in ascending order: column k_j has j chosen columns before it
         before = tl.sum((chosen[:, None, :] & lower[None]).to(tl.int32), axis=2)
@@ -133,11 +156,15 @@ if HAVE_TRITON:
         keep = chosen[None, :, :] & (n_beaten < 2)
         keep = tl.reshape(keep, [V, GROUPS * M]) & valid
         # a * mask (not where): NaN/inf times a dropped 0 stays NaN, as in the reference
-        tl.store(values_ptr + offsets, (a * keep.to(a.dtype)).to(values_ptr.dtype.element_ty), mask=valid)
+        tl.store(
+            values_ptr + offsets, (a * keep.to(a.dtype)).to(values_ptr.dtype.element_ty), mask=valid
+        )
         tl.store(mask_ptr + offsets, keep.to(tl.int8), mask=valid)
         group = chunk * GROUPS + tl.arange(0, GROUPS)
         out = (block * (ffn // M) + group)[:, None] * 4 + tl.arange(0, 4)[None, :]
-        tl.store(columns_ptr + out, join4(k0, k1, k2, k3).to(tl.int16), mask=(group < ffn // M)[:, None])
+        tl.store(
+            columns_ptr + out, join4(k0, k1, k2, k3).to(tl.int16), mask=(group < ffn // M)[:, None]
+        )
         mag2 = tl.reshape(mag, [V, GROUPS * M])
         stats_ptr += (block * tl.num_programs(1) + chunk) * 3
         tl.store(stats_ptr, tl.sum(tl.sum(((a == 0.0) & valid).to(tl.float32), axis=1), axis=0))
@@ -167,13 +194,26 @@ def activation_sparsify_triton(x: torch.Tensor, v: int, m: int, squared_relu: bo
         partial = torch.empty(grid[0] * grid[1], 3, dtype=torch.float32, device=x.device)
         if x.numel():
             _activation_vnm_kernel[grid](
-                x, values, mask, columns, partial, tokens, ffn, V=v, M=m, GROUPS=groups,
-                SQUARED_RELU=squared_relu, FP64=x.dtype == torch.float64, num_warps=NUM_WARPS,
+                x,
+                values,
+                mask,
+                columns,
+                partial,
+                tokens,
+                ffn,
+                V=v,
+                M=m,
+                GROUPS=groups,
+                SQUARED_RELU=squared_relu,
+                FP64=x.dtype == torch.float64,
+                num_warps=NUM_WARPS,
                 enable_fp_fusion=False,
             )
         mask = mask.view(torch.bool)
     sums = partial.double().sum(0)
-    stats = torch.cat([sums, torch.tensor([float(x.numel())], dtype=torch.float64, device=x.device)])
+    stats = torch.cat(
+        [sums, torch.tensor([float(x.numel())], dtype=torch.float64, device=x.device)]
+    )
     return values, mask, columns, stats
 
 
@@ -183,13 +223,25 @@ def compile_specs(dtype: torch.dtype) -> list:
     specs = []
     for v, m in REPORT_PATTERNS:
         groups = groups_per_program(v, m)
-        specs.append(CompileSpec(
-            kernel=f"activation_{v}_2_{m}_squared_relu", fn=_activation_vnm_kernel,
-            dtype=str(dtype).split(".")[1],
-            signature={"x_ptr": "*" + t, "values_ptr": "*" + t, "mask_ptr": "*i8", "columns_ptr": "*i16",
-                       "stats_ptr": "*fp32", "tokens": "i32", "ffn": "i32"},
-            constexprs={"V": v, "M": m, "GROUPS": groups, "SQUARED_RELU": True, "FP64": False},
-            num_warps=NUM_WARPS, elements=v * m * groups, reads={"x_ptr": v * m * groups},
-            aligned=("x_ptr", "values_ptr", "mask_ptr", "columns_ptr", "stats_ptr", "ffn"),
-        ))
+        specs.append(
+            CompileSpec(
+                kernel=f"activation_{v}_2_{m}_squared_relu",
+                fn=_activation_vnm_kernel,
+                dtype=str(dtype).split(".")[1],
+                signature={
+                    "x_ptr": "*" + t,
+                    "values_ptr": "*" + t,
+                    "mask_ptr": "*i8",
+                    "columns_ptr": "*i16",
+                    "stats_ptr": "*fp32",
+                    "tokens": "i32",
+                    "ffn": "i32",
+                },
+                constexprs={"V": v, "M": m, "GROUPS": groups, "SQUARED_RELU": True, "FP64": False},
+                num_warps=NUM_WARPS,
+                elements=v * m * groups,
+                reads={"x_ptr": v * m * groups},
+                aligned=("x_ptr", "values_ptr", "mask_ptr", "columns_ptr", "stats_ptr", "ffn"),
+            )
+        )
     return specs

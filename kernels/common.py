@@ -20,8 +20,15 @@ except ImportError:  # pragma: no cover - triton ships with every Linux torch in
     HAVE_TRITON = False
 
 
-TRITON_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16",
-                torch.float16: "fp16", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32"}
+TRITON_TYPES = {
+    torch.float64: "fp64",
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int8: "i8",
+    torch.int16: "i16",
+    torch.int32: "i32",
+}
 
 
 @dataclasses.dataclass
@@ -61,7 +68,9 @@ def require_triton() -> None:
 def check_2d(weight: torch.Tensor, what: str, rows_multiple: int, cols_multiple: int) -> None:
     """Raise a clear error when a weight cannot be cut into the mask's groups."""
     if weight.dim() != 2:
-        raise ValueError(f"megasparse: {what} needs a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"megasparse: {what} needs a 2-D weight [out, in], got shape {tuple(weight.shape)}"
+        )
     rows, cols = weight.shape
     if rows % rows_multiple or cols % cols_multiple:
         raise ValueError(

@@ -20,7 +20,9 @@ def mask_1d_reference(weight: torch.Tensor) -> torch.Tensor:
     """Pure-torch reference. weight [out, in] with in % 4 == 0 -> bool mask of the same shape."""
     check_2d(weight, "the 1d 2:4 mask", 1, 4)
     columns = magnitude(weight).reshape(-1, 4).unbind(1)
-    beaten = [torch.zeros(columns[0].shape, dtype=torch.uint8, device=weight.device) for _ in range(4)]
+    beaten = [
+        torch.zeros(columns[0].shape, dtype=torch.uint8, device=weight.device) for _ in range(4)
+    ]
     for i in range(4):  # the 6 pairs of a group, each compared once
         for j in range(i + 1, 4):
             j_wins = columns[j] > columns[i]  # a tie goes to the lower index i
@@ -55,16 +57,24 @@ def mask_1d_triton(weight: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     w = weight.detach().contiguous()
     mask = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     if w.numel():
-        _mask_1d_kernel[(triton.cdiv(w.numel(), block),)](w, mask, w.numel(), BLOCK=block,
-                                                          num_warps=NUM_WARPS)
+        _mask_1d_kernel[(triton.cdiv(w.numel(), block),)](
+            w, mask, w.numel(), BLOCK=block, num_warps=NUM_WARPS
+        )
     return mask.view(torch.bool)
 
 
 def compile_specs(dtype: torch.dtype) -> list:
     """The launch above, described for the offline compile report."""
-    return [CompileSpec(
-        kernel="mask_1d", fn=_mask_1d_kernel, dtype=str(dtype).split(".")[1],
-        signature={"w_ptr": "*" + TRITON_TYPES[dtype], "mask_ptr": "*i8", "numel": "i32"},
-        constexprs={"BLOCK": BLOCK}, num_warps=NUM_WARPS, elements=BLOCK, reads={"w_ptr": BLOCK},
-        aligned=("w_ptr", "mask_ptr", "numel"),
-    )]
+    return [
+        CompileSpec(
+            kernel="mask_1d",
+            fn=_mask_1d_kernel,
+            dtype=str(dtype).split(".")[1],
+            signature={"w_ptr": "*" + TRITON_TYPES[dtype], "mask_ptr": "*i8", "numel": "i32"},
+            constexprs={"BLOCK": BLOCK},
+            num_warps=NUM_WARPS,
+            elements=BLOCK,
+            reads={"w_ptr": BLOCK},
+            aligned=("w_ptr", "mask_ptr", "numel"),
+        )
+    ]

@@ -81,7 +81,9 @@ def mask_transposable_greedy(weight: torch.Tensor) -> torch.Tensor:
     for step in range(16):
         candidate = keep.clone()
         candidate.scatter_(1, order[:, step : step + 1], True)
-        completes = ~(candidate[:, None, :] & ~patterns[None]).any(-1)  # [tiles, 90]: candidate within pattern
+        completes = ~(candidate[:, None, :] & ~patterns[None]).any(
+            -1
+        )  # [tiles, 90]: candidate within pattern
         keep = torch.where(completes.any(-1, keepdim=True), candidate, keep)
     return _untile(keep, weight.shape)
 
@@ -95,7 +97,14 @@ if HAVE_TRITON:
     @triton.constexpr_function
     def _row3_column(i0, j0, i1, j1, i2, j2, k):
         """The k-th (0 or 1) column row 3 must keep so every column keeps 2; -1 if none can."""
-        used = (1 << 4 * i0) + (1 << 4 * j0) + (1 << 4 * i1) + (1 << 4 * j1) + (1 << 4 * i2) + (1 << 4 * j2)
+        used = (
+            (1 << 4 * i0)
+            + (1 << 4 * j0)
+            + (1 << 4 * i1)
+            + (1 << 4 * j1)
+            + (1 << 4 * i2)
+            + (1 << 4 * j2)
+        )
         need = 0x2222 - used  # hex digit c: how many more column c needs; two 1s when feasible
         if need not in (0x0011, 0x0101, 0x1001, 0x0110, 0x1010, 0x1100):
             return -1
@@ -107,18 +116,26 @@ if HAVE_TRITON:
     def _pattern_bits(i0, j0, i1, j1, i2, j2):
         """The pattern's kept positions as bits 4 * row + col (row 3 completes the columns)."""
         i3, j3 = _row3_column(i0, j0, i1, j1, i2, j2, 0), _row3_column(i0, j0, i1, j1, i2, j2, 1)
-        rows = ((1 << i0) + (1 << j0), (1 << i1) + (1 << j1), (1 << i2) + (1 << j2), (1 << i3) + (1 << j3))
+        rows = (
+            (1 << i0) + (1 << j0),
+            (1 << i1) + (1 << j1),
+            (1 << i2) + (1 << j2),
+            (1 << i3) + (1 << j3),
+        )
         return rows[0] + (rows[1] << 4) + (rows[2] << 8) + (rows[3] << 12)
 
     @triton.jit
     def _load_row(ptr, cols, valid, NONFINITE_SCORE: tl.constexpr):
         """One row of BLOCK tiles: 4 consecutive elements per tile (one vector load per thread)."""
-        a = tl.minimum(magnitude_triton(tl.load(ptr + cols, mask=valid, other=0.0)), NONFINITE_SCORE)
+        a = tl.minimum(
+            magnitude_triton(tl.load(ptr + cols, mask=valid, other=0.0)), NONFINITE_SCORE
+        )
         return split4(a)
 
     @triton.jit
-    def _mask_transposable_kernel(w_ptr, mask_ptr, n_cols, BLOCK: tl.constexpr,
-                                  NONFINITE_SCORE: tl.constexpr):
+    def _mask_transposable_kernel(
+        w_ptr, mask_ptr, n_cols, BLOCK: tl.constexpr, NONFINITE_SCORE: tl.constexpr
+    ):
         band = tl.program_id(0).to(tl.int64)
         tile = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         cols = tile[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK, 4]
@@ -148,11 +165,16 @@ if HAVE_TRITON:
                                 # row 3 must keep the 2 columns still used once
                                 # (constexpr calls inline: an assigned constexpr becomes a tensor)
                                 if _row3_column(i0, j0, i1, j1, i2, j2, 0) >= 0:
-                                    score = (s2 + r3[_row3_column(i0, j0, i1, j1, i2, j2, 0)]
-                                             + r3[_row3_column(i0, j0, i1, j1, i2, j2, 1)])
+                                    score = (
+                                        s2
+                                        + r3[_row3_column(i0, j0, i1, j1, i2, j2, 0)]
+                                        + r3[_row3_column(i0, j0, i1, j1, i2, j2, 1)]
+                                    )
                                     better = score > best
                                     best = tl.where(better, score, best)
-                                    bits = tl.where(better, _pattern_bits(i0, j0, i1, j1, i2, j2), bits)
+                                    bits = tl.where(
+                                        better, _pattern_bits(i0, j0, i1, j1, i2, j2), bits
+                                    )
         lane = tl.arange(0, 4)[None, :]
         mask_ptr += band * 4 * n_cols
         for r in tl.static_range(4):
@@ -168,17 +190,30 @@ def mask_transposable_triton(weight: torch.Tensor, block: int = BLOCK_TILES) -> 
     mask = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     if w.numel():
         grid = (w.shape[0] // 4, triton.cdiv(w.shape[1] // 4, block))
-        _mask_transposable_kernel[grid](w, mask, w.shape[1], BLOCK=block, NONFINITE_SCORE=_NONFINITE_SCORE,
-                                        num_warps=NUM_WARPS, enable_fp_fusion=False)
+        _mask_transposable_kernel[grid](
+            w,
+            mask,
+            w.shape[1],
+            BLOCK=block,
+            NONFINITE_SCORE=_NONFINITE_SCORE,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
     return mask.view(torch.bool)
 
 
 def compile_specs(dtype: torch.dtype) -> list:
     """The launch above, described for the offline compile report."""
-    return [CompileSpec(
-        kernel="mask_transposable", fn=_mask_transposable_kernel, dtype=str(dtype).split(".")[1],
-        signature={"w_ptr": "*" + TRITON_TYPES[dtype], "mask_ptr": "*i8", "n_cols": "i32"},
-        constexprs={"BLOCK": BLOCK_TILES, "NONFINITE_SCORE": _NONFINITE_SCORE}, num_warps=NUM_WARPS,
-        elements=16 * BLOCK_TILES, reads={"w_ptr": 16 * BLOCK_TILES},
-        aligned=("w_ptr", "mask_ptr", "n_cols"),
-    )]
+    return [
+        CompileSpec(
+            kernel="mask_transposable",
+            fn=_mask_transposable_kernel,
+            dtype=str(dtype).split(".")[1],
+            signature={"w_ptr": "*" + TRITON_TYPES[dtype], "mask_ptr": "*i8", "n_cols": "i32"},
+            constexprs={"BLOCK": BLOCK_TILES, "NONFINITE_SCORE": _NONFINITE_SCORE},
+            num_warps=NUM_WARPS,
+            elements=16 * BLOCK_TILES,
+            reads={"w_ptr": 16 * BLOCK_TILES},
+            aligned=("w_ptr", "mask_ptr", "n_cols"),
+        )
+    ]

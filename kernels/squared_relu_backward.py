@@ -31,8 +31,9 @@ def _compute_dtype(x: torch.Tensor, grad: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
 
 
-def squared_relu_sparsify_backward_reference(x: torch.Tensor, mask: torch.Tensor,
-                                             grad: torch.Tensor) -> torch.Tensor:
+def squared_relu_sparsify_backward_reference(
+    x: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
     """Pure-torch reference: dx (grad's dtype and shape) of values = relu(x)^2 * mask."""
     _check(x, mask, grad)
     dtype = _compute_dtype(x, grad)
@@ -43,8 +44,9 @@ def squared_relu_sparsify_backward_reference(x: torch.Tensor, mask: torch.Tensor
 if HAVE_TRITON:
 
     @triton.jit
-    def _squared_relu_backward_kernel(x_ptr, mask_ptr, grad_ptr, dx_ptr, numel, BLOCK: tl.constexpr,
-                                      FP64: tl.constexpr):
+    def _squared_relu_backward_kernel(
+        x_ptr, mask_ptr, grad_ptr, dx_ptr, numel, BLOCK: tl.constexpr, FP64: tl.constexpr
+    ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = offsets < numel
         keep = tl.load(mask_ptr + offsets, mask=valid, other=0) != 0
@@ -57,8 +59,9 @@ if HAVE_TRITON:
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
-def squared_relu_sparsify_backward_triton(x: torch.Tensor, mask: torch.Tensor,
-                                          grad: torch.Tensor) -> torch.Tensor:
+def squared_relu_sparsify_backward_triton(
+    x: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
     """Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); same result as the reference."""
     require_triton()
     _check(x, mask, grad)
@@ -66,8 +69,15 @@ def squared_relu_sparsify_backward_triton(x: torch.Tensor, mask: torch.Tensor,
     dx = torch.empty_like(grad)
     if x.numel():
         _squared_relu_backward_kernel[(triton.cdiv(x.numel(), BLOCK),)](
-            x, mask.view(torch.int8), grad, dx, x.numel(), BLOCK=BLOCK,
-            FP64=_compute_dtype(x, grad) == torch.float64, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            x,
+            mask.view(torch.int8),
+            grad,
+            dx,
+            x.numel(),
+            BLOCK=BLOCK,
+            FP64=_compute_dtype(x, grad) == torch.float64,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
         )
     return dx
 
@@ -75,11 +85,16 @@ def squared_relu_sparsify_backward_triton(x: torch.Tensor, mask: torch.Tensor,
 def compile_specs(dtype: torch.dtype) -> list:
     """The launch above (x and grad in `dtype`), described for the offline compile report."""
     t = "*" + TRITON_TYPES[dtype]
-    return [CompileSpec(
-        kernel="squared_relu_sparsify_backward", fn=_squared_relu_backward_kernel,
-        dtype=str(dtype).split(".")[1],
-        signature={"x_ptr": t, "mask_ptr": "*i8", "grad_ptr": t, "dx_ptr": t, "numel": "i32"},
-        constexprs={"BLOCK": BLOCK, "FP64": False}, num_warps=NUM_WARPS, elements=BLOCK,
-        reads={"x_ptr": BLOCK, "mask_ptr": BLOCK, "grad_ptr": BLOCK},
-        aligned=("x_ptr", "mask_ptr", "grad_ptr", "dx_ptr", "numel"),
-    )]
+    return [
+        CompileSpec(
+            kernel="squared_relu_sparsify_backward",
+            fn=_squared_relu_backward_kernel,
+            dtype=str(dtype).split(".")[1],
+            signature={"x_ptr": t, "mask_ptr": "*i8", "grad_ptr": t, "dx_ptr": t, "numel": "i32"},
+            constexprs={"BLOCK": BLOCK, "FP64": False},
+            num_warps=NUM_WARPS,
+            elements=BLOCK,
+            reads={"x_ptr": BLOCK, "mask_ptr": BLOCK, "grad_ptr": BLOCK},
+            aligned=("x_ptr", "mask_ptr", "grad_ptr", "dx_ptr", "numel"),
+        )
+    ]

@@ -45,10 +45,17 @@ class ActivationStats:
     def as_dict(self) -> dict:
         """zero_fraction: exact zeros in the activation; dropped_l1_fraction: share of sum|a| pruned."""
         if self.sums is None:
-            return {"zero_fraction": float("nan"), "dropped_l1_fraction": float("nan"), "elements": 0}
+            return {
+                "zero_fraction": float("nan"),
+                "dropped_l1_fraction": float("nan"),
+                "elements": 0,
+            }
         zeros, total, dropped, numel = self.sums.tolist()
-        return {"zero_fraction": zeros / max(numel, 1.0), "dropped_l1_fraction": dropped / total if total else 0.0,
-                "elements": int(numel)}
+        return {
+            "zero_fraction": zeros / max(numel, 1.0),
+            "dropped_l1_fraction": dropped / total if total else 0.0,
+            "elements": int(numel),
+        }
 
 
 class _Sparsify(torch.autograd.Function):
@@ -56,7 +63,9 @@ class _Sparsify(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, pattern, stats):
-        values, mask, _, step_stats = _kernel(a.reshape(-1, a.shape[-1]), pattern, squared_relu=False)
+        values, mask, _, step_stats = _kernel(
+            a.reshape(-1, a.shape[-1]), pattern, squared_relu=False
+        )
         if stats is not None:
             stats.add(step_stats)
         ctx.save_for_backward(mask)
@@ -74,7 +83,9 @@ class _SquaredReLUSparsify(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pattern, stats):
-        values, mask, _, step_stats = _kernel(x.reshape(-1, x.shape[-1]), pattern, squared_relu=True)
+        values, mask, _, step_stats = _kernel(
+            x.reshape(-1, x.shape[-1]), pattern, squared_relu=True
+        )
         stats.add(step_stats)
         ctx.save_for_backward(x, mask)
         ctx.mark_non_differentiable(mask)

@@ -2,8 +2,15 @@
 
 import argparse
 
-from megasparse.config import (BACKENDS, DEFAULT_TARGETS, GRADIENT_MODES, MASK_KINDS, TARGETS,
-                               WGRAD_SPARSITY, SparsityConfig)
+from megasparse.config import (
+    BACKENDS,
+    DEFAULT_TARGETS,
+    GRADIENT_MODES,
+    MASK_KINDS,
+    TARGETS,
+    WGRAD_SPARSITY,
+    SparsityConfig,
+)
 from megasparse.schedule import SparsitySchedule
 
 
@@ -14,62 +21,128 @@ def _none_or(value: str):
 def _iters_or_fraction(value: str) -> float:
     number = float(value)
     if number < 0 or (number != int(number) and number >= 1):
-        raise argparse.ArgumentTypeError(f"expected an iteration count or a fraction in [0, 1), got {value!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected an iteration count or a fraction in [0, 1), got {value!r}"
+        )
     return number
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the --sparsity-* flags to a Megatron-LM (or any argparse) parser and return it."""
-    g = parser.add_argument_group("megasparse", "Sparse training with megasparse (2:4 weights, sparse activations)")
-    g.add_argument("--sparsity-weights", type=_none_or, default=None, choices=[None, "2:4"],
-                   help="Prune the targeted linears' weights with a 2:4 magnitude mask ('2:4') or not ('none', default).")
-    g.add_argument("--sparsity-activations", type=_none_or, default=None,
-                   help="Sparsify the FFN activation (fc2's input): 'none' (default), '2:4', or 'V:2:M' (VENOM, "
-                        "e.g. '64:2:8' keeps 25%%). Best with Squared-ReLU (--squared-relu).")
-    g.add_argument("--sparsity-mask", default="1d", choices=MASK_KINDS,
-                   help="'1d': 2 of every 4 weights along the input dim. 'transposable': 2:4 along both dims "
-                        "(exact optimum per 4x4 tile), so the backward input-gradient GEMM is sparse too.")
-    g.add_argument("--sparsity-grad", default="ste", choices=GRADIENT_MODES,
-                   help="Gradient of the dense master weight: 'ste' (dense gradient), 'masked' "
-                        "(zero for pruned weights), 'srste' (dense gradient plus "
-                        "--sparsity-srste-decay times the pruned weights), 'masked_decay' (Hu et "
-                        "al. ICML 2024: plus --sparsity-masked-decay-factor times the pruned "
-                        "weights, once per step), 'sste' (S-STE, Hu et al. NeurIPS 2024: forward "
-                        "weight beta * soft-threshold(W), straight-through gradient).")
-    g.add_argument("--sparsity-srste-decay", type=float, default=2e-4, help="SR-STE decay lambda (default 2e-4).")
-    g.add_argument("--sparsity-targets", nargs="+", default=list(DEFAULT_TARGETS), choices=TARGETS,
-                   help="Which linears become sparse (default: fc1 fc2 experts). Embedding and output layer never do.")
-    g.add_argument("--sparsity-backend", default="auto", choices=BACKENDS,
-                   help="Sparse GEMM backend: 'auto' (cuSPARSELt, else CUTLASS, else dense with a warning), "
-                        "'cusparselt', 'cutlass', or 'dense' (masked dense GEMM: exact, no speed-up).")
-    g.add_argument("--sparsity-dense-warmup-iters", type=int, default=0,
-                   help="Train dense for this many iterations first (default 0).")
-    g.add_argument("--sparsity-dense-final-iters", type=_iters_or_fraction, default=0,
-                   help="Train dense for the last N iterations, or the last fraction of --train-iters if < 1 (default 0).")
-    g.add_argument("--sparsity-mask-refresh-iters", type=int, default=1,
-                   help="Recompute masks from the dense weights every N iterations (default 1: every iteration); "
-                        "held masks are saved in checkpoints.")
+    g = parser.add_argument_group(
+        "megasparse", "Sparse training with megasparse (2:4 weights, sparse activations)"
+    )
+    g.add_argument(
+        "--sparsity-weights",
+        type=_none_or,
+        default=None,
+        choices=[None, "2:4"],
+        help="Prune the targeted linears' weights with a 2:4 magnitude mask ('2:4') or not ('none', default).",
+    )
+    g.add_argument(
+        "--sparsity-activations",
+        type=_none_or,
+        default=None,
+        help="Sparsify the FFN activation (fc2's input): 'none' (default), '2:4', or 'V:2:M' (VENOM, "
+        "e.g. '64:2:8' keeps 25%%). Best with Squared-ReLU (--squared-relu).",
+    )
+    g.add_argument(
+        "--sparsity-mask",
+        default="1d",
+        choices=MASK_KINDS,
+        help="'1d': 2 of every 4 weights along the input dim. 'transposable': 2:4 along both dims "
+        "(exact optimum per 4x4 tile), so the backward input-gradient GEMM is sparse too.",
+    )
+    g.add_argument(
+        "--sparsity-grad",
+        default="ste",
+        choices=GRADIENT_MODES,
+        help="Gradient of the dense master weight: 'ste' (dense gradient), 'masked' "
+        "(zero for pruned weights), 'srste' (dense gradient plus "
+        "--sparsity-srste-decay times the pruned weights), 'masked_decay' (Hu et "
+        "al. ICML 2024: plus --sparsity-masked-decay-factor times the pruned "
+        "weights, once per step), 'sste' (S-STE, Hu et al. NeurIPS 2024: forward "
+        "weight beta * soft-threshold(W), straight-through gradient).",
+    )
+    g.add_argument(
+        "--sparsity-srste-decay",
+        type=float,
+        default=2e-4,
+        help="SR-STE decay lambda (default 2e-4).",
+    )
+    g.add_argument(
+        "--sparsity-targets",
+        nargs="+",
+        default=list(DEFAULT_TARGETS),
+        choices=TARGETS,
+        help="Which linears become sparse (default: fc1 fc2 experts). Embedding and output layer never do.",
+    )
+    g.add_argument(
+        "--sparsity-backend",
+        default="auto",
+        choices=BACKENDS,
+        help="Sparse GEMM backend: 'auto' (cuSPARSELt, else CUTLASS, else dense with a warning), "
+        "'cusparselt', 'cutlass', or 'dense' (masked dense GEMM: exact, no speed-up).",
+    )
+    g.add_argument(
+        "--sparsity-dense-warmup-iters",
+        type=int,
+        default=0,
+        help="Train dense for this many iterations first (default 0).",
+    )
+    g.add_argument(
+        "--sparsity-dense-final-iters",
+        type=_iters_or_fraction,
+        default=0,
+        help="Train dense for the last N iterations, or the last fraction of --train-iters if < 1 (default 0).",
+    )
+    g.add_argument(
+        "--sparsity-mask-refresh-iters",
+        type=int,
+        default=1,
+        help="Recompute masks from the dense weights every N iterations (default 1: every iteration); "
+        "held masks are saved in checkpoints.",
+    )
     # training-quality options (issue 14)
-    g.add_argument("--sparsity-masked-decay-factor", type=float, default=6e-5,
-                   help="lambda_W of --sparsity-grad masked_decay (default 6e-5, Hu et al.'s "
-                        "GPT-2 124M).")
-    g.add_argument("--sparsity-wgrad", type=_none_or, default=None, choices=WGRAD_SPARSITY,
-                   help="'mvue': the weight-gradient GEMM uses the output gradient pruned 2:4 "
-                        "along tokens by the minimum-variance unbiased estimator (Chmiel et al. "
-                        "ICLR 2023); 'none' (default).")
-    g.add_argument("--sparsity-wgrad-seed", type=int, default=0,
-                   help="Base seed of the MVUE draws (with the rank, the weight and the step).")
-    g.add_argument("--sparsity-flip-rate", action="store_true",
-                   help="Track the mask flip rate (share of mask entries changed since the last "
-                        "mask, on the device) and log it with the kept |W| share to Megatron's "
-                        "tensorboard/wandb writers every --log-interval iterations.")
+    g.add_argument(
+        "--sparsity-masked-decay-factor",
+        type=float,
+        default=6e-5,
+        help="lambda_W of --sparsity-grad masked_decay (default 6e-5, Hu et al.'s GPT-2 124M).",
+    )
+    g.add_argument(
+        "--sparsity-wgrad",
+        type=_none_or,
+        default=None,
+        choices=WGRAD_SPARSITY,
+        help="'mvue': the weight-gradient GEMM uses the output gradient pruned 2:4 "
+        "along tokens by the minimum-variance unbiased estimator (Chmiel et al. "
+        "ICLR 2023); 'none' (default).",
+    )
+    g.add_argument(
+        "--sparsity-wgrad-seed",
+        type=int,
+        default=0,
+        help="Base seed of the MVUE draws (with the rank, the weight and the step).",
+    )
+    g.add_argument(
+        "--sparsity-flip-rate",
+        action="store_true",
+        help="Track the mask flip rate (share of mask entries changed since the last "
+        "mask, on the device) and log it with the kept |W| share to Megatron's "
+        "tensorboard/wandb writers every --log-interval iterations.",
+    )
     return parser
 
 
 def config_from_args(args) -> SparsityConfig:
     return SparsityConfig(
-        weights=args.sparsity_weights, activations=args.sparsity_activations, mask=args.sparsity_mask,
-        gradient=args.sparsity_grad, srste_decay=args.sparsity_srste_decay, backend=args.sparsity_backend,
+        weights=args.sparsity_weights,
+        activations=args.sparsity_activations,
+        mask=args.sparsity_mask,
+        gradient=args.sparsity_grad,
+        srste_decay=args.sparsity_srste_decay,
+        backend=args.sparsity_backend,
         mask_refresh_interval=args.sparsity_mask_refresh_iters,
         activation_function="squared_relu" if getattr(args, "squared_relu", False) else None,
         masked_decay_factor=getattr(args, "sparsity_masked_decay_factor", 6e-5),
@@ -86,5 +159,8 @@ def schedule_from_args(args) -> SparsitySchedule:
         if not train_iters:
             raise ValueError("--sparsity-dense-final-iters as a fraction needs --train-iters")
         final = round(final * train_iters)
-    return SparsitySchedule(dense_warmup_iters=args.sparsity_dense_warmup_iters, dense_final_iters=int(final),
-                            train_iters=train_iters)
+    return SparsitySchedule(
+        dense_warmup_iters=args.sparsity_dense_warmup_iters,
+        dense_final_iters=int(final),
+        train_iters=train_iters,
+    )

@@ -134,7 +134,9 @@ class CutlassBackend(_SemiStructuredBackend):
         reason = super().device_reason(device)
         if reason is None and torch.cuda.get_device_capability(device)[0] != 8:
             major, minor = torch.cuda.get_device_capability(device)
-            reason = f"cutlass's 2:4 kernels in PyTorch are built for sm8x only, found sm{major}{minor}"
+            reason = (
+                f"cutlass's 2:4 kernels in PyTorch are built for sm8x only, found sm{major}{minor}"
+            )
         return reason
 
 
@@ -156,8 +158,10 @@ def check_backend_static(name: str, shape, dtype, transposable: bool) -> None:
         return
     reason = BACKENDS[name].static_reason(tuple(shape), dtype, transposable)
     if reason:
-        raise ValueError(f"megasparse: backend={name!r} cannot run this layer: {reason}. "
-                         "Change the layer size or dtype, or use backend='auto' (falls back to dense).")
+        raise ValueError(
+            f"megasparse: backend={name!r} cannot run this layer: {reason}. "
+            "Change the layer size or dtype, or use backend='auto' (falls back to dense)."
+        )
 
 
 def resolve_backend(name: str, weight: torch.Tensor, transposable: bool):
@@ -175,8 +179,12 @@ def resolve_backend(name: str, weight: torch.Tensor, transposable: bool):
             return backend
         reasons.append(reason)
     if name != "auto":
-        raise RuntimeError(f"megasparse: backend={name!r} cannot run here: {reasons[0]}. "
-                           "Use backend='auto' to fall back to the dense masked GEMM.")
-    _warn_once("megasparse: backend='auto' uses the dense masked GEMM (exact, no speed-up) because "
-               + "; ".join(reasons))
+        raise RuntimeError(
+            f"megasparse: backend={name!r} cannot run here: {reasons[0]}. "
+            "Use backend='auto' to fall back to the dense masked GEMM."
+        )
+    _warn_once(
+        "megasparse: backend='auto' uses the dense masked GEMM (exact, no speed-up) because "
+        + "; ".join(reasons)
+    )
     return BACKENDS["dense"]

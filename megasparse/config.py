@@ -15,7 +15,14 @@ WGRAD_SPARSITY = (None, "mvue")
 BACKENDS = ("auto", "dense", "cusparselt", "cutlass")
 NONFINITE_POLICIES = ("propagate", "error")
 ACTIVATION_FUNCTIONS = (None, "squared_relu")
-TARGETS = ("qkv", "proj", "fc1", "fc2", "experts", "shared_experts")  # what sparsify_spec can sparsify
+TARGETS = (
+    "qkv",
+    "proj",
+    "fc1",
+    "fc2",
+    "experts",
+    "shared_experts",
+)  # what sparsify_spec can sparsify
 DEFAULT_TARGETS = ("fc1", "fc2", "experts")
 ACTIVATION_TILE_ROWS = 64  # rows per kernel program for 2:4 activations (no effect on the result)
 
@@ -132,8 +139,10 @@ class SparsityConfig:
                 f"got {decay!r} ({type(decay).__name__}); pass a float, e.g. float(value)"
             )
         if not (self.hold_backward_weight is None or isinstance(self.hold_backward_weight, bool)):
-            raise ValueError("SparsityConfig.hold_backward_weight must be None (automatic), True or False, "
-                             f"got {self.hold_backward_weight!r}")
+            raise ValueError(
+                "SparsityConfig.hold_backward_weight must be None (automatic), True or False, "
+                f"got {self.hold_backward_weight!r}"
+            )
         if not isinstance(self.enabled, bool):
             raise ValueError(f"SparsityConfig.enabled must be True or False, got {self.enabled!r}")
         self._validate_quality_options()
@@ -145,22 +154,30 @@ class SparsityConfig:
         _choice("wgrad_sparsity", self.wgrad_sparsity, WGRAD_SPARSITY)
         factor = self.masked_decay_factor
         if not (isinstance(factor, (int, float)) and factor >= 0):
-            raise ValueError(f"SparsityConfig.masked_decay_factor must be a number >= 0, "
-                             f"got {self.masked_decay_factor!r}")
+            raise ValueError(
+                f"SparsityConfig.masked_decay_factor must be a number >= 0, "
+                f"got {self.masked_decay_factor!r}"
+            )
         if not isinstance(self.wgrad_seed, int) or isinstance(self.wgrad_seed, bool):
             raise ValueError(f"SparsityConfig.wgrad_seed must be an int, got {self.wgrad_seed!r}")
         if not isinstance(self.track_flip_rate, bool):
-            raise ValueError(f"SparsityConfig.track_flip_rate must be True or False, "
-                             f"got {self.track_flip_rate!r}")
+            raise ValueError(
+                f"SparsityConfig.track_flip_rate must be True or False, "
+                f"got {self.track_flip_rate!r}"
+            )
         if self.gradient == "sste" and self.mask != "1d":
-            raise ValueError("SparsityConfig(gradient='sste') soft-thresholds groups of 4 "
-                             "along the input dim, which is the '1d' mask; got "
-                             f"mask={self.mask!r}. Use mask='1d', or another gradient mode "
-                             "with the transposable mask.")
+            raise ValueError(
+                "SparsityConfig(gradient='sste') soft-thresholds groups of 4 "
+                "along the input dim, which is the '1d' mask; got "
+                f"mask={self.mask!r}. Use mask='1d', or another gradient mode "
+                "with the transposable mask."
+            )
         if self.gradient == "sste" and self.mask_refresh_interval != 1:
-            raise ValueError("SparsityConfig(gradient='sste') recomputes its continuous pruning "
-                             "S(W) from W at every step, so it cannot hold a mask; got "
-                             f"mask_refresh_interval={self.mask_refresh_interval}. Use 1.")
+            raise ValueError(
+                "SparsityConfig(gradient='sste') recomputes its continuous pruning "
+                "S(W) from W at every step, so it cannot hold a mask; got "
+                f"mask_refresh_interval={self.mask_refresh_interval}. Use 1."
+            )
 
     def __setattr__(self, name, value):
         # Later changes (layer.sparsity.mask = ...) are validated too: check on a copy, then set.
@@ -173,7 +190,8 @@ class SparsityConfig:
                     object.__setattr__(self, "mask_rule_revision", self.mask_rule_revision + 1)
             elif not name.startswith("_"):
                 raise AttributeError(
-                    f"SparsityConfig has no field {name!r}; the fields are {sorted(_FIELD_NAMES)}")
+                    f"SparsityConfig has no field {name!r}; the fields are {sorted(_FIELD_NAMES)}"
+                )
         object.__setattr__(self, name, value)
 
     @property

@@ -30,7 +30,12 @@ import dataclasses
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 
-from megasparse.activation_sparsity import ActivationStats, is_squared_relu, sparsify, squared_relu_sparsify
+from megasparse.activation_sparsity import (
+    ActivationStats,
+    is_squared_relu,
+    sparsify,
+    squared_relu_sparsify,
+)
 from megasparse.compat import with_sparse_linears
 from megasparse.config import SparsityConfig
 from megasparse.mlp import install_activation_sparsity
@@ -45,13 +50,18 @@ class SparseSequentialMLP(SequentialMLP):
         super().__init__(num_local_experts, config, submodules, *args, **kwargs)
         for expert in self.local_experts:
             install_activation_sparsity(expert)
-        self.grouped_activation_stats = ActivationStats()  # what SparseGroupedMLP's forward measures
+        self.grouped_activation_stats = (
+            ActivationStats()
+        )  # what SparseGroupedMLP's forward measures
 
     def activation_stats(self, reset: bool = False) -> dict:
         """Activation statistics summed over the local experts since the last reset (this rank)."""
         total = ActivationStats()
-        sources = [e.linear_fc2.activation_counter for e in self.local_experts
-                   if hasattr(e.linear_fc2, "activation_counter")]
+        sources = [
+            e.linear_fc2.activation_counter
+            for e in self.local_experts
+            if hasattr(e.linear_fc2, "activation_counter")
+        ]
         for stats in sources + [self.grouped_activation_stats]:
             if stats.sums is not None:
                 total.add(stats.sums)
@@ -65,17 +75,25 @@ def _grouped_gemm_device_ok(device, dtype) -> bool:
     host sync, and the per-expert sparse GEMMs are the better choice. (CPU: any dtype, for tests.)"""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    return device.type != "cuda" or (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0))
+    return device.type != "cuda" or (
+        dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    )
 
 
 def can_group(config, x, fc1_weight, fc2_weight) -> bool:
     """Whether the grouped path applies: grouped-GEMM-friendly dtype, shapes, device and activation."""
-    aligned = 16 // x.element_size() if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else 0
+    aligned = (
+        16 // x.element_size() if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else 0
+    )
     return (
         aligned > 0
         and x.shape[0] > 0
         and _grouped_gemm_device_ok(x.device, x.dtype)
-        and not (config.gated_linear_unit or config.bias_activation_fusion or config.use_te_activation_func)
+        and not (
+            config.gated_linear_unit
+            or config.bias_activation_fusion
+            or config.use_te_activation_func
+        )
         and not (getattr(config, "fp8", None) or getattr(config, "fp4", None))
         and getattr(config, "moe_latent_size", None) is None
         and fc1_weight.shape[1] % aligned == 0
@@ -91,19 +109,27 @@ class StackedWeights:
         self._steps, self._stacked = None, None
 
     def __call__(self, steps, sparsity):
-        if self._steps is None or len(steps) != len(self._steps) or any(a is not b for a, b in zip(steps, self._steps)):
+        if (
+            self._steps is None
+            or len(steps) != len(self._steps)
+            or any(a is not b for a, b in zip(steps, self._steps))
+        ):
             self._steps, self._stacked = list(steps), torch.stack([s.dense() for s in steps])
         return masked_weight(steps, sparsity.gradient, sparsity.srste_decay, stacked=self._stacked)
 
 
 def _activation_with_recompute(activation, h, tokens_per_expert, stats, config):
     """The activation, recomputed in the backward when Megatron's recompute_modules has "moe_act"."""
-    if "moe_act" not in (getattr(config, "recompute_modules", None) or []) or not getattr(
-            config, "recompute_granularity", None) == "selective":
+    if (
+        "moe_act" not in (getattr(config, "recompute_modules", None) or [])
+        or not getattr(config, "recompute_granularity", None) == "selective"
+    ):
         return activation(h, tokens_per_expert, stats), None
     from megatron.core import tensor_parallel
 
-    checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=getattr(config, "fp8", None))  # None: no FP8
+    checkpoint = tensor_parallel.CheckpointWithoutOutput(
+        fp8=getattr(config, "fp8", None)
+    )  # None: no FP8
     run = lambda h, tokens: activation(h, tokens, stats)  # noqa: E731  (checkpoint saves tensors only)
     return checkpoint.checkpoint(run, h, tokens_per_expert), checkpoint
 
@@ -119,7 +145,9 @@ def grouped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config
     tokens_per_expert = torch.as_tensor(tokens_per_expert, device=x.device)
     offsets = tokens_per_expert.cumsum(0).to(torch.int32)
     expert_of_token = torch.repeat_interleave(
-        torch.arange(len(tokens_per_expert), device=x.device), tokens_per_expert, output_size=x.shape[0]
+        torch.arange(len(tokens_per_expert), device=x.device),
+        tokens_per_expert,
+        output_size=x.shape[0],
     )
     (w1, b1), (w2, b2) = fc1, fc2
     h = grouped_linear(x, w1, offsets)
@@ -143,7 +171,9 @@ def sparse_activation(plain_activation, fc2_sparsity):
         if not fc2_sparsity.sparsifies_activations:
             return plain_activation(h)
         pattern = fc2_sparsity.activation_pattern
-        squared = fc2_sparsity.activation_function == "squared_relu" or is_squared_relu(plain_activation)
+        squared = fc2_sparsity.activation_function == "squared_relu" or is_squared_relu(
+            plain_activation
+        )
 
         def one(chunk):
             if squared:
@@ -165,7 +195,11 @@ class SparseGroupedMLP(SparseSequentialMLP):
 
     def _can_group(self, x) -> bool:
         fc1, fc2 = self.local_experts[0].linear_fc1, self.local_experts[0].linear_fc2
-        return hasattr(fc1, "sparsity") and hasattr(fc2, "sparsity") and can_group(self.config, x, fc1.weight, fc2.weight)
+        return (
+            hasattr(fc1, "sparsity")
+            and hasattr(fc2, "sparsity")
+            and can_group(self.config, x, fc1.weight, fc2.weight)
+        )
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         x = permuted_local_hidden_states
@@ -176,9 +210,14 @@ class SparseGroupedMLP(SparseSequentialMLP):
         plain = self.local_experts[0].activation_func
         plain = getattr(plain, "activation", plain)  # the function under SparseMLP's hook
         y = grouped_ffn(
-            x, tokens_per_expert, permuted_probs,
-            self._sparse_weights_and_biases("linear_fc1", fc1s), self._sparse_weights_and_biases("linear_fc2", fc2s),
-            sparse_activation(plain, fc2s[0].sparsity), self.grouped_activation_stats, self.config,
+            x,
+            tokens_per_expert,
+            permuted_probs,
+            self._sparse_weights_and_biases("linear_fc1", fc1s),
+            self._sparse_weights_and_biases("linear_fc2", fc2s),
+            sparse_activation(plain, fc2s[0].sparsity),
+            self.grouped_activation_stats,
+            self.config,
         )
         return y, None
 
@@ -210,13 +249,16 @@ def looped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config)
 class SparseTEGroupedMLP(TEGroupedMLP):
     def __init__(self, num_local_experts, config, submodules, *args, sparsity=None, **kwargs):
         if sparsity is not None and not isinstance(sparsity, SparsityConfig):
-            raise TypeError(f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}")
+            raise TypeError(
+                f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}"
+            )
         sparsity = dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
         if getattr(config, "moe_single_grouped_weight", False):
             raise NotImplementedError(
                 "megasparse: moe_single_grouped_weight keeps all experts in one TE parameter and runs TE's op "
                 "fuser, which SparseTEGroupedMLP does not enter; set moe_single_grouped_weight=False "
-                "(--no-moe-single-grouped-weight) for sparse experts.")
+                "(--no-moe-single-grouped-weight) for sparse experts."
+            )
         # Under FP8, TE's own grouped forward runs; its grouped linears then hand TE the masked weights.
         submodules = self._with_sparse_te_linears(submodules, sparsity)
         super().__init__(num_local_experts, config, submodules, *args, **kwargs)
@@ -227,10 +269,14 @@ class SparseTEGroupedMLP(TEGroupedMLP):
         if self.sparsity.weights is not None:
             checks += [(fc1_in, 4, "hidden size"), (fc2_in, 4, "ffn size per expert-TP rank")]
         if self.sparsity.activations is not None:
-            checks.append((fc2_in, self.sparsity.activation_pattern[1], "ffn size per expert-TP rank"))
+            checks.append(
+                (fc2_in, self.sparsity.activation_pattern[1], "ffn size per expert-TP rank")
+            )
         for size, multiple, what in checks:
             if size % multiple:
-                raise ValueError(f"megasparse: the {what} ({size}) must be a multiple of {multiple} for the sparse groups")
+                raise ValueError(
+                    f"megasparse: the {what} ({size}) must be a multiple of {multiple} for the sparse groups"
+                )
         self.grouped_activation_stats = ActivationStats()
         self._stacked = {"linear_fc1": StackedWeights(), "linear_fc2": StackedWeights()}
 
@@ -242,16 +288,21 @@ class SparseTEGroupedMLP(TEGroupedMLP):
     def sparsity_mask(self, weight=None):
         """The mask of one expert weight (`weight0`.. of linear_fc1 / linear_fc2)."""
         if weight is None:
-            raise ValueError("megasparse: SparseTEGroupedMLP has one mask per expert weight: pass the weight, "
-                             "e.g. sparsity_mask(experts.linear_fc1.weight0)")
+            raise ValueError(
+                "megasparse: SparseTEGroupedMLP has one mask per expert weight: pass the weight, "
+                "e.g. sparsity_mask(experts.linear_fc1.weight0)"
+            )
         for linear in self._sparse_linears():
             if any(w is weight for w in self._weights(linear)):
                 return linear.sparsity_mask(weight)
         raise ValueError("megasparse: that tensor is not one of this module's expert weights")
 
     def sparsity_stats(self) -> dict:
-        return {"activations": self.activation_stats(), "fc1": self.linear_fc1.sparsity_stats(),
-                "fc2": self.linear_fc2.sparsity_stats()}
+        return {
+            "activations": self.activation_stats(),
+            "fc1": self.linear_fc1.sparsity_stats(),
+            "fc2": self.linear_fc2.sparsity_stats(),
+        }
 
     def set_sparsity_iteration(self, iteration: int) -> None:
         for linear in self._sparse_linears():
@@ -298,14 +349,24 @@ class SparseTEGroupedMLP(TEGroupedMLP):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         if getattr(self.config, "fp8", None) or getattr(self.config, "fp4", None):
             if s.sparsifies_activations:
-                raise NotImplementedError("megasparse: SparseTEGroupedMLP under FP8 prunes weights only; "
-                                          "set activations=None (activation sparsity runs in bf16)")
+                raise NotImplementedError(
+                    "megasparse: SparseTEGroupedMLP under FP8 prunes weights only; "
+                    "set activations=None (activation sparsity runs in bf16)"
+                )
             # TE's grouped FP8 GEMMs on the masked weights (the sparse TE grouped linears)
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         x = permuted_local_hidden_states
         fc1 = self._sparse_weights_and_biases("linear_fc1")
         fc2 = self._sparse_weights_and_biases("linear_fc2")
         run = grouped_ffn if can_group(self.config, x, fc1[0][0], fc2[0][0]) else looped_ffn
-        y = run(x, tokens_per_expert, permuted_probs, fc1, fc2, sparse_activation(self.activation_func, s),
-                self.grouped_activation_stats, self.config)
+        y = run(
+            x,
+            tokens_per_expert,
+            permuted_probs,
+            fc1,
+            fc2,
+            sparse_activation(self.activation_func, s),
+            self.grouped_activation_stats,
+            self.config,
+        )
         return y, None

@@ -88,16 +88,27 @@ def cslt_sparse_mm_meta(
         raise RuntimeError(f"_cslt_sparse_mm: bias must be [{m}], got {tuple(bias.shape)}")
     if alpha is not None and alpha.numel() == 1:
         alpha_item_calls += 1  # cuSPARSELtOps.cpp: alpha = alpha_tensor.item<float>()
-    elif alpha is not None and (alpha.dtype != torch.float32 or alpha.numel() != m
-                                or not alpha.is_contiguous()):
+    elif alpha is not None and (
+        alpha.dtype != torch.float32 or alpha.numel() != m or not alpha.is_contiguous()
+    ):
         # vector alpha (CUSPARSELT_MATMUL_ALPHA_VECTOR_SCALING): m contiguous floats, read on device
-        raise RuntimeError(f"_cslt_sparse_mm: a vector alpha must be {m} contiguous float32 "
-                           "values, "
-                           f"got {tuple(alpha.shape)} {alpha.dtype}")
-    sparse_mm_calls.append(dict(
-        m=m, k=k, n=n, dtype=compressed_A.dtype, dense_contiguous=dense_B.is_contiguous(),
-        alpha=None if alpha is None else (tuple(alpha.shape), alpha.dtype), out_dtype=out_dtype,
-        transpose_result=transpose_result))
+        raise RuntimeError(
+            f"_cslt_sparse_mm: a vector alpha must be {m} contiguous float32 "
+            "values, "
+            f"got {tuple(alpha.shape)} {alpha.dtype}"
+        )
+    sparse_mm_calls.append(
+        dict(
+            m=m,
+            k=k,
+            n=n,
+            dtype=compressed_A.dtype,
+            dense_contiguous=dense_B.is_contiguous(),
+            alpha=None if alpha is None else (tuple(alpha.shape), alpha.dtype),
+            out_dtype=out_dtype,
+            transpose_result=transpose_result,
+        )
+    )
     shape = (n, m) if transpose_result else (m, n)
     return dense_B.new_empty(shape, dtype=out_dtype or dense_B.dtype)
 

@@ -41,15 +41,20 @@ class Fp8Scaling:
 
     def __post_init__(self):
         if self.amax_history_len < 1 or self.amax_compute_algo not in ("max", "most_recent"):
-            raise ValueError("Fp8Scaling: amax_history_len >= 1 and amax_compute_algo 'max' or 'most_recent'")
+            raise ValueError(
+                "Fp8Scaling: amax_history_len >= 1 and amax_compute_algo 'max' or 'most_recent'"
+            )
 
     @classmethod
     def from_recipe(cls, recipe) -> "Fp8Scaling":
         """The scaling math of a TE recipe: DelayedScaling has a history; current scaling has none."""
         if hasattr(recipe, "amax_history_len"):
             algo = getattr(recipe, "amax_compute_algo", "max")
-            return cls(margin=getattr(recipe, "margin", 0), amax_history_len=recipe.amax_history_len,
-                       amax_compute_algo=algo if isinstance(algo, str) else "max")
+            return cls(
+                margin=getattr(recipe, "margin", 0),
+                amax_history_len=recipe.amax_history_len,
+                amax_compute_algo=algo if isinstance(algo, str) else "max",
+            )
         return cls(margin=getattr(recipe, "margin", 0))
 
 
@@ -82,7 +87,9 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
-def sparse_fp8_weight(weight, scale=None, mask_kind="1d", order="prune-then-quantize", nonfinite="propagate"):
+def sparse_fp8_weight(
+    weight, scale=None, mask_kind="1d", order="prune-then-quantize", nonfinite="propagate"
+):
     """(e4m3 2:4 weight, its scale, the mask).
 
     scale: a tensor, None (current scaling), or a function of the tensor the order quantizes
@@ -90,7 +97,11 @@ def sparse_fp8_weight(weight, scale=None, mask_kind="1d", order="prune-then-quan
     """
     if order not in ORDERS:
         raise ValueError(f"megasparse: FP8 order must be one of {list(ORDERS)}, got {order!r}")
-    scale_of = scale if callable(scale) else (lambda t: scale_for(t.detach().abs().max()) if scale is None else scale)
+    scale_of = (
+        scale
+        if callable(scale)
+        else (lambda t: scale_for(t.detach().abs().max()) if scale is None else scale)
+    )
     if order == "prune-then-quantize":
         mask = weight_mask(weight, mask_kind, nonfinite)
         pruned = weight * mask
@@ -114,8 +125,9 @@ def fp8_gemm(x_q, scale_x, w_q, scale_w, out_dtype=torch.bfloat16, sparse=True):
     inv_x, inv_w = (1.0 / scale_x).float(), (1.0 / scale_w).float()
     if sparse and _fp8_cusparselt_ok(w_q.device):
         packed = fp8_gemm_ops.compress(w_q)
-        return fp8_gemm_ops.sparse_fp8_mm(x_q, inv_x, packed, w_q.shape[0], inv_w, out_dtype,
-                                          use_cusparselt=True)
+        return fp8_gemm_ops.sparse_fp8_mm(
+            x_q, inv_x, packed, w_q.shape[0], inv_w, out_dtype, use_cusparselt=True
+        )
     return fp8_gemm_ops.dense_fp8_mm(x_q, inv_x, w_q, inv_w, out_dtype)
 
 
@@ -136,14 +148,22 @@ class _Fp8SparseLinear(torch.autograd.Function):
         w_used = (w_q.float() / scale_w).to(x.dtype)  # the dequantized 2:4 weight the forward used
         grad_x = (dy2d @ w_used).reshape(x.shape)
         step = WeightStep(weight, pack_mask(mask), BACKENDS["dense"], False, hold_backward=False)
-        grad_w = gradient_term(ctx.gradient, dy2d.t() @ x.reshape(-1, x.shape[-1]), weight, step, 0.0)
+        grad_w = gradient_term(
+            ctx.gradient, dy2d.t() @ x.reshape(-1, x.shape[-1]), weight, step, 0.0
+        )
         return grad_x, grad_w.to(weight.dtype), None, None, None, None, None
 
 
 class Fp8SparseLinear:
     """y = x (M*W)^T with e4m3 operands and bf16 output; scales per the recipe (one tracker per operand)."""
 
-    def __init__(self, scaling: Fp8Scaling = None, mask_kind="1d", order="prune-then-quantize", gradient="ste"):
+    def __init__(
+        self,
+        scaling: Fp8Scaling = None,
+        mask_kind="1d",
+        order="prune-then-quantize",
+        gradient="ste",
+    ):
         if order not in ORDERS:
             raise ValueError(f"megasparse: FP8 order must be one of {list(ORDERS)}, got {order!r}")
         self.scaling = scaling or Fp8Scaling()
@@ -152,4 +172,6 @@ class Fp8SparseLinear:
 
     def __call__(self, x, weight):
         scale_x = self.x_amax.scale(x)
-        return _Fp8SparseLinear.apply(x, weight, scale_x, self.w_amax.scale, self.mask_kind, self.order, self.gradient)
+        return _Fp8SparseLinear.apply(
+            x, weight, scale_x, self.w_amax.scale, self.mask_kind, self.order, self.gradient
+        )

@@ -41,8 +41,9 @@ ALPHA_MODES = ("vector", "output")
 def alpha_mode() -> str:
     mode = os.environ.get("MEGASPARSE_FP8_ALPHA", "vector")
     if mode not in ALPHA_MODES:
-        raise ValueError(f"megasparse: MEGASPARSE_FP8_ALPHA must be one of {ALPHA_MODES}, "
-                         f"got {mode!r}")
+        raise ValueError(
+            f"megasparse: MEGASPARSE_FP8_ALPHA must be one of {ALPHA_MODES}, got {mode!r}"
+        )
     return mode
 
 
@@ -65,8 +66,10 @@ def fp8_cusparselt_reason(device) -> Optional[str]:
     if (major, minor) == (8, 9):
         return "sm89: PyTorch expects its FP8 cuSPARSELt tests to fail there (xfailIfSM89)"
     if major != 9:
-        return (f"sm{major}{minor}: PyTorch tests cuSPARSELt on sm8x/sm9x only; FP8 2:4 needs sm90 "
-                "(Hopper)")
+        return (
+            f"sm{major}{minor}: PyTorch tests cuSPARSELt on sm8x/sm9x only; FP8 2:4 needs sm90 "
+            "(Hopper)"
+        )
     return None
 
 
@@ -92,8 +95,9 @@ def compress(w_q: torch.Tensor):
     return torch._cslt_compress(w_q.contiguous())
 
 
-def sparse_fp8_mm(a_q, a_scale_inv, sparse_b, rows_b, b_scale_inv, out_dtype=torch.bfloat16,
-                  use_cusparselt=False):
+def sparse_fp8_mm(
+    a_q, a_scale_inv, sparse_b, rows_b, b_scale_inv, out_dtype=torch.bfloat16, use_cusparselt=False
+):
     """(a_q a_scale_inv) @ (B b_scale_inv)^T with B [rows_b, k] 2:4 e4m3, a_q [tokens, k] e4m3.
 
     sparse_b: `compress(B)` when use_cusparselt, else B itself (dense e4m3 with its zeros).
@@ -104,15 +108,22 @@ def sparse_fp8_mm(a_q, a_scale_inv, sparse_b, rows_b, b_scale_inv, out_dtype=tor
     if use_cusparselt:
         if alpha_mode() == "vector":
             alpha = alpha_vector(a_scale_inv, b_scale_inv, rows_b)
-            y = torch._cslt_sparse_mm(sparse_b, a_pad.t(), alpha=alpha, out_dtype=out_dtype,
-                                      transpose_result=True)
+            y = torch._cslt_sparse_mm(
+                sparse_b, a_pad.t(), alpha=alpha, out_dtype=out_dtype, transpose_result=True
+            )
         else:
-            y = torch._cslt_sparse_mm(sparse_b, a_pad.t(), out_dtype=torch.float32,
-                                      transpose_result=True)
+            y = torch._cslt_sparse_mm(
+                sparse_b, a_pad.t(), out_dtype=torch.float32, transpose_result=True
+            )
             y = (y * (a_scale_inv.float() * b_scale_inv.float())).to(out_dtype)
     else:
-        y = torch._scaled_mm(a_pad, sparse_b.t(), scale_a=a_scale_inv.float().reshape(()),
-                             scale_b=b_scale_inv.float().reshape(()), out_dtype=out_dtype)
+        y = torch._scaled_mm(
+            a_pad,
+            sparse_b.t(),
+            scale_a=a_scale_inv.float().reshape(()),
+            scale_b=b_scale_inv.float().reshape(()),
+            out_dtype=out_dtype,
+        )
     return y if y.shape[0] == tokens else y[:tokens]
 
 
@@ -120,6 +131,11 @@ def dense_fp8_mm(a_q, a_scale_inv, b_q_t, b_scale_inv, out_dtype=torch.bfloat16)
     """(a_q a_scale_inv) @ (b_q_t.t() b_scale_inv): a [m, k] row-major, b_q_t [n, k] row-major
     (so b is column-major, as `torch._scaled_mm` wants). m is padded to 16, k must be."""
     rows = a_q.shape[0]
-    y = torch._scaled_mm(pad_rows(a_q), b_q_t.t(), scale_a=a_scale_inv.float().reshape(()),
-                         scale_b=b_scale_inv.float().reshape(()), out_dtype=out_dtype)
+    y = torch._scaled_mm(
+        pad_rows(a_q),
+        b_q_t.t(),
+        scale_a=a_scale_inv.float().reshape(()),
+        scale_b=b_scale_inv.float().reshape(()),
+        out_dtype=out_dtype,
+    )
     return y if y.shape[0] == rows else y[:rows]

@@ -71,8 +71,9 @@ class _Fp8SparseLinear(torch.autograd.Function):
         wq = fp8_weight(step, plan.use_cusparselt)
         x2d = x.reshape(-1, x.shape[-1])
         x_q, x_si = plan.x_scaler(x2d)
-        y = fp8_gemm.sparse_fp8_mm(x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype,
-                                   plan.use_cusparselt)
+        y = fp8_gemm.sparse_fp8_mm(
+            x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype, plan.use_cusparselt
+        )
         if bias is not None:
             y = y + bias
         saved_x = x_q if plan.fp8_wgrad else x2d
@@ -93,13 +94,21 @@ class _Fp8SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if wq.sparse_t:  # (W*M)^T is 2:4: the input gradient is a 2:4 GEMM too
                 d_q, d_si = (plan.dgrad_scaler or plan.grad_scaler)(dy2d)
-                grad_x = fp8_gemm.sparse_fp8_mm(d_q, d_si, wq.backward, wq.cols, wq.scale_inv,
-                                                plan.out_dtype, plan.use_cusparselt)
+                grad_x = fp8_gemm.sparse_fp8_mm(
+                    d_q,
+                    d_si,
+                    wq.backward,
+                    wq.cols,
+                    wq.scale_inv,
+                    plan.out_dtype,
+                    plan.use_cusparselt,
+                )
             else:
                 dy_q, dy_si = plan.grad_scaler(dy2d)
                 # wq.backward is (W*M)^T [in, out] row-major: dense_fp8_mm's b_q_t
-                grad_x = fp8_gemm.dense_fp8_mm(dy_q, dy_si, wq.backward, wq.scale_inv,
-                                               plan.out_dtype)
+                grad_x = fp8_gemm.dense_fp8_mm(
+                    dy_q, dy_si, wq.backward, wq.scale_inv, plan.out_dtype
+                )
             grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad32 = _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan)
@@ -133,9 +142,11 @@ def _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan):
 def fp8_sparse_linear_step(x, weight, bias, step: WeightStep, plan: Fp8LinearPlan) -> torch.Tensor:
     """y = x (M*W)^T + b in FP8 with this optimizer step's weight state (step.pruned must hold)."""
     if not step.pruned:
-        raise ValueError("megasparse: the FP8 2:4 op needs a pruned weight step (a dense phase "
-                         "runs "
-                         "the dense FP8 GEMM)")
+        raise ValueError(
+            "megasparse: the FP8 2:4 op needs a pruned weight step (a dense phase "
+            "runs "
+            "the dense FP8 GEMM)"
+        )
     return _Fp8SparseLinear.apply(x, weight, bias, step, plan)
 
 
@@ -146,5 +157,6 @@ def default_plan(recipe=None, use_cusparselt=False, **kwargs) -> Fp8LinearPlan:
     recipe = recipe or Fp8Recipe()
     grad = recipe.own_scaler(recipe.grad_dtype)
     dgrad = None if recipe.grad_dtype == E4M3 else CurrentScaler(E4M3, recipe.margin)
-    return Fp8LinearPlan(recipe.own_scaler(E4M3), grad, dgrad, use_cusparselt, recipe.fp8_wgrad,
-                         **kwargs)
+    return Fp8LinearPlan(
+        recipe.own_scaler(E4M3), grad, dgrad, use_cusparselt, recipe.fp8_wgrad, **kwargs
+    )

@@ -34,8 +34,9 @@ def quantize_with(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3) -> torch.Ten
     return (t.float() * scale).clamp(-fmax, fmax).to(dtype)
 
 
-def scale_from_amax(amax: torch.Tensor, dtype=E4M3, margin: int = 0, pow2: bool = False,
-                    epsilon: float = 0.0) -> torch.Tensor:
+def scale_from_amax(
+    amax: torch.Tensor, dtype=E4M3, margin: int = 0, pow2: bool = False, epsilon: float = 0.0
+) -> torch.Tensor:
     """TE's per-tensor scale: fmax / amax / 2**margin (1 where amax is 0 or not finite)."""
     amax = torch.clamp_min(amax.float(), epsilon) if epsilon else amax.float()
     scale = FP8_MAX[dtype] / amax / 2.0**margin
@@ -67,8 +68,15 @@ class Fp8Recipe:
         fp8_wgrad = not bool(getattr(override, "wgrad", False))
         if kind == "DelayedScaling":
             algo = getattr(recipe, "amax_compute_algo", "max")
-            return cls(grad_dtype, int(getattr(recipe, "margin", 0)), int(recipe.amax_history_len),
-                       algo if isinstance(algo, str) else "max", False, fp8_wgrad, True)
+            return cls(
+                grad_dtype,
+                int(getattr(recipe, "margin", 0)),
+                int(recipe.amax_history_len),
+                algo if isinstance(algo, str) else "max",
+                False,
+                fp8_wgrad,
+                True,
+            )
         pow2 = bool(getattr(getattr(recipe, "fp8_quant_fwd_inp", None), "power_2_scale", False))
         return cls(grad_dtype, 0, 1, "max", pow2, fp8_wgrad, False)
 
@@ -98,8 +106,9 @@ class DelayedScaler:
 
     def __init__(self, dtype=E4M3, margin=0, history_len=16, algo="max"):
         if algo not in ("max", "most_recent"):
-            raise ValueError("megasparse: amax_compute_algo must be 'max' or 'most_recent', "
-                             f"got {algo!r}")
+            raise ValueError(
+                f"megasparse: amax_compute_algo must be 'max' or 'most_recent', got {algo!r}"
+            )
         self.dtype, self.margin, self.history_len, self.algo = dtype, margin, history_len, algo
         self.history = None
         self.seen = 0
@@ -129,8 +138,9 @@ class TeQuantizerScaler:
     def __call__(self, t: torch.Tensor):
         scale = self.quantizer.scale.reshape(()).float()
         amax_buffer = self.quantizer.amax
-        amax_buffer.copy_(torch.maximum(amax_buffer, t.detach().abs().amax().float().reshape(
-            amax_buffer.shape)))
+        amax_buffer.copy_(
+            torch.maximum(amax_buffer, t.detach().abs().amax().float().reshape(amax_buffer.shape))
+        )
         return quantize_with(t, scale, self.dtype), scale.reciprocal()
 
 
@@ -142,6 +152,11 @@ def te_scaler(quantizer, dtype):
     if kind == "Float8CurrentScalingQuantizer":
         group = getattr(quantizer, "amax_reduction_group", None)
         group = group if getattr(quantizer, "with_amax_reduction", False) else None
-        return CurrentScaler(dtype, 0, bool(getattr(quantizer, "force_pow_2_scales", False)), group,
-                             float(getattr(quantizer, "amax_epsilon", 0.0)))
+        return CurrentScaler(
+            dtype,
+            0,
+            bool(getattr(quantizer, "force_pow_2_scales", False)),
+            group,
+            float(getattr(quantizer, "amax_epsilon", 0.0)),
+        )
     return None

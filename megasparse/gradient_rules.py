@@ -43,8 +43,12 @@ import torch.distributed as dist
 MASKED_DECAY_GPT2_124M = 6e-5  # lambda_W of Hu et al.'s GPT-2 124M / 774M runs
 
 
-def masked_decay(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor,
-                 decay: float = MASKED_DECAY_GPT2_124M) -> torch.Tensor:
+def masked_decay(
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    grad: torch.Tensor,
+    decay: float = MASKED_DECAY_GPT2_124M,
+) -> torch.Tensor:
     """g = grad + decay * (1 - mask) * weight (Hu et al. ICML 2024), in grad's dtype; once per step.
 
     weight: the dense master weight; mask: its 2:4 mask (bool); grad: the accumulated (and, as
@@ -84,7 +88,7 @@ def sste_scale(weight: torch.Tensor, group: Optional[dist.ProcessGroup] = None) 
 
 def sste_weight(weight: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """The forward weight of S-STE, beta * S(W) (no autograd through it: see `sste`)."""
-    return (beta.to(weight.dtype) * soft_threshold24(weight.detach()))
+    return beta.to(weight.dtype) * soft_threshold24(weight.detach())
 
 
 def sste(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

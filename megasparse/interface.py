@@ -28,7 +28,9 @@ class SparseModule(Protocol):
 
 
 def is_sparse_module(module) -> bool:
-    return isinstance(getattr(module, "sparsity", None), SparsityConfig) and isinstance(module, SparseModule)
+    return isinstance(getattr(module, "sparsity", None), SparsityConfig) and isinstance(
+        module, SparseModule
+    )
 
 
 def describe(sparsity: SparsityConfig) -> str:
@@ -61,10 +63,17 @@ def layer_stats(layer) -> dict:
     state = layer.weight_state
     total = weight.abs().sum()
     # no division by a host-side test of total: where sum|W| = 0 the kept share is 1
-    kept = torch.where(total > 0, (weight.abs() * layer.sparsity_mask()).sum() / total.clamp_min(
-        torch.finfo(total.dtype).tiny), total.new_ones(()))
-    stats = {"kept_weight_l1": kept, "state_bytes": state.held_bytes(),
-             "weight_bytes": weight.numel() * weight.element_size()}
+    kept = torch.where(
+        total > 0,
+        (weight.abs() * layer.sparsity_mask()).sum()
+        / total.clamp_min(torch.finfo(total.dtype).tiny),
+        total.new_ones(()),
+    )
+    stats = {
+        "kept_weight_l1": kept,
+        "state_bytes": state.held_bytes(),
+        "weight_bytes": weight.numel() * weight.element_size(),
+    }
     if layer.sparsity.track_flip_rate:
         stats["flip_rate"], stats["flip_step"] = state.flip_rate, state.flip_step
     return stats

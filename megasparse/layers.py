@@ -30,9 +30,13 @@ from megasparse.weight_state import SparseWeightState, compute_mask
 
 ALL_ROLES = speed_gate.ROLES
 
-_FORWARD_IMPL_SIGNATURE = inspect.signature(mcore_layers.linear_with_grad_accumulation_and_async_allreduce)
+_FORWARD_IMPL_SIGNATURE = inspect.signature(
+    mcore_layers.linear_with_grad_accumulation_and_async_allreduce
+)
 _FORWARD_IMPL_DEFAULTS = {
-    name: p.default for name, p in _FORWARD_IMPL_SIGNATURE.parameters.items() if p.default is not inspect.Parameter.empty
+    name: p.default
+    for name, p in _FORWARD_IMPL_SIGNATURE.parameters.items()
+    if p.default is not inspect.Parameter.empty
 }
 
 
@@ -61,7 +65,9 @@ class _SparseLinearMixin:
 
     def _setup_sparsity(self, sparsity: Optional[SparsityConfig], apex_wgrad_fusion: bool) -> None:
         if sparsity is not None and not isinstance(sparsity, SparsityConfig):
-            raise TypeError(f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}")
+            raise TypeError(
+                f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}"
+            )
         self.sparsity = dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
         self._apex_wgrad_fusion = apex_wgrad_fusion
         if getattr(self, "gtp_remat_size", 1) > 1:
@@ -70,7 +76,9 @@ class _SparseLinearMixin:
                 f"(gtp_remat_size={self.gtp_remat_size}); disable it for sparse layers"
             )
         self.weight_state = SparseWeightState()
-        self.weight_state.tp_group = self.tp_group  # S-STE's beta is summed over the layer's TP group
+        self.weight_state.tp_group = (
+            self.tp_group
+        )  # S-STE's beta is summed over the layer's TP group
         self._dist_checkpointing = False
         self._backends = {}
         self._gate_decisions = {}
@@ -100,7 +108,9 @@ class _SparseLinearMixin:
                 f"rows per tensor-parallel rank (TP={tp}). Make output_size a multiple of 4*TP={4 * tp}, "
                 "or use mask='1d'."
             )
-        check_backend_static(self.sparsity.backend, shape, dtype, self.sparsity.mask == "transposable")
+        check_backend_static(
+            self.sparsity.backend, shape, dtype, self.sparsity.mask == "transposable"
+        )
 
     # --- the SparseModule interface (megasparse.interface) --------------------------------
 
@@ -145,15 +155,26 @@ class _SparseLinearMixin:
             result = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         finally:
             self._dist_checkpointing = False
-        if self.sparsity.mask_refresh_interval > 1 and self.weight is not None and self.sparsity.weights is not None:
+        if (
+            self.sparsity.mask_refresh_interval > 1
+            and self.weight is not None
+            and self.sparsity.weights is not None
+        ):
             from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
             extra = self.weight_state.sharded_entries(self.weight, self.sparsity)
             kwargs = {"tp_group": self.tp_group}
             if metadata is not None and "dp_cp_group" in metadata:
                 kwargs["dp_cp_group"] = metadata["dp_cp_group"]
-            result.update(make_sharded_tensors_for_checkpoint(
-                extra, prefix, {"megasparse_held_mask": self._split_dim}, sharded_offsets, **kwargs))
+            result.update(
+                make_sharded_tensors_for_checkpoint(
+                    extra,
+                    prefix,
+                    {"megasparse_held_mask": self._split_dim},
+                    sharded_offsets,
+                    **kwargs,
+                )
+            )
         return result
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -168,9 +189,17 @@ class _SparseLinearMixin:
     # --- the GEMM -------------------------------------------------------------------------
 
     def _backend_for(self, weight):
-        key = (self.sparsity.backend, weight.device, weight.dtype, tuple(weight.shape), self.sparsity.mask)
+        key = (
+            self.sparsity.backend,
+            weight.device,
+            weight.dtype,
+            tuple(weight.shape),
+            self.sparsity.mask,
+        )
         if key not in self._backends:
-            self._backends[key] = resolve_backend(self.sparsity.backend, weight, self.sparsity.mask == "transposable")
+            self._backends[key] = resolve_backend(
+                self.sparsity.backend, weight, self.sparsity.mask == "transposable"
+            )
         return self._backends[key]
 
     def _forward_impl(self, input, weight, *args, **kwargs):
@@ -186,7 +215,9 @@ class _SparseLinearMixin:
             )
         tp_group = call["tp_group"] if call["tp_group"] is not None else self.tp_group
         if call["sequence_parallel"]:
-            input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
+            input = gather_from_sequence_parallel_region(
+                input, tensor_parallel_output_grad=True, group=tp_group
+            )
         elif call["allreduce_dgrad"]:
             input = copy_to_tensor_model_parallel_region(input, group=tp_group)
         input = self._sparse_input(input)
@@ -212,7 +243,8 @@ class _SparseLinearMixin:
         key = (tuple(step.weight.shape), step.weight.dtype, tokens, step.transposable)
         if key not in self._gate_decisions:
             self._gate_decisions[key] = speed_gate.sparse_roles(
-                type(self).__name__, step, backend, tokens, self.tp_group)
+                type(self).__name__, step, backend, tokens, self.tp_group
+            )
         return self._gate_decisions[key]
 
     # fc2 sparsifies its input (the FFN activation); fc1 receives dH of a sparse activation
@@ -247,7 +279,11 @@ class SparseColumnParallelLinear(_SparseLinearMixin, mcore_layers.ColumnParallel
     def _sparse_input_now(self) -> bool:
         # our output gradient dH may arrive 2:4: run our op, whose backward can take dH as the sparse operand
         fc2 = self._feeds()
-        return fc2 is not None and fc2.sparsity.sparsifies_activations and fc2.sparsity.activation_pattern[1] == 4
+        return (
+            fc2 is not None
+            and fc2.sparsity.sparsifies_activations
+            and fc2.sparsity.activation_pattern[1] == 4
+        )
 
 
 class SparseRowParallelLinear(_SparseLinearMixin, mcore_layers.RowParallelLinear):
@@ -267,7 +303,9 @@ class SparseRowParallelLinear(_SparseLinearMixin, mcore_layers.RowParallelLinear
             super().__init__(*args, **kwargs)
         self._setup_sparsity(sparsity, apex_wgrad_fusion)
         self.activation_counter = ActivationStats()
-        self.input_sparsified_upstream = False  # set by SparseMLP: its activation sparsifies (and counts)
+        self.input_sparsified_upstream = (
+            False  # set by SparseMLP: its activation sparsifies (and counts)
+        )
         pattern = self.sparsity.activation_pattern
         if pattern is None:
             return

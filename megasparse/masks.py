@@ -10,7 +10,9 @@ _MASK_KERNELS = {
 }
 
 
-def weight_mask(weight: torch.Tensor, kind: str = "1d", nonfinite: str = "propagate") -> torch.Tensor:
+def weight_mask(
+    weight: torch.Tensor, kind: str = "1d", nonfinite: str = "propagate"
+) -> torch.Tensor:
     """The 2:4 mask of `weight` ([out, in]) as a bool tensor of the same shape."""
     if nonfinite == "error":
         bad = int((~torch.isfinite(weight.detach())).sum())

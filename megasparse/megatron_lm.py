@@ -125,22 +125,31 @@ def gpt_layer_spec_from_args(args):
 
     sparsity = config_from_args(args)
     if sparsity.weights is None and sparsity.activations is None:
-        raise ValueError("--spec megasparse.megatron_lm sparse_gpt_layer_spec needs --sparsity-weights 2:4 and/or "
-                         "--sparsity-activations")
+        raise ValueError(
+            "--spec megasparse.megatron_lm sparse_gpt_layer_spec needs --sparsity-weights 2:4 and/or "
+            "--sparsity-activations"
+        )
     freq = getattr(args, "moe_layer_freq", 1)
     if getattr(args, "num_experts", None) and freq not in (1, None):
         raise NotImplementedError(
             "megasparse: --moe-layer-freq mixes dense and MoE layers, which needs a block spec; build it with "
-            "get_gpt_decoder_block_spec and pass it through megasparse.sparsify_spec in your own builder")
-    common = dict(num_experts=getattr(args, "num_experts", None), moe_grouped_gemm=getattr(args, "moe_grouped_gemm", False),
-                  qk_layernorm=getattr(args, "qk_layernorm", False),
-                  multi_latent_attention=getattr(args, "multi_latent_attention", False))
+            "get_gpt_decoder_block_spec and pass it through megasparse.sparsify_spec in your own builder"
+        )
+    common = dict(
+        num_experts=getattr(args, "num_experts", None),
+        moe_grouped_gemm=getattr(args, "moe_grouped_gemm", False),
+        qk_layernorm=getattr(args, "qk_layernorm", False),
+        multi_latent_attention=getattr(args, "multi_latent_attention", False),
+    )
     if getattr(args, "transformer_impl", "local") == "transformer_engine":
         require_transformer_engine("--transformer-impl transformer_engine (Megatron-LM's default)")
         base = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)
     else:
         base = gpt_layer_specs.get_gpt_layer_local_spec(
-            **common, normalization=getattr(args, "normalization", None), qk_l2_norm=getattr(args, "qk_l2_norm", False))
+            **common,
+            normalization=getattr(args, "normalization", None),
+            qk_l2_norm=getattr(args, "qk_l2_norm", False),
+        )
     return sparsify_spec(base, sparsity, args.sparsity_targets)
 
 

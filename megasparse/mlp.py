@@ -22,7 +22,9 @@ from megasparse.layers import SparseColumnParallelLinear, SparseRowParallelLinea
 def install_activation_sparsity(mlp: MLP) -> None:
     """Give an MLP (or an MoE expert) SparseMLP's activation: fused with the sparsifier, counted once."""
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
-    if isinstance(fc2, SparseRowParallelLinear) and not isinstance(mlp.activation_func, FFNActivationSparsifier):
+    if isinstance(fc2, SparseRowParallelLinear) and not isinstance(
+        mlp.activation_func, FFNActivationSparsifier
+    ):
         mlp.activation_func = FFNActivationSparsifier(mlp.activation_func, fc2)
         fc2.input_sparsified_upstream = True
         if isinstance(fc1, SparseColumnParallelLinear):

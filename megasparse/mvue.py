@@ -57,12 +57,14 @@ def mvue24_variance(groups: torch.Tensor) -> torch.Tensor:
     """Per-element variance a_i^2 (1/p_i - 1) of the estimator (0 where a_i = 0), shape [..., 4]."""
     p = mvue24_probabilities(groups)
     a = groups.to(p.dtype)
-    return torch.where(a != 0, a * a * (1 / p.clamp_min(torch.finfo(p.dtype).tiny) - 1),
-                       torch.zeros_like(a))
+    return torch.where(
+        a != 0, a * a * (1 / p.clamp_min(torch.finfo(p.dtype).tiny) - 1), torch.zeros_like(a)
+    )
 
 
-def mvue24(x: torch.Tensor, dim: int = 0,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def mvue24(
+    x: torch.Tensor, dim: int = 0, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Prune `x` 2:4 along `dim` (groups of 4 consecutive elements) with the MVUE.
 
     For the weight-gradient GEMM dW = dY^T X (dY [tokens, out]) call `mvue24(dY, dim=0)`:
@@ -91,8 +93,9 @@ def mvue24(x: torch.Tensor, dim: int = 0,
     return values.to(x.dtype).reshape(moved.shape).movedim(-1, dim)
 
 
-def mvue_weight_grad(dy2d: torch.Tensor, x2d: torch.Tensor,
-                     generator: Optional[torch.Generator] = None, backend=None) -> torch.Tensor:
+def mvue_weight_grad(
+    dy2d: torch.Tensor, x2d: torch.Tensor, generator: Optional[torch.Generator] = None, backend=None
+) -> torch.Tensor:
     """dW = MVUE(dY)^T X for dY [tokens, out], X [tokens, in]: the weight-gradient GEMM with dY
     pruned 2:4 along tokens (the GEMM's reduction dim) by `mvue24`, so E[dW] = dY^T X.
 

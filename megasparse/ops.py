@@ -30,7 +30,10 @@ class LinearPlan:
     srste_decay: float = 0.0
     transposable: bool = False
     gradient_accumulation_fusion: bool = False
-    sparse_weight_roles: tuple = ("forward", "input_grad")  # where the speed gate lets W*M be sparse
+    sparse_weight_roles: tuple = (
+        "forward",
+        "input_grad",
+    )  # where the speed gate lets W*M be sparse
 
 
 def _weight_grad_fp32(dy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
@@ -47,7 +50,11 @@ def _weight_grad_fp32(dy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
 
 def _accumulate_weight_grad(main_grad, dy2d, x2d) -> None:
     """main_grad += dY^T X in fp32, without a full-size fp32 temporary where torch can (CUDA, torch >= 2.8)."""
-    if dy2d.is_cuda and dy2d.dtype in (torch.float16, torch.bfloat16) and main_grad.dtype == torch.float32:
+    if (
+        dy2d.is_cuda
+        and dy2d.dtype in (torch.float16, torch.bfloat16)
+        and main_grad.dtype == torch.float32
+    ):
         try:
             torch.addmm(main_grad, dy2d.t(), x2d, out_dtype=torch.float32, out=main_grad)
             return
@@ -92,8 +99,12 @@ def gradient_term(mode, grad, weight, step: WeightStep, srste_decay: float):
 def _uses_mvue(step: WeightStep) -> bool:
     """wgrad_sparsity="mvue" while the step prunes the weight (megasparse.mvue.mvue_weight_grad)."""
     sparsity = getattr(step, "sparsity", None)
-    return (step is not None and step.pruned and sparsity is not None
-            and sparsity.wgrad_sparsity == "mvue")
+    return (
+        step is not None
+        and step.pruned
+        and sparsity is not None
+        and sparsity.wgrad_sparsity == "mvue"
+    )
 
 
 def _dummy_weight_grad(weight, dtype):
@@ -105,7 +116,9 @@ def _dummy_weight_grad(weight, dtype):
 
 def _forward_gemm(x, x2d, step: WeightStep, bias, plan):
     backend = plan.backend
-    if x2d.shape[0] == 0:  # an expert that received no tokens: no GEMM (sparse kernels refuse empty operands)
+    if (
+        x2d.shape[0] == 0
+    ):  # an expert that received no tokens: no GEMM (sparse kernels refuse empty operands)
         y = x2d.new_zeros(0, step.weight.shape[0])
         return y if bias is None else y + bias
     if step.pruned and "forward" in plan.sparse_weight_roles:
@@ -124,7 +137,9 @@ def _input_grad_gemm(dy, dy2d, step: WeightStep, plan):
         return backend.input_grad(dy2d, step.compressed_t(), WEIGHT)
     if is_2_4(dy) and backend.fits(dy2d):  # dH of a 2:4 activation (fc1 of a SparseMLP)
         return backend.input_grad(dy2d, step.dense(), GRAD_OUTPUT)
-    return backend.input_grad(dy2d, step.dense(), None)  # (W*M)^T is not 2:4 along its reduction dim
+    return backend.input_grad(
+        dy2d, step.dense(), None
+    )  # (W*M)^T is not 2:4 along its reduction dim
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -136,7 +151,9 @@ class _SparseLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.step, ctx.plan = step, plan
         ctx.has_bias = bias is not None
-        ctx.main_grad = getattr(weight, "main_grad", None) if plan.gradient_accumulation_fusion else None
+        ctx.main_grad = (
+            getattr(weight, "main_grad", None) if plan.gradient_accumulation_fusion else None
+        )
         return y2d.reshape(*x.shape[:-1], y2d.shape[-1])
 
     @staticmethod
@@ -158,16 +175,24 @@ class _SparseLinear(torch.autograd.Function):
                 if not mvue and (plan.gradient in STRAIGHT_THROUGH or not step.pruned):
                     _accumulate_weight_grad(ctx.main_grad, dy2d, x2d)
                 else:
-                    wgrad = (mvue_weight_grad(dy2d, x2d, step.wgrad_generator(), plan.backend)
-                             if mvue else _weight_grad_fp32(dy2d, x2d))
+                    wgrad = (
+                        mvue_weight_grad(dy2d, x2d, step.wgrad_generator(), plan.backend)
+                        if mvue
+                        else _weight_grad_fp32(dy2d, x2d)
+                    )
                     grad = gradient_term(plan.gradient, wgrad, weight, step, plan.srste_decay)
                     ctx.main_grad.add_(grad.to(ctx.main_grad.dtype))
                 if hasattr(weight, "grad_added_to_main_grad"):
                     grad_w = _dummy_weight_grad(weight, x.dtype)
                     weight.grad_added_to_main_grad = True
             else:
-                wgrad = dy2d.t() @ x2d if not mvue else mvue_weight_grad(
-                    dy2d, x2d, step.wgrad_generator(), plan.backend).to(dy2d.dtype)
+                wgrad = (
+                    dy2d.t() @ x2d
+                    if not mvue
+                    else mvue_weight_grad(dy2d, x2d, step.wgrad_generator(), plan.backend).to(
+                        dy2d.dtype
+                    )
+                )
                 grad_w = gradient_term(plan.gradient, wgrad, weight, step, plan.srste_decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy2d.sum(dim=0)
@@ -180,7 +205,11 @@ def sparse_linear_step(x, weight, bias, step: WeightStep, plan: LinearPlan) -> t
 
 
 def sparse_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor, plan: LinearPlan
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    plan: LinearPlan,
 ) -> torch.Tensor:
     """y = x (M*W)^T + b with the backward of `plan`, for one call. x [..., in], weight [out, in], mask bool.
 
@@ -200,7 +229,9 @@ class _MaskedWeights(torch.autograd.Function):
     def forward(ctx, masked, steps, gradient, srste_decay, *weights):
         ctx.steps, ctx.gradient, ctx.srste_decay = steps, gradient, srste_decay
         ctx.save_for_backward(*weights)
-        view = masked.view_as(masked)  # a new view each call: the cached tensor itself stays out of graphs
+        view = masked.view_as(
+            masked
+        )  # a new view each call: the cached tensor itself stays out of graphs
         ctx.fused = None
         if len(weights) == 1 and getattr(weights[0], "main_grad", None) is not None:
             # Wgrad fusion (Transformer Engine): TE accumulates dY^T X into the main_grad of the tensor
@@ -219,10 +250,18 @@ class _MaskedWeights(torch.autograd.Function):
             (weight,), (step,) = weights, ctx.steps
             weight.grad_added_to_main_grad = True
             main_grad_term(ctx.gradient, weight, step, ctx.srste_decay)
-            return (None, None, None, None, grad)  # TE's dummy gradient: Megatron's DDP hook skips it
+            return (
+                None,
+                None,
+                None,
+                None,
+                grad,
+            )  # TE's dummy gradient: Megatron's DDP hook skips it
         parts = [grad] if len(weights) == 1 and grad.dim() == weights[0].dim() else grad.unbind(0)
-        grads = [gradient_term(ctx.gradient, g, w, step, ctx.srste_decay)
-                 for g, w, step in zip(parts, weights, ctx.steps)]
+        grads = [
+            gradient_term(ctx.gradient, g, w, step, ctx.srste_decay)
+            for g, w, step in zip(parts, weights, ctx.steps)
+        ]
         return (None, None, None, None, *grads)
 
 
@@ -268,4 +307,6 @@ def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor
 
     One grouped GEMM (torch._grouped_mm) with PyTorch's own autograd for the input and weight gradients.
     """
-    return _ContiguousGrad.apply(torch._grouped_mm(x.contiguous(), weights.transpose(1, 2), offs=offsets))
+    return _ContiguousGrad.apply(
+        torch._grouped_mm(x.contiguous(), weights.transpose(1, 2), offs=offsets)
+    )

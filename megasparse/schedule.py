@@ -31,10 +31,17 @@ class SparsitySchedule:
 
     def __post_init__(self):
         if self.dense_warmup_iters < 0 or self.dense_final_iters < 0:
-            raise ValueError("SparsitySchedule: dense_warmup_iters and dense_final_iters must be >= 0")
+            raise ValueError(
+                "SparsitySchedule: dense_warmup_iters and dense_final_iters must be >= 0"
+            )
         if self.dense_final_iters and self.train_iters is None:
-            raise ValueError("SparsitySchedule: a dense final phase needs train_iters (where training ends)")
-        if self.train_iters is not None and self.dense_warmup_iters + self.dense_final_iters > self.train_iters:
+            raise ValueError(
+                "SparsitySchedule: a dense final phase needs train_iters (where training ends)"
+            )
+        if (
+            self.train_iters is not None
+            and self.dense_warmup_iters + self.dense_final_iters > self.train_iters
+        ):
             raise ValueError(
                 f"SparsitySchedule: dense warm-up ({self.dense_warmup_iters}) + dense final "
                 f"({self.dense_final_iters}) iterations exceed train_iters ({self.train_iters}): no sparse phase left"

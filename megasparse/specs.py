@@ -26,15 +26,23 @@ def sparsify_spec(spec, sparsity: SparsityConfig, targets=DEFAULT_TARGETS):
     The input spec is not modified.
     """
     if not isinstance(sparsity, SparsityConfig):
-        raise TypeError(f"sparsify_spec needs a megasparse.SparsityConfig, got {type(sparsity).__name__}")
+        raise TypeError(
+            f"sparsify_spec needs a megasparse.SparsityConfig, got {type(sparsity).__name__}"
+        )
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
-        raise ValueError(f"sparsify_spec: unknown targets {unknown or '(none given)'}; choose from {list(TARGETS)}")
+        raise ValueError(
+            f"sparsify_spec: unknown targets {unknown or '(none given)'}; choose from {list(TARGETS)}"
+        )
     rewriter = _Rewriter(sparsity, set(targets))
     result = rewriter.any(spec)
-    if not rewriter.found:  # targets absent from this kind of layer are fine (experts on a dense model)
-        raise ValueError(f"sparsify_spec: targets {sorted(targets)} do not occur in this spec; nothing would be sparse")
+    if (
+        not rewriter.found
+    ):  # targets absent from this kind of layer are fine (experts on a dense model)
+        raise ValueError(
+            f"sparsify_spec: targets {sorted(targets)} do not occur in this spec; nothing would be sparse"
+        )
     return result
 
 
@@ -47,7 +55,8 @@ def require_transformer_engine(what: str) -> None:
         raise ImportError(
             f"megasparse: {what} needs Transformer Engine, which is not installed: install it "
             "(pip install megasparse[te], on a CUDA machine) or use Megatron's local spec "
-            "(Megatron-LM: --transformer-impl local; megatron-core: get_gpt_layer_local_spec)")
+            "(Megatron-LM: --transformer-impl local; megatron-core: get_gpt_layer_local_spec)"
+        )
 
 
 def _owner_class(func):
@@ -60,7 +69,9 @@ def _owner_class(func):
 class _Rewriter:
     def __init__(self, sparsity, targets):
         self.sparsity = sparsity
-        self.weights_only = dataclasses.replace(sparsity, activations=None, activation_function=None)
+        self.weights_only = dataclasses.replace(
+            sparsity, activations=None, activation_function=None
+        )
         self.targets = targets
         self.found = set()
 
@@ -130,8 +141,12 @@ class _Rewriter:
                 if "qkv" in self.targets and hasattr(sub, "linear_qkv"):
                     linears["linear_qkv"] = self._linear(sub.linear_qkv, "qkv", self.weights_only)
                 if "proj" in self.targets and hasattr(sub, "linear_proj"):
-                    linears["linear_proj"] = self._linear(sub.linear_proj, "proj", self.weights_only)
-                changes["self_attention"] = self._join(attention, submodules=dataclasses.replace(sub, **linears))
+                    linears["linear_proj"] = self._linear(
+                        sub.linear_proj, "proj", self.weights_only
+                    )
+                changes["self_attention"] = self._join(
+                    attention, submodules=dataclasses.replace(sub, **linears)
+                )
         mlp = getattr(layer, "mlp", None)
         if mlp is not None:
             changes["mlp"] = self._mlp_or_moe(mlp)
@@ -168,9 +183,13 @@ class _Rewriter:
         if "shared_experts" in self.targets and getattr(sub, "shared_experts", None) is not None:
             shared = sub.shared_experts
             _, shared_sub = self._split(shared)
-            linears = dict(linear_fc1=self._linear(shared_sub.linear_fc1, "shared_experts", self.weights_only),
-                           linear_fc2=self._linear(shared_sub.linear_fc2, "shared_experts", self.sparsity))
-            changes["shared_experts"] = self._join(shared, submodules=dataclasses.replace(shared_sub, **linears))
+            linears = dict(
+                linear_fc1=self._linear(shared_sub.linear_fc1, "shared_experts", self.weights_only),
+                linear_fc2=self._linear(shared_sub.linear_fc2, "shared_experts", self.sparsity),
+            )
+            changes["shared_experts"] = self._join(
+                shared, submodules=dataclasses.replace(shared_sub, **linears)
+            )
         return self._join(node, submodules=dataclasses.replace(sub, **changes))
 
     def _experts(self, node):
@@ -195,7 +214,10 @@ class _Rewriter:
         from megasparse.layers import SparseColumnParallelLinear, SparseRowParallelLinear
 
         module, _ = self._split(entry)
-        mapping = {ColumnParallelLinear: SparseColumnParallelLinear, RowParallelLinear: SparseRowParallelLinear}
+        mapping = {
+            ColumnParallelLinear: SparseColumnParallelLinear,
+            RowParallelLinear: SparseRowParallelLinear,
+        }
         if module in mapping:
             self.found.add(target)
             return linear_entry(mapping[module], sparsity)
@@ -203,7 +225,11 @@ class _Rewriter:
             self.found.add(target)
             return entry
         name = getattr(module, "__name__", repr(entry))
-        if name in ("TEColumnParallelLinear", "TERowParallelLinear", "TELayerNormColumnParallelLinear"):
+        if name in (
+            "TEColumnParallelLinear",
+            "TERowParallelLinear",
+            "TELayerNormColumnParallelLinear",
+        ):
             from megasparse.te import sparse_te_class
 
             # Megatron's own TE class (tests use stand-ins named like it)
@@ -212,7 +238,8 @@ class _Rewriter:
             if sparsity.activations is not None and target in ("fc2", "shared_experts"):
                 raise NotImplementedError(
                     f"sparsify_spec: {target} is Transformer Engine's {name}, which cannot sparsify activations; "
-                    "use the local spec (--transformer-impl local) for activation sparsity")
+                    "use the local spec (--transformer-impl local) for activation sparsity"
+                )
             self.found.add(target)
             return linear_entry(sparse_te_class(module), sparsity)
         if name.startswith("TE"):
@@ -220,4 +247,6 @@ class _Rewriter:
                 f"sparsify_spec: {target} is Transformer Engine's {name}, which has no sparse variant; build the "
                 f"model with the local spec (Megatron-LM: --transformer-impl local), or leave {target!r} out."
             )
-        raise TypeError(f"sparsify_spec: cannot make {target} ({name}) sparse: not a Column/RowParallelLinear")
+        raise TypeError(
+            f"sparsify_spec: cannot make {target} ({name}) sparse: not a Column/RowParallelLinear"
+        )

@@ -164,7 +164,15 @@ def sparse_roles(layer: str, step, backend, tokens: int, group=None) -> tuple:
     device_name = torch.cuda.get_device_name(weight.device)
     roles = ["forward"] + (["input_grad"] if step.transposable else [])
     return tuple(
-        role for role in roles
-        if _GATE.use_sparse(layer, role, (tokens, *weight.shape), weight.dtype,
-                            *gemm_pair(role, tokens, weight, backend), device_name, group)
+        role
+        for role in roles
+        if _GATE.use_sparse(
+            layer,
+            role,
+            (tokens, *weight.shape),
+            weight.dtype,
+            *gemm_pair(role, tokens, weight, backend),
+            device_name,
+            group,
+        )
     )

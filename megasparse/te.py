@@ -42,25 +42,34 @@ _TE_BASES = {
 class _SparseTEMixin:
     def _setup_sparse_te(self, sparsity):
         if sparsity is not None and not isinstance(sparsity, SparsityConfig):
-            raise TypeError(f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}")
+            raise TypeError(
+                f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}"
+            )
         self.sparsity = dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
         if self.sparsity.activations is not None:
-            raise ValueError("megasparse: activation sparsity is not available in TE linears; use activations=None")
+            raise ValueError(
+                "megasparse: activation sparsity is not available in TE linears; use activations=None"
+            )
         if self.sparsity.mask_refresh_interval != 1:
             raise ValueError(
                 "megasparse: sparse TE linears cannot hold masks across steps: held masks must go into the "
                 "checkpoint, and TE's _extra_state entry carries TE's FP8 metadata. Use mask_refresh_interval=1 "
-                "(masks are still computed once per optimizer step), or the local spec for held masks.")
+                "(masks are still computed once per optimizer step), or the local spec for held masks."
+            )
         if not hasattr(super(), "_get_weight_tensors"):
             raise NotImplementedError(
                 "megasparse: this Transformer Engine has no _get_weight_tensors (TE < 2.5), so a sparse TE "
                 "linear would silently train dense. Upgrade Transformer Engine to 2.5 or newer, or use the "
-                "local spec (--transformer-impl local).")
-        if getattr(self, "wgrad_store", None) is not None and getattr(self.wgrad_store, "delay_wgrad_compute",
-                                                                        lambda: False)():
+                "local spec (--transformer-impl local)."
+            )
+        if (
+            getattr(self, "wgrad_store", None) is not None
+            and getattr(self.wgrad_store, "delay_wgrad_compute", lambda: False)()
+        ):
             raise NotImplementedError(
                 "megasparse: sparse TE linears do not support delay_wgrad_compute (TE's delayed wgrad writes "
-                "the gradient onto W*M, not onto the dense master weight); disable it for sparse layers.")
+                "the gradient onto W*M, not onto the dense master weight); disable it for sparse layers."
+            )
         self.weight_states = [SparseWeightState() for _ in self._sparse_weight_names()]
         for name in self._sparse_weight_names():
             weight = getattr(self, name)
@@ -69,7 +78,8 @@ class _SparseTEMixin:
                 if cols % 4 or (self.sparsity.mask == "transposable" and rows % 4):
                     raise ValueError(
                         f"megasparse: a sparse TE linear needs its weight shard {tuple(weight.shape)} cut into "
-                        "2:4 groups: input size per rank a multiple of 4 (and output size for transposable)")
+                        "2:4 groups: input size per rank a multiple of 4 (and output size for transposable)"
+                    )
 
     def _sparse_weight_names(self):
         if hasattr(self, "num_gemms"):  # TE GroupedLinear: weight0 .. weight{n-1}
@@ -78,8 +88,10 @@ class _SparseTEMixin:
 
     def weight_steps(self):
         """This optimizer step's WeightStep of each weight (the TE GEMMs run on W*M: the dense backend)."""
-        return [state.step(getattr(self, name), self.sparsity, BACKENDS["dense"])
-                for state, name in zip(self.weight_states, self._sparse_weight_names())]
+        return [
+            state.step(getattr(self, name), self.sparsity, BACKENDS["dense"])
+            for state, name in zip(self.weight_states, self._sparse_weight_names())
+        ]
 
     def _get_weight_tensors(self):
         weights = super()._get_weight_tensors()
@@ -87,8 +99,10 @@ class _SparseTEMixin:
             return weights
         for w in weights:
             if type(w).__name__ != "Parameter" and hasattr(w, "dequantize"):
-                raise NotImplementedError("megasparse: FP8 primary weights (fp8_model_init) cannot be pruned; "
-                                          "keep high-precision master weights for sparse TE linears")
+                raise NotImplementedError(
+                    "megasparse: FP8 primary weights (fp8_model_init) cannot be pruned; "
+                    "keep high-precision master weights for sparse TE linears"
+                )
         s = self.sparsity
         return [masked_weight(step, s.gradient, s.srste_decay) for step in self.weight_steps()]
 
@@ -160,8 +174,14 @@ def __getattr__(name):
     if name in _TE_BASES:
         from megatron.core.extensions import transformer_engine as mcore_te
 
-        base = getattr(mcore_te, _TE_BASES[name], None) if getattr(mcore_te, "HAVE_TE", False) else None
+        base = (
+            getattr(mcore_te, _TE_BASES[name], None)
+            if getattr(mcore_te, "HAVE_TE", False)
+            else None
+        )
         if not isinstance(base, type):
-            raise ImportError(f"megasparse.{name} needs Transformer Engine (pip install megasparse[te])")
+            raise ImportError(
+                f"megasparse.{name} needs Transformer Engine (pip install megasparse[te])"
+            )
         return sparse_te_class(base)
     raise AttributeError(f"module 'megasparse.te' has no attribute {name!r}")

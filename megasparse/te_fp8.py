@@ -54,8 +54,10 @@ def fp8_route(module):
     device = module.weight.device
     reason = None
     if recipe is None:
-        reason = (f"TE recipe {type(te_recipe).__name__} is block-scaled; cuSPARSELt takes "
-                  "per-tensor scales")
+        reason = (
+            f"TE recipe {type(te_recipe).__name__} is block-scaled; cuSPARSELt takes "
+            "per-tensor scales"
+        )
     elif device.type == "cuda":
         reason = fp8_gemm.fp8_cusparselt_reason(device)
     else:
@@ -68,9 +70,12 @@ def fp8_route(module):
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
-            warnings.warn(f"megasparse: FP8 2:4 is off for this layer ({reason}); TE's dense FP8 "
-                          "GEMM "
-                          "runs on W*M instead", stacklevel=3)
+            warnings.warn(
+                f"megasparse: FP8 2:4 is off for this layer ({reason}); TE's dense FP8 "
+                "GEMM "
+                "runs on W*M instead",
+                stacklevel=3,
+            )
         return None
     return recipe, True
 
@@ -124,18 +129,32 @@ def te_fp8_forward(module, inp, te_forward, *args, **kwargs):
     s = module.sparsity
     with _te_forward_context(module, inp) as x:
         x_scaler, grad_scaler, dgrad_scaler = _scalers(module, recipe)
-        plan = Fp8LinearPlan(x_scaler, grad_scaler, dgrad_scaler, use_cusparselt, recipe.fp8_wgrad,
-                             s.gradient, s.srste_decay,
-                             bool(getattr(module, "fuse_wgrad_accumulation", False)), x.dtype)
+        plan = Fp8LinearPlan(
+            x_scaler,
+            grad_scaler,
+            dgrad_scaler,
+            use_cusparselt,
+            recipe.fp8_wgrad,
+            s.gradient,
+            s.srste_decay,
+            bool(getattr(module, "fuse_wgrad_accumulation", False)),
+            x.dtype,
+        )
         if mode == "column":
-            x = _comm().gather_from_sequence_parallel_region(x) if sp else \
-                _comm().copy_to_tensor_model_parallel_region(x)
+            x = (
+                _comm().gather_from_sequence_parallel_region(x)
+                if sp
+                else _comm().copy_to_tensor_model_parallel_region(x)
+            )
         (step,) = module.weight_steps()
         in_gemm_bias = bias if (bias is not None and not return_bias and mode != "row") else None
         out = fp8_sparse_linear_step(x, module.weight, in_gemm_bias, step, plan)
         if mode == "row":
-            out = _comm().reduce_scatter_to_sequence_parallel_region(out) if sp else \
-                _comm().reduce_from_tensor_model_parallel_region(out)
+            out = (
+                _comm().reduce_scatter_to_sequence_parallel_region(out)
+                if sp
+                else _comm().reduce_from_tensor_model_parallel_region(out)
+            )
             if bias is not None and not return_bias:
                 out = out + bias
     if return_bias:

@@ -81,8 +81,17 @@ class WeightStep:
     mask_bits None means the weight is used dense (a dense phase, or activation sparsity only).
     """
 
-    def __init__(self, weight, mask_bits, backend, transposable: bool, hold_backward: bool,
-                 sparsity=None, sste_beta=None, wgrad_seed: Optional[int] = None):
+    def __init__(
+        self,
+        weight,
+        mask_bits,
+        backend,
+        transposable: bool,
+        hold_backward: bool,
+        sparsity=None,
+        sste_beta=None,
+        wgrad_seed: Optional[int] = None,
+    ):
         # quality: the config the step was built under (its gradient parameters are read at use),
         # S-STE's beta (the forward weight is beta * S(W) when set), the MVUE seed of this step
         self.sparsity = sparsity
@@ -164,8 +173,12 @@ class WeightStep:
 
     def held_bytes(self) -> dict:
         """Bytes this step holds, by part (compressed operands counted by their tensors)."""
-        parts = {"mask": self.mask_bits, "dense": self._dense,
-                 "compressed": self._compressed, "compressed_t": self._compressed_t}
+        parts = {
+            "mask": self.mask_bits,
+            "dense": self._dense,
+            "compressed": self._compressed,
+            "compressed_t": self._compressed_t,
+        }
         if parts["compressed"] is parts["dense"]:
             parts["compressed"] = None  # the dense backend's operand is W*M itself
         held = {name: _nbytes(value) for name, value in parts.items() if value is not None}
@@ -234,20 +247,36 @@ class SparseWeightState:
             self._step = None
         self._generation = generation
         transposable = sparsity.mask == "transposable" if transposable is None else transposable
-        hold = transposable if sparsity.hold_backward_weight is None else sparsity.hold_backward_weight
-        mask_key = (_mask_rule(sparsity), sparsity.prunes_weights, sparsity.mask_refresh_interval,
-                    weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, weight._version)
+        hold = (
+            transposable if sparsity.hold_backward_weight is None else sparsity.hold_backward_weight
+        )
+        mask_key = (
+            _mask_rule(sparsity),
+            sparsity.prunes_weights,
+            sparsity.mask_refresh_interval,
+            weight.data_ptr(),
+            tuple(weight.shape),
+            weight.dtype,
+            weight.device,
+            weight._version,
+        )
         step = self._step
         if step is None or mask_key != self._mask_key:
             if self._rule is not None and _mask_rule(sparsity) != self._rule:
-                self.held_mask_bits = None  # re-enabled, or a new mask rule: prune the current weight
+                self.held_mask_bits = (
+                    None  # re-enabled, or a new mask rule: prune the current weight
+                )
             self._rule, self._mask_key = _mask_rule(sparsity), mask_key
             bits = self._mask_bits(weight, sparsity) if sparsity.prunes_weights else None
             self._step = self._new_step(weight, bits, backend, transposable, hold, sparsity)
-        elif ((step.backend, step.transposable, step.hold_backward) != (backend, transposable, hold)
-              or (step.sste_beta is not None) != self._uses_sste(sparsity)):
-            self._step = self._new_step(weight, step.mask_bits, backend, transposable, hold,
-                                        sparsity)  # same mask
+        elif (step.backend, step.transposable, step.hold_backward) != (
+            backend,
+            transposable,
+            hold,
+        ) or (step.sste_beta is not None) != self._uses_sste(sparsity):
+            self._step = self._new_step(
+                weight, step.mask_bits, backend, transposable, hold, sparsity
+            )  # same mask
             self._step.decay_pending = step.decay_pending
         return self._step
 
@@ -268,15 +297,27 @@ class SparseWeightState:
         seed = None
         if sparsity.wgrad_sparsity is not None:
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            seed = hash((sparsity.wgrad_seed, rank, self.index, self.steps)) & (2 ** 63 - 1)
-        return WeightStep(weight, bits, backend, transposable, hold, sparsity=sparsity,
-                          sste_beta=beta, wgrad_seed=seed)
+            seed = hash((sparsity.wgrad_seed, rank, self.index, self.steps)) & (2**63 - 1)
+        return WeightStep(
+            weight,
+            bits,
+            backend,
+            transposable,
+            hold,
+            sparsity=sparsity,
+            sste_beta=beta,
+            wgrad_seed=seed,
+        )
 
     def _record_flips(self, bits, shape) -> None:
         """Share of mask entries that differ from the previous mask's (on the device, no sync)."""
         prev = self.flip_prev_bits
-        if prev is not None and prev.shape == bits.shape and prev.device == bits.device \
-                and self._flip_shape == tuple(shape):
+        if (
+            prev is not None
+            and prev.shape == bits.shape
+            and prev.device == bits.device
+            and self._flip_shape == tuple(shape)
+        ):
             table = _POPCOUNT.get(bits.device)
             if table is None:
                 values = torch.arange(256, device=bits.device)
@@ -308,7 +349,11 @@ class SparseWeightState:
         if sparsity.track_flip_rate:  # quality: flip rate
             self._record_flips(bits, weight.shape)
         if interval > 1:
-            self.held_mask_bits, self.held_shape, self.refreshed_at = bits, tuple(weight.shape), self.steps
+            self.held_mask_bits, self.held_shape, self.refreshed_at = (
+                bits,
+                tuple(weight.shape),
+                self.steps,
+            )
         return bits
 
     def current_mask(self, weight, sparsity) -> torch.Tensor:
@@ -341,8 +386,9 @@ class SparseWeightState:
     def restore_extra_state(self, state, weight) -> None:
         """Restore what `extra_state` saved (held mask, S-STE's beta); None or {}: nothing saved."""
         state = state if isinstance(state, dict) else {}
-        self.restore_held_mask(state.get("megasparse_held_mask"), state.get("refreshed_at", 0),
-                               weight)
+        self.restore_held_mask(
+            state.get("megasparse_held_mask"), state.get("refreshed_at", 0), weight
+        )
         beta = state.get("megasparse_sste_beta")
         self.sste_beta = None if beta is None else torch.as_tensor(beta).clone()
 
@@ -363,13 +409,19 @@ class SparseWeightState:
         held = self.held_mask()
         if held is None:
             held = compute_mask(weight, sparsity)
-        return {"megasparse_held_mask": held.to(torch.uint8),
-                "megasparse_refreshed_at": torch.tensor([self.refreshed_at])}
+        return {
+            "megasparse_held_mask": held.to(torch.uint8),
+            "megasparse_refreshed_at": torch.tensor([self.refreshed_at]),
+        }
 
     def held_bytes(self) -> dict:
         step = {} if self._step is None else self._step.held_bytes()
-        if self.held_mask_bits is not None and self._step is not None and step.get("mask") is not None \
-                and self._step.mask_bits is self.held_mask_bits:
+        if (
+            self.held_mask_bits is not None
+            and self._step is not None
+            and step.get("mask") is not None
+            and self._step.mask_bits is self.held_mask_bits
+        ):
             return step
         if self.held_mask_bits is not None:
             step["held_mask"] = _nbytes(self.held_mask_bits)
@@ -389,8 +441,9 @@ def _tp_group_of(weight, group):
         return None
     if not parallel_state.model_parallel_is_initialized():
         return None
-    if getattr(weight, "allreduce", True) is False and \
-            hasattr(parallel_state, "get_expert_tensor_parallel_group"):
+    if getattr(weight, "allreduce", True) is False and hasattr(
+        parallel_state, "get_expert_tensor_parallel_group"
+    ):
         group = parallel_state.get_expert_tensor_parallel_group(check_initialized=False)
     else:
         group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)

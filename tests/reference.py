@@ -3,7 +3,9 @@
 import torch
 
 
-def masked_linear_reference(x, weight, bias, mask, gradient="ste", srste_decay=0.0, grad_output=None):
+def masked_linear_reference(
+    x, weight, bias, mask, gradient="ste", srste_decay=0.0, grad_output=None
+):
     """Output and gradients of y = x (M*W)^T + b in float64, with the expected dense-weight gradient.
 
     The weight gradient of the masked product is dY^T X w.r.t. W*M; the gradient modes then say
@@ -49,11 +51,14 @@ def brute_force_transposable(tile_abs) -> float:
     return max(sum(values[k] for k in range(16) if (bits >> k) & 1) for bits in _VALID)
 
 
-def sparse_mlp_reference(x, w1, b1, w2, b2, m1, m2, pattern, activation, grad_output=None, probs=None):
+def sparse_mlp_reference(
+    x, w1, b1, w2, b2, m1, m2, pattern, activation, grad_output=None, probs=None
+):
     """Float64 MLP y = (act(x (M1*W1)^T + b1) * Ma) (M2*W2)^T + b2, Ma the activation mask.
 
     Ma comes from the (independently tested) torch reference sparsifier; everything else, and
-    every gradient, is plain autograd. `probs` (MoE) scales each token's activation and fc2 bias. Returns outputs, gradients of x, W1, b1, W2, b2 (ste) and
+    every gradient, is plain autograd. `probs` (MoE) scales each token's activation and fc2 bias.
+    Returns outputs, gradients of x, W1, b1, W2, b2 (ste) and
     the activation before sparsification.
     """
     from megasparse.kernels import activation_sparsify_reference
@@ -71,11 +76,22 @@ def sparse_mlp_reference(x, w1, b1, w2, b2, m1, m2, pattern, activation, grad_ou
         mask = torch.ones_like(pre, dtype=torch.bool)
     else:
         v, m = pattern
-        mask = activation_sparsify_reference(source.detach().reshape(-1, pre.shape[-1]), v, m, squared)[1].reshape(pre.shape)
+        mask = activation_sparsify_reference(
+            source.detach().reshape(-1, pre.shape[-1]), v, m, squared
+        )[1].reshape(pre.shape)
     scale = 1.0 if probs is None else probs.detach().double().unsqueeze(-1)
     y = f.linear(a * mask * scale, w2s) + (0.0 if b2 is None else b2 * scale)
     dy = torch.randn_like(y) if grad_output is None else grad_output.double()
     y.backward(dy)
     grad = lambda t: None if t is None else t.grad  # noqa: E731
-    return {"y": y.detach(), "dx": x.grad, "dw1": w1s.grad, "db1": grad(b1), "dw2": w2s.grad, "db2": grad(b2),
-            "dy": dy, "activation": a.detach(), "mask": mask}
+    return {
+        "y": y.detach(),
+        "dx": x.grad,
+        "dw1": w1s.grad,
+        "db1": grad(b1),
+        "dw2": w2s.grad,
+        "db2": grad(b2),
+        "dy": dy,
+        "activation": a.detach(),
+        "mask": mask,
+    }

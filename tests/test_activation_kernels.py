@@ -36,7 +36,7 @@ def test_triton_matches_reference(v, m, tokens, ffn, dtype, squared_relu):
     if dtype == torch.float32 or not squared_relu or torch.cuda.is_available():
         assert torch.equal(got[0], ref[0])
     else:  # Triton's CPU interpreter truncates fp32 -> bf16 where the GPU (and torch) round to nearest
-        torch.testing.assert_close(got[0], ref[0], rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(got[0], ref[0], rtol=2**-7, atol=0)
     torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-3)
 
 
@@ -70,7 +70,9 @@ def test_reference_matches_independent_loop_and_density(v, m, tokens, ffn):
     assert torch.equal(mask, loop_mask)
     assert torch.equal(columns, loop_columns)
     assert torch.equal(values, a * mask)
-    assert (mask.reshape(tokens, ffn // m, m).sum(-1) == 2).all()  # exactly 2 per row per group: density 2/M
+    assert (
+        mask.reshape(tokens, ffn // m, m).sum(-1) == 2
+    ).all()  # exactly 2 per row per group: density 2/M
     assert stats[0].item() == (a == 0).sum().item()
     torch.testing.assert_close(stats[2] / stats[1], (a.double() * ~mask).sum() / a.double().sum())
 
@@ -91,7 +93,12 @@ def test_squared_relu_activation_drops_little():
 
 @pytest.mark.parametrize(
     "v,m,ffn,match",
-    [(64, 8, 12, "multiple of 8"), (64, 6, 12, "powers of two"), (3, 4, 8, "powers of two"), (64, 2, 8, "M >= 4")],
+    [
+        (64, 8, 12, "multiple of 8"),
+        (64, 6, 12, "powers of two"),
+        (3, 4, 8, "powers of two"),
+        (64, 2, 8, "M >= 4"),
+    ],
 )
 def test_bad_patterns_and_shapes(v, m, ffn, match):
     for fn in (activation_sparsify_reference, activation_sparsify_triton):
@@ -117,7 +124,7 @@ def test_triton_matches_reference_on_larger_tiles(v, m, tokens, ffn, dtype):
     if dtype != torch.bfloat16 or torch.cuda.is_available():
         assert torch.equal(got[0], ref[0])
     else:  # the CPU interpreter truncates fp32 -> bf16 (see above)
-        torch.testing.assert_close(got[0], ref[0], rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(got[0], ref[0], rtol=2**-7, atol=0)
     torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-3)
 
 
@@ -163,11 +170,13 @@ def test_squared_relu_backward_matches_reference_and_autograd(dtype):
     if dtype != torch.bfloat16 or torch.cuda.is_available():
         assert torch.equal(got, ref)
     else:  # the CPU interpreter truncates fp32 -> bf16 (see above)
-        torch.testing.assert_close(got, ref, rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(got, ref, rtol=2**-7, atol=0)
     # independent: autograd of (relu(x)^2 * mask) in float64
     xd = x.double().requires_grad_(True)
     (torch.relu(xd).square() * mask).backward(grad.double())
-    torch.testing.assert_close(ref.double(), xd.grad, rtol=2 ** -7 if dtype != torch.float32 else 1e-6, atol=0)
+    torch.testing.assert_close(
+        ref.double(), xd.grad, rtol=2**-7 if dtype != torch.float32 else 1e-6, atol=0
+    )
     assert (ref[~mask] == 0).all()
 
 

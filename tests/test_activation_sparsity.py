@@ -22,7 +22,12 @@ def _config(activation=squared_relu, **kw):
 
 
 def _x(seed=1):
-    return torch.randn(6, 4, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) - 0.3
+    return (
+        torch.randn(
+            6, 4, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+        )
+        - 0.3
+    )
 
 
 def _run_and_compare(mlp, activation, pattern):
@@ -30,8 +35,17 @@ def _run_and_compare(mlp, activation, pattern):
     x = _x().requires_grad_(True)
     y, bias = mlp(x)
     y = y + bias
-    ref = sparse_mlp_reference(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc1.sparsity_mask(),
-                               fc2.sparsity_mask(), pattern, activation)
+    ref = sparse_mlp_reference(
+        x,
+        fc1.weight,
+        fc1.bias,
+        fc2.weight,
+        fc2.bias,
+        fc1.sparsity_mask(),
+        fc2.sparsity_mask(),
+        pattern,
+        activation,
+    )
     y.backward(ref["dy"])
     close = dict(rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(y, ref["y"], **close)
@@ -42,7 +56,9 @@ def _run_and_compare(mlp, activation, pattern):
 
 
 @pytest.mark.parametrize("weights", [None, "2:4"])
-@pytest.mark.parametrize("activations,pattern", [("2:4", (64, 4)), ("8:2:8", (8, 8)), ("4:2:16", (4, 16))])
+@pytest.mark.parametrize(
+    "activations,pattern", [("2:4", (64, 4)), ("8:2:8", (8, 8)), ("4:2:16", (4, 16))]
+)
 def test_sparse_mlp_squared_relu_matches_reference(activations, pattern, weights):
     sparsity = SparsityConfig(weights=weights, activations=activations, backend="dense")
     mlp = make_mlp(_config(), FFN, sparsity, sparsity)
@@ -63,11 +79,15 @@ def test_other_activations_are_sparsified_by_fc2(mlp_cls):
     ref = _run_and_compare(mlp, gelu, (64, 4))
     stats = mlp.linear_fc2.activation_stats()
     assert stats["zero_fraction"] == 0.0  # GeLU has no exact zeros: the stats say what 2:4 costs it
-    assert stats["dropped_l1_fraction"] == pytest.approx(((ref["activation"].abs() * ~ref["mask"]).sum() / ref["activation"].abs().sum()).item())
+    assert stats["dropped_l1_fraction"] == pytest.approx(
+        ((ref["activation"].abs() * ~ref["mask"]).sum() / ref["activation"].abs().sum()).item()
+    )
 
 
 def test_named_squared_relu_overrides_config_activation():
-    sparsity = SparsityConfig(weights=None, activations="2:4", activation_function="squared_relu", backend="dense")
+    sparsity = SparsityConfig(
+        weights=None, activations="2:4", activation_function="squared_relu", backend="dense"
+    )
     mlp = make_mlp(_config(activation=torch.nn.functional.gelu), FFN, None, sparsity)
     _run_and_compare(mlp, "squared_relu", (64, 4))
 
@@ -76,7 +96,9 @@ def test_disabled_sparse_mlp_is_bit_identical_to_megatron_mlp():
     cfg = _config(dtype=torch.float32)
     sparsity = SparsityConfig(weights="2:4", activations="2:4", enabled=False)
     sparse = make_mlp(cfg, FFN, sparsity, sparsity, seed=3)
-    dense = make_mlp(cfg, FFN, SparsityConfig(enabled=False), SparsityConfig(enabled=False), mlp_cls=MLP, seed=3)
+    dense = make_mlp(
+        cfg, FFN, SparsityConfig(enabled=False), SparsityConfig(enabled=False), mlp_cls=MLP, seed=3
+    )
     outs = []
     for mlp in (sparse, dense):
         x = _x().float().requires_grad_(True)
@@ -110,9 +132,16 @@ def test_fc1_input_grad_is_told_that_dh_is_2_4(monkeypatch, activations, expect_
 
 
 def test_activation_sparsity_errors_name_the_fix():
-    with pytest.raises(ValueError, match="the FFN activation.*built with tp_comm_buffer_name='proj'.*or set activations=None"):
-        make_row(make_config(), 16, 16, SparsityConfig(activations="2:4"), tp_comm_buffer_name="proj")
-    with pytest.raises(ValueError, match="groups 8 FFN columns.*gives 12 per rank.*multiple of 8\\*TP=8"):
+    with pytest.raises(
+        ValueError,
+        match="the FFN activation.*built with tp_comm_buffer_name='proj'.*or set activations=None",
+    ):
+        make_row(
+            make_config(), 16, 16, SparsityConfig(activations="2:4"), tp_comm_buffer_name="proj"
+        )
+    with pytest.raises(
+        ValueError, match="groups 8 FFN columns.*gives 12 per rank.*multiple of 8\\*TP=8"
+    ):
         make_row(make_config(), 12, 16, SparsityConfig(weights=None, activations="64:2:8"))
     with pytest.raises(ValueError, match="SparsityConfig.activations"):
         SparsityConfig(activations="64:2:6")

@@ -10,8 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sparse_mlp_spec_example_runs_and_prunes_half():
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "sparse_mlp_spec.py")], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sparse_mlp_spec.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("mask density 0.50") == 2, out.stdout
 
@@ -21,8 +26,16 @@ def test_bench_without_gpu_says_so_and_runs_the_smoke():
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("on a GPU the benchmark measures for real: run python -m megasparse.tools.bench")
-    out = subprocess.run([sys.executable, "-m", "megasparse.tools.bench"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        pytest.skip(
+            "on a GPU the benchmark measures for real: run python -m megasparse.tools.bench"
+        )
+    out = subprocess.run(
+        [sys.executable, "-m", "megasparse.tools.bench"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "no CUDA GPU here" in out.stdout and "smoke test passed" in out.stdout
 

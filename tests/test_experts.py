@@ -28,8 +28,14 @@ def _config(dtype=torch.float64, **kw):
     # Megatron's own SequentialMLP cannot add an expert bias at EP=ETP=1 (in-place add on a view),
     # so experts here are bias-free, as in Megatron's MoE configs; the grouped path is tested with bias too.
     kw.setdefault("add_bias_linear", False)
-    return make_config(dtype=dtype, hidden_size=HIDDEN, ffn_hidden_size=FFN, moe_ffn_hidden_size=FFN,
-                       num_moe_experts=EXPERTS, **kw)
+    return make_config(
+        dtype=dtype,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN,
+        moe_ffn_hidden_size=FFN,
+        num_moe_experts=EXPERTS,
+        **kw,
+    )
 
 
 def _experts(cls, sparsity, dtype=torch.float64, seed=0, **kw):
@@ -58,21 +64,43 @@ def _check_against_reference(experts, x, probs, tokens, pattern, tol):
         rows = slice(start, start + n)
         start += n
         fc1, fc2 = experts.local_experts[e].linear_fc1, experts.local_experts[e].linear_fc2
-        ref = sparse_mlp_reference(x[rows], fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc1.sparsity_mask(),
-                                   fc2.sparsity_mask(), pattern, "squared_relu", grad_output=dy[rows], probs=probs[rows])
+        ref = sparse_mlp_reference(
+            x[rows],
+            fc1.weight,
+            fc1.bias,
+            fc2.weight,
+            fc2.bias,
+            fc1.sparsity_mask(),
+            fc2.sparsity_mask(),
+            pattern,
+            "squared_relu",
+            grad_output=dy[rows],
+            probs=probs[rows],
+        )
         close = dict(rtol=tol, atol=tol)
         torch.testing.assert_close(y[rows].double(), ref["y"], **close, msg=f"expert {e} output")
-        torch.testing.assert_close(xr.grad[rows].double(), ref["dx"], **close, msg=f"expert {e} input grad")
-        for name, p in (("dw1", fc1.weight), ("db1", fc1.bias), ("dw2", fc2.weight), ("db2", fc2.bias)):
+        torch.testing.assert_close(
+            xr.grad[rows].double(), ref["dx"], **close, msg=f"expert {e} input grad"
+        )
+        for name, p in (
+            ("dw1", fc1.weight),
+            ("db1", fc1.bias),
+            ("dw2", fc2.weight),
+            ("db2", fc2.bias),
+        ):
             if p is None:
                 continue
             assert p.grad is not None, f"expert {e} {name}: every expert parameter gets a gradient"
-            torch.testing.assert_close(p.grad.double(), ref[name], **close, msg=f"expert {e} {name}")
+            torch.testing.assert_close(
+                p.grad.double(), ref[name], **close, msg=f"expert {e} {name}"
+            )
 
 
 @pytest.mark.parametrize("activations,pattern", [(None, None), ("2:4", (64, 4)), ("4:2:8", (4, 8))])
 def test_sparse_sequential_mlp_matches_per_expert_reference(activations, pattern):
-    experts = _experts(SparseSequentialMLP, SparsityConfig(activations=activations, backend="dense"))
+    experts = _experts(
+        SparseSequentialMLP, SparsityConfig(activations=activations, backend="dense")
+    )
     x, probs, tokens = _inputs(torch.float64)
     _check_against_reference(experts, x, probs, tokens, pattern, 1e-10)
     masks = [e.linear_fc1.sparsity_mask() for e in experts.local_experts]
@@ -83,36 +111,50 @@ def test_sparse_sequential_mlp_matches_per_expert_reference(activations, pattern
 
 @pytest.mark.parametrize("activations,pattern", [("2:4", (64, 4)), ("4:2:8", (4, 8))])
 @pytest.mark.parametrize("mask", ["1d", "transposable"])
-def test_sparse_grouped_mlp_runs_one_grouped_gemm_and_matches_reference(monkeypatch, activations, pattern, mask):
+def test_sparse_grouped_mlp_runs_one_grouped_gemm_and_matches_reference(
+    monkeypatch, activations, pattern, mask
+):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     calls = []
 
-    class CountGroupedMM(TorchDispatchMode):  # sees the backward's grouped GEMMs too (PyTorch's autograd)
+    class CountGroupedMM(
+        TorchDispatchMode
+    ):  # sees the backward's grouped GEMMs too (PyTorch's autograd)
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.overloadpacket is torch.ops.aten._grouped_mm:
                 calls.append(args[0].shape)
             return func(*args, **(kwargs or {}))
 
-    sparsity = SparsityConfig(activations=activations, mask=mask, gradient="srste", srste_decay=0.0, backend="dense")
+    sparsity = SparsityConfig(
+        activations=activations, mask=mask, gradient="srste", srste_decay=0.0, backend="dense"
+    )
     experts = _experts(SparseGroupedMLP, sparsity, dtype=torch.float32)
     x, probs, tokens = _inputs(torch.float32)
     with CountGroupedMM():
         _check_against_reference(experts, x, probs, tokens, pattern, 2e-4)
-    assert len(calls) == 6  # fc1, fc2 forward; and dX, dW of each in the backward: no per-expert loop
+    assert (
+        len(calls) == 6
+    )  # fc1, fc2 forward; and dX, dW of each in the backward: no per-expert loop
     assert experts.activation_stats()["elements"] == sum(TOKENS_PER_EXPERT) * FFN
 
 
 def test_grouped_mlp_with_expert_bias_matches_reference():
-    experts = _experts(SparseGroupedMLP, SparsityConfig(activations="2:4", backend="dense"), dtype=torch.float32,
-                       add_bias_linear=True)
+    experts = _experts(
+        SparseGroupedMLP,
+        SparsityConfig(activations="2:4", backend="dense"),
+        dtype=torch.float32,
+        add_bias_linear=True,
+    )
     x, probs, tokens = _inputs(torch.float32)
     assert experts._can_group(x)
     _check_against_reference(experts, x, probs, tokens, (64, 4), 2e-4)
 
 
 def test_grouped_falls_back_to_the_loop_where_it_cannot_group():
-    experts = _experts(SparseGroupedMLP, SparsityConfig(activations="2:4", backend="dense"))  # float64: no grouped GEMM
+    experts = _experts(
+        SparseGroupedMLP, SparsityConfig(activations="2:4", backend="dense")
+    )  # float64: no grouped GEMM
     x, probs, tokens = _inputs(torch.float64)
     assert not experts._can_group(x)
     _check_against_reference(experts, x, probs, tokens, (64, 4), 1e-10)
@@ -126,13 +168,23 @@ def test_expert_checkpoints_are_interchangeable_with_dense_sequential_mlp(cls):
     sparse = _experts(cls, SparsityConfig(), dtype=torch.float32, seed=4)
     sd_dense, sd_sparse = dense.state_dict(), sparse.state_dict()
     assert list(sd_dense) == list(sd_sparse)
-    assert all(getattr(sd_dense[k], "shape", None) == getattr(sd_sparse[k], "shape", None) for k in sd_dense)
+    assert all(
+        getattr(sd_dense[k], "shape", None) == getattr(sd_sparse[k], "shape", None)
+        for k in sd_dense
+    )
     meta = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-    sh_dense, sh_sparse = dense.sharded_state_dict("moe.experts.", metadata=meta), sparse.sharded_state_dict("moe.experts.", metadata=meta)
+    sh_dense, sh_sparse = (
+        dense.sharded_state_dict("moe.experts.", metadata=meta),
+        sparse.sharded_state_dict("moe.experts.", metadata=meta),
+    )
     assert sorted(sh_dense) == sorted(sh_sparse)
     for k, v in sh_dense.items():
         if hasattr(v, "global_shape"):
-            assert (v.key, v.global_shape, v.global_offset) == (sh_sparse[k].key, sh_sparse[k].global_shape, sh_sparse[k].global_offset)
+            assert (v.key, v.global_shape, v.global_offset) == (
+                sh_sparse[k].key,
+                sh_sparse[k].global_shape,
+                sh_sparse[k].global_offset,
+            )
     held = _experts(cls, SparsityConfig(mask_refresh_interval=3), dtype=torch.float32, seed=4)
     extra = set(held.sharded_state_dict("moe.experts.", metadata=meta)) - set(sh_dense)
     assert extra and all("megasparse_" in k for k in extra)  # held masks add only their own entries
@@ -145,7 +197,9 @@ def test_expert_checkpoints_are_interchangeable_with_dense_sequential_mlp(cls):
 
 
 def test_all_tokens_to_other_ranks_still_gives_every_parameter_a_gradient():
-    experts = _experts(SparseGroupedMLP, SparsityConfig(activations="2:4", backend="dense"), dtype=torch.float32)
+    experts = _experts(
+        SparseGroupedMLP, SparsityConfig(activations="2:4", backend="dense"), dtype=torch.float32
+    )
     x = torch.zeros(0, HIDDEN, requires_grad=True)
     y, _ = experts(x, torch.zeros(EXPERTS, dtype=torch.long), torch.zeros(0))
     (y.sum() + 0.0).backward()
@@ -157,7 +211,9 @@ class TorchGroupedLinear(torch.nn.Module):
     """A stand-in for TE's GroupedLinear at expert-TP 1 (TE does not install without CUDA): same parameter
     names (weight{i}, bias{i}) and forward(x, m_splits) -> (output, bias or None)."""
 
-    def __init__(self, num_gemms, input_size, output_size, *, config, init_method, bias, skip_bias_add, **_):
+    def __init__(
+        self, num_gemms, input_size, output_size, *, config, init_method, bias, skip_bias_add, **_
+    ):
         super().__init__()
         self.num_gemms, self.skip_bias_add = num_gemms, skip_bias_add
         for i in range(num_gemms):
@@ -165,7 +221,10 @@ class TorchGroupedLinear(torch.nn.Module):
             init_method(w)
             self.register_parameter(f"weight{i}", torch.nn.Parameter(w))
             if bias:
-                self.register_parameter(f"bias{i}", torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)))
+                self.register_parameter(
+                    f"bias{i}",
+                    torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)),
+                )
 
     def _get_weight_tensors(self):  # TE >= 2.5
         return [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
@@ -174,8 +233,16 @@ class TorchGroupedLinear(torch.nn.Module):
         outs = []
         for i, xe in enumerate(torch.split(x, list(m_splits))):
             b = getattr(self, f"bias{i}", None)
-            outs.append(torch.nn.functional.linear(xe, getattr(self, f"weight{i}"), None if self.skip_bias_add else b))
-        biases = [getattr(self, f"bias{i}") for i in range(self.num_gemms)] if self.skip_bias_add and hasattr(self, "bias0") else None
+            outs.append(
+                torch.nn.functional.linear(
+                    xe, getattr(self, f"weight{i}"), None if self.skip_bias_add else b
+                )
+            )
+        biases = (
+            [getattr(self, f"bias{i}") for i in range(self.num_gemms)]
+            if self.skip_bias_add and hasattr(self, "bias0")
+            else None
+        )
         return torch.cat(outs), biases
 
 
@@ -199,7 +266,11 @@ class _PerExpertView:
         class Layer:
             def __init__(self, weight, sparse):
                 self.weight, self.bias = weight, None
-                self._mask = weight_mask(weight, masks_kind) if sparse else torch.ones_like(weight, dtype=torch.bool)
+                self._mask = (
+                    weight_mask(weight, masks_kind)
+                    if sparse
+                    else torch.ones_like(weight, dtype=torch.bool)
+                )
 
             def sparsity_mask(self):
                 return self._mask
@@ -211,19 +282,27 @@ class _PerExpertView:
         self.local_experts = []
         for e in range(EXPERTS):
             expert = Expert()
-            expert.linear_fc1 = Layer(getattr(te_experts.linear_fc1, f"weight{e}"), te_experts.sparsity.prunes_weights)
-            expert.linear_fc2 = Layer(getattr(te_experts.linear_fc2, f"weight{e}"), te_experts.sparsity.prunes_weights)
+            expert.linear_fc1 = Layer(
+                getattr(te_experts.linear_fc1, f"weight{e}"), te_experts.sparsity.prunes_weights
+            )
+            expert.linear_fc2 = Layer(
+                getattr(te_experts.linear_fc2, f"weight{e}"), te_experts.sparsity.prunes_weights
+            )
             self.local_experts.append(expert)
 
     def __call__(self, *args):
         return self.module(*args)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.float64, 1e-10)])  # grouped / looped path
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 2e-4), (torch.float64, 1e-10)]
+)  # grouped / looped path
 def test_sparse_te_grouped_mlp_logic_matches_reference(dtype, tol):
     from megasparse import SparseTEGroupedMLP
 
-    experts = _te_experts(SparseTEGroupedMLP, SparsityConfig(activations="2:4", backend="dense"), dtype)
+    experts = _te_experts(
+        SparseTEGroupedMLP, SparsityConfig(activations="2:4", backend="dense"), dtype
+    )
     x, probs, tokens = _inputs(dtype)
     _check_against_reference(_PerExpertView(experts), x, probs, tokens, (64, 4), tol)
     assert experts.activation_stats()["elements"] == sum(TOKENS_PER_EXPERT) * FFN
@@ -259,8 +338,12 @@ def test_sparse_te_grouped_mlp_honours_moe_act_recompute(monkeypatch):
     x, probs, tokens = _inputs(torch.float32)
     results = []
     for recompute in (False, True):
-        experts = _te_experts(SparseTEGroupedMLP, SparsityConfig(activations="2:4", backend="dense"),
-                              torch.float32, seed=3)
+        experts = _te_experts(
+            SparseTEGroupedMLP,
+            SparsityConfig(activations="2:4", backend="dense"),
+            torch.float32,
+            seed=3,
+        )
         if recompute:
             experts.config.recompute_granularity = "selective"
             experts.config.recompute_modules = ["moe_act"]

@@ -50,7 +50,12 @@ def test_orders_differ_where_quantization_creates_ties():
     _, _, m_pq = sparse_fp8_weight(w, None, "1d", "prune-then-quantize")
     _, _, m_qp = sparse_fp8_weight(w, None, "1d", "quantize-then-prune")
     assert m_pq[0, :4].tolist() == [False, True, False, True]  # 1.01 and 1.02: the true two largest
-    assert m_qp[0, :4].tolist() == [False, True, True, False]  # tie at the quantized value: lower index
+    assert m_qp[0, :4].tolist() == [
+        False,
+        True,
+        True,
+        False,
+    ]  # tie at the quantized value: lower index
     assert m_qp[0, 4:].tolist() == m_pq[0, 4:].tolist()
 
 
@@ -70,14 +75,22 @@ def test_fp8_sparse_linear_against_float64_reference(order):
     w = _w((64, 128), 4).requires_grad_(True)
     layer = Fp8SparseLinear(mask_kind="1d", order=order)
     y = layer(x, w)
-    mask = weight_mask(w) if order == "prune-then-quantize" else sparse_fp8_weight(w, None, "1d", order)[2]
+    mask = (
+        weight_mask(w)
+        if order == "prune-then-quantize"
+        else sparse_fp8_weight(w, None, "1d", order)[2]
+    )
     ref = x.detach().double() @ (w.detach().double() * mask).t()
     rel = (y.double() - ref).norm() / ref.norm()
     assert rel < 0.05  # FP8 tolerance (e4m3 operands, fp32 accumulation)
     dy = torch.randn_like(ref)
     y.backward(dy.to(y.dtype))
-    torch.testing.assert_close(w.grad.double(), dy.reshape(-1, 64).t() @ x.detach().double().reshape(-1, 128),
-                               rtol=2e-2, atol=2e-1)  # ste weight gradient (dy rounded to bf16)
+    torch.testing.assert_close(
+        w.grad.double(),
+        dy.reshape(-1, 64).t() @ x.detach().double().reshape(-1, 128),
+        rtol=2e-2,
+        atol=2e-1,
+    )  # ste weight gradient (dy rounded to bf16)
     dx_ref = dy @ (w.detach().double() * mask)
     assert ((x.grad.double() - dx_ref).norm() / dx_ref.norm()) < 0.05
 
@@ -95,8 +108,14 @@ def test_delayed_scaling_uses_past_amaxes():
 
 
 def test_scaling_from_a_te_like_recipe():
-    delayed = Fp8Scaling.from_recipe(SimpleNamespace(margin=1, amax_history_len=16, amax_compute_algo="most_recent"))
-    assert (delayed.margin, delayed.amax_history_len, delayed.amax_compute_algo) == (1, 16, "most_recent")
+    delayed = Fp8Scaling.from_recipe(
+        SimpleNamespace(margin=1, amax_history_len=16, amax_compute_algo="most_recent")
+    )
+    assert (delayed.margin, delayed.amax_history_len, delayed.amax_compute_algo) == (
+        1,
+        16,
+        "most_recent",
+    )
     current = Fp8Scaling.from_recipe(SimpleNamespace(fp8_format="HYBRID"))
     assert current.amax_history_len == 1
     with pytest.raises(ValueError, match="FP8 order"):
@@ -120,19 +139,30 @@ def test_numerics_tool_on_a_checkpoint(tmp_path, capsys):
 
     from megasparse.tools.fp8_numerics import main, report
 
-    state = {"model": {"decoder.layers.0.mlp.linear_fc1.weight": _w((64, 32), 7),
-                       "decoder.layers.0.mlp.linear_fc2.weight": _w((32, 64), 8) * 10,
-                       "embedding.word_embeddings.weight": _w((100, 32), 9),
-                       "decoder.layers.0.mlp.linear_fc1.bias": torch.zeros(64)}}
+    state = {
+        "model": {
+            "decoder.layers.0.mlp.linear_fc1.weight": _w((64, 32), 7),
+            "decoder.layers.0.mlp.linear_fc2.weight": _w((32, 64), 8) * 10,
+            "embedding.word_embeddings.weight": _w((100, 32), 9),
+            "decoder.layers.0.mlp.linear_fc1.bias": torch.zeros(64),
+        }
+    }
     rows = report(state)
-    assert sorted(rows) == ["decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.0.mlp.linear_fc2.weight"]
+    assert sorted(rows) == [
+        "decoder.layers.0.mlp.linear_fc1.weight",
+        "decoder.layers.0.mlp.linear_fc2.weight",
+    ]
     fc1 = rows["decoder.layers.0.mlp.linear_fc1.weight"]
     assert 0.70 < fc1["kept"] < 0.78  # Gaussian 1d 2:4
     assert 0 < fc1["fp8_err"] < 0.05 and 0 < fc1["prune-then-quantize_err"] < 0.05
     assert fc1["prune-then-quantize_total"] > 5 * fc1["fp8_err"]  # dominated by pruning, not by FP8
     # scale invariance of per-tensor scaling: a 10x weight has the same relative error
-    torch.testing.assert_close(rows["decoder.layers.0.mlp.linear_fc2.weight"]["fp8_err"],
-                               report({"w.weight": _w((32, 64), 8)})["w.weight"]["fp8_err"], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(
+        rows["decoder.layers.0.mlp.linear_fc2.weight"]["fp8_err"],
+        report({"w.weight": _w((32, 64), 8)})["w.weight"]["fp8_err"],
+        rtol=1e-3,
+        atol=1e-6,
+    )
     path, out = tmp_path / "ckpt.pt", tmp_path / "numbers.json"
     torch.save(state, path)
     main(["--checkpoint", str(path), "--json", str(out)])
@@ -159,13 +189,16 @@ from megasparse.weight_state import SparseWeightState  # noqa: E402
 E5M2 = torch.float8_e5m2
 
 
-@pytest.mark.parametrize("capability,version,ok,why", [
-    ((9, 0), 602, True, None),
-    ((8, 9), 602, False, "xfailIfSM89"),
-    ((10, 0), 602, False, "sm8x/sm9x only"),
-    ((8, 0), 602, False, "sm90"),
-    ((9, 0), 601, False, "0.6.2"),
-])
+@pytest.mark.parametrize(
+    "capability,version,ok,why",
+    [
+        ((9, 0), 602, True, None),
+        ((8, 9), 602, False, "xfailIfSM89"),
+        ((10, 0), 602, False, "sm8x/sm9x only"),
+        ((8, 0), 602, False, "sm90"),
+        ((9, 0), 601, False, "0.6.2"),
+    ],
+)
 def test_fp8_cusparselt_capability(monkeypatch, capability, version, ok, why):
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
     monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: version)
@@ -217,8 +250,7 @@ def test_recipe_from_te_like_objects():
     d.override_linear_precision = SimpleNamespace(fprop=False, dgrad=False, wgrad=True)
     r = Fp8Recipe.from_te(d)
     got = (r.grad_dtype, r.margin, r.amax_history_len, r.amax_compute_algo, r.fp8_wgrad, r.delayed)
-    assert got \
-        == (E5M2, 1, 16, "most_recent", False, True)
+    assert got == (E5M2, 1, 16, "most_recent", False, True)
     assert isinstance(r.own_scaler(fp8_gemm_dtype := torch.float8_e4m3fn), DelayedScaler)
     c = type("Float8CurrentScaling", (), {})()
     c.fp8_format, c.fp8_quant_fwd_inp = e4m3, SimpleNamespace(power_2_scale=True)
@@ -284,8 +316,9 @@ def test_fp8_linear_against_float64_of_quantized_operands(mask_kind, grad_dtype)
 def test_fp8_weight_built_once_per_step_and_gradient_modes(monkeypatch):
     builds = []
     original = fp8_linear.Fp8Weight.__init__
-    monkeypatch.setattr(fp8_linear.Fp8Weight, "__init__",
-                        lambda self, *a: (builds.append(1), original(self, *a))[1])
+    monkeypatch.setattr(
+        fp8_linear.Fp8Weight, "__init__", lambda self, *a: (builds.append(1), original(self, *a))[1]
+    )
     w = torch.randn(32, 64, requires_grad=True)
     state, cfg = SparseWeightState(), SparsityConfig(gradient="masked")
     plan = fp8_linear.default_plan(gradient="masked")
@@ -336,6 +369,8 @@ def test_numerics_tool_reports_the_training_paths_weight_error():
     wq = fp8_linear.fp8_weight(step, use_cusparselt=False)
     pruned = (w * step.mask()).double()
     err = ((wq.forward.double() * wq.scale_inv.double() - pruned).norm() / pruned.norm()).item()
-    assert layer_report(w)["prune-then-quantize_err"] == pytest.approx(err, rel=1e-6)  # fp32 1/scale
+    assert layer_report(w)["prune-then-quantize_err"] == pytest.approx(
+        err, rel=1e-6
+    )  # fp32 1/scale
     w_q, _, _ = sparse_fp8_weight(w, None, "1d", "prune-then-quantize")  # what the tool quantizes
     assert torch.equal(w_q.float(), wq.forward.float())

@@ -60,10 +60,14 @@ def test_auto_picks_a_sparse_backend_on_sm80_plus():
 def test_layer_on_cuda_matches_reference(megatron_tp1):
     from megatron_helpers import make_column, make_config
 
-    layer = make_column(make_config(dtype=torch.bfloat16), 512, 256, SparsityConfig(mask="transposable")).cuda()
+    layer = make_column(
+        make_config(dtype=torch.bfloat16), 512, 256, SparsityConfig(mask="transposable")
+    ).cuda()
     x = torch.randn(16, 8, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y, _ = layer(x)
-    ref = masked_linear_reference(x.cpu(), layer.weight.cpu(), layer.bias.cpu(), layer.sparsity_mask().cpu())
+    ref = masked_linear_reference(
+        x.cpu(), layer.weight.cpu(), layer.bias.cpu(), layer.sparsity_mask().cpu()
+    )
     torch.testing.assert_close(y.double().cpu(), ref["y"], rtol=3e-2, atol=3e-1)
 
 
@@ -103,19 +107,37 @@ def test_sparse_te_grouped_mlp_with_transformer_engine(megatron_tp1):
     """The real TE grouped linears (needs CUDA and Transformer Engine): sparse forward equals the masked reference."""
     pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
     from megatron.core.activations import squared_relu
-    from megatron.core.extensions.transformer_engine import TEColumnParallelGroupedLinear, TERowParallelGroupedLinear
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelGroupedLinear,
+        TERowParallelGroupedLinear,
+    )
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe import experts as mcore_experts
     from megatron_helpers import make_config
 
     from megasparse import SparseTEGroupedMLP
 
-    submodules_cls = getattr(mcore_experts, "GroupedMLPSubmodules", None) or mcore_experts.MLPSubmodules
-    cfg = make_config(dtype=torch.bfloat16, hidden_size=256, ffn_hidden_size=512, moe_ffn_hidden_size=512,
-                      num_moe_experts=4, activation_func=squared_relu, add_bias_linear=False, bf16=True)
+    submodules_cls = (
+        getattr(mcore_experts, "GroupedMLPSubmodules", None) or mcore_experts.MLPSubmodules
+    )
+    cfg = make_config(
+        dtype=torch.bfloat16,
+        hidden_size=256,
+        ffn_hidden_size=512,
+        moe_ffn_hidden_size=512,
+        num_moe_experts=4,
+        activation_func=squared_relu,
+        add_bias_linear=False,
+        bf16=True,
+    )
     experts = SparseTEGroupedMLP(
-        4, cfg, submodules_cls(linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear),
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(), sparsity=SparsityConfig(activations="2:4"),
+        4,
+        cfg,
+        submodules_cls(
+            linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear
+        ),
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        sparsity=SparsityConfig(activations="2:4"),
     ).cuda()
     tokens = torch.tensor([64, 0, 32, 96])
     x = torch.randn(int(tokens.sum()), 256, device="cuda", dtype=torch.bfloat16)
@@ -125,8 +147,8 @@ def test_sparse_te_grouped_mlp_with_transformer_engine(megatron_tp1):
     for e, n in enumerate(tokens.tolist()):
         w1 = getattr(experts.linear_fc1, f"weight{e}")
         w2 = getattr(experts.linear_fc2, f"weight{e}")
-        ref = sparse_mlp_reference_cpu(x[start:start + n], w1, w2, probs[start:start + n])
-        torch.testing.assert_close(y[start:start + n].double().cpu(), ref, rtol=5e-2, atol=5e-1)
+        ref = sparse_mlp_reference_cpu(x[start : start + n], w1, w2, probs[start : start + n])
+        torch.testing.assert_close(y[start : start + n].double().cpu(), ref, rtol=5e-2, atol=5e-1)
         start += n
 
 
@@ -134,5 +156,6 @@ def sparse_mlp_reference_cpu(x, w1, w2, probs):
     from reference import sparse_mlp_reference
 
     m1, m2 = weight_mask(w1.float().cpu()), weight_mask(w2.float().cpu())
-    return sparse_mlp_reference(x.cpu(), w1.cpu(), None, w2.cpu(), None, m1, m2, (64, 4), "squared_relu",
-                                probs=probs.cpu())["y"]
+    return sparse_mlp_reference(
+        x.cpu(), w1.cpu(), None, w2.cpu(), None, m1, m2, (64, 4), "squared_relu", probs=probs.cpu()
+    )["y"]

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.usefixtures("megatron_tp1")
 def fake_gpu(monkeypatch):
     """A CUDA device of a chosen capability, with cuSPARSELt (only the checks are faked, no kernel runs)."""
     capability = {"value": (9, 0)}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda device=None: capability["value"]
+    )
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
     return capability
 
@@ -34,8 +36,12 @@ def test_cutlass_is_sm8x_only_and_auto_falls_back_instead_of_crashing(fake_gpu):
     assert CutlassBackend().device_reason(cuda) is None
     fake_gpu["value"] = (9, 0)
     backends._warned.clear()
-    with pytest.warns(UserWarning, match="dense masked GEMM.*cusparselt supports float16, bfloat16.*sm8x only"):
-        chosen = resolve_backend("auto", _OnCuda(torch.float32), transposable=False)  # an fp32 model on an H100
+    with pytest.warns(
+        UserWarning, match="dense masked GEMM.*cusparselt supports float16, bfloat16.*sm8x only"
+    ):
+        chosen = resolve_backend(
+            "auto", _OnCuda(torch.float32), transposable=False
+        )  # an fp32 model on an H100
     assert chosen.name == "dense"
     assert resolve_backend("auto", _OnCuda(torch.bfloat16), transposable=False).name == "cusparselt"
 
@@ -67,8 +73,12 @@ def test_an_expert_with_zero_tokens_skips_the_gemms(monkeypatch):
     y, _ = layer(x)
     assert y.shape == (0, 32)
     y.sum().backward()
-    assert x.grad.shape == (0, 16) and torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
-    assert not CusparseltBackend().fits(torch.zeros(0, 64, dtype=torch.bfloat16))  # no sparse 2:4 activation
+    assert x.grad.shape == (0, 16) and torch.equal(
+        layer.weight.grad, torch.zeros_like(layer.weight)
+    )
+    assert not CusparseltBackend().fits(
+        torch.zeros(0, 64, dtype=torch.bfloat16)
+    )  # no sparse 2:4 activation
 
 
 def test_te_grouped_experts_refuse_a_single_grouped_weight():

@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megasparse.gradient_rules import (GRADIENT_RULES, masked_decay, soft_threshold24, sste,
-                                       sste_scale, sste_weight)
+from megasparse.gradient_rules import (
+    GRADIENT_RULES,
+    masked_decay,
+    soft_threshold24,
+    sste,
+    sste_scale,
+    sste_weight,
+)
 from megasparse.ops import weight_mask
 
 
@@ -16,7 +22,7 @@ def _loop_soft_threshold(w):
     out = torch.zeros_like(w, dtype=torch.float64)
     for r in range(w.shape[0]):
         for g in range(0, w.shape[1], 4):
-            vals = [float(v) for v in w[r, g:g + 4]]
+            vals = [float(v) for v in w[r, g : g + 4]]
             t = sorted(abs(v) for v in vals)[1]
             for j, v in enumerate(vals):
                 mag = max(abs(v) - t, 0.0)
@@ -120,6 +126,7 @@ def test_sste_scale_over_tp_shards_equals_the_full_tensor(tmp_path):
 
     full = torch.randn(8, 32)
     out = str(tmp_path / "beta.pt")
-    torch.multiprocessing.spawn(_tp_scale_worker, args=(free_port(), full, out), nprocs=2,
-                                join=True)
+    torch.multiprocessing.spawn(
+        _tp_scale_worker, args=(free_port(), full, out), nprocs=2, join=True
+    )
     assert torch.allclose(torch.load(out), sste_scale(full), rtol=1e-6)

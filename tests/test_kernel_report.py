@@ -14,12 +14,20 @@ import pytest
 
 from megasparse.tools import kernel_report
 
-pytestmark = pytest.mark.skipif(not kernel_report.tools_available(),
-                                reason="Triton's NVIDIA backend (ptxas, cuobjdump) is not installed")
+pytestmark = pytest.mark.skipif(
+    not kernel_report.tools_available(),
+    reason="Triton's NVIDIA backend (ptxas, cuobjdump) is not installed",
+)
 
-KERNELS = {"mask_1d", "mask_transposable", "activation_2_4", "activation_2_4_squared_relu",
-           "activation_64_2_8_squared_relu", "activation_64_2_16_squared_relu",
-           "squared_relu_sparsify_backward"}
+KERNELS = {
+    "mask_1d",
+    "mask_transposable",
+    "activation_2_4",
+    "activation_2_4_squared_relu",
+    "activation_64_2_8_squared_relu",
+    "activation_64_2_16_squared_relu",
+    "squared_relu_sparsify_backward",
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +35,23 @@ def rows(tmp_path_factory):
     """The CLI, in a process without TRITON_INTERPRET (the test session interprets kernels)."""
     out = tmp_path_factory.mktemp("report") / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "megasparse.tools.kernel_report", "--dtype", "bfloat16", "--arch", "sm_90a",
-                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megasparse.tools.kernel_report",
+            "--dtype",
+            "bfloat16",
+            "--arch",
+            "sm_90a",
+            "--json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mask_transposable" in done.stdout
     return json.loads(out.read_text())
@@ -37,7 +60,9 @@ def rows(tmp_path_factory):
 def test_every_kernel_is_compiled(rows):
     assert {(r["kernel"], r["arch"]) for r in rows} == {(k, "sm_90a") for k in KERNELS}
     for r in rows:
-        assert {"kernel", "arch", "dtype", "registers", "spill_bytes"} <= r.keys() and r["dtype"] == "bfloat16"
+        assert {"kernel", "arch", "dtype", "registers", "spill_bytes"} <= r.keys() and r[
+            "dtype"
+        ] == "bfloat16"
 
 
 def test_no_spills_and_registers_leave_room_for_occupancy(rows):

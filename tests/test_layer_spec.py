@@ -18,8 +18,12 @@ from megatron_helpers import make_config
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
 
-LINEARS = {"linear_qkv": SparseColumnParallelLinear, "linear_proj": SparseRowParallelLinear,
-           "linear_fc1": SparseColumnParallelLinear, "linear_fc2": SparseRowParallelLinear}
+LINEARS = {
+    "linear_qkv": SparseColumnParallelLinear,
+    "linear_proj": SparseRowParallelLinear,
+    "linear_fc1": SparseColumnParallelLinear,
+    "linear_fc2": SparseRowParallelLinear,
+}
 
 
 def _swap(submodules, names, sparsity):
@@ -32,22 +36,41 @@ def _sparse_layer_spec(sparsity, mlp_sparsity=None):
     spec = get_gpt_layer_local_spec()
     layer = spec.submodules
     attention = layer.self_attention
-    attention = dataclasses.replace(attention, submodules=_swap(attention.submodules, LINEARS, sparsity))
+    attention = dataclasses.replace(
+        attention, submodules=_swap(attention.submodules, LINEARS, sparsity)
+    )
     mlp = layer.mlp
     if isinstance(mlp, functools.partial):  # 0.19 builder form
-        mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": _swap(mlp.keywords["submodules"], LINEARS, mlp_sparsity)})
+        mlp = functools.partial(
+            mlp.func,
+            *mlp.args,
+            **{
+                **mlp.keywords,
+                "submodules": _swap(mlp.keywords["submodules"], LINEARS, mlp_sparsity),
+            },
+        )
     else:
         mlp = dataclasses.replace(mlp, submodules=_swap(mlp.submodules, LINEARS, mlp_sparsity))
-    return dataclasses.replace(spec, submodules=dataclasses.replace(layer, self_attention=attention, mlp=mlp))
+    return dataclasses.replace(
+        spec, submodules=dataclasses.replace(layer, self_attention=attention, mlp=mlp)
+    )
 
 
 @pytest.mark.parametrize("mask", ["1d", "transposable"])
 def test_sparse_gpt_layer_equals_dense_layer_with_masked_weights(mask):
     """On 0.16 the linears are ModuleSpecs, on 0.19 functools.partial builders (megasparse.compat)."""
-    cfg = make_config(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, hidden_dropout=0.0,
-                      attention_dropout=0.0, add_bias_linear=True)
+    cfg = make_config(
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=True,
+    )
     torch.manual_seed(0)
-    sparse = build_module(_sparse_layer_spec(SparsityConfig(mask=mask, backend="dense")), config=cfg, layer_number=1)
+    sparse = build_module(
+        _sparse_layer_spec(SparsityConfig(mask=mask, backend="dense")), config=cfg, layer_number=1
+    )
     dense = build_module(get_gpt_layer_local_spec(), config=cfg, layer_number=1)
     sparse, dense = sparse.double(), dense.double()  # the local LayerNorm ignores params_dtype
     dense.load_state_dict(sparse.state_dict())
@@ -70,7 +93,9 @@ def test_sparse_gpt_layer_equals_dense_layer_with_masked_weights(mask):
     # dense-with-masked-weights layer computes for its (already masked) weight
     for name, module in sparse.named_modules():
         if isinstance(module, (SparseColumnParallelLinear, SparseRowParallelLinear)):
-            torch.testing.assert_close(module.weight.grad, dense.get_submodule(name).weight.grad, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(
+                module.weight.grad, dense.get_submodule(name).weight.grad, rtol=1e-10, atol=1e-10
+            )
 
 
 def _with_sparse_mlp(spec):
@@ -91,9 +116,17 @@ def test_sparse_mlp_in_gpt_layer_spec_sparsifies_the_activation():
 
     from megasparse import SparseMLP
 
-    cfg = make_config(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, hidden_dropout=0.0,
-                      attention_dropout=0.0, activation_func=squared_relu)
-    spec = _sparse_layer_spec(SparsityConfig(backend="dense"), SparsityConfig(activations="2:4", backend="dense"))
+    cfg = make_config(
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_func=squared_relu,
+    )
+    spec = _sparse_layer_spec(
+        SparsityConfig(backend="dense"), SparsityConfig(activations="2:4", backend="dense")
+    )
     torch.manual_seed(0)
     sparse = build_module(_with_sparse_mlp(spec), config=cfg, layer_number=1).double()
     assert isinstance(sparse.mlp, SparseMLP)
@@ -108,4 +141,6 @@ def test_sparse_mlp_in_gpt_layer_spec_sparsifies_the_activation():
         if hasattr(module, "sparsity"):
             module.sparsity.enabled = False
     assert not torch.equal(y_sparse, sparse(x, attention_mask=causal)[0])
-    assert torch.equal(sparse(x, attention_mask=causal)[0], dense(x, attention_mask=causal)[0])  # dense phase
+    assert torch.equal(
+        sparse(x, attention_mask=causal)[0], dense(x, attention_mask=causal)[0]
+    )  # dense phase

@@ -14,7 +14,9 @@ MODES = [(m, g) for m in ("1d", "transposable") for g in ("ste", "masked", "srst
 
 
 def _x(shape=(6, 2, 16), seed=5, dtype=torch.float64):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).requires_grad_(True)
+    return torch.randn(
+        shape, generator=torch.Generator().manual_seed(seed), dtype=dtype
+    ).requires_grad_(True)
 
 
 @pytest.mark.parametrize("is_expert", [False, True], ids=["dense-mlp", "expert"])
@@ -87,7 +89,10 @@ def test_state_dict_and_sharded_state_dict_match_parent(make):
     held = make(cfg, 16, 32, SparsityConfig(mask_refresh_interval=4))
     sparse(_x()), held(_x())  # a held mask exists now
     sd_p = parent.state_dict()
-    for layer in (sparse, held):  # torch state_dict: the parent's keys and shapes (held masks ride in _extra_state)
+    for layer in (
+        sparse,
+        held,
+    ):  # torch state_dict: the parent's keys and shapes (held masks ride in _extra_state)
         sd_s = layer.state_dict()
         assert list(sd_p) == list(sd_s)
         assert all(getattr(sd_p[k], "shape", None) == getattr(sd_s[k], "shape", None) for k in sd_p)
@@ -97,7 +102,11 @@ def test_state_dict_and_sharded_state_dict_match_parent(make):
     assert list(sh_p) == list(sh_s)
     for k, v in sh_p.items():
         if hasattr(v, "global_shape"):
-            assert (v.global_shape, v.global_offset, v.key) == (sh_s[k].global_shape, sh_s[k].global_offset, sh_s[k].key)
+            assert (v.global_shape, v.global_offset, v.key) == (
+                sh_s[k].global_shape,
+                sh_s[k].global_offset,
+                sh_s[k].key,
+            )
     # dist checkpoints of held-mask layers add the mask, sharded like the weight (a dense model ignores it)
     sh_h = held.sharded_state_dict("l.", metadata=meta)
     assert sorted(set(sh_h) - set(sh_p)) == ["l.megasparse_held_mask", "l.megasparse_refreshed_at"]
@@ -118,7 +127,9 @@ def test_gradient_accumulation_fusion_without_apex_accumulates_into_main_grad():
     y, _ = layer(x)
     ref = masked_linear_reference(x, layer.weight, layer.bias, layer.sparsity_mask(), "masked")
     y.backward(ref["dy"].float())
-    torch.testing.assert_close(layer.weight.main_grad.double(), 0.5 + ref["dw"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layer.weight.main_grad.double(), 0.5 + ref["dw"], rtol=1e-5, atol=1e-5
+    )
     assert layer.weight.grad is None  # like Megatron without grad_added_to_main_grad
     # a dense phase of the same layer uses the torch fallback too (the parent would need apex)
     layer.sparsity.enabled = False
@@ -159,20 +170,36 @@ def test_shapes_that_split_a_group_fail_at_construction():
     cfg = make_config()
     with pytest.raises(ValueError, match="input_size=18 is not a multiple of 4"):
         make_column(cfg, 18, 32, SparsityConfig())
-    with pytest.raises(ValueError, match="transposable mask needs 4x4 tiles.*output_size a multiple of 4"):
+    with pytest.raises(
+        ValueError, match="transposable mask needs 4x4 tiles.*output_size a multiple of 4"
+    ):
         make_column(cfg, 16, 30, SparsityConfig(mask="transposable"))
     make_column(cfg, 16, 30, SparsityConfig(mask="1d"))  # 1d only needs the input dim
 
 
 def test_explicit_gpu_backend_checks_dtype_and_alignment_up_front():
-    with pytest.raises(ValueError, match="cusparselt supports float16, bfloat16 weights, not float32"):
+    with pytest.raises(
+        ValueError, match="cusparselt supports float16, bfloat16 weights, not float32"
+    ):
         make_column(make_config(dtype=torch.float32), 64, 64, SparsityConfig(backend="cusparselt"))
-    with pytest.raises(ValueError, match=r"cutlass needs the weight \[out, in\] per tensor-parallel rank to be a multiple of \(32, 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"cutlass needs the weight \[out, in\] per tensor-parallel rank to be a multiple of \(32, 64\)",
+    ):
         make_column(make_config(dtype=torch.bfloat16), 32, 64, SparsityConfig(backend="cutlass"))
     with pytest.raises(ValueError, match=r"transposed weight \[in, out\]"):
-        make_column(make_config(dtype=torch.bfloat16), 64, 32, SparsityConfig(backend="cutlass", mask="transposable"))
-    layer = make_column(make_config(dtype=torch.bfloat16), 64, 64, SparsityConfig(backend="cusparselt"))
-    with pytest.raises(RuntimeError, match="cusparselt needs a CUDA tensor, the weight is on cpu.*backend='auto'"):
+        make_column(
+            make_config(dtype=torch.bfloat16),
+            64,
+            32,
+            SparsityConfig(backend="cutlass", mask="transposable"),
+        )
+    layer = make_column(
+        make_config(dtype=torch.bfloat16), 64, 64, SparsityConfig(backend="cusparselt")
+    )
+    with pytest.raises(
+        RuntimeError, match="cusparselt needs a CUDA tensor, the weight is on cpu.*backend='auto'"
+    ):
         layer(_x((4, 2, 64), dtype=torch.bfloat16))
 
 
@@ -181,7 +208,9 @@ def test_auto_backend_falls_back_to_dense_with_one_warning():
     cfg = make_config(dtype=torch.bfloat16)
     layers = [make_column(cfg, 64, 64, SparsityConfig(backend="auto"), seed=s) for s in range(2)]
     x = _x((4, 2, 64), dtype=torch.bfloat16)
-    with pytest.warns(UserWarning, match="uses the dense masked GEMM .* needs a CUDA tensor") as record:
+    with pytest.warns(
+        UserWarning, match="uses the dense masked GEMM .* needs a CUDA tensor"
+    ) as record:
         outs = [layer(x)[0] for layer in layers]
     assert len([w for w in record if "megasparse" in str(w.message)]) == 1
     ref = masked_linear_reference(x, layers[0].weight, layers[0].bias, layers[0].sparsity_mask())
@@ -194,9 +223,13 @@ def test_nonfinite_weight_propagates_like_dense_or_errors():
     with torch.no_grad():
         layer.weight[3, 5] = float("nan")
     y, _ = layer(_x())
-    assert torch.isnan(y[..., 3]).all() and not torch.isnan(y[..., 4]).any()  # exactly the dense behaviour
+    assert (
+        torch.isnan(y[..., 3]).all() and not torch.isnan(y[..., 4]).any()
+    )  # exactly the dense behaviour
     layer.sparsity.nonfinite_weights = "error"
-    with pytest.raises(FloatingPointError, match="1 NaN/Inf values.*resume from the last good checkpoint"):
+    with pytest.raises(
+        FloatingPointError, match="1 NaN/Inf values.*resume from the last good checkpoint"
+    ):
         layer(_x())
 
 

@@ -93,7 +93,10 @@ def test_transposable_optimum_beats_greedy_on_every_tile():
     assert kept_1d >= kept_opt.sum()  # 1d is the looser constraint
 
 
-@pytest.mark.parametrize("kernel", [mask_1d_reference, mask_1d_triton, mask_transposable_reference, mask_transposable_triton])
+@pytest.mark.parametrize(
+    "kernel",
+    [mask_1d_reference, mask_1d_triton, mask_transposable_reference, mask_transposable_triton],
+)
 def test_nonfinite_weights_are_kept_and_mask_stays_2_4(kernel):
     w = _weight((8, 16), torch.float32)
     w[2, 1], w[3, 2], w[5, 5] = float("nan"), float("inf"), float("-inf")
@@ -104,8 +107,13 @@ def test_nonfinite_weights_are_kept_and_mask_stays_2_4(kernel):
 
 @pytest.mark.parametrize(
     "kernel,shape",
-    [(mask_1d_reference, (4, 6)), (mask_1d_triton, (4, 6)), (mask_transposable_reference, (6, 8)),
-     (mask_transposable_triton, (8, 6)), (mask_1d_reference, (16,))],
+    [
+        (mask_1d_reference, (4, 6)),
+        (mask_1d_triton, (4, 6)),
+        (mask_transposable_reference, (6, 8)),
+        (mask_transposable_triton, (8, 6)),
+        (mask_1d_reference, (16,)),
+    ],
 )
 def test_bad_shapes_raise_clear_errors(kernel, shape):
     with pytest.raises(ValueError, match="megasparse: .*(multiple of|2-D weight)"):
@@ -137,8 +145,10 @@ def test_mask_transposable_triton_ties_and_nonfinite_match_reference(dtype):
     w[4, 9], w[6, 30] = float("-inf"), float("nan")
     w = w.to(dtype)
     assert torch.equal(mask_transposable_triton(w), mask_transposable_reference(w))
-    assert torch.equal(mask_transposable_triton(torch.zeros(4, 8, dtype=dtype)),
-                       mask_transposable_reference(torch.zeros(4, 8, dtype=dtype)))
+    assert torch.equal(
+        mask_transposable_triton(torch.zeros(4, 8, dtype=dtype)),
+        mask_transposable_reference(torch.zeros(4, 8, dtype=dtype)),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -83,7 +83,9 @@ def test_cusparselt_sparse_grad_output_of_a_2_4_activation(tp):
     plan = LinearPlan(backend=BACKENDS["cusparselt"])
     with fake_gpu_ops(), OpRecorder() as rec:
         h = sparse_linear(x, w1, None, None, plan)
-        h.backward(mark_sparse(torch.empty_like(h), (64, 4)))  # dH as the 2:4 activation's backward marks it
+        h.backward(
+            mark_sparse(torch.empty_like(h), (64, 4))
+        )  # dH as the 2:4 activation's backward marks it
     compress = [r for r in cslt_calls(rec) if r.op == "_cslt_compress"]
     assert len(compress) == 1 and compress[0].bytes_read == TOKENS * (FFN // tp) * 2
     (mm,) = [r for r in cslt_calls(rec) if r.op == "_cslt_sparse_mm"]
@@ -147,7 +149,12 @@ def test_fp8_2_4_ffn_forward_backward(tp, mask_kind, tokens):
             y = fp8_sparse_linear_step(torch.relu(h), w2, None, s2, plan)
             y.backward(torch.empty_like(y))
     assert (h.shape, y.shape, y.dtype, x.grad.shape, x.grad.dtype) == (
-        (tokens, FFN // tp), (tokens, HIDDEN), BF16, x.shape, BF16)
+        (tokens, FFN // tp),
+        (tokens, HIDDEN),
+        BF16,
+        x.shape,
+        BF16,
+    )
     assert w1.grad.shape == w1.shape and w2.grad.shape == w2.shape
     assert fake_ops.alpha_item_calls == before_sync  # no .item(): vector alpha only
     calls = fake_ops.sparse_mm_calls[before_calls:]
@@ -190,12 +197,26 @@ def test_grouped_experts_with_uneven_and_zero_token_counts(tp):
     x = meta(sum(counts), HIDDEN, grad=True)
     w1 = [meta(ffn, HIDDEN, grad=True) for _ in range(experts)]
     w2 = [meta(HIDDEN, ffn, grad=True) for _ in range(experts)]
-    config = SimpleNamespace(moe_apply_probs_on_input=False, recompute_modules=None, recompute_granularity=None)
+    config = SimpleNamespace(
+        moe_apply_probs_on_input=False, recompute_modules=None, recompute_granularity=None
+    )
     with _standins(), OpRecorder() as rec:
-        fc1 = StackedWeights()([SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w1], sparsity)
-        fc2 = StackedWeights()([SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w2], sparsity)
-        y = grouped_ffn(x, torch.tensor(counts), meta(sum(counts), dtype=torch.float32), (fc1, None),
-                        (fc2, None), sparse_activation(squared_relu, sparsity), ActivationStats(), config)
+        fc1 = StackedWeights()(
+            [SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w1], sparsity
+        )
+        fc2 = StackedWeights()(
+            [SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w2], sparsity
+        )
+        y = grouped_ffn(
+            x,
+            torch.tensor(counts),
+            meta(sum(counts), dtype=torch.float32),
+            (fc1, None),
+            (fc2, None),
+            sparse_activation(squared_relu, sparsity),
+            ActivationStats(),
+            config,
+        )
         y.backward(torch.empty_like(y))
     assert y.shape == x.shape == x.grad.shape and y.dtype == BF16
     assert all(w.grad.shape == w.shape for w in w1 + w2)

@@ -17,9 +17,11 @@ HIDDEN, FFN, EXPERTS, TOPK = 16, 32, 4, 2
 
 def _full_expert_weights():
     g = torch.Generator().manual_seed(42)
-    return {"w1": torch.randn(EXPERTS, FFN, HIDDEN, generator=g, dtype=torch.float64),
-            "w2": torch.randn(EXPERTS, HIDDEN, FFN, generator=g, dtype=torch.float64),
-            "router": torch.randn(EXPERTS, HIDDEN, generator=g, dtype=torch.float64)}
+    return {
+        "w1": torch.randn(EXPERTS, FFN, HIDDEN, generator=g, dtype=torch.float64),
+        "w2": torch.randn(EXPERTS, HIDDEN, FFN, generator=g, dtype=torch.float64),
+        "router": torch.randn(EXPERTS, HIDDEN, generator=g, dtype=torch.float64),
+    }
 
 
 def _moe_layer(experts_cls, dispatcher, ep, etp, dtype):
@@ -33,10 +35,20 @@ def _moe_layer(experts_cls, dispatcher, ep, etp, dtype):
     from megasparse.compat import LINEARS_ARE_BUILDERS
 
     cfg = make_config(
-        dtype=dtype, hidden_size=HIDDEN, ffn_hidden_size=FFN, moe_ffn_hidden_size=FFN, num_attention_heads=2,
-        num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_token_dispatcher_type=dispatcher,
-        expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, add_bias_linear=False,
-        activation_func=squared_relu, moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none",
+        dtype=dtype,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN,
+        moe_ffn_hidden_size=FFN,
+        num_attention_heads=2,
+        num_moe_experts=EXPERTS,
+        moe_router_topk=TOPK,
+        moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        add_bias_linear=False,
+        activation_func=squared_relu,
+        moe_aux_loss_coeff=0.0,
+        moe_router_load_balancing_type="none",
     )
     sparsity = SparsityConfig(activations="2:4", mask="transposable", backend="dense")
     mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
@@ -74,7 +86,7 @@ def _reference(x, probs, full):
         w2 = full["w2"][e] * mask_transposable_reference(full["w2"][e])
         h = x.double() @ w1.t()
         a = activation_sparsify_reference(h, 64, 4, squared_relu=True)[0]
-        out += probs[:, e:e + 1].double() * (a @ w2.t())
+        out += probs[:, e : e + 1].double() * (a @ w2.t())
     return out
 
 
@@ -86,20 +98,29 @@ def _moe_worker(experts_cls_name, dispatcher, ep, etp, dtype_name):
     full = _full_expert_weights()
     _load_full_weights(moe, full, ep, etp)
     rank = dist.get_rank()
-    x = torch.randn(6, 2, HIDDEN, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64).to(dtype)
+    x = torch.randn(
+        6, 2, HIDDEN, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64
+    ).to(dtype)
     out, _ = moe(x)
     probs, routing_map = moe.router(x.reshape(-1, HIDDEN))
     assert routing_map.sum(1).eq(TOPK).all()
     ref = _reference(x.reshape(-1, HIDDEN), probs.detach(), full).reshape(x.shape)
     tol = 1e-9 if dtype == torch.float64 else 1e-4
-    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol,
-                               msg=lambda m: f"rank {rank} {experts_cls_name} {dispatcher} ep={ep} etp={etp}: {m}")
+    torch.testing.assert_close(
+        out.double(),
+        ref,
+        rtol=tol,
+        atol=tol,
+        msg=lambda m: f"rank {rank} {experts_cls_name} {dispatcher} ep={ep} etp={etp}: {m}",
+    )
     out.sum().backward()
     for name, p in moe.experts.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
-ALLTOALL_NEEDS_CUDA = pytest.mark.gpu  # Megatron's alltoall dispatcher creates CUDA streams in __init__
+ALLTOALL_NEEDS_CUDA = (
+    pytest.mark.gpu
+)  # Megatron's alltoall dispatcher creates CUDA streams in __init__
 
 CASES = [
     ("SparseSequentialMLP", "allgather", 2, 1, "float64"),
@@ -111,6 +132,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("experts_cls,dispatcher,ep,etp,dtype", CASES)
-def test_moe_layer_with_sparse_experts_matches_full_weight_reference(experts_cls, dispatcher, ep, etp, dtype):
-    run_distributed(_moe_worker, world_size=2, args=(experts_cls, dispatcher, ep, etp, dtype),
-                    tensor_model_parallel_size=1, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+def test_moe_layer_with_sparse_experts_matches_full_weight_reference(
+    experts_cls, dispatcher, ep, etp, dtype
+):
+    run_distributed(
+        _moe_worker,
+        world_size=2,
+        args=(experts_cls, dispatcher, ep, etp, dtype),
+        tensor_model_parallel_size=1,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )

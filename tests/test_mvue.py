@@ -28,14 +28,17 @@ def _reference_probabilities(a):
 def _groups():
     torch.manual_seed(0)
     rows = [torch.randn(4, dtype=torch.float64) for _ in range(6)]
-    rows += [torch.tensor(v, dtype=torch.float64) for v in (
-        [5.0, 0.1, -0.2, 0.3],   # one dominant element: p = 1 for it, 1:3 MVUE on the rest
-        [1.0, -1.0, 1.0, -1.0],  # ties
-        [3.0, 1.0, -1.0, 1.0],   # boundary 2 a_max = S
-        [0.0, 0.0, 0.0, 0.0],    # zero group
-        [0.0, 2.0, 0.0, 0.0],    # one nonzero
-        [0.0, -2.0, 0.0, 1.0],   # two nonzeros
-    )]
+    rows += [
+        torch.tensor(v, dtype=torch.float64)
+        for v in (
+            [5.0, 0.1, -0.2, 0.3],  # one dominant element: p = 1 for it, 1:3 MVUE on the rest
+            [1.0, -1.0, 1.0, -1.0],  # ties
+            [3.0, 1.0, -1.0, 1.0],  # boundary 2 a_max = S
+            [0.0, 0.0, 0.0, 0.0],  # zero group
+            [0.0, 2.0, 0.0, 0.0],  # one nonzero
+            [0.0, -2.0, 0.0, 1.0],  # two nonzeros
+        )
+    ]
     return torch.stack(rows)
 
 
@@ -116,8 +119,10 @@ def test_minimum_variance_among_unbiased_2_4_estimators():
         a = g.abs().tolist()
         s = sum(a)
         # successive sampling without replacement, Horvitz-Thompson weights
-        incl = [a[i] / s + sum(a[j] / s * a[i] / (s - a[j]) for j in range(4) if j != i)
-                for i in range(4)]
+        incl = [
+            a[i] / s + sum(a[j] / s * a[i] / (s - a[j]) for j in range(4) if j != i)
+            for i in range(4)
+        ]
         hu = sum(x * x / q - x * x for x, q in zip(a, incl))
         uniform = sum(x * x / 0.5 - x * x for x in a)
         assert float(v) <= hu + 1e-12 and float(v) <= uniform + 1e-12
@@ -140,7 +145,7 @@ def test_wgrad_layout_groups_tokens_per_output_column(dim):
     y = mvue24(dy, dim=dim, generator=torch.Generator().manual_seed(0))
     t = y if dim == 0 else y.t()
     for col, start in itertools.product(range(8), range(0, 16, 4)):
-        assert int((t[start:start + 4, col] != 0).sum()) == 2
+        assert int((t[start : start + 4, col] != 0).sum()) == 2
 
 
 def test_bfloat16_equals_float32_draw_rounded():
@@ -157,8 +162,13 @@ def test_bfloat16_mean_is_unbiased_up_to_rounding():
     exact = groups.double()
     var = mvue24_variance(exact)
     # kept values are rounded to bf16: relative error <= 2^-8 of |a_i / p_i|
-    rounding = 2 ** -8 * (exact.abs() / mvue24_probabilities(exact).clamp_min(1e-30)).where(
-        exact != 0, torch.zeros_like(exact)) * 1.0
+    rounding = (
+        2**-8
+        * (exact.abs() / mvue24_probabilities(exact).clamp_min(1e-30)).where(
+            exact != 0, torch.zeros_like(exact)
+        )
+        * 1.0
+    )
     assert ((draws.mean(0) - exact).abs() <= 5 * (var / n).sqrt() + rounding + 1e-12).all()
 
 
@@ -175,9 +185,11 @@ def test_the_variance_bound_is_the_mse_of_every_draw_on_average():
     us = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000
     edges = torch.cumsum(p, 0)
     start = edges - p
-    keep = ((start <= us[:, None]) & (us[:, None] < edges)) | \
-        ((start <= us[:, None] + 1) & (us[:, None] + 1 < edges))
+    keep = ((start <= us[:, None]) & (us[:, None] < edges)) | (
+        (start <= us[:, None] + 1) & (us[:, None] + 1 < edges)
+    )
     est = torch.where(keep, g / p, torch.zeros_like(g))
     assert torch.allclose(est.mean(0), g[0], atol=1e-4)
-    assert math.isclose(float(((est - g) ** 2).sum(1).mean()),
-                        float(mvue24_variance(g).sum()), rel_tol=1e-3)
+    assert math.isclose(
+        float(((est - g) ** 2).sum(1).mean()), float(mvue24_variance(g).sum()), rel_tol=1e-3
+    )

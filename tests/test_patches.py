@@ -13,7 +13,11 @@ def test_patches_call_existing_hooks():
     patches = sorted((ROOT / "patches").glob("pretrain_gpt.core_*.patch"))
     assert len(patches) == 2
     for patch in patches:
-        added = [line[1:] for line in patch.read_text().splitlines() if line.startswith("+") and not line.startswith("+++")]
+        added = [
+            line[1:]
+            for line in patch.read_text().splitlines()
+            if line.startswith("+") and not line.startswith("+++")
+        ]
         assert len(added) == 3, patch.name
         names = set(re.findall(r"megasparse_lm\.(\w+)", "\n".join(added)))
         assert names == {"on_forward_step", "extra_args_provider"}, patch.name
@@ -31,4 +35,6 @@ def test_example_launch_uses_real_flags_and_spec():
     args = add_args(argparse.ArgumentParser()).parse_args(argv)  # every flag in the script parses
     assert args.sparsity_weights == "2:4" and args.sparsity_activations == "2:4"
     module, name = re.search(r"--spec (\S+) (\S+)", script).groups()
-    assert name in vars(importlib.import_module(module))  # Megatron-LM imports the module, reads vars(module)[name]
+    assert name in vars(
+        importlib.import_module(module)
+    )  # Megatron-LM imports the module, reads vars(module)[name]

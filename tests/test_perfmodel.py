@@ -81,7 +81,9 @@ def test_sparse_linear_on_cusparselt_is_flagged_sparse_and_weight_work_is_per_st
     # W and W^T compressed once for the step; nothing is compressed per micro-batch
     compressions = [r for r in rec.records if r.op == "_cslt_compress"]
     assert [r.phase for r in compressions] == ["weight_prep", "weight_prep"]
-    assert compressions[0].bytes_written == out_f * in_f * 9 // 16 * 2  # cuSPARSELtOps.cpp: numel * 9 / 16
+    assert (
+        compressions[0].bytes_written == out_f * in_f * 9 // 16 * 2
+    )  # cuSPARSELtOps.cpp: numel * 9 / 16
 
 
 def test_sparse_gemm_time_is_dense_time_over_the_cited_speedup():

@@ -16,19 +16,53 @@ import math
 import pytest
 import torch
 
-from megasparse.tools.prune import (magnitude_prune, main, sparsegpt_prune, target_modules,
-                                    wanda_prune)
+from megasparse.tools.prune import (
+    magnitude_prune,
+    main,
+    sparsegpt_prune,
+    target_modules,
+    wanda_prune,
+)
 
-MODEL = ["--layers", "2", "--hidden", "64", "--heads", "4", "--ffn", "256", "--seq", "64",
-         "--batch", "16", "--corpus-bytes", "400000", "--targets", "qkv", "proj", "fc1", "fc2"]
+MODEL = [
+    "--layers",
+    "2",
+    "--hidden",
+    "64",
+    "--heads",
+    "4",
+    "--ffn",
+    "256",
+    "--seq",
+    "64",
+    "--batch",
+    "16",
+    "--corpus-bytes",
+    "400000",
+    "--targets",
+    "qkv",
+    "proj",
+    "fc1",
+    "fc2",
+]
 TARGETS = ("qkv", "proj", "fc1", "fc2")
 TRAIN_STEPS = 250  # fewer: the model is still near unigram statistics and pruning order is noise
 WANDA_TOL = 0.005  # nats/byte: Wanda may tie magnitude on this model (see the module notes)
 
 
 def _model_args():
-    return argparse.Namespace(layers=2, hidden=64, heads=4, ffn=256, seq=64, batch=16, tp=1, seed=0,
-                              targets=list(TARGETS), corpus_bytes=400_000)
+    return argparse.Namespace(
+        layers=2,
+        hidden=64,
+        heads=4,
+        ffn=256,
+        seq=64,
+        batch=16,
+        tp=1,
+        seed=0,
+        targets=list(TARGETS),
+        corpus_bytes=400_000,
+    )
 
 
 def _val_batches(args):
@@ -36,7 +70,7 @@ def _val_batches(args):
 
     data = load_corpus(args.corpus_bytes)
     g = torch.Generator().manual_seed(99)
-    return [text_batches(data[int(0.9 * len(data)):], args.seq, args.batch, g) for _ in range(8)]
+    return [text_batches(data[int(0.9 * len(data)) :], args.seq, args.batch, g) for _ in range(8)]
 
 
 @torch.no_grad()
@@ -44,7 +78,7 @@ def _val_loss(model, batches):
     from megasparse.tools.demo import gpt_loss
 
     model.eval()
-    return sum(gpt_loss(model, t, l).item() for t, l in batches) / len(batches)
+    return sum(gpt_loss(model, t, lab).item() for t, lab in batches) / len(batches)
 
 
 def _load(sparsity, path):
@@ -71,7 +105,7 @@ def dense_checkpoint(megatron_tp1, tmp_path_factory):
     g = torch.Generator().manual_seed(1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     for _ in range(TRAIN_STEPS):
-        loss = gpt_loss(model, *text_batches(data[:int(0.9 * len(data))], args.seq, args.batch, g))
+        loss = gpt_loss(model, *text_batches(data[: int(0.9 * len(data))], args.seq, args.batch, g))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -90,8 +124,19 @@ def test_pruned_checkpoints_order_and_load_into_the_sparse_model(dense_checkpoin
     losses = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
         out = str(tmp_path / method)
-        masks = main(["--load", dense_path, "--save", out, "--method", method,
-                      "--calib-batches", "8", *MODEL])
+        masks = main(
+            [
+                "--load",
+                dense_path,
+                "--save",
+                out,
+                "--method",
+                method,
+                "--calib-batches",
+                "8",
+                *MODEL,
+            ]
+        )
         assert len(masks) == 8  # qkv, proj, fc1, fc2 of 2 layers
         dense = _load(None, out)
         losses[method] = _val_loss(dense, batches)
@@ -101,8 +146,10 @@ def test_pruned_checkpoints_order_and_load_into_the_sparse_model(dense_checkpoin
             assert torch.equal(module.sparsity_mask(), masks[name + ".weight"]), name
         # the sparse model computes exactly what the pruned dense weights compute
         assert _val_loss(sparse, batches) == pytest.approx(losses[method], abs=1e-5)
-    print(f"\nval loss: dense {dense_loss:.4f}, "
-          + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    print(
+        f"\nval loss: dense {dense_loss:.4f}, "
+        + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+    )
     assert dense_loss < losses["sparsegpt"]
     assert losses["sparsegpt"] < min(losses["wanda"], losses["magnitude"])
     assert losses["wanda"] <= losses["magnitude"] + WANDA_TOL
@@ -112,9 +159,11 @@ def _loop_wanda(w, x):
     out = w.clone()
     for r in range(w.shape[0]):
         for g in range(0, w.shape[1], 4):
-            s = [abs(float(w[r, g + j]))
-                 * math.sqrt(sum(float(x[t, g + j]) ** 2 for t in range(x.shape[0])))
-                 for j in range(4)]
+            s = [
+                abs(float(w[r, g + j]))
+                * math.sqrt(sum(float(x[t, g + j]) ** 2 for t in range(x.shape[0])))
+                for j in range(4)
+            ]
             keep = sorted(range(4), key=lambda j: (-s[j], j))[:2]
             for j in range(4):
                 if j not in keep:
@@ -145,8 +194,10 @@ def _loop_sparsegpt(w, h, damping=0.01):
         hinv = torch.linalg.inv(h)
         for g in range(0, n, 4):
             # OBS error of each of the 4 columns given the current inverse Hessian
-            err = [float(row[g + j]) ** 2 / float(torch.linalg.inv(h[g + j:, g + j:])[0, 0])
-                   for j in range(4)]
+            err = [
+                float(row[g + j]) ** 2 / float(torch.linalg.inv(h[g + j :, g + j :])[0, 0])
+                for j in range(4)
+            ]
             keep = sorted(range(4), key=lambda j: (-err[j], j))[:2]
             for j in range(4):
                 c = g + j

@@ -25,7 +25,7 @@ def _soft_threshold_reference(w):
     out = torch.zeros_like(w, dtype=torch.float64)
     for r in range(w.shape[0]):
         for g in range(0, w.shape[1], 4):
-            vals = [float(v) for v in w[r, g:g + 4]]
+            vals = [float(v) for v in w[r, g : g + 4]]
             t = sorted(abs(v) for v in vals)[1]
             for j, v in enumerate(vals):
                 out[r, g + j] = max(abs(v) - t, 0.0) * (1 if v > 0 else -1)
@@ -47,23 +47,45 @@ def _micro_batches(g, in_size, out_size):
 
 
 def _dense_grad(xs, dys):
-    return sum(dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-               for x, dy in zip(xs, dys))
+    return sum(
+        dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) for x, dy in zip(xs, dys)
+    )
 
 
 # --- flags and validation --------------------------------------------------------------------
+
 
 def test_flags_map_to_config_and_default_off():
     parser = add_args(argparse.ArgumentParser())
     default = config_from_args(parser.parse_args(["--sparsity-weights", "2:4"]))
     assert (default.gradient, default.wgrad_sparsity, default.track_flip_rate) == (
-        "ste", None, False)
-    args = parser.parse_args(["--sparsity-weights", "2:4", "--sparsity-grad", "masked_decay",
-                              "--sparsity-masked-decay-factor", "1e-3", "--sparsity-wgrad", "mvue",
-                              "--sparsity-wgrad-seed", "7", "--sparsity-flip-rate"])
+        "ste",
+        None,
+        False,
+    )
+    args = parser.parse_args(
+        [
+            "--sparsity-weights",
+            "2:4",
+            "--sparsity-grad",
+            "masked_decay",
+            "--sparsity-masked-decay-factor",
+            "1e-3",
+            "--sparsity-wgrad",
+            "mvue",
+            "--sparsity-wgrad-seed",
+            "7",
+            "--sparsity-flip-rate",
+        ]
+    )
     c = config_from_args(args)
-    assert (c.gradient, c.masked_decay_factor, c.wgrad_sparsity, c.wgrad_seed,
-            c.track_flip_rate) == ("masked_decay", 1e-3, "mvue", 7, True)
+    assert (
+        c.gradient,
+        c.masked_decay_factor,
+        c.wgrad_sparsity,
+        c.wgrad_seed,
+        c.track_flip_rate,
+    ) == ("masked_decay", 1e-3, "mvue", 7, True)
     sste = parser.parse_args(["--sparsity-weights", "2:4", "--sparsity-grad", "sste"])
     assert config_from_args(sste).gradient == "sste"
 
@@ -86,12 +108,14 @@ def test_invalid_quality_options_name_the_fix():
 
 # --- masked_decay: once per step -------------------------------------------------------------
 
+
 @pytest.mark.usefixtures("megatron_tp1")
 @pytest.mark.parametrize("fusion", [False, True])
 def test_masked_decay_is_added_once_per_step_with_k_micro_batches(fusion):
     decay = 0.03
-    sparsity = SparsityConfig(gradient="masked_decay", masked_decay_factor=decay, srste_decay=0.5,
-                              backend="dense")
+    sparsity = SparsityConfig(
+        gradient="masked_decay", masked_decay_factor=decay, srste_decay=0.5, backend="dense"
+    )
     cfg = make_config(gradient_accumulation_fusion=fusion)
     layer = make_column(cfg, 16, 32, sparsity)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
@@ -115,6 +139,7 @@ def test_masked_decay_is_added_once_per_step_with_k_micro_batches(fusion):
 
 # --- S-STE -----------------------------------------------------------------------------------
 
+
 @pytest.mark.usefixtures("megatron_tp1")
 def test_sste_forward_is_fixed_beta_times_soft_threshold_and_gradient_is_straight_through():
     layer = make_column(make_config(), 16, 32, SparsityConfig(gradient="sste", backend="dense"))
@@ -130,8 +155,9 @@ def test_sste_forward_is_fixed_beta_times_soft_threshold_and_gradient_is_straigh
         for x, dy in zip(xs, dys):
             xr = x.clone().requires_grad_(True)
             y, _ = layer(xr)
-            torch.testing.assert_close(y, x @ forward_weight.t() + layer.bias,
-                                       rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(
+                y, x @ forward_weight.t() + layer.bias, rtol=1e-12, atol=1e-12
+            )
             y.backward(dy)
             torch.testing.assert_close(xr.grad, dy @ forward_weight, rtol=1e-12, atol=1e-12)
         # straight-through: the dense W gets dL/d(beta S(W)) unchanged (neither masked nor scaled)
@@ -157,8 +183,9 @@ def test_sste_beta_is_computed_at_the_first_sparse_forward_and_saved_in_extra_st
     assert float(layer.weight_state.sste_beta) == pytest.approx(beta, rel=1e-12)
     state = layer.get_extra_state()
     assert float(state["megasparse_sste_beta"]) == pytest.approx(beta, rel=1e-12)
-    other = make_column(make_config(), 16, 32, SparsityConfig(gradient="sste", backend="dense"),
-                        seed=5)
+    other = make_column(
+        make_config(), 16, 32, SparsityConfig(gradient="sste", backend="dense"), seed=5
+    )
     other.weight_state.restore_extra_state(state, other.weight)
     with torch.no_grad():
         other.weight.copy_(layer.weight)
@@ -177,8 +204,9 @@ def test_sste_beta_round_trips_through_the_layer_state_dict():
     layer(x)
     with torch.no_grad():
         layer.weight.mul_(3.0)  # trained on: the fixed beta no longer matches a fresh one
-    other = make_column(make_config(), 16, 32, SparsityConfig(gradient="sste", backend="dense"),
-                        seed=5)
+    other = make_column(
+        make_config(), 16, 32, SparsityConfig(gradient="sste", backend="dense"), seed=5
+    )
     other.load_state_dict(layer.state_dict())
     torch.testing.assert_close(other(x)[0], layer(x)[0], rtol=0, atol=0)
 
@@ -216,13 +244,15 @@ def test_sste_beta_is_reduced_over_the_tp_group_tp2():
 
 # --- MVUE weight gradient --------------------------------------------------------------------
 
+
 @pytest.mark.usefixtures("megatron_tp1")
 def test_mvue_weight_gradient_is_unbiased_and_sparse_along_tokens():
     """Mean of N draws -> dY^T X; every |z| under 5 with the empirical standard error (fixed
     seed)."""
     draws = 2000
-    layer = make_column(make_config(), 8, 8, SparsityConfig(wgrad_sparsity="mvue", backend="dense"),
-                        bias=False)
+    layer = make_column(
+        make_config(), 8, 8, SparsityConfig(wgrad_sparsity="mvue", backend="dense"), bias=False
+    )
     g = torch.Generator().manual_seed(4)
     x = torch.randn(10, 8, dtype=torch.float64, generator=g)  # 10 tokens: padded to 12 inside
     dy = torch.randn(10, 8, dtype=torch.float64, generator=g)
@@ -234,7 +264,7 @@ def test_mvue_weight_gradient_is_unbiased_and_sparse_along_tokens():
     grads = torch.stack(grads)
     expected = dy.t() @ x
     assert not torch.allclose(grads[0], expected)  # it is a sparse estimate, not the dense GEMM
-    stderr = grads.std(0) / draws ** 0.5
+    stderr = grads.std(0) / draws**0.5
     z = (grads.mean(0) - expected) / stderr
     assert z.abs().max() < 5, z.abs().max()
     # relative error of the mean shrinks like 1/sqrt(N): within 5% here (the stated tolerance)
@@ -248,8 +278,9 @@ def test_mvue_weight_gradient_variance_matches_the_paper_formula():
     from megasparse.mvue import mvue24_variance
 
     draws = 4000
-    layer = make_column(make_config(), 8, 4, SparsityConfig(wgrad_sparsity="mvue", backend="dense"),
-                        bias=False)
+    layer = make_column(
+        make_config(), 8, 4, SparsityConfig(wgrad_sparsity="mvue", backend="dense"), bias=False
+    )
     g = torch.Generator().manual_seed(5)
     dy = torch.randn(8, 4, dtype=torch.float64, generator=g)
     dy[4:8, 0] = torch.tensor([3.0, 0.1, -0.2, 0.1], dtype=torch.float64)  # the 2 a_max > S case
@@ -323,11 +354,16 @@ def test_mvue_weight_grad_sparse_operand_path_on_gpu():
 
 # --- flip rate -------------------------------------------------------------------------------
 
+
 @pytest.mark.usefixtures("megatron_tp1")
 @pytest.mark.parametrize("interval", [1, 2])
 def test_flip_rate_is_the_share_of_mask_entries_changed_since_the_last_mask(interval):
-    layer = make_column(make_config(), 16, 32, SparsityConfig(track_flip_rate=True, backend="dense",
-                                                              mask_refresh_interval=interval))
+    layer = make_column(
+        make_config(),
+        16,
+        32,
+        SparsityConfig(track_flip_rate=True, backend="dense", mask_refresh_interval=interval),
+    )
     opt = torch.optim.SGD(layer.parameters(), lr=0.3)
     g = torch.Generator().manual_seed(7)
     previous, expected = None, None
@@ -375,10 +411,13 @@ def test_megatron_lm_hook_logs_flip_rate_to_tensorboard_and_wandb(monkeypatch):
     monkeypatch.setitem(sys.modules, "megatron.training", fake)
     monkeypatch.setitem(megatron_lm._last_logged, "iteration", None)
     model = torch.nn.Sequential()
-    model.add_module("fc", make_column(make_config(), 16, 32, SparsityConfig(track_flip_rate=True,
-                                                                             backend="dense")))
+    model.add_module(
+        "fc",
+        make_column(make_config(), 16, 32, SparsityConfig(track_flip_rate=True, backend="dense")),
+    )
     args = add_args(argparse.ArgumentParser()).parse_args(
-        ["--sparsity-weights", "2:4", "--sparsity-flip-rate"])
+        ["--sparsity-weights", "2:4", "--sparsity-flip-rate"]
+    )
     args.log_interval, args.train_iters = 2, 10
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     for iteration in range(5):
@@ -391,8 +430,11 @@ def test_megatron_lm_hook_logs_flip_rate_to_tensorboard_and_wandb(monkeypatch):
     steps = [step for _, _, step in tb.calls]
     assert sorted(set(steps)) == [0, 2, 4]
     names = {name for name, _, _ in tb.calls}
-    assert {"megasparse/flip_rate/fc", "megasparse/flip_rate/mean",
-            "megasparse/kept_weight_l1/fc"} <= names
+    assert {
+        "megasparse/flip_rate/fc",
+        "megasparse/flip_rate/mean",
+        "megasparse/kept_weight_l1/fc",
+    } <= names
     # one mask at iteration 0: no flips yet
     assert "megasparse/flip_rate/fc" not in {n for n, _, s in tb.calls if s == 0}
     at4 = {n: v for n, v, s in tb.calls if s == 4}

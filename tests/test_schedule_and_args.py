@@ -21,25 +21,32 @@ def test_phases_by_iteration():
     assert SparsitySchedule().phase(10**6) == SPARSE
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(dense_final_iters=5), "needs train_iters"),
-    (dict(dense_warmup_iters=6, dense_final_iters=5, train_iters=10), "exceed train_iters"),
-    (dict(dense_warmup_iters=-1), ">= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dense_final_iters=5), "needs train_iters"),
+        (dict(dense_warmup_iters=6, dense_final_iters=5, train_iters=10), "exceed train_iters"),
+        (dict(dense_warmup_iters=-1), ">= 0"),
+    ],
+)
 def test_bad_schedules(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SparsitySchedule(**kwargs)
 
 
 def _mlp(sparsity, seed=0):
-    cfg = make_config(dtype=torch.float64, hidden_size=16, ffn_hidden_size=32, activation_func=squared_relu)
+    cfg = make_config(
+        dtype=torch.float64, hidden_size=16, ffn_hidden_size=32, activation_func=squared_relu
+    )
     return make_mlp(cfg, 32, sparsity, sparsity, seed=seed)
 
 
 def _train(mlp, opt, schedule, iterations, data_seed=0):
     for it in iterations:
         schedule.apply(mlp, it)
-        x = torch.randn(4, 2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(data_seed + it))
+        x = torch.randn(
+            4, 2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(data_seed + it)
+        )
         y, _ = mlp(x)
         opt.zero_grad()
         y.square().mean().backward()
@@ -50,8 +57,12 @@ def test_apply_switches_every_sparse_layer_and_nothing_is_lost():
     mlp = _mlp(SparsityConfig(activations="2:4", backend="dense"))
     schedule = SparsitySchedule(dense_warmup_iters=1, dense_final_iters=1, train_iters=3)
     assert len(sparse_modules(mlp)) == 2
-    assert schedule.apply(mlp, 0) == DENSE_WARMUP and not any(m.sparsity.enabled for m in sparse_modules(mlp))
-    assert torch.equal(mlp.linear_fc1.sparsity_mask(), torch.ones_like(mlp.linear_fc1.weight, dtype=torch.bool))
+    assert schedule.apply(mlp, 0) == DENSE_WARMUP and not any(
+        m.sparsity.enabled for m in sparse_modules(mlp)
+    )
+    assert torch.equal(
+        mlp.linear_fc1.sparsity_mask(), torch.ones_like(mlp.linear_fc1.weight, dtype=torch.bool)
+    )
     dense_weight = mlp.linear_fc1.weight.detach().clone()
     assert schedule.apply(mlp, 1) == SPARSE and all(m.sparsity.enabled for m in sparse_modules(mlp))
     assert mlp.linear_fc1.sparsity_mask().float().mean() == 0.5
@@ -69,13 +80,17 @@ def test_resumed_run_matches_uninterrupted_run_with_held_masks():
 
     first = _mlp(sparsity)
     opt1 = torch.optim.Adam(first.parameters(), lr=1e-2)
-    _train(first, opt1, schedule, range(6))  # stop mid-hold: masks refreshed at iteration 5, held until 8
+    _train(
+        first, opt1, schedule, range(6)
+    )  # stop mid-hold: masks refreshed at iteration 5, held until 8
     assert first.linear_fc1.weight_state.held_mask() is not None
     checkpoint = {"model": first.state_dict(), "opt": opt1.state_dict()}
 
     resumed = _mlp(sparsity, seed=99)  # a different init: everything must come from the checkpoint
     resumed.load_state_dict(checkpoint["model"])
-    assert torch.equal(resumed.linear_fc1.weight_state.held_mask(), first.linear_fc1.weight_state.held_mask())
+    assert torch.equal(
+        resumed.linear_fc1.weight_state.held_mask(), first.linear_fc1.weight_state.held_mask()
+    )
     opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
     opt2.load_state_dict(checkpoint["opt"])
     _train(resumed, opt2, schedule, range(6, 10))
@@ -97,26 +112,55 @@ def test_held_mask_lost_from_checkpoint_would_change_the_run():
 
 def test_flags_parse_into_config_and_schedule():
     parser = add_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--sparsity-weights", "2:4", "--sparsity-activations", "64:2:8", "--sparsity-mask",
-                              "transposable", "--sparsity-grad", "srste", "--sparsity-targets", "fc1", "fc2", "qkv",
-                              "--sparsity-dense-warmup-iters", "100", "--sparsity-dense-final-iters", "0.1",
-                              "--sparsity-mask-refresh-iters", "10"])
+    args = parser.parse_args(
+        [
+            "--sparsity-weights",
+            "2:4",
+            "--sparsity-activations",
+            "64:2:8",
+            "--sparsity-mask",
+            "transposable",
+            "--sparsity-grad",
+            "srste",
+            "--sparsity-targets",
+            "fc1",
+            "fc2",
+            "qkv",
+            "--sparsity-dense-warmup-iters",
+            "100",
+            "--sparsity-dense-final-iters",
+            "0.1",
+            "--sparsity-mask-refresh-iters",
+            "10",
+        ]
+    )
     args.train_iters = 1000
     cfg = config_from_args(args)
-    assert (cfg.weights, cfg.activations, cfg.mask, cfg.gradient, cfg.mask_refresh_interval) == \
-        ("2:4", "64:2:8", "transposable", "srste", 10)
+    assert (cfg.weights, cfg.activations, cfg.mask, cfg.gradient, cfg.mask_refresh_interval) == (
+        "2:4",
+        "64:2:8",
+        "transposable",
+        "srste",
+        10,
+    )
     assert args.sparsity_targets == ["fc1", "fc2", "qkv"]
     s = schedule_from_args(args)
     assert (s.dense_warmup_iters, s.dense_final_iters, s.train_iters) == (100, 100, 1000)
     defaults = parser.parse_args([])
-    assert config_from_args(defaults).weights is None and defaults.sparsity_targets == ["fc1", "fc2", "experts"]
+    assert config_from_args(defaults).weights is None and defaults.sparsity_targets == [
+        "fc1",
+        "fc2",
+        "experts",
+    ]
     with pytest.raises(SystemExit):
         parser.parse_args(["--sparsity-dense-final-iters", "1.5"])
     assert "--sparsity-dense-final-iters" in parser.format_help()
 
 
 def _megatron_lm_args(**overrides):
-    args = add_args(argparse.ArgumentParser()).parse_args(["--sparsity-weights", "2:4", "--sparsity-activations", "2:4"])
+    args = add_args(argparse.ArgumentParser()).parse_args(
+        ["--sparsity-weights", "2:4", "--sparsity-activations", "2:4"]
+    )
     args.train_iters, args.curr_iteration, args.transformer_impl = 20, 0, "local"
     args.sparsity_dense_warmup_iters = 5
     for k, v in overrides.items():
@@ -137,23 +181,46 @@ def test_megatron_lm_hooks_with_a_stand_in_for_its_args():
     spec = MegatronLMSpec(args)
     from megatron.core.transformer.spec_utils import build_module
 
-    cfg = make_config(dtype=torch.float32, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-                      activation_func=squared_relu)
+    cfg = make_config(
+        dtype=torch.float32,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        activation_func=squared_relu,
+    )
     layer = build_module(spec, config=cfg, layer_number=1)
-    assert type(layer.mlp).__name__ == "SparseMLP" and layer.mlp.linear_fc2.sparsity.activations == "2:4"
-    assert on_forward_step(layer, args) == DENSE_WARMUP and not layer.mlp.linear_fc1.sparsity.enabled
+    assert (
+        type(layer.mlp).__name__ == "SparseMLP"
+        and layer.mlp.linear_fc2.sparsity.activations == "2:4"
+    )
+    assert (
+        on_forward_step(layer, args) == DENSE_WARMUP and not layer.mlp.linear_fc1.sparsity.enabled
+    )
     args.curr_iteration = 7
     assert on_forward_step(layer, args) == SPARSE and layer.mlp.linear_fc1.sparsity.enabled
-    with pytest.raises(ValueError, match="needs --sparsity-weights 2:4 and/or --sparsity-activations"):
+    with pytest.raises(
+        ValueError, match="needs --sparsity-weights 2:4 and/or --sparsity-activations"
+    ):
         MegatronLMSpec(_megatron_lm_args(sparsity_weights=None, sparsity_activations=None)).module
 
 
 def test_public_names_named_in_the_issues_exist():
     import megasparse
 
-    parser = megasparse.add_args(argparse.ArgumentParser())  # usable as Megatron-LM's extra_args_provider
+    parser = megasparse.add_args(
+        argparse.ArgumentParser()
+    )  # usable as Megatron-LM's extra_args_provider
     assert parser.parse_args(["--sparsity-weights", "2:4"]).sparsity_weights == "2:4"
     assert megasparse.SparsitySchedule is SparsitySchedule
-    for name in ("SparseColumnParallelLinear", "SparseRowParallelLinear", "SparseMLP", "SparseSequentialMLP",
-                 "SparseGroupedMLP", "SparseTEGroupedMLP", "sparsify_spec", "SparsityConfig", "Fp8SparseLinear"):
+    for name in (
+        "SparseColumnParallelLinear",
+        "SparseRowParallelLinear",
+        "SparseMLP",
+        "SparseSequentialMLP",
+        "SparseGroupedMLP",
+        "SparseTEGroupedMLP",
+        "sparsify_spec",
+        "SparsityConfig",
+        "Fp8SparseLinear",
+    ):
         assert getattr(megasparse, name) is not None

@@ -38,7 +38,9 @@ def test_gradient_modes_differ_where_they_should():
     grads = {}
     for mode in ("ste", "masked", "srste"):
         wr = w.clone().requires_grad_(True)
-        sparse_linear(x, wr, None, mask, LinearPlan(gradient=mode, srste_decay=0.5)).sum().backward()
+        sparse_linear(
+            x, wr, None, mask, LinearPlan(gradient=mode, srste_decay=0.5)
+        ).sum().backward()
         grads[mode] = wr.grad
     assert torch.equal(grads["masked"][~mask], torch.zeros_like(grads["masked"][~mask]))
     assert torch.equal(grads["ste"][mask], grads["masked"][mask])
@@ -52,7 +54,9 @@ def test_main_grad_accumulates_in_fp32_and_returns_dummy_grad():
     wr.main_grad = torch.ones(w.shape, dtype=torch.float32)
     wr.grad_added_to_main_grad = False
     dy = torch.randn(5, 3, 8, dtype=torch.bfloat16)
-    y = sparse_linear(x, wr, None, mask, LinearPlan(gradient="masked", gradient_accumulation_fusion=True))
+    y = sparse_linear(
+        x, wr, None, mask, LinearPlan(gradient="masked", gradient_accumulation_fusion=True)
+    )
     y.backward(dy)
     expected = 1.0 + (dy.double().reshape(-1, 8).t() @ x.double().reshape(-1, 16)) * mask
     torch.testing.assert_close(wr.main_grad.double(), expected, rtol=1e-5, atol=1e-5)

@@ -144,9 +144,14 @@ def test_layers_follow_the_gate_per_role_and_ask_once_per_shape(monkeypatch):
 
     asked = []
     monkeypatch.setattr("megasparse.layers.resolve_backend", lambda *a, **k: Recording())
-    monkeypatch.setattr(gate_module, "applies", lambda requested, backend, weight: requested == "auto")
-    monkeypatch.setattr(gate_module, "sparse_roles",
-                        lambda layer, step, backend, tokens, group: asked.append(tokens) or ("input_grad",))
+    monkeypatch.setattr(
+        gate_module, "applies", lambda requested, backend, weight: requested == "auto"
+    )
+    monkeypatch.setattr(
+        gate_module,
+        "sparse_roles",
+        lambda layer, step, backend, tokens, group: asked.append(tokens) or ("input_grad",),
+    )
     layer = make_column(make_config(), 16, 32, SparsityConfig(mask="transposable"))
     for _ in range(3):
         x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)

@@ -21,7 +21,9 @@ class FakeTELinear(torch.nn.Module):
     def __init__(self, in_features, out_features, *, config):
         super().__init__()
         self.config = config
-        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features, dtype=config.params_dtype))
+        self.weight = torch.nn.Parameter(
+            torch.randn(out_features, in_features, dtype=config.params_dtype)
+        )
 
     def _get_weight_tensors(self):
         return [self.weight]
@@ -30,11 +32,17 @@ class FakeTELinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self._get_weight_tensors()[0]), None
 
 
-@pytest.mark.parametrize("mask,gradient", [("1d", "ste"), ("transposable", "masked"), ("1d", "srste")])
+@pytest.mark.parametrize(
+    "mask,gradient", [("1d", "ste"), ("transposable", "masked"), ("1d", "srste")]
+)
 def test_te_linear_computes_with_the_masked_weight_and_the_gradient_mode(mask, gradient):
     torch.manual_seed(0)
-    layer = sparse_te_class(FakeTELinear)(16, 32, config=make_config(), sparsity=SparsityConfig(
-        mask=mask, gradient=gradient, srste_decay=0.1))
+    layer = sparse_te_class(FakeTELinear)(
+        16,
+        32,
+        config=make_config(),
+        sparsity=SparsityConfig(mask=mask, gradient=gradient, srste_decay=0.1),
+    )
     x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
     y, _ = layer(x)
     m = weight_mask(layer.weight, mask)
@@ -50,7 +58,9 @@ def test_disabled_te_linear_is_the_te_linear():
     torch.manual_seed(1)
     base = FakeTELinear(16, 32, config=make_config())
     torch.manual_seed(1)
-    sparse = sparse_te_class(FakeTELinear)(16, 32, config=make_config(), sparsity=SparsityConfig(enabled=False))
+    sparse = sparse_te_class(FakeTELinear)(
+        16, 32, config=make_config(), sparsity=SparsityConfig(enabled=False)
+    )
     x = torch.randn(5, 16, dtype=torch.float64)
     assert torch.equal(base(x)[0], sparse(x)[0])
     assert list(base.state_dict()) == list(sparse.state_dict())
@@ -72,12 +82,25 @@ class DelayedWgradTELinear(FakeTELinear):
         self.wgrad_store = type("WeightGradStore", (), {"delay_wgrad_compute": lambda self: True})()
 
 
-@pytest.mark.parametrize("cls,kwargs,error,match", [
-    (FakeTELinear, {"activations": "2:4"}, ValueError, "activation sparsity is not available in TE linears"),
-    (FakeTELinear, {"mask_refresh_interval": 2}, ValueError, "_extra_state.*mask_refresh_interval=1"),
-    (OldTELinear, {}, NotImplementedError, "TE < 2.5.*silently train dense.*2.5 or newer"),
-    (DelayedWgradTELinear, {}, NotImplementedError, "delay_wgrad_compute"),
-])
+@pytest.mark.parametrize(
+    "cls,kwargs,error,match",
+    [
+        (
+            FakeTELinear,
+            {"activations": "2:4"},
+            ValueError,
+            "activation sparsity is not available in TE linears",
+        ),
+        (
+            FakeTELinear,
+            {"mask_refresh_interval": 2},
+            ValueError,
+            "_extra_state.*mask_refresh_interval=1",
+        ),
+        (OldTELinear, {}, NotImplementedError, "TE < 2.5.*silently train dense.*2.5 or newer"),
+        (DelayedWgradTELinear, {}, NotImplementedError, "delay_wgrad_compute"),
+    ],
+)
 def test_te_linear_refuses_what_it_cannot_do(cls, kwargs, error, match):
     with pytest.raises(error, match=match):
         sparse_te_class(cls)(16, 32, config=make_config(), sparsity=SparsityConfig(**kwargs))
@@ -98,7 +121,9 @@ class _FusedWgradGemm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        ctx.weight.main_grad.add_(dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float())
+        ctx.weight.main_grad.add_(
+            dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
+        )
         ctx.weight.grad_added_to_main_grad = True
         return dy @ weight, torch.zeros_like(weight)
 
@@ -114,8 +139,9 @@ def test_te_wgrad_fusion_main_grad_equals_reference_over_micro_batches(gradient)
     with srste's term exactly once in the step."""
     torch.manual_seed(3)
     cfg = make_config(gradient_accumulation_fusion=True)
-    layer = sparse_te_class(FusedWgradTELinear)(16, 32, config=cfg, sparsity=SparsityConfig(
-        gradient=gradient, srste_decay=0.1))
+    layer = sparse_te_class(FusedWgradTELinear)(
+        16, 32, config=cfg, sparsity=SparsityConfig(gradient=gradient, srste_decay=0.1)
+    )
     layer.weight.main_grad = torch.zeros(32, 16, dtype=torch.float32)
     layer.weight.grad_added_to_main_grad = False
     mask = weight_mask(layer.weight)
@@ -142,7 +168,11 @@ class TEColumnParallelLinear(ColumnParallelLinear):
         return [self.weight]
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        return super().forward(input_, weight=self._get_weight_tensors()[0], runtime_gather_output=runtime_gather_output)
+        return super().forward(
+            input_,
+            weight=self._get_weight_tensors()[0],
+            runtime_gather_output=runtime_gather_output,
+        )
 
 
 def test_sparsify_spec_maps_te_linears():
@@ -153,13 +183,29 @@ def test_sparsify_spec_maps_te_linears():
 
     spec = get_gpt_layer_local_spec()
     attention = spec.submodules.self_attention
-    te_spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=ModuleSpec(
-        module=attention.module, params=attention.params,
-        submodules=dataclasses.replace(attention.submodules, linear_qkv=TEColumnParallelLinear))))
-    cfg = make_config(dtype=torch.float32, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64)
-    layer = build_module(sparsify_spec(te_spec, SparsityConfig(), targets=("qkv",)), config=cfg, layer_number=1)
+    te_spec = dataclasses.replace(
+        spec,
+        submodules=dataclasses.replace(
+            spec.submodules,
+            self_attention=ModuleSpec(
+                module=attention.module,
+                params=attention.params,
+                submodules=dataclasses.replace(
+                    attention.submodules, linear_qkv=TEColumnParallelLinear
+                ),
+            ),
+        ),
+    )
+    cfg = make_config(
+        dtype=torch.float32, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64
+    )
+    layer = build_module(
+        sparsify_spec(te_spec, SparsityConfig(), targets=("qkv",)), config=cfg, layer_number=1
+    )
     qkv = layer.self_attention.linear_qkv
-    assert type(qkv).__name__ == "SparseTEColumnParallelLinear" and isinstance(qkv, TEColumnParallelLinear)
+    assert type(qkv).__name__ == "SparseTEColumnParallelLinear" and isinstance(
+        qkv, TEColumnParallelLinear
+    )
     x = torch.randn(6, 2, 32)
     expected = torch.nn.functional.linear(x, qkv.weight * weight_mask(qkv.weight)) + qkv.bias
     torch.testing.assert_close(qkv(x)[0], expected)
@@ -172,12 +218,18 @@ def test_sparsify_spec_maps_te_linears():
         mlp = spec.submodules.mlp
         from megasparse.compat import LINEARS_ARE_BUILDERS
 
-        sub = (mlp.keywords["submodules"] if LINEARS_ARE_BUILDERS else mlp.submodules)
+        sub = mlp.keywords["submodules"] if LINEARS_ARE_BUILDERS else mlp.submodules
         sub = dataclasses.replace(sub, linear_fc2=TERowParallelLinear)
         import functools
 
-        mlp = functools.partial(mlp.func, submodules=sub) if LINEARS_ARE_BUILDERS else dataclasses.replace(mlp, submodules=sub)
-        te_mlp_spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
+        mlp = (
+            functools.partial(mlp.func, submodules=sub)
+            if LINEARS_ARE_BUILDERS
+            else dataclasses.replace(mlp, submodules=sub)
+        )
+        te_mlp_spec = dataclasses.replace(
+            spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp)
+        )
         sparsify_spec(te_mlp_spec, SparsityConfig(activations="2:4"), targets=("fc2",))
 
 
@@ -201,9 +253,17 @@ def test_real_te_linear_under_fp8_quantizes_the_masked_weight():
     import megasparse.te as te
 
     cfg = make_config(dtype=torch.bfloat16, hidden_size=256, num_attention_heads=4)
-    layer = te.SparseTEColumnParallelLinear(256, 512, config=cfg, init_method=torch.nn.init.normal_, gather_output=False,
-                                            bias=False, skip_bias_add=True, is_expert=False,
-                                            sparsity=SparsityConfig()).cuda()
+    layer = te.SparseTEColumnParallelLinear(
+        256,
+        512,
+        config=cfg,
+        init_method=torch.nn.init.normal_,
+        gather_output=False,
+        bias=False,
+        skip_bias_add=True,
+        is_expert=False,
+        sparsity=SparsityConfig(),
+    ).cuda()
     x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
     with te_pkg.pytorch.fp8_autocast(enabled=True, fp8_recipe=DelayedScaling()):
         y, _ = layer(x)
@@ -212,6 +272,7 @@ def test_real_te_linear_under_fp8_quantizes_the_masked_weight():
 
 
 # --- FP8 2:4 under fp8_autocast (megasparse.te_fp8) with stand-ins for TE's Linear and state ------
+
 
 class Linear(torch.nn.Module):
     """Stands in for transformer_engine.pytorch.Linear: its forward reads _get_weight_tensors()."""
@@ -258,8 +319,14 @@ def test_te_linear_runs_fp8_2_4_under_fp8_autocast(monkeypatch, bias, return_bia
     torch.manual_seed(5)
     cls = sparse_te_class(TEColumnParallelLinearLike)
     assert any(c.__name__.startswith("_MegasparseFp8") for c in cls.__mro__)
-    layer = cls(64, 32, config=make_config(), bias=bias, return_bias=return_bias,
-                sparsity=SparsityConfig(mask="transposable"))
+    layer = cls(
+        64,
+        32,
+        config=make_config(),
+        bias=bias,
+        return_bias=return_bias,
+        sparsity=SparsityConfig(mask="transposable"),
+    )
     x = torch.randn(10, 64, requires_grad=True)
     exact = x.detach() @ (layer.weight.detach() * weight_mask(layer.weight, "transposable")).t()
     y_off, b_off = layer(x)
@@ -287,8 +354,9 @@ def test_te_linear_fp8_uses_the_modules_te_quantizer_state(monkeypatch):
     """Delayed scaling with TE's quantizers: x scaled by TE's scale, its amax in TE's buffer."""
     import megasparse.te_fp8 as te_fp8
 
-    layer = sparse_te_class(TEColumnParallelLinearLike)(64, 32, config=make_config(),
-                                                        sparsity=SparsityConfig())
+    layer = sparse_te_class(TEColumnParallelLinearLike)(
+        64, 32, config=make_config(), sparsity=SparsityConfig()
+    )
     Float8Quantizer = type("Float8Quantizer", (), {})
     fwd, bwd = Float8Quantizer(), Float8Quantizer()
     fwd.scale, fwd.amax = torch.tensor([16.0]), torch.zeros(1)
@@ -312,8 +380,9 @@ def test_te_linear_fp8_uses_the_modules_te_quantizer_state(monkeypatch):
 def test_te_fp8_route_falls_back_with_a_reason(monkeypatch):
     import megasparse.te_fp8 as te_fp8
 
-    layer = sparse_te_class(TEColumnParallelLinearLike)(64, 32, config=make_config(),
-                                                        sparsity=SparsityConfig())
+    layer = sparse_te_class(TEColumnParallelLinearLike)(
+        64, 32, config=make_config(), sparsity=SparsityConfig()
+    )
     monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, type("MXFP8BlockScaling", (), {})()))
     with pytest.warns(UserWarning, match="block-scaled"):
         assert te_fp8.fp8_route(layer) is None

@@ -23,8 +23,14 @@ def _activation(h):
 def _full_tensors():
     g = torch.Generator().manual_seed(1234)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return {"w1": r(FFN, HIDDEN), "b1": r(FFN), "w2": r(HIDDEN, FFN), "b2": r(HIDDEN),
-            "x": r(SEQ, BATCH, HIDDEN), "dy": r(SEQ, BATCH, HIDDEN)}
+    return {
+        "w1": r(FFN, HIDDEN),
+        "b1": r(FFN),
+        "w2": r(HIDDEN, FFN),
+        "b2": r(HIDDEN),
+        "x": r(SEQ, BATCH, HIDDEN),
+        "dy": r(SEQ, BATCH, HIDDEN),
+    }
 
 
 def _reference(t, mask_kind, gradient, decay):
@@ -39,7 +45,16 @@ def _reference(t, mask_kind, gradient, decay):
         g = ws.grad
         g = g * m if gradient == "masked" else g + decay * (~m) * w if gradient == "srste" else g
         dws.append(g)
-    return {"m1": m1, "m2": m2, "y": y.detach(), "dx": x.grad, "dw1": dws[0], "dw2": dws[1], "db1": b1.grad, "db2": b2.grad}
+    return {
+        "m1": m1,
+        "m2": m2,
+        "y": y.detach(),
+        "dx": x.grad,
+        "dw1": dws[0],
+        "dw2": dws[1],
+        "db1": b1.grad,
+        "db2": b2.grad,
+    }
 
 
 def _load_shards(fc1, fc2, t, rows):
@@ -50,7 +65,9 @@ def _load_shards(fc1, fc2, t, rows):
 
 
 def _close(actual, expected, what):
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def _tp2_mlp_worker():
@@ -63,7 +80,9 @@ def _tp2_mlp_worker():
     for sequence_parallel in (False, True):
         for mask_kind, gradient in SCENARIOS:
             where = f"rank {rank} sp={sequence_parallel} {mask_kind}/{gradient}"
-            sparsity = SparsityConfig(mask=mask_kind, gradient=gradient, srste_decay=0.1, backend="dense")
+            sparsity = SparsityConfig(
+                mask=mask_kind, gradient=gradient, srste_decay=0.1, backend="dense"
+            )
             cfg = make_config(tp=tp, sequence_parallel=sequence_parallel)
             fc1 = make_column(cfg, HIDDEN, FFN, sparsity)
             fc2 = make_row(cfg, FFN, HIDDEN, sparsity)
@@ -76,7 +95,9 @@ def _tp2_mlp_worker():
             assert torch.equal(fc2.sparsity_mask(), ref["m2"][:, rows]), where
             _close(y, ref["y"][seq] if sequence_parallel else ref["y"], f"{where} output")
             y.backward(t["dy"][seq] if sequence_parallel else t["dy"])
-            _close(x.grad, ref["dx"][seq] if sequence_parallel else ref["dx"], f"{where} input grad")
+            _close(
+                x.grad, ref["dx"][seq] if sequence_parallel else ref["dx"], f"{where} input grad"
+            )
             _close(fc1.weight.grad, ref["dw1"][rows], f"{where} fc1 weight grad")
             _close(fc2.weight.grad, ref["dw2"][:, rows], f"{where} fc2 weight grad")
             _close(fc1.bias.grad, ref["db1"][rows], f"{where} fc1 bias grad")
@@ -124,8 +145,13 @@ def _tp2_sparse_mlp_worker():
         for activations, pattern in (("2:4", (64, 4)), ("4:2:8", (4, 8))):
             where = f"rank {rank} sp={sequence_parallel} activations={activations}"
             sparsity = SparsityConfig(activations=activations, mask="transposable", backend="dense")
-            cfg = make_config(tp=tp, sequence_parallel=sequence_parallel, hidden_size=HIDDEN, ffn_hidden_size=FFN,
-                              activation_func=squared_relu)
+            cfg = make_config(
+                tp=tp,
+                sequence_parallel=sequence_parallel,
+                hidden_size=HIDDEN,
+                ffn_hidden_size=FFN,
+                activation_func=squared_relu,
+            )
             mlp = make_mlp(cfg, FFN, sparsity, sparsity)
             fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
             _load_shards(fc1, fc2, t, rows)
@@ -133,11 +159,23 @@ def _tp2_sparse_mlp_worker():
             y, bias = mlp(x)
             y = y + bias
             m1, m2 = mask_transposable_reference(t["w1"]), mask_transposable_reference(t["w2"])
-            ref = sparse_mlp_reference(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], m1, m2, pattern, "squared_relu",
-                                       grad_output=t["dy"])
+            ref = sparse_mlp_reference(
+                t["x"],
+                t["w1"],
+                t["b1"],
+                t["w2"],
+                t["b2"],
+                m1,
+                m2,
+                pattern,
+                "squared_relu",
+                grad_output=t["dy"],
+            )
             _close(y, ref["y"][seq] if sequence_parallel else ref["y"], f"{where} output")
             y.backward(t["dy"][seq] if sequence_parallel else t["dy"])
-            _close(x.grad, ref["dx"][seq] if sequence_parallel else ref["dx"], f"{where} input grad")
+            _close(
+                x.grad, ref["dx"][seq] if sequence_parallel else ref["dx"], f"{where} input grad"
+            )
             _close(fc1.weight.grad, ref["dw1"][rows], f"{where} fc1 weight grad")
             _close(fc1.bias.grad, ref["db1"][rows], f"{where} fc1 bias grad")
             _close(fc2.weight.grad, ref["dw2"][:, rows], f"{where} fc2 weight grad")
@@ -155,12 +193,17 @@ def _tp2_bad_shapes_worker():
     from megatron_helpers import make_column, make_config, make_row
 
     cfg = make_config(tp=2)
-    with pytest.raises(ValueError, match="input_size=12 split over tensor-parallel size 2 gives 6 columns per rank.*4\\*TP=8"):
+    with pytest.raises(
+        ValueError,
+        match="input_size=12 split over tensor-parallel size 2 gives 6 columns per rank.*4\\*TP=8",
+    ):
         make_row(cfg, 12, 16, SparsityConfig())
     with pytest.raises(ValueError, match="6 output rows per tensor-parallel rank \\(TP=2\\)"):
         make_column(cfg, 16, 12, SparsityConfig(mask="transposable"))
     make_row(cfg, 16, 16, SparsityConfig())  # 8 per rank: fine
-    with pytest.raises(ValueError, match="ffn size 24 over tensor-parallel size 2 gives 12 per rank.*8\\*TP=16"):
+    with pytest.raises(
+        ValueError, match="ffn size 24 over tensor-parallel size 2 gives 12 per rank.*8\\*TP=16"
+    ):
         make_row(cfg, 24, 16, SparsityConfig(weights=None, activations="64:2:8"))
 
 

@@ -1,1 +1,4 @@
-"""Tools around the library: the demo, the GPU benchmark and the numerics reports (`python -m megasparse.tools.NAME`)."""
+"""Tools around the library: the demo, the GPU benchmark, the projection and the reports.
+
+Run as `python -m megasparse.tools.NAME`.
+"""

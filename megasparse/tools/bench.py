@@ -25,9 +25,17 @@ SHAPES = [(4096, 14336), (8192, 28672)]  # (hidden, ffn)
 TOKENS = [4096, 16384, 32768]
 MICROBATCHES = 4
 TARGETS = {  # name: (what, threshold, higher is better)
-    "ffn_2:4": ("FFN step (k=4), 2:4 weights vs dense bf16 (hidden 8192, ffn 28672, 16k tokens)", 1.3, True),
+    "ffn_2:4": (
+        "FFN step (k=4), 2:4 weights vs dense bf16 (hidden 8192, ffn 28672, 16k tokens)",
+        1.3,
+        True,
+    ),
     "weight_prep": ("weight preparation / sparse FFN step time (same shape)", 0.05, False),
-    "fp8_2:4": ("FP8 2:4 vs FP8 dense (measured: GEMM 16k x 8192 x 28672; projected: FFN step)", 1.3, True),
+    "fp8_2:4": (
+        "FP8 2:4 vs FP8 dense (measured: GEMM 16k x 8192 x 28672; projected: FFN step)",
+        1.3,
+        True,
+    ),
     "mask_bandwidth": ("mask kernels / device copy bandwidth", 0.70, True),
     "state_memory_1d": ("per-step state of a 1d-mask layer / dense weight bytes", 0.65, False),
 }
@@ -61,9 +69,17 @@ def _mlp(hidden, ffn, sparsity, dtype):
     from megasparse.compat import with_sparse_linears
     from megasparse.mlp import SparseMLP
 
-    config = TransformerConfig(num_layers=1, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=8,
-                               params_dtype=dtype, bf16=dtype == torch.bfloat16, activation_func=squared_relu,
-                               add_bias_linear=False, use_cpu_initialization=True)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_attention_heads=8,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        activation_func=squared_relu,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+    )
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     if sparsity is None:
         return MLP(config, submodules, ffn_hidden_size=ffn)
@@ -94,7 +110,9 @@ def _rebuild_states(module):
             state = getattr(linear, "weight_state", None)
             if state is not None and linear.sparsity.prunes_weights:
                 state.invalidate()
-                backend = linear._backend_for(linear.weight) if linear._backends else BACKENDS["dense"]
+                backend = (
+                    linear._backend_for(linear.weight) if linear._backends else BACKENDS["dense"]
+                )
                 step = state.step(linear.weight, linear.sparsity, backend)
                 step.compressed()
                 if step.transposable and step.hold_backward:
@@ -117,9 +135,18 @@ def projected_ratio(device, recipe, tokens, k=MICROBATCHES):
 
     if device is None:
         return None
-    (row,) = [r for r in perfmodel.rows(devices={device: perfmodel.DEVICES[device]}, tokens_list=(tokens,),
-                                        tps=(1,), ks=(k,), scopes=("ffn",), recipes=("dense bf16", recipe))
-              if r["recipe"] == recipe]
+    (row,) = [
+        r
+        for r in perfmodel.rows(
+            devices={device: perfmodel.DEVICES[device]},
+            tokens_list=(tokens,),
+            tps=(1,),
+            ks=(k,),
+            scopes=("ffn",),
+            recipes=("dense bf16", recipe),
+        )
+        if r["recipe"] == recipe
+    ]
     return row["ratio_vs_dense"]
 
 
@@ -129,27 +156,50 @@ def bench_gpu(args):
 
     device = torch.cuda.get_device_name()
     key = device_key(device)
-    results = {"device": device, "capability": list(torch.cuda.get_device_capability()), "rows": [], "targets": {}}
+    results = {
+        "device": device,
+        "capability": list(torch.cuda.get_device_capability()),
+        "rows": [],
+        "targets": {},
+    }
     shapes = SHAPES[-1:] if args.quick else SHAPES
     tokens_list = [16384] if args.quick else TOKENS
     for hidden, ffn in shapes:
-        modules = {name: _mlp(hidden, ffn, None if kw is None else SparsityConfig(**kw), torch.bfloat16).cuda()
-                   for name, (_, kw) in RECIPES.items()}
+        modules = {
+            name: _mlp(
+                hidden, ffn, None if kw is None else SparsityConfig(**kw), torch.bfloat16
+            ).cuda()
+            for name, (_, kw) in RECIPES.items()
+        }
         for tokens in tokens_list:
-            x = torch.randn(tokens, 1, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            x = torch.randn(
+                tokens, 1, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True
+            )
             times = {name: _time_ms(_optimizer_step(m, x)) for name, m in modules.items()}
             for name, (recipe, _) in RECIPES.items():
                 if name == "dense":
                     continue
-                row = {"hidden": hidden, "ffn": ffn, "tokens": tokens, "recipe": name, "step_ms": times[name],
-                       "measured_ratio": times["dense"] / times[name],
-                       "projected_ratio": projected_ratio(key, recipe, tokens) if hidden == 8192 else None}
+                row = {
+                    "hidden": hidden,
+                    "ffn": ffn,
+                    "tokens": tokens,
+                    "recipe": name,
+                    "step_ms": times[name],
+                    "measured_ratio": times["dense"] / times[name],
+                    "projected_ratio": projected_ratio(key, recipe, tokens)
+                    if hidden == 8192
+                    else None,
+                }
                 if name == "2:4":
-                    row["weight_prep_share"] = _time_ms(_rebuild_states(modules[name])) / times[name]
+                    row["weight_prep_share"] = (
+                        _time_ms(_rebuild_states(modules[name])) / times[name]
+                    )
                 results["rows"].append(row)
                 shown = "-" if row["projected_ratio"] is None else f"{row['projected_ratio']:.2f}x"
-                print(f"FFN h={hidden} ffn={ffn} tokens={tokens} {name:>8}: measured {row['measured_ratio']:.2f}x, "
-                      f"projected {shown} (vs dense bf16, one step of k={MICROBATCHES})")
+                print(
+                    f"FFN h={hidden} ffn={ffn} tokens={tokens} {name:>8}: measured {row['measured_ratio']:.2f}x, "
+                    f"projected {shown} (vs dense bf16, one step of k={MICROBATCHES})"
+                )
                 if (hidden, ffn, tokens) == (8192, 28672, 16384) and name == "2:4":
                     results["targets"]["ffn_2:4"] = row["measured_ratio"]
                     results["targets"]["weight_prep"] = row["weight_prep_share"]
@@ -160,7 +210,9 @@ def bench_gpu(args):
     w = torch.randn(ffn, hidden, device="cuda", dtype=torch.bfloat16)
     copy_bw = 2 * w.numel() * w.element_size() / _time_ms(lambda: w.clone())
     mask_bw = (w.numel() * w.element_size() + w.numel()) / _time_ms(lambda: mask_1d_triton(w))
-    tmask_bw = (w.numel() * w.element_size() + w.numel()) / _time_ms(lambda: mask_transposable_triton(w))
+    tmask_bw = (w.numel() * w.element_size() + w.numel()) / _time_ms(
+        lambda: mask_transposable_triton(w)
+    )
     results["targets"]["mask_bandwidth"] = min(mask_bw, tmask_bw) / copy_bw
     results["mask_bandwidth"] = {"1d": mask_bw / copy_bw, "transposable": tmask_bw / copy_bw}
     results["state_memory"] = state_memory(hidden, ffn, "cuda")
@@ -180,9 +232,14 @@ def _fp8_gemm_ratio(hidden, ffn, tokens=16384):
     x_q = fp8.quantize(torch.randn(tokens, hidden, device="cuda"), torch.ones((), device="cuda"))
     one = torch.ones((), device="cuda")
     packed = torch._cslt_compress(w_q)
-    dense = _time_ms(lambda: torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
-    sparse = _time_ms(lambda: torch._cslt_sparse_mm(packed, x_q.t(), out_dtype=torch.bfloat16,
-                                                    transpose_result=True))
+    dense = _time_ms(
+        lambda: torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    )
+    sparse = _time_ms(
+        lambda: torch._cslt_sparse_mm(
+            packed, x_q.t(), out_dtype=torch.bfloat16, transpose_result=True
+        )
+    )
     return dense / sparse
 
 
@@ -203,8 +260,11 @@ def state_memory(hidden, ffn, device):
     backend = BACKENDS["cusparselt"] if device == "cuda" else CusparseltSized()
     weight = torch.randn(ffn, hidden, device=device, dtype=torch.bfloat16)
     out = {}
-    for name, kw in (("1d", {"mask": "1d"}), ("transposable, W^T held", {"mask": "transposable"}),
-                     ("transposable, W^T rebuilt", {"mask": "transposable", "hold_backward_weight": False})):
+    for name, kw in (
+        ("1d", {"mask": "1d"}),
+        ("transposable, W^T held", {"mask": "transposable"}),
+        ("transposable, W^T rebuilt", {"mask": "transposable", "hold_backward_weight": False}),
+    ):
         step = SparseWeightState().step(weight, SparsityConfig(**kw), backend)
         step.compressed()
         if step.transposable:
@@ -230,9 +290,14 @@ def verdicts(values: dict, label: str = "") -> bool:
 
 def report(results, out) -> bool:
     os.makedirs(out, exist_ok=True)
-    print(f"\ndevice: {results['device']} (sm{''.join(map(str, results['capability']))}), measured:")
+    print(
+        f"\ndevice: {results['device']} (sm{''.join(map(str, results['capability']))}), measured:"
+    )
     ok = verdicts(results["targets"])
-    print("  state bytes / dense weight bytes:", {k: round(v, 3) for k, v in results["state_memory"].items()})
+    print(
+        "  state bytes / dense weight bytes:",
+        {k: round(v, 3) for k, v in results["state_memory"].items()},
+    )
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {out}/bench.json")
@@ -243,13 +308,20 @@ def projected_targets() -> dict:
     """The bench's targets on the projection (H100, 16k tokens, k=4, TP 1) and the state's memory."""
     from megasparse.tools import perfmodel
 
-    rows = perfmodel.rows(devices={"H100": perfmodel.DEVICES["H100"]}, tokens_list=(16384,), tps=(1,),
-                          ks=(MICROBATCHES,), scopes=("ffn",))
+    rows = perfmodel.rows(
+        devices={"H100": perfmodel.DEVICES["H100"]},
+        tokens_list=(16384,),
+        tps=(1,),
+        ks=(MICROBATCHES,),
+        scopes=("ffn",),
+    )
     by_recipe = {r["recipe"]: r for r in rows}
-    return {"ffn_2:4": by_recipe["2:4 (transposable)"]["ratio_vs_dense"],
-            "weight_prep": by_recipe["2:4 (transposable)"]["weight_prep_share"],
-            "fp8_2:4": by_recipe["FP8 2:4"].get("ratio_vs_fp8_dense"),
-            "state_memory_1d": state_memory(512, 1024, "cpu")["1d"]}  # a ratio: the same at every shape
+    return {
+        "ffn_2:4": by_recipe["2:4 (transposable)"]["ratio_vs_dense"],
+        "weight_prep": by_recipe["2:4 (transposable)"]["weight_prep_share"],
+        "fp8_2:4": by_recipe["FP8 2:4"].get("ratio_vs_fp8_dense"),
+        "state_memory_1d": state_memory(512, 1024, "cpu")["1d"],
+    }  # a ratio: the same at every shape
 
 
 def smoke():
@@ -282,11 +354,15 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="exit non-zero if a target is missed")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("megasparse.bench: no CUDA GPU here, so nothing is timed (speed-ups are GPU measurements). "
-              "Running a small CPU correctness smoke instead.")
+        print(
+            "megasparse.bench: no CUDA GPU here, so nothing is timed (speed-ups are GPU measurements). "
+            "Running a small CPU correctness smoke instead."
+        )
         smoke()
-        print("state bytes / dense weight bytes (cuSPARSELt sizes):",
-              {k: round(v, 3) for k, v in state_memory(512, 1024, "cpu").items()})
+        print(
+            "state bytes / dense weight bytes (cuSPARSELt sizes):",
+            {k: round(v, 3) for k, v in state_memory(512, 1024, "cpu").items()},
+        )
         if args.check:
             print("PROJECTED targets (megasparse.tools.perfmodel, H100, no GPU measurement):")
             if not verdicts(projected_targets(), label="PROJECTED "):

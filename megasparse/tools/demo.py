@@ -44,8 +44,11 @@ RECIPES = {
     "dense": dict(sparsity=None),
     "2:4": dict(sparsity=SparsityConfig(weights="2:4")),
     "2:4+act-2:4": dict(sparsity=SparsityConfig(weights="2:4", activations="2:4")),
-    "sparse-then-dense": dict(sparsity=SparsityConfig(weights="2:4", activations="2:4"),
-                              dense_warmup=0.10, dense_final=0.25),
+    "sparse-then-dense": dict(
+        sparsity=SparsityConfig(weights="2:4", activations="2:4"),
+        dense_warmup=0.10,
+        dense_final=0.25,
+    ),
 }
 
 
@@ -65,8 +68,11 @@ QUALITY_RECIPES = {  # --quality: 2:4 weights only (fc1, fc2), see the module do
     "sste+mvue": dict(sparsity=_quality("sste", wgrad_sparsity="mvue")),
     "sparse-then-dense": dict(sparsity=_quality("ste"), dense_warmup=0.10, dense_final=0.25),
     # dense for half the steps, SparseGPT one-shot 2:4, then sparse fine-tuning with that mask held
-    "pruned-then-sparse": dict(sparsity=_quality("masked", mask_refresh_interval=1_000_000),
-                               dense_warmup=0.5, prune="sparsegpt"),
+    "pruned-then-sparse": dict(
+        sparsity=_quality("masked", mask_refresh_interval=1_000_000),
+        dense_warmup=0.5,
+        prune="sparsegpt",
+    ),
 }
 ALL_RECIPES = {**RECIPES, **QUALITY_RECIPES}
 
@@ -99,22 +105,38 @@ def build_gpt(args, sparsity, device):
     from megasparse.specs import sparsify_spec
 
     config = TransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, ffn_hidden_size=args.ffn,
-        tensor_model_parallel_size=args.tp, use_cpu_initialization=True, params_dtype=torch.float32,
-        activation_func=squared_relu, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        ffn_hidden_size=args.ffn,
+        tensor_model_parallel_size=args.tp,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        activation_func=squared_relu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
     )
     spec = get_gpt_layer_local_spec()
     if sparsity is not None:
         spec = sparsify_spec(spec, sparsity, targets=args.targets)
     torch.manual_seed(args.seed)  # the same initialization for every recipe
-    model = GPTModel(config, spec, vocab_size=256, max_sequence_length=args.seq, position_embedding_type="learned_absolute")
+    model = GPTModel(
+        config,
+        spec,
+        vocab_size=256,
+        max_sequence_length=args.seq,
+        position_embedding_type="learned_absolute",
+    )
     return model.to(device)
 
 
 def gpt_loss(model, tokens, labels):
     seq = tokens.shape[1]
     positions = torch.arange(seq, device=tokens.device).expand_as(tokens)
-    causal = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=tokens.device), diagonal=1)
+    causal = torch.triu(
+        torch.ones(1, 1, seq, seq, dtype=torch.bool, device=tokens.device), diagonal=1
+    )
     return model(tokens, positions, causal, labels=labels).mean()
 
 
@@ -128,18 +150,30 @@ def sparsity_stats(model):
     for m in sparse_modules(model):
         if getattr(m, "weight", None) is not None and m.sparsity.weights is not None:
             a = m.weight.abs().double()
-            kept += float((a * weight_mask(m.weight, m.sparsity.mask)).sum())  # also in a dense phase
+            kept += float(
+                (a * weight_mask(m.weight, m.sparsity.mask)).sum()
+            )  # also in a dense phase
             total += float(a.sum())
         stats = getattr(m, "activation_counter", None)  # the fc2 layers' ActivationStats
         if stats is not None and stats.sums is not None:
             z, t, d, n = stats.sums.tolist()
-            zeros, act_total, act_dropped, numel = zeros + z, act_total + t, act_dropped + d, numel + n
+            zeros, act_total, act_dropped, numel = (
+                zeros + z,
+                act_total + t,
+                act_dropped + d,
+                numel + n,
+            )
     device = next(model.parameters()).device  # NCCL reduces device tensors only
-    t = torch.tensor([kept, total, zeros, act_total, act_dropped, numel], dtype=torch.float64, device=device)
+    t = torch.tensor(
+        [kept, total, zeros, act_total, act_dropped, numel], dtype=torch.float64, device=device
+    )
     dist.all_reduce(t)
     kept, total, zeros, act_total, act_dropped, numel = t.tolist()
-    return {"w_kept": kept / total if total else None, "act_zeros": zeros / numel if numel else None,
-            "act_dropped": act_dropped / act_total if act_total else None}
+    return {
+        "w_kept": kept / total if total else None,
+        "act_zeros": zeros / numel if numel else None,
+        "act_dropped": act_dropped / act_total if act_total else None,
+    }
 
 
 def phase_label(sparsity, phase: str) -> str:
@@ -170,8 +204,10 @@ def _prune_now(model, method, args, data, device):
 
     g = torch.Generator().manual_seed(args.seed + 3)
     split = int(0.9 * len(data))
-    calib = [tuple(t.to(device) for t in text_batches(data[:split], args.seq, args.batch, g))
-             for _ in range(16)]
+    calib = [
+        tuple(t.to(device) for t in text_batches(data[:split], args.seq, args.batch, g))
+        for _ in range(16)
+    ]
     prune_model(model, method, calib, gpt_loss, args.targets)
 
 
@@ -183,13 +219,20 @@ def train_recipe(name, args, data, device):
     if sparsity is not None and sparsity.wgrad_sparsity is not None:
         sparsity = dataclasses.replace(sparsity, wgrad_seed=args.seed)
     model = build_gpt(args, sparsity, device)
-    schedule = SparsitySchedule(dense_warmup_iters=int(recipe.get("dense_warmup", 0) * args.steps),
-                                dense_final_iters=int(recipe.get("dense_final", 0) * args.steps), train_iters=args.steps)
+    schedule = SparsitySchedule(
+        dense_warmup_iters=int(recipe.get("dense_warmup", 0) * args.steps),
+        dense_final_iters=int(recipe.get("dense_final", 0) * args.steps),
+        train_iters=args.steps,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     split = int(0.9 * len(data))
-    train_gen, val_gen = torch.Generator().manual_seed(args.seed + 1), torch.Generator().manual_seed(args.seed + 2)
-    val_batches = [text_batches(data[split:], args.seq, args.batch, val_gen)
-                   for _ in range(args.val_batches)]
+    train_gen, val_gen = (
+        torch.Generator().manual_seed(args.seed + 1),
+        torch.Generator().manual_seed(args.seed + 2),
+    )
+    val_batches = [
+        text_batches(data[split:], args.seq, args.batch, val_gen) for _ in range(args.val_batches)
+    ]
     curve, val_curve, seconds, timed = [], [], 0.0, 0
     flips = []
     prune_at = schedule.dense_warmup_iters if recipe.get("prune") else None
@@ -209,7 +252,9 @@ def train_recipe(name, args, data, device):
             for m in sparse_modules(model):
                 if getattr(m, "activation_counter", None) is not None:
                     m.activation_counter.reset()  # report the activation of the last training step
-        tokens, labels = (t.to(device) for t in text_batches(data[:split], args.seq, args.batch, train_gen))
+        tokens, labels = (
+            t.to(device) for t in text_batches(data[:split], args.seq, args.batch, train_gen)
+        )
         start = time.perf_counter()
         loss = gpt_loss(model, tokens, labels)
         # this step's mask against the last one
@@ -229,15 +274,22 @@ def train_recipe(name, args, data, device):
     stats = sparsity_stats(model)
     flip_curve = [(i, float(f)) for i, f in enumerate(flips) if f is not None]
     tail = [f for i, f in flip_curve if i >= args.steps - max(1, args.steps // 20)]
-    return {"recipe": name, "val_loss": val_curve[-1][1], "train_curve": curve, "val_curve": val_curve,
-            "ms_per_step": 1000 * seconds / max(timed, 1), "flip_curve": flip_curve,
-            "final_flip_rate": sum(tail) / len(tail) if tail else None, **stats}
+    return {
+        "recipe": name,
+        "val_loss": val_curve[-1][1],
+        "train_curve": curve,
+        "val_curve": val_curve,
+        "ms_per_step": 1000 * seconds / max(timed, 1),
+        "flip_curve": flip_curve,
+        "final_flip_rate": sum(tail) / len(tail) if tail else None,
+        **stats,
+    }
 
 
 @torch.no_grad()
 def evaluate(model, val_batches, device):
     model.eval()
-    losses = [gpt_loss(model, t.to(device), l.to(device)).item() for t, l in val_batches]
+    losses = [gpt_loss(model, t.to(device), lab.to(device)).item() for t, lab in val_batches]
     model.train()
     return sum(losses) / len(losses)
 
@@ -247,23 +299,31 @@ def report(results, args, out_dir):
     fmt = lambda v, spec: "-".rjust(int(spec.split(".")[0])) if v is None else format(v, spec)  # noqa: E731
     lines = [
         f"byte-level GPT on the Python stdlib source, TP={args.tp}, {args.layers} layers, hidden {args.hidden}, "
-        f"ffn {args.ffn}, seq {args.seq}, batch {args.batch}, {args.steps} steps; sparse targets {' '.join(args.targets)}",
-        f"{'recipe':>18} | {'val loss':>8} | {'act zeros':>9} | {'act L1 dropped':>14} | {'|W| kept':>8} | {'ms/step':>8}",
+        f"ffn {args.ffn}, seq {args.seq}, batch {args.batch}, {args.steps} steps; "
+        f"sparse targets {' '.join(args.targets)}",
+        f"{'recipe':>18} | {'val loss':>8} | {'act zeros':>9} | {'act L1 dropped':>14} | "
+        f"{'|W| kept':>8} | {'ms/step':>8}",
     ]
     lines.append("-" * len(lines[1]))
     for r in results:
-        lines.append(f"{r['recipe']:>18} | {r['val_loss']:>8.3f} | {fmt(r['act_zeros'], '9.3f')} | "
-                     f"{fmt(r['act_dropped'], '14.4f')} | {fmt(r['w_kept'], '8.3f')} | {r['ms_per_step']:>8.1f}")
-    lines.append("act: the FFN activation (fc2 input) of the last training step; |W| kept: share of the sparse "
-                 "layers' |W| inside the 2:4 masks at the end (in a dense phase: what the masks would keep)")
+        lines.append(
+            f"{r['recipe']:>18} | {r['val_loss']:>8.3f} | {fmt(r['act_zeros'], '9.3f')} | "
+            f"{fmt(r['act_dropped'], '14.4f')} | {fmt(r['w_kept'], '8.3f')} | {r['ms_per_step']:>8.1f}"
+        )
+    lines.append(
+        "act: the FFN activation (fc2 input) of the last training step; |W| kept: share of the sparse "
+        "layers' |W| inside the 2:4 masks at the end (in a dense phase: what the masks would keep)"
+    )
     print("\n" + "\n".join(lines))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"settings": vars(args), "results": results}, f, indent=1)
     if plot(results, os.path.join(out_dir, "loss_curves.png")):
         print(f"wrote {out_dir}/results.json and {out_dir}/loss_curves.png")
     else:
-        print(f"wrote {out_dir}/results.json; no loss_curves.png: matplotlib is not installed "
-              "(pip install matplotlib, or pip install 'megasparse[plot]')")
+        print(
+            f"wrote {out_dir}/results.json; no loss_curves.png: matplotlib is not installed "
+            "(pip install matplotlib, or pip install 'megasparse[plot]')"
+        )
 
 
 def quality_report(results, args, out_dir, seconds):
@@ -282,8 +342,10 @@ def quality_report(results, args, out_dir, seconds):
     for r in results:
         gap = "-" if dense is None else f"{100 * (r['val_loss'] - dense) / dense:+.2f}%"
         flip = "-" if r["final_flip_rate"] is None else f"{r['final_flip_rate']:.2e}"
-        lines.append(f"| {r['recipe']:<18} | {r['val_loss']:>8.4f} | {gap:>12} | {flip:>15} | "
-                     f"{r['ms_per_step']:>7.1f} |")
+        lines.append(
+            f"| {r['recipe']:<18} | {r['val_loss']:>8.4f} | {gap:>12} | {flip:>15} | "
+            f"{r['ms_per_step']:>7.1f} |"
+        )
     lines.append(f"wall time {seconds / 60:.1f} min")
     print("\n" + "\n".join(lines))
     with open(os.path.join(out_dir, "quality.json"), "w") as f:
@@ -291,8 +353,10 @@ def quality_report(results, args, out_dir, seconds):
     with open(os.path.join(out_dir, "quality.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plotted = plot(results, os.path.join(out_dir, "quality.png"), flips=True)
-    print(f"wrote {out_dir}/quality.json, {out_dir}/quality.md" + (" and quality.png" if plotted else
-          " (no plot: pip install 'megasparse[plot]')"))
+    print(
+        f"wrote {out_dir}/quality.json, {out_dir}/quality.md"
+        + (" and quality.png" if plotted else " (no plot: pip install 'megasparse[plot]')")
+    )
 
 
 def plot(results, path, flips=False) -> bool:
@@ -322,7 +386,9 @@ def plot(results, path, flips=False) -> bool:
     floor = min(min(v for _, v in r["val_curve"]) for r in results)
     for r in results:
         curve = torch.tensor(r["train_curve"])
-        smooth = torch.nn.functional.avg_pool1d(curve[None, None], 25, 1, 12, count_include_pad=False)[0, 0]
+        smooth = torch.nn.functional.avg_pool1d(
+            curve[None, None], 25, 1, 12, count_include_pad=False
+        )[0, 0]
         train_ax.plot(smooth.tolist(), label=r["recipe"], linewidth=1.2)
         steps, vals = zip(*r["val_curve"])
         val_ax.plot(steps, vals, "o-", markersize=3, label=r["recipe"], linewidth=1.2)
@@ -353,7 +419,9 @@ def _worker(rank, args, port):
         torch.cuda.set_device(rank)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // args.tp))
-    init_megatron(rank, args.tp, port, backend="nccl" if cuda else "gloo", tensor_model_parallel_size=args.tp)
+    init_megatron(
+        rank, args.tp, port, backend="nccl" if cuda else "gloo", tensor_model_parallel_size=args.tp
+    )
     try:
         device = torch.device("cuda", rank) if cuda else torch.device("cpu")
         data = load_corpus(args.corpus_bytes)
@@ -370,15 +438,37 @@ def _worker(rank, args, port):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (processes; GPUs when there are any)")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=2,
+        help="tensor-parallel size (processes; GPUs when there are any)",
+    )
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--quality", action="store_true",
-                   help="the quality table of issue 14 (QUALITY_RECIPES; see the module docstring)")
-    p.add_argument("--recipes", nargs="+", default=None, choices=list(ALL_RECIPES),
-                   help="default: all of RECIPES (all of QUALITY_RECIPES with --quality)")
-    p.add_argument("--val-batches", type=int, default=None,
-                   help="validation batches (default 4; 16 with --quality)")
-    p.add_argument("--targets", nargs="+", default=["fc1", "fc2"], help="linears made sparse (see sparsify_spec)")
+    p.add_argument(
+        "--quality",
+        action="store_true",
+        help="the quality table of issue 14 (QUALITY_RECIPES; see the module docstring)",
+    )
+    p.add_argument(
+        "--recipes",
+        nargs="+",
+        default=None,
+        choices=list(ALL_RECIPES),
+        help="default: all of RECIPES (all of QUALITY_RECIPES with --quality)",
+    )
+    p.add_argument(
+        "--val-batches",
+        type=int,
+        default=None,
+        help="validation batches (default 4; 16 with --quality)",
+    )
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        default=["fc1", "fc2"],
+        help="linears made sparse (see sparsify_spec)",
+    )
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
@@ -398,7 +488,9 @@ def main(argv=None):
     from megasparse.testing import free_port
 
     if 0 < torch.cuda.device_count() < args.tp:
-        print(f"megasparse.demo: {torch.cuda.device_count()} GPU(s) for TP={args.tp}: running on the CPU over gloo")
+        print(
+            f"megasparse.demo: {torch.cuda.device_count()} GPU(s) for TP={args.tp}: running on the CPU over gloo"
+        )
     torch.multiprocessing.spawn(_worker, args=(args, free_port()), nprocs=args.tp, join=True)
 
 

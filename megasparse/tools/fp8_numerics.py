@@ -24,12 +24,21 @@ SKIP = ("embedding", "output_layer", "layernorm", "norm")
 
 
 def _weights(model_or_state_dict):
-    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) else model_or_state_dict
+    state = (
+        model_or_state_dict.state_dict()
+        if isinstance(model_or_state_dict, torch.nn.Module)
+        else model_or_state_dict
+    )
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     for name, tensor in state.items():
-        if (isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.is_floating_point()
-                and name.endswith("weight") and not any(s in name for s in SKIP)):
+        if (
+            isinstance(tensor, torch.Tensor)
+            and tensor.dim() == 2
+            and tensor.is_floating_point()
+            and name.endswith("weight")
+            and not any(s in name for s in SKIP)
+        ):
             yield name, tensor
 
 
@@ -37,9 +46,15 @@ def layer_report(weight: torch.Tensor, mask_kind: str = "1d") -> dict:
     w = weight.detach().float()
     norm = w.double().norm()
     dense_scale = scale_for(w.abs().max())
-    row = {"shape": list(w.shape),
-           "fp8_err": float((quantize(w, dense_scale).double() / dense_scale.double() - w.double()).norm() / norm),
-           "kept": float((w.abs() * weight_mask(w, mask_kind)).double().sum() / w.abs().double().sum())}
+    row = {
+        "shape": list(w.shape),
+        "fp8_err": float(
+            (quantize(w, dense_scale).double() / dense_scale.double() - w.double()).norm() / norm
+        ),
+        "kept": float(
+            (w.abs() * weight_mask(w, mask_kind)).double().sum() / w.abs().double().sum()
+        ),
+    }
     for order in ORDERS:
         w_q, scale, mask = sparse_fp8_weight(w, None, mask_kind, order)
         deq = w_q.double() / scale.double()
@@ -62,18 +77,25 @@ def report(model_or_state_dict, mask_kind: str = "1d") -> dict:
 def format_table(rows: dict) -> str:
     short = {"prune-then-quantize": "P>Q", "quantize-then-prune": "Q>P"}
     header = f"{'layer':<48} {'fp8 err':>8} {'kept':>6}" + "".join(
-        f" {short[o] + ' err':>8} {short[o] + ' total':>9}" for o in ORDERS)
+        f" {short[o] + ' err':>8} {short[o] + ' total':>9}" for o in ORDERS
+    )
     lines = [header, "-" * len(header)]
     for name, r in rows.items():
-        lines.append(f"{name[-48:]:<48} {r['fp8_err']:>8.4f} {r['kept']:>6.3f}" + "".join(
-            f" {r[o + '_err']:>8.4f} {r[o + '_total']:>9.4f}" for o in ORDERS))
-    lines.append("P>Q: prune then quantize, Q>P: quantize then prune; err vs the pruned weight, total vs the dense one")
+        lines.append(
+            f"{name[-48:]:<48} {r['fp8_err']:>8.4f} {r['kept']:>6.3f}"
+            + "".join(f" {r[o + '_err']:>8.4f} {r[o + '_total']:>9.4f}" for o in ORDERS)
+        )
+    lines.append(
+        "P>Q: prune then quantize, Q>P: quantize then prune; err vs the pruned weight, total vs the dense one"
+    )
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="torch state_dict file (or Megatron's {'model': ...})")
+    p.add_argument(
+        "--checkpoint", required=True, help="torch state_dict file (or Megatron's {'model': ...})"
+    )
     p.add_argument("--mask", default="1d", choices=["1d", "transposable"])
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)

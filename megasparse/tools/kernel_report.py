@@ -23,7 +23,16 @@ import torch
 
 ARCHS = {"sm_80": 80, "sm_90a": 90}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_TRITON_TYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2, "i32": 4, "i16": 2, "i8": 1, "u8": 1}
+_TRITON_TYPE_BYTES = {
+    "fp64": 8,
+    "fp32": 4,
+    "bf16": 2,
+    "fp16": 2,
+    "i32": 4,
+    "i16": 2,
+    "i8": 1,
+    "u8": 1,
+}
 
 
 def tools_available():
@@ -71,15 +80,28 @@ def _ptxas_usage(ptx: str, capability: int, arch: str) -> dict:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", src,
-                              "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+        log = subprocess.run(
+            [
+                get_ptxas(capability).path,
+                "-v",
+                f"--gpu-name={arch}",
+                src,
+                "-o",
+                os.path.join(tmp, "k.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     text = log.stderr + log.stdout
     regs = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     stack = re.search(r"(\d+) bytes stack frame", text)
-    return {"registers": int(regs.group(1)),
-            "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else 0,
-            "stack_bytes": int(stack.group(1)) if stack else 0}
+    return {
+        "registers": int(regs.group(1)),
+        "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else 0,
+        "stack_bytes": int(stack.group(1)) if stack else 0,
+    }
 
 
 def _sass(cubin: bytes) -> str:
@@ -89,8 +111,9 @@ def _sass(cubin: bytes) -> str:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path],
-                              capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
 
 
 def compile_spec(spec, arch: str) -> dict:
@@ -100,12 +123,15 @@ def compile_spec(spec, arch: str) -> dict:
     from triton.compiler import ASTSource
 
     capability = ARCHS[arch]
-    signature = {name: "constexpr" if name in spec.constexprs else spec.signature[name]
-                 for name in spec.fn.arg_names}
+    signature = {
+        name: "constexpr" if name in spec.constexprs else spec.signature[name]
+        for name in spec.fn.arg_names
+    }
     # the launcher's pointers are 16-byte aligned torch allocations, as Triton's specialization sees them
     attrs = {(spec.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.aligned}
     compiled = triton.compile(
-        ASTSource(spec.fn, signature, spec.constexprs, attrs), target=GPUTarget("cuda", capability, 32),
+        ASTSource(spec.fn, signature, spec.constexprs, attrs),
+        target=GPUTarget("cuda", capability, 32),
         options={"num_warps": spec.num_warps, "enable_fp_fusion": spec.enable_fp_fusion},
     )
     usage = _ptxas_usage(compiled.asm["ptx"], capability, arch)
@@ -113,14 +139,19 @@ def compile_spec(spec, arch: str) -> dict:
     threads = 32 * spec.num_warps
     need = sum(n * _TRITON_TYPE_BYTES[spec.signature[p][1:]] for p, n in spec.reads.items())
     return {
-        "kernel": spec.kernel, "arch": arch, "dtype": spec.dtype, **usage,
-        "shared_bytes": int(compiled.metadata.shared), "num_warps": spec.num_warps,
+        "kernel": spec.kernel,
+        "arch": arch,
+        "dtype": spec.dtype,
+        **usage,
+        "shared_bytes": int(compiled.metadata.shared),
+        "num_warps": spec.num_warps,
         "elements_per_program": spec.elements,
         "global_loads_per_element": round(mem["ldg"] * threads / spec.elements, 4),
         "global_stores_per_element": round(mem["stg"] * threads / spec.elements, 4),
         "load_widths_bits": mem["ldg_widths"],
         "load_redundancy": round(mem["ldg_bytes"] * threads / need, 4),
-        "ldg_per_thread": mem["ldg"], "stg_per_thread": mem["stg"],
+        "ldg_per_thread": mem["ldg"],
+        "stg_per_thread": mem["stg"],
     }
 
 
@@ -137,14 +168,18 @@ def report(archs=tuple(ARCHS), dtypes=DTYPES) -> list:
 
 
 def _table(rows) -> str:
-    head = f"{'kernel':<34}{'arch':<8}{'dtype':<10}{'regs':>5}{'spill':>6}{'smem':>7}" \
-           f"{'ld/elem':>9}{'st/elem':>9}{'ld bits':>10}{'redund':>8}"
+    head = (
+        f"{'kernel':<34}{'arch':<8}{'dtype':<10}{'regs':>5}{'spill':>6}{'smem':>7}"
+        f"{'ld/elem':>9}{'st/elem':>9}{'ld bits':>10}{'redund':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['kernel']:<34}{r['arch']:<8}{r['dtype']:<10}{r['registers']:>5}"
-                     f"{r['spill_bytes']:>6}{r['shared_bytes']:>7}{r['global_loads_per_element']:>9.3f}"
-                     f"{r['global_stores_per_element']:>9.3f}"
-                     f"{'/'.join(map(str, r['load_widths_bits'])):>10}{r['load_redundancy']:>8.2f}")
+        lines.append(
+            f"{r['kernel']:<34}{r['arch']:<8}{r['dtype']:<10}{r['registers']:>5}"
+            f"{r['spill_bytes']:>6}{r['shared_bytes']:>7}{r['global_loads_per_element']:>9.3f}"
+            f"{r['global_stores_per_element']:>9.3f}"
+            f"{'/'.join(map(str, r['load_widths_bits'])):>10}{r['load_redundancy']:>8.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -155,12 +190,17 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", action="append", choices=[str(d).split(".")[1] for d in DTYPES])
     args = parser.parse_args(argv)
     if not tools_available():
-        print("kernel_report: Triton's NVIDIA backend (ptxas, cuobjdump) is not installed", file=sys.stderr)
+        print(
+            "kernel_report: Triton's NVIDIA backend (ptxas, cuobjdump) is not installed",
+            file=sys.stderr,
+        )
         return 1
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
     rows = report(tuple(args.arch or ARCHS), dtypes)
-    print("Offline compile (no GPU): per-thread registers/spills from ptxas -v, "
-          "loads/stores from cuobjdump -sass")
+    print(
+        "Offline compile (no GPU): per-thread registers/spills from ptxas -v, "
+        "loads/stores from cuobjdump -sass"
+    )
     print(_table(rows))
     if args.json:
         with open(args.json, "w") as f:

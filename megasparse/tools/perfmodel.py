@@ -36,8 +36,15 @@ from megasparse.perf_projection import (
 
 HIDDEN, FFN, SEQ, HEAD_DIM = 8192, 28672, 4096, 128
 TOKENS, TPS, MICROBATCHES = (4096, 8192, 16384, 32768), (1, 2, 8), (1, 4, 16)
-RECIPES = ("dense bf16", "2:4 (1d)", "2:4 (transposable)", "2:4 + 2:4 act", "FP8 dense", "FP8 2:4",
-           "FP8 2:4 (transposable)")
+RECIPES = (
+    "dense bf16",
+    "2:4 (1d)",
+    "2:4 (transposable)",
+    "2:4 + 2:4 act",
+    "FP8 dense",
+    "FP8 2:4",
+    "FP8 2:4 (transposable)",
+)
 FP8_RECIPES = ("FP8 dense", "FP8 2:4", "FP8 2:4 (transposable)")
 FP8_SPARSE = ("FP8 2:4", "FP8 2:4 (transposable)")
 BF16 = torch.bfloat16
@@ -94,8 +101,8 @@ def _attention_flops(q, *rest):
 
 COMPUTE_KERNELS["megasparse_perf::attention_fwd"] = _attention_flops
 # FlashAttention-2 paper (Dao 2023): the backward does 2.5x the forward's matmul FLOPs.
-COMPUTE_KERNELS["megasparse_perf::attention_bwd"] = (
-    lambda do, q, *rest: 5 * _attention_flops(q) // 2
+COMPUTE_KERNELS["megasparse_perf::attention_bwd"] = lambda do, q, *rest: (
+    5 * _attention_flops(q) // 2
 )
 
 
@@ -206,14 +213,17 @@ class Linear:
     def plan(self):
         if not self.sparse or self.recipe == "dense bf16":
             return ops.LinearPlan(backend=BACKENDS["dense"])
-        return ops.LinearPlan(backend=BACKENDS["cusparselt"], transposable="transposable" in self.recipe)
+        return ops.LinearPlan(
+            backend=BACKENDS["cusparselt"], transposable="transposable" in self.recipe
+        )
 
     def __call__(self, x, weight, state):
         if self.recipe == "FP8 dense" or (self.recipe in FP8_SPARSE and not self.sparse):
             return _Fp8DenseLinear.apply(x, weight, *state)
         if self.recipe in FP8_SPARSE:  # megasparse.fp8_linear: what sparse TE linears run under FP8
-            return fp8_linear.fp8_sparse_linear_step(x, weight, None, state,
-                                                     fp8_linear.default_plan(use_cusparselt=True))
+            return fp8_linear.fp8_sparse_linear_step(
+                x, weight, None, state, fp8_linear.default_plan(use_cusparselt=True)
+            )
         return ops.sparse_linear_step(x, weight, None, state, self.plan())
 
 
@@ -234,7 +244,9 @@ def _ffn(rec, recipe, x, tp):
         return fc2(squared_relu(fc1(x, w1, s1)), w2, s2)
     # the activation's values and its gradient dH come out marked 2:4 (megasparse.sparse_operand)
     h = fc1(x, w1, s1)
-    a, _ = activation_sparsity.squared_relu_sparsify(h, (64, 4), activation_sparsity.ActivationStats())
+    a, _ = activation_sparsity.squared_relu_sparsify(
+        h, (64, 4), activation_sparsity.ActivationStats()
+    )
     return fc2(a, w2, s2)
 
 
@@ -242,8 +254,9 @@ def _attention_block(rec, recipe, x, tp):
     """QKV -> causal flash attention -> proj, dense in every recipe (megasparse's default
     targets are fc1/fc2; FP8 recipes run them in FP8)."""
     qkv, proj = Linear(recipe, False), Linear(recipe, False)
-    w_qkv, w_proj = _meta(3 * HIDDEN // tp, HIDDEN, grad=True), _meta(
-        HIDDEN, HIDDEN // tp, grad=True
+    w_qkv, w_proj = (
+        _meta(3 * HIDDEN // tp, HIDDEN, grad=True),
+        _meta(HIDDEN, HIDDEN // tp, grad=True),
     )
     rec.mark_weight(w_qkv, w_proj)
     with rec.phase(WEIGHT_PREP):

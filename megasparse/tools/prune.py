@@ -45,8 +45,12 @@ import torch
 from megasparse.ops import weight_mask
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-MODULE_NAMES = {"qkv": "self_attention.linear_qkv", "proj": "self_attention.linear_proj",
-                "fc1": "mlp.linear_fc1", "fc2": "mlp.linear_fc2"}
+MODULE_NAMES = {
+    "qkv": "self_attention.linear_qkv",
+    "proj": "self_attention.linear_proj",
+    "fc1": "mlp.linear_fc1",
+    "fc2": "mlp.linear_fc2",
+}
 
 
 def _groups_mask(score: torch.Tensor) -> torch.Tensor:
@@ -70,8 +74,9 @@ def wanda_prune(weight: torch.Tensor, input_sq_norms: torch.Tensor):
     return weight * mask, mask
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, block: int = 128,
-                    damping: float = 0.01):
+def sparsegpt_prune(
+    weight: torch.Tensor, hessian: torch.Tensor, block: int = 128, damping: float = 0.01
+):
     """(Q, M): SparseGPT 2:4 (Frantar & Alistarh 2023, Alg. 1) of W [out, in] with H = 2 X^T X.
 
     Works in float64; returns Q in W's dtype. block: columns per lazy-update block (multiple of 4).
@@ -93,8 +98,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, block: int = 12
         err_blk = torch.zeros_like(w_blk)
         for j in range(b1 - b0):
             if j % 4 == 0:  # 2:4 selection by the OBS error of the next 4 columns
-                obs = w_blk[:, j:j + 4] ** 2 / torch.diag(u_blk)[j:j + 4][None, :] ** 2
-                pruned[:, b0 + j:b0 + j + 4] = ~_groups_mask(obs)
+                obs = w_blk[:, j : j + 4] ** 2 / torch.diag(u_blk)[j : j + 4][None, :] ** 2
+                pruned[:, b0 + j : b0 + j + 4] = ~_groups_mask(obs)
             col = w_blk[:, j]
             kept = torch.where(pruned[:, b0 + j], torch.zeros_like(col), col)
             q[:, b0 + j] = kept
@@ -190,8 +195,17 @@ def prune_checkpoint(args):
     os.makedirs(args.save, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), args.save)
     with open(os.path.join(args.save, "megasparse_prune.json"), "w") as f:
-        json.dump({"method": args.method, "calib_batches": len(calib), "seed": args.seed,
-                   "targets": list(args.targets), "pruned": sorted(masks)}, f, indent=1)
+        json.dump(
+            {
+                "method": args.method,
+                "calib_batches": len(calib),
+                "seed": args.seed,
+                "targets": list(args.targets),
+                "pruned": sorted(masks),
+            },
+            f,
+            indent=1,
+        )
     return masks
 
 
@@ -200,8 +214,9 @@ def parse_args(argv=None):
     p.add_argument("--load", required=True, help="dense dist_checkpointing checkpoint (demo GPT)")
     p.add_argument("--save", required=True, help="where the pruned checkpoint goes (new/empty dir)")
     p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--calib-batches", type=int, default=16,
-                   help="calibration batches (wanda, sparsegpt)")
+    p.add_argument(
+        "--calib-batches", type=int, default=16, help="calibration batches (wanda, sparsegpt)"
+    )
     p.add_argument("--targets", nargs="+", default=["fc1", "fc2"], choices=list(MODULE_NAMES))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
