@@ -16,7 +16,7 @@ SEQ, BATCH, VOCAB = 32, 8, 256
 
 def _text_batches(steps, seed=0):
     """Byte-level (input, label) batches from the Python standard library's own source."""
-    from megasparse.tools.demo import load_corpus
+    from megasparse.tools.gpt_text import load_corpus
 
     data = load_corpus(400_000)
     g = torch.Generator().manual_seed(seed)

@@ -66,7 +66,7 @@ def _model_args():
 
 
 def _val_batches(args):
-    from megasparse.tools.demo import load_corpus, text_batches
+    from megasparse.tools.gpt_text import load_corpus, text_batches
 
     data = load_corpus(args.corpus_bytes)
     g = torch.Generator().manual_seed(99)
@@ -75,7 +75,7 @@ def _val_batches(args):
 
 @torch.no_grad()
 def _val_loss(model, batches):
-    from megasparse.tools.demo import gpt_loss
+    from megasparse.tools.gpt_text import gpt_loss
 
     model.eval()
     return sum(gpt_loss(model, t, lab).item() for t, lab in batches) / len(batches)
@@ -84,7 +84,7 @@ def _val_loss(model, batches):
 def _load(sparsity, path):
     from megatron.core import dist_checkpointing
 
-    from megasparse.tools.demo import build_gpt
+    from megasparse.tools.gpt_text import build_gpt
 
     model = build_gpt(_model_args(), sparsity, torch.device("cpu"))
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), path))
@@ -95,7 +95,7 @@ def _load(sparsity, path):
 def dense_checkpoint(megatron_tp1, tmp_path_factory):
     from megatron.core import dist_checkpointing
 
-    from megasparse.tools.demo import build_gpt, gpt_loss, load_corpus, text_batches
+    from megasparse.tools.gpt_text import build_gpt, gpt_loss, load_corpus, text_batches
 
     args = _model_args()
     threads = torch.get_num_threads()

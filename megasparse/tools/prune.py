@@ -174,7 +174,7 @@ def prune_model(model, method: str, calib, forward, targets=("fc1", "fc2")):
 
 def calibration_batches(args, count):
     """`count` (tokens, labels) batches from the demo corpus' training split (seed args.seed)."""
-    from megasparse.tools.demo import load_corpus, text_batches
+    from megasparse.tools.gpt_text import load_corpus, text_batches
 
     data = load_corpus(args.corpus_bytes)
     split = int(0.9 * len(data))
@@ -186,7 +186,7 @@ def prune_checkpoint(args):
     """Load args.load, prune, save args.save; returns the masks. Megatron: initialized, TP=1."""
     from megatron.core import dist_checkpointing
 
-    from megasparse.tools.demo import build_gpt, gpt_loss
+    from megasparse.tools.gpt_text import build_gpt, gpt_loss
 
     model = build_gpt(args, None, torch.device("cpu"))
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), args.load))
