@@ -20,6 +20,48 @@ from reference import masked_linear_reference
 pytestmark = pytest.mark.gpu
 
 
+def _skip_cutlass_off_sm8x(backend):
+    if backend == "cutlass" and torch.cuda.get_device_capability()[0] != 8:
+        pytest.skip(
+            "PyTorch's CUTLASS 2:4 kernels are sm8x only (megasparse refuses them elsewhere)"
+        )
+
+
+def test_cutlass_is_refused_off_sm8x_and_auto_falls_back_for_fp32():
+    w = torch.randn(256, 512, device="cuda")
+    if torch.cuda.get_device_capability()[0] != 8:
+        with pytest.raises(RuntimeError, match="sm8x only"):
+            resolve_backend("cutlass", w.bfloat16(), transposable=False)
+    with pytest.warns(UserWarning, match="dense masked GEMM"):
+        assert resolve_backend("auto", w, transposable=False).name == "dense"  # fp32: no 2:4 kernel
+
+
+def test_zero_token_expert_on_the_sparse_backend(megatron_tp1):
+    from megatron_helpers import make_column, make_config
+
+    layer = make_column(
+        make_config(dtype=torch.bfloat16), 512, 256, SparsityConfig(mask="transposable")
+    ).cuda()
+    x = torch.zeros(0, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y, _ = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, 256) and x.grad.shape == (0, 512)
+
+
+def test_wgrad_fusion_accumulates_into_main_grad_on_cuda():
+    """The fused addmm(out_dtype=float32, out=main_grad) path equals the fp32 reference."""
+    x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w.main_grad = torch.ones(256, 128, device="cuda")
+    w.grad_added_to_main_grad = False
+    dy = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    plan = LinearPlan(BACKENDS["dense"], gradient_accumulation_fusion=True)
+    sparse_linear(x, w, None, weight_mask(w), plan).backward(dy)
+    expected = 1 + dy.float().t() @ x.float()
+    torch.testing.assert_close(w.main_grad, expected, rtol=1e-3, atol=1e-2)
+    assert w.grad_added_to_main_grad
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_triton_masks_on_cuda_match_reference(dtype):
     w = torch.randn(1024, 2048, device="cuda").to(dtype)
@@ -32,6 +74,7 @@ def test_triton_masks_on_cuda_match_reference(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [256, 200])
 def test_cuda_backend_matches_dense_reference(backend, mask_kind, dtype, tokens):
+    _skip_cutlass_off_sm8x(backend)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(tokens, 512, device="cuda", generator=g).to(dtype)
     w = torch.randn(256, 512, device="cuda", generator=g).to(dtype)
@@ -88,18 +131,19 @@ def test_activation_kernel_on_cuda_matches_reference_exactly(pattern, dtype):
 def test_sparse_activation_operands_on_cuda_match_dense(backend):
     """2:4 activation as the forward operand of a dense-weight fc2, and a 2:4 dH in fc1's input gradient."""
     from megasparse.kernels import activation_sparsify_triton
+    from megasparse.sparse_operand import ACTIVATION, GRAD_OUTPUT
 
+    _skip_cutlass_off_sm8x(backend)
     g = torch.Generator(device="cuda").manual_seed(0)
     pre = torch.randn(512, 1024, device="cuda", generator=g, dtype=torch.bfloat16)
     a, mask, _, _ = activation_sparsify_triton(pre, 64, 4, True)
     w2 = torch.randn(256, 1024, device="cuda", generator=g, dtype=torch.bfloat16)
     chosen = BACKENDS[backend]
-    plan = LinearPlan(chosen, input_2_4=True)
-    y = chosen.linear(a, w2, None, plan, False)
+    y = chosen.linear(a, w2, None, ACTIVATION)
     torch.testing.assert_close(y.double(), a.double() @ w2.double().t(), rtol=3e-2, atol=3e-1)
     w1 = torch.randn(1024, 256, device="cuda", generator=g, dtype=torch.bfloat16)
     dh = torch.where(mask, torch.randn_like(a), 0)
-    dx = chosen.input_grad(dh, w1, LinearPlan(chosen), False, True)
+    dx = chosen.input_grad(dh, w1, GRAD_OUTPUT)
     torch.testing.assert_close(dx.double(), dh.double() @ w1.double(), rtol=3e-2, atol=3e-1)
 
 
