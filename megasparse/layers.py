@@ -155,14 +155,24 @@ class _SparseLinearMixin:
             result = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         finally:
             self._dist_checkpointing = False
-        if (
-            self.sparsity.mask_refresh_interval > 1
-            and self.weight is not None
-            and self.sparsity.weights is not None
-        ):
+        extra = {}
+        if self.weight is not None and self.sparsity.weights is not None:
+            if (
+                self.sparsity.mask_refresh_interval > 1
+            ):  # always present, so loading asks for it too
+                extra.update(self.weight_state.sharded_entries(self.weight, self.sparsity))
+            if (
+                self.sparsity.gradient == "sste"
+            ):  # S-STE's fixed beta, replicated (NaN: not fixed yet)
+                beta = self.weight_state.sste_beta
+                extra["megasparse_sste_beta"] = (  # float64: exact for every weight dtype
+                    torch.full((1,), float("nan"), dtype=torch.float64)
+                    if beta is None
+                    else beta.detach().reshape(1).cpu().double()
+                )
+        if extra:
             from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-            extra = self.weight_state.sharded_entries(self.weight, self.sparsity)
             kwargs = {"tp_group": self.tp_group}
             if metadata is not None and "dp_cp_group" in metadata:
                 kwargs["dp_cp_group"] = metadata["dp_cp_group"]
@@ -180,8 +190,12 @@ class _SparseLinearMixin:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         mask = state_dict.pop(prefix + "megasparse_held_mask", None)
         refreshed_at = state_dict.pop(prefix + "megasparse_refreshed_at", None)
+        beta = state_dict.pop(prefix + "megasparse_sste_beta", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.weight_state.invalidate()  # new weights: rebuild the step state
+        if beta is not None and torch.isfinite(beta).all():  # from a dist checkpoint
+            dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            self.weight_state.sste_beta = beta.reshape(()).to(dtype)  # as sste_scale gives it
         if mask is not None:  # from a dist checkpoint (set_extra_state saw None)
             refreshed_at = int(refreshed_at[0]) if refreshed_at is not None else 0
             self.weight_state.restore_held_mask(mask, refreshed_at, self.weight)

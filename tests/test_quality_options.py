@@ -440,3 +440,23 @@ def test_megatron_lm_hook_logs_flip_rate_to_tensorboard_and_wandb(monkeypatch):
     at4 = {n: v for n, v, s in tb.calls if s == 4}
     assert 0 < at4["megasparse/flip_rate/fc"] < 1 and 0.5 < at4["megasparse/kept_weight_l1/fc"] <= 1
     assert [step for _, step in wandb.calls] == [0, 2, 4] and wandb.calls[-1][0] == at4
+
+
+@pytest.mark.usefixtures("megatron_tp1")
+def test_sste_beta_round_trips_through_a_dist_checkpoint(tmp_path):
+    """torch_dist checkpoints carry S-STE's fixed beta (replicated), as the torch state_dict does."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    meta = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    x = torch.randn(4, 16, dtype=torch.float64)
+    layer = make_column(make_config(), 16, 32, SparsityConfig(gradient="sste", backend="dense"))
+    layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(3.0)  # trained on: the fixed beta no longer matches a fresh one
+    dist_checkpointing.save(layer.sharded_state_dict("l.", metadata=meta), str(tmp_path))
+    other = make_column(
+        make_config(), 16, 32, SparsityConfig(gradient="sste", backend="dense"), seed=5
+    )
+    loaded = dist_checkpointing.load(other.sharded_state_dict("l.", metadata=meta), str(tmp_path))
+    other.load_state_dict({k[len("l.") :]: v for k, v in loaded.items()})
+    torch.testing.assert_close(other(x)[0], layer(x)[0], rtol=0, atol=0)
