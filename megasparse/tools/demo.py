@@ -38,7 +38,13 @@ import torch
 import torch.distributed as dist
 
 from megasparse.config import SparsityConfig
-from megasparse.tools.gpt_text import build_gpt, gpt_loss, load_corpus, text_batches
+from megasparse.tools.gpt_text import (
+    add_model_args,
+    build_gpt,
+    gpt_loss,
+    load_corpus,
+    text_batches,
+)
 
 RECIPES = {
     "dense": dict(sparsity=None),
@@ -406,16 +412,9 @@ def main(argv=None):
         default=["fc1", "fc2"],
         help="linears made sparse (see sparsify_spec)",
     )
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=512)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
+    add_model_args(p)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--corpus-bytes", type=int, default=2_000_000)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_out", help="where results.json and loss_curves.png go")
     args = p.parse_args(argv)
     if args.recipes is None:

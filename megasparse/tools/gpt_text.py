@@ -7,6 +7,18 @@ import os
 import torch
 
 
+def add_model_args(parser) -> None:
+    """The model's and data's flags, shared by the demo and the pruning tool (same defaults)."""
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--ffn", type=int, default=512)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--corpus-bytes", type=int, default=2_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def load_corpus(max_bytes: int) -> torch.Tensor:
     """Bytes of the standard library's .py files, in a fixed order."""
     root = os.path.dirname(os.__file__)

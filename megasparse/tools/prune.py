@@ -210,6 +210,8 @@ def prune_checkpoint(args):
 
 
 def parse_args(argv=None):
+    from megasparse.tools.gpt_text import add_model_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="dense dist_checkpointing checkpoint (demo GPT)")
     p.add_argument("--save", required=True, help="where the pruned checkpoint goes (new/empty dir)")
@@ -218,14 +220,7 @@ def parse_args(argv=None):
         "--calib-batches", type=int, default=16, help="calibration batches (wanda, sparsegpt)"
     )
     p.add_argument("--targets", nargs="+", default=["fc1", "fc2"], choices=list(MODULE_NAMES))
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=512)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--corpus-bytes", type=int, default=2_000_000)
-    p.add_argument("--seed", type=int, default=0)
+    add_model_args(p)
     args = p.parse_args(argv)
     args.tp = 1
     return args
