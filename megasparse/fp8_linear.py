@@ -19,7 +19,7 @@ import torch
 from megasparse import fp8_gemm
 from megasparse.fp8_gemm import E4M3
 from megasparse.fp8_recipe import CurrentScaler, scale_from_amax, quantize_with
-from megasparse.ops import gradient_term
+from megasparse.ops import gradient_term, gradient_went_to_main_grad
 from megasparse.weight_state import WeightStep
 
 
@@ -56,13 +56,6 @@ class Fp8Weight:
 
 def fp8_weight(step: WeightStep, use_cusparselt: bool) -> Fp8Weight:
     return step.cached(("fp8_weight", use_cusparselt), lambda: Fp8Weight(step, use_cusparselt))
-
-
-def _dummy_weight_grad(weight, dtype):
-    shape, device = weight.main_grad.shape, weight.device
-    if getattr(weight, "zero_out_wgrad", False):
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 class _Fp8SparseLinear(torch.autograd.Function):
@@ -116,9 +109,7 @@ class _Fp8SparseLinear(torch.autograd.Function):
                 weight.main_grad = ctx.main_grad
                 grad = gradient_term(plan.gradient, grad32, weight, step, plan.srste_decay)
                 ctx.main_grad.add_(grad.to(ctx.main_grad.dtype))
-                if hasattr(weight, "grad_added_to_main_grad"):
-                    grad_w = _dummy_weight_grad(weight, dy.dtype)
-                    weight.grad_added_to_main_grad = True
+                grad_w = gradient_went_to_main_grad(weight, dy.dtype)
             else:
                 grad_w = gradient_term(plan.gradient, grad32, weight, step, plan.srste_decay)
                 grad_w = grad_w.to(weight.dtype)

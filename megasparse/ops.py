@@ -107,8 +107,12 @@ def _uses_mvue(step: WeightStep) -> bool:
     )
 
 
-def _dummy_weight_grad(weight, dtype):
-    """What Megatron returns when the gradient went into main_grad (keeps its DDP hooks on the main thread)."""
+def gradient_went_to_main_grad(weight, dtype):
+    """After accumulating into weight.main_grad: what Megatron's own linear returns for the weight
+    (a dummy gradient that keeps DDP's hooks on the main thread, flagged as added), or None."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
     if getattr(weight, "zero_out_wgrad", False):
         return torch.zeros(weight.main_grad.shape, dtype=dtype, device=weight.device)
     return torch.empty(weight.main_grad.shape, dtype=dtype, device=weight.device)
@@ -182,9 +186,7 @@ class _SparseLinear(torch.autograd.Function):
                     )
                     grad = gradient_term(plan.gradient, wgrad, weight, step, plan.srste_decay)
                     ctx.main_grad.add_(grad.to(ctx.main_grad.dtype))
-                if hasattr(weight, "grad_added_to_main_grad"):
-                    grad_w = _dummy_weight_grad(weight, x.dtype)
-                    weight.grad_added_to_main_grad = True
+                grad_w = gradient_went_to_main_grad(weight, x.dtype)
             else:
                 wgrad = (
                     dy2d.t() @ x2d
