@@ -15,6 +15,8 @@ WGRAD_SPARSITY = (None, "mvue")
 BACKENDS = ("auto", "dense", "cusparselt", "cutlass")
 NONFINITE_POLICIES = ("propagate", "error")
 ACTIVATION_FUNCTIONS = (None, "squared_relu")
+FP8_FORMATS = (None, "hybrid", "e4m3")  # the local FP8 path (TE layers use TE's fp8_autocast)
+FP8_ORDERS = ("prune-then-quantize", "quantize-then-prune")
 TARGETS = (
     "qkv",
     "proj",
@@ -95,6 +97,16 @@ class SparsityConfig:
         its weight. Random draws: one torch.Generator per weight and optimizer step, seeded from
         (wgrad_seed, global rank, weight index, step) on the device (no host sync).
     wgrad_seed: the base seed of those draws.
+    fp8: the local spec's FP8 path (megasparse.fp8_linear), for Megatron's local layers, which
+        have no FP8 of their own: None (off), "hybrid" (e4m3 forward, e5m2 gradients) or "e4m3",
+        TE's formats with current per-tensor scaling (Float8CurrentScaling's math). The layer's
+        GEMMs run in FP8 in every phase: FP8 2:4 (cuSPARSELt on sm90, emulated elsewhere) while it
+        prunes, dense FP8 otherwise (weights=None, a dense phase, enabled=False). Output in the
+        input's dtype (the autocast dtype under autocast). Sparse TE linears refuse it: they follow
+        TE's fp8_autocast (--fp8-format) instead.
+    fp8_order: "prune-then-quantize" (mask of W, e4m3 of W*M with the amax after pruning) or
+        "quantize-then-prune" (e4m3 of W with its amax, mask of the quantized values: FP8's
+        coarse grid makes ties, broken towards the lower index). Needs fp8.
     track_flip_rate: keep the previous mask (bit-packed) and count, on the device, the share of
         mask entries that changed at every mask computation (Hu et al. ICML 2024's flip rate):
         `layer.sparsity_stats()["flip_rate"]`.
@@ -116,6 +128,8 @@ class SparsityConfig:
     wgrad_sparsity: Optional[str] = None
     wgrad_seed: int = 0
     track_flip_rate: bool = False
+    fp8: Optional[str] = None
+    fp8_order: str = "prune-then-quantize"
 
     def __post_init__(self):
         _choice("weights", self.weights, WEIGHT_PATTERNS)
@@ -146,6 +160,7 @@ class SparsityConfig:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"SparsityConfig.enabled must be True or False, got {self.enabled!r}")
         self._validate_quality_options()
+        self._validate_fp8()
         object.__setattr__(self, "mask_rule_revision", 0)
         object.__setattr__(self, "_validated", True)
 
@@ -177,6 +192,25 @@ class SparsityConfig:
                 "SparsityConfig(gradient='sste') recomputes its continuous pruning "
                 "S(W) from W at every step, so it cannot hold a mask; got "
                 f"mask_refresh_interval={self.mask_refresh_interval}. Use 1."
+            )
+
+    def _validate_fp8(self):
+        _choice("fp8", self.fp8, FP8_FORMATS)
+        _choice("fp8_order", self.fp8_order, FP8_ORDERS)
+        if self.fp8_order == "quantize-then-prune" and self.fp8 is None:
+            raise ValueError(
+                "SparsityConfig(fp8_order='quantize-then-prune') orders pruning and FP8 "
+                "quantization, but fp8 is None; set fp8='hybrid' or 'e4m3'"
+            )
+        if self.fp8 is not None and self.wgrad_sparsity is not None:
+            raise ValueError(
+                f"SparsityConfig(fp8={self.fp8!r}): the FP8 path's weight-gradient GEMM is TE's "
+                "FP8 GEMM, which does not take the MVUE-pruned dY; set wgrad_sparsity=None"
+            )
+        if self.fp8_order == "quantize-then-prune" and self.gradient == "sste":
+            raise ValueError(
+                "SparsityConfig(gradient='sste') prunes by a soft threshold of W, not by a mask "
+                "of the quantized weight; use fp8_order='prune-then-quantize' with sste"
             )
 
     def __setattr__(self, name, value):
@@ -211,4 +245,4 @@ class SparsityConfig:
 
 
 _FIELD_NAMES = {f.name for f in dataclasses.fields(SparsityConfig)}
-_MASK_RULE_FIELDS = ("weights", "mask", "enabled", "nonfinite_weights")
+_MASK_RULE_FIELDS = ("weights", "mask", "enabled", "nonfinite_weights", "fp8", "fp8_order")

@@ -12,15 +12,19 @@ micro-batch. x is saved for the backward in e4m3 (as TE saves it).
 Gradient modes (ste / masked / srste) and Megatron's main_grad fusion work as in megasparse.ops.
 """
 
+import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from megasparse import fp8_gemm
-from megasparse.fp8_gemm import E4M3
+from megasparse.fp8_gemm import E4M3, E5M2
 from megasparse.fp8_recipe import CurrentScaler, scale_from_amax, quantize_with
 from megasparse.ops import gradient_term, gradient_went_to_main_grad
 from megasparse.weight_state import WeightStep
+
+PRUNE_FIRST, QUANTIZE_FIRST = "prune-then-quantize", "quantize-then-prune"
 
 
 @dataclass(frozen=True)
@@ -34,41 +38,57 @@ class Fp8LinearPlan:
     srste_decay: float = 0.0
     gradient_accumulation_fusion: bool = False
     out_dtype: torch.dtype = torch.bfloat16
+    order: str = PRUNE_FIRST
 
 
 class Fp8Weight:
-    """This step's e4m3 W*M: the forward operand, the input-gradient operand, the scale."""
+    """This step's e4m3 weight: the forward operand, the input-gradient operand, the scale.
 
-    def __init__(self, step: WeightStep, use_cusparselt: bool):
-        pruned = step.dense()  # W*M of this step
-        scale = scale_from_amax(pruned.detach().abs().amax())  # amax after pruning
-        w_q = quantize_with(pruned.detach(), scale)
+    prune-then-quantize: e4m3 of W*M with the amax of W*M ("amax after pruning");
+    quantize-then-prune: e4m3 of W with the amax of W, masked by the step's mask, which
+    `compute_mask` took from those e4m3 values. A dense step (no mask): e4m3 of W (dense FP8).
+    """
+
+    def __init__(self, step: WeightStep, use_cusparselt: bool, order: str = PRUNE_FIRST):
+        weight = step.dense().detach()  # W*M of this step (W in a dense step)
+        amax_of = step.weight.detach() if order == QUANTIZE_FIRST else weight
+        scale = scale_from_amax(amax_of.abs().amax())
+        w_q = quantize_with(weight, scale)
         self.scale_inv = scale.reciprocal()
         self.rows, self.cols = w_q.shape
-        self.forward = fp8_gemm.compress(w_q) if use_cusparselt else w_q
+        sparse = use_cusparselt and step.pruned
+        self.forward = fp8_gemm.compress(w_q) if sparse else w_q
         w_q_t = w_q.t().contiguous()  # [in, out]: (W*M)^T, 2:4 along out for transposable masks
-        self.sparse_t = step.transposable
-        self.backward = fp8_gemm.compress(w_q_t) if (use_cusparselt and self.sparse_t) else w_q_t
+        self.sparse_t = step.pruned and step.transposable
+        self.backward = fp8_gemm.compress(w_q_t) if (sparse and self.sparse_t) else w_q_t
 
     def held_tensors(self):
         return [self.scale_inv, self.forward, self.backward]
 
 
-def fp8_weight(step: WeightStep, use_cusparselt: bool) -> Fp8Weight:
-    return step.cached(("fp8_weight", use_cusparselt), lambda: Fp8Weight(step, use_cusparselt))
+def quantized_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The e4m3 values of W (per-tensor scale of its amax) as float: what quantize-then-prune masks."""
+    return quantize_with(weight, scale_from_amax(weight.abs().amax())).float()
+
+
+def fp8_weight(step: WeightStep, use_cusparselt: bool, order: str = PRUNE_FIRST) -> Fp8Weight:
+    return step.cached(
+        ("fp8_weight", use_cusparselt, order), lambda: Fp8Weight(step, use_cusparselt, order)
+    )
 
 
 class _Fp8SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, step: WeightStep, plan: Fp8LinearPlan):
-        wq = fp8_weight(step, plan.use_cusparselt)
+        wq = fp8_weight(step, plan.use_cusparselt, plan.order)
         x2d = x.reshape(-1, x.shape[-1])
         x_q, x_si = plan.x_scaler(x2d)
+        cusparselt = plan.use_cusparselt and step.pruned  # a dense step: the dense FP8 GEMM
         y = fp8_gemm.sparse_fp8_mm(
-            x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype, plan.use_cusparselt
+            x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype, cusparselt
         )
         if bias is not None:
-            y = y + bias
+            y = y + bias.to(y.dtype)
         saved_x = x_q if plan.fp8_wgrad else x2d
         ctx.save_for_backward(saved_x, x_si, weight)
         ctx.step, ctx.plan, ctx.x_shape, ctx.has_bias = step, plan, x.shape, bias is not None
@@ -80,7 +100,7 @@ class _Fp8SparseLinear(torch.autograd.Function):
     def backward(ctx, dy):
         saved_x, x_si, weight = ctx.saved_tensors
         step, plan = ctx.step, ctx.plan
-        wq = fp8_weight(step, plan.use_cusparselt)
+        wq = fp8_weight(step, plan.use_cusparselt, plan.order)
         dy2d = dy.reshape(-1, dy.shape[-1])
         grad_x = grad_w = grad_b = None
         dy_q = dy_si = None
@@ -131,14 +151,10 @@ def _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan):
 
 
 def fp8_sparse_linear_step(x, weight, bias, step: WeightStep, plan: Fp8LinearPlan) -> torch.Tensor:
-    """y = x (M*W)^T + b in FP8 with this optimizer step's weight state (step.pruned must hold)."""
-    if not step.pruned:
-        raise ValueError(
-            "megasparse: the FP8 2:4 op needs a pruned weight step (a dense phase "
-            "runs "
-            "the dense FP8 GEMM)"
-        )
-    return _Fp8SparseLinear.apply(x, weight, bias, step, plan)
+    """y = x (M*W)^T + b in FP8 with this optimizer step's weight state (x W^T + b for a dense step:
+    dense FP8 GEMMs; cuSPARSELt only where the step is pruned)."""
+    with torch.autocast(x.device.type, enabled=False):  # FP8 operands: explicit dtypes, as TE
+        return _Fp8SparseLinear.apply(x, weight, bias, step, plan)
 
 
 def default_plan(recipe=None, use_cusparselt=False, **kwargs) -> Fp8LinearPlan:
@@ -150,4 +166,60 @@ def default_plan(recipe=None, use_cusparselt=False, **kwargs) -> Fp8LinearPlan:
     dgrad = None if recipe.grad_dtype == E4M3 else CurrentScaler(E4M3, recipe.margin)
     return Fp8LinearPlan(
         recipe.own_scaler(E4M3), grad, dgrad, use_cusparselt, recipe.fp8_wgrad, **kwargs
+    )
+
+
+_warned = set()
+
+
+def cusparselt_fp8_reason(weight: torch.Tensor) -> Optional[str]:
+    """Why this weight (shard) cannot run its FP8 2:4 GEMMs on cuSPARSELt (None: it can)."""
+    reason = fp8_gemm.fp8_cusparselt_reason(weight.device)
+    multiple = fp8_gemm.WEIGHT_MULTIPLE
+    if reason is None and (weight.shape[0] % multiple or weight.shape[1] % multiple):
+        reason = f"the weight shard {tuple(weight.shape)} is not a multiple of {multiple} in both dims"
+    return reason
+
+
+def check_shard_shape(layer: str, shape) -> None:
+    """FP8 GEMMs (torch._scaled_mm, cuSPARSELt e4m3) need both weight dims multiples of 16."""
+    multiple = fp8_gemm.TOKEN_MULTIPLE
+    if shape[0] % multiple or shape[1] % multiple:
+        raise ValueError(
+            f"megasparse: {layer} with fp8 has a weight shard {tuple(shape)} (per tensor-parallel "
+            f"rank); FP8 GEMMs need both dims multiples of {multiple} (cuSPARSELt's FP8 2:4 "
+            f"GEMM wants {fp8_gemm.WEIGHT_MULTIPLE}). Change the layer sizes or set fp8=None."
+        )
+
+
+def local_plan(sparsity, weight, x, gradient_accumulation_fusion=False) -> Fp8LinearPlan:
+    """The plan of the local FP8 path (SparsityConfig.fp8): current per-tensor scaling in the
+    config's format; cuSPARSELt FP8 2:4 where the layer prunes and the device runs it (CPU and
+    other devices: the emulation, the same math); output in x's dtype (autocast's under autocast)."""
+    from megasparse.fp8_recipe import Fp8Recipe
+
+    use_cusparselt = False
+    if sparsity.prunes_weights and weight.is_cuda and sparsity.backend != "dense":
+        reason = cusparselt_fp8_reason(weight)
+        if reason is not None and sparsity.backend != "auto":
+            raise ValueError(
+                f"megasparse: backend={sparsity.backend!r} with fp8={sparsity.fp8!r} needs "
+                f"cuSPARSELt's FP8 2:4 GEMM, which cannot run here: {reason}. Use backend='auto' "
+                "(dense FP8 GEMMs on W*M there) or 'dense'"
+            )
+        if reason is not None and reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"megasparse: FP8 2:4 runs dense FP8 GEMMs on W*M ({reason})")
+        use_cusparselt = reason is None
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    recipe = Fp8Recipe(grad_dtype=E4M3 if sparsity.fp8 == "e4m3" else E5M2)
+    return default_plan(
+        recipe,
+        use_cusparselt,
+        gradient=sparsity.gradient,
+        srste_decay=sparsity.srste_decay,
+        gradient_accumulation_fusion=gradient_accumulation_fusion,
+        out_dtype=torch.get_autocast_dtype(device) if autocast else x.dtype,
+        order=sparsity.fp8_order,
     )

@@ -23,7 +23,7 @@ from megasparse.activation_sparsity import ActivationStats, sparsify
 from megasparse.backends import BACKENDS, check_backend_static, resolve_backend
 from megasparse.config import SparsityConfig
 from megasparse.interface import describe, layer_stats
-from megasparse import speed_gate
+from megasparse import fp8_linear, speed_gate
 from megasparse.ops import LinearPlan, sparse_linear_step
 from megasparse.sparse_operand import is_2_4, sparse_pattern
 from megasparse.weight_state import SparseWeightState, compute_mask
@@ -84,6 +84,8 @@ class _SparseLinearMixin:
         self._gate_decisions = {}
         if self.weight is not None and self.sparsity.weights is not None:
             self._check_shard_shape(tuple(self.weight.shape), self.config.params_dtype)
+        if self.weight is not None and self.sparsity.fp8 is not None:
+            fp8_linear.check_shard_shape(type(self).__name__, tuple(self.weight.shape))
 
     def _tp_size(self) -> int:
         return self.tp_group.size() if self.tp_group is not None else 1
@@ -220,7 +222,8 @@ class _SparseLinearMixin:
         call = _forward_impl_arguments(input, weight, args, kwargs)
         fusion = bool(call["gradient_accumulation_fusion"])
         sparse_now = self.sparsity.prunes_weights or self._sparse_input_now()
-        if not sparse_now and (self._apex_wgrad_fusion or not fusion) and not is_2_4(input):
+        fp8 = self.sparsity.fp8 is not None  # FP8 GEMMs in every phase (megasparse.fp8_linear)
+        if not (sparse_now or fp8) and (self._apex_wgrad_fusion or not fusion) and not is_2_4(input):
             return super()._forward_impl(input, weight, *args, **kwargs)  # exactly the parent
         if call["grad_output_buffer"] is not None:
             raise NotImplementedError(
@@ -235,6 +238,10 @@ class _SparseLinearMixin:
         elif call["allreduce_dgrad"]:
             input = copy_to_tensor_model_parallel_region(input, group=tp_group)
         input = self._sparse_input(input)
+        if fp8:
+            step = self.weight_state.step(weight, self.sparsity, BACKENDS["dense"])
+            plan = fp8_linear.local_plan(self.sparsity, weight, input, fusion)
+            return fp8_linear.fp8_sparse_linear_step(input, weight, call["bias"], step, plan)
         # a sparse backend only where something is sparse now; else the exact dense path
         backend = self._backend_for(weight) if sparse_now or is_2_4(input) else BACKENDS["dense"]
         step = self.weight_state.step(weight, self.sparsity, backend)

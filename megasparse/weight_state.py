@@ -51,8 +51,16 @@ _STATE_INDEX = itertools.count()  # quality: weight index for the MVUE seeds (co
 
 
 def compute_mask(weight: torch.Tensor, sparsity) -> torch.Tensor:
-    """The 2:4 mask the config's rule gives for `weight` (bool, shaped like it)."""
-    return weight_mask(weight.detach(), sparsity.mask, sparsity.nonfinite_weights)
+    """The 2:4 mask the config's rule gives for `weight` (bool, shaped like it).
+    FP8 quantize-then-prune: the mask of the e4m3 values of W (megasparse.fp8_linear)."""
+    weight = weight.detach()
+    if getattr(sparsity, "fp8_order", None) == "quantize-then-prune":
+        from megasparse.fp8_linear import quantized_weight
+
+        if sparsity.nonfinite_weights == "error":  # saturation would hide an Inf
+            weight_mask(weight, sparsity.mask, "error")
+        weight = quantized_weight(weight)
+    return weight_mask(weight, sparsity.mask, sparsity.nonfinite_weights)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -327,7 +327,7 @@ def test_fp8_weight_built_once_per_step_and_gradient_modes(monkeypatch):
         fp8_linear.fp8_sparse_linear_step(torch.randn(16, 64), w, None, step, plan).sum().backward()
     assert len(builds) == 1
     assert (w.grad[~step.mask()] == 0).all() and w.grad[step.mask()].abs().sum() > 0  # masked mode
-    assert "('fp8_weight', False)" in step.held_bytes()
+    assert "('fp8_weight', False, 'prune-then-quantize')" in step.held_bytes()
     with torch.no_grad():
         w.add_(1.0)  # an optimizer step changes the weight: a new FP8 weight
     step = state.step(w, cfg, BACKENDS["dense"])
