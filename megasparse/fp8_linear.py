@@ -177,7 +177,9 @@ def cusparselt_fp8_reason(weight: torch.Tensor) -> Optional[str]:
     reason = fp8_gemm.fp8_cusparselt_reason(weight.device)
     multiple = fp8_gemm.WEIGHT_MULTIPLE
     if reason is None and (weight.shape[0] % multiple or weight.shape[1] % multiple):
-        reason = f"the weight shard {tuple(weight.shape)} is not a multiple of {multiple} in both dims"
+        reason = (
+            f"the weight shard {tuple(weight.shape)} is not a multiple of {multiple} in both dims"
+        )
     return reason
 
 

@@ -223,7 +223,11 @@ class _SparseLinearMixin:
         fusion = bool(call["gradient_accumulation_fusion"])
         sparse_now = self.sparsity.prunes_weights or self._sparse_input_now()
         fp8 = self.sparsity.fp8 is not None  # FP8 GEMMs in every phase (megasparse.fp8_linear)
-        if not (sparse_now or fp8) and (self._apex_wgrad_fusion or not fusion) and not is_2_4(input):
+        if (
+            not (sparse_now or fp8)
+            and (self._apex_wgrad_fusion or not fusion)
+            and not is_2_4(input)
+        ):
             return super()._forward_impl(input, weight, *args, **kwargs)  # exactly the parent
         if call["grad_output_buffer"] is not None:
             raise NotImplementedError(
