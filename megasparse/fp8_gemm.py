@@ -23,7 +23,7 @@ that, and `transpose_result=True` returns y as [tokens, out].
 
 Emulation (any device without the kernel, CPU in CI): `torch._scaled_mm` with the same e4m3
 operands (the 2:4 weight as a dense e4m3 matrix with its zeros), the same scales, fp32
-accumulation and the same output rounding.
+accumulation and the same output rounding; on the CPU the same math in torch (`scaled_mm`).
 """
 
 import os
@@ -117,25 +117,24 @@ def sparse_fp8_mm(
             )
             y = (y * (a_scale_inv.float() * b_scale_inv.float())).to(out_dtype)
     else:
-        y = torch._scaled_mm(
-            a_pad,
-            sparse_b.t(),
-            scale_a=a_scale_inv.float().reshape(()),
-            scale_b=b_scale_inv.float().reshape(()),
-            out_dtype=out_dtype,
-        )
+        y = scaled_mm(a_pad, sparse_b.t(), a_scale_inv, b_scale_inv, out_dtype)
     return y if y.shape[0] == tokens else y[:tokens]
+
+
+def scaled_mm(a_q, b_q, scale_a_inv, scale_b_inv, out_dtype):
+    """`torch._scaled_mm` (a [m, k] row-major, b [k, n] column-major, per-tensor scales); on the
+    CPU the same math in torch: the e4m3/e5m2 products are exact in fp32, accumulated in fp32,
+    scaled once, rounded once to out_dtype (PyTorch's CPU _scaled_mm is a slow reference
+    implementation: ~1000x a float32 GEMM; tests check the two agree)."""
+    scale_a, scale_b = scale_a_inv.float().reshape(()), scale_b_inv.float().reshape(())
+    if a_q.device.type != "cpu":
+        return torch._scaled_mm(a_q, b_q, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return ((a_q.float() @ b_q.float()) * (scale_a * scale_b)).to(out_dtype)
 
 
 def dense_fp8_mm(a_q, a_scale_inv, b_q_t, b_scale_inv, out_dtype=torch.bfloat16):
     """(a_q a_scale_inv) @ (b_q_t.t() b_scale_inv): a [m, k] row-major, b_q_t [n, k] row-major
     (so b is column-major, as `torch._scaled_mm` wants). m is padded to 16, k must be."""
     rows = a_q.shape[0]
-    y = torch._scaled_mm(
-        pad_rows(a_q),
-        b_q_t.t(),
-        scale_a=a_scale_inv.float().reshape(()),
-        scale_b=b_scale_inv.float().reshape(()),
-        out_dtype=out_dtype,
-    )
+    y = scaled_mm(pad_rows(a_q), b_q_t.t(), a_scale_inv, b_scale_inv, out_dtype)
     return y if y.shape[0] == rows else y[:rows]

@@ -153,7 +153,10 @@ def _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan):
 def fp8_sparse_linear_step(x, weight, bias, step: WeightStep, plan: Fp8LinearPlan) -> torch.Tensor:
     """y = x (M*W)^T + b in FP8 with this optimizer step's weight state (x W^T + b for a dense step:
     dense FP8 GEMMs; cuSPARSELt only where the step is pruned)."""
-    with torch.autocast(x.device.type, enabled=False):  # FP8 operands: explicit dtypes, as TE
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return _Fp8SparseLinear.apply(x, weight, bias, step, plan)
+    with torch.autocast(device, enabled=False):  # FP8 operands: explicit dtypes, as TE
         return _Fp8SparseLinear.apply(x, weight, bias, step, plan)
 
 
@@ -214,7 +217,7 @@ def local_plan(sparsity, weight, x, gradient_accumulation_fusion=False) -> Fp8Li
             warnings.warn(f"megasparse: FP8 2:4 runs dense FP8 GEMMs on W*M ({reason})")
         use_cusparselt = reason is None
     device = x.device.type
-    autocast = torch.is_autocast_enabled(device)
+    autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
     recipe = Fp8Recipe(grad_dtype=E4M3 if sparsity.fp8 == "e4m3" else E5M2)
     return default_plan(
         recipe,

@@ -374,3 +374,22 @@ def test_numerics_tool_reports_the_training_paths_weight_error():
     )  # fp32 1/scale
     w_q, _, _ = sparse_fp8_weight(w, None, "1d", "prune-then-quantize")  # what the tool quantizes
     assert torch.equal(w_q.float(), wq.forward.float())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("b_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_cpu_scaled_mm_is_torchs_scaled_mm(out_dtype, b_dtype):
+    """The fast CPU emulation computes what PyTorch's own _scaled_mm computes (fp32 accumulation
+    of exact e4m3/e5m2 products, one scale, one rounding): equal up to accumulation order."""
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(32, 64, generator=g)
+    b = torch.randn(48, 64, generator=g)
+    sa, sb = scale_from_amax(a.abs().amax()), scale_from_amax(b.abs().amax(), b_dtype)
+    a_q, b_q = quantize_with(a, sa), quantize_with(b, sb, b_dtype)
+    ours = gemm_ops.scaled_mm(a_q, b_q.t(), sa.reciprocal(), sb.reciprocal(), out_dtype)
+    torchs = torch._scaled_mm(
+        a_q, b_q.t(), scale_a=sa.reciprocal(), scale_b=sb.reciprocal(), out_dtype=out_dtype
+    )
+    assert ours.dtype == torchs.dtype == out_dtype
+    ulp = 2**-8 if out_dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(ours.float(), torchs.float(), rtol=ulp, atol=1e-5)

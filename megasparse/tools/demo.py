@@ -80,7 +80,42 @@ QUALITY_RECIPES = {  # --quality: 2:4 weights only (fc1, fc2), see the module do
         prune="sparsegpt",
     ),
 }
-ALL_RECIPES = {**RECIPES, **QUALITY_RECIPES}
+
+
+def _fp8(weights="2:4", order="prune-then-quantize"):
+    return SparsityConfig(weights=weights, fp8="hybrid", fp8_order=order)
+
+
+FP8_RECIPES = {  # --fp8: bf16 model, fp32 master weights; FP8 GEMMs on the targets (fc1, fc2)
+    "bf16-dense": dict(sparsity=None, bf16=True),
+    "fp8-dense": dict(sparsity=_fp8(weights=None), bf16=True),
+    "bf16-2:4": dict(sparsity=SparsityConfig(weights="2:4"), bf16=True),
+    "fp8-2:4-prune-then-quantize": dict(sparsity=_fp8(), bf16=True),
+    "fp8-2:4-quantize-then-prune": dict(sparsity=_fp8(order="quantize-then-prune"), bf16=True),
+}
+ALL_RECIPES = {**RECIPES, **QUALITY_RECIPES, **FP8_RECIPES}
+
+
+class MasterWeights:
+    """bf16 parameters with fp32 master copies in the optimizer (Megatron's bf16 mixed precision):
+    gradients are copied up, AdamW steps the fp32 copies, which are copied back down."""
+
+    def __init__(self, model, lr):
+        self.params = list(model.parameters())
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.0)
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        for p, m in zip(self.params, self.master):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.optimizer.step()
+        for p, m in zip(self.params, self.master):
+            p.copy_(m)
 
 
 @torch.no_grad()
@@ -154,6 +189,12 @@ def _prune_now(model, method, args, data, device):
     prune_model(model, method, calib, gpt_loss, args.targets)
 
 
+def _optimizer(model, args, bf16):
+    if bf16:
+        return MasterWeights(model, args.lr)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+
+
 def train_recipe(name, args, data, device):
     from megasparse.schedule import SparsitySchedule, sparse_modules
 
@@ -162,12 +203,15 @@ def train_recipe(name, args, data, device):
     if sparsity is not None and sparsity.wgrad_sparsity is not None:
         sparsity = dataclasses.replace(sparsity, wgrad_seed=args.seed)
     model = build_gpt(args, sparsity, device)
+    bf16 = recipe.get("bf16", False)
+    if bf16:
+        model = model.to(torch.bfloat16)  # the same initialization, rounded
     schedule = SparsitySchedule(
         dense_warmup_iters=int(recipe.get("dense_warmup", 0) * args.steps),
         dense_final_iters=int(recipe.get("dense_final", 0) * args.steps),
         train_iters=args.steps,
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = _optimizer(model, args, bf16)
     split = int(0.9 * len(data))
     train_gen, val_gen = (
         torch.Generator().manual_seed(args.seed + 1),
@@ -189,7 +233,7 @@ def train_recipe(name, args, data, device):
         if it == prune_at:
             _prune_now(model, recipe["prune"], args, data, device)
             # fine-tune with a fresh optimizer (no moments of the pruned weights)
-            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+            opt = _optimizer(model, args, bf16)
         phase = schedule.apply(model, it)
         if it == args.steps - 1:
             for m in sparse_modules(model):
@@ -215,6 +259,8 @@ def train_recipe(name, args, data, device):
         if rank0:
             steps.set_postfix(loss=f"{curve[-1]:.3f}", phase=phase_label(recipe["sparsity"], phase))
     stats = sparsity_stats(model)
+    if sparsity is not None and sparsity.fp8 is not None and sparsity.weights is not None:
+        stats["fp8_numerics"] = _fp8_numerics(model, name, sparsity, args)
     flip_curve = [(i, float(f)) for i, f in enumerate(flips) if f is not None]
     tail = [f for i, f in flip_curve if i >= args.steps - max(1, args.steps // 20)]
     return {
@@ -227,6 +273,18 @@ def train_recipe(name, args, data, device):
         "final_flip_rate": sum(tail) / len(tail) if tail else None,
         **stats,
     }
+
+
+def _fp8_numerics(model, name, sparsity, args):
+    """megasparse.tools.fp8_numerics on this rank's trained shards (the tensors the per-tensor FP8
+    scales are taken of); rank 0 also saves its shards for the command-line tool."""
+    from megasparse.tools.fp8_numerics import report as numerics_report
+
+    if dist.get_rank() == 0:
+        os.makedirs(args.out, exist_ok=True)
+        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        torch.save(state, os.path.join(args.out, f"{name.replace(':', '')}_rank0.pt"))
+    return numerics_report(model, sparsity.mask)
 
 
 @torch.no_grad()
@@ -302,6 +360,56 @@ def quality_report(results, args, out_dir, seconds):
     )
 
 
+def fp8_report(results, args, out_dir, seconds):
+    """The FP8 table (issue 15): validation loss, gap to bf16 dense, the FP8 cost (gap to the bf16
+    run of the same sparsity), and the per-layer FP8 weight errors of the trained FP8 2:4 models."""
+    from megasparse.tools.fp8_numerics import format_table
+
+    os.makedirs(out_dir, exist_ok=True)
+    by_name = {r["recipe"]: r["val_loss"] for r in results}
+    gap = lambda a, b: "-" if b is None else f"{100 * (a - b) / b:+.2f}%"  # noqa: E731
+    lines = [
+        f"byte-level GPT on the Python stdlib source, TP={args.tp}, {args.layers} layers, "
+        f"hidden {args.hidden}, ffn {args.ffn}, seq {args.seq}, batch {args.batch}, "
+        f"{args.steps} steps, AdamW lr {args.lr}, seed {args.seed}; bf16 parameters with fp32 "
+        f"master weights; FP8 (HYBRID, current per-tensor scaling, emulated with "
+        f"torch._scaled_mm on the CPU) and 2:4 on {' '.join(args.targets)}",
+        f"| {'recipe':<28} | {'val loss':>8} | {'gap to bf16 dense':>17} | "
+        f"{'FP8 cost':>8} | {'ms/step':>7} |",
+        f"|{'-' * 30}|{'-' * 10}:|{'-' * 18}:|{'-' * 9}:|{'-' * 8}:|",
+    ]
+    for r in results:
+        name = r["recipe"]
+        bf16_twin = "bf16-2:4" if "2:4" in name else "bf16-dense"
+        cost = gap(r["val_loss"], by_name.get(bf16_twin)) if name.startswith("fp8") else "-"
+        lines.append(
+            f"| {name:<28} | {r['val_loss']:>8.4f} | "
+            f"{gap(r['val_loss'], by_name.get('bf16-dense')):>17} | {cost:>8} | "
+            f"{r['ms_per_step']:>7.1f} |"
+        )
+    lines.append(
+        "FP8 cost: the gap to the bf16 run with the same sparsity; ms/step: CPU emulation, not a speed"
+    )
+    lines.append(f"wall time {seconds / 60:.1f} min")
+    for r in results:
+        if r.get("fp8_numerics"):
+            lines += [
+                "",
+                f"{r['recipe']}: per-layer FP8 weight errors of the trained model (rank 0)",
+            ]
+            lines.append(format_table(r["fp8_numerics"]))
+    print("\n" + "\n".join(lines))
+    with open(os.path.join(out_dir, "fp8.json"), "w") as f:
+        json.dump({"settings": vars(args), "results": results, "table": lines}, f, indent=1)
+    with open(os.path.join(out_dir, "fp8.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plotted = plot(results, os.path.join(out_dir, "fp8.png"))
+    print(
+        f"wrote {out_dir}/fp8.json, {out_dir}/fp8.md"
+        + (" and fp8.png" if plotted else " (no plot: pip install 'megasparse[plot]')")
+    )
+
+
 def plot(results, path, flips=False) -> bool:
     """Loss (and flip-rate) curves as a PNG; False (nothing written) when matplotlib is not installed."""
     try:
@@ -373,6 +481,8 @@ def _worker(rank, args, port):
         if rank == 0:
             if args.quality:
                 quality_report(results, args, args.out, time.perf_counter() - start)
+            elif args.fp8:
+                fp8_report(results, args, args.out, time.perf_counter() - start)
             else:
                 report(results, args, args.out)
     finally:
@@ -394,11 +504,16 @@ def main(argv=None):
         help="the quality table of issue 14 (QUALITY_RECIPES; see the module docstring)",
     )
     p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="the FP8 table of issue 15 (FP8_RECIPES: bf16 / FP8 dense / FP8 2:4, both orders)",
+    )
+    p.add_argument(
         "--recipes",
         nargs="+",
         default=None,
         choices=list(ALL_RECIPES),
-        help="default: all of RECIPES (all of QUALITY_RECIPES with --quality)",
+        help="default: all of RECIPES (of QUALITY_RECIPES with --quality, FP8_RECIPES with --fp8)",
     )
     p.add_argument(
         "--val-batches",
@@ -418,7 +533,11 @@ def main(argv=None):
     p.add_argument("--out", default="demo_out", help="where results.json and loss_curves.png go")
     args = p.parse_args(argv)
     if args.recipes is None:
-        args.recipes = list(QUALITY_RECIPES if args.quality else RECIPES)
+        args.recipes = list(
+            QUALITY_RECIPES if args.quality else FP8_RECIPES if args.fp8 else RECIPES
+        )
+    if args.quality and args.fp8:
+        p.error("--quality and --fp8 are separate tables: run them one at a time")
     if args.val_batches is None:
         args.val_batches = 16 if args.quality else 4
     from megasparse.testing import free_port
