@@ -360,20 +360,20 @@ def test_cusparselt_fp8_linear_matches_emulation(monkeypatch, alpha):
     torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=2**-7, atol=1e-3)
 
 
-def test_numerics_tool_reports_the_training_paths_weight_error():
-    """fp8_numerics' prune-then-quantize error is the error of the e4m3 weight fp8_linear trains with."""
+@pytest.mark.parametrize("order", ["prune-then-quantize", "quantize-then-prune"])
+def test_numerics_tool_reports_the_training_paths_weight_error(order):
+    """fp8_numerics' error of each order is the error of the e4m3 weight fp8_linear trains with."""
     from megasparse.tools.fp8_numerics import layer_report
 
     w = _w((64, 128), 12)
-    step = _fp8_layer_step(w, "1d")
-    wq = fp8_linear.fp8_weight(step, use_cusparselt=False)
+    cfg = SparsityConfig(gradient="ste", fp8="hybrid", fp8_order=order)
+    step = SparseWeightState().step(w, cfg, BACKENDS["dense"])
+    wq = fp8_linear.fp8_weight(step, use_cusparselt=False, order=order)
     pruned = (w * step.mask()).double()
     err = ((wq.forward.double() * wq.scale_inv.double() - pruned).norm() / pruned.norm()).item()
-    assert layer_report(w)["prune-then-quantize_err"] == pytest.approx(
-        err, rel=1e-6
-    )  # fp32 1/scale
-    w_q, _, _ = sparse_fp8_weight(w, None, "1d", "prune-then-quantize")  # what the tool quantizes
-    assert torch.equal(w_q.float(), wq.forward.float())
+    assert layer_report(w)[f"{order}_err"] == pytest.approx(err, rel=1e-6)  # fp32 1/scale
+    w_q, _, mask = sparse_fp8_weight(w, None, "1d", order)  # what the tool quantizes
+    assert torch.equal(w_q.float(), wq.forward.float()) and torch.equal(mask, step.mask())
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])

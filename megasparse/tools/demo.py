@@ -156,7 +156,8 @@ def sparsity_stats(model):
 
 def phase_label(sparsity, phase: str) -> str:
     """What the progress bar shows: the schedule's phase, or "dense" for a recipe with no sparsity."""
-    return "dense" if sparsity is None else phase
+    dense = sparsity is None or (sparsity.weights is None and sparsity.activations is None)
+    return "dense" if dense else phase
 
 
 def _flip_rate(model):
@@ -280,11 +281,15 @@ def _fp8_numerics(model, name, sparsity, args):
     scales are taken of); rank 0 also saves its shards for the command-line tool."""
     from megasparse.tools.fp8_numerics import report as numerics_report
 
+    fp8_layers = {  # the layers that ran FP8 (the recipe's targets), not attention's bf16 GEMMs
+        f"{n}.weight": m.weight.detach()
+        for n, m in model.named_modules()
+        if getattr(getattr(m, "sparsity", None), "fp8", None) is not None
+    }
     if dist.get_rank() == 0:
         os.makedirs(args.out, exist_ok=True)
-        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        torch.save(state, os.path.join(args.out, f"{name.replace(':', '')}_rank0.pt"))
-    return numerics_report(model, sparsity.mask)
+        torch.save(fp8_layers, os.path.join(args.out, f"{name.replace(':', '')}_rank0.pt"))
+    return numerics_report(fp8_layers, sparsity.mask)
 
 
 @torch.no_grad()
