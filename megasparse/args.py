@@ -5,6 +5,8 @@ import argparse
 from megasparse.config import (
     BACKENDS,
     DEFAULT_TARGETS,
+    FP8_FORMATS,
+    FP8_ORDERS,
     GRADIENT_MODES,
     MASK_KINDS,
     TARGETS,
@@ -132,6 +134,23 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "mask, on the device) and log it with the kept |W| share to Megatron's "
         "tensorboard/wandb writers every --log-interval iterations.",
     )
+    g.add_argument(
+        "--sparsity-fp8",
+        type=_none_or,
+        default=None,
+        choices=FP8_FORMATS,
+        help="FP8 GEMMs in the sparse linears of the local spec (--transformer-impl local, "
+        "which has no FP8 of its own): 'hybrid' (e4m3 forward, e5m2 gradients) or 'e4m3', "
+        "current per-tensor scaling; FP8 2:4 on cuSPARSELt (sm90). With Transformer Engine use "
+        "Megatron's --fp8-format instead. 'none' (default).",
+    )
+    g.add_argument(
+        "--sparsity-fp8-order",
+        default="prune-then-quantize",
+        choices=FP8_ORDERS,
+        help="With --sparsity-fp8: mask W then quantize W*M (amax after pruning, default), or "
+        "quantize W then take the mask of the FP8 values.",
+    )
     return parser
 
 
@@ -149,6 +168,8 @@ def config_from_args(args) -> SparsityConfig:
         wgrad_sparsity=getattr(args, "sparsity_wgrad", None),
         wgrad_seed=getattr(args, "sparsity_wgrad_seed", 0),
         track_flip_rate=getattr(args, "sparsity_flip_rate", False),
+        fp8=getattr(args, "sparsity_fp8", None),
+        fp8_order=getattr(args, "sparsity_fp8_order", "prune-then-quantize"),
     )
 
 

@@ -152,6 +152,16 @@ def test_flags_parse_into_config_and_schedule():
         "fc2",
         "experts",
     ]
+    fp8 = config_from_args(
+        parser.parse_args(
+            ["--sparsity-weights", "2:4", "--sparsity-fp8", "hybrid"]
+            + ["--sparsity-fp8-order", "quantize-then-prune"]
+        )
+    )
+    assert (fp8.fp8, fp8.fp8_order) == ("hybrid", "quantize-then-prune")
+    assert config_from_args(defaults).fp8 is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sparsity-fp8", "e5m2"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--sparsity-dense-final-iters", "1.5"])
     assert "--sparsity-dense-final-iters" in parser.format_help()
