@@ -42,6 +42,8 @@ def describe(sparsity: SparsityConfig) -> str:
             parts.append(f"hold={sparsity.mask_refresh_interval}")
     if sparsity.activations is not None:
         parts.append(f"activations={sparsity.activations}")
+    if sparsity.fp8 is not None:
+        parts.append(f"fp8={sparsity.fp8} {sparsity.fp8_order}")
     parts.append(f"backend={sparsity.backend}")
     if not sparsity.enabled:
         parts.append("disabled")
