@@ -198,6 +198,8 @@ class SparseGroupedMLP(SparseSequentialMLP):
         return (
             hasattr(fc1, "sparsity")
             and hasattr(fc2, "sparsity")
+            and fc1.sparsity.fp8 is None  # the FP8 path runs in the experts' own (local) linears
+            and fc2.sparsity.fp8 is None
             and can_group(self.config, x, fc1.weight, fc2.weight)
         )
 

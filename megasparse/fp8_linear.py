@@ -153,6 +153,10 @@ def _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan):
 def fp8_sparse_linear_step(x, weight, bias, step: WeightStep, plan: Fp8LinearPlan) -> torch.Tensor:
     """y = x (M*W)^T + b in FP8 with this optimizer step's weight state (x W^T + b for a dense step:
     dense FP8 GEMMs; cuSPARSELt only where the step is pruned)."""
+    if x.numel() == 0:  # an expert with no tokens: nothing to quantize (no amax of nothing)
+        y = x.reshape(0, x.shape[-1]) @ weight.t().to(x.dtype)
+        y = y if bias is None else y + bias.to(y.dtype)
+        return y.to(plan.out_dtype).reshape(*x.shape[:-1], weight.shape[0])
     device = x.device.type
     if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
         return _Fp8SparseLinear.apply(x, weight, bias, step, plan)

@@ -354,3 +354,32 @@ def test_sparse_te_grouped_mlp_honours_moe_act_recompute(monkeypatch):
     assert used  # the recompute path ran
     for plain, recomputed in zip(*results):
         assert torch.equal(plain, recomputed)
+
+
+def test_fp8_experts_run_each_experts_fp8_linears_including_an_empty_one():
+    """fp8 experts leave the grouped path (its GEMMs are not FP8) for the per-expert loop, whose
+    local linears run FP8 2:4; the expert with 0 tokens gets zero weight gradients."""
+    sparsity = SparsityConfig(fp8="hybrid", activations="2:4")
+    experts = _experts(SparseGroupedMLP, sparsity, dtype=torch.float32)
+    x, probs, tokens = _inputs(torch.float32)
+    assert not experts._can_group(x)
+    xr = x.clone().requires_grad_(True)
+    y, _ = experts(xr, tokens, probs)
+    y.sum().backward()
+    start = 0
+    for e, n in enumerate(TOKENS_PER_EXPERT):
+        expert = experts.local_experts[e]
+        rows = slice(start, start + n)
+        start += n
+        if n == 0:
+            assert expert.linear_fc1.weight.grad.abs().sum() == 0
+            continue
+        with torch.no_grad():
+            h, _ = expert.linear_fc1(x[rows])
+            a = expert.activation_func(h) * probs[rows].unsqueeze(-1)
+            ref, _ = expert.linear_fc2(a)
+        torch.testing.assert_close(y[rows], ref, rtol=1e-5, atol=1e-5)
+    plain = _experts(SparseGroupedMLP, SparsityConfig(activations="2:4"), dtype=torch.float32)
+    y_plain, _ = plain(x, tokens, probs)  # the same experts without FP8
+    rel = ((y - y_plain).norm() / y_plain.norm()).item()
+    assert 0 < rel < 0.1  # FP8 changed the result, by FP8's error only
