@@ -8,7 +8,8 @@
   fp32 output, or a high-precision GEMM when the recipe overrides wgrad precision.
 The e4m3 weight is pruned, then quantized with the amax of W*M ("amax after pruning"), and built
 once per optimizer step with its compressed operands (`WeightStep.cached`), shared by every
-micro-batch. x is saved for the backward in e4m3 (as TE saves it).
+micro-batch. x is saved for the backward in e4m3 (as TE saves it). An input without rows (an
+expert that got no tokens) runs no GEMM: zero output rows, zero gradients, the per-step terms.
 Gradient modes (ste / masked / srste) and Megatron's main_grad fusion work as in megasparse.ops.
 """
 
@@ -61,15 +62,19 @@ def fp8_weight(step: WeightStep, use_cusparselt: bool) -> Fp8Weight:
 class _Fp8SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, step: WeightStep, plan: Fp8LinearPlan):
-        wq = fp8_weight(step, plan.use_cusparselt)
         x2d = x.reshape(-1, x.shape[-1])
-        x_q, x_si = plan.x_scaler(x2d)
-        y = fp8_gemm.sparse_fp8_mm(
-            x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype, plan.use_cusparselt
-        )
+        ctx.empty = x2d.shape[0] == 0  # e.g. an expert without tokens: no quantization, no GEMM
+        if ctx.empty:
+            y, saved_x, x_si = x2d.new_empty(0, weight.shape[0], dtype=plan.out_dtype), None, None
+        else:
+            wq = fp8_weight(step, plan.use_cusparselt)
+            x_q, x_si = plan.x_scaler(x2d)
+            y = fp8_gemm.sparse_fp8_mm(
+                x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype, plan.use_cusparselt
+            )
+            saved_x = x_q if plan.fp8_wgrad else x2d
         if bias is not None:
             y = y + bias
-        saved_x = x_q if plan.fp8_wgrad else x2d
         ctx.save_for_backward(saved_x, x_si, weight)
         ctx.step, ctx.plan, ctx.x_shape, ctx.has_bias = step, plan, x.shape, bias is not None
         fused = plan.gradient_accumulation_fusion
@@ -80,11 +85,13 @@ class _Fp8SparseLinear(torch.autograd.Function):
     def backward(ctx, dy):
         saved_x, x_si, weight = ctx.saved_tensors
         step, plan = ctx.step, ctx.plan
-        wq = fp8_weight(step, plan.use_cusparselt)
         dy2d = dy.reshape(-1, dy.shape[-1])
         grad_x = grad_w = grad_b = None
         dy_q = dy_si = None
-        if ctx.needs_input_grad[0]:
+        if ctx.empty:  # no tokens: zero gradients (the weight still gets its per-step terms)
+            grad_x = dy.new_zeros(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        elif ctx.needs_input_grad[0]:
+            wq = fp8_weight(step, plan.use_cusparselt)
             if wq.sparse_t:  # (W*M)^T is 2:4: the input gradient is a 2:4 GEMM too
                 d_q, d_si = (plan.dgrad_scaler or plan.grad_scaler)(dy2d)
                 grad_x = fp8_gemm.sparse_fp8_mm(
@@ -104,7 +111,10 @@ class _Fp8SparseLinear(torch.autograd.Function):
                 )
             grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad32 = _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan)
+            if ctx.empty:
+                grad32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            else:
+                grad32 = _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan)
             if ctx.main_grad is not None:
                 weight.main_grad = ctx.main_grad
                 grad = gradient_term(plan.gradient, grad32, weight, step, plan.srste_decay)
