@@ -246,6 +246,17 @@ def test_named_te_classes_need_transformer_engine():
         assert te.SparseTEColumnParallelLinear.__name__ == "SparseTEColumnParallelLinear"
 
 
+def _real_te_column(cls, sparsity, normalization="LayerNorm"):
+    """A sparse Megatron TE column-parallel layer 256 -> 512 in bf16 on the GPU (real TE)."""
+    cfg = make_config(
+        dtype=torch.bfloat16, hidden_size=256, num_attention_heads=4, normalization=normalization
+    )
+    kwargs = dict(gather_output=False, bias=False, skip_bias_add=True, is_expert=False)
+    return cls(
+        256, 512, config=cfg, init_method=torch.nn.init.normal_, sparsity=sparsity, **kwargs
+    ).cuda()
+
+
 @pytest.mark.gpu
 def test_real_te_linear_under_fp8_quantizes_the_masked_weight():
     te_pkg = pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
@@ -253,18 +264,7 @@ def test_real_te_linear_under_fp8_quantizes_the_masked_weight():
 
     import megasparse.te as te
 
-    cfg = make_config(dtype=torch.bfloat16, hidden_size=256, num_attention_heads=4)
-    layer = te.SparseTEColumnParallelLinear(
-        256,
-        512,
-        config=cfg,
-        init_method=torch.nn.init.normal_,
-        gather_output=False,
-        bias=False,
-        skip_bias_add=True,
-        is_expert=False,
-        sparsity=SparsityConfig(),
-    ).cuda()
+    layer = _real_te_column(te.SparseTEColumnParallelLinear, SparsityConfig())
     x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
     with te_pkg.pytorch.fp8_autocast(enabled=True, fp8_recipe=DelayedScaling()):
         y, _ = layer(x)
@@ -285,20 +285,8 @@ def test_real_te_layernorm_linear_runs_fp8_2_4(normalization):
 
     if fp8_cusparselt_reason(torch.device("cuda")) is not None:
         pytest.skip(fp8_cusparselt_reason(torch.device("cuda")))
-    cfg = make_config(
-        dtype=torch.bfloat16, hidden_size=256, num_attention_heads=4, normalization=normalization
-    )
-    layer = te.SparseTELayerNormColumnParallelLinear(
-        256,
-        512,
-        config=cfg,
-        init_method=torch.nn.init.normal_,
-        gather_output=False,
-        bias=False,
-        skip_bias_add=True,
-        is_expert=False,
-        sparsity=SparsityConfig(mask="transposable"),
-    ).cuda()
+    sparsity = SparsityConfig(mask="transposable")
+    layer = _real_te_column(te.SparseTELayerNormColumnParallelLinear, sparsity, normalization)
     x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     with te_pkg.pytorch.fp8_autocast(enabled=True, fp8_recipe=Float8CurrentScaling()):
         y, _ = layer(x)
