@@ -10,9 +10,10 @@ SparseSequentialMLP
 SparseTEGroupedMLP
     Megatron's TEGroupedMLP (Transformer Engine's grouped experts: parameters `weight{i}` of
     TE GroupedLinear) with `sparsity=`; its sparse forward is the grouped path below on the
-    masked TE weights (bf16/fp16; a per-expert loop where grouping does not apply). Under FP8,
-    TE's own grouped FP8 forward runs on the masked weights (its sparse TE grouped linears hand TE
-    W*M), weights only. Masks come from the TE grouped linears' per-step states.
+    masked TE weights (bf16/fp16; a per-expert loop where grouping does not apply). Under FP8
+    (weights only), TEGroupedMLP's own forward runs and its sparse TE grouped linears take over
+    TE's GroupedLinear GEMMs: FP8 2:4 per expert under a per-tensor recipe (megasparse.te_fp8),
+    else TE's grouped FP8 GEMM on W*M. Masks come from the TE grouped linears' per-step states.
 
 SparseGroupedMLP
     The same module and parameters as SparseSequentialMLP, but the forward runs all local experts at once: one mask
@@ -355,7 +356,7 @@ class SparseTEGroupedMLP(TEGroupedMLP):
                     "megasparse: SparseTEGroupedMLP under FP8 prunes weights only; "
                     "set activations=None (activation sparsity runs in bf16)"
                 )
-            # TE's grouped FP8 GEMMs on the masked weights (the sparse TE grouped linears)
+            # the sparse TE grouped linears: FP8 2:4 per expert, or TE's grouped FP8 GEMM on W*M
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         x = permuted_local_hidden_states
         fc1 = self._sparse_weights_and_biases("linear_fc1")

@@ -8,7 +8,8 @@
   fp32 output, or a high-precision GEMM when the recipe overrides wgrad precision.
 The e4m3 weight is pruned, then quantized with the amax of W*M ("amax after pruning"), and built
 once per optimizer step with its compressed operands (`WeightStep.cached`), shared by every
-micro-batch. x is saved for the backward in e4m3 (as TE saves it).
+micro-batch. x is saved for the backward in e4m3 (as TE saves it). An input without rows (an
+expert that got no tokens) runs no GEMM: zero output rows, zero gradients, the per-step terms.
 Gradient modes (ste / masked / srste) and Megatron's main_grad fusion work as in megasparse.ops.
 """
 
@@ -80,16 +81,20 @@ def fp8_weight(step: WeightStep, use_cusparselt: bool, order: str = PRUNE_FIRST)
 class _Fp8SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, step: WeightStep, plan: Fp8LinearPlan):
-        wq = fp8_weight(step, plan.use_cusparselt, plan.order)
         x2d = x.reshape(-1, x.shape[-1])
-        x_q, x_si = plan.x_scaler(x2d)
-        cusparselt = plan.use_cusparselt and step.pruned  # a dense step: the dense FP8 GEMM
-        y = fp8_gemm.sparse_fp8_mm(
-            x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype, cusparselt
-        )
+        ctx.empty = x2d.shape[0] == 0  # e.g. an expert without tokens: no quantization, no GEMM
+        if ctx.empty:
+            y, saved_x, x_si = x2d.new_empty(0, weight.shape[0], dtype=plan.out_dtype), None, None
+        else:
+            wq = fp8_weight(step, plan.use_cusparselt, plan.order)
+            x_q, x_si = plan.x_scaler(x2d)
+            cusparselt = plan.use_cusparselt and step.pruned  # a dense step: the dense FP8 GEMM
+            y = fp8_gemm.sparse_fp8_mm(
+                x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype, cusparselt
+            )
+            saved_x = x_q if plan.fp8_wgrad else x2d
         if bias is not None:
             y = y + bias.to(y.dtype)
-        saved_x = x_q if plan.fp8_wgrad else x2d
         ctx.save_for_backward(saved_x, x_si, weight)
         ctx.step, ctx.plan, ctx.x_shape, ctx.has_bias = step, plan, x.shape, bias is not None
         fused = plan.gradient_accumulation_fusion
@@ -100,11 +105,13 @@ class _Fp8SparseLinear(torch.autograd.Function):
     def backward(ctx, dy):
         saved_x, x_si, weight = ctx.saved_tensors
         step, plan = ctx.step, ctx.plan
-        wq = fp8_weight(step, plan.use_cusparselt, plan.order)
         dy2d = dy.reshape(-1, dy.shape[-1])
         grad_x = grad_w = grad_b = None
         dy_q = dy_si = None
-        if ctx.needs_input_grad[0]:
+        if ctx.empty:  # no tokens: zero gradients (the weight still gets its per-step terms)
+            grad_x = dy.new_zeros(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        elif ctx.needs_input_grad[0]:
+            wq = fp8_weight(step, plan.use_cusparselt, plan.order)
             if wq.sparse_t:  # (W*M)^T is 2:4: the input gradient is a 2:4 GEMM too
                 d_q, d_si = (plan.dgrad_scaler or plan.grad_scaler)(dy2d)
                 grad_x = fp8_gemm.sparse_fp8_mm(
@@ -124,7 +131,10 @@ class _Fp8SparseLinear(torch.autograd.Function):
                 )
             grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad32 = _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan)
+            if ctx.empty:
+                grad32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            else:
+                grad32 = _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan)
             if ctx.main_grad is not None:
                 weight.main_grad = ctx.main_grad
                 grad = gradient_term(plan.gradient, grad32, weight, step, plan.srste_decay)
@@ -153,10 +163,6 @@ def _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan):
 def fp8_sparse_linear_step(x, weight, bias, step: WeightStep, plan: Fp8LinearPlan) -> torch.Tensor:
     """y = x (M*W)^T + b in FP8 with this optimizer step's weight state (x W^T + b for a dense step:
     dense FP8 GEMMs; cuSPARSELt only where the step is pruned)."""
-    if x.numel() == 0:  # an expert with no tokens: nothing to quantize (no amax of nothing)
-        y = x.reshape(0, x.shape[-1]) @ weight.t().to(x.dtype)
-        y = y if bias is None else y + bias.to(y.dtype)
-        return y.to(plan.out_dtype).reshape(*x.shape[:-1], weight.shape[0])
     device = x.device.type
     if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
         return _Fp8SparseLinear.apply(x, weight, bias, step, plan)

@@ -18,9 +18,10 @@ TE without `_get_weight_tensors` (before 2.5: it would silently train dense), he
 entry for them), FP8 primary weights (fp8_model_init), and TE's delayed wgrad
 (delay_wgrad_compute: TE's backward_dw writes .grad onto the tensor it computed with, W*M, not
 onto the master weight). The GEMM is TE's dense (FP8 or bf16) GEMM on the masked weight, except
-under fp8_autocast with a per-tensor recipe on sm90: then the column/row-parallel linears (TE's
-`Linear`) run the forward and (transposable masks) input-gradient GEMMs as FP8 2:4 cuSPARSELt
-GEMMs (megasparse.te_fp8, which says exactly when).
+under fp8_autocast with a per-tensor recipe on sm90: then TE's `Linear` (column/row-parallel
+linears), `LayerNormLinear` (fc1, qkv: TE's norm, then the GEMM) and `GroupedLinear` (MoE experts:
+one GEMM per expert weight) run the forward and (transposable masks) input-gradient GEMMs as FP8
+2:4 cuSPARSELt GEMMs (megasparse.te_fp8, which says exactly when).
 """
 
 import dataclasses
@@ -49,6 +50,12 @@ class _SparseTEMixin:
         if self.sparsity.activations is not None:
             raise ValueError(
                 "megasparse: activation sparsity is not available in TE linears; use activations=None"
+            )
+        if self.sparsity.fp8 is not None:
+            raise ValueError(
+                f"megasparse: SparsityConfig(fp8={self.sparsity.fp8!r}) is the local spec's FP8 "
+                "path; sparse TE linears follow Transformer Engine's fp8_autocast (Megatron's "
+                "--fp8-format), which runs their FP8 2:4 GEMMs. Set fp8=None (drop --sparsity-fp8)."
             )
         if self.sparsity.mask_refresh_interval != 1:
             raise ValueError(
@@ -133,23 +140,27 @@ class _SparseTEMixin:
         return f"{super().extra_repr()}, sparsity={describe(self.sparsity)}"
 
 
+_TE_FP8_CLASSES = ("Linear", "LayerNormLinear", "GroupedLinear")  # megasparse.te_fp8's forwards
+
+
 def _te_linear_class(base: type):
-    """TE's own `Linear` in base's MRO (Megatron's TE column/row-parallel wrappers), or None."""
+    """TE's own Linear, LayerNormLinear or GroupedLinear in base's MRO (Megatron's TE wrappers), or
+    None."""
     for cls in base.__mro__:
-        if cls.__name__ == "Linear" and cls.__module__.split(".")[0] == "transformer_engine":
+        if cls.__name__ in _TE_FP8_CLASSES and cls.__module__.split(".")[0] == "transformer_engine":
             return cls
     return None
 
 
 @functools.lru_cache(maxsize=None)
 def _fp8_forward_hook(te_linear: type) -> type:
-    """A subclass of TE's Linear whose forward runs megasparse.te_fp8 (FP8 2:4) when it applies.
-    Placed right above TE's Linear in the MRO, so Megatron's wrapper calls it as TE's forward."""
+    """A subclass of TE's class whose forward runs megasparse.te_fp8 (FP8 2:4) when it applies.
+    Placed right above TE's class in the MRO, so Megatron's wrapper calls it as TE's forward."""
 
-    def forward(self, inp, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         from megasparse.te_fp8 import te_fp8_forward
 
-        return te_fp8_forward(self, inp, te_linear.forward, *args, **kwargs)
+        return te_fp8_forward(self, te_linear, *args, **kwargs)
 
     name = "_MegasparseFp8" + te_linear.__name__
     return type(name, (te_linear,), {"forward": forward, "__module__": __name__})

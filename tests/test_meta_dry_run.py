@@ -222,3 +222,59 @@ def test_grouped_experts_with_uneven_and_zero_token_counts(tp):
     assert all(w.grad.shape == w.shape for w in w1 + w2)
     grouped = [r for r in rec.records if r.op == "_grouped_mm"]
     assert len(grouped) == 6  # fc1, fc2 forward; dX and dW of each
+
+
+@pytest.mark.parametrize("mask_kind", ["1d", "transposable"])
+def test_te_grouped_linear_fp8_2_4_experts(mask_kind, monkeypatch):
+    """Sparse TE GroupedLinear experts (megasparse.te_fp8) under FP8 at h8192 / ffn28672 per expert:
+    one FP8 2:4 cuSPARSELt GEMM per expert with tokens and none for the expert without, every
+    call's arguments, no host sync, each expert's FP8 weight built once for two micro-batches."""
+    import megasparse.te_fp8 as te_fp8
+    from megasparse import SparsityConfig
+    from megasparse.fp8_recipe import Fp8Recipe
+    from megasparse.te import sparse_te_class
+    from megasparse.tools.perfmodel import _standins
+    from te_standins import TEGroupedLinearLike
+
+    # sm90 stands in for meta: the route as it is there (HYBRID per-tensor recipe, cuSPARSELt)
+    monkeypatch.setattr(te_fp8, "fp8_route", lambda module, unsupported=None: (Fp8Recipe(), True))
+    counts = [4096, 0, 1000, 3000, 16, 2048, 2, 6222]
+    sparsity = SparsityConfig(mask=mask_kind)
+    cls = sparse_te_class(TEGroupedLinearLike)
+    with torch.device("meta"):
+        fc1 = cls(len(counts), HIDDEN, FFN, sparsity=sparsity).to(BF16)
+        fc2 = cls(len(counts), FFN, HIDDEN, sparsity=sparsity).to(BF16)
+    before_sync, before_calls = fake_ops.alpha_item_calls, len(fake_ops.sparse_mm_calls)
+    with _standins(), OpRecorder() as rec:
+        for _ in range(2):  # two micro-batches of one optimizer step
+            x = meta(sum(counts), HIDDEN, grad=True)
+            h, _ = fc1(x, counts)
+            y, _ = fc2(torch.relu(h), counts)
+            y.backward(torch.empty_like(y))
+    assert (h.shape, y.shape, y.dtype, x.grad.shape) == (
+        (sum(counts), FFN),
+        (sum(counts), HIDDEN),
+        BF16,
+        x.shape,
+    )
+    for layer in (fc1, fc2):
+        weights = [getattr(layer, name) for name in layer._sparse_weight_names()]
+        assert all(w.grad.shape == w.shape for w in weights)  # expert 1 (no tokens) too
+    assert fake_ops.alpha_item_calls == before_sync  # vector alpha only
+    calls = fake_ops.sparse_mm_calls[before_calls:]
+    padded = [-(-n // 16) * 16 for n in counts if n]  # no call for the expert without tokens
+    # per micro-batch and expert: fc1 [FFN, HIDDEN] and fc2 [HIDDEN, FFN] forward; with
+    # transposable masks the input gradients on (W*M)^T: fc2's [FFN, HIDDEN], fc1's [HIDDEN, FFN]
+    per_mb = [(FFN, p, HIDDEN) for p in padded] + [(HIDDEN, p, FFN) for p in padded]
+    expected = per_mb * (4 if mask_kind == "transposable" else 2)
+    assert sorted((c["m"], c["n"], c["k"]) for c in calls) == sorted(expected)
+    for c in calls:
+        assert c["dtype"] == E4M3 and c["out_dtype"] == BF16 and c["transpose_result"]
+        assert not c["dense_contiguous"] and c["alpha"] == ((c["m"],), torch.float32)
+    compress = [r for r in cslt_calls(rec) if r.op == "_cslt_compress"]
+    with_tokens = len(padded)
+    # once per step per expert with tokens, per operand (W*M, and (W*M)^T when transposable)
+    assert len(compress) == 2 * with_tokens * (2 if mask_kind == "transposable" else 1)
+    scaled = [r for r in rec.records if r.op == "_scaled_mm"]
+    # wgrad of each expert with tokens, both layers, per micro-batch; plus dense dgrads for 1d
+    assert len(scaled) == 2 * 2 * with_tokens * (1 if mask_kind == "transposable" else 2)
