@@ -11,6 +11,12 @@ once per optimizer step with its compressed operands (`WeightStep.cached`), shar
 micro-batch. x is saved for the backward in e4m3 (as TE saves it). An input without rows (an
 expert that got no tokens) runs no GEMM: zero output rows, zero gradients, the per-step terms.
 Gradient modes (ste / masked / srste) and Megatron's main_grad fusion work as in megasparse.ops.
+
+Who runs it: the sparse TE linears under TE's fp8_autocast (megasparse.te_fp8), and Megatron's
+local sparse linears with SparsityConfig.fp8 (`local_plan`: megasparse's current scaling in TE's
+formats). A step without a mask (a dense phase, weights=None) runs dense FP8 GEMMs on W, and
+fp8_order="quantize-then-prune" quantizes W with its own amax (the mask is then taken of those
+e4m3 values, megasparse.weight_state.compute_mask).
 """
 
 import warnings

@@ -24,6 +24,15 @@ step, mean over the last 5% of steps and the sparse layers; Hu et al., ICML 2024
 flip rate over steps (demo_out/quality.png). Seeds: --seed s initializes the model (s), draws the
 training batches (s+1), the validation batches (s+2), the calibration batches (s+3) and the MVUE
 draws (wgrad_seed=s).
+
+    python -m megasparse.tools.demo --fp8       # issue 15's FP8 + 2:4 table (README)
+
+runs FP8_RECIPES on the same model, data and seeds with bf16 parameters and fp32 master weights
+(`MasterWeights`): bf16 dense, FP8 dense, bf16 2:4, and FP8 2:4 in both orders
+(prune-then-quantize, quantize-then-prune), FP8 through the local spec's path
+(SparsityConfig(fp8="hybrid"), emulated on the CPU) on the sparse targets. It also runs
+megasparse.tools.fp8_numerics on the trained FP8 2:4 layers and saves them
+(demo_out/<recipe>_rank0.pt). Outputs: demo_out/fp8.md, fp8.json, fp8.png.
 """
 
 import argparse
@@ -377,8 +386,8 @@ def fp8_report(results, args, out_dir, seconds):
         f"byte-level GPT on the Python stdlib source, TP={args.tp}, {args.layers} layers, "
         f"hidden {args.hidden}, ffn {args.ffn}, seq {args.seq}, batch {args.batch}, "
         f"{args.steps} steps, AdamW lr {args.lr}, seed {args.seed}; bf16 parameters with fp32 "
-        f"master weights; FP8 (HYBRID, current per-tensor scaling, emulated with "
-        f"torch._scaled_mm on the CPU) and 2:4 on {' '.join(args.targets)}",
+        f"master weights; FP8 (HYBRID, current per-tensor scaling, the CPU emulation of "
+        f"the GPU math) and 2:4 on {' '.join(args.targets)}",
         f"| {'recipe':<28} | {'val loss':>8} | {'gap to bf16 dense':>17} | "
         f"{'FP8 cost':>8} | {'ms/step':>7} |",
         f"|{'-' * 30}|{'-' * 10}:|{'-' * 18}:|{'-' * 9}:|{'-' * 8}:|",
