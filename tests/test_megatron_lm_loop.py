@@ -60,6 +60,7 @@ def _entry(out_dir):
             {
                 "iteration": megatron.training.get_args().curr_iteration,
                 "enabled": sorted({m.sparsity.enabled for m in modules}),
+                "fp8": sorted({m.sparsity.fp8 for m in modules}, key=str),
                 "classes": sorted(
                     {
                         type(m).__name__
@@ -91,8 +92,13 @@ def _run(tmp_path, name, parallel, extra):
 
 @pytest.mark.parametrize(
     "parallel",
-    [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
-    ids=["tp2", "pp2"],
+    [
+        ["--tensor-model-parallel-size", "2"],
+        ["--pipeline-model-parallel-size", "2"],
+        # the local FP8 path from the launch flag: dense FP8 in the warm-up, then FP8 2:4
+        ["--tensor-model-parallel-size", "2", "--sparsity-fp8", "hybrid"],
+    ],
+    ids=["tp2", "pp2", "tp2-fp8"],
 )
 def test_example_trains_switches_phase_and_resumes_bit_for_bit(tmp_path, parallel):
     ckpt = str(tmp_path / "ckpt")
@@ -105,6 +111,7 @@ def test_example_trains_switches_phase_and_resumes_bit_for_bit(tmp_path, paralle
         assert {"SparseColumnParallelLinear", "SparseRowParallelLinear", "SparseMLP"} <= set(
             rank["records"][0]["classes"]
         ), rank["records"][0]
+        assert rank["records"][0]["fp8"] == [("hybrid" if "--sparsity-fp8" in parallel else None)]
         phases = {r["iteration"]: r["enabled"] for r in rank["records"]}
         assert sorted(phases) == list(range(ITERS))
         assert all(phases[i] == [i >= WARMUP] for i in phases), phases
