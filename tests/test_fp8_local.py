@@ -37,7 +37,7 @@ def test_local_fp8_layer_against_float64_of_quantized_operands(make, order, mask
         m = weight_mask(q64(w).float(), mask)
         w_used = q64(w, amax_of=w) * m
     assert torch.equal(layer.sparsity_mask(), m)
-    assert f"fp8=hybrid {order}" in repr(layer)
+    assert f"fp8=hybrid {order}" in layer.extra_repr()
     x = _x()
     y, _ = layer(x)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
