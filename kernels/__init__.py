@@ -2,11 +2,13 @@
 
 from . import activation_2_4 as _activation_2_4
 from . import activation_sparsify as _activation_sparsify
+from . import fp8_cast as _fp8_cast
 from . import mask_1d as _mask_1d
 from . import mask_transposable as _mask_transposable
 from . import squared_relu_backward as _squared_relu_backward
 from .activation_sparsify import activation_sparsify_reference, activation_sparsify_triton
 from .common import HAVE_TRITON, magnitude
+from .fp8_cast import fp8_cast_reference, fp8_cast_triton
 from .mask_1d import mask_1d_reference, mask_1d_triton
 from .mask_transposable import (
     N_PATTERNS,
@@ -29,6 +31,7 @@ def compile_specs(dtype):
         _activation_2_4,
         _activation_sparsify,
         _squared_relu_backward,
+        _fp8_cast,
     )
     return [spec for module in modules for spec in module.compile_specs(dtype)]
 
@@ -48,4 +51,6 @@ __all__ = [
     "activation_sparsify_triton",
     "squared_relu_sparsify_backward_reference",
     "squared_relu_sparsify_backward_triton",
+    "fp8_cast_reference",
+    "fp8_cast_triton",
 ]

@@ -51,6 +51,9 @@ class CompileSpec:
     # aligned) and sizes such as ffn or in_features
     aligned: tuple = ()
     enable_fp_fusion: bool = False
+    # pointers each thread loads one 32-bit scalar from (a device-side scale): one LDG.E per
+    # thread, the same address across the warp (one transaction); reported apart from `reads`
+    scalar_reads: tuple = ()
 
 
 def magnitude(weight: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,12 @@
   fp32 output, or a high-precision GEMM when the recipe overrides wgrad precision.
 The e4m3 weight is pruned, then quantized with the amax of W*M ("amax after pruning"), and built
 once per optimizer step with its compressed operands (`WeightStep.cached`), shared by every
-micro-batch. x is saved for the backward in e4m3 (as TE saves it). An input without rows (an
-expert that got no tokens) runs no GEMM: zero output rows, zero gradients, the per-step terms.
+micro-batch. x is saved for the backward in e4m3 (as TE saves it), as the weight-gradient GEMM's
+operand: its transpose with tokens padded to 16, written by the same fused cast as the forward's
+x_q (megasparse.kernels.fp8_cast); dY's transpose comes from the cast of dY that the input
+gradient runs (one cast of dY serves both GEMMs where they take the same format). An input
+without rows (an expert that got no tokens) runs no GEMM: zero output rows, zero gradients,
+the per-step terms.
 Gradient modes (ste / masked / srste) and Megatron's main_grad fusion work as in megasparse.ops.
 
 Who runs it: the sparse TE linears under TE's fp8_autocast (megasparse.te_fp8), and Megatron's
@@ -27,7 +31,7 @@ import torch
 
 from megasparse import fp8_gemm
 from megasparse.fp8_gemm import E4M3, E5M2
-from megasparse.fp8_recipe import CurrentScaler, scale_from_amax, quantize_with
+from megasparse.fp8_recipe import CurrentScaler, amax_of, scale_from_amax, quantize_with
 from megasparse.ops import gradient_term, gradient_went_to_main_grad
 from megasparse.weight_state import WeightStep
 
@@ -36,7 +40,7 @@ PRUNE_FIRST, QUANTIZE_FIRST = "prune-then-quantize", "quantize-then-prune"
 
 @dataclass(frozen=True)
 class Fp8LinearPlan:
-    x_scaler: object  # callable t -> (e4m3 q, scale_inv)
+    x_scaler: object  # callable t -> (e4m3 q, scale_inv); `.quantize(t, transpose)` if it has one
     grad_scaler: object  # the recipe's gradient format (wgrad, dense dgrad)
     dgrad_scaler: object = None  # e4m3, for the sparse dgrad (None: grad_scaler, which is e4m3)
     use_cusparselt: bool = False
@@ -58,8 +62,8 @@ class Fp8Weight:
 
     def __init__(self, step: WeightStep, use_cusparselt: bool, order: str = PRUNE_FIRST):
         weight = step.dense().detach()  # W*M of this step (W in a dense step)
-        amax_of = step.weight.detach() if order == QUANTIZE_FIRST else weight
-        scale = scale_from_amax(amax_of.abs().amax())
+        amax_from = step.weight.detach() if order == QUANTIZE_FIRST else weight
+        scale = scale_from_amax(amax_of(amax_from))
         w_q = quantize_with(weight, scale)
         self.scale_inv = scale.reciprocal()
         self.rows, self.cols = w_q.shape
@@ -75,7 +79,7 @@ class Fp8Weight:
 
 def quantized_weight(weight: torch.Tensor) -> torch.Tensor:
     """The e4m3 values of W (per-tensor scale of its amax) as float: what quantize-then-prune masks."""
-    return quantize_with(weight, scale_from_amax(weight.abs().amax())).float()
+    return quantize_with(weight, scale_from_amax(amax_of(weight))).float()
 
 
 def fp8_weight(step: WeightStep, use_cusparselt: bool, order: str = PRUNE_FIRST) -> Fp8Weight:
@@ -93,12 +97,13 @@ class _Fp8SparseLinear(torch.autograd.Function):
             y, saved_x, x_si = x2d.new_empty(0, weight.shape[0], dtype=plan.out_dtype), None, None
         else:
             wq = fp8_weight(step, plan.use_cusparselt, plan.order)
-            x_q, x_si = plan.x_scaler(x2d)
+            x_t = plan.fp8_wgrad and ctx.needs_input_grad[1]  # the FP8 wgrad takes x^T: cast now
+            x_q, x_si, x_q_t = quantize(plan.x_scaler, x2d, x_t)
             cusparselt = plan.use_cusparselt and step.pruned  # a dense step: the dense FP8 GEMM
             y = fp8_gemm.sparse_fp8_mm(
                 x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype, cusparselt
             )
-            saved_x = x_q if plan.fp8_wgrad else x2d
+            saved_x = x_q_t if plan.fp8_wgrad else x2d  # [in, tokens padded to 16] e4m3, or x
         if bias is not None:
             y = y + bias.to(y.dtype)
         ctx.save_for_backward(saved_x, x_si, weight)
@@ -113,13 +118,18 @@ class _Fp8SparseLinear(torch.autograd.Function):
         step, plan = ctx.step, ctx.plan
         dy2d = dy.reshape(-1, dy.shape[-1])
         grad_x = grad_w = grad_b = None
-        dy_q = dy_si = None
+        wgrad_t = plan.fp8_wgrad and ctx.needs_input_grad[1]  # the FP8 wgrad takes dY^T
+        dy_q_t = dy_si = None  # the wgrad's dY operand, when a cast below already made it
         if ctx.empty:  # no tokens: zero gradients (the weight still gets its per-step terms)
             grad_x = dy.new_zeros(ctx.x_shape) if ctx.needs_input_grad[0] else None
         elif ctx.needs_input_grad[0]:
             wq = fp8_weight(step, plan.use_cusparselt, plan.order)
             if wq.sparse_t:  # (W*M)^T is 2:4: the input gradient is a 2:4 GEMM too
-                d_q, d_si = (plan.dgrad_scaler or plan.grad_scaler)(dy2d)
+                if plan.dgrad_scaler is None:  # the gradient format is e4m3: one cast for both
+                    d_q, d_si, dy_q_t = quantize(plan.grad_scaler, dy2d, wgrad_t)
+                    dy_si = d_si
+                else:  # HYBRID: cuSPARSELt's e4m3 dY here, e5m2 for the wgrad
+                    d_q, d_si = plan.dgrad_scaler(dy2d)
                 grad_x = fp8_gemm.sparse_fp8_mm(
                     d_q,
                     d_si,
@@ -130,7 +140,7 @@ class _Fp8SparseLinear(torch.autograd.Function):
                     plan.use_cusparselt,
                 )
             else:
-                dy_q, dy_si = plan.grad_scaler(dy2d)
+                dy_q, dy_si, dy_q_t = quantize(plan.grad_scaler, dy2d, wgrad_t)
                 # wq.backward is (W*M)^T [in, out] row-major: dense_fp8_mm's b_q_t
                 grad_x = fp8_gemm.dense_fp8_mm(
                     dy_q, dy_si, wq.backward, wq.scale_inv, plan.out_dtype
@@ -140,7 +150,7 @@ class _Fp8SparseLinear(torch.autograd.Function):
             if ctx.empty:
                 grad32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             else:
-                grad32 = _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan)
+                grad32 = _weight_grad(dy2d, dy_q_t, dy_si, saved_x, x_si, plan)
             if ctx.main_grad is not None:
                 weight.main_grad = ctx.main_grad
                 grad = gradient_term(plan.gradient, grad32, weight, step, plan.srste_decay)
@@ -154,16 +164,25 @@ class _Fp8SparseLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def _weight_grad(dy2d, dy_q, dy_si, saved_x, x_si, plan):
+def quantize(scaler, t, transpose: bool):
+    """(q, scale_inv, q_t) from a plan's scaler: q_t = pad_rows(q).t().contiguous() when
+    `transpose` (None otherwise), from the scaler's fused cast where it has one (`.quantize`)."""
+    fused = getattr(scaler, "quantize", None)
+    if fused is not None:
+        return fused(t, transpose)
+    q, scale_inv = scaler(t)
+    return q, scale_inv, fp8_gemm.pad_rows(q).t().contiguous() if transpose else None
+
+
+def _weight_grad(dy2d, dy_q_t, dy_si, saved_x, x_si, plan):
     """dY^T X in fp32: FP8 (as TE: dY in the recipe's gradient format, x in e4m3) or high precision.
-    Tokens are the reduction dim: both operands are padded with zero rows to a multiple of 16."""
+    Tokens are the reduction dim: both FP8 operands come transposed with zero rows padded to a
+    multiple of 16 (saved_x is x_q's [in, tokens], dy_q_t dY's [out, tokens] unless None)."""
     if not plan.fp8_wgrad:
         return dy2d.t().float() @ saved_x.float()
-    if dy_q is None:
-        dy_q, dy_si = plan.grad_scaler(dy2d)
-    dy_t = fp8_gemm.pad_rows(dy_q).t().contiguous()  # [out, tokens]
-    x_t = fp8_gemm.pad_rows(saved_x).t().contiguous()  # [in, tokens]
-    return fp8_gemm.dense_fp8_mm(dy_t, dy_si, x_t, x_si, torch.float32)
+    if dy_q_t is None:
+        _, dy_si, dy_q_t = quantize(plan.grad_scaler, dy2d, True)
+    return fp8_gemm.dense_fp8_mm(dy_q_t, dy_si, saved_x, x_si, torch.float32)
 
 
 def fp8_sparse_linear_step(x, weight, bias, step: WeightStep, plan: Fp8LinearPlan) -> torch.Tensor:

@@ -8,7 +8,9 @@ Every scale stays on the device (no `.item()`): amaxes, histories and scales are
   (`override_linear_precision.wgrad`). Only per-tensor recipes (DelayedScaling,
   Float8CurrentScaling) map onto cuSPARSELt's per-tensor alpha; block recipes (MXFP8,
   Float8BlockScaling, NVFP4) return None and keep TE's own GEMM on W*M.
-- Scalers quantize one tensor and return (q, scale_inv):
+- Scalers quantize one tensor and return (q, scale_inv); `scaler.quantize(t, transpose=True)`
+  also returns q's transpose with tokens zero-padded to 16 (the weight-gradient GEMM's operand),
+  written by the same pass over t (the fused cast kernel, megasparse.kernels.fp8_cast):
   `TeQuantizerScaler`: the module's own TE delayed-scaling quantizer: its `scale` (from TE's amax
   history, reduced over TE's amax group at the end of fp8_autocast) and its `amax` buffer, into
   which this tensor's amax is recorded, so TE's bookkeeping runs unchanged.
@@ -23,15 +25,37 @@ from typing import Optional
 
 import torch
 
-from megasparse.fp8_gemm import E4M3, E5M2
+from megasparse import kernels
+from megasparse.fp8_gemm import E4M3, E5M2, pad_rows
 
 FP8_MAX = {E4M3: float(torch.finfo(E4M3).max), E5M2: float(torch.finfo(E5M2).max)}
+_CAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CAST_KERNEL = (kernels.fp8_cast_triton, kernels.fp8_cast_reference)  # (CUDA, elsewhere)
+
+
+def amax_of(t: torch.Tensor) -> torch.Tensor:
+    """max |t| as a float32 device scalar in one reduction: bitwise `t.abs().amax()` (both are a
+    max of |t|, exact; NaN propagates), without abs()'s full-size intermediate."""
+    return torch.linalg.vector_norm(t.detach(), float("inf")).float()
+
+
+def fp8_cast(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose: bool = False):
+    """(q, q_t): q as `quantize_with`; q_t = pad_rows(q).t().contiguous() of a 2-D t when
+    `transpose` (else None). One Triton pass over a 2-D float32/bf16/fp16 t on CUDA, the torch
+    reference elsewhere (and for other shapes and dtypes)."""
+    if t.dim() != 2 or t.dtype not in _CAST_DTYPES:
+        fmax = FP8_MAX[dtype]
+        q = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+        return q, pad_rows(q).t().contiguous() if transpose else None
+    triton_kernel, reference = _CAST_KERNEL
+    if t.is_cuda and kernels.HAVE_TRITON:
+        return triton_kernel(t, scale, dtype, transpose)
+    return reference(t, scale, dtype, transpose)
 
 
 def quantize_with(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3) -> torch.Tensor:
     """t * scale saturated to the format's range, cast to `dtype` (round to nearest even)."""
-    fmax = FP8_MAX[dtype]
-    return (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+    return fp8_cast(t, scale, dtype)[0]
 
 
 def scale_from_amax(
@@ -87,20 +111,29 @@ class Fp8Recipe:
         return CurrentScaler(dtype, self.margin, self.pow2_scales)
 
 
-class CurrentScaler:
+class _Scaler:
+    """`scaler(t) -> (q, scale_inv)`; `scaler.quantize(t, transpose) -> (q, scale_inv, q_t)`."""
+
+    def __call__(self, t: torch.Tensor):
+        q, scale_inv, _ = self.quantize(t)
+        return q, scale_inv
+
+
+class CurrentScaler(_Scaler):
     def __init__(self, dtype=E4M3, margin=0, pow2=False, group=None, epsilon=0.0):
         self.dtype, self.margin, self.pow2 = dtype, margin, pow2
         self.group, self.epsilon = group, epsilon
 
-    def __call__(self, t: torch.Tensor):
-        amax = t.detach().abs().amax().float()
+    def quantize(self, t: torch.Tensor, transpose: bool = False):
+        amax = amax_of(t)
         if self.group is not None and torch.distributed.is_initialized():
             torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=self.group)
         scale = scale_from_amax(amax, self.dtype, self.margin, self.pow2, self.epsilon)
-        return quantize_with(t, scale, self.dtype), scale.reciprocal()
+        q, q_t = fp8_cast(t, scale, self.dtype, transpose)
+        return q, scale.reciprocal(), q_t
 
 
-class DelayedScaler:
+class DelayedScaler(_Scaler):
     """The scale of past amaxes (max or most recent of the last `history_len`); the first call
     uses its own amax. Histories are device tensors; the bookkeeping is host-side counting only."""
 
@@ -113,8 +146,8 @@ class DelayedScaler:
         self.history = None
         self.seen = 0
 
-    def __call__(self, t: torch.Tensor):
-        amax = t.detach().abs().amax().float()
+    def quantize(self, t: torch.Tensor, transpose: bool = False):
+        amax = amax_of(t)
         if self.history is None or self.history.device != amax.device:
             self.history, self.seen = amax.new_zeros(self.history_len), 0
         if self.seen == 0:
@@ -126,22 +159,22 @@ class DelayedScaler:
         scale = scale_from_amax(used, self.dtype, self.margin)
         self.history[self.seen % self.history_len] = amax
         self.seen += 1
-        return quantize_with(t, scale, self.dtype), scale.reciprocal()
+        q, q_t = fp8_cast(t, scale, self.dtype, transpose)
+        return q, scale.reciprocal(), q_t
 
 
-class TeQuantizerScaler:
+class TeQuantizerScaler(_Scaler):
     """A TE delayed-scaling quantizer's state: its scale; the tensor's amax goes into its buffer."""
 
     def __init__(self, quantizer, dtype=E4M3):
         self.quantizer, self.dtype = quantizer, dtype
 
-    def __call__(self, t: torch.Tensor):
+    def quantize(self, t: torch.Tensor, transpose: bool = False):
         scale = self.quantizer.scale.reshape(()).float()
         amax_buffer = self.quantizer.amax
-        amax_buffer.copy_(
-            torch.maximum(amax_buffer, t.detach().abs().amax().float().reshape(amax_buffer.shape))
-        )
-        return quantize_with(t, scale, self.dtype), scale.reciprocal()
+        amax_buffer.copy_(torch.maximum(amax_buffer, amax_of(t).reshape(amax_buffer.shape)))
+        q, q_t = fp8_cast(t, scale, self.dtype, transpose)
+        return q, scale.reciprocal(), q_t
 
 
 def te_scaler(quantizer, dtype):

@@ -141,3 +141,24 @@ def test_report_says_projected_and_gives_a_verdict_per_target():
     verdicts = [line for line in lines if "-> PROJECTED" in line]
     assert len(verdicts) == 3 and all(v.endswith(("MET", "MISSED")) for v in verdicts)
     assert any("ceiling" in line for line in lines)
+
+
+def test_fp8_2_4_quantizes_with_the_fused_cast_kernel():
+    """megasparse's FP8 casts are projected as the fused kernel (megasparse.kernels.fp8_cast: one
+    read of t, q and its padded transpose written) plus one amax reduction, as TE's fused cast for
+    the FP8 dense baseline; no unfused abs / amax / mul / clamp / cast passes over the operands."""
+    tokens, tp = 4096, 8
+    records = perfmodel.record_case("FP8 2:4", "ffn", tokens, tp).records
+    micro = [r for r in records if r.phase == "microbatch"]
+    assert not any(r.op in ("amax", "clamp", "clamp_min") for r in records)
+    assert all(r.bytes_read <= 16 for r in micro if r.op in ("abs", "reciprocal", "ne"))  # scalars
+    casts = [r for r in micro if r.op == "megasparse_perf.fp8_cast"]
+    ffn, hidden = perfmodel.FFN // tp, perfmodel.HIDDEN
+    # fc1 x, fc2 x (forward), fc2 dY, fc1 dY (backward, HYBRID e5m2, for the dense dgrad): each
+    # with its transpose for the wgrad; one read of t (bf16) and its scale
+    expected = [(tokens * hidden, True), (tokens * ffn, True), (tokens * hidden, True)]
+    expected.append((tokens * ffn, True))
+    assert [(r.bytes_read - 4) // 2 for r in casts] == [n for n, _ in expected]
+    assert [r.bytes_written for r in casts] == [2 * n for n, _ in expected]  # q and q^T, 1 B each
+    norms = [r for r in micro if r.op == "linalg_vector_norm"]
+    assert [r.bytes_read // 2 for r in norms] == [n for n, _ in expected]  # one amax pass each

@@ -7,8 +7,8 @@ On a CUDA GPU: the time of one optimizer step of k=4 micro-batches (forward + ba
 per-step weight state is rebuilt once per step, as in training) of Megatron's dense MLP against
 megasparse's (2:4 weights 1d / transposable; 2:4 weights + 2:4 Squared-ReLU activations) in bf16;
 the share of the step spent preparing weights (masks, compression); the FP8 2:4 cuSPARSELt GEMM
-against the FP8 dense GEMM (torch._scaled_mm) at the FFN's shape; the mask kernels' bandwidth
-against the device's copy bandwidth; and the bytes the per-step state holds per layer against the
+against the FP8 dense GEMM (torch._scaled_mm) at the FFN's shape; the mask kernels' (and the fused
+FP8 cast's) bandwidth against the device's copy bandwidth; and the bytes the per-step state holds per layer against the
 dense weight. Targets are marked met or MISSED; `--check` exits non-zero if one is missed.
 Without a GPU it says so, runs a small CPU correctness smoke, prints the state's memory and the
 projected targets (labelled projected), and `--check` applies the targets to the projection.
@@ -215,9 +215,32 @@ def bench_gpu(args):
     )
     results["targets"]["mask_bandwidth"] = min(mask_bw, tmask_bw) / copy_bw
     results["mask_bandwidth"] = {"1d": mask_bw / copy_bw, "transposable": tmask_bw / copy_bw}
+    results["fp8_cast"] = _fp8_cast_bandwidth(hidden, copy_bw)
     results["state_memory"] = state_memory(hidden, ffn, "cuda")
     results["targets"]["state_memory_1d"] = results["state_memory"]["1d"]
     return results
+
+
+def _fp8_cast_bandwidth(hidden, copy_bw, tokens=16384):
+    """The fused FP8 cast (+ transpose) kernel of x [tokens, hidden] bf16: its bandwidth against a
+    device copy, and its speed-up over the unfused torch passes it replaces."""
+    from megasparse import fp8_gemm
+    from megasparse.kernels import fp8_cast_reference, fp8_cast_triton
+
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    scale = torch.tensor(3.0, device="cuda")
+    cast_bytes = x.numel() * (x.element_size() + 1)
+    fused = _time_ms(lambda: fp8_cast_triton(x, scale, transpose=True))
+
+    def unfused():
+        q = fp8_cast_reference(x, scale)[0]
+        return fp8_gemm.pad_rows(q).t().contiguous()
+
+    return {
+        "cast_vs_copy": cast_bytes / _time_ms(lambda: fp8_cast_triton(x, scale)) / copy_bw,
+        "cast_transpose_vs_copy": (cast_bytes + x.numel()) / fused / copy_bw,
+        "cast_transpose_speedup_vs_unfused": _time_ms(unfused) / fused,
+    }
 
 
 def _fp8_gemm_ratio(hidden, ffn, tokens=16384):

@@ -6,9 +6,12 @@ For sm_80 and sm_90a, at the dtypes and constexprs the launchers really use (eac
 `cuobjdump` that ship in Triton's wheel: registers per thread, spill bytes, shared memory, and
 the global load/store instructions per element. `load_redundancy` is the bytes all threads of
 one program load divided by the input bytes the program needs: 1.0 means every input element
-is read exactly once. These are compile-time proxies, not measurements.
+is read exactly once. A device-side scalar a kernel reads (the FP8 cast's scale: one 32-bit load
+per thread of one address) is counted apart (`scalar_loads_per_thread`), not as a tensor load.
+These are compile-time proxies, not measurements.
 
     python -m megasparse.tools.kernel_report [--json FILE] [--arch sm_90a] [--dtype bfloat16]
+                                             [--kernel fp8_cast]
 """
 
 import argparse
@@ -62,15 +65,35 @@ def _access_bytes(opcode: str) -> int:
 
 def sass_memory_ops(sass: str) -> dict:
     """Global loads and stores in SASS: instruction counts and bytes per thread."""
-    out = {"ldg": 0, "stg": 0, "ldg_bytes": 0, "stg_bytes": 0, "ldg_widths": set()}
+    out = {"ldg": 0, "stg": 0, "ldg_bytes": 0, "stg_bytes": 0, "ldg_by_width": {}}
     for op in re.findall(r"\b((?:LDG|STG)(?:\.[A-Z0-9_]+)*)", sass):
         kind = op[:3].lower()
         out[kind] += 1
         out[f"{kind}_bytes"] += _access_bytes(op)
         if kind == "ldg":
-            out["ldg_widths"].add(8 * _access_bytes(op))
-    out["ldg_widths"] = sorted(out["ldg_widths"])
+            width = 8 * _access_bytes(op)
+            out["ldg_by_width"][width] = out["ldg_by_width"].get(width, 0) + 1
+    out["ldg_widths"] = sorted(out["ldg_by_width"])
     return out
+
+
+def without_scalar_loads(mem: dict, scalars: int) -> dict:
+    """`mem` less one 32-bit LDG per thread for each device scalar the kernel reads (a scale:
+    the same address across a warp, one transaction), so the counts describe the tensor loads."""
+    if not scalars:
+        return mem
+    by_width = dict(mem["ldg_by_width"])
+    if by_width.get(32, 0) < scalars:
+        raise RuntimeError(f"expected {scalars} 32-bit scalar load(s) per thread, SASS has {mem}")
+    by_width[32] -= scalars
+    by_width = {w: n for w, n in by_width.items() if n}
+    return {
+        **mem,
+        "ldg": mem["ldg"] - scalars,
+        "ldg_bytes": mem["ldg_bytes"] - 4 * scalars,
+        "ldg_by_width": by_width,
+        "ldg_widths": sorted(by_width),
+    }
 
 
 def _ptxas_usage(ptx: str, capability: int, arch: str) -> dict:
@@ -135,7 +158,8 @@ def compile_spec(spec, arch: str) -> dict:
         options={"num_warps": spec.num_warps, "enable_fp_fusion": spec.enable_fp_fusion},
     )
     usage = _ptxas_usage(compiled.asm["ptx"], capability, arch)
-    mem = sass_memory_ops(_sass(compiled.asm["cubin"]))
+    scalars = len(spec.scalar_reads)
+    mem = without_scalar_loads(sass_memory_ops(_sass(compiled.asm["cubin"])), scalars)
     threads = 32 * spec.num_warps
     need = sum(n * _TRITON_TYPE_BYTES[spec.signature[p][1:]] for p, n in spec.reads.items())
     return {
@@ -152,19 +176,21 @@ def compile_spec(spec, arch: str) -> dict:
         "load_redundancy": round(mem["ldg_bytes"] * threads / need, 4),
         "ldg_per_thread": mem["ldg"],
         "stg_per_thread": mem["stg"],
+        "scalar_loads_per_thread": scalars,
     }
 
 
-def all_specs(dtypes=DTYPES):
+def all_specs(dtypes=DTYPES, prefix=""):
     from megasparse.kernels import compile_specs
 
-    return [spec for dtype in dtypes for spec in compile_specs(dtype)]
+    specs = [spec for dtype in dtypes for spec in compile_specs(dtype)]
+    return [spec for spec in specs if spec.kernel.startswith(prefix)]
 
 
-def report(archs=tuple(ARCHS), dtypes=DTYPES) -> list:
+def report(archs=tuple(ARCHS), dtypes=DTYPES, prefix="") -> list:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("kernel_report compiles for the GPU: run it without TRITON_INTERPRET=1")
-    return [compile_spec(spec, arch) for arch in archs for spec in all_specs(dtypes)]
+    return [compile_spec(spec, arch) for arch in archs for spec in all_specs(dtypes, prefix)]
 
 
 def _table(rows) -> str:
@@ -188,6 +214,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the rows as a JSON list to this file")
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="default: all")
     parser.add_argument("--dtype", action="append", choices=[str(d).split(".")[1] for d in DTYPES])
+    parser.add_argument("--kernel", default="", help="only kernels whose name starts with this")
     args = parser.parse_args(argv)
     if not tools_available():
         print(
@@ -196,7 +223,7 @@ def main(argv=None) -> int:
         )
         return 1
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
-    rows = report(tuple(args.arch or ARCHS), dtypes)
+    rows = report(tuple(args.arch or ARCHS), dtypes, args.kernel)
     print(
         "Offline compile (no GPU): per-thread registers/spills from ptxas -v, "
         "loads/stores from cuobjdump -sass"

@@ -3,8 +3,8 @@
 Each case (recipe x FFN or GPT layer x tokens x TP) runs megasparse's real autograd ops forward and
 backward on device="meta" tensors under an OpRecorder (no GPU, no memory); `perf_projection`
 turns the recorded ops into projected time per device. Kernels whose CPU reference would be
-recorded instead of the GPU kernel (the Triton mask and activation kernels) and flash attention
-are stood in for by one op each with the kernel's own inputs and outputs (`_standins`).
+recorded instead of the GPU kernel (the Triton mask, activation and FP8 cast kernels) and flash
+attention are stood in for by one op each with the kernel's own inputs and outputs (`_standins`).
 Nothing printed is a measurement.
 """
 
@@ -17,7 +17,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from megasparse import activation_sparsity, fp8, fp8_linear, masks, ops
+from megasparse import activation_sparsity, fp8, fp8_linear, fp8_recipe, masks, ops
 from megasparse.config import SparsityConfig
 from megasparse.weight_state import SparseWeightState
 from megasparse.backends import BACKENDS
@@ -56,6 +56,9 @@ _lib.define("mask_2_4(Tensor weight, str kind) -> Tensor")
 _lib.define("act_sparsify(Tensor x, bool squared_relu) -> (Tensor, Tensor, Tensor)")
 _lib.define("squared_relu_sparse_bwd(Tensor x, Tensor mask, Tensor grad) -> Tensor")
 _lib.define("fp8_cast_transpose(Tensor x, ScalarType dtype) -> (Tensor, Tensor, Tensor)")
+_lib.define(
+    "fp8_cast(Tensor t, Tensor scale, ScalarType dtype, bool transpose) -> (Tensor, Tensor)"
+)
 _lib.define("attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)")
 _lib.define(
     "attention_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse)"
@@ -78,6 +81,14 @@ _lib.impl(
         torch.empty_like(x, dtype=dtype),
         torch.empty_like(x.t(), dtype=dtype).contiguous(),
         x.new_empty((), dtype=torch.float32),
+    ),
+    "Meta",
+)
+_lib.impl(
+    "fp8_cast",  # megasparse.kernels.fp8_cast: q, and q_t [cols, rows padded to 16] (or empty)
+    lambda t, scale, dtype, transpose: (
+        torch.empty_like(t, dtype=dtype),
+        t.new_empty((t.shape[1], -(-t.shape[0] // 16) * 16) if transpose else (0,), dtype=dtype),
     ),
     "Meta",
 )
@@ -114,6 +125,12 @@ def _act_backward_kernel(x, mask, grad):
     return torch.ops.megasparse_perf.squared_relu_sparse_bwd(x, mask, grad)
 
 
+def _cast_kernel(t, scale, dtype, transpose):
+    with torch.no_grad():  # a cast of the operand, not a differentiable op
+        q, q_t = torch.ops.megasparse_perf.fp8_cast(t, scale, dtype, transpose)
+    return q, q_t if transpose else None
+
+
 def _act_kernel(x2d, pattern, squared_relu):
     values, mask, stats = torch.ops.megasparse_perf.act_sparsify(x2d, squared_relu)
     return values, mask, None, stats
@@ -133,13 +150,15 @@ class _Attention(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _standins():
-    """GPU kernels (Triton masks, fused activation sparsifier, cuSPARSELt FP8) for the CPU paths."""
+    """GPU kernels (Triton masks, fused activation sparsifier, FP8 cast, cuSPARSELt FP8) for the CPU
+    paths."""
     kernels = {"1d": (_mask_kernel, _mask_kernel), "transposable": (_mask_kernel, _mask_kernel)}
     with (
         fake_gpu_ops(),
         mock.patch.dict(masks._MASK_KERNELS, kernels),
         mock.patch.object(activation_sparsity, "_kernel", _act_kernel),
         mock.patch.object(activation_sparsity, "_backward_kernel", _act_backward_kernel),
+        mock.patch.object(fp8_recipe, "_CAST_KERNEL", (_cast_kernel, _cast_kernel)),
         mock.patch.object(fp8, "_fp8_cusparselt_ok", lambda device: True),
     ):
         yield

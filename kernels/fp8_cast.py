@@ -1,0 +1,190 @@
+"""FP8 cast (and transpose) of a 2-D tensor in one pass: q = fp8(saturate(t * scale)).
+
+Exactly what `(t.float() * scale).clamp(-fmax, fmax).to(fp8)` gives in torch, bit for bit:
+the product is one float32 multiply (round to nearest even), saturated to the format's largest
+finite value (+-Inf too), and converted to float8_e4m3fn / float8_e5m2 by torch's own algorithm
+(c10 `fp8e4m3fn_from_fp32_value` / `fp8e5m2_from_fp32_value`, which torch runs on the CPU and in
+its CUDA copy kernel): round to nearest even, subnormals through one float32 add of a magic
+number, NaN -> 0x7F with t's sign bit. The kernel does that conversion in integer arithmetic, so
+it is the same on every GPU (sm_80 has no FP8 convert instruction) and under TRITON_INTERPRET=1.
+
+With `transpose`, the kernel also writes q_t [cols, rows_padded]: q transposed, tokens zero-padded
+to a multiple of 16 (`fp8_gemm.pad_rows(q).t().contiguous()`, the weight-gradient GEMM's operand),
+from the same read of t. The scale is a one-element float32 device tensor read by the kernel from
+its pointer (no host sync).
+"""
+
+import torch
+
+from .common import HAVE_TRITON, TRITON_TYPES, CompileSpec, require_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+PAD_MULTIPLE = 16  # rows of q_t are padded to this (fp8_gemm.TOKEN_MULTIPLE)
+
+# Per format: (largest finite value as float32 bits, smallest normal as float32 bits,
+# the subnormal magic number's float32 bits, mantissa shift, rounding bias) - c10's constants.
+FORMATS = {
+    E4M3: (0x43E00000, 121 << 23, 141 << 23, 20, ((7 - 127) << 23) + 0x7FFFF),
+    E5M2: (0x47600000, 113 << 23, 134 << 23, 21, ((15 - 127) << 23) + 0xFFFFF),
+}
+
+# Launch: one program per BLOCK_R x BLOCK_C tile, 16 elements per thread at 8 warps: 128-bit loads
+# along cols, 128-bit stores of q (16 cols) and of q_t (16 rows, through 4 KiB of shared memory).
+BLOCK_R, BLOCK_C = 64, 64
+NUM_WARPS = 8
+
+
+def _check(t: torch.Tensor, dtype) -> None:
+    if t.dim() != 2 or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            "megasparse: fp8_cast needs a 2-D float32/bfloat16/float16 tensor, got "
+            f"{tuple(t.shape)} {t.dtype}"
+        )
+    if dtype not in FORMATS:
+        raise ValueError(f"megasparse: fp8_cast casts to {tuple(FORMATS)}, got {dtype}")
+
+
+def padded_rows(rows: int) -> int:
+    return -(-rows // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def fp8_cast_reference(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose=False):
+    """Pure-torch reference: (q, q_t) with q_t = pad_rows(q).t().contiguous(), or (q, None)."""
+    _check(t, dtype)
+    fmax = float(torch.finfo(dtype).max)
+    q = (t.float() * scale.float().reshape(())).clamp(-fmax, fmax).to(dtype)
+    if not transpose:
+        return q, None
+    pad = padded_rows(q.shape[0]) - q.shape[0]
+    q_pad = torch.cat([q, q.new_zeros(pad, q.shape[1])]) if pad else q
+    return q, q_pad.t().contiguous()
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _to_fp8_bits(y, FMAX_BITS, MIN_NORMAL_BITS, MAGIC_BITS, SHIFT, BIAS):
+        """float32 -> fp8 bits (int32 0..255), saturating: c10's algorithm in integer arithmetic."""
+        bits = y.to(tl.int32, bitcast=True)
+        sign = (bits >> 24) & 0x80
+        a = bits & 0x7FFFFFFF
+        nan = a > 0x7F800000
+        a = tl.minimum(a, FMAX_BITS)  # clamp(-fmax, fmax): |y| as bits is monotonic in |y|
+        # subnormal: one float32 add of the magic number rounds the mantissa to nearest even
+        magic = tl.full(a.shape, MAGIC_BITS, tl.int32)
+        small = (a.to(tl.float32, bitcast=True) + magic.to(tl.float32, bitcast=True)).to(
+            tl.int32, bitcast=True
+        ) - MAGIC_BITS
+        # normal: rebias the exponent, round to nearest even by adding the bias and the odd bit
+        normal = (a + BIAS + ((a >> SHIFT) & 1)) >> SHIFT
+        out = tl.where(a < MIN_NORMAL_BITS, small, normal)
+        return tl.where(nan, 0x7F, out) | sign
+
+    @triton.jit
+    def _fp8_cast_kernel(
+        t_ptr,
+        scale_ptr,
+        q_ptr,
+        qt_ptr,
+        rows,
+        cols,
+        rows_pad,
+        FMAX_BITS: tl.constexpr,
+        MIN_NORMAL_BITS: tl.constexpr,
+        MAGIC_BITS: tl.constexpr,
+        SHIFT: tl.constexpr,
+        BIAS: tl.constexpr,
+        TRANSPOSE: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        valid = (r[:, None] < rows) & (c[None, :] < cols)
+        x = tl.load(t_ptr + r[:, None] * cols + c[None, :], mask=valid, other=0.0)
+        scale = tl.load(scale_ptr)
+        y = x.to(tl.float32) * scale
+        q = _to_fp8_bits(y, FMAX_BITS, MIN_NORMAL_BITS, MAGIC_BITS, SHIFT, BIAS)
+        q = tl.where(valid, q, 0).to(tl.uint8)  # padding rows are zeros whatever the scale
+        tl.store(q_ptr + r[:, None] * cols + c[None, :], q, mask=valid)
+        if TRANSPOSE:
+            c64 = c.to(tl.int64)
+            valid_t = (c64[:, None] < cols) & (r[None, :] < rows_pad)
+            tl.store(qt_ptr + c64[:, None] * rows_pad + r[None, :], tl.trans(q), mask=valid_t)
+
+
+def _launch_args(dtype):
+    fmax, min_normal, magic, shift, bias = FORMATS[dtype]
+    return dict(
+        FMAX_BITS=fmax, MIN_NORMAL_BITS=min_normal, MAGIC_BITS=magic, SHIFT=shift, BIAS=bias
+    )
+
+
+def fp8_cast_triton(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose=False):
+    """Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); bitwise the reference's (q, q_t)."""
+    require_triton()
+    _check(t, dtype)
+    t = t.detach().contiguous()
+    scale = scale.detach().reshape(1).to(device=t.device, dtype=torch.float32)
+    rows, cols = t.shape
+    rows_pad = padded_rows(rows)
+    q = torch.empty((rows, cols), dtype=dtype, device=t.device)
+    q_t = torch.empty((cols, rows_pad), dtype=dtype, device=t.device) if transpose else None
+    grid_rows = rows_pad if transpose else rows
+    if grid_rows and cols:
+        grid = (triton.cdiv(grid_rows, BLOCK_R), triton.cdiv(cols, BLOCK_C))
+        _fp8_cast_kernel[grid](
+            t,
+            scale,
+            q.view(torch.uint8),
+            (q_t if transpose else q).view(torch.uint8),
+            rows,
+            cols,
+            rows_pad,
+            **_launch_args(dtype),
+            TRANSPOSE=transpose,
+            BLOCK_R=BLOCK_R,
+            BLOCK_C=BLOCK_C,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+    return q, q_t
+
+
+def compile_specs(dtype: torch.dtype) -> list:
+    """The launches above (t in `dtype`; e4m3 and e5m2, with and without the transpose)."""
+    specs = []
+    for fp8, name in ((E4M3, "e4m3"), (E5M2, "e5m2")):
+        for transpose in (False, True):
+            specs.append(
+                CompileSpec(
+                    kernel=f"fp8_cast{'_transpose' if transpose else ''}_{name}",
+                    fn=_fp8_cast_kernel,
+                    dtype=str(dtype).split(".")[1],
+                    signature={
+                        "t_ptr": "*" + TRITON_TYPES[dtype],
+                        "scale_ptr": "*fp32",
+                        "q_ptr": "*u8",
+                        "qt_ptr": "*u8",
+                        "rows": "i32",
+                        "cols": "i32",
+                        "rows_pad": "i32",
+                    },
+                    constexprs={
+                        **_launch_args(fp8),
+                        "TRANSPOSE": transpose,
+                        "BLOCK_R": BLOCK_R,
+                        "BLOCK_C": BLOCK_C,
+                    },
+                    num_warps=NUM_WARPS,
+                    elements=BLOCK_R * BLOCK_C,
+                    reads={"t_ptr": BLOCK_R * BLOCK_C},
+                    scalar_reads=("scale_ptr",),
+                    aligned=("t_ptr", "scale_ptr", "q_ptr", "qt_ptr", "cols", "rows_pad"),
+                )
+            )
+    return specs
