@@ -77,11 +77,6 @@ class Fp8Weight:
         return [self.scale_inv, self.forward, self.backward]
 
 
-def quantized_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The e4m3 values of W (per-tensor scale of its amax) as float: what quantize-then-prune masks."""
-    return quantize_with(weight, scale_from_amax(amax_of(weight))).float()
-
-
 def fp8_weight(step: WeightStep, use_cusparselt: bool, order: str = PRUNE_FIRST) -> Fp8Weight:
     return step.cached(
         ("fp8_weight", use_cusparselt, order), lambda: Fp8Weight(step, use_cusparselt, order)

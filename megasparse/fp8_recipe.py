@@ -70,6 +70,11 @@ def scale_from_amax(
     return scale
 
 
+def quantized_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The e4m3 values of W (per-tensor scale of its amax) as float: what quantize-then-prune masks."""
+    return quantize_with(weight, scale_from_amax(amax_of(weight))).float()
+
+
 @dataclass(frozen=True)
 class Fp8Recipe:
     grad_dtype: torch.dtype = E5M2  # HYBRID

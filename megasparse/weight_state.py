@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from megasparse import step_clock
+from megasparse.fp8_recipe import quantized_weight
 from megasparse.masks import weight_mask
 
 _BIT_WEIGHTS = {}
@@ -55,8 +56,6 @@ def compute_mask(weight: torch.Tensor, sparsity) -> torch.Tensor:
     FP8 quantize-then-prune: the mask of the e4m3 values of W (megasparse.fp8_linear)."""
     weight = weight.detach()
     if getattr(sparsity, "fp8_order", None) == "quantize-then-prune":
-        from megasparse.fp8_linear import quantized_weight
-
         if sparsity.nonfinite_weights == "error":  # saturation would hide an Inf
             weight_mask(weight, sparsity.mask, "error")
         weight = quantized_weight(weight)
