@@ -8,7 +8,7 @@ from . import mask_transposable as _mask_transposable
 from . import squared_relu_backward as _squared_relu_backward
 from .activation_sparsify import activation_sparsify_reference, activation_sparsify_triton
 from .common import HAVE_TRITON, magnitude
-from .fp8_cast import fp8_cast_reference, fp8_cast_triton
+from .fp8_cast import amax_reference, fp8_cast_reference, fp8_cast_triton
 from .mask_1d import mask_1d_reference, mask_1d_triton
 from .mask_transposable import (
     N_PATTERNS,
@@ -51,6 +51,7 @@ __all__ = [
     "activation_sparsify_triton",
     "squared_relu_sparsify_backward_reference",
     "squared_relu_sparsify_backward_triton",
+    "amax_reference",
     "fp8_cast_reference",
     "fp8_cast_triton",
 ]

@@ -12,6 +12,16 @@ With `transpose`, the kernel also writes q_t [cols, rows_padded]: q transposed, 
 to a multiple of 16 (`fp8_gemm.pad_rows(q).t().contiguous()`, the weight-gradient GEMM's operand),
 from the same read of t. The scale is a one-element float32 device tensor read by the kernel from
 its pointer (no host sync).
+
+With `amax` (a one-element float32 device tensor the caller zeroes), the same pass also records
+max |t| for delayed scaling, where the scale comes from past amaxes and this tensor's amax is only
+recorded: each program max-reduces |t| over its tile as float32 bit patterns (|t| >= 0, so the bits
+ordered as int32 order the values: -0 becomes +0, +Inf is above every finite value) and combines
+it into `amax` with one int32 atomic max. A NaN anywhere gives NaN, as torch's NaN (0x7FC00000,
+whose bits exceed those of every non-NaN |t|). So the result is bitwise
+`torch.linalg.vector_norm(t, inf).float()` (megasparse's `amax_of`) max-combined with what `amax`
+held (zeros: nothing), except that a NaN is always 0x7FC00000 (torch's CPU reduction may keep a
+payload of t's NaN). Integer max is exact and order-free: no dependence on the launch order.
 """
 
 import torch
@@ -52,9 +62,34 @@ def padded_rows(rows: int) -> int:
     return -(-rows // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
-def fp8_cast_reference(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose=False):
-    """Pure-torch reference: (q, q_t) with q_t = pad_rows(q).t().contiguous(), or (q, None)."""
+NAN_BITS = 0x7FC00000  # torch's (and CUDA's) canonical float32 NaN
+
+
+def _check_amax(amax, t) -> None:
+    if amax is not None and (
+        amax.dtype != torch.float32 or amax.numel() != 1 or amax.device != t.device
+    ):
+        raise ValueError(
+            "megasparse: fp8_cast's amax is a one-element float32 tensor on t's device, got "
+            f"{tuple(amax.shape)} {amax.dtype} {amax.device}"
+        )
+
+
+def amax_reference(t: torch.Tensor) -> torch.Tensor:
+    """max |t| of a non-empty t as a float32 scalar, NaN as torch's NaN: what the kernel records."""
+    a = torch.linalg.vector_norm(t.detach(), float("inf")).float()
+    return torch.where(torch.isnan(a), torch.full_like(a, float("nan")), a)
+
+
+def fp8_cast_reference(
+    t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose=False, amax=None
+):
+    """Pure-torch reference: (q, q_t) with q_t = pad_rows(q).t().contiguous(), or (q, None);
+    with `amax`, amax = max(amax, max |t|) in place (NaN propagates)."""
     _check(t, dtype)
+    _check_amax(amax, t)
+    if amax is not None and t.numel():
+        amax.copy_(torch.maximum(amax, amax_reference(t).reshape(amax.shape)))
     fmax = float(torch.finfo(dtype).max)
     q = (t.float() * scale.float().reshape(())).clamp(-fmax, fmax).to(dtype)
     if not transpose:
@@ -90,6 +125,7 @@ if HAVE_TRITON:
         scale_ptr,
         q_ptr,
         qt_ptr,
+        amax_ptr,
         rows,
         cols,
         rows_pad,
@@ -99,6 +135,7 @@ if HAVE_TRITON:
         SHIFT: tl.constexpr,
         BIAS: tl.constexpr,
         TRANSPOSE: tl.constexpr,
+        AMAX: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
@@ -115,6 +152,10 @@ if HAVE_TRITON:
             c64 = c.to(tl.int64)
             valid_t = (c64[:, None] < cols) & (r[None, :] < rows_pad)
             tl.store(qt_ptr + c64[:, None] * rows_pad + r[None, :], tl.trans(q), mask=valid_t)
+        if AMAX:  # |x| as float32 bits (masked-off elements are 0), NaN as torch's NaN
+            a = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            a = tl.where(a > 0x7F800000, 0x7FC00000, a)
+            tl.atomic_max(amax_ptr, tl.max(tl.max(a, axis=1), axis=0), sem="relaxed")
 
 
 def _launch_args(dtype):
@@ -124,10 +165,12 @@ def _launch_args(dtype):
     )
 
 
-def fp8_cast_triton(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose=False):
-    """Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); bitwise the reference's (q, q_t)."""
+def fp8_cast_triton(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose=False, amax=None):
+    """Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); bitwise the reference's (q, q_t),
+    and its amax update (in place, one atomic max per program, no host sync)."""
     require_triton()
     _check(t, dtype)
+    _check_amax(amax, t)
     t = t.detach().contiguous()
     scale = scale.detach().reshape(1).to(device=t.device, dtype=torch.float32)
     rows, cols = t.shape
@@ -142,11 +185,13 @@ def fp8_cast_triton(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose=
             scale,
             q.view(torch.uint8),
             (q_t if transpose else q).view(torch.uint8),
+            (scale if amax is None else amax).view(torch.int32),
             rows,
             cols,
             rows_pad,
             **_launch_args(dtype),
             TRANSPOSE=transpose,
+            AMAX=amax is not None,
             BLOCK_R=BLOCK_R,
             BLOCK_C=BLOCK_C,
             num_warps=NUM_WARPS,
@@ -156,13 +201,15 @@ def fp8_cast_triton(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose=
 
 
 def compile_specs(dtype: torch.dtype) -> list:
-    """The launches above (t in `dtype`; e4m3 and e5m2, with and without the transpose)."""
+    """The launches above (t in `dtype`; e4m3 and e5m2, with and without the transpose, with and
+    without the fused amax of delayed scaling)."""
     specs = []
     for fp8, name in ((E4M3, "e4m3"), (E5M2, "e5m2")):
-        for transpose in (False, True):
+        for transpose, amax in ((False, False), (True, False), (False, True), (True, True)):
+            variant = ("_transpose" if transpose else "") + ("_amax" if amax else "")
             specs.append(
                 CompileSpec(
-                    kernel=f"fp8_cast{'_transpose' if transpose else ''}_{name}",
+                    kernel=f"fp8_cast{variant}_{name}",
                     fn=_fp8_cast_kernel,
                     dtype=str(dtype).split(".")[1],
                     signature={
@@ -170,6 +217,7 @@ def compile_specs(dtype: torch.dtype) -> list:
                         "scale_ptr": "*fp32",
                         "q_ptr": "*u8",
                         "qt_ptr": "*u8",
+                        "amax_ptr": "*i32",
                         "rows": "i32",
                         "cols": "i32",
                         "rows_pad": "i32",
@@ -177,6 +225,7 @@ def compile_specs(dtype: torch.dtype) -> list:
                     constexprs={
                         **_launch_args(fp8),
                         "TRANSPOSE": transpose,
+                        "AMAX": amax,
                         "BLOCK_R": BLOCK_R,
                         "BLOCK_C": BLOCK_C,
                     },
@@ -184,7 +233,15 @@ def compile_specs(dtype: torch.dtype) -> list:
                     elements=BLOCK_R * BLOCK_C,
                     reads={"t_ptr": BLOCK_R * BLOCK_C},
                     scalar_reads=("scale_ptr",),
-                    aligned=("t_ptr", "scale_ptr", "q_ptr", "qt_ptr", "cols", "rows_pad"),
+                    aligned=(
+                        "t_ptr",
+                        "scale_ptr",
+                        "q_ptr",
+                        "qt_ptr",
+                        "amax_ptr",
+                        "cols",
+                        "rows_pad",
+                    ),
                 )
             )
     return specs

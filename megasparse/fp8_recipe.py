@@ -18,6 +18,11 @@ Every scale stays on the device (no `.item()`): amaxes, histories and scales are
   TE's quantizer has one (sequence parallel), as TE does.
   `DelayedScaler`: megasparse's own device-side amax history (DelayedScaling's math) where no TE
   quantizer state exists (stand-ins, the local path).
+  Under delayed scaling (TeQuantizerScaler, DelayedScaler after its first call) the scale comes
+  from past amaxes, so this tensor's amax is only recorded: the cast kernel computes it in the same
+  pass (`fp8_cast(..., amax=)`), no separate reduction. Current scaling needs the amax before the
+  cast: one reduction (`amax_of`), then the cast.
+  A NaN amax is recorded as torch's NaN (0x7FC00000) whatever NaN t holds.
 """
 
 from dataclasses import dataclass
@@ -39,18 +44,34 @@ def amax_of(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.detach(), float("inf")).float()
 
 
-def fp8_cast(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose: bool = False):
+def fused_amax(t: torch.Tensor) -> torch.Tensor:
+    """The zeroed one-element float32 target of `fp8_cast(..., amax=)` (no host sync)."""
+    return torch.zeros(1, dtype=torch.float32, device=t.device)
+
+
+def fp8_cast(
+    t: torch.Tensor,
+    scale: torch.Tensor,
+    dtype=E4M3,
+    transpose: bool = False,
+    amax: Optional[torch.Tensor] = None,
+):
     """(q, q_t): q as `quantize_with`; q_t = pad_rows(q).t().contiguous() of a 2-D t when
     `transpose` (else None). One Triton pass over a 2-D float32/bf16/fp16 t on CUDA, the torch
-    reference elsewhere (and for other shapes and dtypes)."""
+    reference elsewhere (and for other shapes and dtypes). With `amax` (`fused_amax(t)`: one
+    float32 element, zeroed), the same pass records max(amax, max |t|) into it in place."""
     if t.dim() != 2 or t.dtype not in _CAST_DTYPES:
         fmax = FP8_MAX[dtype]
         q = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+        if amax is not None and t.numel():
+            a = kernels.amax_reference(t).reshape(amax.shape)
+            amax.copy_(torch.maximum(amax, a))
         return q, pad_rows(q).t().contiguous() if transpose else None
     triton_kernel, reference = _CAST_KERNEL
-    if t.is_cuda and kernels.HAVE_TRITON:
-        return triton_kernel(t, scale, dtype, transpose)
-    return reference(t, scale, dtype, transpose)
+    kernel = triton_kernel if t.is_cuda and kernels.HAVE_TRITON else reference
+    if amax is None:
+        return kernel(t, scale, dtype, transpose)
+    return kernel(t, scale, dtype, transpose, amax)
 
 
 def quantize_with(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3) -> torch.Tensor:
@@ -152,19 +173,23 @@ class DelayedScaler(_Scaler):
         self.seen = 0
 
     def quantize(self, t: torch.Tensor, transpose: bool = False):
-        amax = amax_of(t)
-        if self.history is None or self.history.device != amax.device:
-            self.history, self.seen = amax.new_zeros(self.history_len), 0
-        if self.seen == 0:
-            used = amax
-        elif self.algo == "most_recent":
-            used = self.history[(self.seen - 1) % self.history_len]
-        else:
-            used = self.history[: min(self.seen, self.history_len)].amax()
-        scale = scale_from_amax(used, self.dtype, self.margin)
-        self.history[self.seen % self.history_len] = amax
+        if self.history is None or self.history.device != t.device:
+            self.history = torch.zeros(self.history_len, dtype=torch.float32, device=t.device)
+            self.seen = 0
+        if self.seen == 0:  # no past amax: this one, before the cast (a separate reduction)
+            amax = kernels.amax_reference(t)  # amax_of(t), a NaN as the kernel records it
+            scale = scale_from_amax(amax, self.dtype, self.margin)
+            q, q_t = fp8_cast(t, scale, self.dtype, transpose)
+        else:  # the scale of past amaxes; this amax comes out of the cast itself
+            if self.algo == "most_recent":
+                used = self.history[(self.seen - 1) % self.history_len]
+            else:
+                used = self.history[: min(self.seen, self.history_len)].amax()
+            scale = scale_from_amax(used, self.dtype, self.margin)
+            amax = fused_amax(t)
+            q, q_t = fp8_cast(t, scale, self.dtype, transpose, amax=amax)
+        self.history[self.seen % self.history_len] = amax.reshape(())
         self.seen += 1
-        q, q_t = fp8_cast(t, scale, self.dtype, transpose)
         return q, scale.reciprocal(), q_t
 
 
@@ -176,9 +201,10 @@ class TeQuantizerScaler(_Scaler):
 
     def quantize(self, t: torch.Tensor, transpose: bool = False):
         scale = self.quantizer.scale.reshape(()).float()
+        amax = fused_amax(t)  # this tensor's amax, from the cast's own pass
+        q, q_t = fp8_cast(t, scale, self.dtype, transpose, amax=amax)
         amax_buffer = self.quantizer.amax
-        amax_buffer.copy_(torch.maximum(amax_buffer, amax_of(t).reshape(amax_buffer.shape)))
-        q, q_t = fp8_cast(t, scale, self.dtype, transpose)
+        amax_buffer.copy_(torch.maximum(amax_buffer, amax.reshape(amax_buffer.shape)))
         return q, scale.reciprocal(), q_t
 
 

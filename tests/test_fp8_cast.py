@@ -311,3 +311,199 @@ def test_gpu_kernel_is_bitwise_torchs_cuda_cast(dtype, fp8):
         assert_bitwise(q_t, fp8_gemm.pad_rows(q).t().contiguous())
         assert_bitwise(quantize_with(t, scale, fp8), q)  # quantize_with dispatches to the kernel
         assert torch.equal(amax_of(t).view(torch.int32), t.abs().amax().float().view(torch.int32))
+
+
+# --- the fused amax (delayed scaling): the cast's own pass records max |t| ---------------------
+
+NAN_BITS = 0x7FC00000  # torch's NaN: the kernel's NaN amax whatever NaN t holds
+
+
+def cast_on_triton_device(t, scale, dtype=E4M3, transpose=False, amax=None):
+    """The kernel on the Triton device, its amax written back in place (a CPU tensor in tests)."""
+    on_device = None if amax is None else amax.to(TRITON_DEVICE)
+    q, q_t = kernels.fp8_cast_triton(
+        t.to(TRITON_DEVICE), scale.to(TRITON_DEVICE), dtype, transpose, on_device
+    )
+    if amax is not None:
+        amax.copy_(on_device)
+    return q.cpu(), None if q_t is None else q_t.cpu()
+
+
+def amax_bits(a):
+    return a.reshape(()).view(torch.int32).item()
+
+
+def assert_amax_of(recorded, t):
+    """`recorded` is amax_of(t) bit for bit; a NaN amax is torch's NaN (amax_of keeps a NaN
+    payload of t, as torch's CPU reduction makes it)."""
+    expected = amax_of(t)
+    if torch.isnan(expected):
+        assert amax_bits(recorded) == NAN_BITS, hex(amax_bits(recorded))
+    else:
+        assert amax_bits(recorded) == amax_bits(expected), (recorded, expected)
+
+
+def _amax_cases(rows, cols, dtype, seed):
+    t = _tensor(rows, cols, dtype, seed)  # NaN (both signs), +-Inf, -0, zero row
+    yield t
+    yield t.nan_to_num(0.0, INF, -INF) if dtype != torch.float16 else t.nan_to_num(0.0)  # Inf
+    yield t.float().nan_to_num(0.0, 0.0, 0.0).to(dtype)  # finite
+    yield -torch.zeros(rows, cols, dtype=dtype)
+    yield torch.zeros(rows, cols, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    for v in (NAN, -NAN, INF, -INF):  # one special value, last element or at random
+        for pos in (rows * cols - 1, int(torch.randint(rows * cols, (1,), generator=g))):
+            u = torch.randn(rows, cols, generator=g).to(dtype)
+            u.view(-1)[pos] = v
+            yield u
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_amax_is_bitwise_amax_of(dtype, transpose):
+    for i, (rows, cols) in enumerate(SHAPES + [(130, 65), (3, 200)]):
+        for t in _amax_cases(rows, cols, dtype, seed=i):
+            scale = torch.tensor(3.7)
+            amax, ref_amax = torch.zeros(1), torch.zeros(1)
+            q, q_t = cast_on_triton_device(t, scale, E4M3, transpose, amax)
+            ref, ref_t = fp8_cast_reference(t, scale, E4M3, transpose, ref_amax)
+            assert_amax_of(amax, t)
+            assert amax_bits(amax) == amax_bits(ref_amax)  # the reference records the same
+            assert amax_bits(amax) == amax_bits(kernels.amax_reference(t))
+            plain, plain_t = cast_on_triton_device(t, scale, E4M3, transpose)  # q unchanged
+            assert_bitwise(q, plain) and assert_bitwise(q, ref)
+            if transpose:
+                assert_bitwise(q_t, plain_t) and assert_bitwise(q_t, ref_t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_amax_of_every_16_bit_value(dtype):
+    """Every bf16 / fp16 bit pattern, a row at a time: rows of NaN payloads, of Inf, subnormals."""
+    t = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    t = t.reshape(256, 256)
+    for row in range(0, 256, 17):
+        for block in (t[row : row + 17], t[row : row + 17].flip(1)):
+            amax = torch.zeros(1)
+            cast_on_triton_device(block.contiguous(), torch.tensor(1.0), E5M2, True, amax)
+            assert_amax_of(amax, block)
+
+
+def test_kernel_amax_max_combines_with_the_target_and_skips_empty_tensors():
+    t = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
+    for start, expected in ((0.0, 2.0), (3.0, 3.0), (NAN, NAN)):
+        amax, ref_amax = torch.tensor([start]), torch.tensor([start])
+        cast_on_triton_device(t, torch.tensor(1.0), E4M3, False, amax)
+        fp8_cast_reference(t, torch.tensor(1.0), E4M3, False, ref_amax)
+        assert amax_bits(amax) == amax_bits(ref_amax) == amax_bits(torch.tensor(expected))
+    amax = torch.tensor([5.0])
+    cast_on_triton_device(torch.empty(0, 32), torch.tensor(1.0), E4M3, True, amax)
+    fp8_cast_reference(torch.empty(0, 32), torch.tensor(1.0), E4M3, True, amax)
+    assert amax.item() == 5.0
+    for bad in (torch.zeros(2), torch.zeros(1, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="amax"):
+            fp8_cast_reference(t, torch.tensor(1.0), E4M3, False, bad)
+
+
+class _UnfusedDelayed(DelayedScaler):
+    """DelayedScaler before the fused amax: amax_of(t) first, then the cast."""
+
+    def quantize(self, t, transpose=False):
+        amax = amax_of(t)
+        if self.history is None or self.history.device != amax.device:
+            self.history, self.seen = amax.new_zeros(self.history_len), 0
+        if self.seen == 0:
+            used = amax
+        elif self.algo == "most_recent":
+            used = self.history[(self.seen - 1) % self.history_len]
+        else:
+            used = self.history[: min(self.seen, self.history_len)].amax()
+        scale = fp8_recipe.scale_from_amax(used, self.dtype, self.margin)
+        self.history[self.seen % self.history_len] = amax
+        self.seen += 1
+        q = old_quantize(t, scale, self.dtype)
+        return q, scale.reciprocal(), fp8_gemm.pad_rows(q).t().contiguous() if transpose else None
+
+
+def _unfused_te(state, t, dtype):
+    """TeQuantizerScaler before the fused amax."""
+    scale = state.scale.reshape(()).float()
+    state.amax.copy_(torch.maximum(state.amax, amax_of(t).reshape(state.amax.shape)))
+    return old_quantize(t, scale, dtype), scale.reciprocal()
+
+
+def assert_same_amaxes(fused, unfused):
+    """Bit for bit, NaN as torch's NaN (amax_of may keep a NaN payload of t)."""
+    nan = torch.isnan(unfused)
+    assert torch.equal(torch.isnan(fused), nan)
+    assert torch.equal(fused[~nan].view(torch.int32), unfused[~nan].view(torch.int32))
+    assert (fused[nan].view(torch.int32) == NAN_BITS).all()
+
+
+def _delayed_inputs(dtype):
+    for i in range(7):
+        t = _tensor(21 + i, 48, dtype, seed=i).float()
+        if i in (1, 2, 5):  # finite, at other magnitudes
+            t = t.nan_to_num(0.0, 0.0, 0.0) * 2.0 ** (4 * i - 10)
+        elif i == 3:
+            t = t.nan_to_num(0.0)  # Inf, no NaN
+        yield t.to(dtype)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_delayed_scalers_record_the_unfused_amax(monkeypatch, dtype, kernel):
+    """DelayedScaler's history and TE's amax buffer: bitwise the unfused amax_of(t) path (NaN as
+    torch's NaN); q and scale_inv bitwise the same."""
+    if kernel == "triton":
+        monkeypatch.setattr(
+            fp8_recipe, "_CAST_KERNEL", (cast_on_triton_device, cast_on_triton_device)
+        )
+    for history_len, algo in ((3, "max"), (2, "most_recent"), (1024, "max")):
+        for fmt in FP8:
+            new, old = (
+                DelayedScaler(fmt, 1, history_len, algo),
+                _UnfusedDelayed(fmt, 1, history_len, algo),
+            )
+            for i, t in enumerate(_delayed_inputs(dtype)):
+                q, si, q_t = new.quantize(t, transpose=i % 2 == 0)
+                q_old, si_old, q_t_old = old.quantize(t, transpose=i % 2 == 0)
+                assert_bitwise(q, q_old) and torch.equal(
+                    si.view(torch.int32), si_old.view(torch.int32)
+                )
+                if q_t is not None:
+                    assert_bitwise(q_t, q_t_old)
+                assert_same_amaxes(new.history, old.history)
+    for fmt in FP8:
+        state, old_state = _te_state(), _te_state()
+        scaler = TeQuantizerScaler(state, fmt)
+        for i, t in enumerate(_delayed_inputs(dtype)):
+            if i == 4:  # TE's amax reduction resets the buffer between steps
+                state.amax.zero_(), old_state.amax.zero_()
+            q, si, _ = scaler.quantize(t, transpose=True)
+            q_old, si_old = _unfused_te(old_state, t, fmt)
+            assert_bitwise(q, q_old) and torch.equal(si, si_old)
+            assert_same_amaxes(state.amax, old_state.amax)
+
+
+def test_delayed_scalers_read_t_once():
+    """Recorded on meta tensors with the kernel's stand-in: a delayed-scaling cast (TE's quantizer;
+    DelayedScaler past its first call) is one pass over t, current scaling two (amax, then cast)."""
+    from types import SimpleNamespace
+
+    from megasparse.tools.perfmodel import _standins
+
+    t = torch.empty(4096, 1024, device="meta", dtype=torch.bfloat16)
+    te = SimpleNamespace(scale=torch.ones(1, device="meta"), amax=torch.zeros(1, device="meta"))
+    delayed = DelayedScaler(E4M3, history_len=16)
+    with _standins():
+        delayed.quantize(t, transpose=True)  # the first call: its own amax, then the cast
+        for scaler, passes in (
+            (TeQuantizerScaler(te, E4M3), 1),
+            (delayed, 1),
+            (CurrentScaler(), 2),
+        ):
+            with OpRecorder() as rec:
+                scaler.quantize(t, transpose=True)
+            reads = [r.op for r in rec.records if r.bytes_read >= t.numel() * t.element_size()]
+            assert len(reads) == passes, (scaler, reads)
+            assert "fp8_cast" in reads[-1]

@@ -31,6 +31,10 @@ KERNELS = {
     "fp8_cast_e5m2",
     "fp8_cast_transpose_e4m3",
     "fp8_cast_transpose_e5m2",
+    "fp8_cast_amax_e4m3",
+    "fp8_cast_amax_e5m2",
+    "fp8_cast_transpose_amax_e4m3",
+    "fp8_cast_transpose_amax_e5m2",
 }
 
 
@@ -97,12 +101,14 @@ def test_sass_parser_sets_the_scalar_scale_load_apart():
 
 
 def test_fp8_cast_compiles_for_sm80_and_sm90a_without_spills(tmp_path):
-    """The fused FP8 cast (+ transpose), every input dtype, both archs: no spills, each input
-    element loaded once with 128-bit loads, the scale one scalar load, 128-bit stores."""
+    """The fused FP8 cast (+ transpose, + the amax of delayed scaling), every input dtype, both
+    archs: no spills, each input element loaded once with 128-bit loads, the scale one scalar load,
+    128-bit stores; the amax's cross-warp max through 32 bytes of shared memory (or the
+    transpose's 4 KiB), one atomic max per program (not a store)."""
     _, rows = _cli(tmp_path / "fp8.json", "--kernel", "fp8_cast")
     assert {(r["kernel"], r["arch"], r["dtype"]) for r in rows} == {
         (f"fp8_cast{t}_{f}", a, d)
-        for t in ("", "_transpose")
+        for t in ("", "_transpose", "_amax", "_transpose_amax")
         for f in ("e4m3", "e5m2")
         for a in ("sm_80", "sm_90a")
         for d in ("bfloat16", "float16", "float32")
@@ -114,4 +120,5 @@ def test_fp8_cast_compiles_for_sm80_and_sm90a_without_spills(tmp_path):
         # q: one 16-byte store per 16 elements; q^T another, through shared memory
         transposed = "transpose" in r["kernel"]
         assert r["global_stores_per_element"] == (0.125 if transposed else 0.0625), r
-        assert r["shared_bytes"] == (4096 if transposed else 0), r
+        amax = "amax" in r["kernel"]
+        assert r["shared_bytes"] == (4096 if transposed else 32 if amax else 0), r

@@ -143,22 +143,33 @@ def test_report_says_projected_and_gives_a_verdict_per_target():
     assert any("ceiling" in line for line in lines)
 
 
-def test_fp8_2_4_quantizes_with_the_fused_cast_kernel():
+@pytest.mark.parametrize("recipe", ["FP8 2:4", "FP8 2:4 (transposable)"])
+def test_fp8_2_4_quantizes_with_the_fused_cast_kernel(recipe):
     """megasparse's FP8 casts are projected as the fused kernel (megasparse.kernels.fp8_cast: one
-    read of t, q and its padded transpose written) plus one amax reduction, as TE's fused cast for
-    the FP8 dense baseline; no unfused abs / amax / mul / clamp / cast passes over the operands."""
+    read of t, q and its padded transpose written) under Megatron's default delayed scaling: x and
+    dY record their amax from the cast's own pass (as TE's fused cast for the FP8 dense baseline);
+    only the e4m3 dY of the sparse dgrad (transposable, current scaling) has an amax pass first.
+    No unfused abs / amax / mul / clamp / cast passes over the operands."""
     tokens, tp = 4096, 8
-    records = perfmodel.record_case("FP8 2:4", "ffn", tokens, tp).records
+    records = perfmodel.record_case(recipe, "ffn", tokens, tp).records
     micro = [r for r in records if r.phase == "microbatch"]
     assert not any(r.op in ("amax", "clamp", "clamp_min") for r in records)
     assert all(r.bytes_read <= 16 for r in micro if r.op in ("abs", "reciprocal", "ne"))  # scalars
     casts = [r for r in micro if r.op == "megasparse_perf.fp8_cast"]
     ffn, hidden = perfmodel.FFN // tp, perfmodel.HIDDEN
-    # fc1 x, fc2 x (forward), fc2 dY, fc1 dY (backward, HYBRID e5m2, for the dense dgrad): each
-    # with its transpose for the wgrad; one read of t (bf16) and its scale
-    expected = [(tokens * hidden, True), (tokens * ffn, True), (tokens * hidden, True)]
-    expected.append((tokens * ffn, True))
-    assert [(r.bytes_read - 4) // 2 for r in casts] == [n for n, _ in expected]
-    assert [r.bytes_written for r in casts] == [2 * n for n, _ in expected]  # q and q^T, 1 B each
+    # fc1 x, fc2 x (forward), fc2 dY, fc1 dY (backward, HYBRID e5m2, for the wgrad; for the dense
+    # dgrad too with 1d masks): each with its transpose for the wgrad, its amax fused (one read of
+    # t in bf16, its scale and the amax); transposable: the e4m3 dY of the sparse dgrad before
+    # each e5m2 one, no transpose, its amax a reduction of its own
+    fused = [(tokens * hidden, True), (tokens * ffn, True), (tokens * hidden, True)]
+    fused.append((tokens * ffn, True))
+    expected = list(fused)
+    if "transposable" in recipe:
+        expected[2:2] = [(tokens * hidden, False)]
+        expected[4:4] = [(tokens * ffn, False)]
+    assert [(r.bytes_read - (8 if t else 4)) // 2 for r, (_, t) in zip(casts, expected)] == [
+        n for n, _ in expected
+    ]
+    assert [r.bytes_written for r in casts] == [(2 if t else 1) * n for n, t in expected]
     norms = [r for r in micro if r.op == "linalg_vector_norm"]
-    assert [r.bytes_read // 2 for r in norms] == [n for n, _ in expected]  # one amax pass each
+    assert [r.bytes_read // 2 for r in norms] == [n for n, t in expected if not t]
