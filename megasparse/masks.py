@@ -15,14 +15,19 @@ def weight_mask(
 ) -> torch.Tensor:
     """The 2:4 mask of `weight` ([out, in]) as a bool tensor of the same shape."""
     if nonfinite == "error":
-        bad = int((~torch.isfinite(weight.detach())).sum())
-        if bad:
-            raise FloatingPointError(
-                f"megasparse: the weight {tuple(weight.shape)} holds {bad} NaN/Inf values, so its 2:4 mask "
-                "is meaningless. The dense master weight is corrupt: resume from the last good checkpoint "
-                "or lower the learning rate (nonfinite_weights='propagate' lets the NaN reach the loss instead)."
-            )
+        check_finite(weight)
     triton_kernel, reference = _MASK_KERNELS[kind]
     if weight.is_cuda and kernels.HAVE_TRITON:
         return triton_kernel(weight)
     return reference(weight)
+
+
+def check_finite(weight: torch.Tensor) -> None:
+    """FloatingPointError naming the count when `weight` holds NaN/Inf (one host sync)."""
+    bad = int((~torch.isfinite(weight.detach())).sum())
+    if bad:
+        raise FloatingPointError(
+            f"megasparse: the weight {tuple(weight.shape)} holds {bad} NaN/Inf values, so its 2:4 mask "
+            "is meaningless. The dense master weight is corrupt: resume from the last good checkpoint "
+            "or lower the learning rate (nonfinite_weights='propagate' lets the NaN reach the loss instead)."
+        )

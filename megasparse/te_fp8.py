@@ -51,9 +51,8 @@ import warnings
 
 import torch
 
-from megasparse import fp8_gemm
 from megasparse.fp8_gemm import E4M3
-from megasparse.fp8_linear import Fp8LinearPlan, fp8_sparse_linear_step
+from megasparse.fp8_linear import Fp8LinearPlan, cusparselt_fp8_reason, fp8_sparse_linear_step
 from megasparse.fp8_recipe import CurrentScaler, Fp8Recipe, te_scaler
 
 _warned = set()
@@ -86,12 +85,7 @@ def _route_reason(weights, recipe, te_recipe):
     device = weights[0].device
     if device.type != "cuda":
         return None  # the CPU emulation
-    reason = fp8_gemm.fp8_cusparselt_reason(device)
-    multiple = fp8_gemm.WEIGHT_MULTIPLE
-    for w in weights:
-        if reason is None and (w.shape[0] % multiple or w.shape[1] % multiple):
-            reason = f"the weight shard {tuple(w.shape)} is not a multiple of {multiple} in both dims (e4m3)"
-    return reason
+    return next(filter(None, (cusparselt_fp8_reason(w) for w in weights)), None)
 
 
 def fp8_route(module, unsupported=None):

@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from megasparse import step_clock
 from megasparse.fp8_recipe import quantized_weight
-from megasparse.masks import weight_mask
+from megasparse.masks import check_finite, weight_mask
 
 _BIT_WEIGHTS = {}
 _POPCOUNT = {}  # quality: bits set in each uint8 value, per device (flip rate)
@@ -57,7 +57,7 @@ def compute_mask(weight: torch.Tensor, sparsity) -> torch.Tensor:
     weight = weight.detach()
     if getattr(sparsity, "fp8_order", None) == "quantize-then-prune":
         if sparsity.nonfinite_weights == "error":  # saturation would hide an Inf
-            weight_mask(weight, sparsity.mask, "error")
+            check_finite(weight)
         weight = quantized_weight(weight)
     return weight_mask(weight, sparsity.mask, sparsity.nonfinite_weights)
 
