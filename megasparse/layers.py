@@ -81,7 +81,6 @@ class _SparseLinearMixin:
         )  # S-STE's beta is summed over the layer's TP group
         self._dist_checkpointing = False
         self._backends = {}
-        self._gate_decisions = {}
         if self.weight is not None and self.sparsity.weights is not None:
             self._check_shard_shape(tuple(self.weight.shape), self.config.params_dtype)
         if self.weight is not None and self.sparsity.fp8 is not None:
@@ -261,16 +260,12 @@ class _SparseLinearMixin:
 
     def _gated_roles(self, input, step, backend) -> tuple:
         """The GEMM roles where W*M runs sparse: all of them, except that backend='auto' on a GPU asks
-        the speed gate (megasparse.speed_gate), once per shard shape, dtype and token count."""
+        the speed gate (megasparse.speed_gate), which decides once per shard shape, dtype and token
+        bucket for all layers alike (dense below its smallest bucket: 0 tokens is never timed)."""
         if not (step.pruned and speed_gate.applies(self.sparsity.backend, backend, step.weight)):
             return ALL_ROLES
         tokens = input.numel() // input.shape[-1]
-        key = (tuple(step.weight.shape), step.weight.dtype, tokens, step.transposable)
-        if key not in self._gate_decisions:
-            self._gate_decisions[key] = speed_gate.sparse_roles(
-                type(self).__name__, step, backend, tokens, self.tp_group
-            )
-        return self._gate_decisions[key]
+        return speed_gate.sparse_roles(type(self).__name__, step, backend, tokens, self.tp_group)
 
     # fc2 sparsifies its input (the FFN activation); fc1 receives dH of a sparse activation
 

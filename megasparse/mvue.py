@@ -112,7 +112,7 @@ def mvue_weight_grad(
         dy2d = torch.nn.functional.pad(dy2d, (0, 0, 0, pad))
         x2d = torch.nn.functional.pad(x2d, (0, 0, 0, pad))
     pruned = mvue24(dy2d, dim=0, generator=generator)
-    if backend is not None and backend.name != "dense":
+    if backend is not None and backend.name != "dense" and dy2d.shape[0] > 0:  # 0 tokens: no kernel
         from megasparse.sparse_operand import WEIGHT
 
         pruned_t, x_t = pruned.t().contiguous(), x2d.t().contiguous()

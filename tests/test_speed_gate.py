@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from megasparse import speed_gate
-from megasparse.speed_gate import SpeedGate
+from megasparse.backends import DenseBackend
+from megasparse.speed_gate import SpeedGate, token_bucket
 from megasparse.testing import free_port
 
 SHAPE, DTYPE = (16384, 3584, 8192), torch.bfloat16
@@ -123,38 +124,180 @@ def test_tensor_parallel_ranks_agree(tmp_path):
     ]
 
 
+def test_token_buckets_are_powers_of_two_from_the_smallest_up_to_the_largest():
+    powers = [
+        2**k for k in range(40) if speed_gate.SMALLEST_BUCKET <= 2**k <= speed_gate.LARGEST_BUCKET
+    ]
+    assert powers[0] == speed_gate.SMALLEST_BUCKET and powers[-1] == speed_gate.LARGEST_BUCKET
+    g = torch.Generator().manual_seed(0)
+    counts = [0, 1, 4095, 4096, 4097, 8191, 8192, 65535, 65536, 65537, 10**7]
+    counts += torch.randint(0, 200_000, (500,), generator=g).tolist()
+    for tokens in counts:
+        below = [b for b in powers if b <= tokens]
+        assert token_bucket(tokens) == (below[-1] if below else None), tokens
+
+
+class EmptyRefusingBackend(DenseBackend):
+    """A sparse backend on CPU: records its GEMMs and, as the sparse kernels do, refuses empty
+    operands (dense GEMMs accept them)."""
+
+    name = "empty-refusing-sparse"
+
+    def __init__(self):
+        self.calls = []  # (role, sparse operand, rows)
+
+    def _record(self, role, sparse, rows, *operands):
+        if sparse is not None and any(t.numel() == 0 for t in operands):
+            raise RuntimeError(f"sparse kernel got an empty operand ({role})")
+        self.calls.append((role, sparse, rows))
+
+    def compress(self, matrix):
+        if matrix.numel() == 0:
+            raise RuntimeError("sparse kernel got an empty operand (compress)")
+        return matrix
+
+    def linear(self, x2d, w, bias, sparse):
+        self._record("forward", sparse, x2d.shape[0], x2d, w)
+        return super().linear(x2d, w, bias, sparse)
+
+    def input_grad(self, dy2d, w, sparse):
+        self._record("input_grad", sparse, dy2d.shape[0], dy2d, w)
+        return super().input_grad(dy2d, w, sparse)
+
+
+class CountingGate(SpeedGate):
+    """The gate with its file reads and writes counted."""
+
+    def __init__(self, path, timer):
+        super().__init__(path, timer)
+        self.reads = self.writes = 0
+
+    def _load(self):
+        self.reads += 1
+        return super()._load()
+
+    def _store(self, key, decision):
+        self.writes += 1
+        super()._store(key, decision)
+
+
+@pytest.fixture
+def gated(monkeypatch, tmp_path):
+    """backend='auto' layers on CPU that ask a fresh gate (injected timer: forward loses,
+    input_grad wins) and run on an EmptyRefusingBackend; gate.timings lists the timed GEMMs."""
+    backend = EmptyRefusingBackend()
+    monkeypatch.setattr("megasparse.layers.resolve_backend", lambda *a, **k: backend)
+    monkeypatch.setattr(
+        speed_gate, "applies", lambda requested, backend, weight: requested == "auto"
+    )
+    timings = []
+
+    def timer(fn):
+        before = len(backend.calls)
+        fn()  # runs the GEMM: an empty operand would reach the backend here
+        ((role, sparse, rows),) = backend.calls[before:]
+        del backend.calls[before:]
+        timings.append((role, sparse, rows))
+        return {("forward", None): 1.0, ("input_grad", None): 2.0}.get((role, sparse), 1.5)
+
+    gate = CountingGate(tmp_path / "gate.json", timer)
+    gate.timings, gate.backend = timings, backend
+    monkeypatch.setattr(speed_gate, "_GATE", gate)
+    return gate
+
+
+def _masked_reference(layer, x, dy):
+    """float64 masked dense forward and input gradient."""
+    w = (layer.weight * layer.sparsity_mask()).double()
+    return x.double() @ w.t() + layer.bias.double(), dy.double() @ w
+
+
 @pytest.mark.usefixtures("megatron_tp1")
-def test_layers_follow_the_gate_per_role_and_ask_once_per_shape(monkeypatch):
-    """backend='auto' on a GPU: a role the gate finds slower runs the dense GEMM on W*M; asked once."""
-    from megasparse import SparsityConfig, speed_gate as gate_module
-    from megasparse.backends import DenseBackend
+def test_empty_and_small_token_counts_run_dense_and_are_never_timed(gated):
+    from megasparse import SparsityConfig
     from megatron_helpers import make_column, make_config
 
-    class Recording(DenseBackend):
-        name = "recording-sparse"
-        calls = []
-
-        def linear(self, x2d, w, bias, sparse):
-            self.calls.append(("forward", sparse))
-            return super().linear(x2d, w, bias, sparse)
-
-        def input_grad(self, dy2d, w, sparse):
-            self.calls.append(("input_grad", sparse))
-            return super().input_grad(dy2d, w, sparse)
-
-    asked = []
-    monkeypatch.setattr("megasparse.layers.resolve_backend", lambda *a, **k: Recording())
-    monkeypatch.setattr(
-        gate_module, "applies", lambda requested, backend, weight: requested == "auto"
-    )
-    monkeypatch.setattr(
-        gate_module,
-        "sparse_roles",
-        lambda layer, step, backend, tokens, group: asked.append(tokens) or ("input_grad",),
-    )
     layer = make_column(make_config(), 16, 32, SparsityConfig(mask="transposable"))
-    for _ in range(3):
-        x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
-        layer(x)[0].sum().backward()
-    assert asked == [6]  # one decision for this shard shape and token count
-    assert set(Recording.calls) == {("forward", None), ("input_grad", "weight")}
+    for tokens in (0, 1, 100, 4095, 0):
+        x = torch.randn(tokens, 16, dtype=torch.float64, requires_grad=True)
+        y = layer(x)[0]
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        y_ref, dx_ref = _masked_reference(layer, x.detach(), dy)
+        torch.testing.assert_close(y.detach(), y_ref)
+        torch.testing.assert_close(x.grad, dx_ref)
+    assert gated.timings == [] and gated.reads == gated.writes == 0
+    # the GEMMs with rows ran dense on W*M; the empty ones ran no GEMM at all
+    assert all(sparse is None and rows > 0 for _, sparse, rows in gated.backend.calls)
+
+
+@pytest.mark.usefixtures("megatron_tp1")
+def test_layers_follow_the_gate_per_role_and_decide_once_per_bucket(gated):
+    """backend='auto' on a GPU: a role the gate finds slower runs the dense GEMM on W*M; a bucket
+    is timed once at its own token count, whatever count in it comes first."""
+    from megasparse import SparsityConfig
+    from megatron_helpers import make_column, make_config
+
+    layer = make_column(make_config(), 16, 32, SparsityConfig(mask="transposable"))
+    for tokens in (5000, 4096, 8191, 6000):  # one bucket: 4096
+        x = torch.randn(tokens, 16, dtype=torch.float64, requires_grad=True)
+        y = layer(x)[0]
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        y_ref, dx_ref = _masked_reference(layer, x.detach(), dy)
+        torch.testing.assert_close(y.detach(), y_ref)
+        torch.testing.assert_close(x.grad, dx_ref)
+    assert gated.timings == [
+        ("forward", None, 4096),
+        ("forward", "weight", 4096),
+        ("input_grad", None, 4096),
+        ("input_grad", "weight", 4096),
+    ]
+    assert set((role, sparse) for role, sparse, _ in gated.backend.calls) == {
+        ("forward", None),
+        ("input_grad", "weight"),
+    }
+
+
+def _random_loads(generator, experts, micro_batches):
+    """Tokens per expert: a quarter of them 0, the rest log-uniform in [1, 20000]."""
+    logs = torch.rand(micro_batches, experts, generator=generator) * torch.log(
+        torch.tensor(20_000.0)
+    )
+    loads = logs.exp().long()
+    loads[torch.rand(micro_batches, experts, generator=generator) < 0.25] = 0
+    return loads
+
+
+@pytest.mark.usefixtures("megatron_tp1")
+def test_expert_loads_are_decided_once_per_bucket_without_syncs_afterwards(gated, monkeypatch):
+    """100 micro-batches of random expert loads: timings, gate file reads and writes and TP
+    all-reduces happen once per (weight shape, bucket), shared by the experts, never per count."""
+    from megasparse import SparseSequentialMLP, SparsityConfig
+
+    from test_experts import EXPERTS, _experts
+
+    all_reduces = []
+    real_all_reduce = dist.all_reduce
+    monkeypatch.setattr(
+        dist, "all_reduce", lambda *a, **k: all_reduces.append(1) or real_all_reduce(*a, **k)
+    )
+    experts = _experts(
+        SparseSequentialMLP, SparsityConfig(mask="transposable"), dtype=torch.float32
+    )
+    optimizer = torch.optim.SGD(experts.parameters(), lr=1e-3)
+    loads = _random_loads(torch.Generator().manual_seed(0), EXPERTS, 100)
+    buckets = {token_bucket(n) for n in loads.flatten().tolist()} - {None}
+    assert len(buckets) == 3 and (loads == 0).any()  # the loads span buckets and empty experts
+    for i, load in enumerate(loads):
+        x = torch.randn(int(load.sum()), 16, requires_grad=True)
+        y, _ = experts(x, load, torch.ones(x.shape[0]))
+        y.square().mean().backward()
+        if i % 25 == 24:
+            optimizer.step()
+            optimizer.zero_grad()
+    decisions = len(buckets) * 2  # fc1 and fc2 shapes; every expert shares them
+    assert len(gated.timings) == decisions * 2 * 2  # two roles, dense and sparse each
+    assert sorted({rows for _, _, rows in gated.timings}) == sorted(buckets)
+    assert len(all_reduces) == decisions  # one agreement per decision, both roles at once
+    assert gated.writes == decisions * 2 and gated.reads <= decisions * 3
