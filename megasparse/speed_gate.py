@@ -217,13 +217,14 @@ def gate() -> SpeedGate:
 
 def sparse_roles(layer: str, step, backend, tokens: int, group=None) -> tuple:
     """The roles ("forward", "input_grad") where this weight step's W*M should run sparse for a
-    call with `tokens` rows: decided once per (shard shape, dtype, device, token bucket, group)
-    and then looked up without reading files, timing or synchronizing."""
+    call with `tokens` rows: decided once per (backend, shard shape, dtype, device, mask kind,
+    token bucket, group), then looked up without reading files, timing or synchronizing."""
     bucket = token_bucket(tokens)
     if bucket is None:
         return ()  # dense: nothing measured, and an empty operand never reaches a kernel
-    weight = step.weight
-    key = (tuple(weight.shape), weight.dtype, weight.device, bucket, step.transposable, group)
+    weight, transposable = step.weight, step.transposable
+    key = (backend.name, tuple(weight.shape), weight.dtype, weight.device, transposable, bucket)
+    key += (group,)  # the agreed decision holds for this group
     speed_gate = gate()
     roles = speed_gate.decided.get(key)
     if roles is None:
@@ -232,7 +233,7 @@ def sparse_roles(layer: str, step, backend, tokens: int, group=None) -> tuple:
             pairs = {
                 role: gemm_pair(role, bucket, masked, backend)
                 for role in ROLES
-                if role == "forward" or step.transposable
+                if role == "forward" or transposable
             }
             shape = (bucket, *masked.shape)
             name = device_name(masked.device)

@@ -193,3 +193,22 @@ def test_the_variance_bound_is_the_mse_of_every_draw_on_average():
     assert math.isclose(
         float(((est - g) ** 2).sum(1).mean()), float(mvue24_variance(g).sum()), rel_tol=1e-3
     )
+
+
+def test_weight_grad_of_an_expert_without_tokens_runs_no_sparse_kernel():
+    """0 tokens: dW = 0 from the dense math; the sparse kernels (which refuse empty operands)
+    are never called, although PyTorch's shape table accepts a [out, 0] operand."""
+    from megasparse.backends import CusparseltBackend
+    from megasparse.mvue import mvue_weight_grad
+
+    class EmptyRefusingCusparselt(CusparseltBackend):  # cuSPARSELt's shape rules, on CPU
+        def compress(self, matrix):
+            raise AssertionError(f"a sparse kernel got the operand {tuple(matrix.shape)}")
+
+    out_features, in_features = 32, 64
+    dy = torch.zeros(0, out_features, dtype=torch.bfloat16)
+    x = torch.zeros(0, in_features, dtype=torch.bfloat16)
+    assert EmptyRefusingCusparselt().fits(dy.t().contiguous())  # what let it through
+    grad = mvue_weight_grad(dy, x, torch.Generator().manual_seed(0), EmptyRefusingCusparselt())
+    reference = dy.double().t() @ x.double()
+    torch.testing.assert_close(grad.double(), reference, rtol=0, atol=0)
