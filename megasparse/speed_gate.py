@@ -1,8 +1,9 @@
 """Speed gate: run a GEMM role sparse only where the sparse GEMM measurably beats the dense one.
 
 Decisions are made per token bucket (`token_bucket`), not per token count: fewer than
-SMALLEST_BUCKET tokens run dense and are never measured (small GEMMs gain little from 2:4, and
-an expert with 0 tokens must never reach a sparse kernel); from there on, each power of two up to
+SMALLEST_BUCKET tokens run dense and are never measured (a fixed choice that bounds the number of
+decisions and keeps an expert with 0 tokens away from any sparse kernel; backend="cusparselt" or
+MEGASPARSE_SPEED_GATE=0 run small counts sparse); from there on, each power of two up to
 LARGEST_BUCKET is one bucket, measured at the bucket's own token count (never more rows than the
 call has), and every count from LARGEST_BUCKET up shares the last bucket. Other per-shape work (an
 algorithm search, say) should key its cache by `token_bucket` too.
