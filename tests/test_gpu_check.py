@@ -190,15 +190,23 @@ def test_each_measured_figure_sits_beside_its_projection(injected_gpu, tmp_path)
     assert weight_prep["measured verdict"] == "MISSED"  # 0.2 > 0.05: reported, not a failure
 
 
-def test_kernel_rows_judge_each_kernel_against_a_copy_of_the_same_bytes():
-    rows = gpu_check.kernel_rows(
-        {
-            "mask_1d": {"bytes": 3e8, "ms": 0.2, "copy_ms": 0.18, "vs_copy": 0.9},
-            "mask_transposable": {"bytes": 3e8, "ms": 0.6, "copy_ms": 0.18, "vs_copy": 0.3},
-        }
-    )
-    verdicts = {r["kernel"]: r[next(k for k in r if k.startswith("target"))] for r in rows}
+def test_kernel_rows_put_each_time_beside_its_projection_and_judge_it_against_a_copy():
+    from megasparse.perf_projection import DEVICES, memory_time
+
+    bandwidths = {
+        "mask_1d": {"bytes": 3e8, "ms": 0.2, "copy_ms": 0.18, "vs_copy": 0.9},
+        "mask_transposable": {"bytes": 3e8, "ms": 0.6, "copy_ms": 0.18, "vs_copy": 0.3},
+    }
+    rows = gpu_check.kernel_rows(bandwidths, "H100")
+    for row in rows:
+        columns = list(row)
+        measured = columns.index("kernel ms, measured")
+        assert columns[measured + 1] == "kernel ms, projected"
+        assert row["kernel ms, measured"] == bandwidths[row["kernel"]]["ms"]
+        assert row["kernel ms, projected"] == memory_time(3e8, DEVICES["H100"]) * 1e3
+    verdicts = {r["kernel"]: r[next(k for k in r if k.startswith("vs copy >="))] for r in rows}
     assert verdicts == {"mask_1d": "met", "mask_transposable": "MISSED"}
+    assert gpu_check.kernel_rows(bandwidths)[0]["kernel ms, projected"] is None  # unknown device
 
 
 def test_a_part_in_its_own_process_past_its_budget_or_crashing_is_failed(monkeypatch, tmp_path):

@@ -419,7 +419,7 @@ def projected_targets(device="H100") -> dict:
     return {
         "ffn_2:4": by_recipe["2:4 (transposable)"]["ratio_vs_dense"],
         "weight_prep": by_recipe["2:4 (transposable)"]["weight_prep_share"],
-        "fp8_2:4": by_recipe["FP8 2:4"].get("ratio_vs_fp8_dense"),
+        "fp8_2:4": by_recipe.get("FP8 2:4", {}).get("ratio_vs_fp8_dense"),  # none without FP8
         "state_memory_1d": state_memory(512, 1024, "cpu")["1d"],
     }  # a ratio: the same at every shape
 
