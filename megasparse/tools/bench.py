@@ -7,9 +7,9 @@ On a CUDA GPU: the time of one optimizer step of k=4 micro-batches (forward + ba
 per-step weight state is rebuilt once per step, as in training) of Megatron's dense MLP against
 megasparse's (2:4 weights 1d / transposable; 2:4 weights + 2:4 Squared-ReLU activations) in bf16;
 the share of the step spent preparing weights (masks, compression); the FP8 2:4 cuSPARSELt GEMM
-against the FP8 dense GEMM (torch._scaled_mm) at the FFN's shape; the mask kernels' (and the fused
-FP8 cast's) bandwidth against the device's copy bandwidth; and the bytes the per-step state holds per layer against the
-dense weight. Targets are marked met or MISSED; `--check` exits non-zero if one is missed.
+against the FP8 dense GEMM (torch._scaled_mm) at the FFN's shape; every Triton kernel's time
+against a device copy of the same bytes (`kernel_bandwidths`); and the bytes the per-step state
+holds per layer against the dense weight. Targets are marked met or MISSED; `--check` exits non-zero if one is missed.
 Without a GPU it says so, runs a small CPU correctness smoke, prints the state's memory and the
 projected targets (labelled projected), and `--check` applies the targets to the projection.
 """
