@@ -21,6 +21,7 @@ does that. Without a GPU it says so in one line and exits 0.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -352,9 +353,18 @@ def run_process_group(command, timeout_s: float, **kwargs):
         output, _ = proc.communicate(timeout=timeout_s)
         return proc.returncode, output, False
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc)
         output, _ = proc.communicate()
         return proc.returncode, output, True
+    except BaseException:  # Ctrl-C: the part's processes stop with the check
+        _kill_group(proc)
+        proc.wait()
+        raise
+
+
+def _kill_group(proc) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _result(part: Part, status: str, wall_s: float, error=None, **data) -> dict:
@@ -451,7 +461,7 @@ def run_parts(parts, runner=run_isolated, total_budget_s: float = TOTAL_BUDGET_S
             )
         else:
             print(f"gpu_check: {part.name} ({part.what}), budget {budget:.0f} s ...", flush=True)
-            results.append(runner(part, budget))
+            results.append({**runner(part, budget), "budget_s": round(budget, 1)})
         print(
             f"gpu_check: {part.name} {results[-1]['status']} in {results[-1]['wall_s']} s",
             flush=True,
