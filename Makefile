@@ -3,6 +3,9 @@
 #   make demo                 TP=2 sparse training demo on CPU (gloo)
 #   make test                 the test suite (CPU; GPU tests skip without CUDA)
 #   make test MCORE=0.19.2    the same against megatron-core 0.19.2 (own venv)
+#   make gpu-check            on a CUDA GPU: everything only a GPU can prove (gpu tests, kernel
+#                             bandwidth, bench beside the projection, cuSPARSELt/FP8 smoke), under
+#                             8 minutes; writes $(GPU_CHECK_OUT)/gpu_check.json and .md. No GPU: exits 0
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -10,6 +13,7 @@ MCORE ?= 0.16.1
 VENV ?= .venv-mcore$(MCORE)
 DEMO_ARGS ?=
 PYTEST_ARGS ?= -q
+GPU_CHECK_OUT ?= gpu_check_out
 
 # megatron-core 0.17+ declares Python >= 3.12 but runs on 3.11; its deps (torch, numpy, packaging)
 # come from the other two installs (megasparse depends on numpy and packaging).
@@ -21,7 +25,7 @@ endif
 
 STAMP = $(VENV)/.megasparse-installed
 
-.PHONY: demo test env clean
+.PHONY: demo test gpu-check env clean
 
 env: $(STAMP)
 
@@ -37,6 +41,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+gpu-check: $(STAMP)
+	$(VENV)/bin/python -m megasparse.tools.gpu_check --json $(GPU_CHECK_OUT)/gpu_check.json --md $(GPU_CHECK_OUT)/gpu_check.md
 
 clean:
 	rm -rf .venv-mcore* *.egg-info

@@ -7,9 +7,9 @@ On a CUDA GPU: the time of one optimizer step of k=4 micro-batches (forward + ba
 per-step weight state is rebuilt once per step, as in training) of Megatron's dense MLP against
 megasparse's (2:4 weights 1d / transposable; 2:4 weights + 2:4 Squared-ReLU activations) in bf16;
 the share of the step spent preparing weights (masks, compression); the FP8 2:4 cuSPARSELt GEMM
-against the FP8 dense GEMM (torch._scaled_mm) at the FFN's shape; the mask kernels' (and the fused
-FP8 cast's) bandwidth against the device's copy bandwidth; and the bytes the per-step state holds per layer against the
-dense weight. Targets are marked met or MISSED; `--check` exits non-zero if one is missed.
+against the FP8 dense GEMM (torch._scaled_mm) at the FFN's shape; every Triton kernel's time
+against a device copy of the same bytes (`kernel_bandwidths`); and the bytes the per-step state
+holds per layer against the dense weight. Targets are marked met or MISSED; `--check` exits non-zero if one is missed.
 Without a GPU it says so, runs a small CPU correctness smoke, prints the state's memory and the
 projected targets (labelled projected), and `--check` applies the targets to the projection.
 """
@@ -129,30 +129,35 @@ def device_key(name: str):
     return None
 
 
-def projected_ratio(device, recipe, tokens, k=MICROBATCHES):
-    """perfmodel's projected step-time ratio vs dense bf16 for one FFN case (TP 1)."""
+def projection(device, recipes, tokens_list, k=MICROBATCHES):
+    """perfmodel's projected FFN rows (TP 1) at its shape (hidden 8192, ffn 28672), keyed by
+    (perfmodel recipe, tokens): ratio_vs_dense, step_ms, weight_prep_share. Empty without a device."""
     from megasparse.tools import perfmodel
 
     if device is None:
-        return None
-    (row,) = [
-        r
-        for r in perfmodel.rows(
-            devices={device: perfmodel.DEVICES[device]},
-            tokens_list=(tokens,),
-            tps=(1,),
-            ks=(k,),
-            scopes=("ffn",),
-            recipes=("dense bf16", recipe),
-        )
-        if r["recipe"] == recipe
-    ]
-    return row["ratio_vs_dense"]
+        return {}
+    rows = perfmodel.rows(
+        devices={device: perfmodel.DEVICES[device]},
+        tokens_list=tuple(tokens_list),
+        tps=(1,),
+        ks=(k,),
+        scopes=("ffn",),
+        recipes=tuple(dict.fromkeys(("dense bf16", *recipes))),
+    )
+    return {(r["recipe"], r["tokens"]): r for r in rows}
 
 
-def bench_gpu(args):
+def projected_ratio(device, recipe, tokens, k=MICROBATCHES):
+    """perfmodel's projected step-time ratio vs dense bf16 for one FFN case (TP 1)."""
+    row = projection(device, (recipe,), (tokens,), k).get((recipe, tokens))
+    return None if row is None else row["ratio_vs_dense"]
+
+
+def bench_gpu(args, shapes=None, tokens_list=None):
+    """Measure on the GPU; `shapes` [(hidden, ffn)] and `tokens_list` default to the command line's
+    (--quick: the projection's shape at 16k tokens)."""
     from megasparse import SparsityConfig
-    from megasparse.kernels import mask_1d_triton, mask_transposable_triton
+    from megasparse.tools import perfmodel
 
     device = torch.cuda.get_device_name()
     key = device_key(device)
@@ -162,9 +167,14 @@ def bench_gpu(args):
         "rows": [],
         "targets": {},
     }
-    shapes = SHAPES[-1:] if args.quick else SHAPES
-    tokens_list = [16384] if args.quick else TOKENS
+    shapes = shapes or (SHAPES[-1:] if args.quick else SHAPES)
+    tokens_list = tokens_list or ([16384] if args.quick else TOKENS)
     for hidden, ffn in shapes:
+        projected = (
+            projection(key, [recipe for recipe, _ in RECIPES.values()], tokens_list)
+            if (hidden, ffn) == (perfmodel.HIDDEN, perfmodel.FFN)
+            else {}
+        )
         modules = {
             name: _mlp(
                 hidden, ffn, None if kw is None else SparsityConfig(**kw), torch.bfloat16
@@ -176,24 +186,28 @@ def bench_gpu(args):
                 tokens, 1, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True
             )
             times = {name: _time_ms(_optimizer_step(m, x)) for name, m in modules.items()}
+            dense_projection = projected.get(("dense bf16", tokens), {})
             for name, (recipe, _) in RECIPES.items():
                 if name == "dense":
                     continue
+                projection_row = projected.get((recipe, tokens), {})
                 row = {
                     "hidden": hidden,
                     "ffn": ffn,
                     "tokens": tokens,
                     "recipe": name,
                     "step_ms": times[name],
+                    "projected_step_ms": projection_row.get("step_ms"),
+                    "dense_step_ms": times["dense"],
+                    "projected_dense_step_ms": dense_projection.get("step_ms"),
                     "measured_ratio": times["dense"] / times[name],
-                    "projected_ratio": projected_ratio(key, recipe, tokens)
-                    if hidden == 8192
-                    else None,
+                    "projected_ratio": projection_row.get("ratio_vs_dense"),
                 }
                 if name == "2:4":
                     row["weight_prep_share"] = (
                         _time_ms(_rebuild_states(modules[name])) / times[name]
                     )
+                    row["projected_weight_prep_share"] = projection_row.get("weight_prep_share")
                 results["rows"].append(row)
                 shown = "-" if row["projected_ratio"] is None else f"{row['projected_ratio']:.2f}x"
                 print(
@@ -206,30 +220,92 @@ def bench_gpu(args):
         del modules
     hidden, ffn = shapes[-1]
     results["targets"]["fp8_2:4"] = _fp8_gemm_ratio(hidden, ffn)
-    # mask kernels' bandwidth (read w, write a byte mask) against a device copy of w
-    w = torch.randn(ffn, hidden, device="cuda", dtype=torch.bfloat16)
-    copy_bw = 2 * w.numel() * w.element_size() / _time_ms(lambda: w.clone())
-    mask_bw = (w.numel() * w.element_size() + w.numel()) / _time_ms(lambda: mask_1d_triton(w))
-    tmask_bw = (w.numel() * w.element_size() + w.numel()) / _time_ms(
-        lambda: mask_transposable_triton(w)
-    )
-    results["targets"]["mask_bandwidth"] = min(mask_bw, tmask_bw) / copy_bw
-    results["mask_bandwidth"] = {"1d": mask_bw / copy_bw, "transposable": tmask_bw / copy_bw}
-    results["fp8_cast"] = _fp8_cast_bandwidth(hidden, copy_bw)
+    bandwidth = kernel_bandwidths(hidden, ffn)
+    results["kernel_bandwidth"] = bandwidth
+    results["mask_bandwidth"] = {
+        "1d": bandwidth["mask_1d"]["vs_copy"],
+        "transposable": bandwidth["mask_transposable"]["vs_copy"],
+    }
+    results["targets"]["mask_bandwidth"] = min(results["mask_bandwidth"].values())
+    results["fp8_cast"] = _fp8_cast_bandwidth(hidden, bandwidth)
     results["state_memory"] = state_memory(hidden, ffn, "cuda")
     results["targets"]["state_memory_1d"] = results["state_memory"]["1d"]
     return results
 
 
-def _fp8_cast_bandwidth(hidden, copy_bw, tokens=16384):
+def copy_ms(nbytes: int, device="cuda") -> float:
+    """Time of a device copy that moves `nbytes` in all (reads half, writes half): the baseline
+    a memory-bound kernel moving the same bytes is compared with."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return _time_ms(lambda: dst.copy_(src))
+
+
+def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
+    """Every Triton kernel of megasparse.kernels at the FFN's shapes (bf16) as {name: (launch, bytes
+    read + written)}: the weight masks on W [ffn, hidden], the activation kernels on the fc1 output
+    [tokens, ffn], the FP8 cast on the input [tokens, hidden]."""
+    from megasparse.kernels import (
+        activation_sparsify_triton,
+        fp8_cast_triton,
+        mask_1d_triton,
+        mask_transposable_triton,
+        squared_relu_sparsify_backward_triton,
+    )
+    from megasparse.kernels.activation_2_4 import activation_2_4_triton
+    from megasparse.kernels.activation_sparsify import REPORT_PATTERNS
+
+    bf16 = torch.bfloat16
+    size = torch.finfo(bf16).bits // 8
+    w = torch.randn(ffn, hidden, device=device, dtype=bf16)
+    h = torch.randn(tokens, ffn, device=device, dtype=bf16)
+    grad = torch.randn_like(h)
+    mask = activation_2_4_triton(h, True)[1]
+    x = torch.randn(tokens, hidden, device=device, dtype=bf16)
+    scale = torch.tensor(3.0, device=device)
+    v, m = REPORT_PATTERNS[0]
+    return {  # bytes: inputs read once, outputs written once (bool masks and FP8 are one byte)
+        "mask_1d": (lambda: mask_1d_triton(w), w.numel() * (size + 1)),
+        "mask_transposable": (lambda: mask_transposable_triton(w), w.numel() * (size + 1)),
+        "activation_2_4 (squared ReLU)": (
+            lambda: activation_2_4_triton(h, True),
+            h.numel() * (2 * size + 1),
+        ),
+        f"activation_sparsify {v}:2:{m} (squared ReLU)": (
+            lambda: activation_sparsify_triton(h, v, m, True),
+            h.numel() * (2 * size + 1) + (tokens // v) * (ffn // m) * 4 * 2,  # + int16 columns
+        ),
+        "squared_relu_backward": (
+            lambda: squared_relu_sparsify_backward_triton(h, mask, grad),
+            h.numel() * (3 * size + 1),
+        ),
+        "fp8_cast": (lambda: fp8_cast_triton(x, scale), x.numel() * (size + 1)),
+        "fp8_cast + transpose": (
+            lambda: fp8_cast_triton(x, scale, transpose=True),
+            x.numel() * (size + 2),
+        ),
+    }
+
+
+def kernel_bandwidths(hidden=8192, ffn=28672, tokens=16384, device="cuda") -> dict:
+    """Each Triton kernel against a device copy of the same bytes: {name: {bytes, ms, copy_ms,
+    vs_copy}}, vs_copy = copy_ms / ms (1.0: as fast as copying what it reads and writes)."""
+    out = {}
+    for name, (launch, nbytes) in kernel_launches(hidden, ffn, tokens, device).items():
+        kernel, copy = _time_ms(launch), copy_ms(nbytes, device)
+        out[name] = {"bytes": nbytes, "ms": kernel, "copy_ms": copy, "vs_copy": copy / kernel}
+    return out
+
+
+def _fp8_cast_bandwidth(hidden, bandwidth, tokens=16384):
     """The fused FP8 cast (+ transpose) kernel of x [tokens, hidden] bf16: its bandwidth against a
-    device copy, and its speed-up over the unfused torch passes it replaces."""
+    device copy (from `kernel_bandwidths`), and its speed-up over the unfused torch passes it
+    replaces."""
     from megasparse import fp8_gemm
     from megasparse.kernels import fp8_cast_reference, fp8_cast_triton
 
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     scale = torch.tensor(3.0, device="cuda")
-    cast_bytes = x.numel() * (x.element_size() + 1)
     fused = _time_ms(lambda: fp8_cast_triton(x, scale, transpose=True))
 
     def unfused():
@@ -237,8 +313,8 @@ def _fp8_cast_bandwidth(hidden, copy_bw, tokens=16384):
         return fp8_gemm.pad_rows(q).t().contiguous()
 
     return {
-        "cast_vs_copy": cast_bytes / _time_ms(lambda: fp8_cast_triton(x, scale)) / copy_bw,
-        "cast_transpose_vs_copy": (cast_bytes + x.numel()) / fused / copy_bw,
+        "cast_vs_copy": bandwidth["fp8_cast"]["vs_copy"],
+        "cast_transpose_vs_copy": bandwidth["fp8_cast + transpose"]["vs_copy"],
         "cast_transpose_speedup_vs_unfused": _time_ms(unfused) / fused,
     }
 
@@ -327,12 +403,13 @@ def report(results, out) -> bool:
     return ok
 
 
-def projected_targets() -> dict:
-    """The bench's targets on the projection (H100, 16k tokens, k=4, TP 1) and the state's memory."""
+def projected_targets(device="H100") -> dict:
+    """The bench's targets on the projection (`device`, 16k tokens, k=4, TP 1) and the state's
+    memory."""
     from megasparse.tools import perfmodel
 
     rows = perfmodel.rows(
-        devices={"H100": perfmodel.DEVICES["H100"]},
+        devices={device: perfmodel.DEVICES[device]},
         tokens_list=(16384,),
         tps=(1,),
         ks=(MICROBATCHES,),
@@ -342,7 +419,7 @@ def projected_targets() -> dict:
     return {
         "ffn_2:4": by_recipe["2:4 (transposable)"]["ratio_vs_dense"],
         "weight_prep": by_recipe["2:4 (transposable)"]["weight_prep_share"],
-        "fp8_2:4": by_recipe["FP8 2:4"].get("ratio_vs_fp8_dense"),
+        "fp8_2:4": by_recipe.get("FP8 2:4", {}).get("ratio_vs_fp8_dense"),  # none without FP8
         "state_memory_1d": state_memory(512, 1024, "cpu")["1d"],
     }  # a ratio: the same at every shape
 
