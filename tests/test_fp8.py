@@ -415,6 +415,8 @@ def test_cpu_scaled_mm_is_torchs_scaled_mm(out_dtype, b_dtype):
         a_q, b_q.t(), scale_a=sa.reciprocal(), scale_b=sb.reciprocal(), out_dtype=out_dtype
     )
     assert ours.dtype == torchs.dtype == out_dtype
-    exact = (a_q.double() @ b_q.double().t()) * (sa.reciprocal().double() * sb.reciprocal().double())
+    exact = (a_q.double() @ b_q.double().t()) * (
+        sa.reciprocal().double() * sb.reciprocal().double()
+    )
     bound = _fp32_gemm_error_bound(a_q, b_q, sa.reciprocal(), sb.reciprocal())
     assert _within_one_rounding(ours, exact, bound) and _within_one_rounding(torchs, exact, bound)

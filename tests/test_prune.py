@@ -265,7 +265,9 @@ def test_save_refuses_a_non_empty_directory_unless_overwrite(megatron_tp1, tmp_p
     assert _files(ckpt) == before  # the dense input is untouched
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(SystemExit):
-        parse_args(["--load", str(ckpt), "--save", str(tmp_path / "a_file"), "--method", "magnitude"])
+        parse_args(
+            ["--load", str(ckpt), "--save", str(tmp_path / "a_file"), "--method", "magnitude"]
+        )
     assert "is a file" in capsys.readouterr().err
 
     masks = main(argv + ["--overwrite"])  # the user asked for it: prune in place

@@ -204,7 +204,8 @@ def _tp2_bad_shapes_worker():
         make_column(cfg, 16, 12, SparsityConfig(mask="transposable"))
     # a row-parallel layer holds all its output rows on every rank: a multiple of 4 is enough
     with pytest.raises(
-        ValueError, match="6 output rows per tensor-parallel rank \\(TP=2\\)\\. Make output_size a multiple of 4, "
+        ValueError,
+        match="6 output rows per tensor-parallel rank \\(TP=2\\)\\. Make output_size a multiple of 4, ",
     ):
         make_row(cfg, 16, 6, SparsityConfig(mask="transposable"))
     _tp2_row_transposable_with_12_outputs(cfg)
@@ -221,7 +222,10 @@ def _tp2_row_transposable_with_12_outputs(cfg):
 
     rank, tp = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(7)
-    w, b = torch.randn(12, 16, generator=g, dtype=torch.float64), torch.randn(12, generator=g, dtype=torch.float64)
+    w, b = (
+        torch.randn(12, 16, generator=g, dtype=torch.float64),
+        torch.randn(12, generator=g, dtype=torch.float64),
+    )
     x = torch.randn(SEQ, BATCH, 16, generator=g, dtype=torch.float64)
     cols = slice(rank * 16 // tp, (rank + 1) * 16 // tp)
     row = make_row(cfg, 16, 12, SparsityConfig(mask="transposable", backend="dense"))

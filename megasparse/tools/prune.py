@@ -6,13 +6,14 @@
 Reads a Megatron `dist_checkpointing` checkpoint of the demo's GPT (`megasparse.tools.demo`;
 the model flags must match it), prunes the `--targets` linears 2:4 along their input dim and
 writes a checkpoint of the same model with the pruned weights in the dense layout (zeros where
-pruned). `--save` must be a new or empty directory; `--overwrite` writes into a non-empty one
-(also the `--load` directory), replacing the checkpoint there. It loads into the dense model and into the sparse one (`sparsify_spec`): there every
+pruned). It loads into the dense model and into the sparse one (`sparsify_spec`): there every
 mask computed from a pruned weight (`megasparse.ops.weight_mask`, "1d") equals the pruning
 mask. Ties: a pruned group has at most 2 nonzeros, so the magnitude mask keeps them all; only
 where a kept weight is exactly 0 (a zero dense weight, or a dead input column in SparseGPT)
 is "which zero is kept" ambiguous, and then the mask reported is the magnitude mask of the
 pruned weight (lower index wins). The pruned values W*M are the same either way.
+`--save` must be a new or empty directory: `--overwrite` writes into a non-empty one (the
+`--load` directory too), replacing the checkpoint there.
 
 Methods (each per linear, W [out, in], groups of 4 consecutive inputs):
 - magnitude: the project's 1d mask of |W| (keep the 2 largest |w| of 4).
