@@ -1,6 +1,7 @@
 """Launch flags: `add_args(parser)` (usable as Megatron-LM's extra_args_provider) and their config objects."""
 
 import argparse
+import math
 
 from megasparse.config import (
     BACKENDS,
@@ -20,9 +21,31 @@ def _none_or(value: str):
     return None if value.lower() == "none" else value
 
 
+def _count(value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value!r}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    return _count(value, 0)
+
+
+def _positive_int(value: str) -> int:
+    return _count(value, 1)
+
+
 def _iters_or_fraction(value: str) -> float:
-    number = float(value)
-    if number < 0 or (number != int(number) and number >= 1):
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    # checked before int(number): int() of inf raises OverflowError, which argparse does not catch
+    if not math.isfinite(number) or number < 0 or (number >= 1 and number != int(number)):
         raise argparse.ArgumentTypeError(
             f"expected an iteration count or a fraction in [0, 1), got {value!r}"
         )
@@ -88,7 +111,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--sparsity-dense-warmup-iters",
-        type=int,
+        type=_non_negative_int,
         default=0,
         help="Train dense for this many iterations first (default 0).",
     )
@@ -100,7 +123,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--sparsity-mask-refresh-iters",
-        type=int,
+        type=_positive_int,
         default=1,
         help="Recompute masks from the dense weights every N iterations (default 1: every iteration); "
         "held masks are saved in checkpoints.",
@@ -180,8 +203,15 @@ def schedule_from_args(args) -> SparsitySchedule:
         if not train_iters:
             raise ValueError("--sparsity-dense-final-iters as a fraction needs --train-iters")
         final = round(final * train_iters)
-    return SparsitySchedule(
-        dense_warmup_iters=args.sparsity_dense_warmup_iters,
-        dense_final_iters=int(final),
-        train_iters=train_iters,
-    )
+    try:
+        return SparsitySchedule(
+            dense_warmup_iters=args.sparsity_dense_warmup_iters,
+            dense_final_iters=int(final),
+            train_iters=train_iters,
+        )
+    except ValueError as e:  # name the flags the user gave
+        raise ValueError(
+            f"--sparsity-dense-warmup-iters {args.sparsity_dense_warmup_iters}, "
+            f"--sparsity-dense-final-iters {args.sparsity_dense_final_iters}, "
+            f"--train-iters {train_iters}: {e}"
+        ) from None

@@ -104,9 +104,11 @@ class _SparseLinearMixin:
                 "cannot be cut into 2:4 groups. Use a multiple of 4 (the sparse GEMMs want 64)."
             )
         if self.sparsity.mask == "transposable" and rows % 4:
+            # only a column-parallel layer splits its output rows over the TP ranks
+            multiple = f"4*TP={4 * tp}" if self._split_dim == 0 else "4"
             raise ValueError(
                 f"megasparse: the transposable mask needs 4x4 tiles, but {type(self).__name__} has {rows} output "
-                f"rows per tensor-parallel rank (TP={tp}). Make output_size a multiple of 4*TP={4 * tp}, "
+                f"rows per tensor-parallel rank (TP={tp}). Make output_size a multiple of {multiple}, "
                 "or use mask='1d'."
             )
         check_backend_static(

@@ -38,13 +38,13 @@ class SparsitySchedule:
             raise ValueError(
                 "SparsitySchedule: a dense final phase needs train_iters (where training ends)"
             )
-        if (
-            self.train_iters is not None
-            and self.dense_warmup_iters + self.dense_final_iters > self.train_iters
-        ):
+        dense = self.dense_warmup_iters + self.dense_final_iters
+        if self.train_iters is not None and dense and dense >= self.train_iters:
             raise ValueError(
                 f"SparsitySchedule: dense warm-up ({self.dense_warmup_iters}) + dense final "
-                f"({self.dense_final_iters}) iterations exceed train_iters ({self.train_iters}): no sparse phase left"
+                f"({self.dense_final_iters}) = {dense} iterations, not fewer than train_iters "
+                f"({self.train_iters}): no sparse iteration is left. Shorten the dense phases, or "
+                "turn sparsity off for a dense run"
             )
 
     def phase(self, iteration: int) -> str:

@@ -48,6 +48,19 @@ def test_srste_decay_given_as_text_names_the_fix():
     assert SparsityConfig(srste_decay=1).srste_decay == 1  # an int is a fine number
 
 
+@pytest.mark.parametrize("field", ["srste_decay", "masked_decay_factor"])
+def test_decay_coefficients_follow_one_rule(field):
+    """Both per-step decay terms take a finite real number >= 0 and refuse the rest alike."""
+    for bad in (float("inf"), float("-inf"), float("nan"), True, False, "0.1", -1.0, None):
+        with pytest.raises(ValueError, match=f"SparsityConfig.{field} must be a finite number"):
+            SparsityConfig(**{field: bad})
+    cfg = SparsityConfig()
+    with pytest.raises(ValueError, match=f"SparsityConfig.{field}"):
+        setattr(cfg, field, float("inf"))  # later changes too
+    for good in (0, 1, 0.0, 2e-4, 6e-5):
+        assert getattr(SparsityConfig(**{field: good}), field) == good
+
+
 def test_misspelt_field_is_refused_with_the_valid_names():
     cfg = SparsityConfig()
     with pytest.raises(AttributeError, match=r"no field 'weigths'.*'weights'"):

@@ -19,6 +19,8 @@ import torch
 from megasparse.tools.prune import (
     magnitude_prune,
     main,
+    parse_args,
+    prune_model,
     sparsegpt_prune,
     target_modules,
     wanda_prune,
@@ -225,3 +227,74 @@ def test_sparsegpt_matches_loop_obs_reference():
     # better reconstruction than magnitude and Wanda: || X W^T - X Q^T ||
     rec = lambda p: float(((x @ (w - p).t()) ** 2).sum())  # noqa: E731
     assert rec(q) < rec(wanda_prune(w, (x * x).sum(0))[0]) and rec(q) < rec(magnitude_prune(w)[0])
+
+
+TINY = ["--layers", "1", "--hidden", "16", "--heads", "2", "--ffn", "32", "--seq", "8"]
+
+
+def _tiny_checkpoint(path):
+    from megatron.core import dist_checkpointing
+
+    from megasparse.tools.gpt_text import build_gpt
+
+    args = argparse.Namespace(layers=1, hidden=16, heads=2, ffn=32, seq=8, tp=1, seed=0)
+    model = build_gpt(args, None, torch.device("cpu"))
+    dist_checkpointing.save(model.sharded_state_dict(), str(path))
+    return args, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _files(path):
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir())}
+
+
+def test_save_refuses_a_non_empty_directory_unless_overwrite(megatron_tp1, tmp_path, capsys):
+    from megatron.core import dist_checkpointing
+
+    from megasparse.ops import weight_mask
+    from megasparse.tools.gpt_text import build_gpt
+
+    ckpt = tmp_path / "dense"
+    ckpt.mkdir()
+    args, dense = _tiny_checkpoint(ckpt)
+    before = _files(ckpt)
+    argv = ["--load", str(ckpt), "--save", str(ckpt), "--method", "magnitude", *TINY]
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--overwrite" in err
+    assert _files(ckpt) == before  # the dense input is untouched
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit):
+        parse_args(
+            ["--load", str(ckpt), "--save", str(tmp_path / "a_file"), "--method", "magnitude"]
+        )
+    assert "is a file" in capsys.readouterr().err
+
+    masks = main(argv + ["--overwrite"])  # the user asked for it: prune in place
+    assert masks
+    model = build_gpt(args, None, torch.device("cpu"))
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(ckpt)))
+    for name, param in model.named_parameters():
+        expected = dense[name]
+        if name in masks:  # the dense weight times its own 1d magnitude mask
+            expected = dense[name] * weight_mask(dense[name], "1d")
+        assert torch.equal(param, expected), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibrated_methods_need_calibration_batches(method, megatron_tp1, tmp_path, capsys):
+    argv = ["--load", str(tmp_path), "--save", str(tmp_path / "out"), "--method", method]
+    with pytest.raises(SystemExit):
+        parse_args(argv + ["--calib-batches", "0"])
+    err = capsys.readouterr().err
+    assert "--calib-batches must be at least 1, got 0" in err and method in err
+    with pytest.raises(SystemExit):
+        parse_args(argv[:-2] + ["--method", "magnitude", "--calib-batches", "-1"])
+    assert "--calib-batches must be >= 0" in capsys.readouterr().err
+    assert parse_args(argv + ["--calib-batches", "1"]).calib_batches == 1
+    # the library call says the same, not KeyError
+    from megasparse.tools.gpt_text import build_gpt, gpt_loss
+
+    args = argparse.Namespace(layers=1, hidden=16, heads=2, ffn=32, seq=8, tp=1, seed=0)
+    with pytest.raises(ValueError, match="no calibration batches"):
+        prune_model(build_gpt(args, None, torch.device("cpu")), method, [], gpt_loss)

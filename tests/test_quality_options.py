@@ -97,7 +97,7 @@ def test_invalid_quality_options_name_the_fix():
         SparsityConfig(gradient="sste", mask_refresh_interval=3)
     with pytest.raises(ValueError, match="wgrad_sparsity must be one of"):
         SparsityConfig(wgrad_sparsity="2:4")
-    with pytest.raises(ValueError, match="masked_decay_factor must be a number >= 0"):
+    with pytest.raises(ValueError, match="masked_decay_factor must be a finite number >= 0"):
         SparsityConfig(masked_decay_factor=-1.0)
     c = SparsityConfig(mask_refresh_interval=2)
     with pytest.raises(ValueError, match="cannot hold a mask"):

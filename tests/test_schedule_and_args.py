@@ -25,13 +25,60 @@ def test_phases_by_iteration():
     "kwargs,match",
     [
         (dict(dense_final_iters=5), "needs train_iters"),
-        (dict(dense_warmup_iters=6, dense_final_iters=5, train_iters=10), "exceed train_iters"),
+        (dict(dense_warmup_iters=6, dense_final_iters=5, train_iters=10), "no sparse iteration"),
         (dict(dense_warmup_iters=-1), ">= 0"),
     ],
 )
 def test_bad_schedules(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SparsitySchedule(**kwargs)
+
+
+@pytest.mark.parametrize("warmup,final", [(5, 5), (10, 0), (0, 10), (6, 5)])
+def test_dense_phases_must_leave_a_sparse_iteration(warmup, final):
+    with pytest.raises(ValueError, match="no sparse iteration is left"):
+        SparsitySchedule(dense_warmup_iters=warmup, dense_final_iters=final, train_iters=10)
+
+
+def test_one_sparse_iteration_and_no_dense_phases_are_accepted():
+    s = SparsitySchedule(dense_warmup_iters=4, dense_final_iters=5, train_iters=10)
+    assert [s.phase(i) for i in range(10)].count(SPARSE) == 1
+    s = SparsitySchedule(train_iters=3)  # nothing dense was asked for
+    assert [s.phase(i) for i in range(3)] == [SPARSE] * 3
+
+
+def test_schedule_flags_that_leave_no_sparse_iteration_name_the_flags():
+    args = add_args(argparse.ArgumentParser()).parse_args(
+        ["--sparsity-dense-warmup-iters", "50", "--sparsity-dense-final-iters", "0.5"]
+    )
+    args.train_iters = 100
+    with pytest.raises(ValueError, match="--sparsity-dense-final-iters 0.5.*no sparse iteration"):
+        schedule_from_args(args)
+    args.train_iters = 101
+    assert schedule_from_args(args).dense_final_iters == 50  # round(50.5): one sparse iteration
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--sparsity-dense-final-iters", "inf"),
+        ("--sparsity-dense-final-iters", "-inf"),
+        ("--sparsity-dense-final-iters", "nan"),
+        ("--sparsity-dense-final-iters", "1e400"),
+        ("--sparsity-dense-final-iters", "ten"),
+        ("--sparsity-dense-warmup-iters", "-1"),
+        ("--sparsity-dense-warmup-iters", "inf"),
+        ("--sparsity-dense-warmup-iters", "2.5"),
+        ("--sparsity-mask-refresh-iters", "0"),
+        ("--sparsity-mask-refresh-iters", "inf"),
+    ],
+)
+def test_iteration_flags_refuse_bad_values_at_parsing(flag, value, capsys):
+    parser = add_args(argparse.ArgumentParser())
+    with pytest.raises(SystemExit):
+        parser.parse_args([f"{flag}={value}"])
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected" in err and repr(value) in err
 
 
 def _mlp(sparsity, seed=0):

@@ -198,13 +198,43 @@ def _tp2_bad_shapes_worker():
         match="input_size=12 split over tensor-parallel size 2 gives 6 columns per rank.*4\\*TP=8",
     ):
         make_row(cfg, 12, 16, SparsityConfig())
-    with pytest.raises(ValueError, match="6 output rows per tensor-parallel rank \\(TP=2\\)"):
+    with pytest.raises(
+        ValueError, match="6 output rows per tensor-parallel rank \\(TP=2\\).*multiple of 4\\*TP=8"
+    ):
         make_column(cfg, 16, 12, SparsityConfig(mask="transposable"))
+    # a row-parallel layer holds all its output rows on every rank: a multiple of 4 is enough
+    with pytest.raises(
+        ValueError,
+        match="6 output rows per tensor-parallel rank \\(TP=2\\)\\. Make output_size a multiple of 4, ",
+    ):
+        make_row(cfg, 16, 6, SparsityConfig(mask="transposable"))
+    _tp2_row_transposable_with_12_outputs(cfg)
     make_row(cfg, 16, 16, SparsityConfig())  # 8 per rank: fine
     with pytest.raises(
         ValueError, match="ffn size 24 over tensor-parallel size 2 gives 12 per rank.*8\\*TP=16"
     ):
         make_row(cfg, 24, 16, SparsityConfig(weights=None, activations="64:2:8"))
+
+
+def _tp2_row_transposable_with_12_outputs(cfg):
+    """12 output rows (3 tiles, not a multiple of 4*TP): the same output as the full masked weight."""
+    from megatron_helpers import make_row
+
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(7)
+    w, b = (
+        torch.randn(12, 16, generator=g, dtype=torch.float64),
+        torch.randn(12, generator=g, dtype=torch.float64),
+    )
+    x = torch.randn(SEQ, BATCH, 16, generator=g, dtype=torch.float64)
+    cols = slice(rank * 16 // tp, (rank + 1) * 16 // tp)
+    row = make_row(cfg, 16, 12, SparsityConfig(mask="transposable", backend="dense"))
+    with torch.no_grad():
+        row.weight.copy_(w[:, cols]), row.bias.copy_(b)
+    y, _ = row(x[..., cols])
+    mask = mask_transposable_reference(w)
+    assert torch.equal(row.sparsity_mask(), mask[:, cols])
+    _close(y, torch.nn.functional.linear(x, w * mask, b), f"rank {rank} row output")
 
 
 def test_tp2_matches_tp1_sequence_parallel_gather_scatter_sparse_mlp_and_rejects_split_groups():

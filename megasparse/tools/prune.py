@@ -1,7 +1,7 @@
 """One-shot 2:4 pruning of a dense checkpoint of the demo's GPT: magnitude, Wanda or SparseGPT.
 
     python -m megasparse.prune --load DIR --save DIR --method {magnitude,wanda,sparsegpt} \
-        [--calib-batches N] [--targets fc1 fc2] [model flags of megasparse.demo]
+        [--calib-batches N] [--targets fc1 fc2] [--overwrite] [model flags of megasparse.demo]
 
 Reads a Megatron `dist_checkpointing` checkpoint of the demo's GPT (`megasparse.tools.demo`;
 the model flags must match it), prunes the `--targets` linears 2:4 along their input dim and
@@ -12,6 +12,8 @@ mask. Ties: a pruned group has at most 2 nonzeros, so the magnitude mask keeps t
 where a kept weight is exactly 0 (a zero dense weight, or a dead input column in SparseGPT)
 is "which zero is kept" ambiguous, and then the mask reported is the magnitude mask of the
 pruned weight (lower index wins). The pruned values W*M are the same either way.
+`--save` must be a new or empty directory: `--overwrite` writes into a non-empty one (the
+`--load` directory too), replacing the checkpoint there.
 
 Methods (each per linear, W [out, in], groups of 4 consecutive inputs):
 - magnitude: the project's 1d mask of |W| (keep the 2 largest |w| of 4).
@@ -151,6 +153,11 @@ def prune_model(model, method: str, calib, forward, targets=("fc1", "fc2")):
     """
     if method not in METHODS:
         raise ValueError(f"prune: method must be one of {list(METHODS)}, got {method!r}")
+    if method != "magnitude" and not calib:
+        raise ValueError(
+            f"prune: {method} scores weights by their calibration inputs, but no calibration "
+            "batches were given; pass at least one (--calib-batches 1 or more), or use magnitude"
+        )
     was_training = model.training
     model.eval()
     masks = {}
@@ -182,12 +189,24 @@ def calibration_batches(args, count):
     return [text_batches(data[:split], args.seq, args.batch, g) for _ in range(count)]
 
 
+def check_save_dir(path: str, overwrite: bool) -> None:
+    """Refuse to write into a file or, unless `overwrite`, into a directory that holds anything."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"prune: --save {path} is a file; give a directory for the checkpoint")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise ValueError(
+            f"prune: --save {path} is not empty (it may hold a checkpoint, even the --load one); "
+            "give a new or empty directory, or pass --overwrite to replace its checkpoint"
+        )
+
+
 def prune_checkpoint(args):
     """Load args.load, prune, save args.save; returns the masks. Megatron: initialized, TP=1."""
     from megatron.core import dist_checkpointing
 
     from megasparse.tools.gpt_text import build_gpt, gpt_loss
 
+    check_save_dir(args.save, getattr(args, "overwrite", False))
     model = build_gpt(args, None, torch.device("cpu"))
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), args.load))
     calib = calibration_batches(args, args.calib_batches) if args.method != "magnitude" else []
@@ -215,13 +234,32 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="dense dist_checkpointing checkpoint (demo GPT)")
     p.add_argument("--save", required=True, help="where the pruned checkpoint goes (new/empty dir)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into --save even if it is not empty (replaces the checkpoint there)",
+    )
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument(
-        "--calib-batches", type=int, default=16, help="calibration batches (wanda, sparsegpt)"
+        "--calib-batches",
+        type=int,
+        default=16,
+        help="calibration batches (wanda, sparsegpt: at least 1)",
     )
     p.add_argument("--targets", nargs="+", default=["fc1", "fc2"], choices=list(MODULE_NAMES))
     add_model_args(p)
     args = p.parse_args(argv)
+    if args.calib_batches < 0:
+        p.error(f"--calib-batches must be >= 0, got {args.calib_batches}")
+    if args.method != "magnitude" and args.calib_batches < 1:
+        p.error(
+            f"--method {args.method} scores weights by their calibration inputs: "
+            f"--calib-batches must be at least 1, got {args.calib_batches} (or use --method magnitude)"
+        )
+    try:
+        check_save_dir(args.save, args.overwrite)
+    except ValueError as e:
+        p.error(str(e))
     args.tp = 1
     return args
 
