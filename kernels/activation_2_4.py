@@ -3,19 +3,20 @@
 The 2:4 case of `activation_sparsify` (M = 4: every block keeps all 4 columns, so there is no
 V block to reduce over). Groups of 4 never cross rows (ffn % 4 == 0), so the input is one flat
 run of groups: a program takes BLOCK consecutive elements, with vector loads and many rows.
-Same numerics as the general V:2:M reference: a in float32 (float64 for float64 inputs),
-ties to the lower column, values = a * mask in x's dtype, a NaN is never beaten (kept).
+Same numerics as the general V:2:M reference: a in float32 (float64 for float64 inputs), ranked
+by the NaN rule of kernels.common (NaN as +inf, ties to the lower column), values =
+where(mask, a, 0) in x's dtype, so every group has at most 2 nonzeros whatever the input holds.
 """
 
 import torch
 
-from .common import HAVE_TRITON, TRITON_TYPES, CompileSpec
+from .common import HAVE_TRITON, TRITON_TYPES, CompileSpec, rank_key
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .common import join4, split4, top2_of_4
+    from .common import join4, rank_key_triton, split4, top2_of_4
 
 # Launch: BLOCK elements per program, 16 per thread (128-bit loads of fp32, 2 x 128 of bf16).
 BLOCK = 2048
@@ -23,7 +24,7 @@ NUM_WARPS = 4
 
 
 def _top2_of_4(score: torch.Tensor) -> torch.Tensor:
-    """[N, 4] -> keep flags of the 2 largest per row, ties to the lower index (NaN is kept)."""
+    """[N, 4] rank keys -> keep flags of the 2 largest per row, ties to the lower index."""
     s = score.unbind(1)
     keep = []
     for i in range(4):
@@ -36,17 +37,17 @@ def activation_2_4_reference(x: torch.Tensor, squared_relu: bool):
     """Pure-torch 2:4 path: the same (values, mask, stats) as the V:2:M reference with M = 4."""
     a = x.double() if x.dtype == torch.float64 else x.float()
     a = torch.relu(a).square() if squared_relu else a
-    mask = _top2_of_4(a.abs().reshape(-1, 4)).reshape(x.shape)
+    mask = _top2_of_4(rank_key(a).reshape(-1, 4)).reshape(x.shape)
     magnitude = a.abs().double()
     stats = torch.stack(
         [
             (a == 0).sum().double(),
             magnitude.sum(),
-            (magnitude * ~mask).sum(),
+            torch.where(mask, 0.0, magnitude).sum(),
             torch.tensor(float(a.numel()), dtype=torch.float64, device=x.device),
         ]
     )
-    return (a * mask).to(x.dtype), mask, stats
+    return torch.where(mask, a, 0.0).to(x.dtype), mask, stats
 
 
 if HAVE_TRITON:
@@ -70,12 +71,12 @@ if HAVE_TRITON:
             a = tl.where(a < 0.0, 0.0, a)  # relu that keeps NaN, as torch.relu
             a = a * a
         mag = tl.abs(a)
-        m0, m1, m2, m3 = split4(tl.reshape(mag, [BLOCK // 4, 4]))
+        m0, m1, m2, m3 = split4(tl.reshape(rank_key_triton(a), [BLOCK // 4, 4]))
         k0, k1, k2, k3 = top2_of_4(m0, m1, m2, m3)
         keep = tl.reshape(join4(k0, k1, k2, k3), [BLOCK])
-        # a * mask (not where): NaN/inf times a dropped 0 stays NaN, as in the reference
+        # where, not a * keep: a dropped NaN/inf becomes 0, so the output is exactly 2:4
         tl.store(
-            values_ptr + offsets, (a * keep.to(a.dtype)).to(values_ptr.dtype.element_ty), mask=valid
+            values_ptr + offsets, tl.where(keep, a, 0.0).to(values_ptr.dtype.element_ty), mask=valid
         )
         tl.store(mask_ptr + offsets, keep.to(tl.int8), mask=valid)
         stats_ptr += tl.program_id(0) * 3

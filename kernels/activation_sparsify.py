@@ -7,6 +7,13 @@ float64, ties to the lower column) and, inside those 4, the 2 largest |a| of eac
 the lower column). Density 2/M. 2:4 is the case M = 4: all 4 columns are kept, 2 per row.
 The last row block may be shorter than V (no padding is materialized).
 
+NaN/Inf follow the NaN rule of kernels.common, in the reference and the kernels alike: rank keys
+are |a| and the column norms with NaN ranked as +inf, ties to the lower column. A column holding
+a NaN or Inf has norm +inf, so it is chosen (the lowest 4 such columns when more are), and in
+its rows the NaN/Inf is kept (the lowest 2 when more are): every block group that holds a NaN
+or Inf keeps one, so it reaches the loss. Values are where(mask, a, 0), so the output is
+exactly the pattern: a dropped NaN/Inf becomes 0. (Squared-ReLU maps -inf to 0, as torch.relu.)
+
 a is computed in float32 (float64 for float64 inputs); ranking and statistics use it, and the
 values are a rounded to x's dtype. Returns
 values (a masked, in x's dtype), the bool mask, the kept columns per block
@@ -17,14 +24,14 @@ stats [zeros, sum|a|, dropped sum|a|, numel] in float64.
 import torch
 
 from .activation_2_4 import activation_2_4_reference
-from .common import HAVE_TRITON, TRITON_TYPES, CompileSpec, require_triton
+from .common import HAVE_TRITON, TRITON_TYPES, CompileSpec, rank_key, require_triton
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     from .activation_2_4 import activation_2_4_triton
-    from .common import join4
+    from .common import join4, rank_key_triton
 
 
 def _check(x: torch.Tensor, v: int, m: int) -> None:
@@ -51,7 +58,7 @@ def _all_columns(blocks: int, ffn: int, device) -> torch.Tensor:
 
 
 def _keep_top(score: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
-    """Along the last dim keep the k largest eligible scores; ties go to the lower index."""
+    """Along the last dim keep the k largest eligible scores (rank keys); ties go to the lower index."""
     n = score.shape[-1]
     lower = torch.ones(n, n, dtype=torch.bool, device=score.device).tril(-1)  # [i, j]: j < i
     mine, other = score[..., :, None], score[..., None, :]
@@ -72,13 +79,13 @@ def activation_sparsify_reference(x: torch.Tensor, v: int, m: int, squared_relu:
     padded = torch.zeros(blocks * v, ffn, dtype=a.dtype, device=x.device)
     padded[:tokens] = a
     tiles = padded.reshape(blocks, v, ffn // m, m)  # [block, row, group, col]
-    norms = tiles.double().square().sum(1)  # [block, group, col]
+    norms = rank_key(tiles.double().square().sum(1))  # [block, group, col]
     chosen = _keep_top(norms, torch.ones_like(norms, dtype=torch.bool), 4)
-    magnitude = tiles.abs().permute(0, 2, 1, 3)  # [block, group, row, col]
+    magnitude = rank_key(tiles).permute(0, 2, 1, 3)  # [block, group, row, col]
     keep = _keep_top(magnitude, chosen[:, :, None, :].expand_as(magnitude), 2)
     mask = keep.permute(0, 2, 1, 3).reshape(blocks * v, ffn)[:tokens]
     columns = torch.nonzero(chosen)[:, 2].reshape(blocks, ffn // m, 4).to(torch.int16)
-    dropped = (a.abs().double() * ~mask).sum()
+    dropped = torch.where(mask, 0.0, a.abs().double()).sum()
     stats = torch.stack(
         [
             (a == 0).sum().double(),
@@ -87,7 +94,7 @@ def activation_sparsify_reference(x: torch.Tensor, v: int, m: int, squared_relu:
             torch.tensor(float(a.numel()), dtype=torch.float64, device=x.device),
         ]
     )
-    return (a * mask).to(x.dtype), mask, columns, stats
+    return torch.where(mask, a, 0.0).to(x.dtype), mask, columns, stats
 
 
 # Launch of the V:2:M kernel (M >= 8): one program takes V rows x GROUPS groups of M columns,
@@ -129,10 +136,10 @@ if HAVE_TRITON:
             a = tl.where(a < 0.0, 0.0, a)  # relu that keeps NaN, as torch.relu
             a = a * a
         a3 = tl.reshape(a, [V, GROUPS, M])
-        mag = tl.abs(a3)
+        mag = rank_key_triton(a3)
         # each group's 4 columns: largest L2 norm over the block (float64), ties to the lower column
         a64 = a3.to(tl.float64)
-        norm = tl.sum(a64 * a64, axis=0)  # [GROUPS, M]
+        norm = rank_key_triton(tl.sum(a64 * a64, axis=0))  # [GROUPS, M]
         c = tl.arange(0, M)
         lower = c[None, :] < c[:, None]  # [c, c']: c' < c
         beaten = (norm[:, None, :] > norm[:, :, None]) | (
@@ -155,9 +162,9 @@ if HAVE_TRITON:
             n_beaten += ((other > mag) | ((other == mag) & (k < c3))).to(tl.int32)
         keep = chosen[None, :, :] & (n_beaten < 2)
         keep = tl.reshape(keep, [V, GROUPS * M]) & valid
-        # a * mask (not where): NaN/inf times a dropped 0 stays NaN, as in the reference
+        # where, not a * keep: a dropped NaN/inf becomes 0, so the output is exactly the pattern
         tl.store(
-            values_ptr + offsets, (a * keep.to(a.dtype)).to(values_ptr.dtype.element_ty), mask=valid
+            values_ptr + offsets, tl.where(keep, a, 0.0).to(values_ptr.dtype.element_ty), mask=valid
         )
         tl.store(mask_ptr + offsets, keep.to(tl.int8), mask=valid)
         group = chunk * GROUPS + tl.arange(0, GROUPS)
@@ -165,7 +172,7 @@ if HAVE_TRITON:
         tl.store(
             columns_ptr + out, join4(k0, k1, k2, k3).to(tl.int16), mask=(group < ffn // M)[:, None]
         )
-        mag2 = tl.reshape(mag, [V, GROUPS * M])
+        mag2 = tl.abs(a)
         stats_ptr += (block * tl.num_programs(1) + chunk) * 3
         tl.store(stats_ptr, tl.sum(tl.sum(((a == 0.0) & valid).to(tl.float32), axis=1), axis=0))
         tl.store(stats_ptr + 1, tl.sum(tl.sum(mag2, axis=1), axis=0))

@@ -1,8 +1,10 @@
-"""Pieces shared by the mask kernels: the magnitude every mask ranks by, and Triton import.
+"""Pieces shared by the mask and activation kernels: the ranking key, and Triton import.
 
-Masks rank elements by |w| in float32 (exact for fp16/bf16/fp32 weights). NaN ranks as +inf:
-a non-finite weight is always kept, so it reaches the output and the loss exactly as in the
-dense layer (where Megatron's NaN checks see it) and the mask stays exactly 2:4.
+The NaN rule of every mask and sparsifier: elements rank by |x|, with NaN ranked as +inf (equal
+to +inf and -inf); ties go to the lower index. So a non-finite element is kept unless its group
+holds more non-finite elements than the pattern keeps (then the lower-index ones are kept): it
+reaches the output and the loss as in the dense layer (where Megatron's NaN checks see it), and
+the pattern stays exact. Weight masks rank |w| in float32 (exact for fp16/bf16/fp32 weights).
 """
 
 import dataclasses
@@ -56,9 +58,14 @@ class CompileSpec:
     scalar_reads: tuple = ()
 
 
+def rank_key(x: torch.Tensor) -> torch.Tensor:
+    """|x| in x's dtype with NaN mapped to +inf (+inf and -inf stay +inf): the ranking key."""
+    return x.abs().nan_to_num(nan=float("inf"), posinf=float("inf"))
+
+
 def magnitude(weight: torch.Tensor) -> torch.Tensor:
-    """|w| in float32 with NaN mapped to +inf (the ranking key of every mask)."""
-    return weight.detach().abs().float().nan_to_num(nan=float("inf"))
+    """The ranking key of every weight mask: rank_key of the weight in float32."""
+    return rank_key(weight.detach().float())
 
 
 def require_triton() -> None:
@@ -86,9 +93,14 @@ def check_2d(weight: torch.Tensor, what: str, rows_multiple: int, cols_multiple:
 if HAVE_TRITON:
 
     @triton.jit
-    def magnitude_triton(x):
-        a = tl.abs(x.to(tl.float32))
+    def rank_key_triton(x):
+        """rank_key: |x| in x's dtype, NaN -> +inf."""
+        a = tl.abs(x)
         return tl.where(a != a, float("inf"), a)
+
+    @triton.jit
+    def magnitude_triton(x):
+        return rank_key_triton(x.to(tl.float32))
 
     @triton.jit
     def split4(x):
@@ -107,7 +119,7 @@ if HAVE_TRITON:
     def top2_of_4(a0, a1, a2, a3):
         """Keep flags of the 2 largest of 4, ties to the lower index: i is dropped when at least
         2 others beat it, where j beats i if a_j > a_i, or a_j == a_i and j < i. Both directions
-        are compared, so a NaN neither beats nor is beaten (it is kept), as in the references."""
+        are compared. Scores are rank keys (never NaN)."""
         b01, b10 = a1 > a0, (a0 > a1) | (a0 == a1)  # b_ij: j beats i
         b02, b20 = a2 > a0, (a0 > a2) | (a0 == a2)
         b03, b30 = a3 > a0, (a0 > a3) | (a0 == a3)

@@ -6,6 +6,11 @@ Two entry points:
   Squared-ReLU with the sparsifier. Its output is marked with the pattern, so fc2 uses it as it
   is, and so is its gradient dH = dA * mask * 2 relu(H), so fc1's input gradient dX = dH W1 can
   take dH as the sparse operand (megasparse.sparse_operand).
+
+NaN/Inf: the sparsifier ranks NaN as +inf with ties to the lower column, the rule of the weight
+masks (megasparse.kernels.common), in the torch reference and the Triton kernels alike. The output
+is exactly the pattern (a dropped NaN/Inf becomes 0), and every group whose activation holds a
+NaN/Inf keeps one, so it reaches the loss as in the dense layer.
 """
 
 from typing import Optional
@@ -75,7 +80,7 @@ class _Sparsify(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, _grad_mask):
         (mask,) = ctx.saved_tensors
-        return grad_values * mask.reshape(grad_values.shape), None, None
+        return torch.where(mask.reshape(grad_values.shape), grad_values, 0), None, None
 
 
 class _SquaredReLUSparsify(torch.autograd.Function):

@@ -10,28 +10,79 @@ the pruned weight (compressed once per optimizer step) over a runtime operand (c
 Activations and their gradients are runtime tensors, so they carry the fact themselves: the
 sparsifier marks what it produced as `SparseActivation` with its (V, M) pattern (a thin tensor
 subclass, in the spirit of xformers' Sparse24Tensor); M == 4 is 2:4, a sparse GEMM operand. The
-mark cannot outlive the values it vouches for:
+mark must not outlive the values it vouches for. It costs a Python check on each torch call that
+takes a marked tensor (about a microsecond; no host sync, nothing tensor-sized):
 - any torch operation on a marked tensor returns a plain tensor (no subclass propagation), so a
   sum, a rescale or a reshape is no longer marked;
-- an in-place change bumps the tensor's version counter, which `sparse_pattern` checks.
-So a tensor that is not 2:4 can never reach a sparse GEMM as a sparse operand.
+- an in-place change bumps the tensor's version counter (shared with its views and detach()),
+  which `sparse_pattern` checks;
+- the marked tensor forgets its mark when it is written in place, when its `.data` is read or
+  assigned (`t.data.add_(1)`, `t.data = other`), and when its memory is handed out
+  (`untyped_storage()`, `storage()`, `numpy()`, `__dlpack__`, `__array__`): each is a way to
+  write it that bypasses the version counter. Inference tensors (torch.inference_mode) have no
+  version counter: they are marked too, and lose the mark by this rule alone.
+Limits: a write that does not go through the marked tensor itself is not seen: through the
+`.data` or the storage of a view or detach() of it, through another tensor set to its storage
+(`other.set_(t)`), through raw pointers (`data_ptr()`, `torch.utils.dlpack.to_dlpack`, CUDA IPC,
+custom kernels), and, inside torch.inference_mode, an in-place write through a view of it. Such
+a write between the sparsifier and fc2 leaves the tensor marked: fc2 does not sparsify it again,
+and a sparse backend takes it as 2:4. Make a new tensor instead of writing into the activation.
 """
 
 import torch
 
 WEIGHT, ACTIVATION, GRAD_OUTPUT = "weight", "activation", "grad_output"
 
+# methods and properties that hand out a way to write a tensor's memory without its version counter
+_ESCAPES = frozenset(
+    {"data", "untyped_storage", "storage", "_typed_storage", "numpy", "__dlpack__", "__array__"}
+)
+_IN_PLACE_DUNDERS = frozenset(
+    "__setitem__ __iadd__ __isub__ __imul__ __itruediv__ __ifloordiv__ __imod__ __ipow__ "
+    "__imatmul__ __iand__ __ior__ __ixor__ __ilshift__ __irshift__".split()
+)
+
+
+def _hands_out_or_writes(func, kwargs) -> bool:
+    """Whether `func` may write its tensor arguments, or hand out their memory."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__" or name == "__set__":  # a property: t.data, t.shape, ...
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    name = name.partition(".")[0]  # torch.ops overloads: "add_.Tensor"
+    return (
+        name in _ESCAPES
+        or (name[-1:] == "_" and name[:1] != "_")  # in-place methods: add_, copy_, set_, ...
+        or name in _IN_PLACE_DUNDERS
+        or bool(kwargs and kwargs.get("out") is not None)
+    )
+
+
+def _forget_marks(values) -> None:
+    for value in values:
+        if isinstance(value, SparseActivation):
+            value._megasparse_mark = None
+        elif isinstance(value, (tuple, list)):
+            _forget_marks(value)
+
 
 class SparseActivation(torch.Tensor):
     """Values sparsified along the last dim with a (V, M) pattern, exactly as megasparse produced them."""
 
-    __torch_function__ = torch._C._disabled_torch_function_impl  # results of ops are plain tensors
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if _hands_out_or_writes(func, kwargs):
+            _forget_marks((*args, *(kwargs or {}).values()))
+        # results of ops are plain tensors (no subclass propagation); no kwargs: no dict at all
+        if kwargs:
+            return torch._C._disabled_torch_function_impl(func, types, args, kwargs)
+        return torch._C._disabled_torch_function_impl(func, types, args)
 
 
 def mark_sparse(values: torch.Tensor, pattern) -> torch.Tensor:
     """Mark `values`, made by megasparse's sparsifier with `pattern` (V, M), as sparse."""
     marked = values.as_subclass(SparseActivation)
-    marked._megasparse_mark = (tuple(pattern), marked._version)
+    version = None if marked.is_inference() else marked._version  # inference tensors have none
+    marked._megasparse_mark = (tuple(pattern), version)
     return marked
 
 
@@ -39,8 +90,11 @@ def sparse_pattern(tensor):
     """The (V, M) pattern of a marked tensor not changed since it was marked, else None."""
     if not isinstance(tensor, SparseActivation):
         return None
-    pattern, version = getattr(tensor, "_megasparse_mark", (None, -1))
-    return pattern if tensor._version == version else None
+    mark = getattr(tensor, "_megasparse_mark", None)
+    if mark is None:
+        return None
+    pattern, version = mark
+    return pattern if version is None or tensor._version == version else None
 
 
 def is_2_4(tensor) -> bool:

@@ -1,5 +1,7 @@
 """Activation sparsifier kernel: Triton (interpreted on CPU) vs torch reference vs an independent loop."""
 
+import math
+
 import pytest
 import torch
 
@@ -40,6 +42,11 @@ def test_triton_matches_reference(v, m, tokens, ffn, dtype, squared_relu):
     torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-3)
 
 
+def _rank(value: float) -> float:
+    """The NaN rule: |value|, NaN ranked as +inf."""
+    return math.inf if math.isnan(value) else abs(value)
+
+
 def _loop_reference(a, v, m):
     """Independent slow V:2:M: python sorting per block and per row, float64."""
     a = a.double()
@@ -50,11 +57,11 @@ def _loop_reference(a, v, m):
         rows = a[r0 : r0 + v]
         block = []
         for c0 in range(0, ffn, m):
-            norms = [float(rows[:, c0 + c].square().sum()) for c in range(m)]
+            norms = [_rank(sum(float(x) * float(x) for x in rows[:, c0 + c])) for c in range(m)]
             chosen = sorted(sorted(range(m), key=lambda c: (-norms[c], c))[:4])
             block.append(chosen)
             for r in range(rows.shape[0]):
-                best = sorted(chosen, key=lambda c: (-abs(float(rows[r, c0 + c])), c))[:2]
+                best = sorted(chosen, key=lambda c: (-_rank(float(rows[r, c0 + c])), c))[:2]
                 for c in best:
                     mask[r0 + r, c0 + c] = True
         chosen_all.append(block)
@@ -128,15 +135,72 @@ def test_triton_matches_reference_on_larger_tiles(v, m, tokens, ffn, dtype):
     torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-3)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+def _nonfinite_x(tokens, ffn, dtype, seed):
+    """Quarter-integers with many ties (their squares are exact in bf16/fp16, so values can be
+    compared bit for bit) and NaN/+Inf/-Inf alone, side by side, filling a group, filling a
+    column, filling more than 4 columns of a group of 8, and in the last (ragged) row."""
+    x = torch.randint(-16, 17, (tokens, ffn), generator=torch.Generator().manual_seed(seed)) / 4
+    x[0, 1] = NAN
+    x[1, 4:8] = torch.tensor([2.0, INF, NAN, 1.0])
+    x[2, 8:12] = torch.tensor([-INF, NAN, INF, 3.0])  # three non-finite: the lower two are kept
+    x[3, 12:16] = NAN
+    x[:, 17] = NAN
+    x[4, 24:32] = torch.tensor([NAN, INF, -INF, NAN, INF, 1.0, NAN, 2.0])
+    x[-1, -1] = -INF
+    x[-1, -2] = NAN
+    return x.to(dtype)
+
+
+def _same_bits(a, b) -> bool:
+    """Bit for bit, except NaN payloads (a GPU returns its canonical NaN)."""
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    a, b = a.masked_fill(nan, 0), b.masked_fill(nan, 0)
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.view(ints), b.view(ints))
+
+
+NONFINITE_CASES = [  # (V, M, tokens, ffn)
+    (64, 4, 37, 64),  # 2:4, ragged
+    (8, 8, 21, 64),  # 8:2:8, last block of 5 rows
+    (4, 16, 13, 64),  # 4:2:16, last block of 1 row
+]
+
+
 @pytest.mark.parametrize("squared_relu", [True, False])
-def test_2_4_nonfinite_inputs_match_reference(squared_relu):
-    x = _x(8, 64, torch.float32, seed=1)
-    x[2, 0], x[2, 5], x[3, 9], x[4, 12] = float("nan"), float("inf"), float("-inf"), float("nan")
-    got = activation_sparsify_triton(x, 64, 4, squared_relu)
-    ref = activation_sparsify_reference(x, 64, 4, squared_relu)
-    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
-    assert torch.equal(got[0].nan_to_num(7.0), ref[0].nan_to_num(7.0))
-    assert got[1][2, 0] and got[1][2, 5]  # NaN (never beaten) and +inf are kept
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v,m,tokens,ffn", NONFINITE_CASES)
+def test_nonfinite_activations_follow_one_nan_rule_in_kernel_and_reference(
+    v, m, tokens, ffn, dtype, squared_relu
+):
+    """NaN ranks as +inf, ties to the lower column: the Triton kernel and the reference give the
+    same bits, the pattern is exact, and every block group holding a NaN/Inf keeps one."""
+    x = _nonfinite_x(tokens, ffn, dtype, seed=v + m)
+    got = activation_sparsify_triton(x, v, m, squared_relu)
+    ref = activation_sparsify_reference(x, v, m, squared_relu)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])  # mask, columns
+    assert _same_bits(got[0], ref[0])  # values, NaN and signed zeros included
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-3, equal_nan=True)
+
+    a = torch.relu(x.float()).square() if squared_relu else x.float()
+    loop_mask, loop_columns = _loop_reference(a, v, m)
+    assert torch.equal(ref[1], loop_mask) and torch.equal(ref[2], loop_columns)
+    assert _same_bits(ref[0], torch.where(loop_mask, a, 0.0).to(dtype))
+
+    groups = ref[1].reshape(tokens, ffn // m, m)
+    assert (groups.sum(-1) == 2).all()  # exactly 2 per row per group
+    assert (ref[0].ne(0).reshape(tokens, ffn // m, m).sum(-1) <= 2).all()  # a NaN is a nonzero
+    v = 1 if m == 4 else v  # 2:4 keeps all 4 columns: its groups are single rows
+    blocks = -(-tokens // v)
+    pad = lambda t: torch.cat([t, t.new_zeros(blocks * v - tokens, ffn)])  # noqa: E731
+    nonfinite = pad(~torch.isfinite(a)).reshape(blocks, v, ffn // m, m)
+    kept = pad(ref[1]).reshape(blocks, v, ffn // m, m)
+    holds, keeps = nonfinite.any(3).any(1), (nonfinite & kept).any(3).any(1)
+    assert holds.any() and torch.equal(keeps, holds)
 
 
 def test_2_4_reference_path_equals_the_general_v_2_m_reference():

@@ -151,3 +151,63 @@ def test_weight_masks_still_follow_the_weights():
     sparsity = SparsityConfig(activations="2:4", backend="dense")
     mlp = make_mlp(_config(), FFN, sparsity, sparsity)
     assert torch.equal(mlp.linear_fc2.sparsity_mask(), weight_mask(mlp.linear_fc2.weight))
+
+
+@pytest.mark.parametrize("activations,m", [("2:4", 4), ("8:2:8", 8)])
+@pytest.mark.parametrize(
+    "activation", [squared_relu, torch.nn.functional.gelu], ids=["fused", "sparsified-by-fc2"]
+)
+def test_nan_in_the_ffn_activation_reaches_the_loss_and_the_pattern_stays_exact(
+    monkeypatch, activations, m, activation
+):
+    fc2_inputs = []
+    original = DenseBackend.linear
+
+    def recording_linear(self, x2d, w, bias, sparse):
+        if x2d.shape[-1] == FFN:
+            fc2_inputs.append(x2d.detach().clone())
+        return original(self, x2d, w, bias, sparse)
+
+    monkeypatch.setattr(DenseBackend, "linear", recording_linear)
+    sparsity = SparsityConfig(weights=None, activations=activations, backend="dense")
+    mlp = make_mlp(_config(activation=activation), FFN, None, sparsity)
+    with torch.no_grad():
+        mlp.linear_fc1.bias[5] = float("nan")  # FFN column 5 is NaN for every token
+        mlp.linear_fc1.bias[9] = float("inf")
+    x = _x().requires_grad_(True)
+    y, bias = mlp(x)
+    loss = (y + bias).sum()
+    assert torch.isnan(loss)
+    loss.backward()  # runs; the gradient carries the NaN too
+    assert torch.isnan(x.grad).any()
+    (a,) = fc2_inputs
+    assert torch.isnan(a[:, 5]).all()  # NaN ranks as +inf: kept in every row
+    assert (a.ne(0).reshape(-1, FFN // m, m).sum(-1) <= 2).all()  # exactly the pattern
+
+
+@pytest.mark.parametrize("activations,pattern", [("2:4", (64, 4)), ("8:2:8", (8, 8))])
+@pytest.mark.parametrize("mlp_cls", [MLP, SparseMLP], ids=["megatron-MLP", "SparseMLP"])
+def test_inference_mode_runs_and_equals_no_grad(monkeypatch, mlp_cls, activations, pattern):
+    from megasparse import activation_sparsity
+
+    passes = []
+    kernel = activation_sparsity._kernel
+    monkeypatch.setattr(
+        activation_sparsity, "_kernel", lambda *a, **k: passes.append(1) or kernel(*a, **k)
+    )
+    sparsity = SparsityConfig(weights="2:4", activations=activations, backend="dense")
+    mlp = make_mlp(_config(), FFN, sparsity, sparsity, mlp_cls=mlp_cls)
+    x = _x()
+    with torch.no_grad():
+        expected, expected_bias = mlp(x)
+    with torch.inference_mode():
+        got, got_bias = mlp(x)
+    assert got.is_inference()
+    assert torch.equal(got, expected) and torch.equal(got_bias, expected_bias)
+    assert len(passes) == 2  # one sparsifier pass per forward: fc2 trusts the mark in both modes
+    fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+    ref = sparse_mlp_reference(
+        x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc1.sparsity_mask(), fc2.sparsity_mask(),
+        pattern, "squared_relu",
+    )  # fmt: skip
+    torch.testing.assert_close(got + got_bias, ref["y"], rtol=1e-10, atol=1e-10)

@@ -161,6 +161,17 @@ def test_grouped_falls_back_to_the_loop_where_it_cannot_group():
 
 
 @pytest.mark.parametrize("cls", [SparseSequentialMLP, SparseGroupedMLP])
+def test_sparse_experts_run_under_inference_mode_as_under_no_grad(cls):
+    experts = _experts(cls, SparsityConfig(activations="2:4", backend="dense"), torch.float32)
+    x, probs, tokens = _inputs(torch.float32)
+    with torch.no_grad():
+        expected = experts(x, tokens, probs)[0]
+    with torch.inference_mode():
+        got = experts(x, tokens, probs)[0]
+    assert got.is_inference() and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("cls", [SparseSequentialMLP, SparseGroupedMLP])
 def test_expert_checkpoints_are_interchangeable_with_dense_sequential_mlp(cls):
     from megatron.core import parallel_state
 

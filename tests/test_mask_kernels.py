@@ -160,3 +160,21 @@ def test_mask_1d_triton_matches_reference_with_ties_and_nonfinite(shape, dtype):
     flat[5], flat[10], flat[11], flat[-1] = float("nan"), float("inf"), float("-inf"), float("nan")
     w = w.to(dtype)
     assert torch.equal(mask_1d_triton(w), mask_1d_reference(w))
+
+
+@pytest.mark.parametrize("kernel", [mask_1d_reference, mask_1d_triton])
+def test_mask_1d_ranks_nan_as_inf_with_ties_to_the_lower_index(kernel):
+    """NaN, +Inf and -Inf tie (all rank as +inf), above the largest finite float32."""
+    nan, inf, big = float("nan"), float("inf"), torch.finfo(torch.float32).max
+    w = torch.tensor(
+        [
+            [inf, inf, nan, 0.0],
+            [big, nan, -inf, 1.0],
+            [nan, big, inf, 2.0],
+            [1.0, nan, nan, nan],
+        ]
+    )
+    expected = torch.tensor(
+        [[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 0], [0, 1, 1, 0]], dtype=torch.bool
+    )
+    assert torch.equal(kernel(w), expected)
