@@ -161,9 +161,11 @@ def test_fp8_sparse_gemm(tp, monkeypatch):
     compress, mm = cslt_calls(rec)
     assert (
         compress.op == "_cslt_compress"
-        and mm.mnk == (FFN // tp, TOKENS, HIDDEN)
+        and mm.mnk == (FFN // tp, TOKENS, HIDDEN)  # m: the compressed blob's size(0)
         and mm.dtype == E4M3
     )
+    # 8-bit: kept values (1/2) and their metadata (1/8) of the weight's bytes = 10/16
+    assert compress.bytes_written == (FFN // tp) * HIDDEN * 10 // 16
 
 
 @pytest.mark.parametrize("alpha_mode", ["output", "vector"])
