@@ -2,16 +2,17 @@
 
 y = (x_q * x_scale_inv) @ (w_q * w_scale_inv)^T, fp32 accumulation, one rounding to `out_dtype`.
 
-Scaling (`alpha_mode`). `torch._cslt_sparse_mm(A, B, alpha=...)` (aten/.../cuSPARSELtOps.cpp)
-reads a one-element alpha with `alpha_tensor.item<float>()`: a host sync per GEMM, which also
-breaks CUDA graphs. So the scale never goes in as a one-element alpha:
+Scaling (the `alpha_mode` argument; default `configured_alpha_mode()`). torch._cslt_sparse_mm
+(aten/.../cuSPARSELtOps.cpp) reads a one-element alpha with `alpha_tensor.item<float>()`: a host
+sync per GEMM, which also breaks CUDA graphs. So the scale never goes in as a one-element alpha:
 - "output" (default): no alpha. The GEMM writes its fp32 accumulator as [rows_b, tokens]
   (transpose_result=False), and one elementwise pass, the epilogue that casts to `out_dtype`,
   transposes, scales and adds the bias (`torch.addcmul(..., out=)`: fp32 math, one rounding).
   This is the combination PyTorch tests for e4m3 (test/test_sparse_semi_structured.py
   `test_sparse_semi_structured_scaled_mm`: column-major e4m3 B, fp32/bf16/fp16 out, no vector
-  alpha, no transpose_result).
-- "vector" (opt-in, `MEGASPARSE_FP8_ALPHA=vector` or the `alpha_mode` argument, until a GPU run
+  alpha, no transpose_result). Its cost: the fp32 result written and read once more than in
+  "vector" mode (megasparse.tools.perfmodel projects it).
+- "vector" (opt-in: `MEGASPARSE_FP8_ALPHA=vector` or `alpha_mode="vector"`, until a GPU run
   has checked it): the per-tensor scale as an [m] float32 device vector, which switches cuSPARSELt
   to CUSPARSELT_MATMUL_ALPHA_VECTOR_SCALING; bf16 straight out of the GEMM, transpose_result=True,
   no epilogue pass. PyTorch tests vector alpha with int8 only (its fp16/bf16 alpha test is
@@ -43,7 +44,7 @@ WEIGHT_MULTIPLE = 32  # sparse_min_rows / sparse_min_cols for e4m3
 ALPHA_MODES = ("output", "vector")
 
 
-def alpha_mode() -> str:
+def configured_alpha_mode() -> str:
     """How the cuSPARSELt FP8 GEMM applies the scale: MEGASPARSE_FP8_ALPHA, default "output"."""
     mode = os.environ.get("MEGASPARSE_FP8_ALPHA", "output")
     if mode not in ALPHA_MODES:
@@ -110,12 +111,12 @@ def sparse_fp8_mm(
     out_dtype=torch.bfloat16,
     use_cusparselt=False,
     bias=None,
-    alpha=None,
+    alpha_mode=None,
 ):
-    """(a_q a_scale_inv) @ (B b_scale_inv)^T + bias with B [rows_b, k] 2:4 e4m3, a_q [tokens, k] e4m3.
+    """(a_q a_scale_inv) @ (B b_scale_inv)^T + bias: B [rows_b, k] 2:4 e4m3, a_q [tokens, k] e4m3.
 
     sparse_b: `compress(B)` when use_cusparselt, else B itself (dense e4m3 with its zeros).
-    alpha: "output" or "vector" (see the module docstring; None: `alpha_mode()`).
+    alpha_mode: "output" or "vector" (the module docstring; None: `configured_alpha_mode()`).
     Returns [tokens, rows_b] in out_dtype; no host sync on either path.
     """
     tokens = a_q.shape[0]
@@ -123,9 +124,9 @@ def sparse_fp8_mm(
     if not use_cusparselt:
         y = scaled_mm(a_pad, sparse_b.t(), a_scale_inv, b_scale_inv, out_dtype)[:tokens]
         return y if bias is None else y + bias.to(y.dtype)
-    mode = alpha or alpha_mode()
+    mode = alpha_mode or configured_alpha_mode()
     if mode not in ALPHA_MODES:
-        raise ValueError(f"megasparse: alpha must be one of {ALPHA_MODES}, got {mode!r}")
+        raise ValueError(f"megasparse: alpha_mode must be one of {ALPHA_MODES}, got {mode!r}")
     if mode == "vector":
         y = torch._cslt_sparse_mm(
             sparse_b,

@@ -273,18 +273,20 @@ def test_cusparselt_fp8_gemm_scales_outside_the_gemm(tokens, with_bias):
 
 @pytest.mark.parametrize("how", ["argument", "environment"])
 def test_cusparselt_fp8_vector_alpha_is_an_option(monkeypatch, how):
-    """alpha="vector" (or MEGASPARSE_FP8_ALPHA=vector): the scale as one float32 per weight row, bf16
-    straight out of the GEMM; the same float64 product up to bf16 rounding."""
+    """alpha_mode="vector" (or MEGASPARSE_FP8_ALPHA=vector): the scale as one float32 per weight
+    row, bf16 straight out of the GEMM; the same float64 product up to bf16 rounding."""
     from cusparselt_cpu import cusparselt_on_cpu
     from megasparse import fake_ops
 
     x_q, x_si, w_q, w_si = _quantized_operands(21, 64, 128, seed=7)
-    alpha = "vector" if how == "argument" else None
+    mode = "vector" if how == "argument" else None
     if how == "environment":
         monkeypatch.setenv("MEGASPARSE_FP8_ALPHA", "vector")
     with cusparselt_on_cpu():
         packed = gemm_ops.compress(w_q)
-        y = gemm_ops.sparse_fp8_mm(x_q, x_si, packed, 64, w_si, use_cusparselt=True, alpha=alpha)
+        y = gemm_ops.sparse_fp8_mm(
+            x_q, x_si, packed, 64, w_si, use_cusparselt=True, alpha_mode=mode
+        )
     call = fake_ops.sparse_mm_calls[-1]
     assert (call["alpha"], call["out_dtype"], call["transpose_result"]) == (
         ((64,), torch.float32),
@@ -373,9 +375,9 @@ def test_fp8_linear_against_float64_of_quantized_operands(mask_kind, grad_dtype)
 
 @pytest.mark.parametrize("mask_kind", ["1d", "transposable"])
 def test_fp8_linear_on_cusparselt_against_float64_of_quantized_operands(mask_kind):
-    """The FP8 2:4 op with cuSPARSELt's GEMMs (the binding modelled on CPU): forward with a bias and,
-    for transposable masks, the input gradient on (W*M)^T run with no alpha, and equal float64
-    products of exactly the operands the op quantizes, up to one bf16 rounding."""
+    """The FP8 2:4 op with cuSPARSELt's GEMMs (the binding modelled on CPU): the forward with a
+    bias and, for transposable masks, the input gradient on (W*M)^T run with no alpha, and equal
+    float64 products of exactly the operands the op quantizes, up to one bf16 rounding."""
     from cusparselt_cpu import cusparselt_on_cpu
     from megasparse import fake_ops
 

@@ -114,10 +114,10 @@ def test_cusparselt_ffn_forward_backward(tp, transposable):
 
 @pytest.mark.parametrize("x_is_a_column_slice", [False, True])
 def test_cusparselt_operands_of_a_sliced_x_and_an_expanded_dy(x_is_a_column_slice):
-    """dY the expanded ones of .sum().backward(), x a column slice of a wider tensor: neither is row-
-    nor column-major, which the binding would read with the wrong leading dimension (the fakes
-    refuse it). Every dense operand reaches cuSPARSELt in a layout the binding describes: torch's
-    cusparselt_mm hands it the transpose of our contiguous x2d / dY2d."""
+    """dY the expanded ones of .sum().backward(), x a column slice of a wider tensor: neither is
+    row- nor column-major, which the binding would read with the wrong leading dimension (the
+    fakes refuse it). Every dense operand reaches cuSPARSELt in a layout the binding describes:
+    torch's cusparselt_mm hands it the transpose of our contiguous x2d / dY2d."""
     leaf = meta(TOKENS, HIDDEN + 64 if x_is_a_column_slice else HIDDEN, grad=True)
     x = leaf[:, :HIDDEN]
     w, mask = meta(FFN, HIDDEN, grad=True), meta(FFN, HIDDEN, dtype=torch.bool)
