@@ -41,8 +41,23 @@ class DenseBackend:
         return dy2d @ w
 
 
+def binding_layout(dense: torch.Tensor) -> torch.Tensor:
+    """`dense` as a layout PyTorch's sparse kernels read right: itself when it or its transpose is
+    contiguous, else a contiguous copy.
+
+    torch's cuSPARSELt binding (cuSPARSELtOps.cpp) describes its dense operand from
+    `is_contiguous()` alone: row-major, else the transpose of a row-major matrix. Any other layout,
+    such as the expanded dY of `.sum().backward()` or a column slice of x, would be read with the
+    wrong leading dimension. Both layouts it describes are kept as they are: no copy.
+    """
+    if dense.is_contiguous() or dense.t().is_contiguous():
+        return dense
+    return dense.contiguous()
+
+
 class _SemiStructuredBackend:
-    """Sparse tensor cores through one of PyTorch's SparseSemiStructuredTensor classes."""
+    """Sparse tensor cores through one of PyTorch's SparseSemiStructuredTensor classes. Every dense
+    operand goes through `binding_layout` first."""
 
     name = ""
     min_capability = (8, 0)
@@ -57,15 +72,17 @@ class _SemiStructuredBackend:
 
     def linear(self, x2d, w, bias, sparse):
         if sparse == ACTIVATION:  # x is 2:4 along its reduction dim
-            y = torch.mm(self.compress(x2d), w.t())
+            y = torch.mm(self.compress(x2d), binding_layout(w.t()))
             return y if bias is None else y + bias
-        return F.linear(x2d, w, bias)  # w is a compressed operand when sparse == WEIGHT
+        if sparse == WEIGHT:  # w is a compressed operand
+            return F.linear(binding_layout(x2d), w, bias)
+        return F.linear(x2d, w, bias)
 
     def input_grad(self, dy2d, w, sparse):
         if sparse == GRAD_OUTPUT:  # dH of a 2:4 activation is 2:4 along the reduction dim
-            return torch.mm(self.compress(dy2d), w)
+            return torch.mm(self.compress(dy2d), binding_layout(w))
         if sparse == WEIGHT:  # w is the compressed (W*M)^T [in, out]
-            return F.linear(dy2d, w)
+            return F.linear(binding_layout(dy2d), w)
         return dy2d @ w
 
     def fits(self, operand) -> bool:

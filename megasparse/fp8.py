@@ -120,7 +120,7 @@ def _fp8_cusparselt_ok(device) -> bool:
 
 def fp8_gemm(x_q, scale_x, w_q, scale_w, out_dtype=torch.bfloat16, sparse=True):
     """(x_q / scale_x) @ (w_q / scale_w)^T with fp32 accumulation; cuSPARSELt when it can, else
-    _scaled_mm. No host sync (vector alpha, see megasparse.fp8_gemm); tokens padded to 16.
+    _scaled_mm. No host sync (megasparse.fp8_gemm applies the scale); tokens padded to 16.
     Compresses w_q per call: layers cache the compressed weight per step (megasparse.fp8_linear)."""
     inv_x, inv_w = (1.0 / scale_x).float(), (1.0 / scale_w).float()
     if sparse and _fp8_cusparselt_ok(w_q.device):

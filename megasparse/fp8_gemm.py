@@ -2,24 +2,30 @@
 
 y = (x_q * x_scale_inv) @ (w_q * w_scale_inv)^T, fp32 accumulation, one rounding to `out_dtype`.
 
-Sync-free scaling. `torch._cslt_sparse_mm(A, B, alpha=...)` (aten/.../cuSPARSELtOps.cpp) reads a
-one-element alpha with `alpha_tensor.item<float>()`: a host sync per GEMM, which also breaks
-CUDA graphs. An alpha of more than one element switches cuSPARSELt to
-CUSPARSELT_MATMUL_ALPHA_VECTOR_SCALING and passes its device pointer: one float per row of the
-sparse operand A (m of them). So the per-tensor scale x_scale_inv * w_scale_inv is expanded to an
-[m] float32 vector on the device (`alpha_vector`) - no sync. PyTorch tests vector alpha with int8
-only (its fp16/bf16 alpha test is skipped: "cuSPARSELt v0.6.x does not support bfloat/float16
-alpha scaling"); for e4m3 it is untested there, so `ALPHA_MODES` also has "output": no alpha,
-an fp32 result, and the scale applied as one multiply on the output (also sync-free, one more
-pass over the output). The gpu-marked tests check both against the emulation.
+Scaling (the `alpha_mode` argument; default `configured_alpha_mode()`). torch._cslt_sparse_mm
+(aten/.../cuSPARSELtOps.cpp) reads a one-element alpha with `alpha_tensor.item<float>()`: a host
+sync per GEMM, which also breaks CUDA graphs. So the scale never goes in as a one-element alpha:
+- "output" (default): no alpha. The GEMM writes its fp32 accumulator as [rows_b, tokens]
+  (transpose_result=False), and one elementwise pass, the epilogue that casts to `out_dtype`,
+  transposes, scales and adds the bias (`torch.addcmul(..., out=)`: fp32 math, one rounding).
+  This is the combination PyTorch tests for e4m3 (test/test_sparse_semi_structured.py
+  `test_sparse_semi_structured_scaled_mm`: column-major e4m3 B, fp32/bf16/fp16 out, no vector
+  alpha, no transpose_result). Its cost: the fp32 result written and read once more than in
+  "vector" mode (megasparse.tools.perfmodel projects it).
+- "vector" (opt-in: `MEGASPARSE_FP8_ALPHA=vector` or `alpha_mode="vector"`, until a GPU run
+  has checked it): the per-tensor scale as an [m] float32 device vector, which switches cuSPARSELt
+  to CUSPARSELT_MATMUL_ALPHA_VECTOR_SCALING; bf16 straight out of the GEMM, transpose_result=True,
+  no epilogue pass. PyTorch tests vector alpha with int8 only (its fp16/bf16 alpha test is
+  skipped: "cuSPARSELt v0.6.x does not support bfloat/float16 alpha scaling"). The gpu-marked
+  tests check both modes against the emulation.
 
 Shapes (PyTorch's `_DTYPE_SHAPE_CONSTRAINTS` for e4m3 cuSPARSELt): the sparse operand is a
 multiple of (32, 32); the dense one of (16, 16). Token counts are padded with zero rows to a
 multiple of 16 and the result unpadded (`pad_rows`); the padding adds zeros to nothing.
 
-Layout: cuSPARSELt's FP8 kernels want B transposed (PyTorch's own `semi_sparse_scaled_mm` passes
-`B.contiguous().t()`); with A = W [out, in] and B = x^T, x [tokens, in] row-major gives exactly
-that, and `transpose_result=True` returns y as [tokens, out].
+Layout: the e4m3 dense operand B = x^T must be column-major, the transpose of a contiguous
+[tokens, k] x (torch's meta check of e4m3 `_scaled_mm`: "mat2 must be col_major"; PyTorch's FP8
+cuSPARSELt tests pass `B.t()` of a contiguous B). `sparse_fp8_mm` passes `x.contiguous().t()`.
 
 Emulation (any device without the kernel, CPU in CI): `torch._scaled_mm` with the same e4m3
 operands (the 2:4 weight as a dense e4m3 matrix with its zeros), the same scales, fp32
@@ -35,11 +41,12 @@ E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 TOKEN_MULTIPLE = 16  # dense_min_rows / dense_min_cols for e4m3 in PyTorch's cuSPARSELt table
 WEIGHT_MULTIPLE = 32  # sparse_min_rows / sparse_min_cols for e4m3
-ALPHA_MODES = ("vector", "output")
+ALPHA_MODES = ("output", "vector")
 
 
-def alpha_mode() -> str:
-    mode = os.environ.get("MEGASPARSE_FP8_ALPHA", "vector")
+def configured_alpha_mode() -> str:
+    """How the cuSPARSELt FP8 GEMM applies the scale: MEGASPARSE_FP8_ALPHA, default "output"."""
+    mode = os.environ.get("MEGASPARSE_FP8_ALPHA", "output")
     if mode not in ALPHA_MODES:
         raise ValueError(
             f"megasparse: MEGASPARSE_FP8_ALPHA must be one of {ALPHA_MODES}, got {mode!r}"
@@ -96,29 +103,53 @@ def compress(w_q: torch.Tensor):
 
 
 def sparse_fp8_mm(
-    a_q, a_scale_inv, sparse_b, rows_b, b_scale_inv, out_dtype=torch.bfloat16, use_cusparselt=False
+    a_q,
+    a_scale_inv,
+    sparse_b,
+    rows_b,
+    b_scale_inv,
+    out_dtype=torch.bfloat16,
+    use_cusparselt=False,
+    bias=None,
+    alpha_mode=None,
 ):
-    """(a_q a_scale_inv) @ (B b_scale_inv)^T with B [rows_b, k] 2:4 e4m3, a_q [tokens, k] e4m3.
+    """(a_q a_scale_inv) @ (B b_scale_inv)^T + bias: B [rows_b, k] 2:4 e4m3, a_q [tokens, k] e4m3.
 
     sparse_b: `compress(B)` when use_cusparselt, else B itself (dense e4m3 with its zeros).
+    alpha_mode: "output" or "vector" (the module docstring; None: `configured_alpha_mode()`).
     Returns [tokens, rows_b] in out_dtype; no host sync on either path.
     """
     tokens = a_q.shape[0]
-    a_pad = pad_rows(a_q)
-    if use_cusparselt:
-        if alpha_mode() == "vector":
-            alpha = alpha_vector(a_scale_inv, b_scale_inv, rows_b)
-            y = torch._cslt_sparse_mm(
-                sparse_b, a_pad.t(), alpha=alpha, out_dtype=out_dtype, transpose_result=True
-            )
-        else:
-            y = torch._cslt_sparse_mm(
-                sparse_b, a_pad.t(), out_dtype=torch.float32, transpose_result=True
-            )
-            y = (y * (a_scale_inv.float() * b_scale_inv.float())).to(out_dtype)
-    else:
-        y = scaled_mm(a_pad, sparse_b.t(), a_scale_inv, b_scale_inv, out_dtype)
-    return y if y.shape[0] == tokens else y[:tokens]
+    a_pad = pad_rows(a_q).contiguous()  # B = a_pad^T: column-major, as the e4m3 kernels want
+    if not use_cusparselt:
+        y = scaled_mm(a_pad, sparse_b.t(), a_scale_inv, b_scale_inv, out_dtype)[:tokens]
+        return y if bias is None else y + bias.to(y.dtype)
+    mode = alpha_mode or configured_alpha_mode()
+    if mode not in ALPHA_MODES:
+        raise ValueError(f"megasparse: alpha_mode must be one of {ALPHA_MODES}, got {mode!r}")
+    if mode == "vector":
+        y = torch._cslt_sparse_mm(
+            sparse_b,
+            a_pad.t(),
+            alpha=alpha_vector(a_scale_inv, b_scale_inv, rows_b),
+            out_dtype=out_dtype,
+            transpose_result=True,
+        )[:tokens]
+        return y if bias is None else y + bias.to(y.dtype)
+    y32 = torch._cslt_sparse_mm(sparse_b, a_pad.t(), out_dtype=torch.float32)  # [rows_b, padded]
+    return scale_epilogue(
+        y32.t()[:tokens], a_scale_inv.float() * b_scale_inv.float(), bias, out_dtype
+    )
+
+
+def scale_epilogue(acc, scale, bias, out_dtype):
+    """acc * scale (+ bias) rounded once to out_dtype, in one elementwise pass (fp32 math; on CUDA
+    the cast is fused into the kernel) that also writes the result contiguous."""
+    out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
+    scale = scale.reshape(())
+    if bias is None:
+        return torch.mul(acc, scale, out=out)
+    return torch.addcmul(bias, acc, scale, out=out)
 
 
 def scaled_mm(a_q, b_q, scale_a_inv, scale_b_inv, out_dtype):

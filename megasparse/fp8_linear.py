@@ -95,12 +95,11 @@ class _Fp8SparseLinear(torch.autograd.Function):
             x_t = plan.fp8_wgrad and ctx.needs_input_grad[1]  # the FP8 wgrad takes x^T: cast now
             x_q, x_si, x_q_t = quantize(plan.x_scaler, x2d, x_t)
             cusparselt = plan.use_cusparselt and step.pruned  # a dense step: the dense FP8 GEMM
+            # the bias joins the pass that scales and casts the GEMM's output
             y = fp8_gemm.sparse_fp8_mm(
-                x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype, cusparselt
+                x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype, cusparselt, bias
             )
             saved_x = x_q_t if plan.fp8_wgrad else x2d  # [in, tokens padded to 16] e4m3, or x
-        if bias is not None:
-            y = y + bias.to(y.dtype)
         ctx.save_for_backward(saved_x, x_si, weight)
         ctx.step, ctx.plan, ctx.x_shape, ctx.has_bias = step, plan, x.shape, bias is not None
         fused = plan.gradient_accumulation_fusion

@@ -6,7 +6,7 @@ Every scale stays on the device (no `.item()`): amaxes, histories and scales are
   (E4M3: e4m3 everywhere; HYBRID: e4m3 forward, e5m2 gradients), margin, the delayed-scaling
   history, current scaling's power-of-2 option, and whether wgrad runs in FP8
   (`override_linear_precision.wgrad`). Only per-tensor recipes (DelayedScaling,
-  Float8CurrentScaling) map onto cuSPARSELt's per-tensor alpha; block recipes (MXFP8,
+  Float8CurrentScaling) map onto the one scale of the cuSPARSELt GEMM; block recipes (MXFP8,
   Float8BlockScaling, NVFP4) return None and keep TE's own GEMM on W*M.
 - Scalers quantize one tensor and return (q, scale_inv); `scaler.quantize(t, transpose=True)`
   also returns q's transpose with tokens zero-padded to 16 (the weight-gradient GEMM's operand),

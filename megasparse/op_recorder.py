@@ -21,8 +21,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from megasparse.fake_ops import compression_factor
-
 aten = torch.ops.aten
 
 WEIGHT_PREP, MICROBATCH = "weight_prep", "microbatch"
@@ -109,9 +107,9 @@ def _gemm(func, args, kwargs, out):
     if packet == aten._cslt_sparse_mm:
         compressed, dense = args[0], args[1]
         k, n = dense.shape
-        m = (
-            compressed.numel() * 16 // compression_factor(compressed.dtype) // k
-        )  # cuSPARSELtOps.cpp
+        m = compressed.shape[
+            0
+        ]  # the [m, ...] blob of _cslt_compress, as torch's meta kernel reads it
         return m, n, k, dense.dtype, "A"
     return None
 

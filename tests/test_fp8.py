@@ -258,6 +258,66 @@ def test_alpha_vector_and_padding():
     assert p.shape == (32, 4) and p[21:].abs().sum() == 0 and gemm_ops.pad_rows(p) is p
 
 
+@pytest.mark.parametrize("tokens", [48, 21])  # 21: padded to 32, unpadded by the epilogue
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cusparselt_fp8_gemm_scales_outside_the_gemm(tokens, with_bias):
+    """The cuSPARSELt path (the binding modelled on CPU, tests/cusparselt_cpu.py) passes no alpha:
+    e4m3 with a column-major B and an fp32 result, the combination PyTorch tests; the scale, the
+    bias and the cast are one epilogue pass, rounded once, so the result is the float64 product
+    of the quantized operands up to bf16 rounding. No one-element alpha (.item()) anywhere."""
+    from cusparselt_cpu import cusparselt_on_cpu
+    from megasparse import fake_ops
+
+    x_q, x_si, w_q, w_si = _quantized_operands(tokens, 64, 128, seed=5)
+    bias = torch.randn(64, generator=torch.Generator().manual_seed(6)) if with_bias else None
+    syncs = fake_ops.alpha_item_calls
+    with cusparselt_on_cpu():
+        y = gemm_ops.sparse_fp8_mm(
+            x_q, x_si, gemm_ops.compress(w_q), 64, w_si, torch.bfloat16, True, bias
+        )
+    call = fake_ops.sparse_mm_calls[-1]
+    assert (call["alpha"], call["out_dtype"], call["transpose_result"]) == (
+        None,
+        torch.float32,
+        False,
+    )
+    assert call["dense_layout"] == "column-major" and fake_ops.alpha_item_calls == syncs
+    ref = (x_q.double() @ w_q.double().t()) * (x_si.double() * w_si.double())
+    if with_bias:
+        ref = ref + bias.double()
+    assert y.shape == (tokens, 64) and y.dtype == torch.bfloat16 and y.is_contiguous()
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()  # one bf16 rounding
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_cusparselt_fp8_vector_alpha_is_an_option(monkeypatch, how):
+    """alpha_mode="vector" (or MEGASPARSE_FP8_ALPHA=vector): the scale as one float32 per weight
+    row, bf16 straight out of the GEMM; the same float64 product up to bf16 rounding."""
+    from cusparselt_cpu import cusparselt_on_cpu
+    from megasparse import fake_ops
+
+    x_q, x_si, w_q, w_si = _quantized_operands(21, 64, 128, seed=7)
+    mode = "vector" if how == "argument" else None
+    if how == "environment":
+        monkeypatch.setenv("MEGASPARSE_FP8_ALPHA", "vector")
+    with cusparselt_on_cpu():
+        packed = gemm_ops.compress(w_q)
+        y = gemm_ops.sparse_fp8_mm(
+            x_q, x_si, packed, 64, w_si, use_cusparselt=True, alpha_mode=mode
+        )
+    call = fake_ops.sparse_mm_calls[-1]
+    assert (call["alpha"], call["out_dtype"], call["transpose_result"]) == (
+        ((64,), torch.float32),
+        torch.bfloat16,
+        True,
+    )
+    ref = (x_q.double() @ w_q.double().t()) * (x_si.double() * w_si.double())
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()
+    monkeypatch.setenv("MEGASPARSE_FP8_ALPHA", "scalar")
+    with pytest.raises(ValueError, match="MEGASPARSE_FP8_ALPHA"):
+        gemm_ops.sparse_fp8_mm(x_q, x_si, w_q, 64, w_si, use_cusparselt=True)
+
+
 def test_recipe_from_te_like_objects():
     Fmt = type("Format", (), {})
     hybrid, e4m3 = Fmt(), Fmt()
@@ -329,6 +389,44 @@ def test_fp8_linear_against_float64_of_quantized_operands(mask_kind, grad_dtype)
     # and the whole op is close to the exact masked linear (FP8 error only)
     exact = x2.double() @ wm.double().t()
     assert ((y.double().reshape(-1, 64) - exact).norm() / exact.norm()) < 0.06
+
+
+@pytest.mark.parametrize("mask_kind", ["1d", "transposable"])
+def test_fp8_linear_on_cusparselt_against_float64_of_quantized_operands(mask_kind):
+    """The FP8 2:4 op with cuSPARSELt's GEMMs (the binding modelled on CPU): the forward with a
+    bias and, for transposable masks, the input gradient on (W*M)^T run with no alpha, and equal
+    float64 products of exactly the operands the op quantizes, up to one bf16 rounding."""
+    from cusparselt_cpu import cusparselt_on_cpu
+    from megasparse import fake_ops
+
+    g = torch.Generator().manual_seed(13)
+    w = torch.randn(64, 128, generator=g).requires_grad_(True)
+    b = torch.randn(64, generator=g).requires_grad_(True)
+    x = torch.randn(3, 7, 128, generator=g).requires_grad_(True)  # 21 tokens: padded
+    dy = torch.randn(3, 7, 64, generator=g).to(torch.bfloat16)
+    step = _fp8_layer_step(w, mask_kind)
+    plan = fp8_linear.default_plan(use_cusparselt=True)
+    before, syncs = len(fake_ops.sparse_mm_calls), fake_ops.alpha_item_calls
+    with cusparselt_on_cpu():
+        y = fp8_linear.fp8_sparse_linear_step(x, w, b, step, plan)
+        y.backward(dy)
+    calls = fake_ops.sparse_mm_calls[before:]
+    assert len(calls) == (2 if mask_kind == "transposable" else 1)
+    assert all(c["alpha"] is None and c["out_dtype"] == torch.float32 for c in calls)
+    assert fake_ops.alpha_item_calls == syncs
+
+    def q64(t, dtype=torch.float8_e4m3fn):
+        s = scale_from_amax(t.abs().amax(), dtype)
+        return quantize_with(t, s, dtype).double() / s.double()
+
+    wm = w.detach() * step.mask()
+    x2, dy2 = x.detach().reshape(-1, 128), dy.reshape(-1, 64).float()
+    y_ref = q64(x2) @ q64(wm).t() + b.detach().double()
+    dgrad_dtype = torch.float8_e4m3fn if mask_kind == "transposable" else E5M2
+    dx_ref = q64(dy2, dgrad_dtype) @ q64(wm)
+    torch.testing.assert_close(y.double().reshape(-1, 64), y_ref, rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(x.grad.double().reshape(-1, 128), dx_ref, rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(b.grad.double(), dy2.double().sum(0), rtol=2**-8, atol=1e-5)
 
 
 def test_fp8_weight_built_once_per_step_and_gradient_modes(monkeypatch):

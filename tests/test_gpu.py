@@ -93,6 +93,27 @@ def test_cuda_backend_matches_dense_reference(backend, mask_kind, dtype, tokens)
     torch.testing.assert_close(br.grad.double().cpu(), ref["db"], **tol)
 
 
+@pytest.mark.parametrize("backend", ["cusparselt", "cutlass"])
+def test_sparse_backend_reads_a_sliced_x_and_an_expanded_dy_right(backend):
+    """x a column slice of a wider tensor and dY the expanded ones of .sum().backward() (neither
+    row- nor column-major): the same result as the float64 masked linear."""
+    _skip_cutlass_off_sm8x(backend)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    wide = torch.randn(200, 576, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randn(256, 512, device="cuda", generator=g).to(torch.bfloat16)
+    mask = weight_mask(w, "transposable")
+    x = wide.clone().requires_grad_(True)
+    wr = w.clone().requires_grad_(True)
+    plan = LinearPlan(resolve_backend(backend, w, True), "ste", 0.0, True)
+    y = sparse_linear(x[:, :512], wr, None, mask, plan)
+    y.sum().backward()
+    wm = (w * mask).double()
+    torch.testing.assert_close(y.double(), wide[:, :512].double() @ wm.t(), rtol=3e-2, atol=3e-1)
+    dx = torch.ones(200, 256, device="cuda", dtype=torch.float64) @ wm
+    torch.testing.assert_close(x.grad[:, :512].double(), dx, rtol=3e-2, atol=3e-1)
+    assert (x.grad[:, 512:] == 0).all()
+
+
 def test_auto_picks_a_sparse_backend_on_sm80_plus():
     w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     if torch.cuda.get_device_capability() < (8, 0):

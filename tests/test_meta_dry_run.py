@@ -1,4 +1,4 @@
-"""GPU paths on device="meta" at real shapes (issue 11 item 4): argument order, dtypes and shapes of
+"""GPU paths on device="meta" at real shapes: argument order, dtypes and shapes of
 every cuSPARSELt call, checked on CPU with the fakes of megasparse.fake_ops.
 
 device_reason refuses non-CUDA devices, so the backend objects are called directly.
@@ -15,7 +15,7 @@ from megasparse.ops import LinearPlan, sparse_linear
 from megasparse.sparse_operand import mark_sparse
 
 HIDDEN, FFN, TOKENS = 8192, 28672, 16384
-BF16, E4M3 = torch.bfloat16, torch.float8_e4m3fn
+BF16, E4M3, F32 = torch.bfloat16, torch.float8_e4m3fn, torch.float32
 
 
 def meta(*shape, dtype=BF16, grad=False):
@@ -26,23 +26,59 @@ def cslt_calls(rec):
     return [r for r in rec.records if r.op in ("_cslt_compress", "_cslt_sparse_mm")]
 
 
-def test_fakes_follow_cusparselt_ops_cpp():
+def test_fakes_follow_torch_2_13s_own_meta_registration():
+    """_cslt_compress gives the binding's 2-D [m, ...] blob (9/16 of the columns for bf16, 10/16 for
+    e4m3); _cslt_sparse_mm's output is what torch's own meta kernel, which reads m from the blob's
+    size(0), gives for the same arguments."""
+    from torch._meta_registrations import meta__cslt_sparse_mm
+
     with fake_gpu_ops():
         packed = torch._cslt_compress(meta(256, 128))
-        assert packed.shape == (256 * 128 * 9 // 16,) and packed.dtype == BF16
-        assert torch._cslt_sparse_mm(packed, meta(128, 64)).shape == (256, 64)
-        assert torch._cslt_sparse_mm(packed, meta(128, 64), transpose_result=True).shape == (
-            64,
-            256,
-        )
+        packed_e4m3 = torch._cslt_compress(meta(256, 128, dtype=E4M3))
+        assert (packed.shape, packed.dtype) == ((256, 128 * 9 // 16), BF16)
+        assert (packed_e4m3.shape, packed_e4m3.dtype) == ((256, 128 * 10 // 16), E4M3)
+        calls = [
+            (packed, meta(128, 64), {}),
+            (packed, meta(64, 128).t(), {"transpose_result": True}),
+            (packed_e4m3, meta(64, 128, dtype=E4M3).t(), {"out_dtype": torch.float32}),
+            (packed_e4m3, meta(64, 128, dtype=E4M3).t(), {"out_dtype": BF16, "bias": meta(256)}),
+        ]
+        for compressed, dense, kwargs in calls:
+            ours = torch._cslt_sparse_mm(compressed, dense, **kwargs)
+            torchs = meta__cslt_sparse_mm(compressed, dense, **kwargs)
+            assert (ours.shape, ours.dtype) == (torchs.shape, torchs.dtype)
+            assert ours.shape[1 if kwargs.get("transpose_result") else 0] == 256
         with pytest.raises(RuntimeError, match="reduction dims"):
             torch._cslt_sparse_mm(packed, meta(96, 64))  # wrong K
         with pytest.raises(RuntimeError, match="out_dtype"):
-            torch._cslt_sparse_mm(
-                packed, meta(128, 64), out_dtype=torch.float32
-            )  # bf16 has no out_dtype
-    # outside the block torch's own meta kernel is back (it reads m from size(0) of the 1-D tensor)
-    assert torch._cslt_sparse_mm(packed, meta(128, 64)).shape == (256 * 128 * 9 // 16, 64)
+            torch._cslt_sparse_mm(packed, meta(128, 64), out_dtype=torch.float32)  # bf16: none
+        with pytest.raises(RuntimeError, match="2-D"):
+            torch._cslt_sparse_mm(packed.reshape(-1), meta(128, 64))  # the old 1-D blob
+    # outside the block torch's own meta kernel is back, and agrees on m
+    assert torch._cslt_sparse_mm(packed, meta(128, 64)).shape == (256, 64)
+
+
+def test_fake_sparse_mm_refuses_the_layouts_the_binding_misreads():
+    """cuSPARSELtOps.cpp describes B from is_contiguous() alone: row-major, else column-major with
+    leading dimension k. Anything else is refused; 8-bit B must be column-major."""
+    with fake_gpu_ops():
+        packed = torch._cslt_compress(meta(256, 128))
+        torch._cslt_sparse_mm(packed, meta(128, 64))  # row-major
+        torch._cslt_sparse_mm(packed, meta(64, 128).t())  # column-major
+        assert [c["dense_layout"] for c in fake_ops.sparse_mm_calls[-2:]] == [
+            "row-major",
+            "column-major",
+        ]
+        column_slice = meta(128, 96)[:, :64]  # row stride 96, not 64
+        transposed_slice = meta(64, 160)[:, :128].t()  # column stride 160, not 128
+        expanded = meta(1, 64).expand(128, 64)  # the dY of .sum().backward()
+        for misread in (column_slice, transposed_slice, expanded):
+            with pytest.raises(RuntimeError, match="wrong leading dimension"):
+                torch._cslt_sparse_mm(packed, misread)
+        packed_e4m3 = torch._cslt_compress(meta(256, 128, dtype=E4M3))
+        with pytest.raises(RuntimeError, match="column-major"):
+            torch._cslt_sparse_mm(packed_e4m3, meta(128, 64, dtype=E4M3), out_dtype=BF16)
+        torch._cslt_sparse_mm(packed_e4m3, meta(64, 128, dtype=E4M3).t(), out_dtype=BF16)
 
 
 def test_from_dense_still_checks_shape_on_meta():
@@ -76,6 +112,28 @@ def test_cusparselt_ffn_forward_backward(tp, transposable):
     assert [g.mnk for g in gemms] == expected and {g.dtype for g in gemms} == {BF16}
 
 
+@pytest.mark.parametrize("x_is_a_column_slice", [False, True])
+def test_cusparselt_operands_of_a_sliced_x_and_an_expanded_dy(x_is_a_column_slice):
+    """dY the expanded ones of .sum().backward(), x a column slice of a wider tensor: neither is
+    row- nor column-major, which the binding would read with the wrong leading dimension (the
+    fakes refuse it). Every dense operand reaches cuSPARSELt in a layout the binding describes:
+    torch's cusparselt_mm hands it the transpose of our contiguous x2d / dY2d."""
+    leaf = meta(TOKENS, HIDDEN + 64 if x_is_a_column_slice else HIDDEN, grad=True)
+    x = leaf[:, :HIDDEN]
+    w, mask = meta(FFN, HIDDEN, grad=True), meta(FFN, HIDDEN, dtype=torch.bool)
+    plan = LinearPlan(backend=BACKENDS["cusparselt"], transposable=True)
+    before = len(fake_ops.sparse_mm_calls)
+    with fake_gpu_ops():  # no OpRecorder: the fakes alone run cusparselt_mm's body
+        y = sparse_linear(x, w, None, mask, plan)
+        y.sum().backward()
+    calls = [(c["m"], c["n"], c["k"], c["dense_layout"]) for c in fake_ops.sparse_mm_calls[before:]]
+    assert calls == [
+        (FFN, TOKENS, HIDDEN, "column-major"),  # forward: B = x2d^T
+        (HIDDEN, TOKENS, FFN, "column-major"),  # input gradient on (W*M)^T: B = dY2d^T
+    ]
+    assert leaf.grad.shape == leaf.shape and w.grad.shape == w.shape
+
+
 @pytest.mark.parametrize("tp", [1, 8])
 def test_cusparselt_sparse_grad_output_of_a_2_4_activation(tp):
     """fc1's input gradient with dH (2:4 along ffn) as the sparse operand, compressed per call."""
@@ -103,24 +161,42 @@ def test_fp8_sparse_gemm(tp, monkeypatch):
     compress, mm = cslt_calls(rec)
     assert (
         compress.op == "_cslt_compress"
-        and mm.mnk == (FFN // tp, TOKENS, HIDDEN)
+        and mm.mnk == (FFN // tp, TOKENS, HIDDEN)  # m: the compressed blob's size(0)
         and mm.dtype == E4M3
     )
+    # 8-bit: kept values (1/2) and their metadata (1/8) of the weight's bytes = 10/16
+    assert compress.bytes_written == (FFN // tp) * HIDDEN * 10 // 16
 
 
-def test_fp8_sparse_gemm_has_no_host_sync(monkeypatch):
+@pytest.mark.parametrize("alpha_mode", ["output", "vector"])
+def test_fp8_sparse_gemm_has_no_host_sync(monkeypatch, alpha_mode):
+    """By default no alpha at all (the scale is applied by the output's epilogue pass): e4m3 with
+    a column-major B and fp32 out, the combination PyTorch tests; the vector alpha (one float per
+    weight row) is an option. Neither reads a one-element alpha with .item()."""
     monkeypatch.setattr(fp8, "_fp8_cusparselt_ok", lambda device: True)
+    if alpha_mode != "output":
+        monkeypatch.setenv("MEGASPARSE_FP8_ALPHA", alpha_mode)
     before = fake_ops.alpha_item_calls
     with fake_gpu_ops():
-        fp8.fp8_gemm(
-            meta(64, 128, dtype=E4M3),
+        y = fp8.fp8_gemm(
+            meta(40, 128, dtype=E4M3),
             torch.ones((), device="meta"),
             meta(64, 128, dtype=E4M3),
             torch.ones((), device="meta"),
             sparse=True,
         )
+    assert (y.shape, y.dtype) == ((40, 64), BF16) and y.is_contiguous()
+    call = fake_ops.sparse_mm_calls[-1]
     assert fake_ops.alpha_item_calls == before
-    assert fake_ops.sparse_mm_calls[-1]["alpha"] == ((64,), torch.float32)  # one per weight row
+    assert (call["n"], call["dense_layout"]) == (48, "column-major")  # tokens padded to 16
+    if alpha_mode == "output":
+        assert (call["alpha"], call["out_dtype"], call["transpose_result"]) == (None, F32, False)
+    else:
+        assert (call["alpha"], call["out_dtype"], call["transpose_result"]) == (
+            ((64,), F32),  # one per weight row
+            BF16,
+            True,
+        )
 
 
 def _fp8_step(weight, mask_kind):
@@ -156,7 +232,7 @@ def test_fp8_2_4_ffn_forward_backward(tp, mask_kind, tokens):
         BF16,
     )
     assert w1.grad.shape == w1.shape and w2.grad.shape == w2.shape
-    assert fake_ops.alpha_item_calls == before_sync  # no .item(): vector alpha only
+    assert fake_ops.alpha_item_calls == before_sync  # no .item()
     calls = fake_ops.sparse_mm_calls[before_calls:]
     padded = -(-tokens // 16) * 16
     # per micro-batch: fc1 fwd, fc2 fwd, then (transposable) fc2 and fc1 input gradients
@@ -166,9 +242,14 @@ def test_fp8_2_4_ffn_forward_backward(tp, mask_kind, tokens):
         step_calls += [(FFN // tp, padded, HIDDEN), (HIDDEN, padded, FFN // tp)]
     assert [(c["m"], c["n"], c["k"]) for c in calls] == step_calls * 2
     for c in calls:
-        assert c["dtype"] == E4M3 and c["out_dtype"] == BF16 and c["transpose_result"]
-        assert not c["dense_contiguous"]  # B = x^T of a row-major x: the layout FP8 kernels want
-        assert c["alpha"] == ((c["m"],), torch.float32)
+        # no alpha, fp32 out for the scaling epilogue; B = x^T of a row-major x: column-major
+        assert (c["dtype"], c["alpha"], c["out_dtype"], c["transpose_result"]) == (
+            E4M3,
+            None,
+            F32,
+            False,
+        )
+        assert c["dense_layout"] == "column-major"
     compress = [r for r in cslt_calls(rec) if r.op == "_cslt_compress"]
     assert len(compress) == (4 if mask_kind == "transposable" else 2)  # once per step, per operand
     assert all(r.dtype == E4M3 or r.dtype is None for r in compress)
@@ -260,7 +341,7 @@ def test_te_grouped_linear_fp8_2_4_experts(mask_kind, monkeypatch):
     for layer in (fc1, fc2):
         weights = [getattr(layer, name) for name in layer._sparse_weight_names()]
         assert all(w.grad.shape == w.shape for w in weights)  # expert 1 (no tokens) too
-    assert fake_ops.alpha_item_calls == before_sync  # vector alpha only
+    assert fake_ops.alpha_item_calls == before_sync  # no .item()
     calls = fake_ops.sparse_mm_calls[before_calls:]
     padded = [-(-n // 16) * 16 for n in counts if n]  # no call for the expert without tokens
     # per micro-batch and expert: fc1 [FFN, HIDDEN] and fc2 [HIDDEN, FFN] forward; with
@@ -269,8 +350,13 @@ def test_te_grouped_linear_fp8_2_4_experts(mask_kind, monkeypatch):
     expected = per_mb * (4 if mask_kind == "transposable" else 2)
     assert sorted((c["m"], c["n"], c["k"]) for c in calls) == sorted(expected)
     for c in calls:
-        assert c["dtype"] == E4M3 and c["out_dtype"] == BF16 and c["transpose_result"]
-        assert not c["dense_contiguous"] and c["alpha"] == ((c["m"],), torch.float32)
+        assert (c["dtype"], c["alpha"], c["out_dtype"], c["transpose_result"]) == (
+            E4M3,
+            None,
+            F32,
+            False,
+        )
+        assert c["dense_layout"] == "column-major"
     compress = [r for r in cslt_calls(rec) if r.op == "_cslt_compress"]
     with_tokens = len(padded)
     # once per step per expert with tokens, per operand (W*M, and (W*M)^T when transposable)

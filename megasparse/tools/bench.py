@@ -320,8 +320,9 @@ def _fp8_cast_bandwidth(hidden, bandwidth, tokens=16384):
 
 
 def _fp8_gemm_ratio(hidden, ffn, tokens=16384):
-    """cuSPARSELt FP8 2:4 against torch._scaled_mm FP8 dense at the FFN's fc1 shape, or None."""
-    from megasparse import fp8
+    """cuSPARSELt FP8 2:4 (megasparse's path: the GEMM and its scaling epilogue) against
+    torch._scaled_mm FP8 dense at the FFN's fc1 shape, or None."""
+    from megasparse import fp8, fp8_gemm
     from megasparse.ops import weight_mask
 
     if not fp8._fp8_cusparselt_ok(torch.device("cuda")):
@@ -330,14 +331,12 @@ def _fp8_gemm_ratio(hidden, ffn, tokens=16384):
     w_q = fp8.quantize(w * weight_mask(w), torch.ones((), device="cuda"))
     x_q = fp8.quantize(torch.randn(tokens, hidden, device="cuda"), torch.ones((), device="cuda"))
     one = torch.ones((), device="cuda")
-    packed = torch._cslt_compress(w_q)
+    packed = fp8_gemm.compress(w_q)
     dense = _time_ms(
         lambda: torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
     )
     sparse = _time_ms(
-        lambda: torch._cslt_sparse_mm(
-            packed, x_q.t(), out_dtype=torch.bfloat16, transpose_result=True
-        )
+        lambda: fp8_gemm.sparse_fp8_mm(x_q, one, packed, ffn, one, use_cusparselt=True)
     )
     return dense / sparse
 
@@ -345,16 +344,17 @@ def _fp8_gemm_ratio(hidden, ffn, tokens=16384):
 def state_memory(hidden, ffn, device):
     """Bytes the per-step state of fc1 holds / its dense weight bytes, per mask choice (the GPU backend's
     compressed operands on CUDA; on the CPU the dense backend holds W*M instead, so the CPU numbers use
-    cuSPARSELt's compressed size: numel * 9 / 16 elements, PyTorch's cuSPARSELtOps.cpp)."""
+    cuSPARSELt's compressed shape, megasparse.fake_ops.compressed_shape)."""
     from megasparse import SparsityConfig
     from megasparse.backends import BACKENDS, DenseBackend
+    from megasparse.fake_ops import compressed_shape
     from megasparse.weight_state import SparseWeightState
 
     class CusparseltSized(DenseBackend):
         name = "cusparselt-sized"
 
         def compress(self, matrix):
-            return matrix.new_empty(matrix.numel() * 9 // 16)
+            return matrix.new_empty(compressed_shape(*matrix.shape, matrix.dtype))
 
     backend = BACKENDS["cusparselt"] if device == "cuda" else CusparseltSized()
     weight = torch.randn(ffn, hidden, device=device, dtype=torch.bfloat16)
