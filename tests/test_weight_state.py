@@ -209,11 +209,14 @@ def test_fc1_follows_a_replaced_fc2_config():
     assert not mlp.linear_fc1._sparse_input_now()
 
 
-def _megatron_mlp_with_optimizer(sparsity, overlap, distributed):
+def _megatron_mlp_with_optimizer(sparsity, overlap, distributed, bf16=False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    cfg = make_config(dtype=torch.float32, ffn_hidden_size=32, gradient_accumulation_fusion=True)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    cfg = make_config(
+        dtype=dtype, ffn_hidden_size=32, gradient_accumulation_fusion=True, bf16=bf16
+    )
     mlp = make_mlp(cfg, 32, sparsity, sparsity)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=distributed
@@ -225,7 +228,7 @@ def _megatron_mlp_with_optimizer(sparsity, overlap, distributed):
             lr=0.05,
             weight_decay=0.0,
             clip_grad=0.0,
-            bf16=False,
+            bf16=bf16,
             fp16=False,
             use_distributed_optimizer=distributed,
         ),
@@ -252,8 +255,21 @@ def test_megatron_ddp_and_optimizer_find_the_step_without_user_calls(
         _ddp_steps(sparsity, mask_calls, overlap, distributed, mode, interval)
 
 
+def _another_models_optimizer():
+    """A step of another model's optimizer: `foreign_step()` (not a step of the MLP's weights)."""
+    foreign = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([foreign], lr=0.1)
+
+    def foreign_step():
+        foreign.grad = torch.ones(4)
+        optimizer.step()
+
+    return foreign_step
+
+
 def _ddp_steps(sparsity, mask_calls, overlap, distributed, mode, interval):
     mlp, model, optimizer = _megatron_mlp_with_optimizer(sparsity, overlap, distributed)
+    foreign_step = _another_models_optimizer()
     fc1 = mlp.linear_fc1
     g = torch.Generator().manual_seed(1)
     mask = None
@@ -283,6 +299,8 @@ def _ddp_steps(sparsity, mask_calls, overlap, distributed, mode, interval):
                     out.square().sum().backward()
             else:
                 out.square().sum().backward()
+            if step > 0:  # once Megatron's optimizer is known (it has stepped)
+                foreign_step()  # not a step of the MLP's weights: no extra srste term, no refresh
         handle.remove()
         model.finish_grad_sync()
         assert len(mask_calls) - calls_before == 2 * (1 if refresh else 0), (
@@ -692,3 +710,36 @@ def test_cuda_graph_capture_of_a_sparse_layer_is_refused_on_the_gpu():
     with pytest.raises(RuntimeError, match="CUDA graph capture"):
         with torch.cuda.graph(graph):
             layer(x)
+
+
+def test_megatron_mixed_precision_main_copies_tie_the_step_to_the_weights_optimizer():
+    """bf16 weights under Megatron's mixed-precision optimizer (its inner optimizer steps fp32 main
+    copies): another optimizer stepping between micro-batches changes nothing, bit for bit."""
+    from megasparse.testing import cpu_megatron
+
+    sparsity = SparsityConfig(gradient="srste", srste_decay=DECAY, backend="dense")
+    runs = []
+    with cpu_megatron(training=True):
+        for interleave in (False, True):
+            mlp, model, optimizer = _megatron_mlp_with_optimizer(sparsity, False, False, bf16=True)
+            assert mlp.linear_fc1.weight.main_param is not None  # the fp32 main copy
+            foreign_step = _another_models_optimizer()
+            g = torch.Generator().manual_seed(6)
+            grads = []
+            for step in range(3):
+                model.zero_grad_buffer()
+                optimizer.zero_grad()
+                for _ in range(MICRO_BATCHES):
+                    x = torch.randn(3, 2, 16, generator=g).bfloat16()
+                    out, bias = model(x)
+                    (out if bias is None else out + bias).float().square().sum().backward()
+                    if interleave and step > 0:
+                        foreign_step()
+                model.finish_grad_sync()
+                grads.append(mlp.linear_fc1.weight.main_grad.clone())
+                optimizer.step()
+            runs.append((grads, mlp.linear_fc1.weight.detach().clone()))
+    (grads, weight), (grads_interleaved, weight_interleaved) = runs
+    for step, (a, b) in enumerate(zip(grads, grads_interleaved)):
+        assert torch.equal(a, b), step
+    assert torch.equal(weight, weight_interleaved)
