@@ -87,8 +87,10 @@ class StepWatcher:
         self.__dict__.update(state)
 
     def reset(self) -> None:
-        """Forget the last look: the next one is not a boundary (a checkpoint was just restored)."""
+        """Forget the past (a checkpoint with the step count was just restored): the next look is
+        not a boundary."""
         self._seen = None
+        self.guessed, self.interleaved = 0, False
 
     @property
     def owned(self) -> bool:
@@ -120,7 +122,9 @@ class StepWatcher:
         return not owners or any(_last_step.get(owner, 0) > seen for owner in owners)
 
     def _owners_of(self, weight) -> list:
-        if self._looked_up_at != _known:  # an optimizer stepped for the first time: look again
+        # look again when an optimizer stepped for the first time, or while none owns the weight
+        # (it may have been added to a known optimizer's param groups since)
+        if self._looked_up_at != _known or not self.owned:
             targets = {id(weight)}
             main = getattr(weight, "main_param", None)  # Megatron's fp32 main copy (or shard)
             if main is not None:

@@ -406,7 +406,8 @@ class SparseWeightState:
                 f"megasparse: another optimizer stepped between micro-batches of a step before the "
                 f"optimizer of a sparse weight had stepped once (megasparse learns which optimizer "
                 f"owns a weight at that optimizer's first step), so the {sparsity.gradient} term "
-                "was added more than once in that weight's first step(s). Later steps are exact. "
+                "may have been added more than once in that weight's first step (unless its "
+                "gradient was zeroed in between). Later steps are exact. "
                 "To be exact from the first step, drive the steps by iteration: "
                 "SparsitySchedule.apply(model, iteration) or module.set_sparsity_iteration(it)."
             )
@@ -595,7 +596,7 @@ class SparseWeightState:
         if step_count is not None:  # the run goes on where it was saved
             self.steps = int(step_count)
             self._watch.reset()  # the saved count includes a step taken since the last use
-            self._terms = StepTerms()
+            self._terms, self._terms_before_owner = StepTerms(), 0
         if mask is None or weight is None or tuple(mask.shape) != tuple(weight.shape):
             self.held_mask_bits = None
             return

@@ -214,9 +214,7 @@ def _megatron_mlp_with_optimizer(sparsity, overlap, distributed, bf16=False):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    cfg = make_config(
-        dtype=dtype, ffn_hidden_size=32, gradient_accumulation_fusion=True, bf16=bf16
-    )
+    cfg = make_config(dtype=dtype, ffn_hidden_size=32, gradient_accumulation_fusion=True, bf16=bf16)
     mlp = make_mlp(cfg, 32, sparsity, sparsity)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=distributed
@@ -515,7 +513,6 @@ def test_checkpoint_without_a_step_count_loads_as_before_with_one_warning(
         warnings.simplefilter("always")
         _save_and_load(saved, loaded, checkpoint, tmp_path)
         loaded.load_state_dict(loaded.state_dict())  # a second load: no second warning
-    assert [str(w.message) for w in caught if "no step count" in str(w.message)] != []
     assert len([w for w in caught if "no step count" in str(w.message)]) == 1
     state = loaded.weight_state
     assert (state.refreshed_at, state.steps) == (3, 3)  # as before: resumes at the refresh step
@@ -645,7 +642,7 @@ def test_interleaving_before_the_weights_optimizer_first_stepped_is_reported():
     _other_model_steps(other, other_opt, g)  # counted: the layer's optimizer is not known yet
     layer(xs[1])[0].backward(dys[1])
     opt.step()
-    with pytest.warns(UserWarning, match="srste term was added more than once"):
+    with pytest.warns(UserWarning, match="srste term may have been added more than once"):
         layer(xs[0])
     assert layer.weight_state.steps == 1  # the other optimizer's step is taken back
 
