@@ -22,6 +22,7 @@ _LAZY = {
     "SparsitySchedule": "megasparse.schedule",
     "add_args": "megasparse.args",
     "Fp8SparseLinear": "megasparse.fp8",
+    "weights_changed": "megasparse.interface",
 }
 
 __all__ = ["SparsityConfig", *_LAZY]

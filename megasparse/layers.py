@@ -26,7 +26,7 @@ from megasparse.interface import describe, layer_stats
 from megasparse import fp8_linear, speed_gate
 from megasparse.ops import LinearPlan, sparse_linear_step
 from megasparse.sparse_operand import is_2_4, sparse_pattern
-from megasparse.weight_state import SparseWeightState, compute_mask
+from megasparse.weight_state import SparseWeightState, compute_mask, parse_refreshed_at
 
 ALL_ROLES = speed_gate.ROLES
 
@@ -138,6 +138,13 @@ class _SparseLinearMixin:
         """Kept share of |W| under the current mask, and bytes the per-step state holds (this rank)."""
         return layer_stats(self)
 
+    def train(self, mode: bool = True):
+        # a mode switch rebuilds the state at the next forward: EMA validation swaps the weights
+        # through .data around eval() / train(), which no version counter sees
+        if mode != self.training and getattr(self, "weight_state", None) is not None:
+            self.weight_state.invalidate()
+        return super().train(mode)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sparsity={describe(self.sparsity)}"
 
@@ -188,6 +195,8 @@ class _SparseLinearMixin:
                     **kwargs,
                 )
             )
+            if prefix + "megasparse_refreshed_at" in result:  # older checkpoints hold 1 element
+                result[prefix + "megasparse_refreshed_at"].allow_shape_mismatch = True
         return result
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -200,8 +209,10 @@ class _SparseLinearMixin:
             dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
             self.weight_state.sste_beta = beta.reshape(()).to(dtype)  # as sste_scale gives it
         if mask is not None:  # from a dist checkpoint (set_extra_state saw None)
-            refreshed_at = int(refreshed_at[0]) if refreshed_at is not None else 0
-            self.weight_state.restore_held_mask(mask, refreshed_at, self.weight)
+            refreshed_at, step_count = (
+                parse_refreshed_at(refreshed_at) if refreshed_at is not None else (0, None)
+            )
+            self.weight_state.restore_held_mask(mask, refreshed_at, self.weight, step_count)
 
     # --- the GEMM -------------------------------------------------------------------------
 

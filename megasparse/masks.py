@@ -31,3 +31,16 @@ def check_finite(weight: torch.Tensor) -> None:
             "is meaningless. The dense master weight is corrupt: resume from the last good checkpoint "
             "or lower the learning rate (nonfinite_weights='propagate' lets the NaN reach the loss instead)."
         )
+
+
+def follows_pattern(mask: torch.Tensor, kind: str = "1d") -> bool:
+    """Whether a bool mask [out, in] keeps exactly 2 of every 4 along `in` ("1d"), and for
+    "transposable" also 2 of every 4 along `out` in every 4x4 tile. One host sync."""
+    rows, cols = mask.shape
+    if cols % 4 or (kind == "transposable" and rows % 4):
+        return False
+    kept = mask.to(torch.int8)
+    ok = (kept.reshape(rows, cols // 4, 4).sum(-1) == 2).all()
+    if kind == "transposable":
+        ok = ok & (kept.reshape(rows // 4, 4, cols).sum(1) == 2).all()
+    return bool(ok)

@@ -136,6 +136,13 @@ class _SparseTEMixin:
         for state in self.weight_states:
             state.invalidate(drop_held_mask=True)
 
+    def train(self, mode: bool = True):
+        # a mode switch rebuilds the state at the next forward (EMA swaps weights through .data)
+        if mode != self.training:
+            for state in getattr(self, "weight_states", ()):  # (none yet while constructed)
+                state.invalidate()
+        return super().train(mode)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sparsity={describe(self.sparsity)}"
 

@@ -8,15 +8,28 @@ micro-batch's forward, backward and recompute in that step (a `WeightStep`):
 - the input-gradient operand: the compressed (W*M)^T for transposable masks, W*M for 1d masks;
   held for the step or rebuilt in each backward (`SparsityConfig.hold_backward_weight`).
 
-The rule for a step boundary (also in the README): the state is rebuilt at the first use after
-1. a `torch.optim` optimizer step anywhere in the process (Megatron's optimizers step one), or
-2. a new iteration given to `set_iteration` (SparsitySchedule, the Megatron-LM hook), or
-3. an in-place change of the weight (its version counter: load_state_dict, manual edits), or
-   new weight storage (Megatron DDP moving parameters into its buffers), or
+The step-boundary rule (also in the README). The state is rebuilt from the current weight at the
+first use after
+1. a step of the weight's own optimizer: a `torch.optim` optimizer whose param groups hold the
+   weight, its `main_param` (Megatron's fp32 main copy) or a view of it (megasparse.step_clock;
+   Megatron's optimizers step one). Another optimizer's step is not a boundary of this weight;
+   a weight that no optimizer seen so far holds counts every optimizer step;
+2. a new iteration given to `set_iteration` (SparsitySchedule, the Megatron-LM hook);
+3. an in-place change of the weight (its version counter: load_state_dict, in-place updates under
+   torch.no_grad()), or new weight storage (`p.data = t`, Megatron DDP moving parameters into its
+   buffers);
 4. a change of the layer's SparsityConfig (weights, mask, enabled, nonfinite_weights, backend,
    hold_backward_weight) or a new config object; a change of the mask rule (weights, mask,
-   enabled, nonfinite_weights), even one undone before the next use, also drops a held mask.
-Boundaries of kind 1 and 2 count steps for held masks (kind 2 sets the count to the iteration).
+   enabled, nonfinite_weights), even one undone before the next use, also drops a held mask;
+5. a train()/eval() switch of the module, or `megasparse.weights_changed(model)`.
+Not covered: writes through `.data` that keep the storage (`p.data -= lr * p.grad`,
+`p.data.copy_(ema)`) outside those; call `megasparse.weights_changed(model)` after them, or
+write in place under torch.no_grad(). MEGASPARSE_VERIFY_STATE=1 finds them (a host sync and a
+weight compare per use).
+Boundaries of kind 1 and 2 count steps for held masks (kind 2 sets the count to the iteration)
+and re-arm the per-step gradient terms (srste, masked_decay: once per step, whatever else
+rebuilds the state in between). The step count is saved with held masks in checkpoints.
+Under CUDA graph capture the state refuses to run (a replay would not rebuild it).
 
 This module is the only copy of the mask policy (`compute_mask`) and of held-mask checkpoint I/O;
 every sparse module (local and TE linears, experts, FP8) goes through it.
@@ -37,18 +50,54 @@ Training-quality pieces (issue 14; each marked "quality" below, all off unless t
 """
 
 import itertools
+import os
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megasparse import step_clock
+from megasparse.backends import _warn_once
+from megasparse.config import _MASK_RULE_FIELDS
 from megasparse.fp8_recipe import quantized_weight
-from megasparse.masks import check_finite, weight_mask
+from megasparse.masks import check_finite, follows_pattern, weight_mask
+
+VERIFY_ENV = "MEGASPARSE_VERIFY_STATE"
 
 _BIT_WEIGHTS = {}
 _POPCOUNT = {}  # quality: bits set in each uint8 value, per device (flip rate)
 _STATE_INDEX = itertools.count()  # quality: weight index for the MVUE seeds (construction order)
+_CONFIG_SERIALS = itertools.count(1)  # one per SparsityConfig object, never reused (unlike id())
+
+
+def verify_mode() -> bool:
+    """MEGASPARSE_VERIFY_STATE=1 (debugging): every use of a step's state compares the weight with
+    the one its operands were built from (a weight-sized compare and a host sync per use)."""
+    return os.environ.get(VERIFY_ENV, "0") not in ("", "0")
+
+
+def _graph_capture_underway(weight) -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (no sync; False for CPU weights)."""
+    return weight.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN equals the same NaN), one host sync."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+
+
+class StepTerms:
+    """The per-step gradient terms (srste, masked_decay) of one step of a weight: added once.
+
+    Shared by every WeightStep built within that step, so rebuilding the operands in the middle
+    of a step (a mode switch, a weight write, another optimizer's step) never adds them twice."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self):
+        self.pending = True
 
 
 def compute_mask(weight: torch.Tensor, sparsity) -> torch.Tensor:
@@ -98,6 +147,7 @@ class WeightStep:
         sparsity=None,
         sste_beta=None,
         wgrad_seed: Optional[int] = None,
+        terms: Optional[StepTerms] = None,
     ):
         # quality: the config the step was built under (its gradient parameters are read at use),
         # S-STE's beta (the forward weight is beta * S(W) when set), the MVUE seed of this step
@@ -110,7 +160,7 @@ class WeightStep:
         self.backend = backend
         self.transposable = transposable
         self.hold_backward = hold_backward
-        self.decay_pending = True  # per-step gradient terms (srste) not yet applied this step
+        self.terms = terms if terms is not None else StepTerms()  # srste / masked_decay, once
         self._dense = None  # W*M
         self._compressed = None  # compress(W*M)
         self._compressed_t = None  # compress((W*M)^T)
@@ -175,7 +225,7 @@ class WeightStep:
 
     def take_decay(self) -> bool:
         """True once per step: whether the caller should add this step's per-step gradient term."""
-        pending, self.decay_pending = self.decay_pending, False
+        pending, self.terms.pending = self.terms.pending, False
         return pending
 
     def held_bytes(self) -> dict:
@@ -204,8 +254,29 @@ def _nbytes(value) -> int:
 
 def _mask_rule(sparsity):
     """Identifies the config's mask rule; any change of weights / mask / enabled / nonfinite_weights
-    (even one undone before the next use) or a new config object gives a new value."""
-    return id(sparsity), sparsity.mask_rule_revision
+    (even one undone before the next use) or a new config object gives a new value: a serial
+    stamped on the config object at its first use (a copy made by dataclasses.replace gets its
+    own), its count of rule changes, and the rule's fields."""
+    serial = sparsity.__dict__.get("_megasparse_serial")
+    if serial is None:
+        serial = next(_CONFIG_SERIALS)
+        object.__setattr__(sparsity, "_megasparse_serial", serial)
+    fields = tuple(getattr(sparsity, name) for name in _MASK_RULE_FIELDS)
+    return (serial, sparsity.mask_rule_revision) + fields
+
+
+PER_STEP_TERMS = ("srste", "masked_decay")  # gradient modes with a once-per-step term
+
+_CAPTURE_ERROR = (
+    "megasparse: a sparse layer is running under CUDA graph capture (torch.cuda.graph, TE's "
+    "make_graphed_callables, Megatron's cuda_graph_impl 'local' / 'transformer_engine' / "
+    "'full_iteration', formerly --enable-cuda-graph / --external-cuda-graph). Its 2:4 state "
+    "(mask, W*M, compressed and FP8 weights) is rebuilt by host-side Python once per optimizer "
+    "step, which a graph replay does not run, so replays would compute with a stale weight. "
+    "Keep the sparse layers out of the captured region (capture only modules without sparse "
+    "layers, e.g. Megatron's cuda_graph_scope / cuda_graph_modules 'attn' when only the MLP is "
+    "sparse), or turn CUDA graphs off."
+)
 
 
 class SparseWeightState:
@@ -218,7 +289,11 @@ class SparseWeightState:
         self.steps = 0  # step boundaries seen (or the iteration set from outside)
         self.iteration_driven = False
         self.mask_computations = 0
-        self._generation = None
+        self._watch = step_clock.StepWatcher()  # when the weight's own optimizer steps
+        self._terms = StepTerms()  # this step's per-step gradient terms
+        self._terms_before_owner = 0  # steps whose terms were added before the optimizer was known
+        self._built_from = None  # verify mode: the weight the step's operands were built from
+        self._held_unchecked = False  # a restored held mask not yet checked against the rule
         self._mask_key = None
         self._rule = None
         self._step: Optional[WeightStep] = None
@@ -238,27 +313,48 @@ class SparseWeightState:
         iteration = int(iteration)
         if not self.iteration_driven or iteration != self.steps:
             self._step = None
+            self._terms = StepTerms()
         self.steps, self.iteration_driven = iteration, True
 
     def invalidate(self, drop_held_mask: bool = False) -> None:
+        """Rebuild the operands from the current weight at the next use (not a step boundary:
+        the step count and this step's gradient terms stay)."""
         self._step = None
         if drop_held_mask:
             self.held_mask_bits = None
 
+    def step_count(self) -> int:
+        """The step count the next use will see (a boundary since the last use included)."""
+        if self.iteration_driven:
+            return self.steps
+        pending = self._watch.peek()
+        guessed = self._watch.guessed if self._watch.owned else 0
+        return self.steps - guessed + int(pending)
+
     def step(self, weight, sparsity, backend, transposable: Optional[bool] = None) -> WeightStep:
         """This step's WeightStep for `weight` under `sparsity`, built at the first call after a boundary."""
-        generation = step_clock.generation()
-        if self._generation is not None and generation != self._generation:
+        if (sparsity.prunes_weights or sparsity.fp8 is not None) and _graph_capture_underway(
+            weight
+        ):
+            raise RuntimeError(_CAPTURE_ERROR)
+        crossed = self._watch.look(weight)
+        if self._watch.guessed and self._watch.owned:
+            self._settle_guessed_steps(sparsity)
+        if crossed:
+            self._step = None
             if not self.iteration_driven:
                 self.steps += 1
-            self._step = None
-        self._generation = generation
+                self._new_terms()
+        if self._watch.interleaved:
+            self._watch.interleaved = False
+            self._warn_unowned(sparsity, weight)
         transposable = sparsity.mask == "transposable" if transposable is None else transposable
         hold = (
             transposable if sparsity.hold_backward_weight is None else sparsity.hold_backward_weight
         )
+        rule = _mask_rule(sparsity)
         mask_key = (
-            _mask_rule(sparsity),
+            rule,
             sparsity.prunes_weights,
             sparsity.mask_refresh_interval,
             weight.data_ptr(),
@@ -269,13 +365,14 @@ class SparseWeightState:
         )
         step = self._step
         if step is None or mask_key != self._mask_key:
-            if self._rule is not None and _mask_rule(sparsity) != self._rule:
+            if self._rule is not None and rule != self._rule:
                 self.held_mask_bits = (
                     None  # re-enabled, or a new mask rule: prune the current weight
                 )
-            self._rule, self._mask_key = _mask_rule(sparsity), mask_key
+            self._rule, self._mask_key = rule, mask_key
             bits = self._mask_bits(weight, sparsity) if sparsity.prunes_weights else None
             self._step = self._new_step(weight, bits, backend, transposable, hold, sparsity)
+            self._built_from = weight.detach().clone() if verify_mode() else None
         elif (step.backend, step.transposable, step.hold_backward) != (
             backend,
             transposable,
@@ -283,9 +380,72 @@ class SparseWeightState:
         ) or (step.sste_beta is not None) != self._uses_sste(sparsity):
             self._step = self._new_step(
                 weight, step.mask_bits, backend, transposable, hold, sparsity
-            )  # same mask
-            self._step.decay_pending = step.decay_pending
+            )  # same mask, same step
+        elif verify_mode():
+            self._verify_unchanged(weight)
         return self._step
+
+    def _new_terms(self) -> None:
+        if not self._terms.pending and not self._watch.owned:
+            self._terms_before_owner += 1
+        self._terms = StepTerms()
+
+    def _settle_guessed_steps(self, sparsity) -> None:
+        """The weight's optimizer has become known: the boundaries counted before were other
+        optimizers' steps. Take them back from the step count; warn if they made a gradient term
+        count twice."""
+        guessed, self._watch.guessed = self._watch.guessed, 0
+        added = self._terms_before_owner + (not self._terms.pending)
+        self._terms_before_owner = 0
+        if self.iteration_driven:
+            return
+        self.steps = max(self.steps - guessed, 0)
+        self.refreshed_at = min(self.refreshed_at, self.steps)
+        if added > 1 and sparsity.gradient in PER_STEP_TERMS:
+            _warn_once(
+                f"megasparse: another optimizer stepped between micro-batches of a step before the "
+                f"optimizer of a sparse weight had stepped once (megasparse learns which optimizer "
+                f"owns a weight at that optimizer's first step), so the {sparsity.gradient} term "
+                "may have been added more than once in that weight's first step (unless its "
+                "gradient was zeroed in between). Later steps are exact. "
+                "To be exact from the first step, drive the steps by iteration: "
+                "SparsitySchedule.apply(model, iteration) or module.set_sparsity_iteration(it)."
+            )
+
+    def _warn_unowned(self, sparsity, weight) -> None:
+        if self.iteration_driven or not (
+            sparsity.gradient in PER_STEP_TERMS or sparsity.mask_refresh_interval > 1
+        ):
+            return
+        _warn_once(
+            "megasparse: no optimizer that has stepped holds a sparse weight "
+            f"{tuple(weight.shape)} (nor its main_param): e.g. Megatron's distributed optimizer "
+            "on a rank without a shard of it, or an optimizer that keeps its own main copies. So "
+            "every optimizer step counts as its step boundary, and here optimizers stepped at "
+            "different times: a step of another model's optimizer between its micro-batches "
+            "counts as its step too, so srste/masked_decay may be added more than once per step "
+            "and held masks refresh early. Drive its steps by iteration instead: "
+            "SparsitySchedule.apply(model, iteration) (the Megatron-LM hook does) or "
+            "module.set_sparsity_iteration(iteration) once per iteration."
+        )
+
+    def _verify_unchanged(self, weight) -> None:
+        """Verify mode: the weight must still be the one this step's operands were built from."""
+        built_from = self._built_from
+        if built_from is None:  # verify mode switched on within the step
+            self._built_from = weight.detach().clone()
+            return
+        if not _same_bits(built_from, weight):
+            raise RuntimeError(
+                f"megasparse ({VERIFY_ENV}=1): a sparse weight {tuple(weight.shape)} "
+                f"{weight.dtype} was written after this step's 2:4 state (mask, W*M, compressed "
+                "operands) was built, by a write that is no optimizer step, keeps the storage and "
+                "bypasses the version counter: a write through .data such as "
+                "`p.data -= lr * p.grad` or `p.data.copy_(ema)` (an EMA weight swap). The layer "
+                "would compute with the old W*M. Fix: call megasparse.weights_changed(model) "
+                "after such writes, or write in place under torch.no_grad() "
+                "(`with torch.no_grad(): p.copy_(ema)`), which bumps the version counter."
+            )
 
     # --- quality: S-STE's beta, MVUE seeds, flip rate ------------------------------------------
 
@@ -314,6 +474,7 @@ class SparseWeightState:
             sparsity=sparsity,
             sste_beta=beta,
             wgrad_seed=seed,
+            terms=self._terms,
         )
 
     def _record_flips(self, bits, shape) -> None:
@@ -349,8 +510,11 @@ class SparseWeightState:
                 or self.steps - self.refreshed_at >= interval
                 or self.steps < self.refreshed_at
             )
+            if not stale and self._held_unchecked:
+                stale = not self._restored_mask_follows_rule(held, weight, sparsity)
             if not stale:
                 return held
+        self._held_unchecked = False
         self.mask_computations += 1
         bits = pack_mask(compute_mask(weight, sparsity))
         if sparsity.track_flip_rate:  # quality: flip rate
@@ -362,6 +526,24 @@ class SparseWeightState:
                 self.steps,
             )
         return bits
+
+    def _restored_mask_follows_rule(self, bits, weight, sparsity) -> bool:
+        """A held mask from a checkpoint must be 2:4 under the layer's rule (checked once, one
+        host sync); else it is recomputed from the weight, with a warning."""
+        self._held_unchecked = False
+        mask = unpack_mask(bits, weight.shape)
+        if follows_pattern(mask, sparsity.mask):
+            return True
+        if sparsity.mask == "transposable" and follows_pattern(mask, "1d"):
+            problem = "its transpose is not 2:4 (a 1d mask, e.g. saved by a mask='1d' layer)"
+        else:
+            problem = "some group of 4 along the input dim does not keep exactly 2"
+        _warn_once(
+            f"megasparse: a held mask restored from a checkpoint for a weight "
+            f"{tuple(weight.shape)} is not 2:4 under the layer's rule mask={sparsity.mask!r}: "
+            f"{problem}. It is recomputed from the restored weight now."
+        )
+        return False
 
     def current_mask(self, weight, sparsity) -> torch.Tensor:
         """The bool mask the module computes with now (all True when it computes dense)."""
@@ -384,41 +566,66 @@ class SparseWeightState:
 
     def extra_state(self, sparsity) -> Optional[dict]:
         state = {}
-        if self.held_mask_bits is not None and sparsity.mask_refresh_interval > 1:
-            state = {"megasparse_held_mask": self.held_mask(), "refreshed_at": self.refreshed_at}
+        if sparsity.mask_refresh_interval > 1:  # held masks: where in the interval the run is
+            state["megasparse_step_count"] = self.step_count()
+            if self.held_mask_bits is not None:
+                state["megasparse_held_mask"] = self.held_mask()
+                state["refreshed_at"] = self.refreshed_at
         if self.sste_beta is not None:  # quality: S-STE's fixed beta
             state["megasparse_sste_beta"] = self.sste_beta.detach().cpu().clone()
         return state or None  # None: exactly the parent's value
 
     def restore_extra_state(self, state, weight) -> None:
-        """Restore what `extra_state` saved (held mask, S-STE's beta); None or {}: nothing saved."""
+        """Restore what `extra_state` saved (held mask, step count, S-STE's beta); None or {}:
+        nothing saved."""
         state = state if isinstance(state, dict) else {}
         self.restore_held_mask(
-            state.get("megasparse_held_mask"), state.get("refreshed_at", 0), weight
+            state.get("megasparse_held_mask"),
+            state.get("refreshed_at", 0),
+            weight,
+            state.get("megasparse_step_count"),
         )
         beta = state.get("megasparse_sste_beta")
         self.sste_beta = None if beta is None else torch.as_tensor(beta).clone()
 
-    def restore_held_mask(self, mask, refreshed_at, weight) -> None:
-        """Restore a held mask from a checkpoint (None, or another layout: the next use recomputes it)."""
+    def restore_held_mask(self, mask, refreshed_at, weight, step_count=None) -> None:
+        """Restore a held mask and the step count from a checkpoint. mask None, or of another
+        shape: the next use recomputes it. step_count None: a checkpoint written before step
+        counts were saved (the count resumes at the mask's refresh step, with a warning)."""
         self._step = None
+        if step_count is not None:  # the run goes on where it was saved
+            self.steps = int(step_count)
+            self._watch.reset()  # the saved count includes a step taken since the last use
+            self._terms, self._terms_before_owner = StepTerms(), 0
         if mask is None or weight is None or tuple(mask.shape) != tuple(weight.shape):
             self.held_mask_bits = None
             return
         self.held_mask_bits = pack_mask(mask.to(device=weight.device, dtype=torch.bool))
         self.held_shape = tuple(weight.shape)
         self.refreshed_at = int(refreshed_at)
-        self.steps = max(self.steps, self.refreshed_at)  # held until the next refresh point
+        if step_count is None:
+            _warn_once(
+                "megasparse: this checkpoint's held masks have no step count (written by an "
+                "older megasparse); the step count resumes at each mask's refresh step, so the "
+                "next mask refresh may come at another step than in the run that saved it. "
+                "Checkpoints saved from now on carry the step count."
+            )
+            self.steps = max(self.steps, self.refreshed_at)  # held until the next refresh point
         self._rule = None  # a restored mask is not dropped by the first use's rule check
+        self._held_unchecked = True  # but checked against the rule at its first use
 
     def sharded_entries(self, weight, sparsity) -> dict:
-        """The held-mask tensors for a dist checkpoint (always present for held-mask layers)."""
+        """The held-mask tensors for a dist checkpoint (always present for held-mask layers).
+
+        megasparse_refreshed_at is [refreshed_at, step count, 1]; checkpoints written before
+        the step count was saved hold [refreshed_at] and load as [refreshed_at, 0, 0] (its
+        sharded tensor allows a shape mismatch and zero-fills): `parse_refreshed_at`."""
         held = self.held_mask()
         if held is None:
             held = compute_mask(weight, sparsity)
         return {
             "megasparse_held_mask": held.to(torch.uint8),
-            "megasparse_refreshed_at": torch.tensor([self.refreshed_at]),
+            "megasparse_refreshed_at": torch.tensor([self.refreshed_at, self.step_count(), 1]),
         }
 
     def held_bytes(self) -> dict:
@@ -433,6 +640,13 @@ class SparseWeightState:
         if self.held_mask_bits is not None:
             step["held_mask"] = _nbytes(self.held_mask_bits)
         return step
+
+
+def parse_refreshed_at(entry):
+    """(refreshed_at, step count or None) from a dist checkpoint's megasparse_refreshed_at."""
+    values = [int(v) for v in entry.reshape(-1).tolist()]
+    has_count = len(values) >= 3 and values[2] == 1
+    return values[0], values[1] if has_count else None
 
 
 def _tp_group_of(weight, group):

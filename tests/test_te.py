@@ -55,6 +55,27 @@ def test_te_linear_computes_with_the_masked_weight_and_the_gradient_mode(mask, g
     torch.testing.assert_close(layer.weight.grad, ref["dw"], rtol=1e-12, atol=1e-12)
 
 
+def test_te_linear_rebuilds_after_eval_switch_and_weights_changed():
+    """Weights written through .data (EMA validation): an eval() switch, and weights_changed()
+    for other writes, make the next forward compute with the current weight."""
+    import megasparse
+
+    torch.manual_seed(0)
+    layer = sparse_te_class(FakeTELinear)(16, 32, config=make_config(), sparsity=SparsityConfig())
+    x = torch.randn(5, 16, dtype=torch.float64)
+    layer(x)
+    for write in ("eval", "weights_changed"):
+        new_weight = torch.randn_like(layer.weight)
+        layer.weight.data.copy_(new_weight)
+        if write == "eval":
+            layer.eval()
+        else:
+            megasparse.weights_changed(layer)
+        y, _ = layer(x)
+        ref = x @ (new_weight * weight_mask(new_weight)).t()
+        torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+
+
 def test_disabled_te_linear_is_the_te_linear():
     torch.manual_seed(1)
     base = FakeTELinear(16, 32, config=make_config())

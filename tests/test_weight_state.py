@@ -1,13 +1,20 @@
 """The per-optimizer-step weight state: k micro-batches per step see one mask, built once per refresh;
-gradients per step equal a float64 reference for every gradient mode; config changes take effect at once."""
+gradients per step equal a float64 reference for every gradient mode; config changes take effect at once;
+writes outside the optimizer, other models' optimizers, checkpoints and CUDA graphs never leave a
+layer computing with a weight that is not the current one."""
+
+import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from megasparse import SparsityConfig, weight_state
+import megasparse
+from megasparse import SparsityConfig, backends, weight_state
 from megasparse.backends import DenseBackend
+from megasparse.masks import follows_pattern
 from megasparse.ops import weight_mask
-from megatron_helpers import make_config, make_column, make_mlp
+from megatron_helpers import make_config, make_column, make_mlp, make_row
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
 
@@ -28,15 +35,15 @@ def mask_calls(monkeypatch):
     return calls
 
 
-def _expected_grad(mode, mask, weight, xs, dys):
+def _expected_grad(mode, mask, weight, xs, dys, decay=DECAY):
     """float64 reference: the step's accumulated gradient of the dense master weight."""
     grad = sum(
         dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) for x, dy in zip(xs, dys)
     )
     if mode == "masked":
         grad = grad * mask
-    if mode == "srste":
-        grad = grad + DECAY * (~mask) * weight
+    if mode in ("srste", "masked_decay"):  # both: decay * (1 - M) * W once per step
+        grad = grad + decay * (~mask) * weight
     return grad
 
 
@@ -202,11 +209,12 @@ def test_fc1_follows_a_replaced_fc2_config():
     assert not mlp.linear_fc1._sparse_input_now()
 
 
-def _megatron_mlp_with_optimizer(sparsity, overlap, distributed):
+def _megatron_mlp_with_optimizer(sparsity, overlap, distributed, bf16=False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    cfg = make_config(dtype=torch.float32, ffn_hidden_size=32, gradient_accumulation_fusion=True)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    cfg = make_config(dtype=dtype, ffn_hidden_size=32, gradient_accumulation_fusion=True, bf16=bf16)
     mlp = make_mlp(cfg, 32, sparsity, sparsity)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=distributed
@@ -218,7 +226,7 @@ def _megatron_mlp_with_optimizer(sparsity, overlap, distributed):
             lr=0.05,
             weight_decay=0.0,
             clip_grad=0.0,
-            bf16=False,
+            bf16=bf16,
             fp16=False,
             use_distributed_optimizer=distributed,
         ),
@@ -245,8 +253,21 @@ def test_megatron_ddp_and_optimizer_find_the_step_without_user_calls(
         _ddp_steps(sparsity, mask_calls, overlap, distributed, mode, interval)
 
 
+def _another_models_optimizer():
+    """A step of another model's optimizer: `foreign_step()` (not a step of the MLP's weights)."""
+    foreign = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([foreign], lr=0.1)
+
+    def foreign_step():
+        foreign.grad = torch.ones(4)
+        optimizer.step()
+
+    return foreign_step
+
+
 def _ddp_steps(sparsity, mask_calls, overlap, distributed, mode, interval):
     mlp, model, optimizer = _megatron_mlp_with_optimizer(sparsity, overlap, distributed)
+    foreign_step = _another_models_optimizer()
     fc1 = mlp.linear_fc1
     g = torch.Generator().manual_seed(1)
     mask = None
@@ -276,6 +297,8 @@ def _ddp_steps(sparsity, mask_calls, overlap, distributed, mode, interval):
                     out.square().sum().backward()
             else:
                 out.square().sum().backward()
+            if step > 0:  # once Megatron's optimizer is known (it has stepped)
+                foreign_step()  # not a step of the MLP's weights: no extra srste term, no refresh
         handle.remove()
         model.finish_grad_sync()
         assert len(mask_calls) - calls_before == 2 * (1 if refresh else 0), (
@@ -291,3 +314,429 @@ def _ddp_steps(sparsity, mask_calls, overlap, distributed, mode, interval):
         assert not torch.equal(
             fc1.weight.detach().double(), weight
         )  # the step reached the model weights
+
+
+# --- writes outside the optimizer: train()/eval(), weights_changed, verify mode -----------------
+
+
+def _masked_ref(x, weight, bias, mask):
+    """float64 x (W*M)^T + b."""
+    return x.double() @ (weight.detach().double() * mask).t() + bias.detach().double()
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_ema_validation_swapping_weights_through_data_computes_with_the_current_weight(interval):
+    """NeMo's EMA pattern: eval(), swap the EMA weights in through .data, validate, swap back,
+    train(). The validation forward computes with the EMA weight and the next training step with
+    the trained one (a held mask stays held: only W*M is rebuilt)."""
+    layer = make_column(
+        make_config(), 16, 32, SparsityConfig(mask_refresh_interval=interval, backend="dense")
+    )
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    ema = layer.weight.detach().clone()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    for _ in range(2):
+        opt.zero_grad()
+        layer(x)[0].square().sum().backward()
+        opt.step()
+        ema.mul_(0.5).add_(0.5 * layer.weight.detach())
+    y_train, _ = layer(x)
+    held, trained = layer.sparsity_mask(), layer.weight.detach().clone()
+    layer.eval()
+    layer.weight.data.copy_(ema)
+    y_val, _ = layer(x)
+    mask = weight_mask(ema) if interval == 1 else held
+    torch.testing.assert_close(y_val, _masked_ref(x, ema, layer.bias, mask), rtol=0, atol=1e-12)
+    layer.weight.data.copy_(trained)
+    layer.train()
+    y_next, _ = layer(x)
+    assert torch.equal(y_next, y_train)
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self, sparsity):
+        super().__init__()
+        self.up = make_column(make_config(), 16, 32, sparsity)
+        self.down = make_row(make_config(), 32, 16, sparsity, seed=1)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)[0]))[0]
+
+    def reference(self, x):
+        masks = [weight_mask(layer.weight) for layer in (self.up, self.down)]
+        h = torch.relu(_masked_ref(x, self.up.weight, self.up.bias, masks[0]))
+        return _masked_ref(h, self.down.weight, self.down.bias, masks[1])
+
+
+def test_weights_changed_after_a_hand_written_update_through_data():
+    model = _TwoLayers(SparsityConfig(backend="dense"))
+    x = torch.randn(3, 16, dtype=torch.float64)
+    for _ in range(3):
+        y = model(x)
+        torch.testing.assert_close(y, model.reference(x), rtol=0, atol=1e-12)
+        model.zero_grad()
+        y.square().sum().backward()
+        for p in model.parameters():  # a hand-written SGD step: no optimizer, no version bump
+            p.data -= 0.5 * p.grad
+        megasparse.weights_changed(model)
+
+
+def test_verify_mode_names_a_write_that_bypasses_the_version_counter(monkeypatch):
+    monkeypatch.setenv("MEGASPARSE_VERIFY_STATE", "1")
+    layer = make_column(make_config(), 16, 32, SparsityConfig(backend="dense"))
+    x = torch.randn(3, 16, dtype=torch.float64)
+    layer(x)
+    layer(x)  # the same step, the same weight: no error
+    layer.weight.data.mul_(2.0)
+    with pytest.raises(
+        RuntimeError,
+        match=r"MEGASPARSE_VERIFY_STATE=1.*p\.data\.copy_\(ema\).*weights_changed\(model\).*no_grad",
+    ):
+        layer(x)
+    megasparse.weights_changed(layer)
+    y, _ = layer(x)
+    ref = _masked_ref(x, layer.weight, layer.bias, weight_mask(layer.weight))
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        layer.weight.mul_(0.5)  # in place under no_grad: the version counter sees it
+    y, _ = layer(x)
+    ref = _masked_ref(x, layer.weight, layer.bias, weight_mask(layer.weight))
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_reused_step_adds_no_weight_compare_or_host_sync_outside_verify_mode(monkeypatch, verify):
+    if verify:
+        monkeypatch.setenv("MEGASPARSE_VERIFY_STATE", "1")
+    layer = make_column(make_config(), 16, 32, SparsityConfig(backend="dense"))
+    x = torch.randn(3, 16, dtype=torch.float64)
+    layer(x)  # builds the step
+    with _RecordOps() as recorded:
+        layer(x)  # reuses it
+    checks = {"equal", "_local_scalar_dense", "clone"} & recorded.ops
+    assert checks == ({"equal"} if verify else set())
+
+
+# --- checkpoints: the step count, restored held masks ------------------------------------------
+
+
+def _train(layer, xs, lr=0.3):
+    """SGD steps, one per input; the mask each step computed with."""
+    opt = torch.optim.SGD(layer.parameters(), lr=lr)
+    masks = []
+    for x in xs:
+        opt.zero_grad()
+        y, _ = layer(x)
+        masks.append(layer.sparsity_mask())
+        y.square().sum().backward()
+        opt.step()
+    return masks
+
+
+def _save_and_load(source, target, checkpoint, tmp_path):
+    if checkpoint == "state_dict":
+        target.load_state_dict(source.state_dict())
+        return
+    from megatron.core import dist_checkpointing, parallel_state
+
+    meta = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    dist_checkpointing.save(source.sharded_state_dict("l.", metadata=meta), str(tmp_path))
+    loaded = dist_checkpointing.load(target.sharded_state_dict("l.", metadata=meta), str(tmp_path))
+    target.load_state_dict({k[len("l.") :]: v for k, v in loaded.items()})
+
+
+@pytest.mark.parametrize("checkpoint", ["state_dict", "dist"])
+def test_run_resumed_in_the_middle_of_a_refresh_interval_equals_the_uninterrupted_run(
+    checkpoint, tmp_path
+):
+    """Interval 3, optimizer-driven steps, saved after 5 steps: masks and weights bit for bit."""
+    sparsity = SparsityConfig(mask_refresh_interval=3, backend="dense")
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(4, 16, dtype=torch.float64, generator=g) for _ in range(10)]
+    uninterrupted = make_column(make_config(), 16, 32, sparsity)
+    expected = _train(uninterrupted, xs)
+    first = make_column(make_config(), 16, 32, sparsity)
+    masks = _train(first, xs[:5])
+    resumed = make_column(make_config(), 16, 32, sparsity, seed=7)  # all from the checkpoint
+    _save_and_load(first, resumed, checkpoint, tmp_path)
+    masks += _train(resumed, xs[5:])
+    for iteration, (got, want) in enumerate(zip(masks, expected)):
+        assert torch.equal(got, want), iteration
+    assert torch.equal(resumed.weight, uninterrupted.weight)
+    assert not torch.equal(expected[5], expected[6])  # refreshed at 6: where a resume could slip
+
+
+def _without_step_count(layer, checkpoint, monkeypatch):
+    """Make `layer` save checkpoints as megasparse did before it saved the step count."""
+    if checkpoint == "state_dict":
+        original = layer.get_extra_state
+
+        def old_extra_state():
+            state = original()
+            state.pop("megasparse_step_count")
+            return state
+
+        monkeypatch.setattr(layer, "get_extra_state", old_extra_state)
+    else:
+        original = weight_state.SparseWeightState.sharded_entries
+
+        def old_entries(self, weight, sparsity):
+            entries = original(self, weight, sparsity)
+            entries["megasparse_refreshed_at"] = entries["megasparse_refreshed_at"][:1].clone()
+            return entries
+
+        monkeypatch.setattr(weight_state.SparseWeightState, "sharded_entries", old_entries)
+
+
+@pytest.mark.parametrize("checkpoint", ["state_dict", "dist"])
+def test_checkpoint_without_a_step_count_loads_as_before_with_one_warning(
+    checkpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(backends, "_warned", set())
+    sparsity = SparsityConfig(mask_refresh_interval=3, backend="dense")
+    xs = [torch.randn(4, 16, dtype=torch.float64) for _ in range(5)]
+    saved = make_column(make_config(), 16, 32, sparsity)
+    masks = _train(saved, xs)
+    _without_step_count(saved, checkpoint, monkeypatch)
+    loaded = make_column(make_config(), 16, 32, sparsity, seed=7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _save_and_load(saved, loaded, checkpoint, tmp_path)
+        loaded.load_state_dict(loaded.state_dict())  # a second load: no second warning
+    assert len([w for w in caught if "no step count" in str(w.message)]) == 1
+    state = loaded.weight_state
+    assert (state.refreshed_at, state.steps) == (3, 3)  # as before: resumes at the refresh step
+    assert torch.equal(state.held_mask(), masks[3]) and torch.equal(loaded.weight, saved.weight)
+
+
+@pytest.mark.parametrize("checkpoint", ["state_dict", "dist"])
+@pytest.mark.parametrize("saved_mask", ["1d mask", "all True"])
+def test_a_restored_held_mask_that_is_not_2_4_under_the_layers_rule_is_recomputed(
+    checkpoint, saved_mask, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(backends, "_warned", set())
+    x = torch.randn(4, 16, dtype=torch.float64)
+    saved = make_column(make_config(), 16, 32, SparsityConfig(mask_refresh_interval=3))
+    saved(x)
+    if saved_mask == "all True":
+        saved.weight_state.held_mask_bits = weight_state.pack_mask(
+            torch.ones(32, 16, dtype=torch.bool)
+        )
+    kind = "transposable" if saved_mask == "1d mask" else "1d"
+    assert not follows_pattern(saved.weight_state.held_mask(), kind)
+    loaded = make_column(
+        make_config(), 16, 32, SparsityConfig(mask=kind, mask_refresh_interval=3), seed=7
+    )
+    _save_and_load(saved, loaded, checkpoint, tmp_path)
+    with pytest.warns(UserWarning, match=f"not 2:4 under the layer's rule mask='{kind}'"):
+        y, _ = loaded(x)
+    mask = weight_mask(loaded.weight, kind)
+    assert torch.equal(loaded.sparsity_mask(), mask)
+    torch.testing.assert_close(y, _masked_ref(x, loaded.weight, loaded.bias, mask))
+
+
+# --- the mask rule's key ----------------------------------------------------------------------
+
+
+def test_a_new_config_at_a_freed_configs_address_is_a_new_mask_rule():
+    layer = make_column(
+        make_config(), 16, 32, SparsityConfig(mask_refresh_interval=100, backend="dense")
+    )
+    x = torch.randn(3, 16, dtype=torch.float64)
+    layer(x)  # a held 1d mask
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight))
+    layer.weight_state.invalidate()  # e.g. a checkpoint load: the step goes, the held mask stays
+    freed = id(layer.sparsity)
+    layer.sparsity = None  # the old config is freed
+    candidates = []
+    for _ in range(1000):  # CPython hands the freed address to the next object of that size
+        candidates.append(
+            SparsityConfig(mask="transposable", mask_refresh_interval=100, backend="dense")
+        )
+        if id(candidates[-1]) == freed:
+            break
+    assert id(candidates[-1]) == freed  # the collision this test is about
+    layer.sparsity = candidates[-1]
+    y, _ = layer(x)
+    mask = weight_mask(layer.weight, "transposable")
+    assert torch.equal(layer.sparsity_mask(), mask)
+    torch.testing.assert_close(y, _masked_ref(x, layer.weight, layer.bias, mask))
+
+
+# --- other optimizers: only the weight's own optimizer steps its state ------------------------
+
+
+def _micro_batches(g, k=MICRO_BATCHES):
+    xs = [torch.randn(3, 16, dtype=torch.float64, generator=g) for _ in range(k)]
+    return xs, [torch.randn(3, 32, dtype=torch.float64, generator=g) for _ in range(k)]
+
+
+def _other_model_steps(other, other_opt, g):
+    """Another model's whole optimizer step (forward, backward, step)."""
+    other_opt.zero_grad()
+    other(torch.randn(3, 16, dtype=torch.float64, generator=g))[0].sum().backward()
+    other_opt.step()
+
+
+@pytest.mark.parametrize("mode", ["srste", "masked_decay"])
+def test_another_optimizer_stepping_between_micro_batches_is_not_a_step_of_this_weight(mode):
+    """Per-step terms once per step and held masks counting only the weight's own steps, while
+    another model's optimizer steps, the module switches mode and weights_changed is called
+    between micro-batches."""
+    decay = 2.0**-4  # one float32 value: the product multiplies the bool mask by it first
+    sparsity = SparsityConfig(
+        gradient=mode,
+        srste_decay=decay,
+        masked_decay_factor=decay,
+        mask_refresh_interval=3,
+        backend="dense",
+    )
+    layer = make_column(make_config(), 16, 32, sparsity)
+    other = make_column(make_config(), 16, 32, SparsityConfig(backend="dense"), seed=1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(2)
+    mask = None
+    for step in range(STEPS):
+        weight = layer.weight.detach().clone()
+        mask = weight_mask(weight) if step % 3 == 0 else mask
+        opt.zero_grad()
+        xs, dys = _micro_batches(g)
+        for k, (x, dy) in enumerate(zip(xs, dys)):
+            y, _ = layer(x)
+            torch.testing.assert_close(y, _masked_ref(x, weight, layer.bias, mask))
+            y.backward(dy)
+            if step > 0:  # (the first step makes the optimizer known: see the next test)
+                _other_model_steps(other, other_opt, g)
+            if k == 1:
+                layer.eval(), layer.train()
+                megasparse.weights_changed(layer)
+        expected = _expected_grad(mode, mask, weight, xs, dys, decay)
+        torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-12, atol=1e-12)
+        opt.step()
+    assert layer.weight_state.steps == STEPS - 1
+
+
+def test_interleaving_before_the_weights_optimizer_first_stepped_is_reported():
+    sparsity = SparsityConfig(
+        gradient="srste", srste_decay=DECAY, mask_refresh_interval=3, backend="dense"
+    )
+    layer = make_column(make_config(), 16, 32, sparsity)
+    other = make_column(make_config(), 16, 32, SparsityConfig(backend="dense"), seed=1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(4)
+    xs, dys = _micro_batches(g, 2)
+    layer(xs[0])[0].backward(dys[0])
+    _other_model_steps(other, other_opt, g)  # counted: the layer's optimizer is not known yet
+    layer(xs[1])[0].backward(dys[1])
+    opt.step()
+    with pytest.warns(UserWarning, match="srste term may have been added more than once"):
+        layer(xs[0])
+    assert layer.weight_state.steps == 1  # the other optimizer's step is taken back
+
+
+def test_interleaving_for_a_weight_no_optimizer_holds_warns(monkeypatch):
+    """An optimizer that keeps its own main copy (as a precision-aware optimizer does): every step
+    counts as the weight's boundary, and an interleaving optimizer gets a clear warning."""
+    monkeypatch.setattr(backends, "_warned", set())
+    sparsity = SparsityConfig(gradient="srste", srste_decay=DECAY, backend="dense")
+    layer = make_column(make_config(), 16, 32, sparsity)
+    main = layer.weight.detach().clone().requires_grad_(True)
+    main_opt = torch.optim.SGD([main], lr=0.5)
+    other = make_column(make_config(), 16, 32, SparsityConfig(backend="dense"), seed=1)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(5)
+
+    def step(interleave):
+        xs, dys = _micro_batches(g, 2)
+        layer.zero_grad()
+        layer(xs[0])[0].backward(dys[0])
+        if interleave:
+            _other_model_steps(other, other_opt, g)
+        layer(xs[1])[0].backward(dys[1])
+        main.grad = layer.weight.grad.clone()
+        main_opt.step()
+        layer.weight.data.copy_(main)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(False), step(False)
+        _other_model_steps(other, other_opt, g)  # between steps: not an interleaving
+        step(False)
+    with pytest.warns(UserWarning, match="no optimizer that has stepped holds a sparse weight"):
+        step(True)
+
+
+# --- CUDA graphs ------------------------------------------------------------------------------
+
+
+def test_cuda_graph_capture_of_a_sparse_layer_is_refused(monkeypatch):
+    layer = make_column(make_config(), 16, 32, SparsityConfig(backend="dense"))
+    x = torch.randn(3, 16, dtype=torch.float64)
+    layer(x)  # warm-up outside the capture, as Megatron's CUDA graphs do
+    monkeypatch.setattr(weight_state, "_graph_capture_underway", lambda weight: True)
+    with pytest.raises(RuntimeError, match="CUDA graph capture.*stale weight.*out of the captured"):
+        layer(x)
+    layer.sparsity.enabled = False  # the parent's dense forward: nothing per step to go stale
+    layer(x)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_of_a_sparse_layer_is_refused_on_the_gpu():
+    layer = make_column(
+        make_config(dtype=torch.bfloat16), 64, 64, SparsityConfig(backend="dense")
+    ).cuda()
+    x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        layer(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        with torch.cuda.graph(graph):
+            layer(x)
+
+
+def test_megatron_mixed_precision_main_copies_tie_the_step_to_the_weights_optimizer():
+    """bf16 weights under Megatron's mixed-precision optimizer (its inner optimizer steps fp32 main
+    copies): another optimizer stepping between micro-batches changes nothing, bit for bit."""
+    from megasparse.testing import cpu_megatron
+
+    sparsity = SparsityConfig(gradient="srste", srste_decay=DECAY, backend="dense")
+    runs = []
+    with cpu_megatron(training=True):
+        for interleave in (False, True):
+            mlp, model, optimizer = _megatron_mlp_with_optimizer(sparsity, False, False, bf16=True)
+            assert mlp.linear_fc1.weight.main_param is not None  # the fp32 main copy
+            foreign_step = _another_models_optimizer()
+            g = torch.Generator().manual_seed(6)
+            grads = []
+            for step in range(3):
+                model.zero_grad_buffer()
+                optimizer.zero_grad()
+                for _ in range(MICRO_BATCHES):
+                    x = torch.randn(3, 2, 16, generator=g).bfloat16()
+                    out, bias = model(x)
+                    (out if bias is None else out + bias).float().square().sum().backward()
+                    if interleave and step > 0:
+                        foreign_step()
+                model.finish_grad_sync()
+                grads.append(mlp.linear_fc1.weight.main_grad.clone())
+                optimizer.step()
+            runs.append((grads, mlp.linear_fc1.weight.detach().clone()))
+    (grads, weight), (grads_interleaved, weight_interleaved) = runs
+    for step, (a, b) in enumerate(zip(grads, grads_interleaved)):
+        assert torch.equal(a, b), step
+    assert torch.equal(weight, weight_interleaved)
