@@ -5,13 +5,17 @@ y = (x_q * x_scale_inv) @ (w_q * w_scale_inv)^T, fp32 accumulation, one rounding
 Scaling (the `alpha_mode` argument; default `configured_alpha_mode()`). torch._cslt_sparse_mm
 (aten/.../cuSPARSELtOps.cpp) reads a one-element alpha with `alpha_tensor.item<float>()`: a host
 sync per GEMM, which also breaks CUDA graphs. So the scale never goes in as a one-element alpha:
-- "output" (default): no alpha. The GEMM writes its fp32 accumulator as [rows_b, tokens]
-  (transpose_result=False), and one elementwise pass, the epilogue that casts to `out_dtype`,
-  transposes, scales and adds the bias (`torch.addcmul(..., out=)`: fp32 math, one rounding).
-  This is the combination PyTorch tests for e4m3 (test/test_sparse_semi_structured.py
-  `test_sparse_semi_structured_scaled_mm`: column-major e4m3 B, fp32/bf16/fp16 out, no vector
-  alpha, no transpose_result). Its cost: the fp32 result written and read once more than in
-  "vector" mode (megasparse.tools.perfmodel projects it).
+- "output" (default): no alpha. The GEMM writes its unscaled result in `out_dtype` as
+  [rows_b, tokens] (transpose_result=False), and one elementwise pass, the epilogue, transposes,
+  scales and adds the bias (`torch.addcmul(..., out=)`: fp32 math, rounded to `out_dtype`). This
+  is the e4m3 combination PyTorch runs itself (torch/sparse/_semi_structured_ops.py
+  `semi_sparse_scaled_mm`: column-major e4m3 B, bf16/fp16 out, transpose_result=False; tested
+  by test/test_sparse_semi_structured.py `test_sparse_semi_structured_scaled_mm`), minus its
+  one-element alpha. Numerics: two roundings to `out_dtype` (the GEMM's, then the epilogue's),
+  so a bf16 result is within 2^-7 of the exact scaled product instead of 2^-8, far below the
+  e4m3 operands' own 2^-4. Cost: one read and one write of the bf16 result more than in
+  "vector" mode (an fp32 result would be 2.5x that traffic; megasparse.tools.perfmodel projects
+  it).
 - "vector" (opt-in: `MEGASPARSE_FP8_ALPHA=vector` or `alpha_mode="vector"`, until a GPU run
   has checked it): the per-tensor scale as an [m] float32 device vector, which switches cuSPARSELt
   to CUSPARSELT_MATMUL_ALPHA_VECTOR_SCALING; bf16 straight out of the GEMM, transpose_result=True,
@@ -136,15 +140,16 @@ def sparse_fp8_mm(
             transpose_result=True,
         )[:tokens]
         return y if bias is None else y + bias.to(y.dtype)
-    y32 = torch._cslt_sparse_mm(sparse_b, a_pad.t(), out_dtype=torch.float32)  # [rows_b, padded]
+    unscaled = torch._cslt_sparse_mm(sparse_b, a_pad.t(), out_dtype=out_dtype)  # [rows_b, padded]
     return scale_epilogue(
-        y32.t()[:tokens], a_scale_inv.float() * b_scale_inv.float(), bias, out_dtype
+        unscaled.t()[:tokens], a_scale_inv.float() * b_scale_inv.float(), bias, out_dtype
     )
 
 
 def scale_epilogue(acc, scale, bias, out_dtype):
     """acc * scale (+ bias) rounded once to out_dtype, in one elementwise pass (fp32 math; on CUDA
-    the cast is fused into the kernel) that also writes the result contiguous."""
+    the cast is fused into the kernel) that also writes the result contiguous. acc may be the
+    GEMM's bf16 result: its elements are widened to fp32 inside the same pass."""
     out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
     scale = scale.reshape(())
     if bias is None:

@@ -171,7 +171,7 @@ def test_fp8_sparse_gemm(tp, monkeypatch):
 @pytest.mark.parametrize("alpha_mode", ["output", "vector"])
 def test_fp8_sparse_gemm_has_no_host_sync(monkeypatch, alpha_mode):
     """By default no alpha at all (the scale is applied by the output's epilogue pass): e4m3 with
-    a column-major B and fp32 out, the combination PyTorch tests; the vector alpha (one float per
+    a column-major B and bf16 out, the combination PyTorch runs; the vector alpha (one float per
     weight row) is an option. Neither reads a one-element alpha with .item()."""
     monkeypatch.setattr(fp8, "_fp8_cusparselt_ok", lambda device: True)
     if alpha_mode != "output":
@@ -190,7 +190,7 @@ def test_fp8_sparse_gemm_has_no_host_sync(monkeypatch, alpha_mode):
     assert fake_ops.alpha_item_calls == before
     assert (call["n"], call["dense_layout"]) == (48, "column-major")  # tokens padded to 16
     if alpha_mode == "output":
-        assert (call["alpha"], call["out_dtype"], call["transpose_result"]) == (None, F32, False)
+        assert (call["alpha"], call["out_dtype"], call["transpose_result"]) == (None, BF16, False)
     else:
         assert (call["alpha"], call["out_dtype"], call["transpose_result"]) == (
             ((64,), F32),  # one per weight row
@@ -242,11 +242,11 @@ def test_fp8_2_4_ffn_forward_backward(tp, mask_kind, tokens):
         step_calls += [(FFN // tp, padded, HIDDEN), (HIDDEN, padded, FFN // tp)]
     assert [(c["m"], c["n"], c["k"]) for c in calls] == step_calls * 2
     for c in calls:
-        # no alpha, fp32 out for the scaling epilogue; B = x^T of a row-major x: column-major
+        # no alpha, bf16 out for the scaling epilogue; B = x^T of a row-major x: column-major
         assert (c["dtype"], c["alpha"], c["out_dtype"], c["transpose_result"]) == (
             E4M3,
             None,
-            F32,
+            BF16,
             False,
         )
         assert c["dense_layout"] == "column-major"
@@ -353,7 +353,7 @@ def test_te_grouped_linear_fp8_2_4_experts(mask_kind, monkeypatch):
         assert (c["dtype"], c["alpha"], c["out_dtype"], c["transpose_result"]) == (
             E4M3,
             None,
-            F32,
+            BF16,
             False,
         )
         assert c["dense_layout"] == "column-major"

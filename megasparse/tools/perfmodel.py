@@ -18,7 +18,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from megasparse import activation_sparsity, fp8, fp8_linear, fp8_recipe, masks, ops
+from megasparse import activation_sparsity, fp8, fp8_gemm, fp8_linear, fp8_recipe, masks, ops
 from megasparse.config import SparsityConfig
 from megasparse.weight_state import SparseWeightState
 from megasparse.backends import BACKENDS
@@ -503,7 +503,9 @@ def assumptions(bound):
         "  FP8 2:4 under Megatron's default --fp8-recipe delayed (HYBRID): x and dY cast with TE's",
         "  delayed-scaling quantizer state, their amax fused into the cast kernel; the e4m3 dY of",
         "  the sparse dgrad with current scaling (amax, then cast); FP8 dense: TE's fused",
-        "  cast + transpose + amax",
+        "  cast + transpose + amax; the cuSPARSELt FP8 GEMMs scale as"
+        f" MEGASPARSE_FP8_ALPHA={fp8_gemm.configured_alpha_mode()} says ('output', the default:",
+        "  a bf16 result rescaled by one epilogue pass; 'vector': a per-row alpha, no extra pass)",
         "  communication, optimizer and FP8 amax-history bookkeeping are not modeled",
     ]
     return lines
