@@ -1,6 +1,6 @@
 """One-shot 2:4 pruning of a dense checkpoint of the demo's GPT: magnitude, Wanda or SparseGPT.
 
-    python -m megasparse.prune --load DIR --save DIR --method {magnitude,wanda,sparsegpt} \
+    python -m megasparse.tools.prune --load DIR --save DIR --method {magnitude,wanda,sparsegpt} \
         [--calib-batches N] [--targets fc1 fc2] [--overwrite] [model flags of megasparse.demo]
 
 Reads a Megatron `dist_checkpointing` checkpoint of the demo's GPT (`megasparse.tools.demo`;
