@@ -5,6 +5,8 @@ import math
 
 from megasparse.config import (
     BACKENDS,
+    check_decay,
+    parse_activation_pattern,
     DEFAULT_TARGETS,
     FP8_FORMATS,
     FP8_ORDERS,
@@ -52,6 +54,27 @@ def _iters_or_fraction(value: str) -> float:
     return number
 
 
+def _decay(value: str) -> float:
+    try:
+        number = float(value)
+        check_decay("decay", number, "2e-4")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}") from None
+    return number
+
+
+def _activations(value: str):
+    pattern = _none_or(value)
+    try:
+        parse_activation_pattern(pattern)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'none', '2:4' or 'V:2:M' with V and M powers of two and M >= 4 "
+            f"(e.g. '64:2:8'), got {value!r}"
+        ) from None
+    return pattern
+
+
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the --sparsity-* flags to a Megatron-LM (or any argparse) parser and return it."""
     g = parser.add_argument_group(
@@ -66,7 +89,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--sparsity-activations",
-        type=_none_or,
+        type=_activations,
         default=None,
         help="Sparsify the FFN activation (fc2's input): 'none' (default), '2:4', or 'V:2:M' (VENOM, "
         "e.g. '64:2:8' keeps 25%%). Best with Squared-ReLU (--squared-relu).",
@@ -91,7 +114,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--sparsity-srste-decay",
-        type=float,
+        type=_decay,
         default=2e-4,
         help="SR-STE decay lambda (default 2e-4).",
     )
@@ -131,7 +154,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     # training-quality options (issue 14)
     g.add_argument(
         "--sparsity-masked-decay-factor",
-        type=float,
+        type=_decay,
         default=6e-5,
         help="lambda_W of --sparsity-grad masked_decay (default 6e-5, Hu et al.'s GPT-2 124M).",
     )

@@ -51,13 +51,17 @@ def _choice(field: str, value, allowed) -> None:
         raise ValueError(f"SparsityConfig.{field} must be one of {list(allowed)}, got {value!r}")
 
 
-def _check_decay(field: str, value, example: str) -> None:
+def check_decay(field: str, value, example: str) -> None:
     """A decay coefficient is a finite real number >= 0 (not a bool, not NaN or inf)."""
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or value < 0:
+    if not is_number:
         raise ValueError(
-            f"SparsityConfig.{field} must be a finite number >= 0 such as {example}, "
-            f"got {value!r} ({type(value).__name__}); pass a float, e.g. float(value)"
+            f"SparsityConfig.{field} must be a finite number >= 0 such as {example}, got "
+            f"{value!r} ({type(value).__name__}); pass a float, e.g. float(value)"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"SparsityConfig.{field} must be a finite number >= 0 such as {example}, got {value!r}"
         )
 
 
@@ -155,7 +159,7 @@ class SparsityConfig:
                 f"SparsityConfig.mask_refresh_interval must be an int >= 1 (1 = every step), "
                 f"got {interval!r} ({type(interval).__name__})"
             )
-        _check_decay("srste_decay", self.srste_decay, "2e-4")
+        check_decay("srste_decay", self.srste_decay, "2e-4")
         if not (self.hold_backward_weight is None or isinstance(self.hold_backward_weight, bool)):
             raise ValueError(
                 "SparsityConfig.hold_backward_weight must be None (automatic), True or False, "
@@ -171,7 +175,7 @@ class SparsityConfig:
     def _validate_quality_options(self):
         """Checks of the training-quality options (issue 14)."""
         _choice("wgrad_sparsity", self.wgrad_sparsity, WGRAD_SPARSITY)
-        _check_decay("masked_decay_factor", self.masked_decay_factor, "6e-5")
+        check_decay("masked_decay_factor", self.masked_decay_factor, "6e-5")
         if not isinstance(self.wgrad_seed, int) or isinstance(self.wgrad_seed, bool):
             raise ValueError(f"SparsityConfig.wgrad_seed must be an int, got {self.wgrad_seed!r}")
         if not isinstance(self.track_flip_rate, bool):

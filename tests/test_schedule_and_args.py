@@ -71,14 +71,37 @@ def test_schedule_flags_that_leave_no_sparse_iteration_name_the_flags():
         ("--sparsity-dense-warmup-iters", "2.5"),
         ("--sparsity-mask-refresh-iters", "0"),
         ("--sparsity-mask-refresh-iters", "inf"),
+        ("--sparsity-srste-decay", "inf"),
+        ("--sparsity-srste-decay", "nan"),
+        ("--sparsity-srste-decay", "-1"),
+        ("--sparsity-masked-decay-factor", "1e400"),
+        ("--sparsity-masked-decay-factor", "-1e-5"),
+        ("--sparsity-activations", "8:3:8"),
+        ("--sparsity-activations", "0:2:8"),
+        ("--sparsity-activations", "2:8"),
+        ("--sparsity-activations", "inf"),
     ],
 )
-def test_iteration_flags_refuse_bad_values_at_parsing(flag, value, capsys):
+def test_flags_refuse_bad_values_at_parsing(flag, value, capsys):
     parser = add_args(argparse.ArgumentParser())
     with pytest.raises(SystemExit):
         parser.parse_args([f"{flag}={value}"])
     err = capsys.readouterr().err
     assert f"argument {flag}: expected" in err and repr(value) in err
+
+
+def test_good_decay_and_activation_flags_parse():
+    args = add_args(argparse.ArgumentParser()).parse_args(
+        ["--sparsity-srste-decay=0", "--sparsity-masked-decay-factor=1e-4"]
+        + ["--sparsity-activations=64:2:8"]
+    )
+    assert (args.sparsity_srste_decay, args.sparsity_masked_decay_factor) == (0.0, 1e-4)
+    assert args.sparsity_activations == "64:2:8"
+    for spelling in ("none", "None"):
+        parsed = add_args(argparse.ArgumentParser()).parse_args(
+            [f"--sparsity-activations={spelling}"]
+        )
+        assert parsed.sparsity_activations is None
 
 
 def _mlp(sparsity, seed=0):
