@@ -6,6 +6,7 @@ nothing is lost at a switch. Held masks (mask_refresh_interval > 1) are part of 
 (see SparseColumn/RowParallelLinear) and refresh at the iterations the schedule passes in.
 """
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,10 +31,19 @@ class SparsitySchedule:
     train_iters: Optional[int] = None
 
     def __post_init__(self):
-        if self.dense_warmup_iters < 0 or self.dense_final_iters < 0:
-            raise ValueError(
-                "SparsitySchedule: dense_warmup_iters and dense_final_iters must be >= 0"
-            )
+        for field in ("dense_warmup_iters", "dense_final_iters", "train_iters"):
+            value = getattr(self, field)
+            if value is None and field == "train_iters":
+                continue
+            # iteration counts only: a fraction of train_iters is the flags' job (schedule_from_args)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"SparsitySchedule.{field} must be a whole number of iterations >= 0, got "
+                    f"{value!r} ({type(value).__name__}); for a fraction of train_iters use "
+                    "round(fraction * train_iters)"
+                )
+        if self.train_iters == 0:
+            raise ValueError("SparsitySchedule.train_iters must be >= 1 (or None: no end)")
         if self.dense_final_iters and self.train_iters is None:
             raise ValueError(
                 "SparsitySchedule: a dense final phase needs train_iters (where training ends)"

@@ -27,6 +27,14 @@ def test_phases_by_iteration():
         (dict(dense_final_iters=5), "needs train_iters"),
         (dict(dense_warmup_iters=6, dense_final_iters=5, train_iters=10), "no sparse iteration"),
         (dict(dense_warmup_iters=-1), ">= 0"),
+        (dict(dense_warmup_iters=float("nan")), "dense_warmup_iters must be a whole number"),
+        (dict(dense_final_iters=0.5, train_iters=100), "round\\(fraction \\* train_iters\\)"),
+        (dict(dense_warmup_iters=2.5), "whole number"),
+        (dict(dense_warmup_iters=True), "whole number"),
+        (dict(dense_warmup_iters="3"), "whole number"),
+        (dict(train_iters=float("nan")), "train_iters must be a whole number"),
+        (dict(train_iters=-1), "train_iters must be a whole number"),
+        (dict(train_iters=0), "train_iters must be >= 1"),
     ],
 )
 def test_bad_schedules(kwargs, match):
