@@ -71,6 +71,20 @@ class SparseSequentialMLP(SequentialMLP):
         return total.as_dict()
 
 
+def run_forward_pre_hooks(module) -> None:
+    """Run `module`'s forward pre-hooks (global ones first, as `Module.__call__` does) without its
+    forward, for the grouped paths that read the expert linears' weights directly: Megatron DDP
+    with overlap_param_gather waits for a module's parameter all-gather in such a hook
+    (`hook(module, *unused)` on `module.parameters(recurse=False)`), so skipping it would read
+    weights still being gathered. The hooks get no inputs; what they return is not used."""
+    hooks = torch.nn.modules.module._global_forward_pre_hooks
+    for hook_id, hook in (*hooks.items(), *module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            hook(module, (), {})
+        else:
+            hook(module, ())
+
+
 def _grouped_gemm_device_ok(device, dtype) -> bool:
     """torch._grouped_mm is one fast kernel only for bf16 on sm90+; elsewhere on CUDA it loops with a
     host sync, and the per-expert sparse GEMMs are the better choice. (CPU: any dtype, for tests.)"""
@@ -227,6 +241,8 @@ class SparseGroupedMLP(SparseSequentialMLP):
     def _sparse_weights_and_biases(self, name, layers):
         """Each expert's per-step state gives its mask (held masks included); stacked once per step."""
         dense = BACKENDS["dense"]  # the grouped GEMM runs on W*M
+        for layer in layers:  # their forwards do not run: their hooks must, before any read
+            run_forward_pre_hooks(layer)
         steps = [layer.weight_state.step(layer.weight, layer.sparsity, dense) for layer in layers]
         weights = self._stacked[name](steps, layers[0].sparsity)
         biases = None if layers[0].bias is None else torch.stack([layer.bias for layer in layers])
@@ -335,6 +351,7 @@ class SparseTEGroupedMLP(TEGroupedMLP):
     def _sparse_weights_and_biases(self, name):
         """The sparse TE grouped linear's per-step states give the masks; stacked once per step."""
         linear = getattr(self, name)
+        run_forward_pre_hooks(linear)  # its forward does not run: its hooks must, before any read
         weights = self._stacked[name](linear.weight_steps(), self.sparsity)
         biases = [getattr(linear, f"bias{i}", None) for i in range(self.num_local_experts)]
         has_bias = all(b is not None and b.numel() for b in biases)

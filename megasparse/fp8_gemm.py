@@ -151,7 +151,12 @@ def scale_epilogue(acc, scale, bias, out_dtype):
     the cast is fused into the kernel) that also writes the result contiguous. acc may be the
     GEMM's bf16 result: its elements are widened to fp32 inside the same pass."""
     out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
-    scale = scale.reshape(())
+    # One element, one dim: PyTorch's type promotion (torch._prims_common.elementwise_dtypes, c10
+    # result_type) lets a 0-dim tensor raise the result dtype only if it is of a higher category
+    # (bool < integer < float < complex) than every dimensioned operand, so a 0-dim fp32 scale
+    # with a bf16 acc gives bf16, and CUDA would read the scale rounded to bf16. A dimensioned
+    # fp32 scale makes fp32 the common dtype: fp32 math, one cast to out_dtype.
+    scale = scale.float().reshape(1)
     if bias is None:
         return torch.mul(acc, scale, out=out)
     return torch.addcmul(bias, acc, scale, out=out)

@@ -181,14 +181,22 @@ def gemm_pair(role: str, tokens: int, weight: torch.Tensor, backend):
             "decide through token_bucket, which sends small counts to the dense GEMM"
         )
     out_features, in_features = weight.shape
+    # A private generator: the decision may run inside a recomputed (checkpointed) region, whose
+    # recompute restores the global RNG state and decides nothing, so drawing from the global
+    # generator here would give a later dropout a different mask in the recompute.
+    generator = torch.Generator(weight.device).manual_seed(0)
     if role == "forward":
-        x = torch.randn(tokens, in_features, dtype=weight.dtype, device=weight.device)
+        x = torch.randn(
+            tokens, in_features, dtype=weight.dtype, device=weight.device, generator=generator
+        )
         sparse_w = backend.compress(weight)
         return (
             (lambda: backend.linear(x, weight, None, None)),
             (lambda: backend.linear(x, sparse_w, None, WEIGHT)),
         )
-    dy = torch.randn(tokens, out_features, dtype=weight.dtype, device=weight.device)
+    dy = torch.randn(
+        tokens, out_features, dtype=weight.dtype, device=weight.device, generator=generator
+    )
     sparse_wt = backend.compress(weight.t().contiguous())
     return (
         (lambda: backend.input_grad(dy, weight, None)),

@@ -160,6 +160,67 @@ def test_grouped_falls_back_to_the_loop_where_it_cannot_group():
     _check_against_reference(experts, x, probs, tokens, (64, 4), 1e-10)
 
 
+def _gather_weights_in_forward_pre_hooks(linears):
+    """Model Megatron DDP's overlapped parameter all-gather: each linear's own parameters hold
+    zeros (the gather in flight) until its forward pre-hook, registered with DDP's signature
+    `hook(module, *unused)`, writes the real values. Returns the modules in hook-call order and
+    a function that completes the gathers still pending (as a later synchronization would)."""
+    calls, pending = [], {}
+
+    def finish(module):
+        with torch.no_grad():
+            for param, value in zip(module.parameters(recurse=False), pending.pop(module, ())):
+                param.copy_(value)
+
+    def hook(module, *unused):
+        calls.append(module)
+        finish(module)
+
+    for linear in linears:
+        pending[linear] = [p.detach().clone() for p in linear.parameters(recurse=False)]
+        with torch.no_grad():
+            for param in linear.parameters(recurse=False):
+                param.zero_()
+        linear.register_forward_pre_hook(hook)
+    return calls, lambda: [finish(linear) for linear in linears]
+
+
+@pytest.mark.parametrize(
+    "grouped,dtype,tol",
+    [
+        ("SparseGroupedMLP", torch.float32, 2e-4),  # float64 falls back to the experts' forwards
+        ("SparseTEGroupedMLP", torch.float32, 2e-4),
+        ("SparseTEGroupedMLP", torch.float64, 1e-10),
+    ],
+)
+def test_grouped_experts_run_the_linears_forward_pre_hooks_before_reading_weights(
+    grouped, dtype, tol
+):
+    """The grouped paths read the expert linears' weights without calling them: each linear's
+    forward pre-hooks still run, once per forward and before its weights are read, so the first
+    forward gives the result of the gathered weights (float32: grouped GEMMs; float64: a loop)."""
+    import megasparse
+
+    sparsity = SparsityConfig(activations="2:4", backend="dense")
+    if grouped == "SparseGroupedMLP":
+        experts = _experts(megasparse.SparseGroupedMLP, sparsity, dtype, add_bias_linear=True)
+        linears = [e.linear_fc1 for e in experts.local_experts]
+        linears += [e.linear_fc2 for e in experts.local_experts]
+    else:
+        experts = _te_experts(megasparse.SparseTEGroupedMLP, sparsity, dtype)
+        linears = [experts.linear_fc1, experts.linear_fc2]
+    calls, finish_gathers = _gather_weights_in_forward_pre_hooks(linears)
+    x, probs, tokens = _inputs(dtype)
+    with torch.no_grad():
+        first = experts(x, tokens, probs)[0]
+    finish_gathers()  # nothing left to do where the hooks ran
+    checked = experts if grouped == "SparseGroupedMLP" else _PerExpertView(experts)
+    _check_against_reference(checked, x, probs, tokens, (64, 4), tol)  # the gathered weights
+    with torch.no_grad():
+        torch.testing.assert_close(first, experts(x, tokens, probs)[0], rtol=0, atol=0)
+    assert sorted(map(id, calls)) == sorted(map(id, linears * 3))  # each linear's, per forward
+
+
 @pytest.mark.parametrize("cls", [SparseSequentialMLP, SparseGroupedMLP])
 def test_sparse_experts_run_under_inference_mode_as_under_no_grad(cls):
     experts = _experts(cls, SparsityConfig(activations="2:4", backend="dense"), torch.float32)

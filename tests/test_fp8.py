@@ -291,6 +291,38 @@ def test_cusparselt_fp8_gemm_scales_outside_the_gemm(tokens, with_bias):
     assert ((y.double() - ref).abs() > u * ref.abs() / 2 + 1e-6).any()
 
 
+@pytest.mark.parametrize("acc_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp8_epilogue_reads_the_scale_in_fp32(acc_dtype, with_bias):
+    """The epilogue's elementwise op has fp32 as its common dtype, so no device loads the fp32
+    scale rounded to the 16-bit acc's dtype (CUDA's TensorIterator casts every input to the common
+    dtype; the CPU kernel happens to read a 0-dim scale in full, so only the dtype rule shows it).
+    The result is the float64 scaled sum rounded once."""
+    from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(3)
+    acc = (torch.randn(24, 32, generator=g) * 40).to(acc_dtype)
+    scale = torch.tensor(1 + 2.0**-10 + 2.0**-13)  # not a 16-bit float: rounding would show
+    bias = torch.randn(32, generator=g).to(acc_dtype) if with_bias else None
+    common = []
+
+    class CommonDtype(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mul, torch.ops.aten.addcmul):
+                inputs = [a for a in args if isinstance(a, torch.Tensor)]
+                kind = ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT
+                common.append(elementwise_dtypes(*inputs, type_promotion_kind=kind)[1])
+            return func(*args, **(kwargs or {}))
+
+    with CommonDtype():
+        y = gemm_ops.scale_epilogue(acc, scale, bias, torch.bfloat16)
+    assert common == [torch.float32]
+    ref = acc.double() * scale.double() + (0 if bias is None else bias.double())
+    u = 2.0**-8  # one bf16 rounding
+    assert y.dtype == torch.bfloat16 and ((y.double() - ref).abs() <= u * ref.abs()).all()
+
+
 @pytest.mark.parametrize("how", ["argument", "environment"])
 def test_cusparselt_fp8_vector_alpha_is_an_option(monkeypatch, how):
     """alpha_mode="vector" (or MEGASPARSE_FP8_ALPHA=vector): the scale as one float32 per weight

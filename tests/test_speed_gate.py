@@ -251,6 +251,42 @@ def test_layers_follow_the_gate_per_role_and_decide_once_per_bucket(gated):
     }
 
 
+@pytest.mark.usefixtures("megatron_tp1")
+def test_gate_decisions_leave_the_global_rng_alone_so_recompute_matches(gated):
+    """A decision inside a checkpointed region draws nothing from the global generator: the
+    recompute (which restores the RNG state and finds the decision made) gives the dropout after
+    the layer the forward's mask, and that mask is the one the seed gives without any gate."""
+    from torch.utils.checkpoint import checkpoint
+
+    from megasparse import SparsityConfig
+    from megatron_helpers import make_column, make_config
+
+    layer = make_column(make_config(), 16, 32, SparsityConfig(mask="transposable"))
+    x = torch.randn(4096, 16, dtype=torch.float64)  # one bucket: the gate decides
+
+    def block(inputs):
+        return torch.nn.functional.dropout(layer(inputs)[0], 0.5, training=True)
+
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        layer(x)
+    assert len(gated.decided) == 1 and torch.equal(torch.get_rng_state(), state)
+
+    torch.manual_seed(5)
+    keep = torch.nn.functional.dropout(torch.ones(4096, 32, dtype=torch.float64), 0.5)
+    dy = torch.randn(4096, 32, dtype=torch.float64)
+    y_ref, dx_ref = _masked_reference(layer, x, dy * keep)
+    for checkpointed in (False, True):
+        gated.decided.clear()  # decide again, inside the (checkpointed) forward
+        torch.manual_seed(5)
+        xr = x.clone().requires_grad_(True)
+        y = checkpoint(block, xr, use_reentrant=False) if checkpointed else block(xr)
+        y.backward(dy)
+        assert len(gated.decided) == 1
+        torch.testing.assert_close(y.detach(), y_ref * keep, msg=f"checkpointed={checkpointed}")
+        torch.testing.assert_close(xr.grad, dx_ref, msg=f"checkpointed={checkpointed}")
+
+
 def _random_loads(generator, experts, micro_batches):
     """Tokens per expert: a quarter of them 0, the rest log-uniform in [1, 20000]."""
     logs = torch.rand(micro_batches, experts, generator=generator) * torch.log(
