@@ -38,9 +38,8 @@ class SparseMLP(MLP):
         install_activation_sparsity(self)
 
     def forward(self, hidden_states, *args, **kwargs):
-        if isinstance(
-            self.activation_func, FFNActivationSparsifier
-        ):  # before any dense phase's path
+        # the activation's sparsifier reads its phase in Python, which graph replays skip
+        if isinstance(self.activation_func, FFNActivationSparsifier):
             refuse_graph_capture(hidden_states, self.linear_fc2.sparsity)
         return super().forward(hidden_states, *args, **kwargs)
 

@@ -127,7 +127,7 @@ def _forward_gemm(x, x2d, step: WeightStep, bias, plan):
         return y if bias is None else y + bias
     if step.pruned and "forward" in plan.sparse_weight_roles:
         return backend.linear(x2d, step.compressed(), bias, WEIGHT)
-    # W*M in a dense GEMM (a dense phase, or a role the speed gate runs dense): held for the step
+    # a pruned weight here: a role the speed gate runs dense, so W*M is held for the step
     if is_2_4(x) and backend.fits(x2d):  # dense weight, 2:4 activation as the sparse operand
         return backend.linear(x2d, step.dense(hold=True), bias, ACTIVATION)
     return backend.linear(x2d, step.dense(hold=True), bias, None)
