@@ -42,6 +42,7 @@ from megasparse.config import SparsityConfig
 from megasparse.mlp import install_activation_sparsity
 from megasparse.backends import BACKENDS
 from megasparse.ops import grouped_linear, masked_weight
+from megasparse.weight_state import refuse_graph_capture
 
 
 class SparseSequentialMLP(SequentialMLP):
@@ -220,6 +221,9 @@ class SparseGroupedMLP(SparseSequentialMLP):
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         x = permuted_local_hidden_states
+        first = self.local_experts[0]  # before the dense shortcuts: any phase could be sparse
+        linears = (first.linear_fc1, first.linear_fc2)
+        refuse_graph_capture(x, *[fc.sparsity for fc in linears if hasattr(fc, "sparsity")])
         if not self._can_group(x):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         fc1s = [e.linear_fc1 for e in self.local_experts]
@@ -365,6 +369,7 @@ class SparseTEGroupedMLP(TEGroupedMLP):
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         s = self.sparsity
+        refuse_graph_capture(permuted_local_hidden_states, s)  # before the dense shortcut
         if not (s.prunes_weights or s.sparsifies_activations):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         if getattr(self.config, "fp8", None) or getattr(self.config, "fp4", None):

@@ -26,7 +26,12 @@ from megasparse.interface import describe, layer_stats
 from megasparse import fp8_linear, speed_gate
 from megasparse.ops import LinearPlan, sparse_linear_step
 from megasparse.sparse_operand import is_2_4, sparse_pattern
-from megasparse.weight_state import SparseWeightState, compute_mask, parse_refreshed_at
+from megasparse.weight_state import (
+    SparseWeightState,
+    compute_mask,
+    parse_refreshed_at,
+    refuse_graph_capture,
+)
 
 ALL_ROLES = speed_gate.ROLES
 
@@ -231,6 +236,7 @@ class _SparseLinearMixin:
         return self._backends[key]
 
     def _forward_impl(self, input, weight, *args, **kwargs):
+        refuse_graph_capture(weight, *self._capture_configs())  # before the dense shortcut
         call = _forward_impl_arguments(input, weight, args, kwargs)
         fusion = bool(call["gradient_accumulation_fusion"])
         sparse_now = self.sparsity.prunes_weights or self._sparse_input_now()
@@ -282,6 +288,10 @@ class _SparseLinearMixin:
 
     # fc2 sparsifies its input (the FFN activation); fc1 receives dH of a sparse activation
 
+    def _capture_configs(self) -> tuple:
+        """The configs that decide whether some phase of this layer runs megasparse's op."""
+        return (self.sparsity,)
+
     def _sparse_input_now(self) -> bool:
         return False
 
@@ -308,6 +318,12 @@ class SparseColumnParallelLinear(_SparseLinearMixin, mcore_layers.ColumnParallel
     def feeds_sparse_activation_of(self, fc2) -> None:
         """Declared by SparseMLP: our output is the FFN activation's input, so dH may arrive 2:4."""
         self._feeds = weakref.ref(fc2)  # not a submodule: no state_dict entry, no cycle
+
+    def _capture_configs(self) -> tuple:
+        fc2 = self._feeds()  # its activation sparsity makes our dH 2:4
+        if fc2 is None or fc2.sparsity.activations is None:
+            return (self.sparsity,)
+        return (self.sparsity, fc2.sparsity)
 
     def _sparse_input_now(self) -> bool:
         # our output gradient dH may arrive 2:4: run our op, whose backward can take dH as the sparse operand

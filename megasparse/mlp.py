@@ -17,6 +17,7 @@ from megatron.core.transformer.mlp import MLP
 
 from megasparse.activation_sparsity import FFNActivationSparsifier
 from megasparse.layers import SparseColumnParallelLinear, SparseRowParallelLinear
+from megasparse.weight_state import refuse_graph_capture
 
 
 def install_activation_sparsity(mlp: MLP) -> None:
@@ -35,6 +36,12 @@ class SparseMLP(MLP):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         install_activation_sparsity(self)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        # the activation's sparsifier reads its phase in Python, which graph replays skip
+        if isinstance(self.activation_func, FFNActivationSparsifier):
+            refuse_graph_capture(hidden_states, self.linear_fc2.sparsity)
+        return super().forward(hidden_states, *args, **kwargs)
 
     def activation_stats(self, reset: bool = False) -> dict:
         """Exact-zero fraction and dropped-L1 fraction of the activation since the last reset (this rank)."""

@@ -127,9 +127,10 @@ def _forward_gemm(x, x2d, step: WeightStep, bias, plan):
         return y if bias is None else y + bias
     if step.pruned and "forward" in plan.sparse_weight_roles:
         return backend.linear(x2d, step.compressed(), bias, WEIGHT)
+    # a pruned weight here: a role the speed gate runs dense, so W*M is held for the step
     if is_2_4(x) and backend.fits(x2d):  # dense weight, 2:4 activation as the sparse operand
-        return backend.linear(x2d, step.dense(), bias, ACTIVATION)
-    return backend.linear(x2d, step.dense(), bias, None)
+        return backend.linear(x2d, step.dense(hold=True), bias, ACTIVATION)
+    return backend.linear(x2d, step.dense(hold=True), bias, None)
 
 
 def _input_grad_gemm(dy, dy2d, step: WeightStep, plan):
@@ -139,10 +140,12 @@ def _input_grad_gemm(dy, dy2d, step: WeightStep, plan):
     if step.pruned and step.transposable and "input_grad" in plan.sparse_weight_roles:
         # (W*M)^T is 2:4 too and compressed once per step: cheaper than compressing dH per call
         return backend.input_grad(dy2d, step.compressed_t(), WEIGHT)
+    # W*M held for the step where the layer holds its backward operand (hold_backward_weight)
+    hold = step.hold_backward
     if is_2_4(dy) and backend.fits(dy2d):  # dH of a 2:4 activation (fc1 of a SparseMLP)
-        return backend.input_grad(dy2d, step.dense(), GRAD_OUTPUT)
+        return backend.input_grad(dy2d, step.dense(hold), GRAD_OUTPUT)
     return backend.input_grad(
-        dy2d, step.dense(), None
+        dy2d, step.dense(hold), None
     )  # (W*M)^T is not 2:4 along its reduction dim
 
 

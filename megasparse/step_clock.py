@@ -26,6 +26,7 @@ _hook = None
 _last_step = weakref.WeakKeyDictionary()  # optimizer -> the generation of its latest step
 _known = 0  # how many optimizers have become known (changes when one steps for the first time)
 _held_ids = weakref.WeakKeyDictionary()  # optimizer -> (param counts per group, ids it holds)
+_layout_at = (None, None)  # (generation, `_layout()` then)
 
 
 def _bump(optimizer, args, kwargs) -> None:
@@ -62,6 +63,19 @@ def _ids_held_by(optimizer) -> frozenset:
     return cached[1]
 
 
+def _layout() -> tuple:
+    """The known optimizers and the sizes of their param groups (read once per optimizer step for
+    all weights): a weight no optimizer held at one layout is looked up again only at a new one."""
+    global _layout_at
+    if _layout_at[0] != _generation:
+        sizes = tuple(
+            tuple(len(group["params"]) for group in optimizer.param_groups)
+            for optimizer in list(_last_step.keys())
+        )
+        _layout_at = (_generation, (_known, sizes))
+    return _layout_at[1]
+
+
 class StepWatcher:
     """Whether one weight's optimizer has stepped since the last look (one per sparse weight).
 
@@ -76,6 +90,7 @@ class StepWatcher:
         self._weight = None  # a weak reference to the weight of the last look
         self._owners = ()  # weak references to the optimizers that own the weight
         self._looked_up_at = -1  # `_known` at that lookup
+        self._unowned_at = None  # (layout, weight, main_param ids) of a lookup that found no owner
         self.guessed = 0
         self.interleaved = False
 
@@ -122,17 +137,19 @@ class StepWatcher:
         return not owners or any(_last_step.get(owner, 0) > seen for owner in owners)
 
     def _owners_of(self, weight) -> list:
-        # look again when an optimizer stepped for the first time, or while none owns the weight
-        # (it may have been added to a known optimizer's param groups since)
-        if self._looked_up_at != _known or not self.owned:
-            targets = {id(weight)}
+        # look again when an optimizer stepped for the first time; while none owns the weight, also
+        # when a known optimizer's param groups changed size (the weight may have been added)
+        owned = self.owned
+        if not owned or self._looked_up_at != _known:
             main = getattr(weight, "main_param", None)  # Megatron's fp32 main copy (or shard)
-            if main is not None:
-                targets.add(id(main))
-            self._owners = tuple(
-                weakref.ref(optimizer)
-                for optimizer in list(_last_step.keys())
-                if not targets.isdisjoint(_ids_held_by(optimizer))
-            )
-            self._looked_up_at = _known
+            unowned_at = (_layout(), id(weight), id(main))
+            if owned or unowned_at != self._unowned_at:
+                targets = {id(weight)} if main is None else {id(weight), id(main)}
+                self._owners = tuple(
+                    weakref.ref(optimizer)
+                    for optimizer in list(_last_step.keys())
+                    if not targets.isdisjoint(_ids_held_by(optimizer))
+                )
+                self._looked_up_at = _known
+                self._unowned_at = None if self._owners else unowned_at
         return [owner for owner in (ref() for ref in self._owners) if owner is not None]

@@ -31,7 +31,7 @@ from megasparse.backends import BACKENDS
 from megasparse.config import SparsityConfig
 from megasparse.interface import describe
 from megasparse.ops import masked_weight
-from megasparse.weight_state import SparseWeightState, compute_mask
+from megasparse.weight_state import SparseWeightState, compute_mask, refuse_graph_capture
 
 _TE_BASES = {
     "SparseTEColumnParallelLinear": "TEColumnParallelLinear",
@@ -100,7 +100,11 @@ class _SparseTEMixin:
             for state, name in zip(self.weight_states, self._sparse_weight_names())
         ]
 
+    def _refuse_graph_capture(self) -> None:
+        refuse_graph_capture(getattr(self, self._sparse_weight_names()[0]), self.sparsity)
+
     def _get_weight_tensors(self):
+        self._refuse_graph_capture()  # before the dense shortcut
         weights = super()._get_weight_tensors()
         if not self.sparsity.prunes_weights:
             return weights
@@ -167,6 +171,7 @@ def _fp8_forward_hook(te_linear: type) -> type:
     def forward(self, *args, **kwargs):
         from megasparse.te_fp8 import te_fp8_forward
 
+        self._refuse_graph_capture()
         return te_fp8_forward(self, te_linear, *args, **kwargs)
 
     name = "_MegasparseFp8" + te_linear.__name__

@@ -29,7 +29,8 @@ weight compare per use).
 Boundaries of kind 1 and 2 count steps for held masks (kind 2 sets the count to the iteration)
 and re-arm the per-step gradient terms (srste, masked_decay: once per step, whatever else
 rebuilds the state in between). The step count is saved with held masks in checkpoints.
-Under CUDA graph capture the state refuses to run (a replay would not rebuild it).
+Under CUDA graph capture every module that could compute sparse in some phase refuses to run,
+in a dense phase too (a replay would neither rebuild the state nor notice sparsity turning on).
 
 This module is the only copy of the mask policy (`compute_mask`) and of held-mask checkpoint I/O;
 every sparse module (local and TE linears, experts, FP8) goes through it.
@@ -79,6 +80,23 @@ def verify_mode() -> bool:
 def _graph_capture_underway(weight) -> bool:
     """Whether the current CUDA stream is capturing a CUDA graph (no sync; False for CPU weights)."""
     return weight.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def could_be_sparse(sparsity) -> bool:
+    """Whether some phase of a layer under `sparsity` computes sparse or FP8 (whatever `enabled`
+    says now: SparsitySchedule and the user turn it on and off)."""
+    return (
+        sparsity.weights is not None
+        or sparsity.activations is not None
+        or getattr(sparsity, "fp8", None) is not None
+    )
+
+
+def refuse_graph_capture(tensor, *configs) -> None:
+    """Raise under CUDA graph capture (of `tensor`'s stream) if any config could make its module
+    sparse: capture in a dense phase would replay dense after sparsity turns on. No sync."""
+    if any(could_be_sparse(sparsity) for sparsity in configs) and _graph_capture_underway(tensor):
+        raise RuntimeError(_CAPTURE_ERROR)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -188,17 +206,19 @@ class WeightStep:
             self._wgrad_generator = generator
         return self._wgrad_generator
 
-    def dense(self) -> torch.Tensor:
+    def dense(self, hold: bool = False) -> torch.Tensor:
         """The weight the GEMMs compute with, as a dense tensor (W*M, or W in a dense phase;
-        beta * S(W) under S-STE)."""
+        beta * S(W) under S-STE). hold: the caller runs a dense GEMM on it in every micro-batch
+        (a role the speed gate runs dense under a sparse backend), so it is held for the step."""
         if not self.pruned:
             return self.weight.detach()
         if self._dense is not None:
             return self._dense
         masked = self._masked()
         # held where W*M itself is a GEMM operand in every micro-batch: the dense backend's forward,
-        # or a held 1d backward (a transposable backward uses the compressed (W*M)^T instead)
-        if self.backend.name == "dense" or (self.hold_backward and not self.transposable):
+        # a held 1d backward (a transposable backward uses the compressed (W*M)^T instead), or
+        # the caller's dense GEMM
+        if hold or self.backend.name == "dense" or (self.hold_backward and not self.transposable):
             self._dense = masked
         return masked
 
@@ -272,7 +292,9 @@ _CAPTURE_ERROR = (
     "make_graphed_callables, Megatron's cuda_graph_impl 'local' / 'transformer_engine' / "
     "'full_iteration', formerly --enable-cuda-graph / --external-cuda-graph). Its 2:4 state "
     "(mask, W*M, compressed and FP8 weights) is rebuilt by host-side Python once per optimizer "
-    "step, which a graph replay does not run, so replays would compute with a stale weight. "
+    "step, which a graph replay does not run, so replays would compute with a stale weight; "
+    "captured in a dense phase (enabled=False, a SparsitySchedule warm-up), replays would stay "
+    "dense after sparsity turns on. "
     "Keep the sparse layers out of the captured region (capture only modules without sparse "
     "layers, e.g. Megatron's cuda_graph_scope / cuda_graph_modules 'attn' when only the MLP is "
     "sparse), or turn CUDA graphs off."
@@ -333,10 +355,7 @@ class SparseWeightState:
 
     def step(self, weight, sparsity, backend, transposable: Optional[bool] = None) -> WeightStep:
         """This step's WeightStep for `weight` under `sparsity`, built at the first call after a boundary."""
-        if (sparsity.prunes_weights or sparsity.fp8 is not None) and _graph_capture_underway(
-            weight
-        ):
-            raise RuntimeError(_CAPTURE_ERROR)
+        refuse_graph_capture(weight, sparsity)
         crossed = self._watch.look(weight)
         if self._watch.guessed and self._watch.owned:
             self._settle_guessed_steps(sparsity)

@@ -137,6 +137,40 @@ def test_weight_is_compressed_once_per_step_and_reused_by_every_micro_batch(
     }
 
 
+@pytest.mark.parametrize(
+    "mask,hold", [("1d", None), ("1d", False), ("transposable", None), ("transposable", False)]
+)
+def test_roles_the_speed_gate_runs_dense_build_w_times_m_once_per_step(monkeypatch, mask, hold):
+    """backend='auto' under the speed gate's dense decision (fewer tokens than its smallest
+    bucket): the dense GEMMs run on one W*M per step, not one per forward and backward."""
+    from megasparse import speed_gate
+    from megasparse.weight_state import WeightStep
+
+    backend = CountingBackend()
+    backend.name = "counting"  # a sparse backend to the state
+    monkeypatch.setattr("megasparse.layers.resolve_backend", lambda *a, **k: backend)
+    monkeypatch.setattr(speed_gate, "applies", lambda requested, backend, weight: True)
+    builds = []
+    masked = WeightStep._masked
+    monkeypatch.setattr(WeightStep, "_masked", lambda step: builds.append(1) or masked(step))
+    sparsity = SparsityConfig(backend="auto", mask=mask, hold_backward_weight=hold)
+    layer = make_column(make_config(), 16, 32, sparsity)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        builds.clear()
+        w = (layer.weight * weight_mask(layer.weight, mask)).detach()
+        for x, dy in zip(*_micro_batches(g)):
+            x = x.requires_grad_(True)
+            y, _ = layer(x)
+            y.backward(dy)
+            torch.testing.assert_close(y.detach(), x.detach() @ w.t() + layer.bias.detach())
+            torch.testing.assert_close(x.grad, dy @ w)
+        assert len(builds) == 1, step
+        opt.step()
+    assert backend.compressed == [] and {sparse for _, sparse in backend.gemms} == {None}
+
+
 class CusparseltSizedBackend(DenseBackend):
     """Compresses to cuSPARSELt's size for a 16-bit 2:4 matrix: numel * 9 / 16 elements (values and
     metadata; PyTorch's cuSPARSELtOps.cpp), so the state's bytes are those of the GPU backend."""
@@ -679,6 +713,34 @@ def test_interleaving_for_a_weight_no_optimizer_holds_warns(monkeypatch):
         step(True)
 
 
+def test_a_weight_no_optimizer_holds_is_looked_up_again_only_when_the_optimizers_change(
+    monkeypatch,
+):
+    """Megatron's distributed optimizer on a rank without the weight's shard: every optimizer step
+    is the weight's boundary, without scanning the optimizers' param groups at every step."""
+    from megasparse import step_clock
+
+    lookups = []
+    held_by = step_clock._ids_held_by
+    monkeypatch.setattr(step_clock, "_ids_held_by", lambda opt: lookups.append(opt) or held_by(opt))
+    layer = make_column(make_config(), 16, 32, SparsityConfig(backend="dense"))
+    other = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    layer(x)
+    for step in range(1, 11):
+        other(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        layer(x)
+        assert layer.weight_state.steps == step  # every step counts while no optimizer holds it
+    assert len(lookups) == 1
+    opt.add_param_group({"params": [layer.weight]})  # now the weight has an owner
+    layer(x)[0].sum().backward()
+    opt.step()
+    layer(x)
+    assert len(lookups) == 2 and layer.weight_state._watch.owned
+
+
 # --- CUDA graphs ------------------------------------------------------------------------------
 
 
@@ -689,8 +751,67 @@ def test_cuda_graph_capture_of_a_sparse_layer_is_refused(monkeypatch):
     monkeypatch.setattr(weight_state, "_graph_capture_underway", lambda weight: True)
     with pytest.raises(RuntimeError, match="CUDA graph capture.*stale weight.*out of the captured"):
         layer(x)
-    layer.sparsity.enabled = False  # the parent's dense forward: nothing per step to go stale
-    layer(x)
+    dense = make_column(make_config(), 16, 32, SparsityConfig(weights=None, backend="dense"))
+    dense(x)  # nothing sparse in any phase: the parent's forward may be captured
+
+
+def _dense_phase_modules():
+    """Sparse modules of every kind, each with the inputs of one forward."""
+    from megatron.core.activations import squared_relu
+
+    from megasparse import SparseGroupedMLP, SparseTEGroupedMLP
+    from megasparse.te import sparse_te_class
+    from test_experts import _experts, _inputs, _te_experts
+    from test_te import FakeTELinear
+
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    weights = SparsityConfig(backend="dense")
+    mlp_config = make_config(ffn_hidden_size=32, activation_func=squared_relu)
+    activations_only = SparsityConfig(weights=None, activations="2:4", backend="dense")
+    expert_x, probs, tokens = _inputs(torch.float64)
+    expert_inputs = (expert_x, tokens, probs)
+    return {
+        "column": (make_column(make_config(), 16, 32, weights), (x,)),
+        "row": (make_row(make_config(), 16, 32, weights), (x,)),
+        "mlp with activation sparsity only": (
+            make_mlp(mlp_config, 32, None, activations_only),
+            (x,),
+        ),
+        "te linear": (
+            sparse_te_class(FakeTELinear)(16, 32, config=make_config(), sparsity=weights),
+            (x,),
+        ),
+        "grouped experts": (_experts(SparseGroupedMLP, weights), expert_inputs),
+        "te grouped experts": (
+            _te_experts(SparseTEGroupedMLP, weights, torch.float64),
+            expert_inputs,
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "column",
+        "row",
+        "mlp with activation sparsity only",
+        "te linear",
+        "grouped experts",
+        "te grouped experts",
+    ],
+)
+def test_cuda_graph_capture_in_a_dense_phase_is_refused(monkeypatch, kind):
+    """Megatron captures after a few warm-up steps, maybe within SparsitySchedule's dense warm-up:
+    replays run no Python, so they would stay dense once the schedule turns sparsity on."""
+    from megasparse import SparsitySchedule
+
+    module, inputs = _dense_phase_modules()[kind]
+    schedule = SparsitySchedule(dense_warmup_iters=2, train_iters=10)
+    assert schedule.apply(module, 0) == "dense-warmup"
+    module(*inputs)  # warm-up outside the capture
+    monkeypatch.setattr(weight_state, "_graph_capture_underway", lambda tensor: True)
+    with pytest.raises(RuntimeError, match="CUDA graph capture.*dense phase.*out of the captured"):
+        module(*inputs)
 
 
 @pytest.mark.gpu
