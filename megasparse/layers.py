@@ -147,7 +147,7 @@ class _SparseLinearMixin:
         # a mode switch rebuilds the state at the next forward: EMA validation swaps the weights
         # through .data around eval() / train(), which no version counter sees
         if mode != self.training and getattr(self, "weight_state", None) is not None:
-            self.weight_state.invalidate()
+            self.weight_state.mode_switched(mode)
         return super().train(mode)
 
     def extra_repr(self) -> str:

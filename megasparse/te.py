@@ -144,7 +144,7 @@ class _SparseTEMixin:
         # a mode switch rebuilds the state at the next forward (EMA swaps weights through .data)
         if mode != self.training:
             for state in getattr(self, "weight_states", ()):  # (none yet while constructed)
-                state.invalidate()
+                state.mode_switched(mode)
         return super().train(mode)
 
     def extra_repr(self) -> str:

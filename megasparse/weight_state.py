@@ -306,6 +306,7 @@ class SparseWeightState:
 
     def __init__(self):
         self.held_mask_bits = None  # held masks (mask_refresh_interval > 1)
+        self._held_since_switch = False  # a held mask was computed since the last train()/eval()
         self.held_shape = None
         self.refreshed_at = 0  # the step count at which the held mask was computed
         self.steps = 0  # step boundaries seen (or the iteration set from outside)
@@ -344,6 +345,15 @@ class SparseWeightState:
         self._step = None
         if drop_held_mask:
             self.held_mask_bits = None
+
+    def mode_switched(self, training: bool) -> None:
+        """train()/eval() of the module: rebuild from the current weight at the next forward (EMA
+        validation swaps weights in through .data around eval(), which no version counter sees).
+        A held mask computed since the switch into eval mode came from the weights validated
+        there, so back in training it is computed again, from the trained weight, for the same
+        refresh step; a held mask computed in training stays held through validation."""
+        self.invalidate(drop_held_mask=training and self._held_since_switch)
+        self._held_since_switch = False
 
     def step_count(self) -> int:
         """The step count the next use will see (a boundary since the last use included)."""
@@ -544,6 +554,7 @@ class SparseWeightState:
                 tuple(weight.shape),
                 self.steps,
             )
+            self._held_since_switch = True
         return bits
 
     def _restored_mask_follows_rule(self, bits, weight, sparsity) -> bool:

@@ -387,6 +387,40 @@ def test_ema_validation_swapping_weights_through_data_computes_with_the_current_
     assert torch.equal(y_next, y_train)
 
 
+def _train_with_ema_validation(validate: bool, steps: int = 8):
+    """A held-mask layer trained with SGD; optionally, after every optimizer step, EMA validation
+    through .data (eval, swap in, forward, swap back, train). Returns the training masks and the
+    final weight."""
+    layer = make_column(make_config(), 16, 32, SparsityConfig(mask_refresh_interval=3))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    ema = layer.weight.detach().clone() + 0.3 * torch.randn_like(layer.weight)
+    x = torch.randn(3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    masks = []
+    for _ in range(steps):
+        opt.zero_grad()
+        layer(x)[0].square().sum().backward()
+        masks.append(layer.sparsity_mask())
+        opt.step()
+        if validate:  # the first forward after the step: at refresh steps it computes the mask
+            trained = layer.weight.detach().clone()
+            layer.eval()
+            layer.weight.data.copy_(ema)
+            layer(x)
+            layer.weight.data.copy_(trained)
+            layer.train()
+    return masks, layer.weight.detach().clone()
+
+
+def test_ema_validation_at_a_refresh_step_does_not_hand_its_mask_to_training():
+    """Validation can be the first forward after a refresh step, so the held mask it computes
+    comes from the EMA weights; back in training the mask is computed again from the trained
+    weight: training equals the same run without validation, bit for bit."""
+    masks, weight = _train_with_ema_validation(validate=True)
+    ref_masks, ref_weight = _train_with_ema_validation(validate=False)
+    assert [torch.equal(a, b) for a, b in zip(masks, ref_masks)] == [True] * len(masks)
+    assert torch.equal(weight, ref_weight)
+
+
 class _TwoLayers(torch.nn.Module):
     def __init__(self, sparsity):
         super().__init__()
