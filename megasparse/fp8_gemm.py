@@ -1,6 +1,7 @@
 """FP8 (e4m3) GEMMs with one 2:4 operand, no host syncs: cuSPARSELt on sm90, emulated elsewhere.
 
-y = (x_q * x_scale_inv) @ (w_q * w_scale_inv)^T, fp32 accumulation, one rounding to `out_dtype`.
+y = (x_q * x_scale_inv) @ (w_q * w_scale_inv)^T, fp32 accumulation, rounded to `out_dtype`
+(once in the emulation and in "vector" mode, twice in "output" mode: see Scaling).
 
 Scaling (the `alpha_mode` argument; default `configured_alpha_mode()`). torch._cslt_sparse_mm
 (aten/.../cuSPARSELtOps.cpp) reads a one-element alpha with `alpha_tensor.item<float>()`: a host

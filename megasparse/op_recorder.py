@@ -107,9 +107,8 @@ def _gemm(func, args, kwargs, out):
     if packet == aten._cslt_sparse_mm:
         compressed, dense = args[0], args[1]
         k, n = dense.shape
-        m = compressed.shape[
-            0
-        ]  # the [m, ...] blob of _cslt_compress, as torch's meta kernel reads it
+        # the [m, ...] blob of _cslt_compress: m is its first dim, as torch's meta kernel reads it
+        m = compressed.shape[0]
         return m, n, k, dense.dtype, "A"
     return None
 

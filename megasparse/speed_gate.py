@@ -164,13 +164,6 @@ class SpeedGate:
             )
         return tuple(role for role, sparse in zip(pairs, agreed) if sparse)
 
-    def use_sparse(
-        self, layer: str, role: str, shape, dtype, dense_fn, sparse_fn, device_name: str, group=None
-    ) -> bool:
-        """Whether `layer` should run `role` sparse. dense_fn / sparse_fn run one GEMM each."""
-        pairs = {role: (dense_fn, sparse_fn)}
-        return role in self.decide(layer, shape, dtype, pairs, device_name, group)
-
 
 def gemm_pair(role: str, tokens: int, weight: torch.Tensor, backend):
     """(dense_fn, sparse_fn) for a role at a shard shape, through the backend's own GEMMs
@@ -232,8 +225,16 @@ def sparse_roles(layer: str, step, backend, tokens: int, group=None) -> tuple:
     if bucket is None:
         return ()  # dense: nothing measured, and an empty operand never reaches a kernel
     weight, transposable = step.weight, step.transposable
-    key = (backend.name, tuple(weight.shape), weight.dtype, weight.device, transposable, bucket)
-    key += (group,)  # the agreed decision holds for this group
+    # the agreed decision holds for this group
+    key = (
+        backend.name,
+        tuple(weight.shape),
+        weight.dtype,
+        weight.device,
+        transposable,
+        bucket,
+        group,
+    )
     speed_gate = gate()
     roles = speed_gate.decided.get(key)
     if roles is None:

@@ -38,7 +38,8 @@ def never_time(fn):
 
 
 def gate_use(gate, role="forward", group=None):
-    return gate.use_sparse("fc1", role, SHAPE, DTYPE, dense, sparse, "NVIDIA H100 80GB HBM3", group)
+    pairs = {role: (dense, sparse)}
+    return role in gate.decide("fc1", SHAPE, DTYPE, pairs, "NVIDIA H100 80GB HBM3", group)
 
 
 @pytest.fixture(autouse=True)
