@@ -205,13 +205,9 @@ def _masked_reference(layer, x, dy):
     return x.double() @ w.t() + layer.bias.double(), dy.double() @ w
 
 
-@pytest.mark.usefixtures("megatron_tp1")
-def test_empty_and_small_token_counts_run_dense_and_are_never_timed(gated):
-    from megasparse import SparsityConfig
-    from megatron_helpers import make_column, make_config
-
-    layer = make_column(make_config(), 16, 32, SparsityConfig(mask="transposable"))
-    for tokens in (0, 1, 100, 4095, 0):
+def _check_against_masked_reference(layer, token_counts):
+    """Forward and input gradient of `layer` at each token count equal the float64 reference."""
+    for tokens in token_counts:
         x = torch.randn(tokens, 16, dtype=torch.float64, requires_grad=True)
         y = layer(x)[0]
         dy = torch.randn_like(y)
@@ -219,6 +215,15 @@ def test_empty_and_small_token_counts_run_dense_and_are_never_timed(gated):
         y_ref, dx_ref = _masked_reference(layer, x.detach(), dy)
         torch.testing.assert_close(y.detach(), y_ref)
         torch.testing.assert_close(x.grad, dx_ref)
+
+
+@pytest.mark.usefixtures("megatron_tp1")
+def test_empty_and_small_token_counts_run_dense_and_are_never_timed(gated):
+    from megasparse import SparsityConfig
+    from megatron_helpers import make_column, make_config
+
+    layer = make_column(make_config(), 16, 32, SparsityConfig(mask="transposable"))
+    _check_against_masked_reference(layer, (0, 1, 100, 4095, 0))
     assert gated.timings == [] and gated.reads == gated.writes == 0
     # the GEMMs with rows ran dense on W*M; the empty ones ran no GEMM at all
     assert all(sparse is None and rows > 0 for _, sparse, rows in gated.backend.calls)
@@ -232,14 +237,7 @@ def test_layers_follow_the_gate_per_role_and_decide_once_per_bucket(gated):
     from megatron_helpers import make_column, make_config
 
     layer = make_column(make_config(), 16, 32, SparsityConfig(mask="transposable"))
-    for tokens in (5000, 4096, 8191, 6000):  # one bucket: 4096
-        x = torch.randn(tokens, 16, dtype=torch.float64, requires_grad=True)
-        y = layer(x)[0]
-        dy = torch.randn_like(y)
-        y.backward(dy)
-        y_ref, dx_ref = _masked_reference(layer, x.detach(), dy)
-        torch.testing.assert_close(y.detach(), y_ref)
-        torch.testing.assert_close(x.grad, dx_ref)
+    _check_against_masked_reference(layer, (5000, 4096, 8191, 6000))  # one bucket: 4096
     assert gated.timings == [
         ("forward", None, 4096),
         ("forward", "weight", 4096),
