@@ -246,3 +246,40 @@ def test_local_fp8_layer_on_cuda_matches_its_cpu_emulation(megatron_tp1, mask):
         results.append([t.float().cpu() for t in (y, xd.grad, layer.weight.grad)])
     for cpu, cuda in zip(*results):
         torch.testing.assert_close(cuda, cpu, rtol=2**-7, atol=1e-3)
+
+
+def test_speed_gate_times_the_real_backend_once_per_bucket(megatron_tp1, tmp_path, monkeypatch):
+    """backend='auto' on a GPU: the gate times cuSPARSELt against dense with CUDA events once per
+    token bucket (two counts of one bucket: one decision), leaves the global RNG alone, and the
+    layer's output and input gradient equal the float64 masked reference whichever way it chose."""
+    from megasparse import speed_gate
+    from megatron_helpers import make_column, make_config
+
+    monkeypatch.setenv(speed_gate.CACHE_ENV, str(tmp_path / "gate.json"))
+    monkeypatch.delenv(speed_gate.SWITCH_ENV, raising=False)
+    monkeypatch.setattr(speed_gate, "_GATE", None)
+    timings = []
+    real_timer = speed_gate.cuda_event_timer
+
+    def counting_timer(fn):
+        timings.append(fn)
+        return real_timer(fn)
+
+    speed_gate.gate().timer = counting_timer
+    cfg = SparsityConfig(mask="transposable", backend="auto")
+    layer = make_column(make_config(dtype=torch.bfloat16), 1024, 2048, cfg).cuda()
+    w = (layer.weight.float() * layer.sparsity_mask()).double()
+    for tokens in (4096, 5000):  # one bucket
+        rng = torch.cuda.get_rng_state()
+        x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+        rng_after_inputs = torch.cuda.get_rng_state()
+        y, _ = layer(x)
+        assert torch.equal(torch.cuda.get_rng_state(), rng_after_inputs) and not torch.equal(
+            rng, rng_after_inputs
+        )
+        y.backward(dy)
+        y_ref = x.detach().double() @ w.t() + layer.bias.double()
+        torch.testing.assert_close(y.double(), y_ref, rtol=2**-7, atol=1e-2)
+        torch.testing.assert_close(x.grad.double(), dy.double() @ w, rtol=2**-7, atol=1e-2)
+    assert len(timings) == 4  # forward and input gradient, dense and sparse, once
