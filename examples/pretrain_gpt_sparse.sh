@@ -2,7 +2,7 @@
 # Megatron-LM pretraining with 2:4 sparse FFNs and Squared-ReLU activation sparsity.
 #   MEGATRON_LM=/path/to/Megatron-LM bash examples/pretrain_gpt_sparse.sh
 # Needs: a GPU node, Megatron-LM (core_v0.16.x or core_v0.19.x) and megasparse installed in one env.
-# Not run in CI (no GPUs there); the flags are tested in tests/test_schedule_and_args.py.
+# Not run in CI (no GPUs there); the flags are tested in tests/megatron/test_schedule_and_args.py.
 set -euo pipefail
 : "${MEGATRON_LM:?set MEGATRON_LM to your Megatron-LM checkout}"
 here=$(cd "$(dirname "$0")/.." && pwd)

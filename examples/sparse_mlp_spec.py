@@ -14,7 +14,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megasparse import SparseColumnParallelLinear, SparseRowParallelLinear, SparsityConfig
-from megasparse.compat import LINEARS_ARE_BUILDERS
+from megasparse.megatron.compat import LINEARS_ARE_BUILDERS
 from megasparse.testing import free_port, init_megatron, shutdown_megatron
 
 

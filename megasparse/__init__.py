@@ -10,18 +10,18 @@ from megasparse.config import SparsityConfig
 __version__ = "0.1.0"
 
 _LAZY = {
-    "SparseColumnParallelLinear": "megasparse.layers",
-    "SparseRowParallelLinear": "megasparse.layers",
-    "sparse_linear": "megasparse.ops",
-    "weight_mask": "megasparse.ops",
-    "SparseMLP": "megasparse.mlp",
-    "SparseSequentialMLP": "megasparse.experts",
-    "SparseGroupedMLP": "megasparse.experts",
-    "SparseTEGroupedMLP": "megasparse.experts",
-    "sparsify_spec": "megasparse.specs",
-    "SparsitySchedule": "megasparse.schedule",
-    "add_args": "megasparse.args",
-    "Fp8SparseLinear": "megasparse.fp8",
+    "SparseColumnParallelLinear": "megasparse.megatron.layers",
+    "SparseRowParallelLinear": "megasparse.megatron.layers",
+    "sparse_linear": "megasparse.core.linear_op",
+    "weight_mask": "megasparse.core.linear_op",
+    "SparseMLP": "megasparse.megatron.mlp",
+    "SparseSequentialMLP": "megasparse.megatron.experts",
+    "SparseGroupedMLP": "megasparse.megatron.experts",
+    "SparseTEGroupedMLP": "megasparse.megatron.experts",
+    "sparsify_spec": "megasparse.megatron.specs",
+    "SparsitySchedule": "megasparse.megatron.schedule",
+    "add_args": "megasparse.megatron.args",
+    "Fp8SparseLinear": "megasparse.fp8.study",
     "weights_changed": "megasparse.interface",
 }
 

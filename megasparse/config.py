@@ -9,7 +9,7 @@ from typing import Optional
 WEIGHT_PATTERNS = (None, "2:4")
 MASK_KINDS = ("1d", "transposable")
 GRADIENT_MODES = ("ste", "masked", "srste")
-# --- training-quality options (issue 14): more gradient modes, MVUE wgrad, flip-rate tracking ---
+# --- training-quality options: more gradient modes, MVUE wgrad, flip-rate tracking ---
 GRADIENT_MODES = GRADIENT_MODES + ("masked_decay", "sste")
 WGRAD_SPARSITY = (None, "mvue")
 BACKENDS = ("auto", "dense", "cusparselt", "cutlass")
@@ -80,7 +80,7 @@ class SparsityConfig:
         GEMM, exact, any device), "cusparselt" or "cutlass" (sparse tensor cores, CUDA sm80+).
     mask_refresh_interval: 1 recomputes the mask from the dense weight at every optimizer step;
         N > 1 holds it for N steps. A step is an optimizer step (found without user calls), or
-        the iteration set by `set_sparsity_iteration` / SparsitySchedule (megasparse.weight_state).
+        the iteration set by `set_sparsity_iteration` / SparsitySchedule (megasparse.core.weight_state).
     enabled: runtime switch; False makes the layer compute exactly like its dense parent.
     activations: None, "2:4" or "V:2:M" (VENOM, e.g. "64:2:8" keeps 25%): sparsify the FFN
         activation, i.e. the input of fc2 (a SparseRowParallelLinear). Column layers ignore it.
@@ -96,7 +96,7 @@ class SparsityConfig:
         hold for transposable masks (the compressed (W*M)^T, +0.56x of the dense weight's bytes)
         and rebuild for 1d masks (W*M, which would cost +1.0x). Numerically identical either way.
 
-    Training-quality options (all off by default; megasparse.gradient_rules, megasparse.mvue):
+    Training-quality options (all off by default; megasparse.core.gradient_rules, megasparse.core.mvue):
     gradient="masked_decay": Hu et al., ICML 2024 ("Accelerating Transformer Pre-training with
         2:4 Sparsity"): the step's gradient + masked_decay_factor * (1 - M) * W, added once per
         optimizer step (in the step's first backward, whatever the number of micro-batches).
@@ -111,7 +111,7 @@ class SparsityConfig:
         its weight. Random draws: one torch.Generator per weight and optimizer step, seeded from
         (wgrad_seed, global rank, weight index, step) on the device (no host sync).
     wgrad_seed: the base seed of those draws.
-    fp8: the local spec's FP8 path (megasparse.fp8_linear), for Megatron's local layers, which
+    fp8: the local spec's FP8 path (megasparse.fp8.linear), for Megatron's local layers, which
         have no FP8 of their own: None (off), "hybrid" (e4m3 forward, e5m2 gradients) or "e4m3",
         TE's formats with current per-tensor scaling (Float8CurrentScaling's math). The layer's
         GEMMs run in FP8 in every phase: FP8 2:4 (cuSPARSELt on sm90, emulated elsewhere) while it
@@ -137,7 +137,7 @@ class SparsityConfig:
     activations: Optional[str] = None
     activation_function: Optional[str] = None
     hold_backward_weight: Optional[bool] = None
-    # training-quality options (issue 14), see the docstring
+    # training-quality options, see the docstring
     masked_decay_factor: float = 6e-5
     wgrad_sparsity: Optional[str] = None
     wgrad_seed: int = 0
@@ -173,7 +173,7 @@ class SparsityConfig:
         object.__setattr__(self, "_validated", True)
 
     def _validate_quality_options(self):
-        """Checks of the training-quality options (issue 14)."""
+        """Checks of the training-quality options."""
         _choice("wgrad_sparsity", self.wgrad_sparsity, WGRAD_SPARSITY)
         check_decay("masked_decay_factor", self.masked_decay_factor, "6e-5")
         if not isinstance(self.wgrad_seed, int) or isinstance(self.wgrad_seed, bool):
@@ -223,7 +223,7 @@ class SparsityConfig:
             if name in _FIELD_NAMES:
                 dataclasses.replace(self, **{name: value})
                 if name in _MASK_RULE_FIELDS and getattr(self, name) != value:
-                    # a held mask of the old rule must not survive (see megasparse.weight_state)
+                    # a held mask of the old rule must not survive (see megasparse.core.weight_state)
                     object.__setattr__(self, "mask_rule_revision", self.mask_rule_revision + 1)
             elif not name.startswith("_"):
                 raise AttributeError(

@@ -39,7 +39,7 @@ def weights_changed(model) -> None:
     Call it after writing weights where megasparse cannot see it: through `.data` with the storage
     kept (a hand-written update `p.data -= lr * p.grad`, `p.data.copy_(ema)`) outside an optimizer
     step and a train()/eval() switch. In-place updates under torch.no_grad(), new storage and config
-    changes are seen without it (the step-boundary rule in megasparse.weight_state). `model`: a
+    changes are seen without it (the step-boundary rule in megasparse.core.weight_state). `model`: a
     module or a list of modules (Megatron's model chunks). It is not a step boundary: held masks are kept (a new mask:
     `reset_held_mask()`), and the step's srste / masked_decay term is not added again.
     """

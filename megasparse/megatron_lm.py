@@ -9,8 +9,8 @@ megatron.training is imported only when these run inside Megatron-LM.
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megasparse.args import add_args, config_from_args, schedule_from_args
-from megasparse.specs import require_transformer_engine, sparsify_spec
+from megasparse.megatron.args import add_args, config_from_args, schedule_from_args
+from megasparse.megatron.specs import require_transformer_engine, sparsify_spec
 
 _schedules = {}
 
@@ -53,7 +53,7 @@ def on_forward_step(model, args=None) -> str:
     return _schedules[key].apply(model, iteration)
 
 
-# --- quality: flip rate and kept |W| to Megatron's writers (issue 14) -------------------------
+# --- quality: flip rate and kept |W| to Megatron's writers --------------------------------
 
 _last_logged = {"iteration": None}
 
@@ -77,7 +77,7 @@ def sparsity_scalars(model) -> dict:
     """
     import torch
 
-    from megasparse.schedule import sparse_modules
+    from megasparse.megatron.schedule import sparse_modules
 
     names, values = [], []
     models = model if isinstance(model, (list, tuple)) else [model]

@@ -1,8 +1,13 @@
 """CPU by default: Triton kernels run under the interpreter, Megatron over gloo; `gpu` tests skip."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# Shared references and stand-ins (tests/references/) import by name from every test folder.
+sys.path.insert(0, str(Path(__file__).parent / "references"))
 
 if not torch.cuda.is_available():
     # Must be set before triton is imported: the same kernel source then runs on the CPU.

@@ -66,8 +66,8 @@ def _mlp(hidden, ffn, sparsity, dtype):
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from megasparse.compat import with_sparse_linears
-    from megasparse.mlp import SparseMLP
+    from megasparse.megatron.compat import with_sparse_linears
+    from megasparse.megatron.mlp import SparseMLP
 
     config = TransformerConfig(
         num_layers=1,
@@ -103,7 +103,7 @@ def _optimizer_step(module, x, k=MICROBATCHES):
 
 def _rebuild_states(module):
     """The per-step weight work alone: every sparse linear's state rebuilt (mask, W*M, compression)."""
-    from megasparse.backends import BACKENDS
+    from megasparse.core.backends import BACKENDS
 
     def prep():
         for linear in (module.linear_fc1, module.linear_fc2):
@@ -301,7 +301,7 @@ def _fp8_cast_bandwidth(hidden, bandwidth, tokens=16384):
     """The fused FP8 cast (+ transpose) kernel of x [tokens, hidden] bf16: its bandwidth against a
     device copy (from `kernel_bandwidths`), and its speed-up over the unfused torch passes it
     replaces."""
-    from megasparse import fp8_gemm
+    from megasparse.fp8 import gemm as fp8_gemm
     from megasparse.kernels import fp8_cast_reference, fp8_cast_triton
 
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
@@ -322,8 +322,9 @@ def _fp8_cast_bandwidth(hidden, bandwidth, tokens=16384):
 def _fp8_gemm_ratio(hidden, ffn, tokens=16384):
     """cuSPARSELt FP8 2:4 (megasparse's path: the GEMM and its scaling epilogue) against
     torch._scaled_mm FP8 dense at the FFN's fc1 shape, or None."""
-    from megasparse import fp8, fp8_gemm
-    from megasparse.ops import weight_mask
+    from megasparse.fp8 import study as fp8
+    from megasparse.fp8 import gemm as fp8_gemm
+    from megasparse.core.linear_op import weight_mask
 
     if not fp8._fp8_cusparselt_ok(torch.device("cuda")):
         return None
@@ -344,11 +345,11 @@ def _fp8_gemm_ratio(hidden, ffn, tokens=16384):
 def state_memory(hidden, ffn, device):
     """Bytes the per-step state of fc1 holds / its dense weight bytes, per mask choice (the GPU backend's
     compressed operands on CUDA; on the CPU the dense backend holds W*M instead, so the CPU numbers use
-    cuSPARSELt's compressed shape, megasparse.fake_ops.compressed_shape)."""
+    cuSPARSELt's compressed shape, megasparse.tools.perf.fake_ops.compressed_shape)."""
     from megasparse import SparsityConfig
-    from megasparse.backends import BACKENDS, DenseBackend
-    from megasparse.fake_ops import compressed_shape
-    from megasparse.weight_state import SparseWeightState
+    from megasparse.core.backends import BACKENDS, DenseBackend
+    from megasparse.tools.perf.fake_ops import compressed_shape
+    from megasparse.core.weight_state import SparseWeightState
 
     class CusparseltSized(DenseBackend):
         name = "cusparselt-sized"
@@ -455,7 +456,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print(
-            "megasparse.bench: no CUDA GPU here, so nothing is timed (speed-ups are GPU measurements). "
+            "megasparse.tools.bench: no CUDA GPU here, so nothing is timed (speed-ups are GPU measurements). "
             "Running a small CPU correctness smoke instead."
         )
         smoke()

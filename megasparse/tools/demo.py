@@ -12,7 +12,7 @@ It prints a table (validation loss, activation exact zeros, activation L1 droppe
 time per step) and writes the numbers to demo_out/results.json and, when matplotlib is installed
 (pip install 'megasparse[plot]'), the loss curves to demo_out/loss_curves.png.
 
-    python -m megasparse.tools.demo --quality   # issue 14's quality table (README)
+    python -m megasparse.tools.demo --quality   # the quality table (docs/quality.md)
 
 runs the 2:4 pretraining recipes of the literature on the same model, data and seeds (2:4 weights
 on fc1/fc2, no activation sparsity; QUALITY_RECIPES): dense; 2:4 with ste / srste (Zhou et al.
@@ -25,7 +25,7 @@ flip rate over steps (demo_out/quality.png). Seeds: --seed s initializes the mod
 training batches (s+1), the validation batches (s+2), the calibration batches (s+3) and the MVUE
 draws (wgrad_seed=s).
 
-    python -m megasparse.tools.demo --fp8       # issue 15's FP8 + 2:4 table (README)
+    python -m megasparse.tools.demo --fp8       # the FP8 + 2:4 table (docs/fp8.md)
 
 runs FP8_RECIPES on the same model, data and seeds with bf16 parameters and fp32 master weights
 (`MasterWeights`): bf16 dense, FP8 dense, bf16 2:4, and FP8 2:4 in both orders
@@ -130,8 +130,8 @@ class MasterWeights:
 @torch.no_grad()
 def sparsity_stats(model):
     """Across TP ranks: share of |W| the masks keep (sparse layers only) and the FFN activation stats."""
-    from megasparse.ops import weight_mask
-    from megasparse.schedule import sparse_modules
+    from megasparse.core.linear_op import weight_mask
+    from megasparse.megatron.schedule import sparse_modules
 
     kept = total = zeros = act_total = act_dropped = numel = 0.0
     for m in sparse_modules(model):
@@ -172,7 +172,7 @@ def phase_label(sparsity, phase: str) -> str:
 def _flip_rate(model):
     """Mean flip rate of the sparse layers at this step (a tensor: no host sync), 0 for a held mask,
     None when no layer has two masks yet or none prunes now."""
-    from megasparse.schedule import sparse_modules
+    from megasparse.megatron.schedule import sparse_modules
 
     rates = []
     for m in sparse_modules(model):
@@ -206,7 +206,7 @@ def _optimizer(model, args, bf16):
 
 
 def train_recipe(name, args, data, device):
-    from megasparse.schedule import SparsitySchedule, sparse_modules
+    from megasparse.megatron.schedule import SparsitySchedule, sparse_modules
 
     recipe = ALL_RECIPES[name]
     sparsity = recipe["sparsity"]
@@ -342,7 +342,7 @@ def report(results, args, out_dir):
 
 
 def quality_report(results, args, out_dir, seconds):
-    """The quality table (issue 14): validation loss, gap to dense in %, final flip rate."""
+    """The quality table: validation loss, gap to dense in %, final flip rate."""
     os.makedirs(out_dir, exist_ok=True)
     dense = next((r["val_loss"] for r in results if r["recipe"] == "dense"), None)
     lines = [
@@ -375,7 +375,7 @@ def quality_report(results, args, out_dir, seconds):
 
 
 def fp8_report(results, args, out_dir, seconds):
-    """The FP8 table (issue 15): validation loss, gap to bf16 dense, the FP8 cost (gap to the bf16
+    """The FP8 table: validation loss, gap to bf16 dense, the FP8 cost (gap to the bf16
     run of the same sparsity), and the per-layer FP8 weight errors of the trained FP8 2:4 models."""
     from megasparse.tools.fp8_numerics import format_table
 
@@ -515,12 +515,12 @@ def main(argv=None):
     p.add_argument(
         "--quality",
         action="store_true",
-        help="the quality table of issue 14 (QUALITY_RECIPES; see the module docstring)",
+        help="the quality table (QUALITY_RECIPES; see the module docstring)",
     )
     p.add_argument(
         "--fp8",
         action="store_true",
-        help="the FP8 table of issue 15 (FP8_RECIPES: bf16 / FP8 dense / FP8 2:4, both orders)",
+        help="the FP8 table (FP8_RECIPES: bf16 / FP8 dense / FP8 2:4, both orders)",
     )
     p.add_argument(
         "--recipes",
@@ -558,7 +558,7 @@ def main(argv=None):
 
     if 0 < torch.cuda.device_count() < args.tp:
         print(
-            f"megasparse.demo: {torch.cuda.device_count()} GPU(s) for TP={args.tp}: running on the CPU over gloo"
+            f"megasparse.tools.demo: {torch.cuda.device_count()} GPU(s) for TP={args.tp}: running on the CPU over gloo"
         )
     torch.multiprocessing.spawn(_worker, args=(args, free_port()), nprocs=args.tp, join=True)
 

@@ -1,7 +1,7 @@
 """FP8 + sparsity numerics, per layer: quantization error and kept magnitude, with and without 2:4, per order.
 
     python -m megasparse.tools.fp8_numerics --checkpoint model.pt [--mask 1d|transposable] [--json out.json]
-    megasparse.fp8_numerics.report(model_or_state_dict)  # the same from Python
+    megasparse.tools.fp8_numerics.report(model_or_state_dict)  # the same from Python
 
 For every 2-D weight that megasparse could sparsify (not embeddings or the output layer):
   fp8_err          ||Q(W) - W|| / ||W||                 dense FP8 (current scaling)
@@ -17,8 +17,8 @@ import json
 
 import torch
 
-from megasparse.fp8 import ORDERS, quantize, scale_for, sparse_fp8_weight
-from megasparse.ops import weight_mask
+from megasparse.fp8.study import ORDERS, quantize, scale_for, sparse_fp8_weight
+from megasparse.core.linear_op import weight_mask
 
 SKIP = ("embedding", "output_layer", "layernorm", "norm")
 

@@ -6,7 +6,7 @@ On one CUDA GPU (sized for an H100: under 8 minutes in all), each part runs in i
 with its own time budget, so a crash, a hang or a broken CUDA context stops only that part:
 
   smoke             cuSPARSELt bf16 2:4 (torch's binding and megasparse's op, forward and input
-                    gradient) and the FP8 e4m3 2:4 GEMM of megasparse.fp8_gemm at 8192 x 8192 x 8192,
+                    gradient) and the FP8 e4m3 2:4 GEMM of megasparse.fp8.gemm at 8192 x 8192 x 8192,
                     each against its reference (relative error)
   kernel_bandwidth  every Triton kernel in megasparse.kernels against a device copy of the same bytes
   gpu_tests         the `gpu`-marked tests (pytest -m gpu): passed / failed / skipped
@@ -78,8 +78,8 @@ def _skipped(check: str, reason: str) -> dict:
 def _cusparselt_bf16_rows(n: int, device="cuda") -> list:
     """cuSPARSELt's bf16 2:4 GEMM, through torch's binding and through megasparse's sparse linear
     (transposable mask: forward W*M and input gradient with (W*M)^T, an expanded dY)."""
-    from megasparse.backends import BACKENDS
-    from megasparse.ops import LinearPlan, sparse_linear, weight_mask
+    from megasparse.core.backends import BACKENDS
+    from megasparse.core.linear_op import LinearPlan, sparse_linear, weight_mask
 
     backend = BACKENDS["cusparselt"]
     reason = backend.device_reason(torch.device(device))
@@ -116,13 +116,13 @@ def _cusparselt_bf16_rows(n: int, device="cuda") -> list:
 
 
 def _fp8_rows(n: int, device="cuda") -> list:
-    """The FP8 e4m3 2:4 GEMM of megasparse.fp8_gemm on cuSPARSELt against its CPU emulation and
+    """The FP8 e4m3 2:4 GEMM of megasparse.fp8.gemm on cuSPARSELt against its CPU emulation and
     against float64 of the same quantized operands."""
-    from megasparse import fp8_gemm
-    from megasparse.fp8_recipe import quantize_with, scale_from_amax
-    from megasparse.ops import weight_mask
+    from megasparse.fp8 import gemm as fp8_gemm
+    from megasparse.fp8.scaling import quantize_with, scale_from_amax
+    from megasparse.core.linear_op import weight_mask
 
-    check = f"FP8 e4m3 2:4 (megasparse.fp8_gemm, cuSPARSELt), {n}^3"
+    check = f"FP8 e4m3 2:4 (megasparse.fp8.gemm, cuSPARSELt), {n}^3"
     reason = fp8_gemm.fp8_cusparselt_reason(torch.device(device))
     if reason:
         return [_skipped(check, reason)]
@@ -167,7 +167,7 @@ def kernel_rows(bandwidths: dict, device: Optional[str] = None) -> list:
     """bench.kernel_bandwidths as table rows: each kernel's time beside the projection's (perfmodel
     runs memory-bound kernels at MEMORY_EFFICIENCY of the device's HBM bandwidth), and its speed
     against a copy of the same bytes judged by the bench's memory-bound target."""
-    from megasparse.perf_projection import DEVICES, memory_time
+    from megasparse.tools.perf.roofline import DEVICES, memory_time
     from megasparse.tools.bench import TARGETS
 
     target = TARGETS["mask_bandwidth"][1]

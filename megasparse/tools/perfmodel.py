@@ -1,4 +1,4 @@
-"""Projected speed of megasparse recipes from the ops its code runs: python -m megasparse.perfmodel.
+"""Projected speed of megasparse recipes from the ops its code runs: python -m megasparse.tools.perfmodel.
 
 Each case (recipe x FFN or GPT layer x tokens x TP) runs megasparse's real autograd ops forward and
 backward on device="meta" tensors under an OpRecorder (no GPU, no memory); `perf_projection`
@@ -18,13 +18,25 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from megasparse import activation_sparsity, fp8, fp8_gemm, fp8_linear, fp8_recipe, masks, ops
+from megasparse.core import activation_sparsity
+
+from megasparse.fp8 import study as fp8
+
+from megasparse.fp8 import gemm as fp8_gemm
+
+from megasparse.fp8 import linear as fp8_linear
+
+from megasparse.fp8 import scaling as fp8_recipe
+
+from megasparse.core import masks
+
+from megasparse.core import linear_op as ops
 from megasparse.config import SparsityConfig
-from megasparse.weight_state import SparseWeightState
-from megasparse.backends import BACKENDS
-from megasparse.fake_ops import fake_gpu_ops
-from megasparse.op_recorder import COMPUTE_KERNELS, WEIGHT_PREP, OpRecorder
-from megasparse.perf_projection import (
+from megasparse.core.weight_state import SparseWeightState
+from megasparse.core.backends import BACKENDS
+from megasparse.tools.perf.fake_ops import fake_gpu_ops
+from megasparse.tools.perf.recorder import COMPUTE_KERNELS, WEIGHT_PREP, OpRecorder
+from megasparse.tools.perf.roofline import (
     ATTENTION_EFFICIENCY,
     DEVICES,
     GEMM_EFFICIENCY,
@@ -210,7 +222,7 @@ class _Fp8DenseLinear(torch.autograd.Function):
 
 
 def delayed_plan(device):
-    """The scalers megasparse.te_fp8 builds for a TE linear under DelayedScaling (HYBRID): x and dY
+    """The scalers megasparse.te.fp8_forward builds for a TE linear under DelayedScaling (HYBRID): x and dY
     (e5m2) with the module's TE quantizer state (scale from TE's amax history; this tensor's amax
     recorded into TE's amax buffer by the cast itself), and the e4m3 dY of the sparse dgrad (the
     cuSPARSELt binding is e4m3-only) with current scaling: its amax, then its cast."""
@@ -264,7 +276,7 @@ class Linear:
     def __call__(self, x, weight, state):
         if self.recipe == "FP8 dense" or (self.recipe in FP8_SPARSE and not self.sparse):
             return _Fp8DenseLinear.apply(x, weight, *state)
-        if self.recipe in FP8_SPARSE:  # megasparse.fp8_linear: what sparse TE linears run under FP8
+        if self.recipe in FP8_SPARSE:  # megasparse.fp8.linear: what sparse TE linears run under FP8
             return fp8_linear.fp8_sparse_linear_step(x, weight, None, state, delayed_plan(x.device))
         return ops.sparse_linear_step(x, weight, None, state, self.plan())
 
@@ -284,7 +296,7 @@ def _ffn(rec, recipe, x, tp):
         from megatron.core.activations import squared_relu
 
         return fc2(squared_relu(fc1(x, w1, s1)), w2, s2)
-    # the activation's values and its gradient dH come out marked 2:4 (megasparse.sparse_operand)
+    # the activation's values and its gradient dH come out marked 2:4 (megasparse.core.sparse_operand)
     h = fc1(x, w1, s1)
     a, _ = activation_sparsity.squared_relu_sparsify(
         h, (64, 4), activation_sparsity.ActivationStats()
@@ -496,7 +508,7 @@ def assumptions(bound):
     lines += [
         "  per-step state: the mask, W*M, compressed operands and FP8 weight copies are computed",
         "  once per optimizer step (weight prep) and reused by k micro-batches; Triton mask and",
-        "  activation kernels at memory bandwidth (issue 11 targets; today's transposable mask",
+        "  activation kernels at memory bandwidth (the kernels' targets; today's transposable mask",
         "  kernel is estimated 20-80x slower)",
         f"  sequence length {SEQ}, head dim {HEAD_DIM}, squared-ReLU FFN (no gate), no bias,",
         "  no sequence parallelism;",

@@ -1,13 +1,13 @@
 """One-shot 2:4 pruning of a dense checkpoint of the demo's GPT: magnitude, Wanda or SparseGPT.
 
     python -m megasparse.tools.prune --load DIR --save DIR --method {magnitude,wanda,sparsegpt} \
-        [--calib-batches N] [--targets fc1 fc2] [--overwrite] [model flags of megasparse.demo]
+        [--calib-batches N] [--targets fc1 fc2] [--overwrite] [model flags of megasparse.tools.demo]
 
 Reads a Megatron `dist_checkpointing` checkpoint of the demo's GPT (`megasparse.tools.demo`;
 the model flags must match it), prunes the `--targets` linears 2:4 along their input dim and
 writes a checkpoint of the same model with the pruned weights in the dense layout (zeros where
 pruned). It loads into the dense model and into the sparse one (`sparsify_spec`): there every
-mask computed from a pruned weight (`megasparse.ops.weight_mask`, "1d") equals the pruning
+mask computed from a pruned weight (`megasparse.core.linear_op.weight_mask`, "1d") equals the pruning
 mask. Ties: a pruned group has at most 2 nonzeros, so the magnitude mask keeps them all; only
 where a kept weight is exactly 0 (a zero dense weight, or a dead input column in SparseGPT)
 is "which zero is kept" ambiguous, and then the mask reported is the magnitude mask of the
@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from megasparse.ops import weight_mask
+from megasparse.core.linear_op import weight_mask
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 MODULE_NAMES = {
@@ -278,7 +278,7 @@ def main(argv=None):
     finally:
         if own:
             shutdown_megatron()
-    print(f"megasparse.prune: {args.method} pruned {len(masks)} linears 2:4 -> {args.save}")
+    print(f"megasparse.tools.prune: {args.method} pruned {len(masks)} linears 2:4 -> {args.save}")
     return masks
 
 

@@ -1,0 +1,1 @@
+"""megasparse.core: masks, sparse operands, backends, per-step weight state, gradient rules, the op."""

@@ -1,0 +1,207 @@
+"""GEMM backends for 2:4 sparse operands. Each is a small class; `resolve_backend` picks one.
+
+A backend computes two products and is told which operand is sparse (megasparse.core.sparse_operand):
+  linear(x, w, bias, sparse)    = x w^T + b   sparse: WEIGHT (w is `compress`ed W*M), ACTIVATION
+                                                (x is a 2:4 activation), or None
+  input_grad(dy, w, sparse)     = dy w        sparse: WEIGHT (w is the `compress`ed transposed
+                                                weight (W*M)^T), GRAD_OUTPUT (dy is 2:4), or None
+`compress` turns a 2:4 matrix into the backend's sparse operand once per optimizer step (see
+megasparse.core.weight_state); runtime operands (activations, dH) are compressed per call, and only
+when `fits` says the sparse kernels accept their shape. `dense` is the exact reference; the CUDA
+backends go through PyTorch's semi-structured sparse tensors (cuSPARSELt, CUTLASS), whose shape
+constraints we read from PyTorch itself.
+"""
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megasparse.core.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT
+
+
+class DenseBackend:
+    """Masked dense GEMM: exact semantics on any device, no speed-up. Its sparse operand is W*M itself."""
+
+    name = "dense"
+
+    def compress(self, matrix):
+        return matrix
+
+    def fits(self, operand) -> bool:
+        return True
+
+    def linear(self, x2d, w, bias, sparse):
+        return F.linear(x2d, w, bias)
+
+    def input_grad(self, dy2d, w, sparse):
+        if sparse == WEIGHT:  # w is the transposed weight [in, out]
+            return F.linear(dy2d, w)
+        return dy2d @ w
+
+
+def binding_layout(dense: torch.Tensor) -> torch.Tensor:
+    """`dense` as a layout PyTorch's sparse kernels read right: itself when it or its transpose is
+    contiguous, else a contiguous copy.
+
+    torch's cuSPARSELt binding (cuSPARSELtOps.cpp) describes its dense operand from
+    `is_contiguous()` alone: row-major, else the transpose of a row-major matrix. Any other layout,
+    such as the expanded dY of `.sum().backward()` or a column slice of x, would be read with the
+    wrong leading dimension. Both layouts it describes are kept as they are: no copy.
+    """
+    if dense.is_contiguous() or dense.t().is_contiguous():
+        return dense
+    return dense.contiguous()
+
+
+class _SemiStructuredBackend:
+    """Sparse tensor cores through one of PyTorch's SparseSemiStructuredTensor classes. Every dense
+    operand goes through `binding_layout` first."""
+
+    name = ""
+    min_capability = (8, 0)
+    dtypes = (torch.float16, torch.bfloat16)
+
+    @staticmethod
+    def tensor_class():
+        raise NotImplementedError
+
+    def compress(self, matrix):
+        return self.tensor_class().from_dense(matrix.contiguous())
+
+    def linear(self, x2d, w, bias, sparse):
+        if sparse == ACTIVATION:  # x is 2:4 along its reduction dim
+            y = torch.mm(self.compress(x2d), binding_layout(w.t()))
+            return y if bias is None else y + bias
+        if sparse == WEIGHT:  # w is a compressed operand
+            return F.linear(binding_layout(x2d), w, bias)
+        return F.linear(x2d, w, bias)
+
+    def input_grad(self, dy2d, w, sparse):
+        if sparse == GRAD_OUTPUT:  # dH of a 2:4 activation is 2:4 along the reduction dim
+            return torch.mm(self.compress(dy2d), binding_layout(w))
+        if sparse == WEIGHT:  # w is the compressed (W*M)^T [in, out]
+            return F.linear(binding_layout(dy2d), w)
+        return dy2d @ w
+
+    def fits(self, operand) -> bool:
+        """Whether a runtime operand (activation or its gradient) meets the sparse-operand shape rules."""
+        if operand.dtype not in self.dtypes or operand.shape[0] == 0:  # an expert with no tokens
+            return False
+        rows_multiple, cols_multiple = self.shape_multiple(operand.dtype)
+        return operand.shape[0] % rows_multiple == 0 and operand.shape[1] % cols_multiple == 0
+
+    def shape_multiple(self, dtype):
+        """(rows, cols) a sparse operand must be a multiple of, from PyTorch's own table."""
+        constraint = self.tensor_class()._DTYPE_SHAPE_CONSTRAINTS[dtype]
+        return constraint.sparse_min_rows, constraint.sparse_min_cols
+
+    def static_reason(self, shape, dtype, transposable) -> Optional[str]:
+        """Why this backend cannot run a weight of this shape and dtype, or None."""
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"{self.name} supports {names} weights, not {str(dtype).replace('torch.', '')}"
+        rows_multiple, cols_multiple = self.shape_multiple(dtype)
+        operands = [("weight [out, in]", shape)]
+        if transposable:
+            operands.append(("transposed weight [in, out]", (shape[1], shape[0])))
+        for what, (rows, cols) in operands:
+            if rows % rows_multiple or cols % cols_multiple:
+                return (
+                    f"{self.name} needs the {what} per tensor-parallel rank to be a multiple of "
+                    f"({rows_multiple}, {cols_multiple}) for {str(dtype).replace('torch.', '')}, got {(rows, cols)}"
+                )
+        return None
+
+    def device_reason(self, device) -> Optional[str]:
+        if device.type != "cuda":
+            return f"{self.name} needs a CUDA tensor, the weight is on {device.type}"
+        capability = torch.cuda.get_device_capability(device)
+        if capability < self.min_capability:
+            return f"{self.name} needs compute capability sm80+, found sm{capability[0]}{capability[1]}"
+        return None
+
+
+class CusparseltBackend(_SemiStructuredBackend):
+    name = "cusparselt"
+
+    @staticmethod
+    def tensor_class():
+        return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+
+    def device_reason(self, device):
+        reason = super().device_reason(device)
+        if reason is None and not torch.backends.cusparselt.is_available():
+            reason = "this PyTorch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False)"
+        return reason
+
+
+class CutlassBackend(_SemiStructuredBackend):
+    """PyTorch's CUTLASS 2:4 kernels. Not fp32: CUTLASS's fp32 sparsity is 1:2, which would drop
+    kept values of a 2:4 weight. Not sm90+: PyTorch builds these kernels for sm8x only."""
+
+    name = "cutlass"
+
+    @staticmethod
+    def tensor_class():
+        return torch.sparse.SparseSemiStructuredTensorCUTLASS
+
+    def device_reason(self, device):
+        reason = super().device_reason(device)
+        if reason is None and torch.cuda.get_device_capability(device)[0] != 8:
+            major, minor = torch.cuda.get_device_capability(device)
+            reason = (
+                f"cutlass's 2:4 kernels in PyTorch are built for sm8x only, found sm{major}{minor}"
+            )
+        return reason
+
+
+BACKENDS = {b.name: b for b in (DenseBackend(), CusparseltBackend(), CutlassBackend())}
+AUTO_ORDER = ("cusparselt", "cutlass")
+
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def check_backend_static(name: str, shape, dtype, transposable: bool) -> None:
+    """Construction-time check of an explicitly chosen GPU backend: a clear error naming the fix."""
+    if name in ("auto", "dense"):
+        return
+    reason = BACKENDS[name].static_reason(tuple(shape), dtype, transposable)
+    if reason:
+        raise ValueError(
+            f"megasparse: backend={name!r} cannot run this layer: {reason}. "
+            "Change the layer size or dtype, or use backend='auto' (falls back to dense)."
+        )
+
+
+def resolve_backend(name: str, weight: torch.Tensor, transposable: bool):
+    """The backend object for this weight: explicit names must work; 'auto' falls back to dense."""
+    if name == "dense":
+        return BACKENDS["dense"]
+    candidates = AUTO_ORDER if name == "auto" else (name,)
+    reasons = []
+    for candidate in candidates:
+        backend = BACKENDS[candidate]
+        reason = backend.device_reason(weight.device) or backend.static_reason(
+            tuple(weight.shape), weight.dtype, transposable
+        )
+        if reason is None:
+            return backend
+        reasons.append(reason)
+    if name != "auto":
+        raise RuntimeError(
+            f"megasparse: backend={name!r} cannot run here: {reasons[0]}. "
+            "Use backend='auto' to fall back to the dense masked GEMM."
+        )
+    _warn_once(
+        "megasparse: backend='auto' uses the dense masked GEMM (exact, no speed-up) because "
+        + "; ".join(reasons)
+    )
+    return BACKENDS["dense"]

@@ -1,0 +1,240 @@
+"""Launch flags: `add_args(parser)` (usable as Megatron-LM's extra_args_provider) and their config objects."""
+
+import argparse
+import math
+
+from megasparse.config import (
+    BACKENDS,
+    check_decay,
+    parse_activation_pattern,
+    DEFAULT_TARGETS,
+    FP8_FORMATS,
+    FP8_ORDERS,
+    GRADIENT_MODES,
+    MASK_KINDS,
+    TARGETS,
+    WGRAD_SPARSITY,
+    SparsityConfig,
+)
+from megasparse.megatron.schedule import SparsitySchedule
+
+
+def _none_or(value: str):
+    return None if value.lower() == "none" else value
+
+
+def _count(value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value!r}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    return _count(value, 0)
+
+
+def _positive_int(value: str) -> int:
+    return _count(value, 1)
+
+
+def _iters_or_fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    # checked before int(number): int() of inf raises OverflowError, which argparse does not catch
+    if not math.isfinite(number) or number < 0 or (number >= 1 and number != int(number)):
+        raise argparse.ArgumentTypeError(
+            f"expected an iteration count or a fraction in [0, 1), got {value!r}"
+        )
+    return number
+
+
+def _decay(value: str) -> float:
+    try:
+        number = float(value)
+        check_decay("decay", number, "2e-4")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}") from None
+    return number
+
+
+def _activations(value: str):
+    pattern = _none_or(value)
+    try:
+        parse_activation_pattern(pattern)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'none', '2:4' or 'V:2:M' with V and M powers of two and M >= 4 "
+            f"(e.g. '64:2:8'), got {value!r}"
+        ) from None
+    return pattern
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the --sparsity-* flags to a Megatron-LM (or any argparse) parser and return it."""
+    g = parser.add_argument_group(
+        "megasparse", "Sparse training with megasparse (2:4 weights, sparse activations)"
+    )
+    g.add_argument(
+        "--sparsity-weights",
+        type=_none_or,
+        default=None,
+        choices=[None, "2:4"],
+        help="Prune the targeted linears' weights with a 2:4 magnitude mask ('2:4') or not ('none', default).",
+    )
+    g.add_argument(
+        "--sparsity-activations",
+        type=_activations,
+        default=None,
+        help="Sparsify the FFN activation (fc2's input): 'none' (default), '2:4', or 'V:2:M' (VENOM, "
+        "e.g. '64:2:8' keeps 25%%). Best with Squared-ReLU (--squared-relu).",
+    )
+    g.add_argument(
+        "--sparsity-mask",
+        default="1d",
+        choices=MASK_KINDS,
+        help="'1d': 2 of every 4 weights along the input dim. 'transposable': 2:4 along both dims "
+        "(exact optimum per 4x4 tile), so the backward input-gradient GEMM is sparse too.",
+    )
+    g.add_argument(
+        "--sparsity-grad",
+        default="ste",
+        choices=GRADIENT_MODES,
+        help="Gradient of the dense master weight: 'ste' (dense gradient), 'masked' "
+        "(zero for pruned weights), 'srste' (dense gradient plus "
+        "--sparsity-srste-decay times the pruned weights), 'masked_decay' (Hu et "
+        "al. ICML 2024: plus --sparsity-masked-decay-factor times the pruned "
+        "weights, once per step), 'sste' (S-STE, Hu et al. NeurIPS 2024: forward "
+        "weight beta * soft-threshold(W), straight-through gradient).",
+    )
+    g.add_argument(
+        "--sparsity-srste-decay",
+        type=_decay,
+        default=2e-4,
+        help="SR-STE decay lambda (default 2e-4).",
+    )
+    g.add_argument(
+        "--sparsity-targets",
+        nargs="+",
+        default=list(DEFAULT_TARGETS),
+        choices=TARGETS,
+        help="Which linears become sparse (default: fc1 fc2 experts). Embedding and output layer never do.",
+    )
+    g.add_argument(
+        "--sparsity-backend",
+        default="auto",
+        choices=BACKENDS,
+        help="Sparse GEMM backend: 'auto' (cuSPARSELt, else CUTLASS, else dense with a warning), "
+        "'cusparselt', 'cutlass', or 'dense' (masked dense GEMM: exact, no speed-up).",
+    )
+    g.add_argument(
+        "--sparsity-dense-warmup-iters",
+        type=_non_negative_int,
+        default=0,
+        help="Train dense for this many iterations first (default 0).",
+    )
+    g.add_argument(
+        "--sparsity-dense-final-iters",
+        type=_iters_or_fraction,
+        default=0,
+        help="Train dense for the last N iterations, or the last fraction of --train-iters if < 1 (default 0).",
+    )
+    g.add_argument(
+        "--sparsity-mask-refresh-iters",
+        type=_positive_int,
+        default=1,
+        help="Recompute masks from the dense weights every N iterations (default 1: every iteration); "
+        "held masks are saved in checkpoints.",
+    )
+    # training-quality options
+    g.add_argument(
+        "--sparsity-masked-decay-factor",
+        type=_decay,
+        default=6e-5,
+        help="lambda_W of --sparsity-grad masked_decay (default 6e-5, Hu et al.'s GPT-2 124M).",
+    )
+    g.add_argument(
+        "--sparsity-wgrad",
+        type=_none_or,
+        default=None,
+        choices=WGRAD_SPARSITY,
+        help="'mvue': the weight-gradient GEMM uses the output gradient pruned 2:4 "
+        "along tokens by the minimum-variance unbiased estimator (Chmiel et al. "
+        "ICLR 2023); 'none' (default).",
+    )
+    g.add_argument(
+        "--sparsity-wgrad-seed",
+        type=int,
+        default=0,
+        help="Base seed of the MVUE draws (with the rank, the weight and the step).",
+    )
+    g.add_argument(
+        "--sparsity-flip-rate",
+        action="store_true",
+        help="Track the mask flip rate (share of mask entries changed since the last "
+        "mask, on the device) and log it with the kept |W| share to Megatron's "
+        "tensorboard/wandb writers every --log-interval iterations.",
+    )
+    g.add_argument(
+        "--sparsity-fp8",
+        type=_none_or,
+        default=None,
+        choices=FP8_FORMATS,
+        help="FP8 GEMMs in the sparse linears of the local spec (--transformer-impl local, "
+        "which has no FP8 of its own): 'hybrid' (e4m3 forward, e5m2 gradients) or 'e4m3', "
+        "current per-tensor scaling; FP8 2:4 on cuSPARSELt (sm90). With Transformer Engine use "
+        "Megatron's --fp8-format instead. 'none' (default).",
+    )
+    g.add_argument(
+        "--sparsity-fp8-order",
+        default="prune-then-quantize",
+        choices=FP8_ORDERS,
+        help="With --sparsity-fp8: mask W then quantize W*M (amax after pruning, default), or "
+        "quantize W then take the mask of the FP8 values.",
+    )
+    return parser
+
+
+def config_from_args(args) -> SparsityConfig:
+    return SparsityConfig(
+        weights=args.sparsity_weights,
+        activations=args.sparsity_activations,
+        mask=args.sparsity_mask,
+        gradient=args.sparsity_grad,
+        srste_decay=args.sparsity_srste_decay,
+        backend=args.sparsity_backend,
+        mask_refresh_interval=args.sparsity_mask_refresh_iters,
+        activation_function="squared_relu" if getattr(args, "squared_relu", False) else None,
+        masked_decay_factor=getattr(args, "sparsity_masked_decay_factor", 6e-5),
+        wgrad_sparsity=getattr(args, "sparsity_wgrad", None),
+        wgrad_seed=getattr(args, "sparsity_wgrad_seed", 0),
+        track_flip_rate=getattr(args, "sparsity_flip_rate", False),
+        fp8=getattr(args, "sparsity_fp8", None),
+        fp8_order=getattr(args, "sparsity_fp8_order", "prune-then-quantize"),
+    )
+
+
+def schedule_from_args(args) -> SparsitySchedule:
+    train_iters = getattr(args, "train_iters", None)
+    final = args.sparsity_dense_final_iters
+    if 0 < final < 1:
+        if not train_iters:
+            raise ValueError("--sparsity-dense-final-iters as a fraction needs --train-iters")
+        final = round(final * train_iters)
+    try:
+        return SparsitySchedule(
+            dense_warmup_iters=args.sparsity_dense_warmup_iters,
+            dense_final_iters=int(final),
+            train_iters=train_iters,
+        )
+    except ValueError as e:  # name the flags the user gave
+        raise ValueError(
+            f"--sparsity-dense-warmup-iters {args.sparsity_dense_warmup_iters}, "
+            f"--sparsity-dense-final-iters {args.sparsity_dense_final_iters}, "
+            f"--train-iters {train_iters}: {e}"
+        ) from None

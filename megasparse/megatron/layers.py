@@ -1,0 +1,394 @@
+"""Drop-in sparse ColumnParallelLinear / RowParallelLinear for Megatron-core.
+
+Same constructor (plus the keyword `sparsity`), parameters, `(output, bias)` return and
+`sharded_state_dict` as the parents. Only the GEMM changes: Megatron's own forward runs
+unchanged and calls `_forward_impl`, which we override. Communication goes through
+Megatron's mappings (sequence-parallel all-gather / reduce-scatter, dgrad all-reduce).
+"""
+
+import contextlib
+import dataclasses
+import inspect
+import weakref
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel import layers as mcore_layers
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+from megasparse.core.activation_sparsity import ActivationStats, sparsify
+from megasparse.core.backends import BACKENDS, check_backend_static, resolve_backend
+from megasparse.config import SparsityConfig
+from megasparse.interface import describe, layer_stats
+from megasparse.fp8 import linear as fp8_linear
+from megasparse.core import speed_gate
+from megasparse.core.linear_op import LinearPlan, sparse_linear_step
+from megasparse.core.sparse_operand import is_2_4, sparse_pattern
+from megasparse.core.weight_state import (
+    SparseWeightState,
+    compute_mask,
+    parse_refreshed_at,
+    refuse_graph_capture,
+)
+
+ALL_ROLES = speed_gate.ROLES
+
+_FORWARD_IMPL_SIGNATURE = inspect.signature(
+    mcore_layers.linear_with_grad_accumulation_and_async_allreduce
+)
+_FORWARD_IMPL_DEFAULTS = {
+    name: p.default
+    for name, p in _FORWARD_IMPL_SIGNATURE.parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
+
+
+def _forward_impl_arguments(input, weight, args, kwargs) -> dict:
+    """The arguments of Megatron's linear function by name (Megatron passes keywords: the fast path)."""
+    if not args:
+        return {**_FORWARD_IMPL_DEFAULTS, **kwargs, "input": input, "weight": weight}
+    call = _FORWARD_IMPL_SIGNATURE.bind(input, weight, *args, **kwargs)
+    call.apply_defaults()
+    return call.arguments
+
+
+@contextlib.contextmanager
+def _torch_wgrad_fusion_allowed():
+    """Let the parent accept gradient_accumulation_fusion without apex: we accumulate in torch."""
+    available = mcore_layers._grad_accum_fusion_available
+    mcore_layers._grad_accum_fusion_available = True
+    try:
+        yield available
+    finally:
+        mcore_layers._grad_accum_fusion_available = available
+
+
+class _SparseLinearMixin:
+    """What the column and row layers share: shape checks, the per-step weight state and the sparse GEMM."""
+
+    def _setup_sparsity(self, sparsity: Optional[SparsityConfig], apex_wgrad_fusion: bool) -> None:
+        if sparsity is not None and not isinstance(sparsity, SparsityConfig):
+            raise TypeError(
+                f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}"
+            )
+        self.sparsity = dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
+        self._apex_wgrad_fusion = apex_wgrad_fusion
+        if getattr(self, "gtp_remat_size", 1) > 1:
+            raise NotImplementedError(
+                f"megasparse: {type(self).__name__} does not support GTP weight rematerialization "
+                f"(gtp_remat_size={self.gtp_remat_size}); disable it for sparse layers"
+            )
+        self.weight_state = SparseWeightState()
+        self.weight_state.tp_group = (
+            self.tp_group
+        )  # S-STE's beta is summed over the layer's TP group
+        self._dist_checkpointing = False
+        self._backends = {}
+        if self.weight is not None and self.sparsity.weights is not None:
+            self._check_shard_shape(tuple(self.weight.shape), self.config.params_dtype)
+        if self.weight is not None and self.sparsity.fp8 is not None:
+            fp8_linear.check_shard_shape(type(self).__name__, tuple(self.weight.shape))
+
+    def _tp_size(self) -> int:
+        return self.tp_group.size() if self.tp_group is not None else 1
+
+    def _check_shard_shape(self, shape, dtype) -> None:
+        rows, cols = shape
+        tp = self._tp_size()
+        if cols % 4:
+            if self._split_dim == 1:
+                raise ValueError(
+                    f"megasparse: {type(self).__name__} input_size={self.input_size} split over tensor-parallel "
+                    f"size {tp} gives {cols} columns per rank, not a multiple of 4, so a 2:4 group would cross "
+                    f"ranks. Make input_size a multiple of 4*TP={4 * tp} (the sparse GEMMs want 64*TP={64 * tp})."
+                )
+            raise ValueError(
+                f"megasparse: {type(self).__name__} input_size={self.input_size} is not a multiple of 4, so it "
+                "cannot be cut into 2:4 groups. Use a multiple of 4 (the sparse GEMMs want 64)."
+            )
+        if self.sparsity.mask == "transposable" and rows % 4:
+            # only a column-parallel layer splits its output rows over the TP ranks
+            multiple = f"4*TP={4 * tp}" if self._split_dim == 0 else "4"
+            raise ValueError(
+                f"megasparse: the transposable mask needs 4x4 tiles, but {type(self).__name__} has {rows} output "
+                f"rows per tensor-parallel rank (TP={tp}). Make output_size a multiple of {multiple}, "
+                "or use mask='1d'."
+            )
+        check_backend_static(
+            self.sparsity.backend, shape, dtype, self.sparsity.mask == "transposable"
+        )
+
+    # --- the SparseModule interface (megasparse.interface) --------------------------------
+
+    def set_sparsity_iteration(self, iteration: int) -> None:
+        """Drive held masks by training iteration instead of by optimizer steps (used by schedules)."""
+        self.weight_state.set_iteration(iteration)
+
+    def reset_held_mask(self) -> None:
+        """Forget a held mask: the next forward prunes the current weight."""
+        self.weight_state.invalidate(drop_held_mask=True)
+
+    @torch.no_grad()
+    def sparsity_mask(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The bool mask the layer computes with now, shaped like the weight (all True when dense)."""
+        if weight is not None and weight is not self.weight:
+            if not self.sparsity.prunes_weights:
+                return torch.ones_like(weight, dtype=torch.bool)
+            return compute_mask(weight, self.sparsity)
+        return self.weight_state.current_mask(self.weight, self.sparsity)
+
+    def sparsity_stats(self) -> dict:
+        """Kept share of |W| under the current mask, and bytes the per-step state holds (this rank)."""
+        return layer_stats(self)
+
+    def train(self, mode: bool = True):
+        # a mode switch rebuilds the state at the next forward: EMA validation swaps the weights
+        # through .data around eval() / train(), which no version counter sees
+        if mode != self.training and getattr(self, "weight_state", None) is not None:
+            self.weight_state.mode_switched(mode)
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparsity={describe(self.sparsity)}"
+
+    # --- held masks in checkpoints (megasparse.core.weight_state) ------------------------------
+
+    def get_extra_state(self):
+        if self._dist_checkpointing:
+            return None  # exactly the parent's value; the dist checkpoint has its own entries
+        return self.weight_state.extra_state(self.sparsity)
+
+    def set_extra_state(self, state):
+        # held mask and S-STE's beta (the parent's None, or a dense checkpoint's: nothing)
+        self.weight_state.restore_extra_state(state, self.weight)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        self._dist_checkpointing = True
+        try:
+            result = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            self._dist_checkpointing = False
+        extra = {}
+        if self.weight is not None and self.sparsity.weights is not None:
+            if (
+                self.sparsity.mask_refresh_interval > 1
+            ):  # always present, so loading asks for it too
+                extra.update(self.weight_state.sharded_entries(self.weight, self.sparsity))
+            if (
+                self.sparsity.gradient == "sste"
+            ):  # S-STE's fixed beta, replicated (NaN: not fixed yet)
+                beta = self.weight_state.sste_beta
+                extra["megasparse_sste_beta"] = (  # float64: exact for every weight dtype
+                    torch.full((1,), float("nan"), dtype=torch.float64)
+                    if beta is None
+                    else beta.detach().reshape(1).cpu().double()
+                )
+        if extra:
+            from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+            kwargs = {"tp_group": self.tp_group}
+            if metadata is not None and "dp_cp_group" in metadata:
+                kwargs["dp_cp_group"] = metadata["dp_cp_group"]
+            result.update(
+                make_sharded_tensors_for_checkpoint(
+                    extra,
+                    prefix,
+                    {"megasparse_held_mask": self._split_dim},
+                    sharded_offsets,
+                    **kwargs,
+                )
+            )
+            if prefix + "megasparse_refreshed_at" in result:  # older checkpoints hold 1 element
+                result[prefix + "megasparse_refreshed_at"].allow_shape_mismatch = True
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        mask = state_dict.pop(prefix + "megasparse_held_mask", None)
+        refreshed_at = state_dict.pop(prefix + "megasparse_refreshed_at", None)
+        beta = state_dict.pop(prefix + "megasparse_sste_beta", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.weight_state.invalidate()  # new weights: rebuild the step state
+        if beta is not None and torch.isfinite(beta).all():  # from a dist checkpoint
+            dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            self.weight_state.sste_beta = beta.reshape(()).to(dtype)  # as sste_scale gives it
+        if mask is not None:  # from a dist checkpoint (set_extra_state saw None)
+            refreshed_at, step_count = (
+                parse_refreshed_at(refreshed_at) if refreshed_at is not None else (0, None)
+            )
+            self.weight_state.restore_held_mask(mask, refreshed_at, self.weight, step_count)
+
+    # --- the GEMM -------------------------------------------------------------------------
+
+    def _backend_for(self, weight):
+        key = (
+            self.sparsity.backend,
+            weight.device,
+            weight.dtype,
+            tuple(weight.shape),
+            self.sparsity.mask,
+        )
+        if key not in self._backends:
+            self._backends[key] = resolve_backend(
+                self.sparsity.backend, weight, self.sparsity.mask == "transposable"
+            )
+        return self._backends[key]
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        refuse_graph_capture(weight, *self._capture_configs())  # before the dense shortcut
+        call = _forward_impl_arguments(input, weight, args, kwargs)
+        fusion = bool(call["gradient_accumulation_fusion"])
+        sparse_now = self.sparsity.prunes_weights or self._sparse_input_now()
+        fp8 = self.sparsity.fp8 is not None  # FP8 GEMMs in every phase (megasparse.fp8.linear)
+        if (
+            not (sparse_now or fp8)
+            and (self._apex_wgrad_fusion or not fusion)
+            and not is_2_4(input)
+        ):
+            return super()._forward_impl(input, weight, *args, **kwargs)  # exactly the parent
+        if call["grad_output_buffer"] is not None:
+            raise NotImplementedError(
+                "megasparse: deferred embedding wgrad (grad_output_buffer) is for the output layer, "
+                "which megasparse never sparsifies"
+            )
+        tp_group = call["tp_group"] if call["tp_group"] is not None else self.tp_group
+        if call["sequence_parallel"]:
+            input = gather_from_sequence_parallel_region(
+                input, tensor_parallel_output_grad=True, group=tp_group
+            )
+        elif call["allreduce_dgrad"]:
+            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+        input = self._sparse_input(input)
+        if fp8:
+            step = self.weight_state.step(weight, self.sparsity, BACKENDS["dense"])
+            plan = fp8_linear.local_plan(self.sparsity, weight, input, fusion)
+            return fp8_linear.fp8_sparse_linear_step(input, weight, call["bias"], step, plan)
+        # a sparse backend only where something is sparse now; else the exact dense path
+        backend = self._backend_for(weight) if sparse_now or is_2_4(input) else BACKENDS["dense"]
+        step = self.weight_state.step(weight, self.sparsity, backend)
+        plan = LinearPlan(
+            backend=backend,
+            gradient=self.sparsity.gradient,
+            srste_decay=self.sparsity.srste_decay,
+            transposable=self.sparsity.mask == "transposable",
+            gradient_accumulation_fusion=fusion,
+            sparse_weight_roles=self._gated_roles(input, step, backend),
+        )
+        return sparse_linear_step(input, weight, call["bias"], step, plan)
+
+    def _gated_roles(self, input, step, backend) -> tuple:
+        """The GEMM roles where W*M runs sparse: all of them, except that backend='auto' on a GPU asks
+        the speed gate (megasparse.core.speed_gate), which decides once per shard shape, dtype and token
+        bucket for all layers alike (dense below its smallest bucket: 0 tokens is never timed)."""
+        if not (step.pruned and speed_gate.applies(self.sparsity.backend, backend, step.weight)):
+            return ALL_ROLES
+        tokens = input.numel() // input.shape[-1]
+        return speed_gate.sparse_roles(type(self).__name__, step, backend, tokens, self.tp_group)
+
+    # fc2 sparsifies its input (the FFN activation); fc1 receives dH of a sparse activation
+
+    def _capture_configs(self) -> tuple:
+        """The configs that decide whether some phase of this layer runs megasparse's op."""
+        return (self.sparsity,)
+
+    def _sparse_input_now(self) -> bool:
+        return False
+
+    def _sparse_input(self, input):
+        return input
+
+
+class SparseColumnParallelLinear(_SparseLinearMixin, mcore_layers.ColumnParallelLinear):
+    """ColumnParallelLinear with a 2:4 weight. Extra keyword: `sparsity: SparsityConfig`.
+
+    `sparsity.activations` does not apply to a column layer (its input is not an FFN activation).
+    As fc1 of a SparseMLP, its output gradient dH arrives marked 2:4 (megasparse.core.sparse_operand)
+    when the activation is 2:4, and the input-gradient GEMM dX = dH W1 then uses it as the sparse operand.
+    """
+
+    _split_dim = 0
+
+    def __init__(self, *args, sparsity: Optional[SparsityConfig] = None, **kwargs):
+        with _torch_wgrad_fusion_allowed() as apex_wgrad_fusion:
+            super().__init__(*args, **kwargs)
+        self._setup_sparsity(sparsity, apex_wgrad_fusion)
+        self._feeds = lambda: None  # the fc2 whose sparsified activation we feed (set by SparseMLP)
+
+    def feeds_sparse_activation_of(self, fc2) -> None:
+        """Declared by SparseMLP: our output is the FFN activation's input, so dH may arrive 2:4."""
+        self._feeds = weakref.ref(fc2)  # not a submodule: no state_dict entry, no cycle
+
+    def _capture_configs(self) -> tuple:
+        fc2 = self._feeds()  # its activation sparsity makes our dH 2:4
+        if fc2 is None or fc2.sparsity.activations is None:
+            return (self.sparsity,)
+        return (self.sparsity, fc2.sparsity)
+
+    def _sparse_input_now(self) -> bool:
+        # our output gradient dH may arrive 2:4: run our op, whose backward can take dH as the sparse operand
+        fc2 = self._feeds()
+        return (
+            fc2 is not None
+            and fc2.sparsity.sparsifies_activations
+            and fc2.sparsity.activation_pattern[1] == 4
+        )
+
+
+class SparseRowParallelLinear(_SparseLinearMixin, mcore_layers.RowParallelLinear):
+    """RowParallelLinear with a 2:4 weight and optionally a sparse input: the FFN activation, as fc2.
+
+    Extra keyword: `sparsity: SparsityConfig`. With `sparsity.activations` the layer must be an
+    MLP's fc2 (Megatron's MLP builds it with tp_comm_buffer_name="fc2"): it sparsifies its input,
+    unless SparseMLP has declared (`input_sparsified_upstream`) that its activation already does.
+    `activation_stats()` reports how sparse the input activation was and what the sparsifier dropped.
+    """
+
+    _split_dim = 1
+
+    def __init__(self, *args, sparsity: Optional[SparsityConfig] = None, **kwargs):
+        comm_name = kwargs.get("tp_comm_buffer_name")
+        with _torch_wgrad_fusion_allowed() as apex_wgrad_fusion:
+            super().__init__(*args, **kwargs)
+        self._setup_sparsity(sparsity, apex_wgrad_fusion)
+        self.activation_counter = ActivationStats()
+        self.input_sparsified_upstream = (
+            False  # set by SparseMLP: its activation sparsifies (and counts)
+        )
+        pattern = self.sparsity.activation_pattern
+        if pattern is None:
+            return
+        columns, m, tp = self.input_size_per_partition, pattern[1], self._tp_size()
+        if columns % m:
+            raise ValueError(
+                f"megasparse: activations={self.sparsity.activations!r} groups {m} FFN columns, but "
+                f"ffn size {self.input_size} over tensor-parallel size {tp} gives {columns} per rank. "
+                f"Make the FFN size a multiple of {m}*TP={m * tp}."
+            )
+        if comm_name != "fc2":
+            raise ValueError(
+                f"megasparse: activations={self.sparsity.activations!r} sparsifies the FFN activation, the input of "
+                f"an MLP's fc2, but this RowParallelLinear was built with tp_comm_buffer_name={comm_name!r}. "
+                "Build it as an MLP's linear_fc2 (Megatron's MLP passes tp_comm_buffer_name='fc2'), pass "
+                "tp_comm_buffer_name='fc2' yourself if its input is an FFN activation, or set activations=None."
+            )
+
+    def activation_stats(self, reset: bool = False) -> dict:
+        """Exact-zero fraction and dropped-L1 fraction of the input activation since the last reset."""
+        result = self.activation_counter.as_dict()
+        if reset:
+            self.activation_counter.reset()
+        return result
+
+    def _sparse_input_now(self) -> bool:
+        return self.sparsity.sparsifies_activations
+
+    def _sparse_input(self, input):
+        if not self.sparsity.sparsifies_activations:
+            return input
+        if sparse_pattern(input) == self.sparsity.activation_pattern:
+            return input  # sparsified (and counted) by SparseMLP's activation
+        # hand-built fc2, or an activation rescaled on the way (MoE probs): sparsify here
+        stats = None if self.input_sparsified_upstream else self.activation_counter
+        return sparsify(input, self.sparsity.activation_pattern, stats)[0]

@@ -1,0 +1,48 @@
+"""SparseMLP: Megatron's MLP with the FFN activation sparsified where it is computed.
+
+Drop-in for `MLP` in a layer spec (0.16 `ModuleSpec(module=SparseMLP, submodules=...)`, 0.19
+`partial(SparseMLP.as_mlp_submodule, submodules=...)`), with `SparseColumnParallelLinear` /
+`SparseRowParallelLinear` as fc1 / fc2 and `activations` set in fc2's SparsityConfig. Megatron's
+own forward runs unchanged; only the activation call is replaced, so that
+- Squared-ReLU and the 2:4 / V:N:M sparsifier run as one kernel pass;
+- fc2 receives the already-sparse activation (and on sparse backends, a 2:4 activation can be
+  the sparse GEMM operand when fc2's weight is dense);
+- fc1's output gradient dH = dA * mask * 2 relu(H) arrives marked 2:4, so its input gradient
+  dX = dH W1 can run with dH as the sparse operand (megasparse.core.sparse_operand).
+Activations Megatron computes elsewhere (gated linear units, fused bias-GeLU/SwiGLU, TE
+activations) are still sparsified by fc2 itself, unfused, and their loss shows in the stats.
+"""
+
+from megatron.core.transformer.mlp import MLP
+
+from megasparse.core.activation_sparsity import FFNActivationSparsifier
+from megasparse.megatron.layers import SparseColumnParallelLinear, SparseRowParallelLinear
+from megasparse.core.weight_state import refuse_graph_capture
+
+
+def install_activation_sparsity(mlp: MLP) -> None:
+    """Give an MLP (or an MoE expert) SparseMLP's activation: fused with the sparsifier, counted once."""
+    fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+    if isinstance(fc2, SparseRowParallelLinear) and not isinstance(
+        mlp.activation_func, FFNActivationSparsifier
+    ):
+        mlp.activation_func = FFNActivationSparsifier(mlp.activation_func, fc2)
+        fc2.input_sparsified_upstream = True
+        if isinstance(fc1, SparseColumnParallelLinear):
+            fc1.feeds_sparse_activation_of(fc2)  # fc1 reads fc2's current config at every forward
+
+
+class SparseMLP(MLP):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        install_activation_sparsity(self)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        # the activation's sparsifier reads its phase in Python, which graph replays skip
+        if isinstance(self.activation_func, FFNActivationSparsifier):
+            refuse_graph_capture(hidden_states, self.linear_fc2.sparsity)
+        return super().forward(hidden_states, *args, **kwargs)
+
+    def activation_stats(self, reset: bool = False) -> dict:
+        """Exact-zero fraction and dropped-L1 fraction of the activation since the last reset (this rank)."""
+        return self.linear_fc2.activation_stats(reset)

@@ -1,0 +1,214 @@
+"""Sparse Transformer Engine linears: under any FP8 recipe, TE quantizes the 2:4-masked weight.
+
+TE's Linear, LayerNormLinear and GroupedLinear take their weights from `_get_weight_tensors()`;
+the sparse classes return this optimizer step's W*M there (megasparse.core.weight_state: built once
+per step, through `masked_weight`, so the dense master weight gets the gradient of the chosen
+mode). Everything else - the FP8 recipe (delayed, current/tensorwise, blockwise, MXFP8), amax
+bookkeeping, communication, checkpoints - stays TE's and Megatron's.
+
+gradient_accumulation_fusion (Megatron's default with TE): TE accumulates dY^T X of W*M into
+main_grad, which is the ste gradient of the dense weight; "masked" and "srste" are then applied
+to main_grad (megasparse.core.linear_op.main_grad_term: masked after each micro-batch, srste once per step).
+
+    SparseTEColumnParallelLinear, SparseTERowParallelLinear, SparseTELayerNormColumnParallelLinear
+are built on first access from Megatron's TE classes (Transformer Engine must be installed);
+`sparse_te_class(base)` makes the sparse variant of any such class. Not supported (clear errors):
+TE without `_get_weight_tensors` (before 2.5: it would silently train dense), held masks
+(mask_refresh_interval > 1: TE's `_extra_state` holds its FP8 metadata, so there is no checkpoint
+entry for them), FP8 primary weights (fp8_model_init), and TE's delayed wgrad
+(delay_wgrad_compute: TE's backward_dw writes .grad onto the tensor it computed with, W*M, not
+onto the master weight). The GEMM is TE's dense (FP8 or bf16) GEMM on the masked weight, except
+under fp8_autocast with a per-tensor recipe on sm90: then TE's `Linear` (column/row-parallel
+linears), `LayerNormLinear` (fc1, qkv: TE's norm, then the GEMM) and `GroupedLinear` (MoE experts:
+one GEMM per expert weight) run the forward and (transposable masks) input-gradient GEMMs as FP8
+2:4 cuSPARSELt GEMMs (megasparse.te.fp8_forward, which says exactly when).
+"""
+
+import dataclasses
+import functools
+
+from megasparse.core.backends import BACKENDS
+from megasparse.config import SparsityConfig
+from megasparse.interface import describe
+from megasparse.core.linear_op import masked_weight
+from megasparse.core.weight_state import SparseWeightState, compute_mask, refuse_graph_capture
+
+_TE_BASES = {
+    "SparseTEColumnParallelLinear": "TEColumnParallelLinear",
+    "SparseTERowParallelLinear": "TERowParallelLinear",
+    "SparseTELayerNormColumnParallelLinear": "TELayerNormColumnParallelLinear",
+}
+
+
+class _SparseTEMixin:
+    def _setup_sparse_te(self, sparsity):
+        if sparsity is not None and not isinstance(sparsity, SparsityConfig):
+            raise TypeError(
+                f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}"
+            )
+        self.sparsity = dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
+        if self.sparsity.activations is not None:
+            raise ValueError(
+                "megasparse: activation sparsity is not available in TE linears; use activations=None"
+            )
+        if self.sparsity.fp8 is not None:
+            raise ValueError(
+                f"megasparse: SparsityConfig(fp8={self.sparsity.fp8!r}) is the local spec's FP8 "
+                "path; sparse TE linears follow Transformer Engine's fp8_autocast (Megatron's "
+                "--fp8-format), which runs their FP8 2:4 GEMMs. Set fp8=None (drop --sparsity-fp8)."
+            )
+        if self.sparsity.mask_refresh_interval != 1:
+            raise ValueError(
+                "megasparse: sparse TE linears cannot hold masks across steps: held masks must go into the "
+                "checkpoint, and TE's _extra_state entry carries TE's FP8 metadata. Use mask_refresh_interval=1 "
+                "(masks are still computed once per optimizer step), or the local spec for held masks."
+            )
+        if not hasattr(super(), "_get_weight_tensors"):
+            raise NotImplementedError(
+                "megasparse: this Transformer Engine has no _get_weight_tensors (TE < 2.5), so a sparse TE "
+                "linear would silently train dense. Upgrade Transformer Engine to 2.5 or newer, or use the "
+                "local spec (--transformer-impl local)."
+            )
+        if (
+            getattr(self, "wgrad_store", None) is not None
+            and getattr(self.wgrad_store, "delay_wgrad_compute", lambda: False)()
+        ):
+            raise NotImplementedError(
+                "megasparse: sparse TE linears do not support delay_wgrad_compute (TE's delayed wgrad writes "
+                "the gradient onto W*M, not onto the dense master weight); disable it for sparse layers."
+            )
+        self.weight_states = [SparseWeightState() for _ in self._sparse_weight_names()]
+        for name in self._sparse_weight_names():
+            weight = getattr(self, name)
+            if self.sparsity.weights is not None:
+                rows, cols = weight.shape
+                if cols % 4 or (self.sparsity.mask == "transposable" and rows % 4):
+                    raise ValueError(
+                        f"megasparse: a sparse TE linear needs its weight shard {tuple(weight.shape)} cut into "
+                        "2:4 groups: input size per rank a multiple of 4 (and output size for transposable)"
+                    )
+
+    def _sparse_weight_names(self):
+        if hasattr(self, "num_gemms"):  # TE GroupedLinear: weight0 .. weight{n-1}
+            return [f"weight{i}" for i in range(self.num_gemms)]
+        return ["weight"]
+
+    def weight_steps(self):
+        """This optimizer step's WeightStep of each weight (the TE GEMMs run on W*M: the dense backend)."""
+        return [
+            state.step(getattr(self, name), self.sparsity, BACKENDS["dense"])
+            for state, name in zip(self.weight_states, self._sparse_weight_names())
+        ]
+
+    def _refuse_graph_capture(self) -> None:
+        refuse_graph_capture(getattr(self, self._sparse_weight_names()[0]), self.sparsity)
+
+    def _get_weight_tensors(self):
+        self._refuse_graph_capture()  # before the dense shortcut
+        weights = super()._get_weight_tensors()
+        if not self.sparsity.prunes_weights:
+            return weights
+        for w in weights:
+            if type(w).__name__ != "Parameter" and hasattr(w, "dequantize"):
+                raise NotImplementedError(
+                    "megasparse: FP8 primary weights (fp8_model_init) cannot be pruned; "
+                    "keep high-precision master weights for sparse TE linears"
+                )
+        s = self.sparsity
+        return [masked_weight(step, s.gradient, s.srste_decay) for step in self.weight_steps()]
+
+    # --- the SparseModule interface (megasparse.interface) --------------------------------
+
+    def sparsity_mask(self, weight=None):
+        weight = getattr(self, self._sparse_weight_names()[0]) if weight is None else weight
+        for state, name in zip(self.weight_states, self._sparse_weight_names()):
+            if getattr(self, name) is weight:
+                return state.current_mask(weight, self.sparsity)
+        if not self.sparsity.prunes_weights:
+            return weight.detach().new_ones(weight.shape, dtype=bool)
+        return compute_mask(weight, self.sparsity)
+
+    def sparsity_stats(self) -> dict:
+        held = [state.held_bytes() for state in self.weight_states]
+        return {"state_bytes": {k: sum(h.get(k, 0) for h in held) for k in set().union(*held)}}
+
+    def set_sparsity_iteration(self, iteration: int) -> None:
+        for state in self.weight_states:
+            state.set_iteration(iteration)
+
+    def reset_held_mask(self) -> None:
+        for state in self.weight_states:
+            state.invalidate(drop_held_mask=True)
+
+    def train(self, mode: bool = True):
+        # a mode switch rebuilds the state at the next forward (EMA swaps weights through .data)
+        if mode != self.training:
+            for state in getattr(self, "weight_states", ()):  # (none yet while constructed)
+                state.mode_switched(mode)
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparsity={describe(self.sparsity)}"
+
+
+_TE_FP8_CLASSES = (
+    "Linear",
+    "LayerNormLinear",
+    "GroupedLinear",
+)  # megasparse.te.fp8_forward's forwards
+
+
+def _te_linear_class(base: type):
+    """TE's own Linear, LayerNormLinear or GroupedLinear in base's MRO (Megatron's TE wrappers), or
+    None."""
+    for cls in base.__mro__:
+        if cls.__name__ in _TE_FP8_CLASSES and cls.__module__.split(".")[0] == "transformer_engine":
+            return cls
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_forward_hook(te_linear: type) -> type:
+    """A subclass of TE's class whose forward runs megasparse.te.fp8_forward (FP8 2:4) when it applies.
+    Placed right above TE's class in the MRO, so Megatron's wrapper calls it as TE's forward."""
+
+    def forward(self, *args, **kwargs):
+        from megasparse.te.fp8_forward import te_fp8_forward
+
+        self._refuse_graph_capture()
+        return te_fp8_forward(self, te_linear, *args, **kwargs)
+
+    name = "_MegasparseFp8" + te_linear.__name__
+    return type(name, (te_linear,), {"forward": forward, "__module__": __name__})
+
+
+@functools.lru_cache(maxsize=None)
+def sparse_te_class(base: type) -> type:
+    """The sparse variant of a TE linear class (same constructor plus `sparsity=`)."""
+
+    def __init__(self, *args, sparsity=None, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        self._setup_sparse_te(sparsity)
+
+    name = "Sparse" + base.__name__
+    te_linear = _te_linear_class(base)
+    hook = (_fp8_forward_hook(te_linear),) if te_linear is not None else ()
+    bases = (_SparseTEMixin, base) + hook
+    return type(name, bases, {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+
+
+def __getattr__(name):
+    if name in _TE_BASES:
+        from megatron.core.extensions import transformer_engine as mcore_te
+
+        base = (
+            getattr(mcore_te, _TE_BASES[name], None)
+            if getattr(mcore_te, "HAVE_TE", False)
+            else None
+        )
+        if not isinstance(base, type):
+            raise ImportError(
+                f"megasparse.{name} needs Transformer Engine (pip install megasparse[te])"
+            )
+        return sparse_te_class(base)
+    raise AttributeError(f"module 'megasparse.te.linear' has no attribute {name!r}")
