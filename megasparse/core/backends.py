@@ -120,6 +120,10 @@ class _SemiStructuredBackend:
         capability = torch.cuda.get_device_capability(device)
         if capability < self.min_capability:
             return f"{self.name} needs compute capability sm80+, found sm{capability[0]}{capability[1]}"
+        return self.build_reason(device)
+
+    def build_reason(self, device) -> Optional[str]:
+        """Why this backend's kernels are missing on this (CUDA, sm80+) device, or None."""
         return None
 
 
@@ -130,11 +134,10 @@ class CusparseltBackend(_SemiStructuredBackend):
     def tensor_class():
         return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
 
-    def device_reason(self, device):
-        reason = super().device_reason(device)
-        if reason is None and not torch.backends.cusparselt.is_available():
-            reason = "this PyTorch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False)"
-        return reason
+    def build_reason(self, device):
+        if not torch.backends.cusparselt.is_available():
+            return "this PyTorch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False)"
+        return None
 
 
 class CutlassBackend(_SemiStructuredBackend):
@@ -147,14 +150,13 @@ class CutlassBackend(_SemiStructuredBackend):
     def tensor_class():
         return torch.sparse.SparseSemiStructuredTensorCUTLASS
 
-    def device_reason(self, device):
-        reason = super().device_reason(device)
-        if reason is None and torch.cuda.get_device_capability(device)[0] != 8:
-            major, minor = torch.cuda.get_device_capability(device)
-            reason = (
+    def build_reason(self, device):
+        major, minor = torch.cuda.get_device_capability(device)
+        if major != 8:
+            return (
                 f"cutlass's 2:4 kernels in PyTorch are built for sm8x only, found sm{major}{minor}"
             )
-        return reason
+        return None
 
 
 BACKENDS = {b.name: b for b in (DenseBackend(), CusparseltBackend(), CutlassBackend())}

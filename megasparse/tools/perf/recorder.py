@@ -125,20 +125,21 @@ class OpRecorder(TorchDispatchMode):
     # --- what the driver tells us -----------------------------------------------------
 
     @contextlib.contextmanager
-    def phase(self, name: str):
-        saved, self._phase = self._phase, name
+    def _setting(self, attribute: str, value):
+        saved = getattr(self, attribute)
+        setattr(self, attribute, value)
         try:
             yield
         finally:
-            self._phase = saved
+            setattr(self, attribute, saved)
 
-    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Ops recorded inside count as this phase (micro-batch, weight prep, ...)."""
+        return self._setting("_phase", name)
+
     def label(self, name: str):
-        saved, self._label = self._label, name
-        try:
-            yield
-        finally:
-            self._label = saved
+        """Ops recorded inside carry this label (the layer they belong to)."""
+        return self._setting("_label", name)
 
     def mark_weight(self, *tensors) -> None:
         for t in tensors:
