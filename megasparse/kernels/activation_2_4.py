@@ -10,7 +10,7 @@ where(mask, a, 0) in x's dtype, so every group has at most 2 nonzeros whatever t
 
 import torch
 
-from .common import HAVE_TRITON, TRITON_TYPES, CompileSpec, rank_key
+from .common import HAVE_TRITON, compile_spec, rank_key
 
 if HAVE_TRITON:
     import triton
@@ -109,24 +109,11 @@ def activation_2_4_triton(x: torch.Tensor, squared_relu: bool):
 
 def compile_specs(dtype: torch.dtype) -> list:
     """The launches above (fused Squared-ReLU and plain), described for the offline compile report."""
-    t = TRITON_TYPES[dtype]
-    return [
-        CompileSpec(
-            kernel=f"activation_2_4{'_squared_relu' if squared_relu else ''}",
-            fn=_activation_2_4_kernel,
-            dtype=str(dtype).split(".")[1],
-            signature={
-                "x_ptr": "*" + t,
-                "values_ptr": "*" + t,
-                "mask_ptr": "*i8",
-                "stats_ptr": "*fp32",
-                "numel": "i32",
-            },
-            constexprs={"BLOCK": BLOCK, "SQUARED_RELU": squared_relu, "FP64": False},
-            num_warps=NUM_WARPS,
-            elements=BLOCK,
-            reads={"x_ptr": BLOCK},
-            aligned=("x_ptr", "values_ptr", "mask_ptr", "stats_ptr", "numel"),
-        )
-        for squared_relu in (True, False)
-    ]
+    arguments = "x_ptr:*T/16 values_ptr:*T/16 mask_ptr:*i8/16 stats_ptr:*fp32/16 numel:i32/16"
+    specs = []
+    for squared_relu in (True, False):
+        name = "activation_2_4" + ("_squared_relu" if squared_relu else "")
+        constexprs = {"BLOCK": BLOCK, "SQUARED_RELU": squared_relu, "FP64": False}
+        kernel = _activation_2_4_kernel
+        specs.append(compile_spec(name, kernel, dtype, arguments, constexprs, BLOCK, NUM_WARPS))
+    return specs

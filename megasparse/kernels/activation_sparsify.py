@@ -24,7 +24,7 @@ stats [zeros, sum|a|, dropped sum|a|, numel] in float64.
 import torch
 
 from .activation_2_4 import activation_2_4_reference
-from .common import HAVE_TRITON, TRITON_TYPES, CompileSpec, rank_key, require_triton
+from .common import HAVE_TRITON, compile_spec, rank_key, require_triton
 
 if HAVE_TRITON:
     import triton
@@ -226,29 +226,16 @@ def activation_sparsify_triton(x: torch.Tensor, v: int, m: int, squared_relu: bo
 
 def compile_specs(dtype: torch.dtype) -> list:
     """The V:2:M launches above at REPORT_PATTERNS, described for the offline compile report."""
-    t = TRITON_TYPES[dtype]
+    arguments = (
+        "x_ptr:*T/16 values_ptr:*T/16 mask_ptr:*i8/16 columns_ptr:*i16/16 stats_ptr:*fp32/16 "
+        "tokens:i32 ffn:i32/16"
+    )
     specs = []
     for v, m in REPORT_PATTERNS:
         groups = groups_per_program(v, m)
-        specs.append(
-            CompileSpec(
-                kernel=f"activation_{v}_2_{m}_squared_relu",
-                fn=_activation_vnm_kernel,
-                dtype=str(dtype).split(".")[1],
-                signature={
-                    "x_ptr": "*" + t,
-                    "values_ptr": "*" + t,
-                    "mask_ptr": "*i8",
-                    "columns_ptr": "*i16",
-                    "stats_ptr": "*fp32",
-                    "tokens": "i32",
-                    "ffn": "i32",
-                },
-                constexprs={"V": v, "M": m, "GROUPS": groups, "SQUARED_RELU": True, "FP64": False},
-                num_warps=NUM_WARPS,
-                elements=v * m * groups,
-                reads={"x_ptr": v * m * groups},
-                aligned=("x_ptr", "values_ptr", "mask_ptr", "columns_ptr", "stats_ptr", "ffn"),
-            )
-        )
+        name = f"activation_{v}_2_{m}_squared_relu"
+        constexprs = {"V": v, "M": m, "GROUPS": groups, "SQUARED_RELU": True, "FP64": False}
+        elements = v * m * groups
+        kernel = _activation_vnm_kernel
+        specs.append(compile_spec(name, kernel, dtype, arguments, constexprs, elements, NUM_WARPS))
     return specs

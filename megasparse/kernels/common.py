@@ -58,6 +58,35 @@ class CompileSpec:
     scalar_reads: tuple = ()
 
 
+def compile_spec(kernel, fn, dtype, arguments: str, constexprs, elements, num_warps, **fields):
+    """A CompileSpec from the launch's arguments written as "name:type ..." in launch order.
+
+    "T" in a type is the element type at `dtype` ("*T": a pointer to it); a trailing "/16" marks an
+    argument Triton sees divisible by 16 at real shapes. Each program reads `elements` values of
+    the first argument unless `reads` names the pointers it reads.
+    """
+    signature, aligned = {}, []
+    for argument in arguments.split():
+        name, kind = argument.split(":")
+        if kind.endswith("/16"):
+            kind = kind[:-3]
+            aligned.append(name)
+        signature[name] = kind.replace("T", TRITON_TYPES[dtype])
+    reads = fields.pop("reads", (next(iter(signature)),))
+    return CompileSpec(
+        kernel=kernel,
+        fn=fn,
+        dtype=str(dtype).split(".")[1],
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=num_warps,
+        elements=elements,
+        reads={pointer: elements for pointer in reads},
+        aligned=tuple(aligned),
+        **fields,
+    )
+
+
 def rank_key(x: torch.Tensor) -> torch.Tensor:
     """|x| in x's dtype with NaN mapped to +inf (+inf and -inf stay +inf): the ranking key."""
     return x.abs().nan_to_num(nan=float("inf"), posinf=float("inf"))
@@ -88,6 +117,14 @@ def check_2d(weight: torch.Tensor, what: str, rows_multiple: int, cols_multiple:
             f"[{rows_multiple}, {cols_multiple}], got {tuple(weight.shape)}; "
             "choose layer sizes (per tensor-parallel rank) that are multiples of 4"
         )
+
+
+def mask_operands(weight: torch.Tensor, what: str, rows_multiple: int, cols_multiple: int):
+    """The checked weight, contiguous, and an int8 mask of its shape for a mask kernel to fill."""
+    require_triton()
+    check_2d(weight, what, rows_multiple, cols_multiple)
+    w = weight.detach().contiguous()
+    return w, torch.empty(w.shape, dtype=torch.int8, device=w.device)
 
 
 if HAVE_TRITON:

@@ -26,7 +26,7 @@ payload of t's NaN). Integer max is exact and order-free: no dependence on the l
 
 import torch
 
-from .common import HAVE_TRITON, TRITON_TYPES, CompileSpec, require_triton
+from .common import HAVE_TRITON, compile_spec, require_triton
 
 if HAVE_TRITON:
     import triton
@@ -203,45 +203,19 @@ def fp8_cast_triton(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose=
 def compile_specs(dtype: torch.dtype) -> list:
     """The launches above (t in `dtype`; e4m3 and e5m2, with and without the transpose, with and
     without the fused amax of delayed scaling)."""
+    arguments = (
+        "t_ptr:*T/16 scale_ptr:*fp32/16 q_ptr:*u8/16 qt_ptr:*u8/16 amax_ptr:*i32/16 "
+        "rows:i32 cols:i32/16 rows_pad:i32/16"
+    )
     specs = []
     for fp8, name in ((E4M3, "e4m3"), (E5M2, "e5m2")):
         for transpose, amax in ((False, False), (True, False), (False, True), (True, True)):
             variant = ("_transpose" if transpose else "") + ("_amax" if amax else "")
-            specs.append(
-                CompileSpec(
-                    kernel=f"fp8_cast{variant}_{name}",
-                    fn=_fp8_cast_kernel,
-                    dtype=str(dtype).split(".")[1],
-                    signature={
-                        "t_ptr": "*" + TRITON_TYPES[dtype],
-                        "scale_ptr": "*fp32",
-                        "q_ptr": "*u8",
-                        "qt_ptr": "*u8",
-                        "amax_ptr": "*i32",
-                        "rows": "i32",
-                        "cols": "i32",
-                        "rows_pad": "i32",
-                    },
-                    constexprs={
-                        **_launch_args(fp8),
-                        "TRANSPOSE": transpose,
-                        "AMAX": amax,
-                        "BLOCK_R": BLOCK_R,
-                        "BLOCK_C": BLOCK_C,
-                    },
-                    num_warps=NUM_WARPS,
-                    elements=BLOCK_R * BLOCK_C,
-                    reads={"t_ptr": BLOCK_R * BLOCK_C},
-                    scalar_reads=("scale_ptr",),
-                    aligned=(
-                        "t_ptr",
-                        "scale_ptr",
-                        "q_ptr",
-                        "qt_ptr",
-                        "amax_ptr",
-                        "cols",
-                        "rows_pad",
-                    ),
-                )
-            )
+            constexprs = {**_launch_args(fp8), "TRANSPOSE": transpose, "AMAX": amax}
+            constexprs.update(BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+            spec = compile_spec(
+                f"fp8_cast{variant}_{name}", _fp8_cast_kernel, dtype, arguments, constexprs,
+                BLOCK_R * BLOCK_C, NUM_WARPS, scalar_reads=("scale_ptr",),
+            )  # fmt: skip
+            specs.append(spec)
     return specs

@@ -7,7 +7,7 @@ element i of a group is dropped when at least 2 others beat it, where j beats i 
 
 import torch
 
-from .common import TRITON_TYPES, HAVE_TRITON, CompileSpec, check_2d, magnitude, require_triton
+from .common import HAVE_TRITON, check_2d, compile_spec, magnitude, mask_operands
 
 if HAVE_TRITON:
     import triton
@@ -52,10 +52,7 @@ if HAVE_TRITON:
 
 def mask_1d_triton(weight: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); same result as the reference."""
-    require_triton()
-    check_2d(weight, "the 1d 2:4 mask", 1, 4)
-    w = weight.detach().contiguous()
-    mask = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    w, mask = mask_operands(weight, "the 1d 2:4 mask", 1, 4)
     if w.numel():
         _mask_1d_kernel[(triton.cdiv(w.numel(), block),)](
             w, mask, w.numel(), BLOCK=block, num_warps=NUM_WARPS
@@ -65,16 +62,9 @@ def mask_1d_triton(weight: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
 
 def compile_specs(dtype: torch.dtype) -> list:
     """The launch above, described for the offline compile report."""
+    arguments = "w_ptr:*T/16 mask_ptr:*i8/16 numel:i32/16"
     return [
-        CompileSpec(
-            kernel="mask_1d",
-            fn=_mask_1d_kernel,
-            dtype=str(dtype).split(".")[1],
-            signature={"w_ptr": "*" + TRITON_TYPES[dtype], "mask_ptr": "*i8", "numel": "i32"},
-            constexprs={"BLOCK": BLOCK},
-            num_warps=NUM_WARPS,
-            elements=BLOCK,
-            reads={"w_ptr": BLOCK},
-            aligned=("w_ptr", "mask_ptr", "numel"),
+        compile_spec(
+            "mask_1d", _mask_1d_kernel, dtype, arguments, {"BLOCK": BLOCK}, BLOCK, NUM_WARPS
         )
     ]

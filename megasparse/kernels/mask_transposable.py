@@ -14,7 +14,7 @@ import itertools
 
 import torch
 
-from .common import TRITON_TYPES, HAVE_TRITON, CompileSpec, check_2d, magnitude, require_triton
+from .common import HAVE_TRITON, check_2d, compile_spec, magnitude, mask_operands
 
 if HAVE_TRITON:
     import triton
@@ -184,10 +184,7 @@ if HAVE_TRITON:
 
 def mask_transposable_triton(weight: torch.Tensor, block: int = BLOCK_TILES) -> torch.Tensor:
     """Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); same result as the reference."""
-    require_triton()
-    check_2d(weight, "the transposable 2:4 mask", 4, 4)
-    w = weight.detach().contiguous()
-    mask = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    w, mask = mask_operands(weight, "the transposable 2:4 mask", 4, 4)
     if w.numel():
         grid = (w.shape[0] // 4, triton.cdiv(w.shape[1] // 4, block))
         _mask_transposable_kernel[grid](
@@ -204,16 +201,11 @@ def mask_transposable_triton(weight: torch.Tensor, block: int = BLOCK_TILES) -> 
 
 def compile_specs(dtype: torch.dtype) -> list:
     """The launch above, described for the offline compile report."""
+    arguments = "w_ptr:*T/16 mask_ptr:*i8/16 n_cols:i32/16"
+    constexprs = {"BLOCK": BLOCK_TILES, "NONFINITE_SCORE": _NONFINITE_SCORE}
+    kernel = _mask_transposable_kernel
     return [
-        CompileSpec(
-            kernel="mask_transposable",
-            fn=_mask_transposable_kernel,
-            dtype=str(dtype).split(".")[1],
-            signature={"w_ptr": "*" + TRITON_TYPES[dtype], "mask_ptr": "*i8", "n_cols": "i32"},
-            constexprs={"BLOCK": BLOCK_TILES, "NONFINITE_SCORE": _NONFINITE_SCORE},
-            num_warps=NUM_WARPS,
-            elements=16 * BLOCK_TILES,
-            reads={"w_ptr": 16 * BLOCK_TILES},
-            aligned=("w_ptr", "mask_ptr", "n_cols"),
+        compile_spec(
+            "mask_transposable", kernel, dtype, arguments, constexprs, 16 * BLOCK_TILES, NUM_WARPS
         )
     ]

@@ -8,7 +8,7 @@ bf16/fp16 multiply does. relu keeps NaN (as torch.relu), so a kept NaN input giv
 
 import torch
 
-from .common import HAVE_TRITON, TRITON_TYPES, CompileSpec, require_triton
+from .common import HAVE_TRITON, compile_spec, require_triton
 
 if HAVE_TRITON:
     import triton
@@ -84,17 +84,9 @@ def squared_relu_sparsify_backward_triton(
 
 def compile_specs(dtype: torch.dtype) -> list:
     """The launch above (x and grad in `dtype`), described for the offline compile report."""
-    t = "*" + TRITON_TYPES[dtype]
-    return [
-        CompileSpec(
-            kernel="squared_relu_sparsify_backward",
-            fn=_squared_relu_backward_kernel,
-            dtype=str(dtype).split(".")[1],
-            signature={"x_ptr": t, "mask_ptr": "*i8", "grad_ptr": t, "dx_ptr": t, "numel": "i32"},
-            constexprs={"BLOCK": BLOCK, "FP64": False},
-            num_warps=NUM_WARPS,
-            elements=BLOCK,
-            reads={"x_ptr": BLOCK, "mask_ptr": BLOCK, "grad_ptr": BLOCK},
-            aligned=("x_ptr", "mask_ptr", "grad_ptr", "dx_ptr", "numel"),
-        )
-    ]
+    arguments = "x_ptr:*T/16 mask_ptr:*i8/16 grad_ptr:*T/16 dx_ptr:*T/16 numel:i32/16"
+    spec = compile_spec(
+        "squared_relu_sparsify_backward", _squared_relu_backward_kernel, dtype, arguments,
+        {"BLOCK": BLOCK, "FP64": False}, BLOCK, NUM_WARPS, reads=("x_ptr", "mask_ptr", "grad_ptr"),
+    )  # fmt: skip
+    return [spec]
