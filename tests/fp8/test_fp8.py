@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megasparse.config import SparsityConfig
+from megasparse.config import Fp8Order, SparsityConfig
 from megasparse.core.backends import BACKENDS
 from megasparse.core.linear_op import weight_mask
 from megasparse.core.weight_state import SparseWeightState
@@ -23,6 +23,7 @@ from megasparse.fp8.scaling import (
     scale_from_amax,
 )
 from megasparse.fp8.study import Fp8NumericsStudy, sparse_fp8_weight
+from fp8_reference import q64
 
 E4M3_MAX = FP8_MAX[E4M3]
 
@@ -38,7 +39,7 @@ def test_scale_and_saturating_quantize():
     assert q.float().tolist() == [E4M3_MAX, -E4M3_MAX, 0.5]
 
 
-@pytest.mark.parametrize("order", ["prune-then-quantize", "quantize-then-prune"])
+@pytest.mark.parametrize("order", list(Fp8Order))
 @pytest.mark.parametrize("mask_kind", ["1d", "transposable"])
 def test_fp8_weight_is_2_4_and_close_to_the_masked_weight(order, mask_kind):
     w = _w()
@@ -78,8 +79,8 @@ def test_gemm_emulation_is_the_scaled_fp32_product():
     torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)  # bf16 output rounding
 
 
-@pytest.mark.parametrize("order", ["prune-then-quantize", "quantize-then-prune"])
-def test_fp8_sparse_linear_against_float64_reference(order):
+@pytest.mark.parametrize("order", list(Fp8Order))
+def test_numerics_study_against_float64_reference(order):
     x = _w((4, 12, 128), 3).requires_grad_(True)
     w = _w((64, 128), 4).requires_grad_(True)
     layer = Fp8NumericsStudy(mask_kind="1d", order=order)
@@ -106,6 +107,19 @@ def test_fp8_sparse_linear_against_float64_reference(order):
 
 def _delayed(history_len, algo):
     return Fp8Recipe(amax_history_len=history_len, amax_compute_algo=algo, delayed=True)
+
+
+@pytest.mark.parametrize("order", list(Fp8Order))
+def test_numerics_study_runs_the_training_op(order):
+    """The study's forward is the FP8 training op's, bit for bit (the same e4m3 operands and GEMM
+    under current scaling), through the one autograd Function of megasparse.fp8.linear."""
+    w, x = _w((64, 128), 14).requires_grad_(True), _w((21, 128), 15)
+    y = Fp8NumericsStudy(order=order)(x, w)
+    cfg = SparsityConfig(fp8="hybrid", fp8_order=order)
+    step = SparseWeightState().step(w, cfg, BACKENDS["dense"])
+    plan = fp8_linear.default_plan(order=order)
+    assert torch.equal(y, fp8_linear.fp8_sparse_linear_step(x, w, None, step, plan))
+    assert type(y.grad_fn).__name__ == "_Fp8SparseLinearBackward"
 
 
 def test_delayed_scaling_uses_past_amaxes():
@@ -414,10 +428,6 @@ def test_fp8_linear_against_float64_of_quantized_operands(mask_kind, grad_dtype)
     y = fp8_linear.fp8_sparse_linear_step(x, w, None, step, plan)
     y.backward(dy)
 
-    def q64(t, dtype=torch.float8_e4m3fn):
-        s = scale_from_amax(t.abs().amax(), dtype)
-        return quantize_with(t, s, dtype).double() / s.double()
-
     wm = w.detach() * step.mask()
     x2, dy2 = x.detach().reshape(-1, 128), dy.reshape(-1, 64).float()
     y_ref = q64(x2) @ q64(wm).t()
@@ -457,10 +467,6 @@ def test_fp8_linear_on_cusparselt_against_float64_of_quantized_operands(mask_kin
     assert len(calls) == (2 if mask_kind == "transposable" else 1)
     assert all(c["alpha"] is None and c["out_dtype"] == torch.bfloat16 for c in calls)
     assert fake_ops.alpha_item_calls == syncs
-
-    def q64(t, dtype=torch.float8_e4m3fn):
-        s = scale_from_amax(t.abs().amax(), dtype)
-        return quantize_with(t, s, dtype).double() / s.double()
 
     wm = w.detach() * step.mask()
     x2, dy2 = x.detach().reshape(-1, 128), dy.reshape(-1, 64).float()
@@ -526,7 +532,7 @@ def test_cusparselt_fp8_linear_matches_emulation(monkeypatch, alpha):
     torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=2**-6, atol=1e-3)
 
 
-@pytest.mark.parametrize("order", ["prune-then-quantize", "quantize-then-prune"])
+@pytest.mark.parametrize("order", list(Fp8Order))
 def test_numerics_tool_reports_the_training_paths_weight_error(order):
     """fp8_numerics' error of each order is the error of the e4m3 weight fp8_linear trains with."""
     from megasparse.tools.fp8_numerics import layer_report
