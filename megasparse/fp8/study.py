@@ -31,6 +31,16 @@ def _order(order) -> Fp8Order:
     return Fp8Order(order)
 
 
+def _scale_of(scale):
+    """The function of a tensor that gives its scale: `scale` itself, current scaling (None), or
+    the given tensor."""
+    if callable(scale):
+        return scale
+    if scale is None:
+        return lambda t: scale_from_amax(amax_of(t))
+    return lambda t: scale
+
+
 def sparse_fp8_weight(
     weight,
     scale=None,
@@ -43,11 +53,7 @@ def sparse_fp8_weight(
     scale: a tensor, None (current scaling), or a function of the tensor the order quantizes
     (e.g. a scaler's `scale`), so the mask is computed once.
     """
-    order = _order(order)
-    if scale is None:
-        scale_of = lambda t: scale_from_amax(amax_of(t))  # noqa: E731
-    else:
-        scale_of = scale if callable(scale) else lambda t: scale
+    order, scale_of = _order(order), _scale_of(scale)
     if order == Fp8Order.PRUNE_THEN_QUANTIZE:
         mask = weight_mask(weight, mask_kind, nonfinite)
         pruned = weight * mask
