@@ -21,7 +21,7 @@ _LAZY = {
     "sparsify_spec": "megasparse.megatron.specs",
     "SparsitySchedule": "megasparse.megatron.schedule",
     "add_args": "megasparse.megatron.args",
-    "Fp8SparseLinear": "megasparse.fp8.study",
+    "Fp8SparseLinear": "megasparse.fp8.layer",
     "weights_changed": "megasparse.interface",
 }
 

@@ -1,6 +1,7 @@
 """SparsityConfig: what a sparse layer prunes, how, and with which GEMM backend."""
 
 import dataclasses
+import enum
 import math
 import numbers
 from dataclasses import dataclass
@@ -16,7 +17,22 @@ BACKENDS = ("auto", "dense", "cusparselt", "cutlass")
 NONFINITE_POLICIES = ("propagate", "error")
 ACTIVATION_FUNCTIONS = (None, "squared_relu")
 FP8_FORMATS = (None, "hybrid", "e4m3")  # the local FP8 path (TE layers use TE's fp8_autocast)
-FP8_ORDERS = ("prune-then-quantize", "quantize-then-prune")
+
+
+class Fp8Order(str, enum.Enum):
+    """Which comes first of 2:4 pruning and FP8 quantization of a weight. A str: configs, flags
+    and checkpoints hold the value strings, which compare equal to the members."""
+
+    PRUNE_THEN_QUANTIZE = "prune-then-quantize"  # mask of W, e4m3 of W*M (amax after pruning)
+    QUANTIZE_THEN_PRUNE = "quantize-then-prune"  # e4m3 of W (its amax), mask of the e4m3 values
+
+    def __str__(self):
+        return self.value
+
+    __format__ = str.__format__
+
+
+FP8_ORDERS = tuple(order.value for order in Fp8Order)
 TARGETS = (
     "qkv",
     "proj",
@@ -143,7 +159,7 @@ class SparsityConfig:
     wgrad_seed: int = 0
     track_flip_rate: bool = False
     fp8: Optional[str] = None
-    fp8_order: str = "prune-then-quantize"
+    fp8_order: str = Fp8Order.PRUNE_THEN_QUANTIZE.value
 
     def __post_init__(self):
         _choice("weights", self.weights, WEIGHT_PATTERNS)
@@ -200,7 +216,8 @@ class SparsityConfig:
     def _validate_fp8(self):
         _choice("fp8", self.fp8, FP8_FORMATS)
         _choice("fp8_order", self.fp8_order, FP8_ORDERS)
-        if self.fp8_order == "quantize-then-prune" and self.fp8 is None:
+        object.__setattr__(self, "fp8_order", Fp8Order(self.fp8_order).value)  # a plain string
+        if self.fp8_order == Fp8Order.QUANTIZE_THEN_PRUNE and self.fp8 is None:
             raise ValueError(
                 "SparsityConfig(fp8_order='quantize-then-prune') orders pruning and FP8 "
                 "quantization, but fp8 is None; set fp8='hybrid' or 'e4m3'"
@@ -210,7 +227,7 @@ class SparsityConfig:
                 f"SparsityConfig(fp8={self.fp8!r}): the FP8 path's weight-gradient GEMM is TE's "
                 "FP8 GEMM, which does not take the MVUE-pruned dY; set wgrad_sparsity=None"
             )
-        if self.fp8_order == "quantize-then-prune" and self.gradient == "sste":
+        if self.fp8_order == Fp8Order.QUANTIZE_THEN_PRUNE and self.gradient == "sste":
             raise ValueError(
                 "SparsityConfig(gradient='sste') prunes by a soft threshold of W, not by a mask "
                 "of the quantized weight; use fp8_order='prune-then-quantize' with sste"

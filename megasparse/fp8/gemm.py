@@ -1,4 +1,4 @@
-"""FP8 (e4m3) GEMMs with one 2:4 operand, no host syncs: cuSPARSELt on sm90, emulated elsewhere.
+"""The 2:4 FP8 GEMM (cuSPARSELt's e4m3 kernel on sm90, no host syncs) and its CPU emulation.
 
 y = (x_q * x_scale_inv) @ (w_q * w_scale_inv)^T, fp32 accumulation, rounded to `out_dtype`
 (once in the emulation and in "vector" mode, twice in "output" mode: see Scaling).
@@ -42,8 +42,6 @@ from typing import Optional
 
 import torch
 
-E4M3 = torch.float8_e4m3fn
-E5M2 = torch.float8_e5m2
 TOKEN_MULTIPLE = 16  # dense_min_rows / dense_min_cols for e4m3 in PyTorch's cuSPARSELt table
 WEIGHT_MULTIPLE = 32  # sparse_min_rows / sparse_min_cols for e4m3
 ALPHA_MODES = ("output", "vector")

@@ -1,4 +1,6 @@
-"""The FP8 2:4 linear op: y = x (M*W)^T with e4m3 operands, for training under an FP8 recipe.
+"""The FP8 training op (y = x (M*W)^T + b, one autograd Function) and its per-step FP8 weight.
+
+e4m3 operands, for training under an FP8 recipe:
 
 - forward GEMM: e4m3 x and the e4m3 2:4 weight on cuSPARSELt (megasparse.fp8.gemm);
 - input gradient: with transposable masks on cuSPARSELt too (the compressed e4m3 (W*M)^T, dY in
@@ -21,6 +23,8 @@ local sparse linears with SparsityConfig.fp8 (`local_plan`: megasparse's current
 formats). A step without a mask (a dense phase, weights=None) runs dense FP8 GEMMs on W, and
 fp8_order="quantize-then-prune" quantizes W with its own amax (the mask is then taken of those
 e4m3 values, megasparse.core.weight_state.compute_mask).
+The numerics study (megasparse.fp8.study) runs the same op with its backward in the input's
+precision on the dequantized W*M (`fp8_dgrad=False`, `fp8_wgrad=False`) and its own weight scale.
 """
 
 import warnings
@@ -29,13 +33,18 @@ from typing import Optional
 
 import torch
 
+from megasparse.config import Fp8Order
 from megasparse.fp8 import gemm as fp8_gemm
-from megasparse.fp8.gemm import E4M3, E5M2
-from megasparse.fp8.scaling import CurrentScaler, amax_of, scale_from_amax, quantize_with
+from megasparse.fp8.scaling import (
+    E4M3,
+    E5M2,
+    CurrentScaler,
+    amax_of,
+    scale_from_amax,
+    quantize_with,
+)
 from megasparse.core.linear_op import gradient_term, gradient_went_to_main_grad
 from megasparse.core.weight_state import WeightStep
-
-PRUNE_FIRST, QUANTIZE_FIRST = "prune-then-quantize", "quantize-then-prune"
 
 
 @dataclass(frozen=True)
@@ -44,12 +53,14 @@ class Fp8LinearPlan:
     grad_scaler: object  # the recipe's gradient format (wgrad, dense dgrad)
     dgrad_scaler: object = None  # e4m3, for the sparse dgrad (None: grad_scaler, which is e4m3)
     use_cusparselt: bool = False
-    fp8_wgrad: bool = True
+    fp8_wgrad: bool = True  # False: dY^T x in fp32 from x as given
     gradient: str = "ste"
     srste_decay: float = 0.0
     gradient_accumulation_fusion: bool = False
     out_dtype: torch.dtype = torch.bfloat16
-    order: str = PRUNE_FIRST
+    order: str = Fp8Order.PRUNE_THEN_QUANTIZE
+    fp8_dgrad: bool = True  # False: dY @ the dequantized W*M in x's dtype (the numerics study)
+    weight_scale: Optional[torch.Tensor] = None  # the weight's e4m3 scale; None: current, per step
 
 
 class Fp8Weight:
@@ -60,26 +71,51 @@ class Fp8Weight:
     `compute_mask` took from those e4m3 values. A dense step (no mask): e4m3 of W (dense FP8).
     """
 
-    def __init__(self, step: WeightStep, use_cusparselt: bool, order: str = PRUNE_FIRST):
+    def __init__(
+        self,
+        step: WeightStep,
+        use_cusparselt: bool,
+        order: str = Fp8Order.PRUNE_THEN_QUANTIZE,
+        scale: Optional[torch.Tensor] = None,
+    ):
         weight = step.dense().detach()  # W*M of this step (W in a dense step)
-        amax_from = step.weight.detach() if order == QUANTIZE_FIRST else weight
-        scale = scale_from_amax(amax_of(amax_from))
+        if scale is None:
+            amax_from = step.weight.detach() if order == Fp8Order.QUANTIZE_THEN_PRUNE else weight
+            scale = scale_from_amax(amax_of(amax_from))
         w_q = quantize_with(weight, scale)
-        self.scale_inv = scale.reciprocal()
+        self.scale, self.scale_inv = scale, scale.reciprocal()
         self.rows, self.cols = w_q.shape
         sparse = use_cusparselt and step.pruned
         self.forward = fp8_gemm.compress(w_q) if sparse else w_q
         w_q_t = w_q.t().contiguous()  # [in, out]: (W*M)^T, 2:4 along out for transposable masks
         self.sparse_t = step.pruned and step.transposable
-        self.backward = fp8_gemm.compress(w_q_t) if (sparse and self.sparse_t) else w_q_t
+        self.compressed_t = sparse and self.sparse_t
+        self.backward = fp8_gemm.compress(w_q_t) if self.compressed_t else w_q_t
+
+    def dequantized(self) -> torch.Tensor:
+        """W*M as float32 [out, in], the e4m3 values / scale: a high-precision dgrad's operand."""
+        if self.compressed_t:
+            raise ValueError(
+                "megasparse: a high-precision input gradient (fp8_dgrad=False) needs the "
+                "uncompressed e4m3 weight; build its step with transposable=False"
+            )
+        return (self.backward.float() / self.scale).t()
 
     def held_tensors(self):
-        return [self.scale_inv, self.forward, self.backward]
+        return [self.scale, self.scale_inv, self.forward, self.backward]
 
 
-def fp8_weight(step: WeightStep, use_cusparselt: bool, order: str = PRUNE_FIRST) -> Fp8Weight:
+def fp8_weight(
+    step: WeightStep,
+    use_cusparselt: bool,
+    order: str = Fp8Order.PRUNE_THEN_QUANTIZE,
+    scale: Optional[torch.Tensor] = None,
+) -> Fp8Weight:
+    """This step's FP8 weight, built once (`scale`: a given weight scale, else current scaling)."""
+    order = Fp8Order(order).value  # a member or its string: one cache entry
     return step.cached(
-        ("fp8_weight", use_cusparselt, order), lambda: Fp8Weight(step, use_cusparselt, order)
+        ("fp8_weight", use_cusparselt, order),
+        lambda: Fp8Weight(step, use_cusparselt, order, scale),
     )
 
 
@@ -91,7 +127,7 @@ class _Fp8SparseLinear(torch.autograd.Function):
         if ctx.empty:
             y, saved_x, x_si = x2d.new_empty(0, weight.shape[0], dtype=plan.out_dtype), None, None
         else:
-            wq = fp8_weight(step, plan.use_cusparselt, plan.order)
+            wq = fp8_weight(step, plan.use_cusparselt, plan.order, plan.weight_scale)
             x_t = plan.fp8_wgrad and ctx.needs_input_grad[1]  # the FP8 wgrad takes x^T: cast now
             x_q, x_si, x_q_t = quantize(plan.x_scaler, x2d, x_t)
             cusparselt = plan.use_cusparselt and step.pruned  # a dense step: the dense FP8 GEMM
@@ -101,7 +137,8 @@ class _Fp8SparseLinear(torch.autograd.Function):
             )
             saved_x = x_q_t if plan.fp8_wgrad else x2d  # [in, tokens padded to 16] e4m3, or x
         ctx.save_for_backward(saved_x, x_si, weight)
-        ctx.step, ctx.plan, ctx.x_shape, ctx.has_bias = step, plan, x.shape, bias is not None
+        ctx.step, ctx.plan, ctx.x_shape, ctx.x_dtype = step, plan, x.shape, x.dtype
+        ctx.has_bias = bias is not None
         fused = plan.gradient_accumulation_fusion
         ctx.main_grad = getattr(weight, "main_grad", None) if fused else None
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -117,8 +154,10 @@ class _Fp8SparseLinear(torch.autograd.Function):
         if ctx.empty:  # no tokens: zero gradients (the weight still gets its per-step terms)
             grad_x = dy.new_zeros(ctx.x_shape) if ctx.needs_input_grad[0] else None
         elif ctx.needs_input_grad[0]:
-            wq = fp8_weight(step, plan.use_cusparselt, plan.order)
-            if wq.sparse_t:  # (W*M)^T is 2:4: the input gradient is a 2:4 GEMM too
+            wq = fp8_weight(step, plan.use_cusparselt, plan.order, plan.weight_scale)
+            if not plan.fp8_dgrad:  # in x's precision on the weight the forward used
+                grad_x = dy2d.to(ctx.x_dtype) @ wq.dequantized().to(ctx.x_dtype)
+            elif wq.sparse_t:  # (W*M)^T is 2:4: the input gradient is a 2:4 GEMM too
                 if plan.dgrad_scaler is None:  # the gradient format is e4m3: one cast for both
                     d_q, d_si, dy_q_t = quantize(plan.grad_scaler, dy2d, wgrad_t)
                     dy_si = d_si

@@ -1,5 +1,6 @@
-"""Per-tensor FP8 scaling of the runtime operands (x, dY) under a Transformer Engine recipe.
+"""FP8 formats, amax, scales and quantization; the per-tensor recipe and its scalers.
 
+Per-tensor FP8 scaling of the runtime operands (x, dY) under a Transformer Engine recipe.
 Every scale stays on the device (no `.item()`): amaxes, histories and scales are tensors.
 
 - `Fp8Recipe.from_te(recipe)` reads a TE recipe (duck-typed, TE is not imported): the formats
@@ -31,9 +32,11 @@ from typing import Optional
 import torch
 
 from megasparse import kernels
-from megasparse.fp8.gemm import E4M3, E5M2, pad_rows
+from megasparse.fp8.gemm import pad_rows
 
-FP8_MAX = {E4M3: float(torch.finfo(E4M3).max), E5M2: float(torch.finfo(E5M2).max)}
+E4M3 = torch.float8_e4m3fn  # forward operands (and gradients under the E4M3 format)
+E5M2 = torch.float8_e5m2  # gradients under HYBRID
+FP8_MAX = {E4M3: float(torch.finfo(E4M3).max), E5M2: float(torch.finfo(E5M2).max)}  # 448, 57344
 _CAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CAST_KERNEL = (kernels.fp8_cast_triton, kernels.fp8_cast_reference)  # (CUDA, elsewhere)
 
@@ -138,7 +141,9 @@ class Fp8Recipe:
 
 
 class _Scaler:
-    """`scaler(t) -> (q, scale_inv)`; `scaler.quantize(t, transpose) -> (q, scale_inv, q_t)`."""
+    """`scaler(t) -> (q, scale_inv)`; `scaler.quantize(t, transpose) -> (q, scale_inv, q_t)`;
+    megasparse's own scalers also give `scaler.scale(t)`: t's scale alone, its amax recorded as
+    `quantize` records it, without the cast (the numerics study scales a weight before pruning)."""
 
     def __call__(self, t: torch.Tensor):
         q, scale_inv, _ = self.quantize(t)
@@ -150,11 +155,14 @@ class CurrentScaler(_Scaler):
         self.dtype, self.margin, self.pow2 = dtype, margin, pow2
         self.group, self.epsilon = group, epsilon
 
-    def quantize(self, t: torch.Tensor, transpose: bool = False):
+    def scale(self, t: torch.Tensor) -> torch.Tensor:
         amax = amax_of(t)
         if self.group is not None and torch.distributed.is_initialized():
             torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        scale = scale_from_amax(amax, self.dtype, self.margin, self.pow2, self.epsilon)
+        return scale_from_amax(amax, self.dtype, self.margin, self.pow2, self.epsilon)
+
+    def quantize(self, t: torch.Tensor, transpose: bool = False):
+        scale = self.scale(t)
         q, q_t = fp8_cast(t, scale, self.dtype, transpose)
         return q, scale.reciprocal(), q_t
 
@@ -172,24 +180,38 @@ class DelayedScaler(_Scaler):
         self.history = None
         self.seen = 0
 
-    def quantize(self, t: torch.Tensor, transpose: bool = False):
-        if self.history is None or self.history.device != t.device:
-            self.history = torch.zeros(self.history_len, dtype=torch.float32, device=t.device)
+    def _past_amax(self, device) -> Optional[torch.Tensor]:
+        """The amax the scale comes from (max or most recent of the window); None before the
+        first record (on this device)."""
+        if self.history is None or self.history.device != device:
+            self.history = torch.zeros(self.history_len, dtype=torch.float32, device=device)
             self.seen = 0
-        if self.seen == 0:  # no past amax: this one, before the cast (a separate reduction)
+        if self.seen == 0:
+            return None
+        if self.algo == "most_recent":
+            return self.history[(self.seen - 1) % self.history_len]
+        return self.history[: min(self.seen, self.history_len)].amax()
+
+    def _record(self, amax: torch.Tensor) -> None:
+        self.history[self.seen % self.history_len] = amax.reshape(())
+        self.seen += 1
+
+    def scale(self, t: torch.Tensor) -> torch.Tensor:
+        past, amax = self._past_amax(t.device), amax_of(t)
+        self._record(amax)
+        return scale_from_amax(amax if past is None else past, self.dtype, self.margin)
+
+    def quantize(self, t: torch.Tensor, transpose: bool = False):
+        past = self._past_amax(t.device)
+        if past is None:  # no past amax: this one, before the cast (a separate reduction)
             amax = kernels.amax_reference(t)  # amax_of(t), a NaN as the kernel records it
             scale = scale_from_amax(amax, self.dtype, self.margin)
             q, q_t = fp8_cast(t, scale, self.dtype, transpose)
         else:  # the scale of past amaxes; this amax comes out of the cast itself
-            if self.algo == "most_recent":
-                used = self.history[(self.seen - 1) % self.history_len]
-            else:
-                used = self.history[: min(self.seen, self.history_len)].amax()
-            scale = scale_from_amax(used, self.dtype, self.margin)
+            scale = scale_from_amax(past, self.dtype, self.margin)
             amax = fused_amax(t)
             q, q_t = fp8_cast(t, scale, self.dtype, transpose, amax=amax)
-        self.history[self.seen % self.history_len] = amax.reshape(())
-        self.seen += 1
+        self._record(amax)
         return q, scale.reciprocal(), q_t
 
 

@@ -10,6 +10,7 @@ from megasparse.config import (
     DEFAULT_TARGETS,
     FP8_FORMATS,
     FP8_ORDERS,
+    Fp8Order,
     GRADIENT_MODES,
     MASK_KINDS,
     TARGETS,
@@ -192,7 +193,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--sparsity-fp8-order",
-        default="prune-then-quantize",
+        default=Fp8Order.PRUNE_THEN_QUANTIZE.value,
         choices=FP8_ORDERS,
         help="With --sparsity-fp8: mask W then quantize W*M (amax after pruning, default), or "
         "quantize W then take the mask of the FP8 values.",
@@ -215,7 +216,7 @@ def config_from_args(args) -> SparsityConfig:
         wgrad_seed=getattr(args, "sparsity_wgrad_seed", 0),
         track_flip_rate=getattr(args, "sparsity_flip_rate", False),
         fp8=getattr(args, "sparsity_fp8", None),
-        fp8_order=getattr(args, "sparsity_fp8_order", "prune-then-quantize"),
+        fp8_order=getattr(args, "sparsity_fp8_order", Fp8Order.PRUNE_THEN_QUANTIZE.value),
     )
 
 

@@ -51,9 +51,8 @@ import warnings
 
 import torch
 
-from megasparse.fp8.gemm import E4M3
 from megasparse.fp8.linear import Fp8LinearPlan, cusparselt_fp8_reason, fp8_sparse_linear_step
-from megasparse.fp8.scaling import CurrentScaler, Fp8Recipe, te_scaler
+from megasparse.fp8.scaling import E4M3, CurrentScaler, Fp8Recipe, te_scaler
 
 _warned = set()
 

@@ -322,16 +322,16 @@ def _fp8_cast_bandwidth(hidden, bandwidth, tokens=16384):
 def _fp8_gemm_ratio(hidden, ffn, tokens=16384):
     """cuSPARSELt FP8 2:4 (megasparse's path: the GEMM and its scaling epilogue) against
     torch._scaled_mm FP8 dense at the FFN's fc1 shape, or None."""
-    from megasparse.fp8 import study as fp8
     from megasparse.fp8 import gemm as fp8_gemm
+    from megasparse.fp8.scaling import quantize_with
     from megasparse.core.linear_op import weight_mask
 
-    if not fp8._fp8_cusparselt_ok(torch.device("cuda")):
+    if not fp8_gemm.fp8_cusparselt_ok(torch.device("cuda")):
         return None
-    w = torch.randn(ffn, hidden, device="cuda", dtype=torch.bfloat16)
-    w_q = fp8.quantize(w * weight_mask(w), torch.ones((), device="cuda"))
-    x_q = fp8.quantize(torch.randn(tokens, hidden, device="cuda"), torch.ones((), device="cuda"))
     one = torch.ones((), device="cuda")
+    w = torch.randn(ffn, hidden, device="cuda", dtype=torch.bfloat16)
+    w_q = quantize_with(w * weight_mask(w), one)
+    x_q = quantize_with(torch.randn(tokens, hidden, device="cuda"), one)
     packed = fp8_gemm.compress(w_q)
     dense = _time_ms(
         lambda: torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)

@@ -46,7 +46,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megasparse.config import SparsityConfig
+from megasparse.config import Fp8Order, SparsityConfig
 from megasparse.tools.gpt_text import (
     add_model_args,
     build_gpt,
@@ -91,7 +91,7 @@ QUALITY_RECIPES = {  # --quality: 2:4 weights only (fc1, fc2), see the module do
 }
 
 
-def _fp8(weights="2:4", order="prune-then-quantize"):
+def _fp8(weights="2:4", order=Fp8Order.PRUNE_THEN_QUANTIZE):
     return SparsityConfig(weights=weights, fp8="hybrid", fp8_order=order)
 
 
@@ -99,8 +99,7 @@ FP8_RECIPES = {  # --fp8: bf16 model, fp32 master weights; FP8 GEMMs on the targ
     "bf16-dense": dict(sparsity=None, bf16=True),
     "fp8-dense": dict(sparsity=_fp8(weights=None), bf16=True),
     "bf16-2:4": dict(sparsity=SparsityConfig(weights="2:4"), bf16=True),
-    "fp8-2:4-prune-then-quantize": dict(sparsity=_fp8(), bf16=True),
-    "fp8-2:4-quantize-then-prune": dict(sparsity=_fp8(order="quantize-then-prune"), bf16=True),
+    **{f"fp8-2:4-{order}": dict(sparsity=_fp8(order=order), bf16=True) for order in Fp8Order},
 }
 ALL_RECIPES = {**RECIPES, **QUALITY_RECIPES, **FP8_RECIPES}
 

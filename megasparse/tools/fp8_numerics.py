@@ -8,7 +8,7 @@ For every 2-D weight that megasparse could sparsify (not embeddings or the outpu
   kept             sum|W*M| / sum|W|                     share of magnitude the 2:4 mask keeps
   <order>_err      ||Q_s(W) - W*M|| / ||W*M||           FP8 error of the sparse weight
   <order>_total    ||Q_s(W) - W|| / ||W||               pruning and FP8 together
-for both orders ("prune-then-quantize", "quantize-then-prune"); Q is e4m3 with per-tensor scaling.
+for both orders (megasparse.config.Fp8Order); Q is e4m3 with per-tensor scaling.
 A checkpoint is a torch state_dict file (or Megatron's {"model": state_dict}).
 """
 
@@ -17,8 +17,10 @@ import json
 
 import torch
 
-from megasparse.fp8.study import ORDERS, quantize, scale_for, sparse_fp8_weight
+from megasparse.config import Fp8Order
 from megasparse.core.linear_op import weight_mask
+from megasparse.fp8.scaling import amax_of, quantize_with, scale_from_amax
+from megasparse.fp8.study import sparse_fp8_weight
 
 SKIP = ("embedding", "output_layer", "layernorm", "norm")
 
@@ -45,17 +47,18 @@ def _weights(model_or_state_dict):
 def layer_report(weight: torch.Tensor, mask_kind: str = "1d") -> dict:
     w = weight.detach().float()
     norm = w.double().norm()
-    dense_scale = scale_for(w.abs().max())
+    dense_scale = scale_from_amax(amax_of(w))
     row = {
         "shape": list(w.shape),
         "fp8_err": float(
-            (quantize(w, dense_scale).double() / dense_scale.double() - w.double()).norm() / norm
+            (quantize_with(w, dense_scale).double() / dense_scale.double() - w.double()).norm()
+            / norm
         ),
         "kept": float(
             (w.abs() * weight_mask(w, mask_kind)).double().sum() / w.abs().double().sum()
         ),
     }
-    for order in ORDERS:
+    for order in Fp8Order:
         w_q, scale, mask = sparse_fp8_weight(w, None, mask_kind, order)
         deq = w_q.double() / scale.double()
         pruned = w.double() * mask
@@ -75,15 +78,15 @@ def report(model_or_state_dict, mask_kind: str = "1d") -> dict:
 
 
 def format_table(rows: dict) -> str:
-    short = {"prune-then-quantize": "P>Q", "quantize-then-prune": "Q>P"}
+    short = {Fp8Order.PRUNE_THEN_QUANTIZE: "P>Q", Fp8Order.QUANTIZE_THEN_PRUNE: "Q>P"}
     header = f"{'layer':<48} {'fp8 err':>8} {'kept':>6}" + "".join(
-        f" {short[o] + ' err':>8} {short[o] + ' total':>9}" for o in ORDERS
+        f" {short[o] + ' err':>8} {short[o] + ' total':>9}" for o in Fp8Order
     )
     lines = [header, "-" * len(header)]
     for name, r in rows.items():
         lines.append(
             f"{name[-48:]:<48} {r['fp8_err']:>8.4f} {r['kept']:>6.3f}"
-            + "".join(f" {r[o + '_err']:>8.4f} {r[o + '_total']:>9.4f}" for o in ORDERS)
+            + "".join(f" {r[f'{o}_err']:>8.4f} {r[f'{o}_total']:>9.4f}" for o in Fp8Order)
         )
     lines.append(
         "P>Q: prune then quantize, Q>P: quantize then prune; err vs the pruned weight, total vs the dense one"

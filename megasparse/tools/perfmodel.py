@@ -20,8 +20,6 @@ import torch.nn.functional as F
 
 from megasparse.core import activation_sparsity
 
-from megasparse.fp8 import study as fp8
-
 from megasparse.fp8 import gemm as fp8_gemm
 
 from megasparse.fp8 import linear as fp8_linear
@@ -174,7 +172,6 @@ def _standins():
         mock.patch.object(activation_sparsity, "_kernel", _act_kernel),
         mock.patch.object(activation_sparsity, "_backward_kernel", _act_backward_kernel),
         mock.patch.object(fp8_recipe, "_CAST_KERNEL", (_cast_kernel, _cast_kernel)),
-        mock.patch.object(fp8, "_fp8_cusparselt_ok", lambda device: True),
     ):
         yield
 
@@ -182,11 +179,11 @@ def _standins():
 # --- FP8 dense baseline (Transformer Engine's recipe: all three GEMMs in FP8) -----------------
 
 
-def _fp8_cast(t, dtype=fp8.E4M3):
+def _fp8_cast(t, dtype=fp8_recipe.E4M3):
     """TE's fused cast + transpose + amax: one read of t, the FP8 copy and its transpose written."""
     with torch.no_grad():  # a cast of the operand, not a differentiable op
         q, q_t, amax = torch.ops.megasparse_perf.fp8_cast_transpose(t, dtype)
-    return q, q_t, fp8.scale_for(amax)
+    return q, q_t, fp8_recipe.scale_from_amax(amax)
 
 
 class _Fp8DenseLinear(torch.autograd.Function):

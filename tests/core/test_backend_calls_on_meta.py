@@ -9,7 +9,7 @@ import torch
 
 from megasparse.tools.perf import fake_ops
 
-from megasparse.fp8 import study as fp8
+from megasparse.fp8 import gemm as fp8_gemm
 from megasparse.core.backends import BACKENDS
 from megasparse.tools.perf.fake_ops import fake_gpu_ops
 from megasparse.tools.perf.recorder import OpRecorder
@@ -153,12 +153,14 @@ def test_cusparselt_sparse_grad_output_of_a_2_4_activation(tp):
 
 
 @pytest.mark.parametrize("tp", [1, 8])
-def test_fp8_sparse_gemm(tp, monkeypatch):
-    monkeypatch.setattr(fp8, "_fp8_cusparselt_ok", lambda device: True)  # sm90 stands in for meta
+def test_fp8_sparse_gemm(tp):
     x_q, w_q = meta(TOKENS, HIDDEN, dtype=E4M3), meta(FFN // tp, HIDDEN, dtype=E4M3)
-    scale = torch.ones((), device="meta")
+    scale_inv = torch.ones((), device="meta")
     with fake_gpu_ops(), OpRecorder() as rec:
-        y = fp8.fp8_gemm(x_q, scale, w_q, scale, sparse=True)
+        packed = fp8_gemm.compress(w_q)
+        y = fp8_gemm.sparse_fp8_mm(
+            x_q, scale_inv, packed, FFN // tp, scale_inv, use_cusparselt=True
+        )
     assert (y.shape, y.dtype) == ((TOKENS, FFN // tp), BF16)
     compress, mm = cslt_calls(rec)
     assert (
@@ -175,17 +177,14 @@ def test_fp8_sparse_gemm_has_no_host_sync(monkeypatch, alpha_mode):
     """By default no alpha at all (the scale is applied by the output's epilogue pass): e4m3 with
     a column-major B and bf16 out, the combination PyTorch runs; the vector alpha (one float per
     weight row) is an option. Neither reads a one-element alpha with .item()."""
-    monkeypatch.setattr(fp8, "_fp8_cusparselt_ok", lambda device: True)
     if alpha_mode != "output":
         monkeypatch.setenv("MEGASPARSE_FP8_ALPHA", alpha_mode)
     before = fake_ops.alpha_item_calls
+    scale_inv = torch.ones((), device="meta")
     with fake_gpu_ops():
-        y = fp8.fp8_gemm(
-            meta(40, 128, dtype=E4M3),
-            torch.ones((), device="meta"),
-            meta(64, 128, dtype=E4M3),
-            torch.ones((), device="meta"),
-            sparse=True,
+        packed = fp8_gemm.compress(meta(64, 128, dtype=E4M3))
+        y = fp8_gemm.sparse_fp8_mm(
+            meta(40, 128, dtype=E4M3), scale_inv, packed, 64, scale_inv, use_cusparselt=True
         )
     assert (y.shape, y.dtype) == ((40, 64), BF16) and y.is_contiguous()
     call = fake_ops.sparse_mm_calls[-1]

@@ -5,17 +5,27 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megasparse.fp8.study import (
-    E4M3_MAX,
-    AmaxTracker,
-    Fp8Scaling,
-    Fp8SparseLinear,
-    fp8_gemm,
-    quantize,
-    scale_for,
-    sparse_fp8_weight,
-)
+from megasparse.config import Fp8Order, SparsityConfig
+from megasparse.core.backends import BACKENDS
 from megasparse.core.linear_op import weight_mask
+from megasparse.core.weight_state import SparseWeightState
+from megasparse.fp8 import gemm as gemm_ops
+from megasparse.fp8 import linear as fp8_linear
+from megasparse.fp8.scaling import (
+    E4M3,
+    E5M2,
+    FP8_MAX,
+    CurrentScaler,
+    DelayedScaler,
+    Fp8Recipe,
+    TeQuantizerScaler,
+    quantize_with,
+    scale_from_amax,
+)
+from megasparse.fp8.study import Fp8NumericsStudy, sparse_fp8_weight
+from fp8_reference import q64
+
+E4M3_MAX = FP8_MAX[E4M3]
 
 
 def _w(shape=(64, 128), seed=0):
@@ -23,13 +33,13 @@ def _w(shape=(64, 128), seed=0):
 
 
 def test_scale_and_saturating_quantize():
-    assert scale_for(torch.tensor(0.0)).item() == 1.0
-    assert scale_for(torch.tensor(2.0), margin=1).item() == E4M3_MAX / 2 / 2
-    q = quantize(torch.tensor([1e6, -1e6, 0.5]), torch.tensor(1.0))
+    assert scale_from_amax(torch.tensor(0.0)).item() == 1.0
+    assert scale_from_amax(torch.tensor(2.0), margin=1).item() == E4M3_MAX / 2 / 2
+    q = quantize_with(torch.tensor([1e6, -1e6, 0.5]), torch.tensor(1.0))
     assert q.float().tolist() == [E4M3_MAX, -E4M3_MAX, 0.5]
 
 
-@pytest.mark.parametrize("order", ["prune-then-quantize", "quantize-then-prune"])
+@pytest.mark.parametrize("order", list(Fp8Order))
 @pytest.mark.parametrize("mask_kind", ["1d", "transposable"])
 def test_fp8_weight_is_2_4_and_close_to_the_masked_weight(order, mask_kind):
     w = _w()
@@ -61,19 +71,19 @@ def test_orders_differ_where_quantization_creates_ties():
 
 def test_gemm_emulation_is_the_scaled_fp32_product():
     x, w = _w((48, 128), 1), _w((64, 128), 2)
-    sx, sw = scale_for(x.abs().max()), scale_for(w.abs().max())
-    x_q, w_q = quantize(x, sx), quantize(w * weight_mask(w), sw)
-    y = fp8_gemm(x_q, sx, w_q, sw)
+    sx, sw = scale_from_amax(x.abs().max()), scale_from_amax(w.abs().max())
+    x_q, w_q = quantize_with(x, sx), quantize_with(w * weight_mask(w), sw)
+    y = gemm_ops.dense_fp8_mm(x_q, sx.reciprocal(), w_q, sw.reciprocal())
     assert y.dtype == torch.bfloat16
     ref = (x_q.double() / sx.double()) @ (w_q.double() / sw.double()).t()
     torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)  # bf16 output rounding
 
 
-@pytest.mark.parametrize("order", ["prune-then-quantize", "quantize-then-prune"])
-def test_fp8_sparse_linear_against_float64_reference(order):
+@pytest.mark.parametrize("order", list(Fp8Order))
+def test_numerics_study_against_float64_reference(order):
     x = _w((4, 12, 128), 3).requires_grad_(True)
     w = _w((64, 128), 4).requires_grad_(True)
-    layer = Fp8SparseLinear(mask_kind="1d", order=order)
+    layer = Fp8NumericsStudy(mask_kind="1d", order=order)
     y = layer(x, w)
     mask = (
         weight_mask(w)
@@ -95,42 +105,69 @@ def test_fp8_sparse_linear_against_float64_reference(order):
     assert ((x.grad.double() - dx_ref).norm() / dx_ref.norm()) < 0.05
 
 
+def _delayed(history_len, algo):
+    return Fp8Recipe(amax_history_len=history_len, amax_compute_algo=algo, delayed=True)
+
+
+@pytest.mark.parametrize("order", list(Fp8Order))
+def test_numerics_study_runs_the_training_op(order):
+    """The study's forward is the FP8 training op's, bit for bit (the same e4m3 operands and GEMM
+    under current scaling), through the one autograd Function of megasparse.fp8.linear."""
+    w, x = _w((64, 128), 14).requires_grad_(True), _w((21, 128), 15)
+    y = Fp8NumericsStudy(order=order)(x, w)
+    cfg = SparsityConfig(fp8="hybrid", fp8_order=order)
+    step = SparseWeightState().step(w, cfg, BACKENDS["dense"])
+    plan = fp8_linear.default_plan(order=order)
+    assert torch.equal(y, fp8_linear.fp8_sparse_linear_step(x, w, None, step, plan))
+    assert type(y.grad_fn).__name__ == "_Fp8SparseLinearBackward"
+
+
 def test_delayed_scaling_uses_past_amaxes():
-    tracker = AmaxTracker(Fp8Scaling(amax_history_len=3, amax_compute_algo="max"))
-    s1 = tracker.scale(torch.tensor([2.0]))  # first step: its own amax
-    s2 = tracker.scale(torch.tensor([8.0]))  # uses history max (2), not 8
-    s3 = tracker.scale(torch.tensor([1.0]))  # history max (8)
+    scaler = _delayed(3, "max").own_scaler(E4M3)
+    s1 = scaler.scale(torch.tensor([2.0]))  # first step: its own amax
+    s2 = scaler.scale(torch.tensor([8.0]))  # uses history max (2), not 8
+    s3 = scaler.scale(torch.tensor([1.0]))  # history max (8)
     assert [s.item() for s in (s1, s2, s3)] == [E4M3_MAX / 2, E4M3_MAX / 2, E4M3_MAX / 8]
-    recent = AmaxTracker(Fp8Scaling(amax_history_len=4, amax_compute_algo="most_recent"))
+    recent = _delayed(4, "most_recent").own_scaler(E4M3)
     recent.scale(torch.tensor([8.0]))
     recent.scale(torch.tensor([4.0]))
     assert recent.scale(torch.tensor([1.0])).item() == E4M3_MAX / 4
+    # `scale` and `quantize` keep one history: the scale quantize uses next is the same
+    twin = _delayed(3, "max").own_scaler(E4M3)
+    for a in (2.0, 8.0):
+        twin(torch.tensor([a]))
+    assert twin.scale(torch.tensor([1.0])).item() == s3.item()
 
 
-def test_scaling_from_a_te_like_recipe():
-    delayed = Fp8Scaling.from_recipe(
-        SimpleNamespace(margin=1, amax_history_len=16, amax_compute_algo="most_recent")
-    )
-    assert (delayed.margin, delayed.amax_history_len, delayed.amax_compute_algo) == (
-        1,
-        16,
-        "most_recent",
-    )
-    current = Fp8Scaling.from_recipe(SimpleNamespace(fp8_format="HYBRID"))
-    assert current.amax_history_len == 1
+def test_numerics_study_scaling_from_a_te_like_recipe():
+    DelayedScaling = type("DelayedScaling", (), {})
+    te_delayed = DelayedScaling()
+    te_delayed.margin, te_delayed.amax_history_len = 1, 16
+    te_delayed.amax_compute_algo = "most_recent"
+    study = Fp8NumericsStudy(Fp8Recipe.from_te(te_delayed))
+    for scaler in (study.x_scaler, study.w_scaler):  # one history per operand
+        assert isinstance(scaler, DelayedScaler)
+        assert (scaler.margin, scaler.history_len, scaler.algo) == (1, 16, "most_recent")
+    assert study.x_scaler is not study.w_scaler
+    current = Fp8NumericsStudy(Fp8Recipe.from_te(type("Float8CurrentScaling", (), {})()))
+    assert isinstance(current.w_scaler, CurrentScaler)
+    assert isinstance(Fp8NumericsStudy().x_scaler, CurrentScaler)  # default: current scaling
     with pytest.raises(ValueError, match="FP8 order"):
-        Fp8SparseLinear(order="both")
+        Fp8NumericsStudy(order="both")
 
 
 @pytest.mark.gpu
 def test_cusparselt_fp8_matches_emulation():
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("FP8 needs sm89+")
+    if gemm_ops.fp8_cusparselt_reason(torch.device("cuda")) is not None:
+        pytest.skip(gemm_ops.fp8_cusparselt_reason(torch.device("cuda")))
     x, w = _w((256, 512), 5).cuda(), _w((256, 512), 6).cuda()
-    sx, sw = scale_for(x.abs().max()), scale_for(w.abs().max())
-    x_q, w_q = quantize(x, sx), quantize(w * weight_mask(w), sw)
-    sparse = fp8_gemm(x_q, sx, w_q, sw, sparse=True)
-    dense = fp8_gemm(x_q, sx, w_q, sw, sparse=False)
+    sx, sw = scale_from_amax(x.abs().max()), scale_from_amax(w.abs().max())
+    x_q, w_q = quantize_with(x, sx), quantize_with(w * weight_mask(w), sw)
+    x_si, w_si = sx.reciprocal(), sw.reciprocal()
+    sparse = gemm_ops.sparse_fp8_mm(
+        x_q, x_si, gemm_ops.compress(w_q), 256, w_si, use_cusparselt=True
+    )
+    dense = gemm_ops.dense_fp8_mm(x_q, x_si, w_q, w_si)
     torch.testing.assert_close(sparse.float(), dense.float(), rtol=1e-2, atol=1e-1)
 
 
@@ -170,23 +207,7 @@ def test_numerics_tool_on_a_checkpoint(tmp_path, capsys):
     assert json.loads(out.read_text()).keys() == rows.keys()
 
 
-# --- the FP8 2:4 training path (megasparse.fp8.gemm, fp8_recipe, fp8_linear) ----------------------
-
-from megasparse.fp8 import gemm as gemm_ops  # noqa: E402
-from megasparse.fp8 import linear as fp8_linear  # noqa: E402
-from megasparse.core.backends import BACKENDS  # noqa: E402
-from megasparse.config import SparsityConfig  # noqa: E402
-from megasparse.fp8.scaling import (  # noqa: E402
-    CurrentScaler,
-    DelayedScaler,
-    Fp8Recipe,
-    TeQuantizerScaler,
-    quantize_with,
-    scale_from_amax,
-)
-from megasparse.core.weight_state import SparseWeightState  # noqa: E402
-
-E5M2 = torch.float8_e5m2
+# --- the FP8 2:4 training path (megasparse.fp8.gemm, scaling, linear) ----------------------------
 
 
 @pytest.mark.parametrize(
@@ -407,10 +428,6 @@ def test_fp8_linear_against_float64_of_quantized_operands(mask_kind, grad_dtype)
     y = fp8_linear.fp8_sparse_linear_step(x, w, None, step, plan)
     y.backward(dy)
 
-    def q64(t, dtype=torch.float8_e4m3fn):
-        s = scale_from_amax(t.abs().amax(), dtype)
-        return quantize_with(t, s, dtype).double() / s.double()
-
     wm = w.detach() * step.mask()
     x2, dy2 = x.detach().reshape(-1, 128), dy.reshape(-1, 64).float()
     y_ref = q64(x2) @ q64(wm).t()
@@ -450,10 +467,6 @@ def test_fp8_linear_on_cusparselt_against_float64_of_quantized_operands(mask_kin
     assert len(calls) == (2 if mask_kind == "transposable" else 1)
     assert all(c["alpha"] is None and c["out_dtype"] == torch.bfloat16 for c in calls)
     assert fake_ops.alpha_item_calls == syncs
-
-    def q64(t, dtype=torch.float8_e4m3fn):
-        s = scale_from_amax(t.abs().amax(), dtype)
-        return quantize_with(t, s, dtype).double() / s.double()
 
     wm = w.detach() * step.mask()
     x2, dy2 = x.detach().reshape(-1, 128), dy.reshape(-1, 64).float()
@@ -519,7 +532,7 @@ def test_cusparselt_fp8_linear_matches_emulation(monkeypatch, alpha):
     torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=2**-6, atol=1e-3)
 
 
-@pytest.mark.parametrize("order", ["prune-then-quantize", "quantize-then-prune"])
+@pytest.mark.parametrize("order", list(Fp8Order))
 def test_numerics_tool_reports_the_training_paths_weight_error(order):
     """fp8_numerics' error of each order is the error of the e4m3 weight fp8_linear trains with."""
     from megasparse.tools.fp8_numerics import layer_report

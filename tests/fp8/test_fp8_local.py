@@ -4,18 +4,13 @@ import pytest
 import torch
 
 from megasparse import SparsityConfig
-from megasparse.fp8.scaling import quantize_with, scale_from_amax
+from megasparse.config import Fp8Order
+from megasparse.fp8.scaling import E4M3, E5M2
 from megasparse.core.masks import weight_mask
+from fp8_reference import q64
 from megatron_helpers import make_column, make_config, make_row
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-
-
-def q64(t, dtype=E4M3, amax_of=None):
-    """t quantized to `dtype` with the per-tensor scale of amax(amax_of or t), dequantized, float64."""
-    s = scale_from_amax((t if amax_of is None else amax_of).detach().abs().amax(), dtype)
-    return quantize_with(t.detach(), s, dtype).double() / s.double()
 
 
 def _x(tokens=(5, 3), width=64, seed=3):
@@ -24,13 +19,13 @@ def _x(tokens=(5, 3), width=64, seed=3):
 
 
 @pytest.mark.parametrize("make", [make_column, make_row], ids=["column", "row"])
-@pytest.mark.parametrize("order", ["prune-then-quantize", "quantize-then-prune"])
+@pytest.mark.parametrize("order", list(Fp8Order))
 @pytest.mark.parametrize("mask", ["1d", "transposable"])
 def test_local_fp8_layer_against_float64_of_quantized_operands(make, order, mask):
     sparsity = SparsityConfig(mask=mask, fp8="hybrid", fp8_order=order)
     layer = make(make_config(dtype=torch.float32), 64, 32, sparsity)
     w = layer.weight.detach()
-    if order == "prune-then-quantize":
+    if order == Fp8Order.PRUNE_THEN_QUANTIZE:
         m = weight_mask(w, mask)
         w_used = q64(w * m)  # amax after pruning
     else:  # the mask of the e4m3 values of W, and W's amax

@@ -1,0 +1,103 @@
+"""The standalone FP8 2:4 training layer, `megasparse.Fp8SparseLinear`.
+
+y = x (M*W)^T + b with the FP8 training op (megasparse.fp8.linear) and the per-step weight state
+(megasparse.core.weight_state), as Megatron's local sparse linears run it under
+`SparsityConfig.fp8`, for a plain PyTorch model: current per-tensor scaling in the config's format
+("hybrid": e4m3 forward, e5m2 gradients; "e4m3"), FP8 2:4 GEMMs on cuSPARSELt (sm90) or emulated
+with the same math elsewhere, the mask and the FP8 weight built once per optimizer step, output in
+the input's dtype (the autocast dtype under autocast).
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+from megasparse.config import SparsityConfig
+from megasparse.core.backends import BACKENDS
+from megasparse.core.weight_state import SparseWeightState, compute_mask
+from megasparse.fp8.linear import check_shard_shape, fp8_sparse_linear_step, local_plan
+from megasparse.interface import describe, layer_stats
+
+
+class Fp8SparseLinear(torch.nn.Module):
+    """A linear layer trained in FP8 with a 2:4 weight (torch.nn.Linear's parameters and init).
+
+    sparsity: a SparsityConfig with `fp8` set (default: 2:4, "hybrid"); both weight dims must be
+    multiples of 16 (32 for cuSPARSELt's FP8 2:4 GEMM).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        sparsity: Optional[SparsityConfig] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        sparsity = sparsity if sparsity is not None else SparsityConfig(fp8="hybrid")
+        if not isinstance(sparsity, SparsityConfig) or sparsity.fp8 is None:
+            raise ValueError(
+                "megasparse: Fp8SparseLinear needs a SparsityConfig with fp8='hybrid' or 'e4m3', "
+                f"got {sparsity!r}"
+            )
+        check_shard_shape(type(self).__name__, (out_features, in_features))
+        self.sparsity = dataclasses.replace(sparsity)  # the layer's own copy, as the other layers
+        self.in_features, self.out_features = in_features, out_features
+        factory = {"device": device, "dtype": dtype}
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = torch.nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.weight_state = SparseWeightState()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn.Linear's initialisation."""
+        torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            torch.nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.weight_state.step(self.weight, self.sparsity, BACKENDS["dense"])
+        plan = local_plan(self.sparsity, self.weight, x)
+        return fp8_sparse_linear_step(x, self.weight, self.bias, step, plan)
+
+    # --- the SparseModule interface (megasparse.interface) --------------------------------
+
+    def set_sparsity_iteration(self, iteration: int) -> None:
+        self.weight_state.set_iteration(iteration)
+
+    def reset_held_mask(self) -> None:
+        self.weight_state.invalidate(drop_held_mask=True)
+
+    @torch.no_grad()
+    def sparsity_mask(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The bool mask the layer computes with now, shaped like the weight (all True when dense)."""
+        if weight is not None and weight is not self.weight:
+            if not self.sparsity.prunes_weights:
+                return torch.ones_like(weight, dtype=torch.bool)
+            return compute_mask(weight, self.sparsity)
+        return self.weight_state.current_mask(self.weight, self.sparsity)
+
+    def sparsity_stats(self) -> dict:
+        return layer_stats(self)
+
+    def train(self, mode: bool = True):
+        if mode != self.training:  # rebuilt from the current weight at the next forward
+            self.weight_state.mode_switched(mode)
+        return super().train(mode)
+
+    def get_extra_state(self):  # held masks (mask_refresh_interval > 1), S-STE's beta
+        return self.weight_state.extra_state(self.sparsity)
+
+    def set_extra_state(self, state):
+        self.weight_state.restore_extra_state(state, self.weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, sparsity={describe(self.sparsity)}"
+        )
