@@ -32,14 +32,13 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 PAD_MULTIPLE = 16  # rows of q_t are padded to this (fp8_gemm.TOKEN_MULTIPLE)
 
 # Per format: (largest finite value as float32 bits, smallest normal as float32 bits,
 # the subnormal magic number's float32 bits, mantissa shift, rounding bias) - c10's constants.
 FORMATS = {
-    E4M3: (0x43E00000, 121 << 23, 141 << 23, 20, ((7 - 127) << 23) + 0x7FFFF),
-    E5M2: (0x47600000, 113 << 23, 134 << 23, 21, ((15 - 127) << 23) + 0xFFFFF),
+    torch.float8_e4m3fn: (0x43E00000, 121 << 23, 141 << 23, 20, ((7 - 127) << 23) + 0x7FFFF),
+    torch.float8_e5m2: (0x47600000, 113 << 23, 134 << 23, 21, ((15 - 127) << 23) + 0xFFFFF),
 }
 
 # Launch: one program per BLOCK_R x BLOCK_C tile, 16 elements per thread at 8 warps: 128-bit loads
@@ -82,7 +81,7 @@ def amax_reference(t: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_cast_reference(
-    t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose=False, amax=None
+    t: torch.Tensor, scale: torch.Tensor, dtype=torch.float8_e4m3fn, transpose=False, amax=None
 ):
     """Pure-torch reference: (q, q_t) with q_t = pad_rows(q).t().contiguous(), or (q, None);
     with `amax`, amax = max(amax, max |t|) in place (NaN propagates)."""
@@ -165,7 +164,9 @@ def _launch_args(dtype):
     )
 
 
-def fp8_cast_triton(t: torch.Tensor, scale: torch.Tensor, dtype=E4M3, transpose=False, amax=None):
+def fp8_cast_triton(
+    t: torch.Tensor, scale: torch.Tensor, dtype=torch.float8_e4m3fn, transpose=False, amax=None
+):
     """Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); bitwise the reference's (q, q_t),
     and its amax update (in place, one atomic max per program, no host sync)."""
     require_triton()
@@ -208,7 +209,7 @@ def compile_specs(dtype: torch.dtype) -> list:
         "rows:i32 cols:i32/16 rows_pad:i32/16"
     )
     specs = []
-    for fp8, name in ((E4M3, "e4m3"), (E5M2, "e5m2")):
+    for fp8, name in ((torch.float8_e4m3fn, "e4m3"), (torch.float8_e5m2, "e5m2")):
         for transpose, amax in ((False, False), (True, False), (False, True), (True, True)):
             variant = ("_transpose" if transpose else "") + ("_amax" if amax else "")
             constexprs = {**_launch_args(fp8), "TRANSPOSE": transpose, "AMAX": amax}
