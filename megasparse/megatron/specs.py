@@ -195,7 +195,8 @@ class _Rewriter:
     def _experts(self, node):
         from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 
-        from megasparse.megatron.experts import SparseSequentialMLP, SparseTEGroupedMLP
+        from megasparse.megatron.experts import SparseSequentialMLP
+        from megasparse.te.experts import SparseTEGroupedMLP
 
         module, _ = self._split(node)
         mapping = {SequentialMLP: SparseSequentialMLP, TEGroupedMLP: SparseTEGroupedMLP}

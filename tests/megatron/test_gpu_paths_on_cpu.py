@@ -79,7 +79,7 @@ def test_an_expert_with_zero_tokens_skips_the_gemms(monkeypatch):
 def test_te_grouped_experts_refuse_a_single_grouped_weight():
     from megatron.core.transformer.moe.experts import TEGroupedMLP  # noqa: F401  (present in both versions)
 
-    from megasparse.megatron.experts import SparseTEGroupedMLP
+    from megasparse.te.experts import SparseTEGroupedMLP
 
     config = make_config(dtype=torch.float32, num_moe_experts=2, moe_grouped_gemm=True)
     config.moe_single_grouped_weight = True  # megatron-core 0.19 with TE >= 2.14
