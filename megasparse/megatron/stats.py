@@ -103,7 +103,7 @@ class ModelStats(dict):
             for counter in (getattr(m, "activation_counter", None) for m in self._sparse_modules)
             if counter is not None and counter.sums is not None
         ]
-        return _sum(sums) if sums else None
+        return torch.stack(sums).sum(0) if sums else None
 
 
 def stats(model) -> ModelStats:
