@@ -6,7 +6,7 @@ import torch
 
 from megasparse import SparsityConfig
 
-from megasparse.core import backends
+from megasparse.core import warn
 from megasparse.core.backends import (
     CusparseltBackend,
     CutlassBackend,
@@ -42,7 +42,7 @@ def test_cutlass_is_sm8x_only_and_auto_falls_back_instead_of_crashing(fake_gpu):
     fake_gpu["value"] = (8, 0)
     assert CutlassBackend().device_reason(cuda) is None
     fake_gpu["value"] = (9, 0)
-    backends._warned.clear()
+    warn._warned.clear()
     with pytest.warns(
         UserWarning, match="dense masked GEMM.*cusparselt supports float16, bfloat16.*sm8x only"
     ):
