@@ -9,7 +9,7 @@ the grouped path skips.
 
 import torch
 
-from megasparse.core.activation_sparsity import is_squared_relu, sparsify, squared_relu_sparsify
+from megasparse.core.activation_sparsity import activate_sparse
 from megasparse.core.linear_op import masked_weight
 
 
@@ -149,17 +149,11 @@ def sparse_activation(plain_activation, fc2_sparsity):
     def run(h, tokens_per_expert, stats):
         if not fc2_sparsity.sparsifies_activations:
             return plain_activation(h)
-        pattern = fc2_sparsity.activation_pattern
-        squared = fc2_sparsity.activation_function == "squared_relu" or is_squared_relu(
-            plain_activation
-        )
 
         def one(chunk):
-            if squared:
-                return squared_relu_sparsify(chunk, pattern, stats)[0]
-            return sparsify(plain_activation(chunk), pattern, stats)[0]
+            return activate_sparse(plain_activation, chunk, fc2_sparsity, stats)
 
-        if pattern[1] == 4:  # 2:4 is per token: all experts in one pass
+        if fc2_sparsity.activation_pattern[1] == 4:  # 2:4 is per token: all experts in one pass
             return one(h)
         # V:N:M blocks of V tokens must not mix experts
         return torch.cat([one(chunk) for chunk in torch.split(h, tokens_per_expert.tolist())])
