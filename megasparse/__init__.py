@@ -18,7 +18,7 @@ _LAZY = {
     "SparseSequentialMLP": "megasparse.megatron.experts",
     "SparseGroupedMLP": "megasparse.megatron.experts",
     "SparseTEGroupedMLP": "megasparse.te.experts",
-    "sparsify_spec": "megasparse.megatron.specs",
+    "sparsify_spec": "megasparse.specs",
     "SparsitySchedule": "megasparse.megatron.schedule",
     "add_args": "megasparse.megatron.args",
     "Fp8SparseLinear": "megasparse.fp8.study",

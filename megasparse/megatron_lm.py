@@ -10,7 +10,7 @@ megatron.training is imported only when these run inside Megatron-LM.
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megasparse.megatron.args import add_args, config_from_args, schedule_from_args
-from megasparse.megatron.specs import require_transformer_engine, sparsify_spec
+from megasparse.specs import require_transformer_engine, sparsify_spec
 
 _schedules = {}
 
