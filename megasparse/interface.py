@@ -47,7 +47,5 @@ def weights_changed(model) -> None:
     models = model if isinstance(model, (list, tuple)) else [model]
     for chunk in models:
         for module in chunk.modules():
-            state = getattr(module, "weight_state", None)
-            states = getattr(module, "weight_states", None) or ([state] if state else [])
-            for weight_state in states:
+            for _, weight_state in getattr(module, "sparse_weights", list)():
                 weight_state.invalidate()
