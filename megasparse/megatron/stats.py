@@ -1,9 +1,11 @@
 """Sparsity statistics: each module's numbers (`module_stats`) and the model's (`stats`, public as megasparse.stats).
 
 Everything stays a device tensor: nothing here syncs with the host; the caller reads the numbers
-when it logs (one `torch.stack(...).tolist()` for all of them).
+when it logs (one `torch.stack(...).tolist()` for all of them). `stats(model)` itself only finds
+the modules: each one's numbers are computed when they are read.
 """
 
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -59,8 +61,8 @@ def _flip_rate(pairs):
 
 
 def _step_flip_rate(state) -> Optional[torch.Tensor]:
-    """The flip rate of this step's mask: computed now (the last flip rate), held (0), or None
-    before the first mask."""
+    """The flip rate of this step's mask: computed now (the last flip rate), held or the first
+    mask (0), or None before any mask."""
     if state.flip_rate is not None and state.flip_step == state.steps:
         return state.flip_rate
     if state.flip_prev_bits is not None:
@@ -68,14 +70,26 @@ def _step_flip_rate(state) -> Optional[torch.Tensor]:
     return None
 
 
-class ModelStats(dict):
+class ModelStats(Mapping):
     """{module name: its `sparsity_stats()`} for every module of the model that prunes weights
-    (SparsityConfig.weights set), on this rank. Values are device tensors (read them to sync)."""
+    (SparsityConfig.weights set), on this rank. Each entry is computed when first read; values are
+    device tensors (reading them syncs)."""
 
-    def __init__(self, entries: dict, weight_modules: list, sparse_modules: list):
-        super().__init__(entries)
+    def __init__(self, weight_modules: dict, sparse_modules: list):
         self._weight_modules = weight_modules
         self._sparse_modules = sparse_modules
+        self._entries = {}
+
+    def __getitem__(self, name: str) -> dict:
+        if name not in self._entries:
+            self._entries[name] = self._weight_modules[name].sparsity_stats()
+        return self._entries[name]
+
+    def __iter__(self):
+        return iter(self._weight_modules)
+
+    def __len__(self) -> int:
+        return len(self._weight_modules)
 
     def mean(self, key: str) -> Optional[torch.Tensor]:
         """The mean of `key` ("kept_weight_l1", "flip_rate") over the modules that have it, or None."""
@@ -86,9 +100,9 @@ class ModelStats(dict):
 
     def step_flip_rate(self) -> Optional[torch.Tensor]:
         """Mean flip rate of this step's masks over the weights pruned now with track_flip_rate
-        (0 for a held mask), or None when no weight has two masks yet or none is pruned now."""
+        (0 for a held mask and for a first mask), or None when none is pruned now."""
         rates = []
-        for module in self._weight_modules:
+        for module in self._weight_modules.values():
             if module.sparsity.prunes_weights and module.sparsity.track_flip_rate:
                 rates += [_step_flip_rate(state) for _, state in module.sparse_weights()]
         rates = [rate for rate in rates if rate is not None]
@@ -113,16 +127,13 @@ def stats(model) -> ModelStats:
     from megasparse.interface import is_sparse_module
 
     models = model if isinstance(model, (list, tuple)) else [model]
-    entries, weight_modules, sparse = {}, [], []
+    weight_modules, sparse = {}, []
     for chunk_index, chunk in enumerate(models):
         for name, module in chunk.named_modules():
             if not is_sparse_module(module):
                 continue
             sparse.append(module)
             owns = any(w is not None for w, _ in getattr(module, "sparse_weights", list)())
-            if not owns or module.sparsity.weights is None:
-                continue
-            prefix = f"{chunk_index}.{name}" if len(models) > 1 else name
-            entries[prefix] = module.sparsity_stats()
-            weight_modules.append(module)
-    return ModelStats(entries, weight_modules, sparse)
+            if owns and module.sparsity.weights is not None:
+                weight_modules[f"{chunk_index}.{name}" if len(models) > 1 else name] = module
+    return ModelStats(weight_modules, sparse)

@@ -164,12 +164,6 @@ def phase_label(sparsity, phase: str) -> str:
     return "dense" if dense else phase
 
 
-def _flip_rate(model):
-    """Mean flip rate of the sparse layers at this step (a tensor: no host sync), 0 for a held mask,
-    None when no layer has two masks yet or none prunes now."""
-    return megasparse.stats(model).step_flip_rate()
-
-
 def _prune_now(model, method, args, data, device):
     """One-shot 2:4 pruning of the (still dense) model's target linears (megasparse.tools.prune)."""
     from megasparse.tools.prune import prune_model
@@ -238,8 +232,8 @@ def train_recipe(name, args, data, device):
         )
         start = time.perf_counter()
         loss = gpt_loss(model, tokens, labels)
-        # this step's mask against the last one
-        flips.append(_flip_rate(model) if sparsity is not None else None)
+        # this step's masks against the last ones (0 for held masks; read when the curve is)
+        flips.append(megasparse.stats(model).step_flip_rate() if sparsity is not None else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
