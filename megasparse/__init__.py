@@ -17,12 +17,13 @@ _LAZY = {
     "SparseMLP": "megasparse.megatron.mlp",
     "SparseSequentialMLP": "megasparse.megatron.experts",
     "SparseGroupedMLP": "megasparse.megatron.experts",
-    "SparseTEGroupedMLP": "megasparse.megatron.experts",
-    "sparsify_spec": "megasparse.megatron.specs",
+    "SparseTEGroupedMLP": "megasparse.te.experts",
+    "sparsify_spec": "megasparse.specs",
     "SparsitySchedule": "megasparse.megatron.schedule",
     "add_args": "megasparse.megatron.args",
     "Fp8SparseLinear": "megasparse.fp8.layer",
     "weights_changed": "megasparse.interface",
+    "stats": "megasparse.megatron.stats",
 }
 
 __all__ = ["SparsityConfig", *_LAZY]

@@ -10,7 +10,7 @@ megatron.training is imported only when these run inside Megatron-LM.
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megasparse.megatron.args import add_args, config_from_args, schedule_from_args
-from megasparse.megatron.specs import require_transformer_engine, sparsify_spec
+from megasparse.specs import require_transformer_engine, sparsify_spec
 
 _schedules = {}
 
@@ -77,24 +77,15 @@ def sparsity_scalars(model) -> dict:
     """
     import torch
 
-    from megasparse.megatron.schedule import sparse_modules
+    from megasparse.megatron.stats import stats
 
     names, values = [], []
-    models = model if isinstance(model, (list, tuple)) else [model]
-    sparse = {id(m) for m in sparse_modules(models)}
-    for chunk_index, chunk in enumerate(models):
-        for name, module in chunk.named_modules():
-            if id(module) not in sparse or getattr(module, "weight_state", None) is None:
-                continue
-            if getattr(module, "weight", None) is None or module.sparsity.weights is None:
-                continue
-            stats = module.sparsity_stats()
-            prefix = f"{chunk_index}.{name}" if len(models) > 1 else name
-            names.append(f"kept_weight_l1/{prefix}")
-            values.append(stats["kept_weight_l1"].float().reshape(()))
-            if stats.get("flip_rate") is not None:
-                names.append(f"flip_rate/{prefix}")
-                values.append(stats["flip_rate"].float().reshape(()))
+    for name, entry in stats(model).items():
+        names.append(f"kept_weight_l1/{name}")
+        values.append(entry["kept_weight_l1"].float().reshape(()))
+        if entry.get("flip_rate") is not None:
+            names.append(f"flip_rate/{name}")
+            values.append(entry["flip_rate"].float().reshape(()))
     if not values:
         return {}
     result = dict(zip(names, torch.stack([v.to(values[0].device) for v in values]).tolist()))

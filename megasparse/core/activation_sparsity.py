@@ -121,6 +121,15 @@ def is_squared_relu(fn) -> bool:
     return fn is squared_relu
 
 
+def activate_sparse(activation, x, sparsity, stats: ActivationStats):
+    """activation(x) sparsified to `sparsity.activation_pattern`: Squared-ReLU fused with the
+    sparsifier in one pass, any other activation computed first."""
+    pattern = sparsity.activation_pattern
+    if sparsity.activation_function == "squared_relu" or is_squared_relu(activation):
+        return squared_relu_sparsify(x, pattern, stats)[0]
+    return sparsify(activation(x), pattern, stats)[0]
+
+
 class FFNActivationSparsifier:
     """The activation function `SparseMLP` installs: activation + sparsify with fc2's current config."""
 
@@ -132,7 +141,4 @@ class FFNActivationSparsifier:
         sparsity = self.fc2.sparsity
         if not sparsity.sparsifies_activations:
             return self.activation(x)
-        pattern = sparsity.activation_pattern
-        if sparsity.activation_function == "squared_relu" or is_squared_relu(self.activation):
-            return squared_relu_sparsify(x, pattern, self.fc2.activation_counter)[0]
-        return sparsify(self.activation(x), pattern, self.fc2.activation_counter)[0]
+        return activate_sparse(self.activation, x, sparsity, self.fc2.activation_counter)

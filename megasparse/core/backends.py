@@ -12,13 +12,13 @@ backends go through PyTorch's semi-structured sparse tensors (cuSPARSELt, CUTLAS
 constraints we read from PyTorch itself.
 """
 
-import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from megasparse.core.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT
+from megasparse.core.warn import warn_once
 
 
 class DenseBackend:
@@ -162,13 +162,7 @@ class CutlassBackend(_SemiStructuredBackend):
 BACKENDS = {b.name: b for b in (DenseBackend(), CusparseltBackend(), CutlassBackend())}
 AUTO_ORDER = ("cusparselt", "cutlass")
 
-_warned = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+_warn_once = warn_once  # the name megasparse.core.weight_state imports
 
 
 def check_backend_static(name: str, shape, dtype, transposable: bool) -> None:
@@ -202,7 +196,7 @@ def resolve_backend(name: str, weight: torch.Tensor, transposable: bool):
             f"megasparse: backend={name!r} cannot run here: {reasons[0]}. "
             "Use backend='auto' to fall back to the dense masked GEMM."
         )
-    _warn_once(
+    warn_once(
         "megasparse: backend='auto' uses the dense masked GEMM (exact, no speed-up) because "
         + "; ".join(reasons)
     )

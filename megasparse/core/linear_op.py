@@ -293,25 +293,3 @@ def masked_weight(steps, gradient="ste", srste_decay=0.0, stacked=None):
     else:
         masked = stacked if stacked is not None else torch.stack([s.dense() for s in steps])
     return _MaskedWeights.apply(masked, steps, gradient, srste_decay, *[s.weight for s in steps])
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient (_grouped_mm's backward needs one)."""
-
-    @staticmethod
-    def forward(ctx, y):
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
-
-
-def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [tokens, in] sorted by group, weights [groups, out, in], offsets int32 cumulative row ends.
-
-    One grouped GEMM (torch._grouped_mm) with PyTorch's own autograd for the input and weight gradients.
-    """
-    return _ContiguousGrad.apply(
-        torch._grouped_mm(x.contiguous(), weights.transpose(1, 2), offs=offsets)
-    )

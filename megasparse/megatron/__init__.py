@@ -1,1 +1,1 @@
-"""megasparse.megatron: drop-in Megatron-core layers, MLPs, experts, layer specs, the sparsity schedule and flags."""
+"""megasparse.megatron: Megatron layers, MLPs, experts (+ grouped GEMMs), the module mixin, stats, schedule, flags."""

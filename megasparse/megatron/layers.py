@@ -7,7 +7,6 @@ Megatron's mappings (sequence-parallel all-gather / reduce-scatter, dgrad all-re
 """
 
 import contextlib
-import dataclasses
 import inspect
 import weakref
 from typing import Optional
@@ -22,14 +21,13 @@ from megatron.core.tensor_parallel.mappings import (
 from megasparse.core.activation_sparsity import ActivationStats, sparsify
 from megasparse.core.backends import BACKENDS, check_backend_static, resolve_backend
 from megasparse.config import SparsityConfig
-from megasparse.interface import describe, layer_stats
+from megasparse.megatron.sparse_module import SparseModuleMixin
 from megasparse.fp8 import linear as fp8_linear
 from megasparse.core import speed_gate
 from megasparse.core.linear_op import LinearPlan, sparse_linear_step
 from megasparse.core.sparse_operand import is_2_4, sparse_pattern
 from megasparse.core.weight_state import (
     SparseWeightState,
-    compute_mask,
     parse_refreshed_at,
     refuse_graph_capture,
 )
@@ -66,15 +64,11 @@ def _torch_wgrad_fusion_allowed():
         mcore_layers._grad_accum_fusion_available = available
 
 
-class _SparseLinearMixin:
+class _SparseLinearMixin(SparseModuleMixin):
     """What the column and row layers share: shape checks, the per-step weight state and the sparse GEMM."""
 
     def _setup_sparsity(self, sparsity: Optional[SparsityConfig], apex_wgrad_fusion: bool) -> None:
-        if sparsity is not None and not isinstance(sparsity, SparsityConfig):
-            raise TypeError(
-                f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}"
-            )
-        self.sparsity = dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
+        self._take_sparsity(sparsity)
         self._apex_wgrad_fusion = apex_wgrad_fusion
         if getattr(self, "gtp_remat_size", 1) > 1:
             raise NotImplementedError(
@@ -121,38 +115,9 @@ class _SparseLinearMixin:
             self.sparsity.backend, shape, dtype, self.sparsity.mask == "transposable"
         )
 
-    # --- the SparseModule interface (megasparse.interface) --------------------------------
-
-    def set_sparsity_iteration(self, iteration: int) -> None:
-        """Drive held masks by training iteration instead of by optimizer steps (used by schedules)."""
-        self.weight_state.set_iteration(iteration)
-
-    def reset_held_mask(self) -> None:
-        """Forget a held mask: the next forward prunes the current weight."""
-        self.weight_state.invalidate(drop_held_mask=True)
-
-    @torch.no_grad()
-    def sparsity_mask(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The bool mask the layer computes with now, shaped like the weight (all True when dense)."""
-        if weight is not None and weight is not self.weight:
-            if not self.sparsity.prunes_weights:
-                return torch.ones_like(weight, dtype=torch.bool)
-            return compute_mask(weight, self.sparsity)
-        return self.weight_state.current_mask(self.weight, self.sparsity)
-
-    def sparsity_stats(self) -> dict:
-        """Kept share of |W| under the current mask, and bytes the per-step state holds (this rank)."""
-        return layer_stats(self)
-
-    def train(self, mode: bool = True):
-        # a mode switch rebuilds the state at the next forward: EMA validation swaps the weights
-        # through .data around eval() / train(), which no version counter sees
-        if mode != self.training and getattr(self, "weight_state", None) is not None:
-            self.weight_state.mode_switched(mode)
-        return super().train(mode)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, sparsity={describe(self.sparsity)}"
+    def sparse_weights(self) -> list:
+        state = getattr(self, "weight_state", None)  # (none yet while constructed)
+        return [] if state is None else [(self.weight, state)]
 
     # --- held masks in checkpoints (megasparse.core.weight_state) ------------------------------
 

@@ -24,14 +24,12 @@ one GEMM per expert weight) run the forward and (transposable masks) input-gradi
 2:4 cuSPARSELt GEMMs (megasparse.te.fp8_forward, which says exactly when).
 """
 
-import dataclasses
 import functools
 
 from megasparse.core.backends import BACKENDS
-from megasparse.config import SparsityConfig
-from megasparse.interface import describe
 from megasparse.core.linear_op import masked_weight
-from megasparse.core.weight_state import SparseWeightState, compute_mask, refuse_graph_capture
+from megasparse.core.weight_state import SparseWeightState, refuse_graph_capture
+from megasparse.megatron.sparse_module import SparseModuleMixin
 
 _TE_BASES = {
     "SparseTEColumnParallelLinear": "TEColumnParallelLinear",
@@ -40,13 +38,9 @@ _TE_BASES = {
 }
 
 
-class _SparseTEMixin:
+class _SparseTEMixin(SparseModuleMixin):
     def _setup_sparse_te(self, sparsity):
-        if sparsity is not None and not isinstance(sparsity, SparsityConfig):
-            raise TypeError(
-                f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}"
-            )
-        self.sparsity = dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
+        self._take_sparsity(sparsity)
         if self.sparsity.activations is not None:
             raise ValueError(
                 "megasparse: activation sparsity is not available in TE linears; use activations=None"
@@ -117,38 +111,9 @@ class _SparseTEMixin:
         s = self.sparsity
         return [masked_weight(step, s.gradient, s.srste_decay) for step in self.weight_steps()]
 
-    # --- the SparseModule interface (megasparse.interface) --------------------------------
-
-    def sparsity_mask(self, weight=None):
-        weight = getattr(self, self._sparse_weight_names()[0]) if weight is None else weight
-        for state, name in zip(self.weight_states, self._sparse_weight_names()):
-            if getattr(self, name) is weight:
-                return state.current_mask(weight, self.sparsity)
-        if not self.sparsity.prunes_weights:
-            return weight.detach().new_ones(weight.shape, dtype=bool)
-        return compute_mask(weight, self.sparsity)
-
-    def sparsity_stats(self) -> dict:
-        held = [state.held_bytes() for state in self.weight_states]
-        return {"state_bytes": {k: sum(h.get(k, 0) for h in held) for k in set().union(*held)}}
-
-    def set_sparsity_iteration(self, iteration: int) -> None:
-        for state in self.weight_states:
-            state.set_iteration(iteration)
-
-    def reset_held_mask(self) -> None:
-        for state in self.weight_states:
-            state.invalidate(drop_held_mask=True)
-
-    def train(self, mode: bool = True):
-        # a mode switch rebuilds the state at the next forward (EMA swaps weights through .data)
-        if mode != self.training:
-            for state in getattr(self, "weight_states", ()):  # (none yet while constructed)
-                state.mode_switched(mode)
-        return super().train(mode)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, sparsity={describe(self.sparsity)}"
+    def sparse_weights(self) -> list:
+        states = getattr(self, "weight_states", None) or []  # (none yet while constructed)
+        return [(getattr(self, name), s) for name, s in zip(self._sparse_weight_names(), states)]
 
 
 _TE_FP8_CLASSES = (

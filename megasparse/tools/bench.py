@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from megasparse.core.gpu_timer import cuda_event_seconds
+
 SHAPES = [(4096, 14336), (8192, 28672)]  # (hidden, ffn)
 TOKENS = [4096, 16384, 32768]
 MICROBATCHES = 4
@@ -48,16 +50,7 @@ RECIPES = {  # bench name: (perfmodel recipe, SparsityConfig keywords or None fo
 
 
 def _time_ms(fn, warmup=3, iters=10):
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return 1e3 * cuda_event_seconds(fn, iters, warmup, synchronize_device=True)
 
 
 def _mlp(hidden, ffn, sparsity, dtype):

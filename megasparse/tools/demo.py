@@ -46,6 +46,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import megasparse
 from megasparse.config import Fp8Order, SparsityConfig
 from megasparse.tools.gpt_text import (
     add_model_args,
@@ -140,15 +141,9 @@ def sparsity_stats(model):
                 (a * weight_mask(m.weight, m.sparsity.mask)).sum()
             )  # also in a dense phase
             total += float(a.sum())
-        stats = getattr(m, "activation_counter", None)  # the fc2 layers' ActivationStats
-        if stats is not None and stats.sums is not None:
-            z, t, d, n = stats.sums.tolist()
-            zeros, act_total, act_dropped, numel = (
-                zeros + z,
-                act_total + t,
-                act_dropped + d,
-                numel + n,
-            )
+    activations = megasparse.stats(model).activation_sums()  # the fc2 layers' activations
+    if activations is not None:
+        zeros, act_total, act_dropped, numel = activations.tolist()
     device = next(model.parameters()).device  # NCCL reduces device tensors only
     t = torch.tensor(
         [kept, total, zeros, act_total, act_dropped, numel], dtype=torch.float64, device=device
@@ -166,23 +161,6 @@ def phase_label(sparsity, phase: str) -> str:
     """What the progress bar shows: the schedule's phase, or "dense" for a recipe with no sparsity."""
     dense = sparsity is None or (sparsity.weights is None and sparsity.activations is None)
     return "dense" if dense else phase
-
-
-def _flip_rate(model):
-    """Mean flip rate of the sparse layers at this step (a tensor: no host sync), 0 for a held mask,
-    None when no layer has two masks yet or none prunes now."""
-    from megasparse.megatron.schedule import sparse_modules
-
-    rates = []
-    for m in sparse_modules(model):
-        state = getattr(m, "weight_state", None)
-        if state is None or not (m.sparsity.prunes_weights and m.sparsity.track_flip_rate):
-            continue
-        if state.flip_rate is not None and state.flip_step == state.steps:
-            rates.append(state.flip_rate)
-        elif state.flip_prev_bits is not None:
-            rates.append(torch.zeros((), device=state.flip_prev_bits.device))  # held: no flips
-    return torch.stack(rates).mean() if rates else None
 
 
 def _prune_now(model, method, args, data, device):
@@ -253,8 +231,8 @@ def train_recipe(name, args, data, device):
         )
         start = time.perf_counter()
         loss = gpt_loss(model, tokens, labels)
-        # this step's mask against the last one
-        flips.append(_flip_rate(model) if sparsity is not None else None)
+        # this step's masks against the last ones (0 for held masks; read when the curve is)
+        flips.append(megasparse.stats(model).step_flip_rate() if sparsity is not None else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -44,7 +44,7 @@ def build_gpt(args, sparsity, device):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    from megasparse.megatron.specs import sparsify_spec
+    from megasparse.specs import sparsify_spec
 
     config = TransformerConfig(
         num_layers=args.layers,

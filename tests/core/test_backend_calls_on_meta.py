@@ -269,7 +269,7 @@ def test_grouped_experts_with_uneven_and_zero_token_counts(tp):
 
     from megasparse import SparsityConfig
     from megasparse.core.activation_sparsity import ActivationStats
-    from megasparse.megatron.experts import StackedWeights, grouped_ffn, sparse_activation
+    from megasparse.megatron.grouped_gemm import StackedWeights, grouped_ffn, sparse_activation
     from megasparse.tools.perfmodel import _standins
     from megasparse.core.weight_state import SparseWeightState
 

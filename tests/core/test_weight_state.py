@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import megasparse
 from megasparse import SparsityConfig
-from megasparse.core import backends
+from megasparse.core import warn
 from megasparse.core import weight_state
 from megasparse.core.backends import DenseBackend
 from megasparse.core.masks import follows_pattern
@@ -572,7 +572,7 @@ def _without_step_count(layer, checkpoint, monkeypatch):
 def test_checkpoint_without_a_step_count_loads_as_before_with_one_warning(
     checkpoint, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(warn, "_warned", set())
     sparsity = SparsityConfig(mask_refresh_interval=3, backend="dense")
     xs = [torch.randn(4, 16, dtype=torch.float64) for _ in range(5)]
     saved = make_column(make_config(), 16, 32, sparsity)
@@ -594,7 +594,7 @@ def test_checkpoint_without_a_step_count_loads_as_before_with_one_warning(
 def test_a_restored_held_mask_that_is_not_2_4_under_the_layers_rule_is_recomputed(
     checkpoint, saved_mask, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(warn, "_warned", set())
     x = torch.randn(4, 16, dtype=torch.float64)
     saved = make_column(make_config(), 16, 32, SparsityConfig(mask_refresh_interval=3))
     saved(x)
@@ -720,7 +720,7 @@ def test_interleaving_before_the_weights_optimizer_first_stepped_is_reported():
 def test_interleaving_for_a_weight_no_optimizer_holds_warns(monkeypatch):
     """An optimizer that keeps its own main copy (as a precision-aware optimizer does): every step
     counts as the weight's boundary, and an interleaving optimizer gets a clear warning."""
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(warn, "_warned", set())
     sparsity = SparsityConfig(gradient="srste", srste_decay=DECAY, backend="dense")
     layer = make_column(make_config(), 16, 32, sparsity)
     main = layer.weight.detach().clone().requires_grad_(True)

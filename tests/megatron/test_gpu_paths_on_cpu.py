@@ -6,7 +6,7 @@ import torch
 
 from megasparse import SparsityConfig
 
-from megasparse.core import backends
+from megasparse.core import warn
 from megasparse.core.backends import (
     CusparseltBackend,
     CutlassBackend,
@@ -42,7 +42,7 @@ def test_cutlass_is_sm8x_only_and_auto_falls_back_instead_of_crashing(fake_gpu):
     fake_gpu["value"] = (8, 0)
     assert CutlassBackend().device_reason(cuda) is None
     fake_gpu["value"] = (9, 0)
-    backends._warned.clear()
+    warn._warned.clear()
     with pytest.warns(
         UserWarning, match="dense masked GEMM.*cusparselt supports float16, bfloat16.*sm8x only"
     ):
@@ -79,7 +79,7 @@ def test_an_expert_with_zero_tokens_skips_the_gemms(monkeypatch):
 def test_te_grouped_experts_refuse_a_single_grouped_weight():
     from megatron.core.transformer.moe.experts import TEGroupedMLP  # noqa: F401  (present in both versions)
 
-    from megasparse.megatron.experts import SparseTEGroupedMLP
+    from megasparse.te.experts import SparseTEGroupedMLP
 
     config = make_config(dtype=torch.float32, num_moe_experts=2, moe_grouped_gemm=True)
     config.moe_single_grouped_weight = True  # megatron-core 0.19 with TE >= 2.14

@@ -5,7 +5,7 @@ import torch
 
 from megasparse import SparsityConfig
 
-from megasparse.core import backends
+from megasparse.core import warn
 from megasparse.core.linear_op import weight_mask
 from megatron_helpers import make_column, make_config, make_row
 from reference import masked_linear_reference
@@ -206,7 +206,7 @@ def test_explicit_gpu_backend_checks_dtype_and_alignment_up_front():
 
 
 def test_auto_backend_falls_back_to_dense_with_one_warning():
-    backends._warned.clear()
+    warn._warned.clear()
     cfg = make_config(dtype=torch.bfloat16)
     layers = [make_column(cfg, 64, 64, SparsityConfig(backend="auto"), seed=s) for s in range(2)]
     x = _x((4, 2, 64), dtype=torch.bfloat16)

@@ -3,6 +3,8 @@
 Handles both spec forms: megatron-core 0.16 (ModuleSpec everywhere) and 0.19 (MLP, MoE and
 experts as functools.partial builders). Never touches embeddings or the output layer (they are
 not part of layer specs). Megatron-LM's `--spec` entry point lives in megasparse.megatron_lm.
+It sits above megasparse.megatron and megasparse.te: it maps Megatron's local and Transformer
+Engine classes to the sparse variants of both.
 """
 
 import dataclasses
@@ -195,7 +197,8 @@ class _Rewriter:
     def _experts(self, node):
         from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 
-        from megasparse.megatron.experts import SparseSequentialMLP, SparseTEGroupedMLP
+        from megasparse.megatron.experts import SparseSequentialMLP
+        from megasparse.te.experts import SparseTEGroupedMLP
 
         module, _ = self._split(node)
         mapping = {SequentialMLP: SparseSequentialMLP, TEGroupedMLP: SparseTEGroupedMLP}

@@ -1,0 +1,132 @@
+"""SparseModuleMixin: what every sparse module does alike (config intake, masks, stats, iteration, reset, repr).
+
+Used by the local linears (megasparse.megatron.layers), the TE linears (megasparse.te.linear) and
+the TE experts (megasparse.te.experts). A module names its pruned weights and their per-step
+states in `sparse_weights()`; a module whose children hold them (experts) names the children in
+`_sparse_children()`. Everything else here works from those two.
+"""
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from megasparse.config import SparsityConfig
+from megasparse.core.weight_state import compute_mask
+
+
+def take_sparsity(sparsity: Optional[SparsityConfig]) -> SparsityConfig:
+    """A module's own copy of `sparsity` (the default config when None): schedules switch it per module."""
+    if sparsity is not None and not isinstance(sparsity, SparsityConfig):
+        raise TypeError(
+            f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}"
+        )
+    return dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
+
+
+def describe(sparsity: SparsityConfig) -> str:
+    """A short description for extra_repr: what is pruned now, and how."""
+    parts = []
+    if sparsity.weights is not None:
+        parts.append(f"weights={sparsity.weights} {sparsity.mask} grad={sparsity.gradient}")
+        if sparsity.mask_refresh_interval > 1:
+            parts.append(f"hold={sparsity.mask_refresh_interval}")
+    if sparsity.activations is not None:
+        parts.append(f"activations={sparsity.activations}")
+    if sparsity.fp8 is not None:
+        parts.append(f"fp8={sparsity.fp8} {sparsity.fp8_order}")
+    parts.append(f"backend={sparsity.backend}")
+    if not sparsity.enabled:
+        parts.append("disabled")
+    return "(" + ", ".join(parts) + ")"
+
+
+class SparseModuleMixin:
+    """The SparseModule interface (megasparse.interface) from `sparse_weights()` and `_sparse_children()`.
+
+    Put it before the torch module class in the bases: it overrides train() and extra_repr().
+    """
+
+    sparsity: SparsityConfig
+
+    def _take_sparsity(self, sparsity: Optional[SparsityConfig]) -> SparsityConfig:
+        self.sparsity = take_sparsity(sparsity)
+        return self.sparsity
+
+    def sparse_weights(self) -> list:
+        """(weight, its per-step state) for each weight this module prunes itself ([] while constructed)."""
+        return []
+
+    def _states(self) -> list:
+        return [state for _, state in self.sparse_weights()]
+
+    def _sparse_children(self) -> list:
+        """Sparse modules that hold this module's weights (experts' grouped linears)."""
+        return []
+
+    # --- the SparseModule interface (megasparse.interface) --------------------------------
+
+    @torch.no_grad()
+    def sparsity_mask(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The bool mask the module computes with now, shaped like the weight (all True when dense).
+
+        Without `weight`: the mask of the module's first weight. Another tensor gets the mask this
+        module's config would give it.
+        """
+        own = self.sparse_weights()
+        if weight is None:
+            if not own:
+                raise ValueError(
+                    f"megasparse: {type(self).__name__} has one mask per expert weight: pass the "
+                    "weight, e.g. sparsity_mask(experts.linear_fc1.weight0)"
+                )
+            weight = own[0][0]
+        for w, state in own:
+            if w is weight:
+                return state.current_mask(weight, self.sparsity)
+        children = self._sparse_children()
+        for child in children:
+            if any(w is weight for w, _ in child.sparse_weights()):
+                return child.sparsity_mask(weight)
+        if children:
+            raise ValueError("megasparse: that tensor is not one of this module's expert weights")
+        if not self.sparsity.prunes_weights:
+            return torch.ones_like(weight, dtype=torch.bool)
+        return compute_mask(weight, self.sparsity)
+
+    def sparsity_stats(self) -> dict:
+        """Kept share of |W| under the current masks, bytes the per-step state holds, weight bytes,
+        and (track_flip_rate) the flip rate, on this rank (megasparse.megatron.stats)."""
+        from megasparse.megatron.stats import module_stats
+
+        return module_stats(self)
+
+    def set_sparsity_iteration(self, iteration: int) -> None:
+        """Drive held masks by training iteration instead of by optimizer steps (used by schedules)."""
+        for state in self._states():
+            state.set_iteration(iteration)
+        for child in self._sparse_children():
+            child.set_sparsity_iteration(iteration)
+
+    def reset_held_mask(self) -> None:
+        """Forget held masks: the next forward prunes the current weights."""
+        for state in self._states():
+            state.invalidate(drop_held_mask=True)
+        for child in self._sparse_children():
+            child.reset_held_mask()
+
+    def train(self, mode: bool = True):
+        # a mode switch rebuilds the state at the next forward: EMA validation swaps the weights
+        # through .data around eval() / train(), which no version counter sees
+        if mode != self.training:
+            for state in self._states():
+                state.mode_switched(mode)
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        own = super().extra_repr()
+        return (
+            f"{own}, sparsity={describe(self.sparsity)}"
+            if own
+            else f"sparsity={describe(self.sparsity)}"
+        )

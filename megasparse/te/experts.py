@@ -1,0 +1,130 @@
+"""SparseTEGroupedMLP: Megatron's TEGroupedMLP (Transformer Engine's grouped experts) with 2:4 masks.
+
+Its parameters are `weight{i}` of TE GroupedLinear; its sparse forward is the grouped-GEMM engine
+(megasparse.megatron.grouped_gemm) on the masked TE weights (bf16/fp16; a per-expert loop where
+grouping does not apply). Under FP8 (weights only), TEGroupedMLP's own forward runs and its sparse
+TE grouped linears take over TE's GroupedLinear GEMMs: FP8 2:4 per expert under a per-tensor recipe
+(megasparse.te.fp8_forward), else TE's grouped FP8 GEMM on W*M. Masks come from the TE grouped
+linears' per-step states.
+"""
+
+import dataclasses
+
+import torch
+from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+from megasparse.core.activation_sparsity import ActivationStats
+from megasparse.core.weight_state import refuse_graph_capture
+from megasparse.megatron.sparse_module import SparseModuleMixin, take_sparsity
+from megasparse.megatron.grouped_gemm import (
+    StackedWeights,
+    can_group,
+    grouped_ffn,
+    looped_ffn,
+    run_forward_pre_hooks,
+    sparse_activation,
+)
+
+
+class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
+    def __init__(self, num_local_experts, config, submodules, *args, sparsity=None, **kwargs):
+        sparsity = take_sparsity(sparsity)
+        if getattr(config, "moe_single_grouped_weight", False):
+            raise NotImplementedError(
+                "megasparse: moe_single_grouped_weight keeps all experts in one TE parameter and runs TE's op "
+                "fuser, which SparseTEGroupedMLP does not enter; set moe_single_grouped_weight=False "
+                "(--no-moe-single-grouped-weight) for sparse experts."
+            )
+        # Under FP8, TE's own grouped forward runs; its grouped linears then hand TE the masked weights.
+        submodules = self._with_sparse_te_linears(submodules, sparsity)
+        super().__init__(num_local_experts, config, submodules, *args, **kwargs)
+        self.sparsity = sparsity
+        fc1_in = self._weights(self.linear_fc1)[0].shape[1]
+        fc2_in = self._weights(self.linear_fc2)[0].shape[1]
+        checks = []
+        if self.sparsity.weights is not None:
+            checks += [(fc1_in, 4, "hidden size"), (fc2_in, 4, "ffn size per expert-TP rank")]
+        if self.sparsity.activations is not None:
+            checks.append(
+                (fc2_in, self.sparsity.activation_pattern[1], "ffn size per expert-TP rank")
+            )
+        for size, multiple, what in checks:
+            if size % multiple:
+                raise ValueError(
+                    f"megasparse: the {what} ({size}) must be a multiple of {multiple} for the sparse groups"
+                )
+        self.grouped_activation_stats = ActivationStats()
+        self._stacked = {"linear_fc1": StackedWeights(), "linear_fc2": StackedWeights()}
+
+    # the SparseModule interface: masks and held state live in the sparse TE grouped linears
+
+    def _sparse_children(self) -> list:
+        return [self.linear_fc1, self.linear_fc2]
+
+    def sparsity_stats(self) -> dict:
+        return {
+            "activations": self.activation_stats(),
+            "fc1": self.linear_fc1.sparsity_stats(),
+            "fc2": self.linear_fc2.sparsity_stats(),
+        }
+
+    @staticmethod
+    def _with_sparse_te_linears(submodules, sparsity):
+        from megasparse.megatron.compat import linear_entry
+        from megasparse.te.linear import sparse_te_class
+
+        weights_only = dataclasses.replace(sparsity, activations=None, activation_function=None)
+        entries = {}
+        for name in ("linear_fc1", "linear_fc2"):
+            cls = getattr(submodules, name)
+            cls = getattr(cls, "module", getattr(cls, "func", cls))
+            if isinstance(cls, type):
+                entries[name] = linear_entry(sparse_te_class(cls), weights_only)
+        return dataclasses.replace(submodules, **entries)
+
+    def _weights(self, linear):
+        return [getattr(linear, f"weight{i}") for i in range(self.num_local_experts)]
+
+    def _sparse_weights_and_biases(self, name):
+        """The sparse TE grouped linear's per-step states give the masks; stacked once per step."""
+        linear = getattr(self, name)
+        run_forward_pre_hooks(linear)  # its forward does not run: its hooks must, before any read
+        weights = self._stacked[name](linear.weight_steps(), self.sparsity)
+        biases = [getattr(linear, f"bias{i}", None) for i in range(self.num_local_experts)]
+        has_bias = all(b is not None and b.numel() for b in biases)
+        return weights, torch.stack(biases) if has_bias else None
+
+    def activation_stats(self, reset: bool = False) -> dict:
+        result = self.grouped_activation_stats.as_dict()
+        if reset:
+            self.grouped_activation_stats.reset()
+        return result
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        s = self.sparsity
+        refuse_graph_capture(permuted_local_hidden_states, s)  # before the dense shortcut
+        if not (s.prunes_weights or s.sparsifies_activations):
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        if getattr(self.config, "fp8", None) or getattr(self.config, "fp4", None):
+            if s.sparsifies_activations:
+                raise NotImplementedError(
+                    "megasparse: SparseTEGroupedMLP under FP8 prunes weights only; "
+                    "set activations=None (activation sparsity runs in bf16)"
+                )
+            # the sparse TE grouped linears: FP8 2:4 per expert, or TE's grouped FP8 GEMM on W*M
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        x = permuted_local_hidden_states
+        fc1 = self._sparse_weights_and_biases("linear_fc1")
+        fc2 = self._sparse_weights_and_biases("linear_fc2")
+        run = grouped_ffn if can_group(self.config, x, fc1[0][0], fc2[0][0]) else looped_ffn
+        y = run(
+            x,
+            tokens_per_expert,
+            permuted_probs,
+            fc1,
+            fc2,
+            sparse_activation(self.activation_func, s),
+            self.grouped_activation_stats,
+            self.config,
+        )
+        return y, None
