@@ -23,7 +23,7 @@ _LAZY = {
     "add_args": "megasparse.megatron.args",
     "Fp8SparseLinear": "megasparse.fp8.layer",
     "weights_changed": "megasparse.interface",
-    "stats": "megasparse.megatron.stats",
+    "stats": "megasparse.statistics",
 }
 
 __all__ = ["SparsityConfig", *_LAZY]

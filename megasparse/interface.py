@@ -1,7 +1,7 @@
 """What every sparse module offers to schedules, specs, stats and printouts: the `SparseModule` protocol.
 
 Implemented by the sparse Megatron linears, the sparse TE linears and the sparse expert modules,
-through megasparse.megatron.sparse_module.SparseModuleMixin; their statistics: megasparse.stats.
+through megasparse.core.sparse_module.SparseModuleMixin; their statistics: megasparse.stats (megasparse.statistics).
 """
 
 from typing import Optional, Protocol, runtime_checkable

@@ -77,7 +77,7 @@ def sparsity_scalars(model) -> dict:
     """
     import torch
 
-    from megasparse.megatron.stats import stats
+    from megasparse.statistics import stats
 
     names, values = [], []
     for name, entry in stats(model).items():

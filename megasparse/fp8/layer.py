@@ -8,7 +8,6 @@ with the same math elsewhere, the mask and the FP8 weight built once per optimiz
 the input's dtype (the autocast dtype under autocast).
 """
 
-import dataclasses
 import math
 from typing import Optional
 
@@ -16,12 +15,12 @@ import torch
 
 from megasparse.config import SparsityConfig
 from megasparse.core.backends import BACKENDS
-from megasparse.core.weight_state import SparseWeightState, compute_mask
+from megasparse.core.sparse_module import SparseModuleMixin
+from megasparse.core.weight_state import SparseWeightState
 from megasparse.fp8.linear import check_shard_shape, fp8_sparse_linear_step, local_plan
-from megasparse.interface import describe, layer_stats
 
 
-class Fp8SparseLinear(torch.nn.Module):
+class Fp8SparseLinear(SparseModuleMixin, torch.nn.Module):
     """A linear layer trained in FP8 with a 2:4 weight (torch.nn.Linear's parameters and init).
 
     sparsity: a SparsityConfig with `fp8` set (default: 2:4, "hybrid"); both weight dims must be
@@ -45,7 +44,7 @@ class Fp8SparseLinear(torch.nn.Module):
                 f"got {sparsity!r}"
             )
         check_shard_shape(type(self).__name__, (out_features, in_features))
-        self.sparsity = dataclasses.replace(sparsity)  # the layer's own copy, as the other layers
+        self._take_sparsity(sparsity)
         self.in_features, self.out_features = in_features, out_features
         factory = {"device": device, "dtype": dtype}
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, **factory))
@@ -65,30 +64,8 @@ class Fp8SparseLinear(torch.nn.Module):
         plan = local_plan(self.sparsity, self.weight, x)
         return fp8_sparse_linear_step(x, self.weight, self.bias, step, plan)
 
-    # --- the SparseModule interface (megasparse.interface) --------------------------------
-
-    def set_sparsity_iteration(self, iteration: int) -> None:
-        self.weight_state.set_iteration(iteration)
-
-    def reset_held_mask(self) -> None:
-        self.weight_state.invalidate(drop_held_mask=True)
-
-    @torch.no_grad()
-    def sparsity_mask(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The bool mask the layer computes with now, shaped like the weight (all True when dense)."""
-        if weight is not None and weight is not self.weight:
-            if not self.sparsity.prunes_weights:
-                return torch.ones_like(weight, dtype=torch.bool)
-            return compute_mask(weight, self.sparsity)
-        return self.weight_state.current_mask(self.weight, self.sparsity)
-
-    def sparsity_stats(self) -> dict:
-        return layer_stats(self)
-
-    def train(self, mode: bool = True):
-        if mode != self.training:  # rebuilt from the current weight at the next forward
-            self.weight_state.mode_switched(mode)
-        return super().train(mode)
+    def sparse_weights(self) -> list:
+        return [(self.weight, self.weight_state)] if hasattr(self, "weight_state") else []
 
     def get_extra_state(self):  # held masks (mask_refresh_interval > 1), S-STE's beta
         return self.weight_state.extra_state(self.sparsity)
@@ -97,7 +74,5 @@ class Fp8SparseLinear(torch.nn.Module):
         self.weight_state.restore_extra_state(state, self.weight)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, sparsity={describe(self.sparsity)}"
-        )
+        features = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{features}, bias={self.bias is not None}, {super().extra_repr()}"

@@ -27,7 +27,6 @@ The numerics study (megasparse.fp8.study) runs the same op with its backward in 
 precision on the dequantized W*M (`fp8_dgrad=False`, `fp8_wgrad=False`) and its own weight scale.
 """
 
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,6 +44,7 @@ from megasparse.fp8.scaling import (
 )
 from megasparse.core.linear_op import gradient_term, gradient_went_to_main_grad
 from megasparse.core.weight_state import WeightStep
+from megasparse.core.warn import warn_once
 
 
 @dataclass(frozen=True)
@@ -240,9 +240,6 @@ def default_plan(recipe=None, use_cusparselt=False, **kwargs) -> Fp8LinearPlan:
     )
 
 
-_warned = set()
-
-
 def cusparselt_fp8_reason(weight: torch.Tensor) -> Optional[str]:
     """Why this weight (shard) cannot run its FP8 2:4 GEMMs on cuSPARSELt (None: it can)."""
     reason = fp8_gemm.fp8_cusparselt_reason(weight.device)
@@ -280,9 +277,8 @@ def local_plan(sparsity, weight, x, gradient_accumulation_fusion=False) -> Fp8Li
                 f"cuSPARSELt's FP8 2:4 GEMM, which cannot run here: {reason}. Use backend='auto' "
                 "(dense FP8 GEMMs on W*M there) or 'dense'"
             )
-        if reason is not None and reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"megasparse: FP8 2:4 runs dense FP8 GEMMs on W*M ({reason})")
+        if reason is not None:
+            warn_once(f"megasparse: FP8 2:4 runs dense FP8 GEMMs on W*M ({reason})", stacklevel=1)
         use_cusparselt = reason is None
     device = x.device.type
     autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)

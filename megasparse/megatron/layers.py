@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megasparse.core.activation_sparsity import ActivationStats, sparsify
 from megasparse.core.backends import BACKENDS, check_backend_static, resolve_backend
 from megasparse.config import SparsityConfig
-from megasparse.megatron.sparse_module import SparseModuleMixin
+from megasparse.core.sparse_module import SparseModuleMixin
 from megasparse.fp8 import linear as fp8_linear
 from megasparse.core import speed_gate
 from megasparse.core.linear_op import LinearPlan, sparse_linear_step

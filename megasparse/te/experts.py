@@ -15,7 +15,7 @@ from megatron.core.transformer.moe.experts import TEGroupedMLP
 
 from megasparse.core.activation_sparsity import ActivationStats
 from megasparse.core.weight_state import refuse_graph_capture
-from megasparse.megatron.sparse_module import SparseModuleMixin, take_sparsity
+from megasparse.core.sparse_module import SparseModuleMixin, take_sparsity
 from megasparse.megatron.grouped_gemm import (
     StackedWeights,
     can_group,

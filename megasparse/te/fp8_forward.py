@@ -47,14 +47,12 @@ after it); main_grad accumulation when TE fuses wgrad accumulation.
 import contextlib
 import functools
 import inspect
-import warnings
 
 import torch
 
 from megasparse.fp8.linear import Fp8LinearPlan, cusparselt_fp8_reason, fp8_sparse_linear_step
 from megasparse.fp8.scaling import E4M3, CurrentScaler, Fp8Recipe, te_scaler
-
-_warned = set()
+from megasparse.core.warn import warn_once
 
 
 def te_fp8_state():
@@ -98,13 +96,11 @@ def fp8_route(module, unsupported=None):
     weights = [getattr(module, name) for name in module._sparse_weight_names()]
     reason = unsupported or _route_reason(weights, recipe, te_recipe)
     if reason is not None:
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(
-                f"megasparse: FP8 2:4 is off for this layer ({reason}); TE's dense FP8 GEMM "
-                "runs on W*M instead",
-                stacklevel=4,
-            )
+        warn_once(
+            f"megasparse: FP8 2:4 is off for this layer ({reason}); TE's dense FP8 GEMM "
+            "runs on W*M instead",
+            stacklevel=4,
+        )
         return None
     return recipe, weights[0].device.type == "cuda"
 

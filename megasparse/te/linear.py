@@ -29,7 +29,7 @@ import functools
 from megasparse.core.backends import BACKENDS
 from megasparse.core.linear_op import masked_weight
 from megasparse.core.weight_state import SparseWeightState, refuse_graph_capture
-from megasparse.megatron.sparse_module import SparseModuleMixin
+from megasparse.core.sparse_module import SparseModuleMixin
 
 _TE_BASES = {
     "SparseTEColumnParallelLinear": "TEColumnParallelLinear",

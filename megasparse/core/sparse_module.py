@@ -96,9 +96,7 @@ class SparseModuleMixin:
 
     def sparsity_stats(self) -> dict:
         """Kept share of |W| under the current masks, bytes the per-step state holds, weight bytes,
-        and (track_flip_rate) the flip rate, on this rank (megasparse.megatron.stats)."""
-        from megasparse.megatron.stats import module_stats
-
+        and (track_flip_rate) the flip rate, on this rank (module_stats)."""
         return module_stats(self)
 
     def set_sparsity_iteration(self, iteration: int) -> None:
@@ -130,3 +128,52 @@ class SparseModuleMixin:
             if own
             else f"sparsity={describe(self.sparsity)}"
         )
+
+
+def _sum(tensors):
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).sum()
+
+
+@torch.no_grad()
+def module_stats(module) -> dict:
+    """kept_weight_l1: share of sum|W| the current masks keep (a 0-dim tensor); state_bytes: what
+    the per-step states hold; weight_bytes.
+
+    With `SparsityConfig.track_flip_rate` also (Hu et al., ICML 2024, "Accelerating Transformer
+    Pre-training with 2:4 Sparsity", Sec. 4.1): flip_rate, the share of the weights' mask entries
+    that changed at the last mask computation (a 0-dim float32 tensor on the weight's device;
+    None before the second mask), and flip_step, the step count of that mask.
+    """
+    pairs = [(w, state) for w, state in module.sparse_weights() if w is not None]
+    held = [state.held_bytes() for _, state in pairs]
+    if not pairs:
+        return {"state_bytes": {}}
+    abs_weights = [w.abs() for w, _ in pairs]
+    total = _sum([a.sum() for a in abs_weights])
+    kept = _sum([(a * module.sparsity_mask(w)).sum() for a, (w, _) in zip(abs_weights, pairs)])
+    # no division by a host-side test of total: where sum|W| = 0 the kept share is 1
+    share = torch.where(
+        total > 0, kept / total.clamp_min(torch.finfo(total.dtype).tiny), total.new_ones(())
+    )
+    stats = {
+        "kept_weight_l1": share,
+        "state_bytes": held[0]
+        if len(held) == 1
+        else {k: sum(h.get(k, 0) for h in held) for k in set().union(*held)},
+        "weight_bytes": sum(w.numel() * w.element_size() for w, _ in pairs),
+    }
+    if module.sparsity.track_flip_rate:
+        stats["flip_rate"], stats["flip_step"] = _flip_rate(pairs)
+    return stats
+
+
+def _flip_rate(pairs):
+    """One state's (flip_rate, flip_step); for several, the share over all their mask entries."""
+    states = [state for _, state in pairs]
+    if len(states) == 1:
+        return states[0].flip_rate, states[0].flip_step
+    if any(state.flip_rate is None for state in states):
+        return None, None
+    sizes = [w.numel() for w, _ in pairs]
+    changed = _sum([state.flip_rate * n for state, n in zip(states, sizes)])
+    return changed / sum(sizes), max(state.flip_step for state in states)
