@@ -96,7 +96,7 @@ class SparsityConfig:
         hold for transposable masks (the compressed (W*M)^T, +0.56x of the dense weight's bytes)
         and rebuild for 1d masks (W*M, which would cost +1.0x). Numerically identical either way.
 
-    Training-quality options (all off by default; megasparse.core.gradient_rules, megasparse.core.mvue):
+    Training-quality options (all off by default; megasparse.core.gradients, megasparse.core.mvue):
     gradient="masked_decay": Hu et al., ICML 2024 ("Accelerating Transformer Pre-training with
         2:4 Sparsity"): the step's gradient + masked_decay_factor * (1 - M) * W, added once per
         optimizer step (in the step's first backward, whatever the number of micro-batches).

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from megasparse.config import SparsityConfig
 from megasparse.fp8 import gemm as fp8_gemm_ops
 from megasparse.core.backends import BACKENDS
 from megasparse.core.masks import weight_mask
-from megasparse.core.linear_op import gradient_term
 from megasparse.core.weight_state import WeightStep, pack_mask
 
 E4M3 = torch.float8_e4m3fn
@@ -147,10 +147,12 @@ class _Fp8SparseLinear(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
         w_used = (w_q.float() / scale_w).to(x.dtype)  # the dequantized 2:4 weight the forward used
         grad_x = (dy2d @ w_used).reshape(x.shape)
-        step = WeightStep(weight, pack_mask(mask), BACKENDS["dense"], False, hold_backward=False)
-        grad_w = gradient_term(
-            ctx.gradient, dy2d.t() @ x.reshape(-1, x.shape[-1]), weight, step, 0.0
+        # the gradient rule of `gradient` with zero decay factors
+        rule_config = SparsityConfig(gradient=ctx.gradient, srste_decay=0.0, masked_decay_factor=0.0)
+        step = WeightStep(
+            weight, pack_mask(mask), BACKENDS["dense"], False, False, sparsity=rule_config
         )
+        grad_w = step.rule.dense_gradient(dy2d.t() @ x.reshape(-1, x.shape[-1]), weight, step)
         return grad_x, grad_w.to(weight.dtype), None, None, None, None, None
 
 

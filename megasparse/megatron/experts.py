@@ -131,7 +131,7 @@ class StackedWeights:
             or any(a is not b for a, b in zip(steps, self._steps))
         ):
             self._steps, self._stacked = list(steps), torch.stack([s.dense() for s in steps])
-        return masked_weight(steps, sparsity.gradient, sparsity.srste_decay, stacked=self._stacked)
+        return masked_weight(steps, stacked=self._stacked)
 
 
 def _activation_with_recompute(activation, h, tokens_per_expert, stats, config):
