@@ -119,7 +119,7 @@ class GradientRule:
     name = "ste"
     straight_through = True  # dense_gradient is the identity, main_grad_term does nothing
     per_step_term = False  # adds a term once per optimizer step (the step's first backward)
-    fixed_scale = False  # forward weight scaled by a per-tensor factor fixed at the first sparse use
+    fixed_scale = False  # forward weight scaled by a per-tensor factor fixed at first use
 
     def decay(self, sparsity) -> float:
         """The factor of the per-step term, read from the config."""
@@ -142,11 +142,11 @@ class GradientRule:
 
 
 class SteRule(GradientRule):
-    """"ste": the dense gradient (the straight-through estimator)."""
+    """ste: the dense gradient (the straight-through estimator)."""
 
 
 class MaskedRule(GradientRule):
-    """"masked": the gradient times the mask (linear, so exact per micro-batch)."""
+    """masked: the gradient times the mask (linear, so exact per micro-batch)."""
 
     name = "masked"
     straight_through = False
@@ -181,7 +181,7 @@ class _PerStepDecayRule(GradientRule):
 
 
 class SrsteRule(_PerStepDecayRule):
-    """"srste" (Zhou et al. 2021): decay = SparsityConfig.srste_decay."""
+    """srste (Zhou et al. 2021): decay = SparsityConfig.srste_decay."""
 
     name = "srste"
 
@@ -194,7 +194,7 @@ class SrsteRule(_PerStepDecayRule):
 
 
 class MaskedDecayRule(_PerStepDecayRule):
-    """"masked_decay" (Hu et al., ICML 2024): decay = SparsityConfig.masked_decay_factor."""
+    """masked_decay (Hu et al., ICML 2024): decay = SparsityConfig.masked_decay_factor."""
 
     name = "masked_decay"
 
@@ -206,7 +206,7 @@ class MaskedDecayRule(_PerStepDecayRule):
 
 
 class SsteRule(GradientRule):
-    """"sste" (S-STE, Hu et al., NeurIPS 2024): forward beta * S(W), straight-through gradient."""
+    """sste (S-STE, Hu et al., NeurIPS 2024): forward beta * S(W), straight-through gradient."""
 
     name = "sste"
     fixed_scale = True

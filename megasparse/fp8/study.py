@@ -148,7 +148,9 @@ class _Fp8SparseLinear(torch.autograd.Function):
         w_used = (w_q.float() / scale_w).to(x.dtype)  # the dequantized 2:4 weight the forward used
         grad_x = (dy2d @ w_used).reshape(x.shape)
         # the gradient rule of `gradient` with zero decay factors
-        rule_config = SparsityConfig(gradient=ctx.gradient, srste_decay=0.0, masked_decay_factor=0.0)
+        rule_config = SparsityConfig(
+            gradient=ctx.gradient, srste_decay=0.0, masked_decay_factor=0.0
+        )
         step = WeightStep(
             weight, pack_mask(mask), BACKENDS["dense"], False, False, sparsity=rule_config
         )
