@@ -17,19 +17,7 @@ from megasparse.core.gradients import (
     sste_weight,
 )
 from megasparse.core.linear_op import weight_mask
-
-
-def _loop_soft_threshold(w):
-    """Per group of 4: t = 3rd largest |w|; out = sign(w) * max(|w| - t, 0). Python floats."""
-    out = torch.zeros_like(w, dtype=torch.float64)
-    for r in range(w.shape[0]):
-        for g in range(0, w.shape[1], 4):
-            vals = [float(v) for v in w[r, g : g + 4]]
-            t = sorted(abs(v) for v in vals)[1]
-            for j, v in enumerate(vals):
-                mag = max(abs(v) - t, 0.0)
-                out[r, g + j] = mag if v > 0 else -mag
-    return out
+from reference import soft_threshold_reference, sste_beta_reference
 
 
 def _weight():
@@ -71,7 +59,7 @@ def test_masked_decay_keeps_grad_dtype():
 def test_soft_threshold_matches_loop_reference_and_is_2_4():
     w = _weight()
     s = soft_threshold24(w)
-    assert torch.equal(s, _loop_soft_threshold(w))
+    assert torch.equal(s, soft_threshold_reference(w))
     assert ((s != 0).reshape(8, 4, 4).sum(-1) <= 2).all()
     assert (s[weight_mask(w).logical_not()] == 0).all()  # support inside the hard 2:4 mask
     assert s[1, :4].tolist() == [1.5, 0.0, 0.0, 0.0]
@@ -93,7 +81,7 @@ def test_soft_threshold_is_continuous_where_the_hard_mask_jumps():
 def test_sste_scale_is_the_least_squares_rescale():
     w = _weight()
     beta = sste_scale(w)
-    s = _loop_soft_threshold(w)
+    s = soft_threshold_reference(w)
     num = sum(float(a) * float(b) for a, b in zip(w.flatten(), s.flatten()))
     den = sum(float(b) * float(b) for b in s.flatten())
     assert float(beta) == pytest.approx(num / den, rel=1e-6)  # float32 accumulation
@@ -105,7 +93,7 @@ def test_sste_scale_is_the_least_squares_rescale():
 def test_sste_weight_and_straight_through_gradient():
     w = _weight().float()
     beta = sste_scale(w)
-    assert torch.allclose(sste_weight(w, beta), float(beta) * _loop_soft_threshold(w).float())
+    assert torch.allclose(sste_weight(w, beta), float(beta) * soft_threshold_reference(w).float())
     grad = torch.randn_like(w)
     rule = GRADIENT_RULES["sste"]
     step = SimpleNamespace(weight=w, pruned=True, mask=lambda: weight_mask(w), sste_beta=beta)
@@ -149,9 +137,7 @@ def _masked_forward(w, mask):
 
 
 def _sste_forward(w, mask):
-    s = _loop_soft_threshold(w)
-    beta = float((w * s).sum()) / float((s * s).sum())
-    return beta * s
+    return sste_beta_reference(w) * soft_threshold_reference(w)
 
 
 REFERENCES = {  # mode: (forward weight, the step's gradient from the summed micro-batch gradients)
