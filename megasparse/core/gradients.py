@@ -116,7 +116,7 @@ def sste_weight(weight: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 class GradientRule:
     """A gradient mode: straight-through by default (the dense W gets the gradient of W*M)."""
 
-    name = "ste"
+    name = ""
     straight_through = True  # dense_gradient is the identity, main_grad_term does nothing
     per_step_term = False  # adds a term once per optimizer step (the step's first backward)
     fixed_scale = False  # forward weight scaled by a per-tensor factor fixed at first use
@@ -143,6 +143,8 @@ class GradientRule:
 
 class SteRule(GradientRule):
     """ste: the dense gradient (the straight-through estimator)."""
+
+    name = "ste"
 
 
 class MaskedRule(GradientRule):
@@ -189,7 +191,8 @@ class SrsteRule(_PerStepDecayRule):
         return sparsity.srste_decay
 
     def _with_decay(self, grad, weight, step, decay):
-        # decay * (~M) is formed first (in the default float dtype): srste's numerics as released
+        # decay * (~M) first, in the default float dtype (masked_decay's term is in grad's dtype):
+        # two formulas kept apart so that both modes stay bit-for-bit what their runs compute
         return grad + decay * (~step.mask()) * weight.detach().to(grad.dtype)
 
 

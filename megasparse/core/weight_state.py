@@ -19,7 +19,7 @@ first use after
    torch.no_grad()), or new weight storage (`p.data = t`, Megatron DDP moving parameters into its
    buffers);
 4. a change of the layer's SparsityConfig (weights, mask, enabled, nonfinite_weights, backend,
-   hold_backward_weight) or a new config object; a change of the mask rule (weights, mask,
+   hold_backward_weight, gradient, wgrad_sparsity) or a new config object; a change of the mask rule (weights, mask,
    enabled, nonfinite_weights), even one undone before the next use, also drops a held mask;
 5. a train()/eval() switch of the module, or `megasparse.weights_changed(model)`.
 Not covered: writes through `.data` that keep the storage (`p.data -= lr * p.grad`,
