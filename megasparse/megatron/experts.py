@@ -124,7 +124,7 @@ class StackedWeights:
     def __init__(self):
         self._steps, self._stacked = None, None
 
-    def __call__(self, steps, sparsity):
+    def __call__(self, steps):
         if (
             self._steps is None
             or len(steps) != len(self._steps)
@@ -248,7 +248,7 @@ class SparseGroupedMLP(SparseSequentialMLP):
         for layer in layers:  # their forwards do not run: their hooks must, before any read
             run_forward_pre_hooks(layer)
         steps = [layer.weight_state.step(layer.weight, layer.sparsity, dense) for layer in layers]
-        weights = self._stacked[name](steps, layers[0].sparsity)
+        weights = self._stacked[name](steps)
         biases = None if layers[0].bias is None else torch.stack([layer.bias for layer in layers])
         return weights, biases
 
@@ -356,7 +356,7 @@ class SparseTEGroupedMLP(TEGroupedMLP):
         """The sparse TE grouped linear's per-step states give the masks; stacked once per step."""
         linear = getattr(self, name)
         run_forward_pre_hooks(linear)  # its forward does not run: its hooks must, before any read
-        weights = self._stacked[name](linear.weight_steps(), self.sparsity)
+        weights = self._stacked[name](linear.weight_steps())
         biases = [getattr(linear, f"bias{i}", None) for i in range(self.num_local_experts)]
         has_bias = all(b is not None and b.numel() for b in biases)
         return weights, torch.stack(biases) if has_bias else None
