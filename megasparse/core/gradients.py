@@ -253,13 +253,28 @@ def weight_grad_fp32(dy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
 class PlainWgrad:
     """dW = dY^T X."""
 
-    plain = True  # the op may accumulate it into main_grad in one fused GEMM
+    plain = True  # has `accumulate`: main_grad += dY^T X in one GEMM
 
     def __call__(self, dy2d, x2d, step, backend) -> torch.Tensor:
         return dy2d.t() @ x2d
 
     def fp32(self, dy2d, x2d, step, backend) -> torch.Tensor:
         return weight_grad_fp32(dy2d, x2d)
+
+    def accumulate(self, main_grad, dy2d, x2d) -> None:
+        """main_grad += dY^T X in fp32, without a full-size fp32 temporary where torch can
+        (CUDA, torch >= 2.8)."""
+        if (
+            dy2d.is_cuda
+            and dy2d.dtype in (torch.float16, torch.bfloat16)
+            and main_grad.dtype == torch.float32
+        ):
+            try:
+                torch.addmm(main_grad, dy2d.t(), x2d, out_dtype=torch.float32, out=main_grad)
+                return
+            except (TypeError, RuntimeError):
+                pass
+        main_grad.add_(weight_grad_fp32(dy2d, x2d).to(main_grad.dtype))
 
 
 class MvueWgrad:

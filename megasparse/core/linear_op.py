@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from megasparse.core.backends import DenseBackend
-from megasparse.core.gradients import gradient_rule, weight_grad_fp32
+from megasparse.core.gradients import gradient_rule
 from megasparse.core.masks import weight_mask  # noqa: F401  (re-exported: the public mask function)
 from megasparse.core.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT, is_2_4
 from megasparse.core.weight_state import WeightStep, pack_mask
@@ -34,21 +34,6 @@ class LinearPlan:
         "forward",
         "input_grad",
     )  # where the speed gate lets W*M be sparse
-
-
-def _accumulate_weight_grad(main_grad, dy2d, x2d) -> None:
-    """main_grad += dY^T X in fp32, without a full-size fp32 temporary where torch can (CUDA, torch >= 2.8)."""
-    if (
-        dy2d.is_cuda
-        and dy2d.dtype in (torch.float16, torch.bfloat16)
-        and main_grad.dtype == torch.float32
-    ):
-        try:
-            torch.addmm(main_grad, dy2d.t(), x2d, out_dtype=torch.float32, out=main_grad)
-            return
-        except (TypeError, RuntimeError):
-            pass
-    main_grad.add_(weight_grad_fp32(dy2d, x2d).to(main_grad.dtype))
 
 
 def gradient_went_to_main_grad(weight, dtype):
@@ -139,7 +124,7 @@ def _weight_grad(dy2d, x2d, weight, saved: _SavedForBackward):
         return step.rule.dense_gradient(step.wgrad(dy2d, x2d, step, backend), weight, step)
     weight.main_grad = main_grad
     if step.wgrad.plain and (step.rule.straight_through or not step.pruned):
-        _accumulate_weight_grad(main_grad, dy2d, x2d)  # dY^T X is the gradient: one fused GEMM
+        step.wgrad.accumulate(main_grad, dy2d, x2d)  # dY^T X is the gradient: one fused GEMM
     else:
         grad = step.rule.dense_gradient(step.wgrad.fp32(dy2d, x2d, step, backend), weight, step)
         main_grad.add_(grad.to(main_grad.dtype))
