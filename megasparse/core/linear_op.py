@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from megasparse.core.backends import DenseBackend
+from megasparse.core.gradients import gradient_rule
 from megasparse.core.masks import weight_mask  # noqa: F401  (re-exported: the public mask function)
 from megasparse.core.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT, is_2_4
 from megasparse.core.weight_state import WeightStep, pack_mask
@@ -19,92 +20,20 @@ from megasparse.core.weight_state import WeightStep, pack_mask
 
 @dataclass(frozen=True)
 class LinearPlan:
-    """How one sparse linear call runs: the GEMM backend and the weight-gradient rule.
+    """How one sparse linear call runs: the GEMM backend and where W*M may be a sparse operand.
 
     Which operand of each GEMM is sparse is decided per call: the weight when the step prunes it,
     else a 2:4-marked activation (forward) or dH (input gradient); see megasparse.core.sparse_operand.
+    The weight's gradient follows the step's rule (`WeightStep.rule`, megasparse.core.gradients).
     """
 
     backend: object = DenseBackend()
-    gradient: str = "ste"
-    srste_decay: float = 0.0
     transposable: bool = False
     gradient_accumulation_fusion: bool = False
     sparse_weight_roles: tuple = (
         "forward",
         "input_grad",
     )  # where the speed gate lets W*M be sparse
-
-
-def _weight_grad_fp32(dy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
-    """dY^T X accumulated in fp32 (what Megatron's fused wgrad writes into main_grad)."""
-    if dy2d.dtype == torch.float64:
-        return dy2d.t() @ x2d
-    if dy2d.is_cuda and dy2d.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return torch.mm(dy2d.t(), x2d, out_dtype=torch.float32)  # torch >= 2.8
-        except TypeError:
-            pass
-    return torch.mm(dy2d.t().float(), x2d.float())
-
-
-def _accumulate_weight_grad(main_grad, dy2d, x2d) -> None:
-    """main_grad += dY^T X in fp32, without a full-size fp32 temporary where torch can (CUDA, torch >= 2.8)."""
-    if (
-        dy2d.is_cuda
-        and dy2d.dtype in (torch.float16, torch.bfloat16)
-        and main_grad.dtype == torch.float32
-    ):
-        try:
-            torch.addmm(main_grad, dy2d.t(), x2d, out_dtype=torch.float32, out=main_grad)
-            return
-        except (TypeError, RuntimeError):
-            pass
-    main_grad.add_(_weight_grad_fp32(dy2d, x2d).to(main_grad.dtype))
-
-
-STRAIGHT_THROUGH = ("ste", "sste")  # the dense W gets the gradient of its forward weight unchanged
-
-
-def _decay_factor(mode, step: WeightStep, srste_decay: float) -> float:
-    """The per-step decay of `mode`: srste_decay for "srste"; for "masked_decay" the step's
-    config's masked_decay_factor (the caller's `srste_decay` when the step has no config)."""
-    if mode == "masked_decay" and getattr(step, "sparsity", None) is not None:
-        return step.sparsity.masked_decay_factor
-    return srste_decay
-
-
-def gradient_term(mode, grad, weight, step: WeightStep, srste_decay: float):
-    """The dense master weight's gradient under `mode`, from the micro-batch gradient of W*M.
-
-    "masked" multiplies by the mask (exact per step: it is linear). "srste" adds its decay
-    lambda * (1 - M) * W once per optimizer step (the first backward of the step); so does
-    "masked_decay" (Hu et al., ICML 2024; megasparse.core.gradient_rules.masked_decay) with the
-    config's masked_decay_factor. "sste" (S-STE, Hu et al., NeurIPS 2024) is straight-through:
-    the gradient of the forward weight beta * S(W) goes to W unchanged, like "ste".
-    """
-    if step is None or not step.pruned or mode in STRAIGHT_THROUGH:
-        return grad
-    if mode == "masked":
-        return grad * step.mask()
-    if mode == "srste" and step.take_decay():
-        return grad + srste_decay * (~step.mask()) * weight.detach().to(grad.dtype)
-    if mode == "masked_decay" and step.take_decay():
-        from megasparse.core.gradient_rules import masked_decay
-
-        return masked_decay(weight, step.mask(), grad, _decay_factor(mode, step, srste_decay))
-    return grad
-
-
-def _uses_mvue(step: WeightStep) -> bool:
-    """wgrad_sparsity="mvue" while the step prunes the weight (megasparse.core.mvue.mvue_weight_grad)."""
-    sparsity = getattr(step, "sparsity", None)
-    return (
-        step is not None
-        and step.pruned
-        and sparsity is not None
-        and sparsity.wgrad_sparsity == "mvue"
-    )
 
 
 def gradient_went_to_main_grad(weight, dtype):
@@ -149,6 +78,16 @@ def _input_grad_gemm(dy, dy2d, step: WeightStep, plan):
     )  # (W*M)^T is not 2:4 along its reduction dim
 
 
+@dataclass
+class _SavedForBackward:
+    """What the backward of one sparse linear call needs besides its saved tensors."""
+
+    step: WeightStep  # this optimizer step's weight state, shared by the step's micro-batches
+    plan: LinearPlan
+    has_bias: bool
+    main_grad: Optional[torch.Tensor]  # the weight's main_grad under gradient-accumulation fusion
+
+
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, step: WeightStep, plan: LinearPlan):
@@ -156,52 +95,40 @@ class _SparseLinear(torch.autograd.Function):
         y2d = _forward_gemm(x, x2d, step, bias, plan)
         # x and this step's state are saved; the weight's operands live in the step, shared by micro-batches
         ctx.save_for_backward(x, weight)
-        ctx.step, ctx.plan = step, plan
-        ctx.has_bias = bias is not None
-        ctx.main_grad = (
-            getattr(weight, "main_grad", None) if plan.gradient_accumulation_fusion else None
-        )
+        fused = plan.gradient_accumulation_fusion
+        main_grad = getattr(weight, "main_grad", None) if fused else None
+        ctx.saved = _SavedForBackward(step, plan, bias is not None, main_grad)
         return y2d.reshape(*x.shape[:-1], y2d.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        step, plan = ctx.step, ctx.plan
+        saved: _SavedForBackward = ctx.saved
         dy2d = dy.reshape(-1, dy.shape[-1])
         x2d = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad_gemm(dy, dy2d, step, plan).reshape(x.shape)
+            grad_x = _input_grad_gemm(dy, dy2d, saved.step, saved.plan).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            # wgrad_sparsity="mvue": dW from the MVUE-pruned dY (a fresh draw per backward)
-            mvue = _uses_mvue(step)
-            if mvue:
-                from megasparse.core.mvue import mvue_weight_grad
-            if ctx.main_grad is not None:
-                weight.main_grad = ctx.main_grad
-                if not mvue and (plan.gradient in STRAIGHT_THROUGH or not step.pruned):
-                    _accumulate_weight_grad(ctx.main_grad, dy2d, x2d)
-                else:
-                    wgrad = (
-                        mvue_weight_grad(dy2d, x2d, step.wgrad_generator(), plan.backend)
-                        if mvue
-                        else _weight_grad_fp32(dy2d, x2d)
-                    )
-                    grad = gradient_term(plan.gradient, wgrad, weight, step, plan.srste_decay)
-                    ctx.main_grad.add_(grad.to(ctx.main_grad.dtype))
-                grad_w = gradient_went_to_main_grad(weight, x.dtype)
-            else:
-                wgrad = (
-                    dy2d.t() @ x2d
-                    if not mvue
-                    else mvue_weight_grad(dy2d, x2d, step.wgrad_generator(), plan.backend).to(
-                        dy2d.dtype
-                    )
-                )
-                grad_w = gradient_term(plan.gradient, wgrad, weight, step, plan.srste_decay)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_w = _weight_grad(dy2d, x2d, weight, saved)
+        if saved.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy2d.sum(dim=0)
         return grad_x, grad_w, grad_b, None, None
+
+
+def _weight_grad(dy2d, x2d, weight, saved: _SavedForBackward):
+    """dW by the step's weight-gradient GEMM, then its gradient rule; under gradient-accumulation
+    fusion added to main_grad (and Megatron's dummy gradient returned)."""
+    step, backend, main_grad = saved.step, saved.plan.backend, saved.main_grad
+    if main_grad is None:
+        return step.rule.dense_gradient(step.wgrad(dy2d, x2d, step, backend), weight, step)
+    weight.main_grad = main_grad
+    if step.wgrad.plain and (step.rule.straight_through or not step.pruned):
+        step.wgrad.accumulate(main_grad, dy2d, x2d)  # dY^T X is the gradient: one fused GEMM
+    else:
+        grad = step.rule.dense_gradient(step.wgrad.fp32(dy2d, x2d, step, backend), weight, step)
+        main_grad.add_(grad.to(main_grad.dtype))
+    return gradient_went_to_main_grad(weight, x2d.dtype)
 
 
 def sparse_linear_step(x, weight, bias, step: WeightStep, plan: LinearPlan) -> torch.Tensor:
@@ -215,81 +142,82 @@ def sparse_linear(
     bias: Optional[torch.Tensor],
     mask: torch.Tensor,
     plan: LinearPlan,
+    sparsity=None,
 ) -> torch.Tensor:
-    """y = x (M*W)^T + b with the backward of `plan`, for one call. x [..., in], weight [out, in], mask bool.
+    """y = x (M*W)^T + b for one call. x [..., in], weight [out, in], mask bool.
 
-    mask=None runs the dense layer through the same path. Layers use `sparse_linear_step` with
-    their per-step state instead, so that the mask and operands are built once per step.
+    sparsity: a SparsityConfig giving the gradient mode and its parameters (gradient, srste_decay,
+    masked_decay_factor, wgrad_sparsity); None: "ste". Its mask fields are not read: `mask` is
+    the mask. mask=None runs the dense layer through the same path. Layers use
+    `sparse_linear_step` with their per-step state instead, so that the mask and operands are
+    built once per step.
     """
     bits = None if mask is None else pack_mask(mask)
-    step = WeightStep(weight, bits, plan.backend, plan.transposable, hold_backward=True)
+    rule = gradient_rule(sparsity)
+    beta = rule.scale(weight) if bits is not None and rule.fixed_scale else None
+    step = WeightStep(
+        weight,
+        bits,
+        plan.backend,
+        plan.transposable,
+        hold_backward=True,
+        sparsity=sparsity,
+        sste_beta=beta,
+    )
     return sparse_linear_step(x, weight, bias, step, plan)
+
+
+@dataclass
+class _MaskedSaved:
+    """What the backward of `masked_weight` needs besides the dense weights."""
+
+    steps: list  # each weight's WeightStep: its mask and gradient rule
+    fused: Optional[weakref.ref]  # the view TE accumulates dY^T X into main_grad for, if any
 
 
 class _MaskedWeights(torch.autograd.Function):
     """This step's W*M of one or more weights (stacked: grouped experts), for paths that run their
-    own GEMM on it; the backward gives each dense weight the gradient of the gradient mode."""
+    own GEMM on it; the backward gives each dense weight the gradient of its step's rule."""
 
     @staticmethod
-    def forward(ctx, masked, steps, gradient, srste_decay, *weights):
-        ctx.steps, ctx.gradient, ctx.srste_decay = steps, gradient, srste_decay
+    def forward(ctx, masked, steps, *weights):
         ctx.save_for_backward(*weights)
         view = masked.view_as(
             masked
         )  # a new view each call: the cached tensor itself stays out of graphs
-        ctx.fused = None
+        fused = None
         if len(weights) == 1 and getattr(weights[0], "main_grad", None) is not None:
             # Wgrad fusion (Transformer Engine): TE accumulates dY^T X into the main_grad of the tensor
             # it computes with. Under every gradient mode that is the ste gradient of the dense weight.
             view.main_grad = weights[0].main_grad
             if hasattr(weights[0], "grad_added_to_main_grad"):
                 view.grad_added_to_main_grad = False
-            ctx.fused = weakref.ref(view)
+            fused = weakref.ref(view)
+        ctx.saved = _MaskedSaved(steps, fused)
         return view
 
     @staticmethod
     def backward(ctx, grad):
-        weights = ctx.saved_tensors
-        view = ctx.fused() if ctx.fused is not None else None
+        weights, saved = ctx.saved_tensors, ctx.saved
+        view = saved.fused() if saved.fused is not None else None
         if view is not None and getattr(view, "grad_added_to_main_grad", False):
-            (weight,), (step,) = weights, ctx.steps
+            (weight,), (step,) = weights, saved.steps
             weight.grad_added_to_main_grad = True
-            main_grad_term(ctx.gradient, weight, step, ctx.srste_decay)
-            return (
-                None,
-                None,
-                None,
-                None,
-                grad,
-            )  # TE's dummy gradient: Megatron's DDP hook skips it
+            step.rule.main_grad_term(weight, step)
+            return None, None, grad  # TE's dummy gradient: Megatron's DDP hook skips it
         parts = [grad] if len(weights) == 1 and grad.dim() == weights[0].dim() else grad.unbind(0)
         grads = [
-            gradient_term(ctx.gradient, g, w, step, ctx.srste_decay)
-            for g, w, step in zip(parts, weights, ctx.steps)
+            step.rule.dense_gradient(g, w, step) for g, w, step in zip(parts, weights, saved.steps)
         ]
-        return (None, None, None, None, *grads)
+        return (None, None, *grads)
 
 
-def main_grad_term(mode, weight, step: WeightStep, srste_decay: float) -> None:
-    """Apply the gradient mode to a main_grad that already holds the accumulated ste gradient.
-
-    "masked" zeroes the pruned entries after each micro-batch (idempotent, so exact per step);
-    "srste" and "masked_decay" add their decay once per step; "sste" is straight-through.
-    """
-    if step is None or not step.pruned or mode in STRAIGHT_THROUGH:
-        return
-    if mode == "masked":
-        weight.main_grad.mul_(step.mask())
-    elif mode in ("srste", "masked_decay") and step.take_decay():
-        decay = _decay_factor(mode, step, srste_decay)
-        weight.main_grad.add_((decay * (~step.mask()) * weight.detach()).to(weight.main_grad.dtype))
-
-
-def masked_weight(steps, gradient="ste", srste_decay=0.0, stacked=None):
+def masked_weight(steps, stacked=None):
     """W*M of this step for one WeightStep (or a list of them, stacked along a new dim 0; pass the
-    stacked tensor cached for the step as `stacked`). The dense weights get `gradient`'s gradient."""
+    stacked tensor cached for the step as `stacked`). The dense weights get the gradient of their
+    step's rule (`WeightStep.rule`)."""
     if isinstance(steps, WeightStep):
         steps, masked = [steps], steps.dense()
     else:
         masked = stacked if stacked is not None else torch.stack([s.dense() for s in steps])
-    return _MaskedWeights.apply(masked, steps, gradient, srste_decay, *[s.weight for s in steps])
+    return _MaskedWeights.apply(masked, steps, *[s.weight for s in steps])

@@ -19,7 +19,7 @@ first use after
    torch.no_grad()), or new weight storage (`p.data = t`, Megatron DDP moving parameters into its
    buffers);
 4. a change of the layer's SparsityConfig (weights, mask, enabled, nonfinite_weights, backend,
-   hold_backward_weight) or a new config object; a change of the mask rule (weights, mask,
+   hold_backward_weight, gradient, wgrad_sparsity) or a new config object; a change of the mask rule (weights, mask,
    enabled, nonfinite_weights), even one undone before the next use, also drops a held mask;
 5. a train()/eval() switch of the module, or `megasparse.weights_changed(model)`.
 Not covered: writes through `.data` that keep the storage (`p.data -= lr * p.grad`,
@@ -37,7 +37,7 @@ every sparse module (local and TE linears, experts, FP8) goes through it.
 
 Training-quality pieces (each marked "quality" below, all off unless the config asks):
 - S-STE (gradient="sste", Hu, Zhu, Chen, NeurIPS 2024): the step's forward weight is
-  beta * S(W) (megasparse.core.gradient_rules.sste_weight) instead of W*M; same hard mask M (the
+  beta * S(W) (megasparse.core.gradients.SsteRule) instead of W*M; same hard mask M (the
   support of S(W) lies inside it). beta is computed once per weight, at its first sparse
   forward (so after a dense warm-up, from the warmed-up weight), summed over the weight's
   tensor-parallel group (`SparseWeightState.tp_group`, else Megatron's TP group of the
@@ -60,6 +60,7 @@ import torch.distributed as dist
 from megasparse.core import step_clock
 from megasparse.core.backends import _warn_once
 from megasparse.config import _MASK_RULE_FIELDS
+from megasparse.core.gradients import gradient_rule, wgrad_rule
 from megasparse.fp8.scaling import quantized_weight
 from megasparse.core.masks import check_finite, follows_pattern, weight_mask
 
@@ -167,9 +168,11 @@ class WeightStep:
         wgrad_seed: Optional[int] = None,
         terms: Optional[StepTerms] = None,
     ):
-        # quality: the config the step was built under (its gradient parameters are read at use),
-        # S-STE's beta (the forward weight is beta * S(W) when set), the MVUE seed of this step
+        # the config the step was built under (its decay factors are read at use), its gradient
+        # rule and weight-gradient GEMM (megasparse.core.gradients), S-STE's beta (the factor of
+        # its forward weight beta * S(W)), the MVUE seed of this step
         self.sparsity = sparsity
+        self.rule, self.wgrad = _rules(sparsity, mask_bits is not None)
         self.sste_beta = sste_beta
         self.wgrad_seed = wgrad_seed
         self._wgrad_generator = None
@@ -192,11 +195,7 @@ class WeightStep:
         return None if self.mask_bits is None else unpack_mask(self.mask_bits, self.weight.shape)
 
     def _masked(self):
-        if self.sste_beta is not None:  # quality: S-STE's forward weight beta * S(W)
-            from megasparse.core.gradient_rules import sste_weight
-
-            return sste_weight(self.weight, self.sste_beta)
-        return self.weight.detach() * self.mask()
+        return self.rule.forward_weight(self)  # W*M; S-STE: beta * S(W)
 
     def wgrad_generator(self) -> torch.Generator:
         """quality: this step's generator of MVUE draws (created and seeded once per step)."""
@@ -244,7 +243,7 @@ class WeightStep:
         return self._extras[key]
 
     def take_decay(self) -> bool:
-        """True once per step: whether the caller should add this step's per-step gradient term."""
+        """True once per step: whether the rule should add this step's per-step gradient term."""
         pending, self.terms.pending = self.terms.pending, False
         return pending
 
@@ -262,6 +261,11 @@ class WeightStep:
         for key, value in self._extras.items():  # objects listing their tensors: held_tensors()
             held[str(key)] = sum(_nbytes(t) for t in value.held_tensors())
         return held
+
+
+def _rules(sparsity, pruned: bool):
+    """The gradient rule and the weight-gradient GEMM a step under `sparsity` runs."""
+    return gradient_rule(sparsity), wgrad_rule(sparsity, pruned)
 
 
 def _nbytes(value) -> int:
@@ -284,8 +288,6 @@ def _mask_rule(sparsity):
     fields = tuple(getattr(sparsity, name) for name in _MASK_RULE_FIELDS)
     return (serial, sparsity.mask_rule_revision) + fields
 
-
-PER_STEP_TERMS = ("srste", "masked_decay")  # gradient modes with a once-per-step term
 
 _CAPTURE_ERROR = (
     "megasparse: a sparse layer is running under CUDA graph capture (torch.cuda.graph, TE's "
@@ -406,7 +408,7 @@ class SparseWeightState:
             backend,
             transposable,
             hold,
-        ) or (step.sste_beta is not None) != self._uses_sste(sparsity):
+        ) or (step.rule, step.wgrad) != _rules(sparsity, step.pruned):
             self._step = self._new_step(
                 weight, step.mask_bits, backend, transposable, hold, sparsity
             )  # same mask, same step
@@ -430,7 +432,7 @@ class SparseWeightState:
             return
         self.steps = max(self.steps - guessed, 0)
         self.refreshed_at = min(self.refreshed_at, self.steps)
-        if added > 1 and sparsity.gradient in PER_STEP_TERMS:
+        if added > 1 and gradient_rule(sparsity).per_step_term:
             _warn_once(
                 f"megasparse: another optimizer stepped between micro-batches of a step before the "
                 f"optimizer of a sparse weight had stepped once (megasparse learns which optimizer "
@@ -443,7 +445,7 @@ class SparseWeightState:
 
     def _warn_unowned(self, sparsity, weight) -> None:
         if self.iteration_driven or not (
-            sparsity.gradient in PER_STEP_TERMS or sparsity.mask_refresh_interval > 1
+            gradient_rule(sparsity).per_step_term or sparsity.mask_refresh_interval > 1
         ):
             return
         _warn_once(
@@ -478,17 +480,12 @@ class SparseWeightState:
 
     # --- quality: S-STE's beta, MVUE seeds, flip rate ------------------------------------------
 
-    @staticmethod
-    def _uses_sste(sparsity) -> bool:
-        return sparsity.gradient == "sste" and sparsity.prunes_weights
-
     def _new_step(self, weight, bits, backend, transposable, hold, sparsity) -> WeightStep:
         beta = None
-        if bits is not None and self._uses_sste(sparsity):
+        rule = gradient_rule(sparsity)
+        if bits is not None and rule.fixed_scale:
             if self.sste_beta is None:  # the first sparse forward: fixed from now on
-                from megasparse.core.gradient_rules import sste_scale
-
-                self.sste_beta = sste_scale(weight, _tp_group_of(weight, self.tp_group))
+                self.sste_beta = rule.scale(weight, _tp_group_of(weight, self.tp_group))
             beta = self.sste_beta.to(weight.device)
         seed = None
         if sparsity.wgrad_sparsity is not None:

@@ -16,7 +16,8 @@ x_q (megasparse.kernels.fp8_cast); dY's transpose comes from the cast of dY that
 gradient runs (one cast of dY serves both GEMMs where they take the same format). An input
 without rows (an expert that got no tokens) runs no GEMM: zero output rows, zero gradients,
 the per-step terms.
-Gradient modes (ste / masked / srste) and Megatron's main_grad fusion work as in megasparse.core.linear_op.
+Gradient modes (the step's rule, megasparse.core.gradients) and Megatron's main_grad fusion work
+as in megasparse.core.linear_op.
 
 Who runs it: the sparse TE linears under TE's fp8_autocast (megasparse.te.fp8_forward), and Megatron's
 local sparse linears with SparsityConfig.fp8 (`local_plan`: megasparse's current scaling in TE's
@@ -42,7 +43,7 @@ from megasparse.fp8.scaling import (
     scale_from_amax,
     quantize_with,
 )
-from megasparse.core.linear_op import gradient_term, gradient_went_to_main_grad
+from megasparse.core.linear_op import gradient_went_to_main_grad
 from megasparse.core.weight_state import WeightStep
 from megasparse.core.warn import warn_once
 
@@ -54,8 +55,6 @@ class Fp8LinearPlan:
     dgrad_scaler: object = None  # e4m3, for the sparse dgrad (None: grad_scaler, which is e4m3)
     use_cusparselt: bool = False
     fp8_wgrad: bool = True  # False: dY^T x in fp32 from x as given
-    gradient: str = "ste"
-    srste_decay: float = 0.0
     gradient_accumulation_fusion: bool = False
     out_dtype: torch.dtype = torch.bfloat16
     order: str = Fp8Order.PRUNE_THEN_QUANTIZE
@@ -186,12 +185,11 @@ class _Fp8SparseLinear(torch.autograd.Function):
                 grad32 = _weight_grad(dy2d, dy_q_t, dy_si, saved_x, x_si, plan)
             if ctx.main_grad is not None:
                 weight.main_grad = ctx.main_grad
-                grad = gradient_term(plan.gradient, grad32, weight, step, plan.srste_decay)
+                grad = step.rule.dense_gradient(grad32, weight, step)
                 ctx.main_grad.add_(grad.to(ctx.main_grad.dtype))
                 grad_w = gradient_went_to_main_grad(weight, dy.dtype)
             else:
-                grad_w = gradient_term(plan.gradient, grad32, weight, step, plan.srste_decay)
-                grad_w = grad_w.to(weight.dtype)
+                grad_w = step.rule.dense_gradient(grad32, weight, step).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy2d.sum(dim=0)
         return grad_x, grad_w, grad_b, None, None
@@ -286,8 +284,6 @@ def local_plan(sparsity, weight, x, gradient_accumulation_fusion=False) -> Fp8Li
     return default_plan(
         recipe,
         use_cusparselt,
-        gradient=sparsity.gradient,
-        srste_decay=sparsity.srste_decay,
         gradient_accumulation_fusion=gradient_accumulation_fusion,
         out_dtype=torch.get_autocast_dtype(device) if autocast else x.dtype,
         order=sparsity.fp8_order,

@@ -16,7 +16,7 @@ training, use megasparse.Fp8SparseLinear or the sparse Megatron / TE linears.
 
 from typing import Optional
 
-from megasparse.config import FP8_ORDERS, Fp8Order
+from megasparse.config import FP8_ORDERS, Fp8Order, SparsityConfig
 from megasparse.core.backends import BACKENDS
 from megasparse.core.masks import weight_mask
 from megasparse.core.weight_state import WeightStep, pack_mask
@@ -85,14 +85,24 @@ class Fp8NumericsStudy:
         _, w_scale, mask = sparse_fp8_weight(
             weight.detach(), self.w_scaler.scale, self.mask_kind, self.order
         )
-        # a step of this call's own: its mask, and no transposed operand (the dgrad is not FP8)
-        step = WeightStep(weight, pack_mask(mask), BACKENDS["dense"], False, hold_backward=False)
+        # a step of this call's own: its mask, no transposed operand (the dgrad is not FP8), and
+        # the gradient rule of `gradient` with zero decay factors
+        rule_config = SparsityConfig(
+            gradient=self.gradient, srste_decay=0.0, masked_decay_factor=0.0
+        )
+        step = WeightStep(
+            weight,
+            pack_mask(mask),
+            BACKENDS["dense"],
+            False,
+            hold_backward=False,
+            sparsity=rule_config,
+        )
         plan = Fp8LinearPlan(
             self.x_scaler,
             None,  # no FP8 gradient: the backward runs in x's precision
             use_cusparselt=gemm.fp8_cusparselt_ok(weight.device),
             fp8_wgrad=False,
-            gradient=self.gradient,
             order=self.order,
             fp8_dgrad=False,
             weight_scale=w_scale,

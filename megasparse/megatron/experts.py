@@ -108,6 +108,6 @@ class SparseGroupedMLP(SparseSequentialMLP):
         for layer in layers:  # their forwards do not run: their hooks must, before any read
             run_forward_pre_hooks(layer)
         steps = [layer.weight_state.step(layer.weight, layer.sparsity, dense) for layer in layers]
-        weights = self._stacked[name](steps, layers[0].sparsity)
+        weights = self._stacked[name](steps)
         biases = None if layers[0].bias is None else torch.stack([layer.bias for layer in layers])
         return weights, biases

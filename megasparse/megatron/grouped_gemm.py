@@ -87,14 +87,14 @@ class StackedWeights:
     def __init__(self):
         self._steps, self._stacked = None, None
 
-    def __call__(self, steps, sparsity):
+    def __call__(self, steps):
         if (
             self._steps is None
             or len(steps) != len(self._steps)
             or any(a is not b for a, b in zip(steps, self._steps))
         ):
             self._steps, self._stacked = list(steps), torch.stack([s.dense() for s in steps])
-        return masked_weight(steps, sparsity.gradient, sparsity.srste_decay, stacked=self._stacked)
+        return masked_weight(steps, stacked=self._stacked)
 
 
 def _activation_with_recompute(activation, h, tokens_per_expert, stats, config):

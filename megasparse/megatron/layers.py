@@ -235,8 +235,6 @@ class _SparseLinearMixin(SparseModuleMixin):
         step = self.weight_state.step(weight, self.sparsity, backend)
         plan = LinearPlan(
             backend=backend,
-            gradient=self.sparsity.gradient,
-            srste_decay=self.sparsity.srste_decay,
             transposable=self.sparsity.mask == "transposable",
             gradient_accumulation_fusion=fusion,
             sparse_weight_roles=self._gated_roles(input, step, backend),

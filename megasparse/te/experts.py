@@ -89,7 +89,7 @@ class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
         """The sparse TE grouped linear's per-step states give the masks; stacked once per step."""
         linear = getattr(self, name)
         run_forward_pre_hooks(linear)  # its forward does not run: its hooks must, before any read
-        weights = self._stacked[name](linear.weight_steps(), self.sparsity)
+        weights = self._stacked[name](linear.weight_steps())
         biases = [getattr(linear, f"bias{i}", None) for i in range(self.num_local_experts)]
         has_bias = all(b is not None and b.numel() for b in biases)
         return weights, torch.stack(biases) if has_bias else None

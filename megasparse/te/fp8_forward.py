@@ -142,13 +142,10 @@ def _scalers(module, recipe: Fp8Recipe, gemm=0):
 
 def _plan(module, route, out_dtype, gemm=0) -> Fp8LinearPlan:
     recipe, use_cusparselt = route
-    s = module.sparsity
     return Fp8LinearPlan(
         *_scalers(module, recipe, gemm),
         use_cusparselt,
         recipe.fp8_wgrad,
-        s.gradient,
-        s.srste_decay,
         bool(getattr(module, "fuse_wgrad_accumulation", False)),
         out_dtype,
     )

@@ -8,7 +8,8 @@ bookkeeping, communication, checkpoints - stays TE's and Megatron's.
 
 gradient_accumulation_fusion (Megatron's default with TE): TE accumulates dY^T X of W*M into
 main_grad, which is the ste gradient of the dense weight; "masked" and "srste" are then applied
-to main_grad (megasparse.core.linear_op.main_grad_term: masked after each micro-batch, srste once per step).
+to main_grad by the step's gradient rule (megasparse.core.gradients: masked after each
+micro-batch, srste once per step).
 
     SparseTEColumnParallelLinear, SparseTERowParallelLinear, SparseTELayerNormColumnParallelLinear
 are built on first access from Megatron's TE classes (Transformer Engine must be installed);
@@ -108,8 +109,7 @@ class _SparseTEMixin(SparseModuleMixin):
                     "megasparse: FP8 primary weights (fp8_model_init) cannot be pruned; "
                     "keep high-precision master weights for sparse TE linears"
                 )
-        s = self.sparsity
-        return [masked_weight(step, s.gradient, s.srste_decay) for step in self.weight_steps()]
+        return [masked_weight(step) for step in self.weight_steps()]
 
     def sparse_weights(self) -> list:
         states = getattr(self, "weight_states", None) or []  # (none yet while constructed)

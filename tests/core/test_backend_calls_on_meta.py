@@ -284,10 +284,10 @@ def test_grouped_experts_with_uneven_and_zero_token_counts(tp):
     )
     with _standins(), OpRecorder() as rec:
         fc1 = StackedWeights()(
-            [SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w1], sparsity
+            [SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w1]
         )
         fc2 = StackedWeights()(
-            [SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w2], sparsity
+            [SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w2]
         )
         y = grouped_ffn(
             x,

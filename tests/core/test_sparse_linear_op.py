@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megasparse import SparsityConfig
 from megasparse.core.backends import DenseBackend
 from megasparse.core.linear_op import LinearPlan, sparse_linear, weight_mask
 from reference import masked_linear_reference
@@ -21,9 +22,9 @@ def _inputs(seed=0, shape=(5, 3, 16), out=8, dtype=torch.float64):
 def test_op_matches_float64_reference(mask_kind, gradient):
     x, w, b = _inputs()
     mask = weight_mask(w, mask_kind)
-    plan = LinearPlan(DenseBackend(), gradient, 0.1, mask_kind == "transposable")
+    plan = LinearPlan(DenseBackend(), mask_kind == "transposable")
     xr, wr, br = (t.clone().requires_grad_(True) for t in (x, w, b))
-    y = sparse_linear(xr, wr, br, mask, plan)
+    y = sparse_linear(xr, wr, br, mask, plan, SparsityConfig(gradient=gradient, srste_decay=0.1))
     ref = masked_linear_reference(x, w, b, mask, gradient, 0.1)
     y.backward(ref["dy"])
     torch.testing.assert_close(y, ref["y"], rtol=1e-12, atol=1e-12)
@@ -38,9 +39,8 @@ def test_gradient_modes_differ_where_they_should():
     grads = {}
     for mode in ("ste", "masked", "srste"):
         wr = w.clone().requires_grad_(True)
-        sparse_linear(
-            x, wr, None, mask, LinearPlan(gradient=mode, srste_decay=0.5)
-        ).sum().backward()
+        sparsity = SparsityConfig(gradient=mode, srste_decay=0.5)
+        sparse_linear(x, wr, None, mask, LinearPlan(), sparsity).sum().backward()
         grads[mode] = wr.grad
     assert torch.equal(grads["masked"][~mask], torch.zeros_like(grads["masked"][~mask]))
     assert torch.equal(grads["ste"][mask], grads["masked"][mask])
@@ -55,7 +55,12 @@ def test_main_grad_accumulates_in_fp32_and_returns_dummy_grad():
     wr.grad_added_to_main_grad = False
     dy = torch.randn(5, 3, 8, dtype=torch.bfloat16)
     y = sparse_linear(
-        x, wr, None, mask, LinearPlan(gradient="masked", gradient_accumulation_fusion=True)
+        x,
+        wr,
+        None,
+        mask,
+        LinearPlan(gradient_accumulation_fusion=True),
+        SparsityConfig(gradient="masked"),
     )
     y.backward(dy)
     expected = 1.0 + (dy.double().reshape(-1, 8).t() @ x.double().reshape(-1, 16)) * mask

@@ -492,7 +492,7 @@ def test_fp8_weight_built_once_per_step_and_gradient_modes(monkeypatch):
     )
     w = torch.randn(32, 64, requires_grad=True)
     state, cfg = SparseWeightState(), SparsityConfig(gradient="masked")
-    plan = fp8_linear.default_plan(gradient="masked")
+    plan = fp8_linear.default_plan()  # the gradient mode comes with the step (cfg)
     for _ in range(3):  # three micro-batches: one FP8 weight
         step = state.step(w, cfg, BACKENDS["dense"])
         fp8_linear.fp8_sparse_linear_step(torch.randn(16, 64), w, None, step, plan).sum().backward()

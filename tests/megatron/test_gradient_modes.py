@@ -15,26 +15,9 @@ from megasparse import SparsityConfig
 from megasparse.megatron.args import add_args, config_from_args
 from megasparse.core.linear_op import weight_mask
 from megatron_helpers import make_column, make_config, make_row
+from reference import soft_threshold_reference, sste_beta_reference
 
 MICRO_BATCHES, STEPS = 3, 4
-
-
-def _soft_threshold_reference(w):
-    """S(W) by a Python loop in float64: per group of 4, sign(w) max(|w| - t, 0), t = the 3rd
-    largest |w|."""
-    out = torch.zeros_like(w, dtype=torch.float64)
-    for r in range(w.shape[0]):
-        for g in range(0, w.shape[1], 4):
-            vals = [float(v) for v in w[r, g : g + 4]]
-            t = sorted(abs(v) for v in vals)[1]
-            for j, v in enumerate(vals):
-                out[r, g + j] = max(abs(v) - t, 0.0) * (1 if v > 0 else -1)
-    return out
-
-
-def _beta_reference(w):
-    s = _soft_threshold_reference(w)
-    return float((w.double() * s).sum() / (s * s).sum())
 
 
 def _micro_batches(g, in_size, out_size):
@@ -144,12 +127,12 @@ def test_masked_decay_is_added_once_per_step_with_k_micro_batches(fusion):
 def test_sste_forward_is_fixed_beta_times_soft_threshold_and_gradient_is_straight_through():
     layer = make_column(make_config(), 16, 32, SparsityConfig(gradient="sste", backend="dense"))
     initial = layer.weight.detach().clone()
-    beta = _beta_reference(initial)  # from the weight of the first sparse forward, then fixed
+    beta = sste_beta_reference(initial)  # from the weight of the first sparse forward, then fixed
     opt = torch.optim.SGD(layer.parameters(), lr=0.2)
     g = torch.Generator().manual_seed(1)
     for step in range(STEPS):
         weight = layer.weight.detach().clone()
-        forward_weight = beta * _soft_threshold_reference(weight)
+        forward_weight = beta * soft_threshold_reference(weight)
         opt.zero_grad()
         xs, dys = _micro_batches(g, 16, 32)
         for x, dy in zip(xs, dys):
@@ -179,7 +162,7 @@ def test_sste_beta_is_computed_at_the_first_sparse_forward_and_saved_in_extra_st
         layer.weight.mul_(1.5).add_(0.01)  # the "warm-up" changed the weight
     layer.sparsity.enabled = True
     layer(x)
-    beta = _beta_reference(layer.weight.detach())
+    beta = sste_beta_reference(layer.weight.detach())
     assert float(layer.weight_state.sste_beta) == pytest.approx(beta, rel=1e-12)
     state = layer.get_extra_state()
     assert float(state["megasparse_sste_beta"]) == pytest.approx(beta, rel=1e-12)
@@ -226,12 +209,12 @@ def _sste_tp2_worker():
         row.weight.copy_(w_row[:, rows])
     h, _ = col(x)
     y, _ = row(h)
-    beta_col, beta_row = _beta_reference(w_col), _beta_reference(w_row)
+    beta_col, beta_row = sste_beta_reference(w_col), sste_beta_reference(w_row)
     # one beta per full tensor (summed over the TP group): the same model as at TP=1
     assert float(col.weight_state.sste_beta) == pytest.approx(beta_col, rel=1e-12), rank
     assert float(row.weight_state.sste_beta) == pytest.approx(beta_row, rel=1e-12), rank
-    h_ref = x @ (beta_col * _soft_threshold_reference(w_col)).t()
-    y_ref = h_ref[:, :] @ (beta_row * _soft_threshold_reference(w_row)).t()
+    h_ref = x @ (beta_col * soft_threshold_reference(w_col)).t()
+    y_ref = h_ref[:, :] @ (beta_row * soft_threshold_reference(w_row)).t()
     torch.testing.assert_close(h, h_ref[:, rows], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
 

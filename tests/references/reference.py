@@ -95,3 +95,22 @@ def sparse_mlp_reference(
         "activation": a.detach(),
         "mask": mask,
     }
+
+
+def soft_threshold_reference(w):
+    """S-STE's S(W) by a Python loop in float64: per group of 4, sign(w) max(|w| - t, 0), t = the
+    3rd largest |w|."""
+    out = torch.zeros_like(w, dtype=torch.float64)
+    for r in range(w.shape[0]):
+        for g in range(0, w.shape[1], 4):
+            vals = [float(v) for v in w[r, g : g + 4]]
+            t = sorted(abs(v) for v in vals)[1]
+            for j, v in enumerate(vals):
+                out[r, g + j] = max(abs(v) - t, 0.0) * (1 if v > 0 else -1)
+    return out
+
+
+def sste_beta_reference(w):
+    """S-STE's beta = <W, S(W)> / <S(W), S(W)> in float64."""
+    s = soft_threshold_reference(w)
+    return float((w.double() * s).sum() / (s * s).sum())
