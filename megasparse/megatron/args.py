@@ -76,6 +76,10 @@ def _activations(value: str):
     return pattern
 
 
+def _decay_flag(group, flag: str, default: float, help: str) -> None:
+    group.add_argument(flag, type=_decay, default=default, help=help)
+
+
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the --sparsity-* flags to a Megatron-LM (or any argparse) parser and return it."""
     g = parser.add_argument_group(
@@ -113,12 +117,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "weights, once per step), 'sste' (S-STE, Hu et al. NeurIPS 2024: forward "
         "weight beta * soft-threshold(W), straight-through gradient).",
     )
-    g.add_argument(
-        "--sparsity-srste-decay",
-        type=_decay,
-        default=2e-4,
-        help="SR-STE decay lambda (default 2e-4).",
-    )
+    _decay_flag(g, "--sparsity-srste-decay", 2e-4, "SR-STE decay lambda (default 2e-4).")
     g.add_argument(
         "--sparsity-targets",
         nargs="+",
@@ -153,11 +152,11 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "held masks are saved in checkpoints.",
     )
     # training-quality options
-    g.add_argument(
+    _decay_flag(
+        g,
         "--sparsity-masked-decay-factor",
-        type=_decay,
-        default=6e-5,
-        help="lambda_W of --sparsity-grad masked_decay (default 6e-5, Hu et al.'s GPT-2 124M).",
+        6e-5,
+        "lambda_W of --sparsity-grad masked_decay (default 6e-5, Hu et al.'s GPT-2 124M).",
     )
     g.add_argument(
         "--sparsity-wgrad",
