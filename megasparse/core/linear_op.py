@@ -14,7 +14,8 @@ import torch
 from megasparse.core.backends import DenseBackend
 from megasparse.core.masks import weight_mask  # noqa: F401  (re-exported: the public mask function)
 from megasparse.core.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT, is_2_4
-from megasparse.core.weight_state import WeightStep, pack_mask
+from megasparse.core.masks import pack_mask
+from megasparse.core.weight_state import WeightStep
 
 
 @dataclass(frozen=True)

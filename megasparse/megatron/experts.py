@@ -31,15 +31,10 @@ import dataclasses
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 
-from megasparse.core.activation_sparsity import (
-    ActivationStats,
-    is_squared_relu,
-    sparsify,
-    squared_relu_sparsify,
-)
+from megasparse.core.activation_sparsity import ActivationStats, sparsify, squared_relu_sparsify
 from megasparse.megatron.compat import with_sparse_linears
 from megasparse.config import SparsityConfig
-from megasparse.megatron.mlp import install_activation_sparsity
+from megasparse.megatron.mlp import install_activation_sparsity, is_squared_relu
 from megasparse.core.backends import BACKENDS
 from megasparse.core.linear_op import grouped_linear, masked_weight
 from megasparse.core.weight_state import refuse_graph_capture

@@ -31,7 +31,9 @@ from megasparse.core.backends import BACKENDS
 from megasparse.config import SparsityConfig
 from megasparse.interface import describe
 from megasparse.core.linear_op import masked_weight
-from megasparse.core.weight_state import SparseWeightState, compute_mask, refuse_graph_capture
+from megasparse.core.weight_state import SparseWeightState, refuse_graph_capture
+from megasparse.fp8.scaling import quantized_weight
+from megasparse.parallel import weight_tp_group
 
 _TE_BASES = {
     "SparseTEColumnParallelLinear": "TEColumnParallelLinear",
@@ -77,7 +79,10 @@ class _SparseTEMixin:
                 "megasparse: sparse TE linears do not support delay_wgrad_compute (TE's delayed wgrad writes "
                 "the gradient onto W*M, not onto the dense master weight); disable it for sparse layers."
             )
-        self.weight_states = [SparseWeightState() for _ in self._sparse_weight_names()]
+        self.weight_states = [
+            SparseWeightState(mask_source=quantized_weight, process_group=weight_tp_group)
+            for _ in self._sparse_weight_names()
+        ]
         for name in self._sparse_weight_names():
             weight = getattr(self, name)
             if self.sparsity.weights is not None:
@@ -126,7 +131,7 @@ class _SparseTEMixin:
                 return state.current_mask(weight, self.sparsity)
         if not self.sparsity.prunes_weights:
             return weight.detach().new_ones(weight.shape, dtype=bool)
-        return compute_mask(weight, self.sparsity)
+        return self.weight_states[0].mask_of(weight, self.sparsity)
 
     def sparsity_stats(self) -> dict:
         held = [state.held_bytes() for state in self.weight_states]
