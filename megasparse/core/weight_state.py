@@ -183,7 +183,7 @@ class WeightStep:
         return None if self.mask_bits is None else unpack_mask(self.mask_bits, self.weight.shape)
 
     def _masked(self):
-        if self.sste_beta is not None:  # S-STE's forward weight beta * S(W)
+        if self.sste_beta is not None:  # quality: S-STE's forward weight beta * S(W)
             from megasparse.core.gradient_rules import sste_weight
 
             return sste_weight(self.weight, self.sste_beta)
