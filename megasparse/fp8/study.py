@@ -24,9 +24,8 @@ import torch
 
 from megasparse.fp8 import gemm as fp8_gemm_ops
 from megasparse.core.backends import BACKENDS
-from megasparse.core.masks import weight_mask
+from megasparse.core.masks import pack_mask, weight_mask
 from megasparse.core.linear_op import gradient_term
-from megasparse.core.masks import pack_mask
 from megasparse.core.weight_state import WeightStep
 
 E4M3 = torch.float8_e4m3fn
