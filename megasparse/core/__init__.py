@@ -1,1 +1,1 @@
-"""megasparse.core (torch only): masks, sparse operands, backends, per-step weight state and its checkpoints, gradient rules, MVUE, the op."""
+"""megasparse.core (torch only): masks, operands, backends, per-step weight state, gradients, the op."""
