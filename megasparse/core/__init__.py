@@ -1,1 +1,1 @@
-"""megasparse.core: masks, sparse operands, backends, per-step weight state, gradient rules, the op."""
+"""megasparse.core (torch only): masks, operands, backends, per-step weight state, gradients, the op."""

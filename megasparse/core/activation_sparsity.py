@@ -23,16 +23,20 @@ from megasparse.core.sparse_operand import mark_sparse
 
 def _kernel(x2d, pattern, squared_relu):
     v, m = pattern
-    if x2d.is_cuda and kernels.HAVE_TRITON:
-        return kernels.activation_sparsify_triton(x2d, v, m, squared_relu)
-    return kernels.activation_sparsify_reference(x2d, v, m, squared_relu)
+    kernel = kernels.pick(
+        kernels.activation_sparsify_triton, kernels.activation_sparsify_reference, x2d
+    )
+    return kernel(x2d, v, m, squared_relu)
 
 
 def _backward_kernel(x, mask, grad):
     """dx = where(mask, 2 relu(x) grad, 0): one fused pass on CUDA."""
-    if x.is_cuda and kernels.HAVE_TRITON:
-        return kernels.squared_relu_sparsify_backward_triton(x, mask, grad.contiguous())
-    return kernels.squared_relu_sparsify_backward_reference(x, mask, grad)
+    kernel = kernels.pick(
+        kernels.squared_relu_sparsify_backward_triton,
+        kernels.squared_relu_sparsify_backward_reference,
+        x,
+    )
+    return kernel(x, mask, grad.contiguous())  # the Triton kernel reads grad flat
 
 
 class ActivationStats:
@@ -115,30 +119,31 @@ def squared_relu_sparsify(x: torch.Tensor, pattern, stats: ActivationStats):
     return _SquaredReLUSparsify.apply(x, pattern, stats)
 
 
-def is_squared_relu(fn) -> bool:
-    from megatron.core.activations import squared_relu
-
-    return fn is squared_relu
-
-
-def activate_sparse(activation, x, sparsity, stats: ActivationStats):
-    """activation(x) sparsified to `sparsity.activation_pattern`: Squared-ReLU fused with the
-    sparsifier in one pass, any other activation computed first."""
+def activate_sparse(activation, x, sparsity, stats: ActivationStats, is_squared_relu=False):
+    """activation(x) sparsified to `sparsity.activation_pattern`: Squared-ReLU (is_squared_relu, or
+    SparsityConfig(activation_function="squared_relu")) fused with the sparsifier in one pass, any
+    other activation computed first."""
     pattern = sparsity.activation_pattern
-    if sparsity.activation_function == "squared_relu" or is_squared_relu(activation):
+    if sparsity.activation_function == "squared_relu" or is_squared_relu:
         return squared_relu_sparsify(x, pattern, stats)[0]
     return sparsify(activation(x), pattern, stats)[0]
 
 
 class FFNActivationSparsifier:
-    """The activation function `SparseMLP` installs: activation + sparsify with fc2's current config."""
+    """The activation function `SparseMLP` installs: activation + sparsify with fc2's current config.
 
-    def __init__(self, activation, fc2):
+    is_squared_relu: `activation` is Squared-ReLU (the caller knows its framework's function), so
+    it runs fused with the sparsifier; so does any activation under
+    SparsityConfig(activation_function="squared_relu")."""
+
+    def __init__(self, activation, fc2, is_squared_relu: bool = False):
         self.activation = activation
         self.fc2 = fc2
+        self.is_squared_relu = is_squared_relu
 
     def __call__(self, x):
         sparsity = self.fc2.sparsity
         if not sparsity.sparsifies_activations:
             return self.activation(x)
-        return activate_sparse(self.activation, x, sparsity, self.fc2.activation_counter)
+        counter = self.fc2.activation_counter
+        return activate_sparse(self.activation, x, sparsity, counter, self.is_squared_relu)

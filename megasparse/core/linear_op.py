@@ -15,7 +15,8 @@ from megasparse.core.backends import DenseBackend
 from megasparse.core.gradients import gradient_rule
 from megasparse.core.masks import weight_mask  # noqa: F401  (re-exported: the public mask function)
 from megasparse.core.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT, is_2_4
-from megasparse.core.weight_state import WeightStep, pack_mask
+from megasparse.core.masks import pack_mask
+from megasparse.core.weight_state import WeightStep
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The 2:4 weight mask of a tensor: the Triton kernel on CUDA, the torch reference elsewhere."""
+"""The 2:4 weight mask of a tensor (Triton on CUDA, the torch reference elsewhere) and its bit packing."""
 
 import torch
 
@@ -8,6 +8,7 @@ _MASK_KERNELS = {
     "1d": (kernels.mask_1d_triton, kernels.mask_1d_reference),
     "transposable": (kernels.mask_transposable_triton, kernels.mask_transposable_reference),
 }
+_BIT_WEIGHTS = {}  # 1, 2, 4, ... 128 as uint8, per device
 
 
 def weight_mask(
@@ -16,10 +17,7 @@ def weight_mask(
     """The 2:4 mask of `weight` ([out, in]) as a bool tensor of the same shape."""
     if nonfinite == "error":
         check_finite(weight)
-    triton_kernel, reference = _MASK_KERNELS[kind]
-    if weight.is_cuda and kernels.HAVE_TRITON:
-        return triton_kernel(weight)
-    return reference(weight)
+    return kernels.pick(*_MASK_KERNELS[kind], weight)(weight)
 
 
 def check_finite(weight: torch.Tensor) -> None:
@@ -44,3 +42,24 @@ def follows_pattern(mask: torch.Tensor, kind: str = "1d") -> bool:
     if kind == "transposable":
         ok = ok & (kept.reshape(rows // 4, 4, cols).sum(1) == 2).all()
     return bool(ok)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bits, 8 elements per byte (the flattened tensor, zero-padded)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    key = mask.device
+    if key not in _BIT_WEIGHTS:
+        _BIT_WEIGHTS[key] = 2 ** torch.arange(8, device=mask.device, dtype=torch.uint8)
+    return (flat.view(-1, 8).to(torch.uint8) * _BIT_WEIGHTS[key]).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, shape) -> torch.Tensor:
+    """The bool tensor of `shape` that `pack_mask` packed into `bits`."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(-1)[:numel].reshape(shape)

@@ -1,4 +1,4 @@
-"""Minimum-variance unbiased 2:4 pruning of a tensor (for the output gradient of the wgrad GEMM).
+"""Minimum-variance unbiased 2:4 pruning (for the wgrad GEMM's output gradient) and its per-step seeds.
 
 Chmiel, Hubara, Banner, Soudry, "Minimum variance unbiased N:M sparsity for the neural
 gradients", ICLR 2023 (arXiv:2203.10991). The neural gradient dY must be pruned *unbiasedly*
@@ -30,9 +30,13 @@ not of minimum variance. Its older `legacy.MVUE24` writes S/2 also in the 2 a_ma
 which is biased there; this module writes a_max and T in that case.
 """
 
+import itertools
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+
+_WEIGHT_INDEX = itertools.count()  # each weight's index in its seeds (construction order)
 
 
 def mvue24_probabilities(groups: torch.Tensor) -> torch.Tensor:
@@ -121,3 +125,25 @@ def mvue_weight_grad(
     if pruned.dtype in (torch.float16, torch.bfloat16):
         return torch.mm(pruned.t().float(), x2d.float())
     return pruned.t() @ x2d
+
+
+# --- the draws' seeds: reproducible, one generator per weight and step, no host sync ----------
+
+
+def next_weight_index() -> int:
+    """A new weight's index in its MVUE seeds (weights are numbered in construction order)."""
+    return next(_WEIGHT_INDEX)
+
+
+def step_seed(wgrad_seed, weight_index: int, step: int) -> int:
+    """The seed of one weight's MVUE draws in one optimizer step: from (wgrad_seed, global rank,
+    weight index, step count), so every rank, weight and step draws differently."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return hash((wgrad_seed, rank, weight_index, step)) & (2**63 - 1)
+
+
+def seeded_generator(device, seed: Optional[int]) -> torch.Generator:
+    """A torch.Generator on `device` seeded with `seed` (None: 0)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0 if seed is None else seed)
+    return generator

@@ -92,6 +92,8 @@ class SparseModuleMixin:
             raise ValueError("megasparse: that tensor is not one of this module's expert weights")
         if not self.sparsity.prunes_weights:
             return torch.ones_like(weight, dtype=torch.bool)
+        if own:  # the rule of this module's state (its mask source under FP8 quantize-then-prune)
+            return own[0][1].mask_of(weight, self.sparsity)
         return compute_mask(weight, self.sparsity)
 
     def sparsity_stats(self) -> dict:

@@ -32,44 +32,46 @@ rebuilds the state in between). The step count is saved with held masks in check
 Under CUDA graph capture every module that could compute sparse in some phase refuses to run,
 in a dense phase too (a replay would neither rebuild the state nor notice sparsity turning on).
 
-This module is the only copy of the mask policy (`compute_mask`) and of held-mask checkpoint I/O;
-every sparse module (local and TE linears, experts, FP8) goes through it.
+This module is the only copy of the mask policy (`compute_mask`); every sparse module (local and
+TE linears, experts, FP8) goes through it. The layer gives what depends on its framework:
+`mask_source` (FP8 quantize-then-prune takes the mask of the layer's e4m3 values of W) and
+`process_group` (the tensor-parallel group S-STE's beta is summed over).
+Checkpoint I/O of held masks: megasparse.core.weight_checkpoint.
 
-Training-quality pieces (each marked "quality" below, all off unless the config asks):
+What the config can add to a step, all off by default:
 - S-STE (gradient="sste", Hu, Zhu, Chen, NeurIPS 2024): the step's forward weight is
   beta * S(W) (megasparse.core.gradients.SsteRule) instead of W*M; same hard mask M (the
   support of S(W) lies inside it). beta is computed once per weight, at its first sparse
   forward (so after a dense warm-up, from the warmed-up weight), summed over the weight's
-  tensor-parallel group (`SparseWeightState.tp_group`, else Megatron's TP group of the
-  weight: TP-invariant), and saved in the extra state (`extra_state` / `restore_extra_state`).
+  tensor-parallel group (so it is the same at every TP size), and saved in the checkpoint.
 - MVUE weight gradients (wgrad_sparsity="mvue"): `WeightStep.wgrad_generator()` is a
-  torch.Generator on the weight's device, seeded once per step from (wgrad_seed, global rank,
-  weight index, step count): reproducible, no host sync.
-- Flip rate (track_flip_rate, Hu et al., ICML 2024): at every mask computation the new bits
-  are XOR-ed with the previous mask's and counted on the device (a popcount table): the share
-  of mask entries that changed since the last mask (`flip_rate`, a 0-dim tensor).
+  torch.Generator on the weight's device, seeded once per step (megasparse.core.mvue.step_seed):
+  reproducible, no host sync.
+- Flip rate (track_flip_rate): the share of mask entries that changed since the last mask
+  (megasparse.core.mask_flips; `flip_rate`, a 0-dim tensor).
 """
 
 import itertools
 import os
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from megasparse.core import step_clock
+from megasparse.core import mvue, step_clock
 from megasparse.core.backends import _warn_once
 from megasparse.config import _MASK_RULE_FIELDS
 from megasparse.core.gradients import gradient_rule, wgrad_rule
-from megasparse.fp8.scaling import quantized_weight
-from megasparse.core.masks import check_finite, follows_pattern, weight_mask
+from megasparse.core.mask_flips import MaskFlips
+from megasparse.core.masks import check_finite, pack_mask, unpack_mask, weight_mask
+from megasparse.core.weight_checkpoint import WeightCheckpointMixin
 
 VERIFY_ENV = "MEGASPARSE_VERIFY_STATE"
 
-_BIT_WEIGHTS = {}
-_POPCOUNT = {}  # quality: bits set in each uint8 value, per device (flip rate)
-_STATE_INDEX = itertools.count()  # quality: weight index for the MVUE seeds (construction order)
 _CONFIG_SERIALS = itertools.count(1)  # one per SparsityConfig object, never reused (unlike id())
+
+# weight -> the tensor whose 2:4 mask is taken under fp8_order="quantize-then-prune"
+MaskSource = Callable[[torch.Tensor], torch.Tensor]
 
 
 def verify_mode() -> bool:
@@ -119,35 +121,24 @@ class StepTerms:
         self.pending = True
 
 
-def compute_mask(weight: torch.Tensor, sparsity) -> torch.Tensor:
+def compute_mask(
+    weight: torch.Tensor, sparsity, mask_source: Optional[MaskSource] = None
+) -> torch.Tensor:
     """The 2:4 mask the config's rule gives for `weight` (bool, shaped like it).
-    FP8 quantize-then-prune: the mask of the e4m3 values of W (megasparse.fp8.linear)."""
+    FP8 quantize-then-prune: the mask of mask_source(W), the layer's e4m3 values of W
+    (megasparse.fp8.scaling.quantized_weight)."""
     weight = weight.detach()
     if getattr(sparsity, "fp8_order", None) == "quantize-then-prune":
+        if mask_source is None:
+            raise ValueError(
+                "megasparse: fp8_order='quantize-then-prune' takes the 2:4 mask of the FP8 "
+                "values of the weight, but this weight state has no mask_source; build it as "
+                "SparseWeightState(mask_source=megasparse.fp8.scaling.quantized_weight)"
+            )
         if sparsity.nonfinite_weights == "error":  # saturation would hide an Inf
             check_finite(weight)
-        weight = quantized_weight(weight)
+        weight = mask_source(weight)
     return weight_mask(weight, sparsity.mask, sparsity.nonfinite_weights)
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as uint8 bits, 8 elements per byte (the flattened tensor, zero-padded)."""
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    key = mask.device
-    if key not in _BIT_WEIGHTS:
-        _BIT_WEIGHTS[key] = 2 ** torch.arange(8, device=mask.device, dtype=torch.uint8)
-    return (flat.view(-1, 8).to(torch.uint8) * _BIT_WEIGHTS[key]).sum(-1, dtype=torch.uint8)
-
-
-def unpack_mask(bits: torch.Tensor, shape) -> torch.Tensor:
-    numel = 1
-    for size in shape:
-        numel *= size
-    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
-    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(-1)[:numel].reshape(shape)
 
 
 class WeightStep:
@@ -198,11 +189,9 @@ class WeightStep:
         return self.rule.forward_weight(self)  # W*M; S-STE: beta * S(W)
 
     def wgrad_generator(self) -> torch.Generator:
-        """quality: this step's generator of MVUE draws (created and seeded once per step)."""
+        """This step's generator of MVUE draws (created and seeded once per step)."""
         if self._wgrad_generator is None:
-            generator = torch.Generator(device=self.weight.device)
-            generator.manual_seed(0 if self.wgrad_seed is None else self.wgrad_seed)
-            self._wgrad_generator = generator
+            self._wgrad_generator = mvue.seeded_generator(self.weight.device, self.wgrad_seed)
         return self._wgrad_generator
 
     def dense(self, hold: bool = False) -> torch.Tensor:
@@ -303,10 +292,23 @@ _CAPTURE_ERROR = (
 )
 
 
-class SparseWeightState:
-    """The per-step state of one weight of a sparse module (see the module docstring)."""
+class SparseWeightState(WeightCheckpointMixin):
+    """The per-step state of one weight of a sparse module (see the module docstring).
 
-    def __init__(self):
+    mask_source: under fp8_order="quantize-then-prune", weight -> the tensor the 2:4 mask is
+      taken of (FP8 layers pass megasparse.fp8.scaling.quantized_weight).
+    process_group: the group S-STE's beta is summed over (the weight's tensor-parallel group),
+      or a callable weight -> that group, asked at the first sparse forward; None: this rank's
+      weight alone.
+    """
+
+    def __init__(
+        self,
+        mask_source: Optional[MaskSource] = None,
+        process_group: Union[None, dist.ProcessGroup, Callable] = None,
+    ):
+        self.mask_source = mask_source
+        self.process_group = process_group
         self.held_mask_bits = None  # held masks (mask_refresh_interval > 1)
         self._held_since_switch = False  # a held mask was computed since the last train()/eval()
         self.held_shape = None
@@ -322,14 +324,24 @@ class SparseWeightState:
         self._mask_key = None
         self._rule = None
         self._step: Optional[WeightStep] = None
-        # quality (see the module docstring)
-        self.index = next(_STATE_INDEX)
-        self.tp_group = None  # S-STE's beta is summed over it (None: Megatron's TP group)
+        self.index = mvue.next_weight_index()  # this weight's index in its MVUE seeds
         self.sste_beta: Optional[torch.Tensor] = None
-        self.flip_prev_bits = None
-        self.flip_rate: Optional[torch.Tensor] = None  # share changed at the last mask
-        self.flip_step = None  # the step count of that mask
-        self._flip_shape = None
+        self.flips = MaskFlips()  # track_flip_rate
+
+    @property
+    def flip_rate(self) -> Optional[torch.Tensor]:
+        """Share of mask entries changed at the last mask computation (0-dim; None before two)."""
+        return self.flips.rate
+
+    @property
+    def flip_step(self) -> Optional[int]:
+        """The step count of the mask `flip_rate` was measured at."""
+        return self.flips.step
+
+    @property
+    def flip_prev_bits(self) -> Optional[torch.Tensor]:
+        """The last mask computed while tracking flips (packed bits)."""
+        return self.flips.prev_bits
 
     # --- step boundaries ------------------------------------------------------------------
 
@@ -356,6 +368,12 @@ class SparseWeightState:
         refresh step; a held mask computed in training stays held through validation."""
         self.invalidate(drop_held_mask=training and self._held_since_switch)
         self._held_since_switch = False
+
+    def resume_step_count(self, step_count: int) -> None:
+        """Count steps on from `step_count` (a restored checkpoint's), with nothing pending."""
+        self.steps = int(step_count)
+        self._watch.reset()  # the saved count includes a step taken since the last use
+        self._terms, self._terms_before_owner = StepTerms(), 0
 
     def step_count(self) -> int:
         """The step count the next use will see (a boundary since the last use included)."""
@@ -478,19 +496,18 @@ class SparseWeightState:
                 "(`with torch.no_grad(): p.copy_(ema)`), which bumps the version counter."
             )
 
-    # --- quality: S-STE's beta, MVUE seeds, flip rate ------------------------------------------
+    # --- what the config adds to a step: S-STE's beta, MVUE seeds, flip rate -------------------
 
     def _new_step(self, weight, bits, backend, transposable, hold, sparsity) -> WeightStep:
         beta = None
         rule = gradient_rule(sparsity)
         if bits is not None and rule.fixed_scale:
             if self.sste_beta is None:  # the first sparse forward: fixed from now on
-                self.sste_beta = rule.scale(weight, _tp_group_of(weight, self.tp_group))
+                self.sste_beta = rule.scale(weight, self._sum_group(weight))
             beta = self.sste_beta.to(weight.device)
         seed = None
         if sparsity.wgrad_sparsity is not None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            seed = hash((sparsity.wgrad_seed, rank, self.index, self.steps)) & (2**63 - 1)
+            seed = mvue.step_seed(sparsity.wgrad_seed, self.index, self.steps)
         return WeightStep(
             weight,
             bits,
@@ -503,27 +520,16 @@ class SparseWeightState:
             terms=self._terms,
         )
 
-    def _record_flips(self, bits, shape) -> None:
-        """Share of mask entries that differ from the previous mask's (on the device, no sync)."""
-        prev = self.flip_prev_bits
-        if (
-            prev is not None
-            and prev.shape == bits.shape
-            and prev.device == bits.device
-            and self._flip_shape == tuple(shape)
-        ):
-            table = _POPCOUNT.get(bits.device)
-            if table is None:
-                values = torch.arange(256, device=bits.device)
-                table = sum((values >> k) & 1 for k in range(8)).to(torch.int32)
-                _POPCOUNT[bits.device] = table
-            changed = table[(prev ^ bits).long()].sum(dtype=torch.int64)
-            numel = 1
-            for size in shape:
-                numel *= size
-            self.flip_rate = changed.to(torch.float32) / numel
-            self.flip_step = self.steps
-        self.flip_prev_bits, self._flip_shape = bits, tuple(shape)
+    def _sum_group(self, weight) -> Optional[dist.ProcessGroup]:
+        """The group S-STE's beta is summed over (`process_group`); None for one rank."""
+        group = self.process_group
+        if callable(group):
+            group = group(weight)
+        return group if group is not None and group.size() > 1 else None
+
+    def mask_of(self, weight, sparsity) -> torch.Tensor:
+        """The 2:4 mask the config's rule gives for `weight` now (not held, not cached)."""
+        return compute_mask(weight, sparsity, self.mask_source)
 
     def _mask_bits(self, weight, sparsity):
         interval = sparsity.mask_refresh_interval
@@ -542,9 +548,9 @@ class SparseWeightState:
                 return held
         self._held_unchecked = False
         self.mask_computations += 1
-        bits = pack_mask(compute_mask(weight, sparsity))
-        if sparsity.track_flip_rate:  # quality: flip rate
-            self._record_flips(bits, weight.shape)
+        bits = pack_mask(self.mask_of(weight, sparsity))
+        if sparsity.track_flip_rate:
+            self.flips.record(bits, weight.shape, self.steps)
         if interval > 1:
             self.held_mask_bits, self.held_shape, self.refreshed_at = (
                 bits,
@@ -553,24 +559,6 @@ class SparseWeightState:
             )
             self._held_since_switch = True
         return bits
-
-    def _restored_mask_follows_rule(self, bits, weight, sparsity) -> bool:
-        """A held mask from a checkpoint must be 2:4 under the layer's rule (checked once, one
-        host sync); else it is recomputed from the weight, with a warning."""
-        self._held_unchecked = False
-        mask = unpack_mask(bits, weight.shape)
-        if follows_pattern(mask, sparsity.mask):
-            return True
-        if sparsity.mask == "transposable" and follows_pattern(mask, "1d"):
-            problem = "its transpose is not 2:4 (a 1d mask, e.g. saved by a mask='1d' layer)"
-        else:
-            problem = "some group of 4 along the input dim does not keep exactly 2"
-        _warn_once(
-            f"megasparse: a held mask restored from a checkpoint for a weight "
-            f"{tuple(weight.shape)} is not 2:4 under the layer's rule mask={sparsity.mask!r}: "
-            f"{problem}. It is recomputed from the restored weight now."
-        )
-        return False
 
     def current_mask(self, weight, sparsity) -> torch.Tensor:
         """The bool mask the module computes with now (all True when it computes dense)."""
@@ -581,79 +569,6 @@ class SparseWeightState:
         from megasparse.core.backends import BACKENDS
 
         return self.step(weight, sparsity, BACKENDS["dense"]).mask()
-
-    # --- held masks in checkpoints --------------------------------------------------------
-    # The torch state_dict carries them in the module's `_extra_state` entry (the parent's keys);
-    # dist checkpoints carry them as a tensor sharded like the weight, so TP resharding works.
-
-    def held_mask(self) -> Optional[torch.Tensor]:
-        if self.held_mask_bits is None:
-            return None
-        return unpack_mask(self.held_mask_bits, self.held_shape)
-
-    def extra_state(self, sparsity) -> Optional[dict]:
-        state = {}
-        if sparsity.mask_refresh_interval > 1:  # held masks: where in the interval the run is
-            state["megasparse_step_count"] = self.step_count()
-            if self.held_mask_bits is not None:
-                state["megasparse_held_mask"] = self.held_mask()
-                state["refreshed_at"] = self.refreshed_at
-        if self.sste_beta is not None:  # quality: S-STE's fixed beta
-            state["megasparse_sste_beta"] = self.sste_beta.detach().cpu().clone()
-        return state or None  # None: exactly the parent's value
-
-    def restore_extra_state(self, state, weight) -> None:
-        """Restore what `extra_state` saved (held mask, step count, S-STE's beta); None or {}:
-        nothing saved."""
-        state = state if isinstance(state, dict) else {}
-        self.restore_held_mask(
-            state.get("megasparse_held_mask"),
-            state.get("refreshed_at", 0),
-            weight,
-            state.get("megasparse_step_count"),
-        )
-        beta = state.get("megasparse_sste_beta")
-        self.sste_beta = None if beta is None else torch.as_tensor(beta).clone()
-
-    def restore_held_mask(self, mask, refreshed_at, weight, step_count=None) -> None:
-        """Restore a held mask and the step count from a checkpoint. mask None, or of another
-        shape: the next use recomputes it. step_count None: a checkpoint written before step
-        counts were saved (the count resumes at the mask's refresh step, with a warning)."""
-        self._step = None
-        if step_count is not None:  # the run goes on where it was saved
-            self.steps = int(step_count)
-            self._watch.reset()  # the saved count includes a step taken since the last use
-            self._terms, self._terms_before_owner = StepTerms(), 0
-        if mask is None or weight is None or tuple(mask.shape) != tuple(weight.shape):
-            self.held_mask_bits = None
-            return
-        self.held_mask_bits = pack_mask(mask.to(device=weight.device, dtype=torch.bool))
-        self.held_shape = tuple(weight.shape)
-        self.refreshed_at = int(refreshed_at)
-        if step_count is None:
-            _warn_once(
-                "megasparse: this checkpoint's held masks have no step count (written by an "
-                "older megasparse); the step count resumes at each mask's refresh step, so the "
-                "next mask refresh may come at another step than in the run that saved it. "
-                "Checkpoints saved from now on carry the step count."
-            )
-            self.steps = max(self.steps, self.refreshed_at)  # held until the next refresh point
-        self._rule = None  # a restored mask is not dropped by the first use's rule check
-        self._held_unchecked = True  # but checked against the rule at its first use
-
-    def sharded_entries(self, weight, sparsity) -> dict:
-        """The held-mask tensors for a dist checkpoint (always present for held-mask layers).
-
-        megasparse_refreshed_at is [refreshed_at, step count, 1]; checkpoints written before
-        the step count was saved hold [refreshed_at] and load as [refreshed_at, 0, 0] (its
-        sharded tensor allows a shape mismatch and zero-fills): `parse_refreshed_at`."""
-        held = self.held_mask()
-        if held is None:
-            held = compute_mask(weight, sparsity)
-        return {
-            "megasparse_held_mask": held.to(torch.uint8),
-            "megasparse_refreshed_at": torch.tensor([self.refreshed_at, self.step_count(), 1]),
-        }
 
     def held_bytes(self) -> dict:
         step = {} if self._step is None else self._step.held_bytes()
@@ -667,32 +582,3 @@ class SparseWeightState:
         if self.held_mask_bits is not None:
             step["held_mask"] = _nbytes(self.held_mask_bits)
         return step
-
-
-def parse_refreshed_at(entry):
-    """(refreshed_at, step count or None) from a dist checkpoint's megasparse_refreshed_at."""
-    values = [int(v) for v in entry.reshape(-1).tolist()]
-    has_count = len(values) >= 3 and values[2] == 1
-    return values[0], values[1] if has_count else None
-
-
-def _tp_group_of(weight, group):
-    """quality: the group S-STE's beta is summed over: `group`, else Megatron's tensor-parallel
-    group of a weight marked tensor-parallel (the expert TP group for expert weights), else None."""
-    if group is not None:
-        return group if group.size() > 1 else None
-    if not getattr(weight, "tensor_model_parallel", False):
-        return None
-    try:
-        from megatron.core import parallel_state
-    except ImportError:
-        return None
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    if getattr(weight, "allreduce", True) is False and hasattr(
-        parallel_state, "get_expert_tensor_parallel_group"
-    ):
-        group = parallel_state.get_expert_tensor_parallel_group(check_initialized=False)
-    else:
-        group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
-    return group if group is not None and group.size() > 1 else None

@@ -18,6 +18,7 @@ from megasparse.core.backends import BACKENDS
 from megasparse.core.sparse_module import SparseModuleMixin
 from megasparse.core.weight_state import SparseWeightState
 from megasparse.fp8.linear import check_shard_shape, fp8_sparse_linear_step, local_plan
+from megasparse.fp8.scaling import quantized_weight
 
 
 class Fp8SparseLinear(SparseModuleMixin, torch.nn.Module):
@@ -49,7 +50,7 @@ class Fp8SparseLinear(SparseModuleMixin, torch.nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = torch.nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.weight_state = SparseWeightState()
+        self.weight_state = SparseWeightState(mask_source=quantized_weight)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

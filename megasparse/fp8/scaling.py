@@ -70,8 +70,7 @@ def fp8_cast(
             a = kernels.amax_reference(t).reshape(amax.shape)
             amax.copy_(torch.maximum(amax, a))
         return q, pad_rows(q).t().contiguous() if transpose else None
-    triton_kernel, reference = _CAST_KERNEL
-    kernel = triton_kernel if t.is_cuda and kernels.HAVE_TRITON else reference
+    kernel = kernels.pick(*_CAST_KERNEL, t)
     if amax is None:
         return kernel(t, scale, dtype, transpose)
     return kernel(t, scale, dtype, transpose, amax)

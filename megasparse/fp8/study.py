@@ -18,8 +18,8 @@ from typing import Optional
 
 from megasparse.config import FP8_ORDERS, Fp8Order, SparsityConfig
 from megasparse.core.backends import BACKENDS
-from megasparse.core.masks import weight_mask
-from megasparse.core.weight_state import WeightStep, pack_mask
+from megasparse.core.masks import pack_mask, weight_mask
+from megasparse.core.weight_state import WeightStep
 from megasparse.fp8 import gemm
 from megasparse.fp8.linear import Fp8LinearPlan, fp8_sparse_linear_step
 from megasparse.fp8.scaling import E4M3, Fp8Recipe, amax_of, quantize_with, scale_from_amax

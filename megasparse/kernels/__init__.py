@@ -8,6 +8,7 @@ from . import mask_transposable as _mask_transposable
 from . import squared_relu_backward as _squared_relu_backward
 from .activation_sparsify import activation_sparsify_reference, activation_sparsify_triton
 from .common import HAVE_TRITON, magnitude
+from .dispatch import pick
 from .fp8_cast import amax_reference, fp8_cast_reference, fp8_cast_triton
 from .mask_1d import mask_1d_reference, mask_1d_triton
 from .mask_transposable import (
@@ -39,6 +40,7 @@ def compile_specs(dtype):
 __all__ = [
     "HAVE_TRITON",
     "compile_specs",
+    "pick",
     "magnitude",
     "mask_1d_reference",
     "mask_1d_triton",

@@ -10,6 +10,7 @@ the grouped path skips.
 import torch
 
 from megasparse.core.activation_sparsity import activate_sparse
+from megasparse.megatron.mlp import is_squared_relu
 from megasparse.core.linear_op import masked_weight
 
 
@@ -145,13 +146,14 @@ def grouped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config
 
 def sparse_activation(plain_activation, fc2_sparsity):
     """activation(h, tokens_per_expert, stats) for grouped experts: fused with the sparsifier when asked."""
+    squared_relu = is_squared_relu(plain_activation)
 
     def run(h, tokens_per_expert, stats):
         if not fc2_sparsity.sparsifies_activations:
             return plain_activation(h)
 
         def one(chunk):
-            return activate_sparse(plain_activation, chunk, fc2_sparsity, stats)
+            return activate_sparse(plain_activation, chunk, fc2_sparsity, stats, squared_relu)
 
         if fc2_sparsity.activation_pattern[1] == 4:  # 2:4 is per token: all experts in one pass
             return one(h)

@@ -7,6 +7,7 @@ Megatron's mappings (sequence-parallel all-gather / reduce-scatter, dgrad all-re
 """
 
 import contextlib
+import functools
 import inspect
 import weakref
 from typing import Optional
@@ -23,14 +24,13 @@ from megasparse.core.backends import BACKENDS, check_backend_static, resolve_bac
 from megasparse.config import SparsityConfig
 from megasparse.core.sparse_module import SparseModuleMixin
 from megasparse.fp8 import linear as fp8_linear
+from megasparse.fp8.scaling import quantized_weight
+from megasparse.megatron.tp_group import weight_tp_group
 from megasparse.core import speed_gate
 from megasparse.core.linear_op import LinearPlan, sparse_linear_step
 from megasparse.core.sparse_operand import is_2_4, sparse_pattern
-from megasparse.core.weight_state import (
-    SparseWeightState,
-    parse_refreshed_at,
-    refuse_graph_capture,
-)
+from megasparse.core.weight_checkpoint import parse_refreshed_at
+from megasparse.core.weight_state import SparseWeightState, refuse_graph_capture
 
 ALL_ROLES = speed_gate.ROLES
 
@@ -75,10 +75,10 @@ class _SparseLinearMixin(SparseModuleMixin):
                 f"megasparse: {type(self).__name__} does not support GTP weight rematerialization "
                 f"(gtp_remat_size={self.gtp_remat_size}); disable it for sparse layers"
             )
-        self.weight_state = SparseWeightState()
-        self.weight_state.tp_group = (
-            self.tp_group
-        )  # S-STE's beta is summed over the layer's TP group
+        self.weight_state = SparseWeightState(
+            mask_source=quantized_weight,  # fp8_order="quantize-then-prune" masks the e4m3 W
+            process_group=functools.partial(weight_tp_group, group=self.tp_group),  # S-STE's beta
+        )
         self._dist_checkpointing = False
         self._backends = {}
         if self.weight is not None and self.sparsity.weights is not None:

@@ -13,6 +13,7 @@ Activations Megatron computes elsewhere (gated linear units, fused bias-GeLU/Swi
 activations) are still sparsified by fc2 itself, unfused, and their loss shows in the stats.
 """
 
+from megatron.core.activations import squared_relu
 from megatron.core.transformer.mlp import MLP
 
 from megasparse.core.activation_sparsity import FFNActivationSparsifier
@@ -26,10 +27,18 @@ def install_activation_sparsity(mlp: MLP) -> None:
     if isinstance(fc2, SparseRowParallelLinear) and not isinstance(
         mlp.activation_func, FFNActivationSparsifier
     ):
-        mlp.activation_func = FFNActivationSparsifier(mlp.activation_func, fc2)
+        activation = mlp.activation_func
+        mlp.activation_func = FFNActivationSparsifier(
+            activation, fc2, is_squared_relu=is_squared_relu(activation)
+        )
         fc2.input_sparsified_upstream = True
         if isinstance(fc1, SparseColumnParallelLinear):
             fc1.feeds_sparse_activation_of(fc2)  # fc1 reads fc2's current config at every forward
+
+
+def is_squared_relu(fn) -> bool:
+    """Whether `fn` is Megatron's Squared-ReLU (fused with the sparsifier in one kernel pass)."""
+    return fn is squared_relu
 
 
 class SparseMLP(MLP):

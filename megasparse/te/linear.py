@@ -31,6 +31,8 @@ from megasparse.core.backends import BACKENDS
 from megasparse.core.linear_op import masked_weight
 from megasparse.core.weight_state import SparseWeightState, refuse_graph_capture
 from megasparse.core.sparse_module import SparseModuleMixin
+from megasparse.fp8.scaling import quantized_weight
+from megasparse.megatron.tp_group import weight_tp_group
 
 _TE_BASES = {
     "SparseTEColumnParallelLinear": "TEColumnParallelLinear",
@@ -72,7 +74,10 @@ class _SparseTEMixin(SparseModuleMixin):
                 "megasparse: sparse TE linears do not support delay_wgrad_compute (TE's delayed wgrad writes "
                 "the gradient onto W*M, not onto the dense master weight); disable it for sparse layers."
             )
-        self.weight_states = [SparseWeightState() for _ in self._sparse_weight_names()]
+        self.weight_states = [
+            SparseWeightState(mask_source=quantized_weight, process_group=weight_tp_group)
+            for _ in self._sparse_weight_names()
+        ]
         for name in self._sparse_weight_names():
             weight = getattr(self, name)
             if self.sparsity.weights is not None:

@@ -201,7 +201,8 @@ def test_fp8_sparse_gemm_has_no_host_sync(monkeypatch, alpha_mode):
 
 
 def _fp8_step(weight, mask_kind):
-    from megasparse.core.weight_state import WeightStep, pack_mask
+    from megasparse.core.masks import pack_mask
+    from megasparse.core.weight_state import WeightStep
 
     mask = torch.empty(weight.shape, device="meta", dtype=torch.bool)
     return WeightStep(weight, pack_mask(mask), BACKENDS["dense"], mask_kind == "transposable", True)

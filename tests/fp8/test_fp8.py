@@ -20,6 +20,7 @@ from megasparse.fp8.scaling import (
     Fp8Recipe,
     TeQuantizerScaler,
     quantize_with,
+    quantized_weight,
     scale_from_amax,
 )
 from megasparse.fp8.study import Fp8NumericsStudy, sparse_fp8_weight
@@ -539,7 +540,8 @@ def test_numerics_tool_reports_the_training_paths_weight_error(order):
 
     w = _w((64, 128), 12)
     cfg = SparsityConfig(gradient="ste", fp8="hybrid", fp8_order=order)
-    step = SparseWeightState().step(w, cfg, BACKENDS["dense"])
+    state = SparseWeightState(mask_source=quantized_weight)  # as the FP8 layers build it
+    step = state.step(w, cfg, BACKENDS["dense"])
     wq = fp8_linear.fp8_weight(step, use_cusparselt=False, order=order)
     pruned = (w * step.mask()).double()
     err = ((wq.forward.double() * wq.scale_inv.double() - pruned).norm() / pruned.norm()).item()
