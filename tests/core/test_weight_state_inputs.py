@@ -8,7 +8,7 @@ import torch
 
 from megasparse import SparsityConfig, kernels
 from megasparse.core.backends import BACKENDS
-from megasparse.core.gradient_rules import sste_scale
+from megasparse.core.gradients import sste_scale
 from megasparse.core.masks import weight_mask
 from megasparse.core.weight_state import SparseWeightState
 
