@@ -117,7 +117,7 @@ def test_numerics_study_runs_the_training_op(order):
     w, x = _w((64, 128), 14).requires_grad_(True), _w((21, 128), 15)
     y = Fp8NumericsStudy(order=order)(x, w)
     cfg = SparsityConfig(fp8="hybrid", fp8_order=order)
-    step = SparseWeightState().step(w, cfg, BACKENDS["dense"])
+    step = SparseWeightState(mask_source=quantized_weight).step(w, cfg, BACKENDS["dense"])
     plan = fp8_linear.default_plan(order=order)
     assert torch.equal(y, fp8_linear.fp8_sparse_linear_step(x, w, None, step, plan))
     assert type(y.grad_fn).__name__ == "_Fp8SparseLinearBackward"
