@@ -60,7 +60,7 @@ import torch.distributed as dist
 
 from megasparse.core import mvue, step_clock
 from megasparse.core.backends import _warn_once
-from megasparse.config import _MASK_RULE_FIELDS
+from megasparse.config import _MASK_RULE_FIELDS, Fp8Order
 from megasparse.core.gradients import gradient_rule, wgrad_rule
 from megasparse.core.mask_flips import MaskFlips
 from megasparse.core.masks import check_finite, pack_mask, unpack_mask, weight_mask
@@ -128,7 +128,7 @@ def compute_mask(
     FP8 quantize-then-prune: the mask of mask_source(W), the layer's e4m3 values of W
     (megasparse.fp8.scaling.quantized_weight)."""
     weight = weight.detach()
-    if getattr(sparsity, "fp8_order", None) == "quantize-then-prune":
+    if getattr(sparsity, "fp8_order", None) == Fp8Order.QUANTIZE_THEN_PRUNE:
         if mask_source is None:
             raise ValueError(
                 "megasparse: fp8_order='quantize-then-prune' takes the 2:4 mask of the FP8 "

@@ -118,12 +118,25 @@ def fp8_weight(
     )
 
 
+@dataclass(frozen=True)
+class _Fp8SavedForBackward:
+    """What the backward needs besides the saved tensors (x's FP8 transpose or x, its scale, W)."""
+
+    step: WeightStep
+    plan: Fp8LinearPlan
+    x_shape: torch.Size
+    x_dtype: torch.dtype
+    empty: bool  # no tokens (an expert without any): no quantization, no GEMM
+    has_bias: bool
+    main_grad: Optional[torch.Tensor]  # Megatron's fused wgrad accumulator, when fused
+
+
 class _Fp8SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, step: WeightStep, plan: Fp8LinearPlan):
         x2d = x.reshape(-1, x.shape[-1])
-        ctx.empty = x2d.shape[0] == 0  # e.g. an expert without tokens: no quantization, no GEMM
-        if ctx.empty:
+        empty = x2d.shape[0] == 0
+        if empty:
             y, saved_x, x_si = x2d.new_empty(0, weight.shape[0], dtype=plan.out_dtype), None, None
         else:
             wq = fp8_weight(step, plan.use_cusparselt, plan.order, plan.weight_scale)
@@ -136,26 +149,28 @@ class _Fp8SparseLinear(torch.autograd.Function):
             )
             saved_x = x_q_t if plan.fp8_wgrad else x2d  # [in, tokens padded to 16] e4m3, or x
         ctx.save_for_backward(saved_x, x_si, weight)
-        ctx.step, ctx.plan, ctx.x_shape, ctx.x_dtype = step, plan, x.shape, x.dtype
-        ctx.has_bias = bias is not None
         fused = plan.gradient_accumulation_fusion
-        ctx.main_grad = getattr(weight, "main_grad", None) if fused else None
+        main_grad = getattr(weight, "main_grad", None) if fused else None
+        ctx.saved = _Fp8SavedForBackward(
+            step, plan, x.shape, x.dtype, empty, bias is not None, main_grad
+        )
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         saved_x, x_si, weight = ctx.saved_tensors
-        step, plan = ctx.step, ctx.plan
+        saved = ctx.saved
+        step, plan = saved.step, saved.plan
         dy2d = dy.reshape(-1, dy.shape[-1])
         grad_x = grad_w = grad_b = None
         wgrad_t = plan.fp8_wgrad and ctx.needs_input_grad[1]  # the FP8 wgrad takes dY^T
         dy_q_t = dy_si = None  # the wgrad's dY operand, when a cast below already made it
-        if ctx.empty:  # no tokens: zero gradients (the weight still gets its per-step terms)
-            grad_x = dy.new_zeros(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        if saved.empty:  # no tokens: zero gradients (the weight still gets its per-step terms)
+            grad_x = dy.new_zeros(saved.x_shape) if ctx.needs_input_grad[0] else None
         elif ctx.needs_input_grad[0]:
             wq = fp8_weight(step, plan.use_cusparselt, plan.order, plan.weight_scale)
             if not plan.fp8_dgrad:  # in x's precision on the weight the forward used
-                grad_x = dy2d.to(ctx.x_dtype) @ wq.dequantized().to(ctx.x_dtype)
+                grad_x = dy2d.to(saved.x_dtype) @ wq.dequantized().to(saved.x_dtype)
             elif wq.sparse_t:  # (W*M)^T is 2:4: the input gradient is a 2:4 GEMM too
                 if plan.dgrad_scaler is None:  # the gradient format is e4m3: one cast for both
                     d_q, d_si, dy_q_t = quantize(plan.grad_scaler, dy2d, wgrad_t)
@@ -177,20 +192,20 @@ class _Fp8SparseLinear(torch.autograd.Function):
                 grad_x = fp8_gemm.dense_fp8_mm(
                     dy_q, dy_si, wq.backward, wq.scale_inv, plan.out_dtype
                 )
-            grad_x = grad_x.reshape(ctx.x_shape)
+            grad_x = grad_x.reshape(saved.x_shape)
         if ctx.needs_input_grad[1]:
-            if ctx.empty:
+            if saved.empty:
                 grad32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             else:
                 grad32 = _weight_grad(dy2d, dy_q_t, dy_si, saved_x, x_si, plan)
-            if ctx.main_grad is not None:
-                weight.main_grad = ctx.main_grad
+            if saved.main_grad is not None:
+                weight.main_grad = saved.main_grad
                 grad = step.rule.dense_gradient(grad32, weight, step)
-                ctx.main_grad.add_(grad.to(ctx.main_grad.dtype))
+                saved.main_grad.add_(grad.to(saved.main_grad.dtype))
                 grad_w = gradient_went_to_main_grad(weight, dy.dtype)
             else:
                 grad_w = step.rule.dense_gradient(grad32, weight, step).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if saved.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy2d.sum(dim=0)
         return grad_x, grad_w, grad_b, None, None
 

@@ -27,6 +27,7 @@ from megasparse.fp8 import linear as fp8_linear
 from megasparse.fp8.scaling import quantized_weight
 from megasparse.megatron.tp_group import weight_tp_group
 from megasparse.core import speed_gate
+from megasparse.core.gradients import gradient_rule
 from megasparse.core.linear_op import LinearPlan, sparse_linear_step
 from megasparse.core.sparse_operand import is_2_4, sparse_pattern
 from megasparse.core.weight_checkpoint import parse_refreshed_at
@@ -142,9 +143,7 @@ class _SparseLinearMixin(SparseModuleMixin):
                 self.sparsity.mask_refresh_interval > 1
             ):  # always present, so loading asks for it too
                 extra.update(self.weight_state.sharded_entries(self.weight, self.sparsity))
-            if (
-                self.sparsity.gradient == "sste"
-            ):  # S-STE's fixed beta, replicated (NaN: not fixed yet)
+            if gradient_rule(self.sparsity).fixed_scale:  # S-STE's beta, replicated (NaN: not yet)
                 beta = self.weight_state.sste_beta
                 extra["megasparse_sste_beta"] = (  # float64: exact for every weight dtype
                     torch.full((1,), float("nan"), dtype=torch.float64)
