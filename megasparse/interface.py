@@ -1,7 +1,8 @@
 """What every sparse module offers to schedules, specs, stats and printouts: the `SparseModule` protocol.
 
-Implemented by the sparse Megatron linears, the sparse TE linears and the sparse expert modules,
-through megasparse.core.sparse_module.SparseModuleMixin; their statistics: megasparse.stats (megasparse.statistics).
+Implemented through megasparse.core.sparse_module.SparseModuleMixin by the sparse Megatron and TE
+linears, the TE grouped experts and Fp8SparseLinear (the local expert MLPs hold sparse linears);
+their statistics: megasparse.stats (megasparse.statistics).
 """
 
 from typing import Optional, Protocol, runtime_checkable

@@ -162,8 +162,6 @@ class CutlassBackend(_SemiStructuredBackend):
 BACKENDS = {b.name: b for b in (DenseBackend(), CusparseltBackend(), CutlassBackend())}
 AUTO_ORDER = ("cusparselt", "cutlass")
 
-_warn_once = warn_once  # the name megasparse.core.weight_state imports
-
 
 def check_backend_static(name: str, shape, dtype, transposable: bool) -> None:
     """Construction-time check of an explicitly chosen GPU backend: a clear error naming the fix."""

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from megasparse.core.backends import _warn_once
+from megasparse.core.warn import warn_once
 from megasparse.core.masks import follows_pattern, pack_mask, unpack_mask
 
 
@@ -64,7 +64,7 @@ class WeightCheckpointMixin:
         self.held_shape = tuple(weight.shape)
         self.refreshed_at = int(refreshed_at)
         if step_count is None:
-            _warn_once(
+            warn_once(
                 "megasparse: this checkpoint's held masks have no step count (written by an "
                 "older megasparse); the step count resumes at each mask's refresh step, so the "
                 "next mask refresh may come at another step than in the run that saved it. "
@@ -99,7 +99,7 @@ class WeightCheckpointMixin:
             problem = "its transpose is not 2:4 (a 1d mask, e.g. saved by a mask='1d' layer)"
         else:
             problem = "some group of 4 along the input dim does not keep exactly 2"
-        _warn_once(
+        warn_once(
             f"megasparse: a held mask restored from a checkpoint for a weight "
             f"{tuple(weight.shape)} is not 2:4 under the layer's rule mask={sparsity.mask!r}: "
             f"{problem}. It is recomputed from the restored weight now."

@@ -8,7 +8,7 @@ micro-batch's forward, backward and recompute in that step (a `WeightStep`):
 - the input-gradient operand: the compressed (W*M)^T for transposable masks, W*M for 1d masks;
   held for the step or rebuilt in each backward (`SparsityConfig.hold_backward_weight`).
 
-The step-boundary rule (also in the README). The state is rebuilt from the current weight at the
+The step-boundary rule (also in docs/weight-state.md). The state is rebuilt from the current weight at the
 first use after
 1. a step of the weight's own optimizer: a `torch.optim` optimizer whose param groups hold the
    weight, its `main_param` (Megatron's fp32 main copy) or a view of it (megasparse.core.step_clock;
@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 from megasparse.core import mvue, step_clock
-from megasparse.core.backends import _warn_once
+from megasparse.core.warn import warn_once
 from megasparse.config import _MASK_RULE_FIELDS, Fp8Order
 from megasparse.core.gradients import gradient_rule, wgrad_rule
 from megasparse.core.mask_flips import MaskFlips
@@ -451,7 +451,7 @@ class SparseWeightState(WeightCheckpointMixin):
         self.steps = max(self.steps - guessed, 0)
         self.refreshed_at = min(self.refreshed_at, self.steps)
         if added > 1 and gradient_rule(sparsity).per_step_term:
-            _warn_once(
+            warn_once(
                 f"megasparse: another optimizer stepped between micro-batches of a step before the "
                 f"optimizer of a sparse weight had stepped once (megasparse learns which optimizer "
                 f"owns a weight at that optimizer's first step), so the {sparsity.gradient} term "
@@ -466,7 +466,7 @@ class SparseWeightState(WeightCheckpointMixin):
             gradient_rule(sparsity).per_step_term or sparsity.mask_refresh_interval > 1
         ):
             return
-        _warn_once(
+        warn_once(
             "megasparse: no optimizer that has stepped holds a sparse weight "
             f"{tuple(weight.shape)} (nor its main_param): e.g. Megatron's distributed optimizer "
             "on a rank without a shard of it, or an optimizer that keeps its own main copies. So "

@@ -1,1 +1,1 @@
-"""megasparse.megatron: Megatron layers, MLPs, experts (+ grouped GEMMs), the module mixin, stats, schedule, flags."""
+"""megasparse.megatron: Megatron layers, MLPs, experts (+ grouped GEMMs), the sparsity schedule, flags."""

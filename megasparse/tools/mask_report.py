@@ -1,4 +1,4 @@
-"""How much |W| each 2:4 mask keeps on Gaussian weights (the README's numbers).
+"""How much |W| each 2:4 mask keeps on Gaussian weights (the numbers in docs/numerics.md).
 
 python -m megasparse.tools.mask_report [--size 2048] [--seed 0]
 """
