@@ -1,9 +1,9 @@
 """SparseModuleMixin: what every sparse module does alike (config intake, masks, stats, iteration, reset, repr).
 
-Used by the local linears (megasparse.megatron.layers), the TE linears (megasparse.te.linear) and
-the TE experts (megasparse.te.experts) and the FP8 layer (megasparse.fp8.layer). A module names its pruned weights and their per-step
-states in `sparse_weights()`; a module whose children hold them (experts) names the children in
-`_sparse_children()`. Everything else here works from those two.
+Used by the local linears (megasparse.megatron.layers), the TE linears (megasparse.te.linear), the
+TE experts (megasparse.te.experts) and the FP8 layer (megasparse.fp8.layer). A module names its
+pruned weights and their per-step states in `sparse_weights()`; a module whose children hold them
+(experts) names the children in `_sparse_children()`. Everything else here works from those two.
 """
 
 import dataclasses
