@@ -138,8 +138,8 @@ def _sum(tensors):
 
 @torch.no_grad()
 def module_stats(module) -> dict:
-    """kept_weight_l1: share of sum|W| the current masks keep (a 0-dim tensor); state_bytes: what
-    the per-step states hold; weight_bytes.
+    """kept_weight_l1: share of sum|W| the masks last computed with keep (a 0-dim tensor);
+    state_bytes: what the per-step states hold; weight_bytes. Read-only: no step is built.
 
     With `SparsityConfig.track_flip_rate` also (Hu et al., ICML 2024, "Accelerating Transformer
     Pre-training with 2:4 Sparsity", Sec. 4.1): flip_rate, the share of the weights' mask entries
@@ -152,7 +152,9 @@ def module_stats(module) -> dict:
         return {"state_bytes": {}}
     abs_weights = [w.abs() for w, _ in pairs]
     total = _sum([a.sum() for a in abs_weights])
-    kept = _sum([(a * module.sparsity_mask(w)).sum() for a, (w, _) in zip(abs_weights, pairs)])
+    # the masks the states last computed with: reading stats never builds a step
+    masks = [state.last_mask(w, module.sparsity) for w, state in pairs]
+    kept = _sum([(a * mask).sum() for a, mask in zip(abs_weights, masks)])
     # no division by a host-side test of total: where sum|W| = 0 the kept share is 1
     share = torch.where(
         total > 0, kept / total.clamp_min(torch.finfo(total.dtype).tiny), total.new_ones(())

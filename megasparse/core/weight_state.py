@@ -570,6 +570,20 @@ class SparseWeightState(WeightCheckpointMixin):
 
         return self.step(weight, sparsity, BACKENDS["dense"]).mask()
 
+    def last_mask(self, weight, sparsity) -> torch.Tensor:
+        """The mask this state last computed `weight` with (its held mask before the first step,
+        else the rule's mask of `weight`), without building a step: statistics read it between
+        steps and must not cross a step boundary, record a flip or hold a mask taken from a weight
+        that Megatron may still be gathering."""
+        if not sparsity.prunes_weights:
+            return torch.ones_like(weight, dtype=torch.bool)
+        step = self._step
+        if step is not None and step.pruned and step.weight.shape == weight.shape:
+            return step.mask()
+        if self.held_mask_bits is not None and self.held_shape == tuple(weight.shape):
+            return unpack_mask(self.held_mask_bits, weight.shape)
+        return self.mask_of(weight, sparsity)
+
     def held_bytes(self) -> dict:
         step = {} if self._step is None else self._step.held_bytes()
         if (

@@ -86,6 +86,32 @@ def test_stats_match_the_weights_and_masks_in_float64(interval):
 
 
 @pytest.mark.usefixtures("megatron_tp1")
+@pytest.mark.parametrize("interval", [1, 2])
+def test_reading_stats_between_steps_builds_no_step(interval):
+    """Megatron-LM's writer reads the stats before the forward, while the distributed optimizer
+    may still be gathering the weights: the read neither crosses the step boundary nor computes or
+    holds a mask; kept |W| is that of the mask the last forward computed with."""
+    model = _model(interval)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    x = torch.randn(6, 16, dtype=torch.float64)
+    for _ in range(2):
+        opt.zero_grad()
+        _forward(model, x).square().sum().backward()
+        opt.step()
+    states = [model.fc1.weight_state, model.fc2.weight_state]
+    before = [(s.steps, s._step, s.flip_step, s.held_mask_bits, s.refreshed_at) for s in states]
+    last_masks = [s._step.mask() for s in states]
+    stats = megasparse.stats(model)
+    for name, state, mask in zip(("fc1", "fc2"), states, last_masks):
+        w = getattr(model, name).weight.detach()
+        kept = (w.abs() * mask).sum() / w.abs().sum()
+        torch.testing.assert_close(stats[name]["kept_weight_l1"], kept, rtol=1e-12, atol=1e-12)
+    after = [(s.steps, s._step, s.flip_step, s.held_mask_bits, s.refreshed_at) for s in states]
+    assert all(a[0] == b[0] and a[1] is b[1] and a[2] == b[2] for a, b in zip(after, before))
+    assert all(a[3] is b[3] and a[4] == b[4] for a, b in zip(after, before))
+
+
+@pytest.mark.usefixtures("megatron_tp1")
 def test_stats_of_a_dense_phase_and_of_chunks():
     model = _model(1)
     _forward(model, torch.randn(4, 16, dtype=torch.float64))
