@@ -13,7 +13,7 @@ _LAZY = {
     "SparseColumnParallelLinear": "megasparse.megatron.layers",
     "SparseRowParallelLinear": "megasparse.megatron.layers",
     "sparse_linear": "megasparse.core.linear_op",
-    "weight_mask": "megasparse.core.linear_op",
+    "weight_mask": "megasparse.core.masks",
     "SparseMLP": "megasparse.megatron.mlp",
     "SparseSequentialMLP": "megasparse.megatron.experts",
     "SparseGroupedMLP": "megasparse.megatron.experts",

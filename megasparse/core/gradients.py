@@ -218,6 +218,11 @@ class SsteRule(GradientRule):
         return sste_scale(weight, group)
 
     def forward_weight(self, step):
+        if step.sste_beta is None:
+            raise ValueError(
+                "megasparse: S-STE's forward weight beta * S(W) needs beta: build the step with "
+                "sste_beta=sste_scale(weight) (SparseWeightState and sparse_linear do)"
+            )
         return sste_weight(step.weight, step.sste_beta)
 
 

@@ -5,6 +5,7 @@ The GEMMs run on a backend (megasparse.core.backends) with this optimizer step's
 W*M (TE, grouped experts) call `masked_weight`.
 """
 
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -12,10 +13,10 @@ from typing import Optional
 import torch
 
 from megasparse.core.backends import DenseBackend
+from megasparse.core import mvue
 from megasparse.core.gradients import gradient_rule
-from megasparse.core.masks import weight_mask  # noqa: F401  (re-exported: the public mask function)
-from megasparse.core.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT, is_2_4
 from megasparse.core.masks import pack_mask
+from megasparse.core.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT, is_2_4
 from megasparse.core.weight_state import WeightStep
 
 
@@ -137,6 +138,9 @@ def sparse_linear_step(x, weight, bias, step: WeightStep, plan: LinearPlan) -> t
     return _SparseLinear.apply(x, weight, bias, step, plan)
 
 
+_ONE_CALL_INDEX = itertools.count()  # numbers the one-call op's MVUE seeds
+
+
 def sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -149,13 +153,18 @@ def sparse_linear(
 
     sparsity: a SparsityConfig giving the gradient mode and its parameters (gradient, srste_decay,
     masked_decay_factor, wgrad_sparsity); None: "ste". Its mask fields are not read: `mask` is
-    the mask. mask=None runs the dense layer through the same path. Layers use
+    the mask. mask=None runs the dense layer through the same path. One call has no step state:
+    S-STE's beta is computed from this call's weight, and MVUE draws anew at every call (seeded
+    from wgrad_seed and the call's index). Layers use
     `sparse_linear_step` with their per-step state instead, so that the mask and operands are
     built once per step.
     """
     bits = None if mask is None else pack_mask(mask)
     rule = gradient_rule(sparsity)
     beta = rule.scale(weight) if bits is not None and rule.fixed_scale else None
+    seed = None
+    if sparsity is not None and sparsity.wgrad_sparsity is not None:  # fresh draws every call
+        seed = mvue.step_seed(sparsity.wgrad_seed, -1, next(_ONE_CALL_INDEX))
     step = WeightStep(
         weight,
         bits,
@@ -164,6 +173,7 @@ def sparse_linear(
         hold_backward=True,
         sparsity=sparsity,
         sste_beta=beta,
+        wgrad_seed=seed,
     )
     return sparse_linear_step(x, weight, bias, step, plan)
 

@@ -15,6 +15,10 @@ def weight_mask(
     weight: torch.Tensor, kind: str = "1d", nonfinite: str = "propagate"
 ) -> torch.Tensor:
     """The 2:4 mask of `weight` ([out, in]) as a bool tensor of the same shape."""
+    if not isinstance(kind, str) or kind not in _MASK_KERNELS:
+        raise ValueError(
+            f"megasparse: weight_mask(weight, kind) takes kind '1d' or 'transposable', got {kind!r}"
+        )
     if nonfinite == "error":
         check_finite(weight)
     return kernels.pick(*_MASK_KERNELS[kind], weight)(weight)

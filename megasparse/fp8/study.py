@@ -86,10 +86,10 @@ class Fp8NumericsStudy:
             weight.detach(), self.w_scaler.scale, self.mask_kind, self.order
         )
         # a step of this call's own: its mask, no transposed operand (the dgrad is not FP8), and
-        # the gradient rule of `gradient` with zero decay factors
-        rule_config = SparsityConfig(
-            gradient=self.gradient, srste_decay=0.0, masked_decay_factor=0.0
-        )
+        # the gradient rule of `gradient` with zero decay factors. The study's forward weight is
+        # always the FP8 2:4 weight, so sste keeps only its straight-through gradient: ste's
+        gradient = "ste" if self.gradient == "sste" else self.gradient
+        rule_config = SparsityConfig(gradient=gradient, srste_decay=0.0, masked_decay_factor=0.0)
         step = WeightStep(
             weight,
             pack_mask(mask),

@@ -317,7 +317,7 @@ def _fp8_gemm_ratio(hidden, ffn, tokens=16384):
     torch._scaled_mm FP8 dense at the FFN's fc1 shape, or None."""
     from megasparse.fp8 import gemm as fp8_gemm
     from megasparse.fp8.scaling import quantize_with
-    from megasparse.core.linear_op import weight_mask
+    from megasparse.core.masks import weight_mask
 
     if not fp8_gemm.fp8_cusparselt_ok(torch.device("cuda")):
         return None

@@ -130,7 +130,7 @@ class MasterWeights:
 @torch.no_grad()
 def sparsity_stats(model):
     """Across TP ranks: share of |W| the masks keep (sparse layers only) and the FFN activation stats."""
-    from megasparse.core.linear_op import weight_mask
+    from megasparse.core.masks import weight_mask
     from megasparse.megatron.schedule import sparse_modules
 
     kept = total = zeros = act_total = act_dropped = numel = 0.0

@@ -18,7 +18,7 @@ import json
 import torch
 
 from megasparse.config import Fp8Order
-from megasparse.core.linear_op import weight_mask
+from megasparse.core.masks import weight_mask
 from megasparse.fp8.scaling import amax_of, quantize_with, scale_from_amax
 from megasparse.fp8.study import sparse_fp8_weight
 

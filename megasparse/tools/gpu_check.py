@@ -79,7 +79,8 @@ def _cusparselt_bf16_rows(n: int, device="cuda") -> list:
     """cuSPARSELt's bf16 2:4 GEMM, through torch's binding and through megasparse's sparse linear
     (transposable mask: forward W*M and input gradient with (W*M)^T, an expanded dY)."""
     from megasparse.core.backends import BACKENDS
-    from megasparse.core.linear_op import LinearPlan, sparse_linear, weight_mask
+    from megasparse.core.linear_op import LinearPlan, sparse_linear
+    from megasparse.core.masks import weight_mask
 
     backend = BACKENDS["cusparselt"]
     reason = backend.device_reason(torch.device(device))
@@ -120,7 +121,7 @@ def _fp8_rows(n: int, device="cuda") -> list:
     against float64 of the same quantized operands."""
     from megasparse.fp8 import gemm as fp8_gemm
     from megasparse.fp8.scaling import quantize_with, scale_from_amax
-    from megasparse.core.linear_op import weight_mask
+    from megasparse.core.masks import weight_mask
 
     check = f"FP8 e4m3 2:4 (megasparse.fp8.gemm, cuSPARSELt), {n}^3"
     reason = fp8_gemm.fp8_cusparselt_reason(torch.device(device))

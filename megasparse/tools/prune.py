@@ -7,7 +7,7 @@ Reads a Megatron `dist_checkpointing` checkpoint of the demo's GPT (`megasparse.
 the model flags must match it), prunes the `--targets` linears 2:4 along their input dim and
 writes a checkpoint of the same model with the pruned weights in the dense layout (zeros where
 pruned). It loads into the dense model and into the sparse one (`sparsify_spec`): there every
-mask computed from a pruned weight (`megasparse.core.linear_op.weight_mask`, "1d") equals the pruning
+mask computed from a pruned weight (`megasparse.core.masks.weight_mask`, "1d") equals the pruning
 mask. Ties: a pruned group has at most 2 nonzeros, so the magnitude mask keeps them all; only
 where a kept weight is exactly 0 (a zero dense weight, or a dead input column in SparseGPT)
 is "which zero is kept" ambiguous, and then the mask reported is the magnitude mask of the
@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from megasparse.core.linear_op import weight_mask
+from megasparse.core.masks import weight_mask
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 MODULE_NAMES = {

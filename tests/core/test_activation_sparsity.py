@@ -7,7 +7,7 @@ from megatron.core.transformer.mlp import MLP
 
 from megasparse import SparseMLP, SparsityConfig
 from megasparse.core.backends import DenseBackend
-from megasparse.core.linear_op import weight_mask
+from megasparse.core.masks import weight_mask
 from megasparse.core.sparse_operand import GRAD_OUTPUT
 from megatron_helpers import make_config, make_mlp, make_row
 from reference import sparse_mlp_reference

@@ -14,7 +14,8 @@ from megasparse.kernels import (
     mask_transposable_reference,
     mask_transposable_triton,
 )
-from megasparse.core.linear_op import LinearPlan, sparse_linear, weight_mask
+from megasparse.core.linear_op import LinearPlan, sparse_linear
+from megasparse.core.masks import weight_mask
 from reference import masked_linear_reference
 
 pytestmark = pytest.mark.gpu

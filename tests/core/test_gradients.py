@@ -16,7 +16,7 @@ from megasparse.core.gradients import (
     sste_scale,
     sste_weight,
 )
-from megasparse.core.linear_op import weight_mask
+from megasparse.core.masks import weight_mask
 from reference import soft_threshold_reference, sste_beta_reference
 
 

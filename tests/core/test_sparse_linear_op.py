@@ -5,7 +5,8 @@ import torch
 
 from megasparse import SparsityConfig
 from megasparse.core.backends import DenseBackend
-from megasparse.core.linear_op import LinearPlan, sparse_linear, weight_mask
+from megasparse.core.linear_op import LinearPlan, sparse_linear
+from megasparse.core.masks import weight_mask
 from reference import masked_linear_reference
 
 
@@ -75,3 +76,26 @@ def test_nonfinite_weight_errors_when_asked():
     with pytest.raises(FloatingPointError, match="1 NaN/Inf values"):
         weight_mask(w, "1d", nonfinite="error")
     assert weight_mask(w, "1d", nonfinite="propagate")[1, 3]
+
+
+def test_one_call_mvue_draws_anew_per_call_and_follows_wgrad_seed():
+    """The op alone keeps no step state: each call draws its own MVUE sample of dY, seeded from
+    wgrad_seed and the call's index; the draws average to the plain weight gradient."""
+    x, w, b = _inputs(seed=2, shape=(64, 16))
+    mask = weight_mask(w)
+    plan = LinearPlan(DenseBackend())
+    dy = torch.randn(64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def weight_grad(**kw):
+        wr = w.clone().requires_grad_(True)
+        sparse_linear(x, wr, b, mask, plan, SparsityConfig(wgrad_sparsity="mvue", **kw)).backward(
+            dy
+        )
+        return wr.grad
+
+    first, second = weight_grad(wgrad_seed=1), weight_grad(wgrad_seed=1)
+    assert not torch.equal(first, second)  # a new draw per call
+    assert not torch.equal(weight_grad(wgrad_seed=1), weight_grad(wgrad_seed=2))
+    mean = torch.stack([weight_grad(wgrad_seed=3) for _ in range(400)]).mean(0)
+    plain = dy.t() @ x  # the straight-through weight gradient MVUE estimates without bias
+    assert (mean - plain).abs().max() < 0.1 * plain.abs().max()

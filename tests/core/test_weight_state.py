@@ -15,7 +15,7 @@ from megasparse.core import warn
 from megasparse.core import weight_state
 from megasparse.core.backends import DenseBackend
 from megasparse.core.masks import follows_pattern, pack_mask
-from megasparse.core.linear_op import weight_mask
+from megasparse.core.masks import weight_mask
 from megatron_helpers import make_config, make_column, make_mlp, make_row
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")

@@ -7,7 +7,7 @@ import torch
 
 from megasparse.config import Fp8Order, SparsityConfig
 from megasparse.core.backends import BACKENDS
-from megasparse.core.linear_op import weight_mask
+from megasparse.core.masks import weight_mask
 from megasparse.core.weight_state import SparseWeightState
 from megasparse.fp8 import gemm as gemm_ops
 from megasparse.fp8 import linear as fp8_linear
@@ -121,6 +121,19 @@ def test_numerics_study_runs_the_training_op(order):
     plan = fp8_linear.default_plan(order=order)
     assert torch.equal(y, fp8_linear.fp8_sparse_linear_step(x, w, None, step, plan))
     assert type(y.grad_fn).__name__ == "_Fp8SparseLinearBackward"
+
+
+def test_numerics_study_with_sste_runs_the_straight_through_gradient():
+    """The study's forward weight is the FP8 2:4 weight whatever the mode; under sste it keeps
+    S-STE's straight-through gradient, the same as ste's."""
+    w, x = _w((64, 128), 16), _w((21, 128), 17)
+    results = []
+    for gradient in ("sste", "ste"):
+        weight = w.clone().requires_grad_(True)
+        y = Fp8NumericsStudy(gradient=gradient)(x, weight)
+        y.square().sum().backward()
+        results.append((y.detach(), weight.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_delayed_scaling_uses_past_amaxes():

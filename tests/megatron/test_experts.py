@@ -249,7 +249,7 @@ class _PerExpertView:
     """Present a TE-style experts module as local_experts[e].linear_fc{1,2} for the shared reference check."""
 
     def __init__(self, te_experts, masks_kind="1d"):
-        from megasparse.core.linear_op import weight_mask
+        from megasparse.core.masks import weight_mask
 
         class Layer:
             def __init__(self, weight, sparse):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megasparse import SparsityConfig
 from megasparse.megatron.args import add_args, config_from_args
-from megasparse.core.linear_op import weight_mask
+from megasparse.core.masks import weight_mask
 from megatron_helpers import make_column, make_config, make_row
 from reference import soft_threshold_reference, sste_beta_reference
 

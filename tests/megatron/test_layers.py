@@ -6,7 +6,7 @@ import torch
 from megasparse import SparsityConfig
 
 from megasparse.core import warn
-from megasparse.core.linear_op import weight_mask
+from megasparse.core.masks import weight_mask
 from megatron_helpers import make_column, make_config, make_row
 from reference import masked_linear_reference
 

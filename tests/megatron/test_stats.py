@@ -7,7 +7,7 @@ import torch
 
 import megasparse
 from megasparse import SparsityConfig
-from megasparse.core.linear_op import weight_mask
+from megasparse.core.masks import weight_mask
 from megatron_helpers import make_column, make_config, make_row
 
 STEPS = 5

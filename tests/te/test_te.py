@@ -7,7 +7,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear
 
 from megasparse import SparsityConfig
-from megasparse.core.linear_op import weight_mask
+from megasparse.core.masks import weight_mask
 from megasparse.te.linear import sparse_te_class
 from megatron_helpers import make_config
 from reference import masked_linear_reference

@@ -119,7 +119,7 @@ def dense_checkpoint(megatron_tp1, tmp_path_factory):
 
 def test_pruned_checkpoints_order_and_load_into_the_sparse_model(dense_checkpoint, tmp_path):
     from megasparse.config import SparsityConfig
-    from megasparse.core.linear_op import weight_mask
+    from megasparse.core.masks import weight_mask
 
     dense_path, dense_loss = dense_checkpoint
     batches = _val_batches(_model_args())
@@ -250,7 +250,7 @@ def _files(path):
 def test_save_refuses_a_non_empty_directory_unless_overwrite(megatron_tp1, tmp_path, capsys):
     from megatron.core import dist_checkpointing
 
-    from megasparse.core.linear_op import weight_mask
+    from megasparse.core.masks import weight_mask
     from megasparse.tools.gpt_text import build_gpt
 
     ckpt = tmp_path / "dense"
