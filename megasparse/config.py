@@ -223,7 +223,7 @@ class SparsityConfig:
             )
         if self.fp8 is not None and self.wgrad_sparsity is not None:
             raise ValueError(
-                f"SparsityConfig(fp8={self.fp8!r}): the FP8 path's weight-gradient GEMM is TE's "
+                f"SparsityConfig(fp8={self.fp8!r}): the FP8 path's weight-gradient GEMM is a dense "
                 "FP8 GEMM, which does not take the MVUE-pruned dY; set wgrad_sparsity=None"
             )
         if self.fp8_order == Fp8Order.QUANTIZE_THEN_PRUNE and self.gradient == "sste":

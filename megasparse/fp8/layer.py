@@ -61,6 +61,11 @@ class Fp8SparseLinear(SparseModuleMixin, torch.nn.Module):
             torch.nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"megasparse: Fp8SparseLinear({self.in_features}, {self.out_features}) takes inputs "
+                f"[..., {self.in_features}], got {tuple(x.shape)}"
+            )
         step = self.weight_state.step(self.weight, self.sparsity, BACKENDS["dense"])
         plan = local_plan(self.sparsity, self.weight, x)
         return fp8_sparse_linear_step(x, self.weight, self.bias, step, plan)

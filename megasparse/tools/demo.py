@@ -244,7 +244,9 @@ def train_recipe(name, args, data, device):
         if it % args.eval_every == 0 or it == args.steps - 1:
             val_curve.append((it, evaluate(model, val_batches, device)))
         if rank0:
-            steps.set_postfix(loss=f"{curve[-1]:.3f}", phase=phase_label(recipe["sparsity"], phase))
+            steps.set_postfix(
+                loss=f"{curve[-1]:.3f}", phase=phase_label(recipe["sparsity"], phase), refresh=False
+            )
     stats = sparsity_stats(model)
     if sparsity is not None and sparsity.fp8 is not None and sparsity.weights is not None:
         stats["fp8_numerics"] = _fp8_numerics(model, name, sparsity, args)

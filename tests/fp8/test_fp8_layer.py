@@ -82,6 +82,8 @@ def test_fp8_sparse_linear_refuses_what_it_cannot_do():
         megasparse.Fp8SparseLinear(120, 64)
     layer = megasparse.Fp8SparseLinear(128, 64, bias=False)
     assert layer.bias is None and "fp8=hybrid prune-then-quantize" in repr(layer)
+    with pytest.raises(ValueError, match=r"takes inputs \[\.\.\., 128\], got \(4, 64\)"):
+        layer(torch.randn(4, 64))  # not the padded token count of the FP8 GEMM
 
 
 def test_fp8_order_is_one_enum_whose_strings_keep_working():
