@@ -32,7 +32,7 @@ import torch.distributed as dist
 from megasparse.core.gpu_timer import cuda_event_seconds
 from megasparse.core.sparse_operand import WEIGHT
 
-logger = logging.getLogger("megasparse.core.speed_gate")
+logger = logging.getLogger("megasparse.speed_gate")  # the name users filter on
 
 ROLES = ("forward", "input_grad")
 SWITCH_ENV, CACHE_ENV = "MEGASPARSE_SPEED_GATE", "MEGASPARSE_SPEED_GATE_CACHE"

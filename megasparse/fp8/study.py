@@ -8,8 +8,9 @@ coarse grid creates more ties, which the lower-index rule breaks). Either way th
 exactly 2:4.
 
 `Fp8NumericsStudy` is a configuration of the FP8 training op (megasparse.fp8.linear): the forward
-GEMM in FP8 (cuSPARSELt where the device runs it, else the emulation), the backward in the input's
-precision on the dequantized 2:4 weight (a straight-through quantizer), and the weight scaled by
+GEMM in FP8 (cuSPARSELt where the device runs it, else the emulation), the input gradient in the
+input's precision on the dequantized 2:4 weight (a straight-through quantizer), the weight
+gradient in fp32 cast to the weight's dtype, and the weight scaled by
 the recipe (its own amax history under delayed scaling) and masked afresh at every call. For
 training, use megasparse.Fp8SparseLinear or the sparse Megatron / TE linears.
 """

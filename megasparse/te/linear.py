@@ -178,7 +178,7 @@ def __getattr__(name):
         )
         if not isinstance(base, type):
             raise ImportError(
-                f"megasparse.{name} needs Transformer Engine (pip install megasparse[te])"
+                f"megasparse.te.linear.{name} needs Transformer Engine (pip install megasparse[te])"
             )
         return sparse_te_class(base)
     raise AttributeError(f"module 'megasparse.te.linear' has no attribute {name!r}")

@@ -51,7 +51,7 @@ def _gate_on(monkeypatch):
 def test_uses_sparse_only_where_it_wins(tmp_path, caplog, dense_s, sparse_s, expected):
     calls = []
     gate = SpeedGate(tmp_path / "gate.json", timer_for(dense_s, sparse_s, calls))
-    with caplog.at_level(logging.INFO, logger="megasparse.core.speed_gate"):
+    with caplog.at_level(logging.INFO, logger="megasparse.speed_gate"):
         assert gate_use(gate) is expected
     assert sorted(calls) == ["dense", "sparse"]
     line = caplog.records[-1].getMessage()
