@@ -208,6 +208,18 @@ def _fp8_step(weight, mask_kind):
     return WeightStep(weight, pack_mask(mask), BACKENDS["dense"], mask_kind == "transposable", True)
 
 
+def _assert_fp8_calls_scale_in_the_epilogue(calls):
+    """e4m3 operands, no alpha, bf16 out for the scaling epilogue; B = x^T of a row-major x."""
+    for c in calls:
+        assert (c["dtype"], c["alpha"], c["out_dtype"], c["transpose_result"]) == (
+            E4M3,
+            None,
+            BF16,
+            False,
+        )
+        assert c["dense_layout"] == "column-major"
+
+
 @pytest.mark.parametrize("tp", [1, 8])
 @pytest.mark.parametrize("mask_kind", ["1d", "transposable"])
 @pytest.mark.parametrize("tokens", [TOKENS, TOKENS - 8])  # 16k, and a count that needs padding
@@ -243,15 +255,7 @@ def test_fp8_2_4_ffn_forward_backward(tp, mask_kind, tokens):
     if mask_kind == "transposable":
         step_calls += [(FFN // tp, padded, HIDDEN), (HIDDEN, padded, FFN // tp)]
     assert [(c["m"], c["n"], c["k"]) for c in calls] == step_calls * 2
-    for c in calls:
-        # no alpha, bf16 out for the scaling epilogue; B = x^T of a row-major x: column-major
-        assert (c["dtype"], c["alpha"], c["out_dtype"], c["transpose_result"]) == (
-            E4M3,
-            None,
-            BF16,
-            False,
-        )
-        assert c["dense_layout"] == "column-major"
+    _assert_fp8_calls_scale_in_the_epilogue(calls)
     compress = [r for r in cslt_calls(rec) if r.op == "_cslt_compress"]
     assert len(compress) == (4 if mask_kind == "transposable" else 2)  # once per step, per operand
     assert all(r.dtype == E4M3 or r.dtype is None for r in compress)
@@ -351,14 +355,7 @@ def test_te_grouped_linear_fp8_2_4_experts(mask_kind, monkeypatch):
     per_mb = [(FFN, p, HIDDEN) for p in padded] + [(HIDDEN, p, FFN) for p in padded]
     expected = per_mb * (4 if mask_kind == "transposable" else 2)
     assert sorted((c["m"], c["n"], c["k"]) for c in calls) == sorted(expected)
-    for c in calls:
-        assert (c["dtype"], c["alpha"], c["out_dtype"], c["transpose_result"]) == (
-            E4M3,
-            None,
-            BF16,
-            False,
-        )
-        assert c["dense_layout"] == "column-major"
+    _assert_fp8_calls_scale_in_the_epilogue(calls)
     compress = [r for r in cslt_calls(rec) if r.op == "_cslt_compress"]
     with_tokens = len(padded)
     # once per step per expert with tokens, per operand (W*M, and (W*M)^T when transposable)

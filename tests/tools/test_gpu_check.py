@@ -95,20 +95,19 @@ def _bench_results():
     return {"rows": rows, "targets": targets}, {"ffn_2:4": next(figures), "weight_prep": 0.03}
 
 
+def _injected_bench_part(results, projected):
+    """The bench part with injected measurements beside their projections."""
+    tables = gpu_check.bench_tables(results, projected)
+    return Part(
+        "bench", "measured and projected", 10, lambda b: {"summary": "injected", "tables": tables}
+    )
+
+
 def test_a_failing_part_fails_the_check_and_the_others_still_run(injected_gpu, tmp_path):
-    results, projected = _bench_results()
     parts = (
         Part("crash", "raises", 10, _raises),
         Part("smoke", "layouts", 10, lambda b: gpu_check.smoke(b, n=64, checks=(_layout_smoke,))),
-        Part(
-            "bench",
-            "measured and projected",
-            10,
-            lambda b: {
-                "summary": "injected",
-                "tables": gpu_check.bench_tables(results, projected),
-            },
-        ),
+        _injected_bench_part(*_bench_results()),
     )
     json_path, md_path = tmp_path / "check.json", tmp_path / "check.md"
     code = gpu_check.main(
@@ -143,15 +142,7 @@ def test_a_failing_part_fails_the_check_and_the_others_still_run(injected_gpu, t
 
 def test_each_measured_figure_sits_beside_its_projection(injected_gpu, tmp_path):
     results, projected = _bench_results()
-    part = Part(
-        "bench",
-        "measured and projected",
-        10,
-        lambda b: {
-            "summary": "injected",
-            "tables": gpu_check.bench_tables(results, projected),
-        },
-    )
+    part = _injected_bench_part(results, projected)
     md_path = tmp_path / "check.md"
     assert (
         gpu_check.main(
