@@ -5,7 +5,7 @@ import enum
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 WEIGHT_PATTERNS = (None, "2:4")
 MASK_KINDS = ("1d", "transposable")
@@ -44,20 +44,46 @@ DEFAULT_TARGETS = ("fc1", "fc2", "experts")
 ACTIVATION_TILE_ROWS = 64  # rows per kernel program for 2:4 activations (no effect on the result)
 
 
-def parse_activation_pattern(pattern: Optional[str]):
-    """None -> None; "2:4" -> (64, 4); "V:2:M" -> (V, M). 2:4 is V:2:4 for any V."""
+class ActivationPattern(NamedTuple):
+    """A V:N:M activation pattern: per block of `v` rows and `m` columns, the 4 columns of largest
+    L2 norm over the block are chosen (shared by the v rows); n = 2 keeps the 2 largest |a| of each
+    row inside them (VENOM), n = 4 keeps all 4. "2:4" is (64, 2, 4)."""
+
+    v: int
+    n: int
+    m: int
+
+    @property
+    def is_2_4(self) -> bool:
+        """2:4 per row: a sparse-tensor-core operand (every block keeps all 4 columns of a group)."""
+        return self.m == 4
+
+    @property
+    def compacts(self) -> bool:
+        """Whether the GEMMs gather the 4 chosen columns of every M (M >= 8): they skip 1 - 4/M."""
+        return self.m >= 8
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+
+def parse_activation_pattern(pattern: Optional[str], field: str = "activations"):
+    """None -> None; "2:4" -> (64, 2, 4); "V:N:M" -> ActivationPattern(V, N, M) with N in {2, 4}.
+
+    V and M powers of two; N = 2 needs M >= 4 (2:4 is V:2:4 for any V), N = 4 needs M >= 8."""
     if pattern is None:
         return None
     if pattern == "2:4":
-        return ACTIVATION_TILE_ROWS, 4
+        return ActivationPattern(ACTIVATION_TILE_ROWS, 2, 4)
     parts = pattern.split(":") if isinstance(pattern, str) else []
-    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[1] == "2":
-        v, m = int(parts[0]), int(parts[2])
-        if v >= 1 and m >= 4 and not (v & (v - 1)) and not (m & (m - 1)):
-            return v, m
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[1] in ("2", "4"):
+        v, n, m = int(parts[0]), int(parts[1]), int(parts[2])
+        if v >= 1 and m >= 2 * n and not (v & (v - 1)) and not (m & (m - 1)):
+            return ActivationPattern(v, n, m)
     raise ValueError(
-        f"SparsityConfig.activations must be None, '2:4' or 'V:2:M' with V and M powers of two and "
-        f"M >= 4 (e.g. '64:2:8'), got {pattern!r}"
+        f"SparsityConfig.{field} must be None, '2:4' or 'V:N:M' with V and M powers of two, N = 2 "
+        f"(M >= 4) or N = 4 (M >= 8), e.g. '64:2:8' or '64:4:16'; got {pattern!r}"
     )
 
 
@@ -97,10 +123,15 @@ class SparsityConfig:
         N > 1 holds it for N steps. A step is an optimizer step (found without user calls), or
         the iteration set by `set_sparsity_iteration` / SparsitySchedule (megasparse.core.weight_state).
     enabled: runtime switch; False makes the layer compute exactly like its dense parent.
-    activations: None, "2:4" or "V:2:M" (VENOM, e.g. "64:2:8" keeps 25%): sparsify the FFN
-        activation, i.e. the input of fc2 (a SparseRowParallelLinear). Column layers ignore it.
-        With `SparseMLP` the Squared-ReLU is fused with the sparsifier and fc1's input gradient
-        uses the activation's sparsity.
+    activations: None, "2:4" or "V:N:M" (VENOM "64:2:8" keeps 25%; "64:4:16" keeps 4 whole
+        columns of every 16 per 64-token block, 25%): sparsify the FFN activation, i.e. the input of
+        fc2 (a SparseRowParallelLinear). Column layers ignore it. With `SparseMLP` the Squared-ReLU
+        is fused with the sparsifier and fc1's input gradient uses the activation's sparsity; with
+        M >= 8 the activation is held compacted and the GEMMs gather its chosen columns.
+    activation_wgrad: None (exact weight gradients) or "V:N:M" applied along tokens ("both ways"):
+        the operand of fc2's and fc1's weight-gradient GEMM (A and dH) is sparsified again along
+        tokens, per block of V neurons keeping 4 of every M tokens, so those GEMMs skip work too.
+        An approximation of the weight gradient (biased top-k), see docs/quality.md.
     activation_function: None uses Megatron's `config.activation_func` (Squared-ReLU is detected
         and fused); "squared_relu" forces Squared-ReLU in `SparseMLP`.
     nonfinite_weights: "propagate" keeps NaN/Inf weights in the mask so they reach the loss as
@@ -151,6 +182,7 @@ class SparsityConfig:
     nonfinite_weights: str = "propagate"
     activations: Optional[str] = None
     activation_function: Optional[str] = None
+    activation_wgrad: Optional[str] = None
     hold_backward_weight: Optional[bool] = None
     # training-quality options, see the docstring
     masked_decay_factor: float = 6e-5
@@ -168,6 +200,7 @@ class SparsityConfig:
         _choice("nonfinite_weights", self.nonfinite_weights, NONFINITE_POLICIES)
         _choice("activation_function", self.activation_function, ACTIVATION_FUNCTIONS)
         parse_activation_pattern(self.activations)
+        parse_activation_pattern(self.activation_wgrad, "activation_wgrad")
         interval = self.mask_refresh_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(
@@ -259,8 +292,13 @@ class SparsityConfig:
 
     @property
     def activation_pattern(self):
-        """(V, M) of the activation pattern (2:4 is (64, 4)), or None."""
+        """The ActivationPattern (v, n, m) of `activations` (2:4 is (64, 2, 4)), or None."""
         return parse_activation_pattern(self.activations)
+
+    @property
+    def activation_wgrad_pattern(self):
+        """The ActivationPattern applied along tokens for both-ways weight gradients, or None."""
+        return parse_activation_pattern(self.activation_wgrad, "activation_wgrad")
 
 
 _FIELD_NAMES = {f.name for f in dataclasses.fields(SparsityConfig)}

@@ -22,11 +22,10 @@ from megasparse.core.sparse_operand import mark_sparse
 
 
 def _kernel(x2d, pattern, squared_relu):
-    v, m = pattern
     kernel = kernels.pick(
         kernels.activation_sparsify_triton, kernels.activation_sparsify_reference, x2d
     )
-    return kernel(x2d, v, m, squared_relu)
+    return kernel(x2d, pattern.v, pattern.m, squared_relu, n=pattern.n)
 
 
 def _backward_kernel(x, mask, grad):

@@ -31,6 +31,8 @@ and a sparse backend takes it as 2:4. Make a new tensor instead of writing into 
 
 import torch
 
+from megasparse.config import ActivationPattern
+
 WEIGHT, ACTIVATION, GRAD_OUTPUT = "weight", "activation", "grad_output"
 
 # methods and properties that hand out a way to write a tensor's memory without its version counter
@@ -79,15 +81,15 @@ class SparseActivation(torch.Tensor):
 
 
 def mark_sparse(values: torch.Tensor, pattern) -> torch.Tensor:
-    """Mark `values`, made by megasparse's sparsifier with `pattern` (V, M), as sparse."""
+    """Mark `values`, made by megasparse's sparsifier with `pattern` (v, n, m), as sparse."""
     marked = values.as_subclass(SparseActivation)
     version = None if marked.is_inference() else marked._version  # inference tensors have none
-    marked._megasparse_mark = (tuple(pattern), version)
+    marked._megasparse_mark = (ActivationPattern(*pattern), version)
     return marked
 
 
 def sparse_pattern(tensor):
-    """The (V, M) pattern of a marked tensor not changed since it was marked, else None."""
+    """The ActivationPattern (v, n, m) of a marked tensor not changed since it was marked, else None."""
     if not isinstance(tensor, SparseActivation):
         return None
     mark = getattr(tensor, "_megasparse_mark", None)
@@ -100,4 +102,4 @@ def sparse_pattern(tensor):
 def is_2_4(tensor) -> bool:
     """True only for a marked 2:4 tensor (M == 4) that has not been changed since it was marked."""
     pattern = sparse_pattern(tensor)
-    return pattern is not None and pattern[1] == 4
+    return pattern is not None and pattern.is_2_4

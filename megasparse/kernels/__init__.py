@@ -8,6 +8,7 @@ from . import mask_transposable as _mask_transposable
 from . import squared_relu_backward as _squared_relu_backward
 from .activation_sparsify import activation_sparsify_reference, activation_sparsify_triton
 from .common import HAVE_TRITON, magnitude
+from .compact import compact, compact_matmul_reference, gather_k_matmul_reference, scatter
 from .dispatch import pick
 from .fp8_cast import amax_reference, fp8_cast_reference, fp8_cast_triton
 from .mask_1d import mask_1d_reference, mask_1d_triton
@@ -51,6 +52,10 @@ __all__ = [
     "N_PATTERNS",
     "activation_sparsify_reference",
     "activation_sparsify_triton",
+    "compact",
+    "scatter",
+    "gather_k_matmul_reference",
+    "compact_matmul_reference",
     "squared_relu_sparsify_backward_reference",
     "squared_relu_sparsify_backward_triton",
     "amax_reference",

@@ -1,10 +1,11 @@
 """FFN activation sparsity: Squared-ReLU (optional) and V:N:M / 2:4 sparsification in one pass.
 
 Input x [tokens, ffn] (the fc1 output plus bias). a = relu(x)^2 when `squared_relu`, else a = x.
-V:2:M (VENOM): tokens are cut into blocks of V rows and ffn into groups of M columns; each
-V x M block keeps the same 4 columns (largest column L2 norm over the block, norms summed in
-float64, ties to the lower column) and, inside those 4, the 2 largest |a| of each row (ties to
-the lower column). Density 2/M. 2:4 is the case M = 4: all 4 columns are kept, 2 per row.
+V:N:M: tokens are cut into blocks of V rows and ffn into groups of M columns; each V x M block
+keeps the same 4 columns (largest column L2 norm over the block, norms summed in float64, ties
+to the lower column). N = 2 (VENOM) then keeps, inside those 4, the 2 largest |a| of each row
+(ties to the lower column); N = 4 keeps all 4. Density N/M. 2:4 is the case N = 2, M = 4: all 4
+columns are kept, 2 per row.
 The last row block may be shorter than V (no padding is materialized).
 
 NaN/Inf follow the NaN rule of kernels.common, in the reference and the kernels alike: rank keys
@@ -34,18 +35,19 @@ if HAVE_TRITON:
     from .common import join4, rank_key_triton
 
 
-def _check(x: torch.Tensor, v: int, m: int) -> None:
+def _check(x: torch.Tensor, v: int, m: int, n: int = 2) -> None:
     if x.dim() != 2:
         raise ValueError(
             f"megasparse: activation sparsity needs a 2-D [tokens, ffn] input, got {tuple(x.shape)}"
         )
-    if m < 4 or m & (m - 1) or v < 1 or v & (v - 1):
+    if n not in (2, 4) or m < 2 * n or m & (m - 1) or v < 1 or v & (v - 1):
         raise ValueError(
-            f"megasparse: V:2:M needs V and M powers of two with M >= 4, got V={v}, M={m}"
+            f"megasparse: V:N:M needs V and M powers of two, N = 2 with M >= 4 or N = 4 with "
+            f"M >= 8, got V={v}, N={n}, M={m}"
         )
     if x.shape[1] % m:
         raise ValueError(
-            f"megasparse: V:2:M activation sparsity with M={m} needs the ffn size per tensor-parallel rank "
+            f"megasparse: V:N:M activation sparsity with M={m} needs the ffn size per tensor-parallel rank "
             f"to be a multiple of {m}, got {x.shape[1]}"
         )
 
@@ -66,9 +68,9 @@ def _keep_top(score: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tens
     return eligible & (beaten_by.sum(-1) < k)
 
 
-def activation_sparsify_reference(x: torch.Tensor, v: int, m: int, squared_relu: bool):
-    """Pure-torch reference of the kernels: V:2:M below, 2:4 (M = 4) in activation_2_4."""
-    _check(x, v, m)
+def activation_sparsify_reference(x: torch.Tensor, v: int, m: int, squared_relu: bool, n: int = 2):
+    """Pure-torch reference of the kernels: V:N:M below, 2:4 (M = 4) in activation_2_4."""
+    _check(x, v, m, n)
     tokens, ffn = x.shape
     if m == 4:  # every block keeps all 4 columns: no norms needed, the same mask in half the time
         values, mask, stats = activation_2_4_reference(x, squared_relu)
@@ -82,7 +84,7 @@ def activation_sparsify_reference(x: torch.Tensor, v: int, m: int, squared_relu:
     norms = rank_key(tiles.double().square().sum(1))  # [block, group, col]
     chosen = _keep_top(norms, torch.ones_like(norms, dtype=torch.bool), 4)
     magnitude = rank_key(tiles).permute(0, 2, 1, 3)  # [block, group, row, col]
-    keep = _keep_top(magnitude, chosen[:, :, None, :].expand_as(magnitude), 2)
+    keep = _keep_top(magnitude, chosen[:, :, None, :].expand_as(magnitude), n)
     mask = keep.permute(0, 2, 1, 3).reshape(blocks * v, ffn)[:tokens]
     columns = torch.nonzero(chosen)[:, 2].reshape(blocks, ffn // m, 4).to(torch.int16)
     dropped = torch.where(mask, 0.0, a.abs().double()).sum()
@@ -97,7 +99,7 @@ def activation_sparsify_reference(x: torch.Tensor, v: int, m: int, squared_relu:
     return torch.where(mask, a, 0.0).to(x.dtype), mask, columns, stats
 
 
-# Launch of the V:2:M kernel (M >= 8): one program takes V rows x GROUPS groups of M columns,
+# Launch of the V:N:M kernel (M >= 8): one program takes V rows x GROUPS groups of M columns,
 # about ELEMENTS elements; 2:4 (M = 4) runs the flat kernel of activation_2_4.
 ELEMENTS = 4096
 NUM_WARPS = 4
@@ -124,6 +126,7 @@ if HAVE_TRITON:
         GROUPS: tl.constexpr,
         SQUARED_RELU: tl.constexpr,
         FP64: tl.constexpr,
+        N: tl.constexpr = 2,
     ):
         block, chunk = tl.program_id(0), tl.program_id(1)
         rows = block * V + tl.arange(0, V)
@@ -152,7 +155,7 @@ if HAVE_TRITON:
         k1 = tl.sum(tl.where(chosen & (before == 1), c[None, :], 0), axis=1)
         k2 = tl.sum(tl.where(chosen & (before == 2), c[None, :], 0), axis=1)
         k3 = tl.sum(tl.where(chosen & (before == 3), c[None, :], 0), axis=1)
-        # inside them the 2 largest |a| per row, ties to the lower column: count the chosen
+        # inside them the N largest |a| per row, ties to the lower column: count the chosen
         # columns that beat each element
         c3 = c[None, None, :]
         n_beaten = tl.zeros([V, GROUPS, M], dtype=tl.int32)
@@ -160,7 +163,7 @@ if HAVE_TRITON:
             k = (k0 if j == 0 else k1 if j == 1 else k2 if j == 2 else k3)[None, :, None]
             other = tl.sum(tl.where(c3 == k, mag, 0.0), axis=2)[:, :, None]  # |a| at column k
             n_beaten += ((other > mag) | ((other == mag) & (k < c3))).to(tl.int32)
-        keep = chosen[None, :, :] & (n_beaten < 2)
+        keep = chosen[None, :, :] & (n_beaten < N)
         keep = tl.reshape(keep, [V, GROUPS * M]) & valid
         # where, not a * keep: a dropped NaN/inf becomes 0, so the output is exactly the pattern
         tl.store(
@@ -179,13 +182,13 @@ if HAVE_TRITON:
         tl.store(stats_ptr + 2, tl.sum(tl.sum(tl.where(keep, 0.0, mag2), axis=1), axis=0))
 
 
-def activation_sparsify_triton(x: torch.Tensor, v: int, m: int, squared_relu: bool):
+def activation_sparsify_triton(x: torch.Tensor, v: int, m: int, squared_relu: bool, n: int = 2):
     """Triton kernels (GPU, or CPU under TRITON_INTERPRET=1); same results as the reference.
 
     2:4 (M = 4) runs the flat 2:4 kernel (V only sets the shape of `columns`).
     """
     require_triton()
-    _check(x, v, m)
+    _check(x, v, m, n)
     x = x.contiguous()
     tokens, ffn = x.shape
     blocks = triton.cdiv(tokens, v)
@@ -213,6 +216,7 @@ def activation_sparsify_triton(x: torch.Tensor, v: int, m: int, squared_relu: bo
                 GROUPS=groups,
                 SQUARED_RELU=squared_relu,
                 FP64=x.dtype == torch.float64,
+                N=n,
                 num_warps=NUM_WARPS,
                 enable_fp_fusion=False,
             )
@@ -225,7 +229,7 @@ def activation_sparsify_triton(x: torch.Tensor, v: int, m: int, squared_relu: bo
 
 
 def compile_specs(dtype: torch.dtype) -> list:
-    """The V:2:M launches above at REPORT_PATTERNS, described for the offline compile report."""
+    """The V:N:M launches above at REPORT_PATTERNS, described for the offline compile report."""
     arguments = (
         "x_ptr:*T/16 values_ptr:*T/16 mask_ptr:*i8/16 columns_ptr:*i16/16 stats_ptr:*fp32/16 "
         "tokens:i32 ffn:i32/16"

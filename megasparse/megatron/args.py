@@ -70,8 +70,8 @@ def _activations(value: str):
         parse_activation_pattern(pattern)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected 'none', '2:4' or 'V:2:M' with V and M powers of two and M >= 4 "
-            f"(e.g. '64:2:8'), got {value!r}"
+            f"expected 'none', '2:4' or 'V:N:M' with V and M powers of two, N = 2 (M >= 4) or "
+            f"N = 4 (M >= 8), e.g. '64:2:8' or '64:4:16'; got {value!r}"
         ) from None
     return pattern
 

@@ -155,7 +155,7 @@ def sparse_activation(plain_activation, fc2_sparsity):
         def one(chunk):
             return activate_sparse(plain_activation, chunk, fc2_sparsity, stats, squared_relu)
 
-        if fc2_sparsity.activation_pattern[1] == 4:  # 2:4 is per token: all experts in one pass
+        if fc2_sparsity.activation_pattern.is_2_4:  # 2:4 is per token: all experts in one pass
             return one(h)
         # V:N:M blocks of V tokens must not mix experts
         return torch.cat([one(chunk) for chunk in torch.split(h, tokens_per_expert.tolist())])

@@ -294,7 +294,7 @@ class SparseColumnParallelLinear(_SparseLinearMixin, mcore_layers.ColumnParallel
         return (
             fc2 is not None
             and fc2.sparsity.sparsifies_activations
-            and fc2.sparsity.activation_pattern[1] == 4
+            and fc2.sparsity.activation_pattern.is_2_4
         )
 
 
@@ -321,7 +321,7 @@ class SparseRowParallelLinear(_SparseLinearMixin, mcore_layers.RowParallelLinear
         pattern = self.sparsity.activation_pattern
         if pattern is None:
             return
-        columns, m, tp = self.input_size_per_partition, pattern[1], self._tp_size()
+        columns, m, tp = self.input_size_per_partition, pattern.m, self._tp_size()
         if columns % m:
             raise ValueError(
                 f"megasparse: activations={self.sparsity.activations!r} groups {m} FFN columns, but "

@@ -46,7 +46,7 @@ class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
             checks += [(fc1_in, 4, "hidden size"), (fc2_in, 4, "ffn size per expert-TP rank")]
         if self.sparsity.activations is not None:
             checks.append(
-                (fc2_in, self.sparsity.activation_pattern[1], "ffn size per expert-TP rank")
+                (fc2_in, self.sparsity.activation_pattern.m, "ffn size per expert-TP rank")
             )
         for size, multiple, what in checks:
             if size % multiple:

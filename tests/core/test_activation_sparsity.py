@@ -57,14 +57,14 @@ def _run_and_compare(mlp, activation, pattern):
 
 @pytest.mark.parametrize("weights", [None, "2:4"])
 @pytest.mark.parametrize(
-    "activations,pattern", [("2:4", (64, 4)), ("8:2:8", (8, 8)), ("4:2:16", (4, 16))]
+    "activations,pattern", [("2:4", (64, 2, 4)), ("8:2:8", (8, 2, 8)), ("4:2:16", (4, 2, 16))]
 )
 def test_sparse_mlp_squared_relu_matches_reference(activations, pattern, weights):
     sparsity = SparsityConfig(weights=weights, activations=activations, backend="dense")
     mlp = make_mlp(_config(), FFN, sparsity, sparsity)
     ref = _run_and_compare(mlp, "squared_relu", pattern)
     a, mask = ref["activation"], ref["mask"]
-    assert mask.float().mean().item() == pytest.approx(2 / pattern[1])
+    assert mask.float().mean().item() == pytest.approx(pattern[1] / pattern[2])
     stats = mlp.activation_stats(reset=True)
     assert stats["zero_fraction"] == pytest.approx((a == 0).double().mean().item())
     assert stats["dropped_l1_fraction"] == pytest.approx(((a * ~mask).sum() / a.sum()).item())
@@ -76,7 +76,7 @@ def test_other_activations_are_sparsified_by_fc2(mlp_cls):
     gelu = torch.nn.functional.gelu
     sparsity = SparsityConfig(weights=None, activations="2:4", backend="dense")
     mlp = make_mlp(_config(activation=gelu), FFN, None, sparsity, mlp_cls=mlp_cls)
-    ref = _run_and_compare(mlp, gelu, (64, 4))
+    ref = _run_and_compare(mlp, gelu, (64, 2, 4))
     stats = mlp.linear_fc2.activation_stats()
     assert stats["zero_fraction"] == 0.0  # GeLU has no exact zeros: the stats say what 2:4 costs it
     assert stats["dropped_l1_fraction"] == pytest.approx(
@@ -89,7 +89,7 @@ def test_named_squared_relu_overrides_config_activation():
         weights=None, activations="2:4", activation_function="squared_relu", backend="dense"
     )
     mlp = make_mlp(_config(activation=torch.nn.functional.gelu), FFN, None, sparsity)
-    _run_and_compare(mlp, "squared_relu", (64, 4))
+    _run_and_compare(mlp, "squared_relu", (64, 2, 4))
 
 
 def test_disabled_sparse_mlp_is_bit_identical_to_megatron_mlp():
@@ -185,7 +185,7 @@ def test_nan_in_the_ffn_activation_reaches_the_loss_and_the_pattern_stays_exact(
     assert (a.ne(0).reshape(-1, FFN // m, m).sum(-1) <= 2).all()  # exactly the pattern
 
 
-@pytest.mark.parametrize("activations,pattern", [("2:4", (64, 4)), ("8:2:8", (8, 8))])
+@pytest.mark.parametrize("activations,pattern", [("2:4", (64, 2, 4)), ("8:2:8", (8, 2, 8))])
 @pytest.mark.parametrize("mlp_cls", [MLP, SparseMLP], ids=["megatron-MLP", "SparseMLP"])
 def test_inference_mode_runs_and_equals_no_grad(monkeypatch, mlp_cls, activations, pattern):
     from megasparse.core import activation_sparsity

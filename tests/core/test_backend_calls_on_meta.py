@@ -144,7 +144,7 @@ def test_cusparselt_sparse_grad_output_of_a_2_4_activation(tp):
     with fake_gpu_ops(), OpRecorder() as rec:
         h = sparse_linear(x, w1, None, None, plan)
         h.backward(
-            mark_sparse(torch.empty_like(h), (64, 4))
+            mark_sparse(torch.empty_like(h), (64, 2, 4))
         )  # dH as the 2:4 activation's backward marks it
     compress = [r for r in cslt_calls(rec) if r.op == "_cslt_compress"]
     assert len(compress) == 1 and compress[0].bytes_read == TOKENS * (FFN // tp) * 2

@@ -136,7 +136,7 @@ def test_layer_on_cuda_matches_reference(megatron_tp1):
     torch.testing.assert_close(y.double().cpu(), ref["y"], rtol=3e-2, atol=3e-1)
 
 
-@pytest.mark.parametrize("pattern", [(64, 4), (64, 8)])
+@pytest.mark.parametrize("pattern", [(64, 2, 4), (64, 2, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_activation_kernel_on_cuda_matches_reference_exactly(pattern, dtype):
     from megasparse.kernels import activation_sparsify_reference, activation_sparsify_triton
@@ -223,7 +223,16 @@ def sparse_mlp_reference_cpu(x, w1, w2, probs):
 
     m1, m2 = weight_mask(w1.float().cpu()), weight_mask(w2.float().cpu())
     return sparse_mlp_reference(
-        x.cpu(), w1.cpu(), None, w2.cpu(), None, m1, m2, (64, 4), "squared_relu", probs=probs.cpu()
+        x.cpu(),
+        w1.cpu(),
+        None,
+        w2.cpu(),
+        None,
+        m1,
+        m2,
+        (64, 2, 4),
+        "squared_relu",
+        probs=probs.cpu(),
     )["y"]
 
 

@@ -8,7 +8,7 @@ from megasparse import SparsityConfig
 from megasparse.core.sparse_operand import is_2_4, mark_sparse, sparse_pattern
 from megatron_helpers import make_config, make_mlp
 
-PATTERN = (64, 4)
+PATTERN = (64, 2, 4)
 
 
 def _marked():

@@ -62,7 +62,9 @@ def _check_against_reference(experts, x, probs, tokens, pattern, tol):
             )
 
 
-@pytest.mark.parametrize("activations,pattern", [(None, None), ("2:4", (64, 4)), ("4:2:8", (4, 8))])
+@pytest.mark.parametrize(
+    "activations,pattern", [(None, None), ("2:4", (64, 2, 4)), ("4:2:8", (4, 2, 8))]
+)
 def test_sparse_sequential_mlp_matches_per_expert_reference(activations, pattern):
     experts = make_experts(
         SparseSequentialMLP, SparsityConfig(activations=activations, backend="dense")
@@ -75,7 +77,7 @@ def test_sparse_sequential_mlp_matches_per_expert_reference(activations, pattern
     assert experts.activation_stats()["elements"] == expected
 
 
-@pytest.mark.parametrize("activations,pattern", [("2:4", (64, 4)), ("4:2:8", (4, 8))])
+@pytest.mark.parametrize("activations,pattern", [("2:4", (64, 2, 4)), ("4:2:8", (4, 2, 8))])
 @pytest.mark.parametrize("mask", ["1d", "transposable"])
 def test_sparse_grouped_mlp_runs_one_grouped_gemm_and_matches_reference(
     monkeypatch, activations, pattern, mask
@@ -114,7 +116,7 @@ def test_grouped_mlp_with_expert_bias_matches_reference():
     )
     x, probs, tokens = make_expert_inputs(torch.float32)
     assert experts._can_group(x)
-    _check_against_reference(experts, x, probs, tokens, (64, 4), 2e-4)
+    _check_against_reference(experts, x, probs, tokens, (64, 2, 4), 2e-4)
 
 
 def test_grouped_falls_back_to_the_loop_where_it_cannot_group():
@@ -123,7 +125,7 @@ def test_grouped_falls_back_to_the_loop_where_it_cannot_group():
     )  # float64: no grouped GEMM
     x, probs, tokens = make_expert_inputs(torch.float64)
     assert not experts._can_group(x)
-    _check_against_reference(experts, x, probs, tokens, (64, 4), 1e-10)
+    _check_against_reference(experts, x, probs, tokens, (64, 2, 4), 1e-10)
 
 
 def _gather_weights_in_forward_pre_hooks(linears):
@@ -181,7 +183,7 @@ def test_grouped_experts_run_the_linears_forward_pre_hooks_before_reading_weight
         first = experts(x, tokens, probs)[0]
     finish_gathers()  # nothing left to do where the hooks ran
     checked = experts if grouped == "SparseGroupedMLP" else _PerExpertView(experts)
-    _check_against_reference(checked, x, probs, tokens, (64, 4), tol)  # the gathered weights
+    _check_against_reference(checked, x, probs, tokens, (64, 2, 4), tol)  # the gathered weights
     with torch.no_grad():
         torch.testing.assert_close(first, experts(x, tokens, probs)[0], rtol=0, atol=0)
     assert sorted(map(id, calls)) == sorted(map(id, linears * 3))  # each linear's, per forward
@@ -292,7 +294,7 @@ def test_sparse_te_grouped_mlp_logic_matches_reference(dtype, tol):
         SparseTEGroupedMLP, SparsityConfig(activations="2:4", backend="dense"), dtype
     )
     x, probs, tokens = make_expert_inputs(dtype)
-    _check_against_reference(_PerExpertView(experts), x, probs, tokens, (64, 4), tol)
+    _check_against_reference(_PerExpertView(experts), x, probs, tokens, (64, 2, 4), tol)
     assert experts.activation_stats()["elements"] == sum(TOKENS_PER_EXPERT) * FFN
 
 

@@ -142,7 +142,7 @@ def _tp2_sparse_mlp_worker():
     rows = slice(rank * FFN // tp, (rank + 1) * FFN // tp)
     seq = slice(rank * SEQ // tp, (rank + 1) * SEQ // tp)
     for sequence_parallel in (False, True):
-        for activations, pattern in (("2:4", (64, 4)), ("4:2:8", (4, 8))):
+        for activations, pattern in (("2:4", (64, 2, 4)), ("4:2:8", (4, 2, 8))):
             where = f"rank {rank} sp={sequence_parallel} activations={activations}"
             sparsity = SparsityConfig(activations=activations, mask="transposable", backend="dense")
             cfg = make_config(

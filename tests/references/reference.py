@@ -75,9 +75,9 @@ def sparse_mlp_reference(
     if pattern is None:  # dense activation
         mask = torch.ones_like(pre, dtype=torch.bool)
     else:
-        v, m = pattern
+        v, n, m = pattern
         mask = activation_sparsify_reference(
-            source.detach().reshape(-1, pre.shape[-1]), v, m, squared
+            source.detach().reshape(-1, pre.shape[-1]), v, m, squared, n=n
         )[1].reshape(pre.shape)
     scale = 1.0 if probs is None else probs.detach().double().unsqueeze(-1)
     y = f.linear(a * mask * scale, w2s) + (0.0 if b2 is None else b2 * scale)
