@@ -36,8 +36,10 @@ def scatter(
 
 def gather_k_matmul_reference(a_c, columns, b, v: int, m: int) -> torch.Tensor:
     """C [T, N] = A [T, F] @ b [F, N] with A held compact: fc2's forward (b = W2^T) and fc1's
-    input gradient (A = dH, b = W1); along tokens, the both-ways weight gradients."""
-    return scatter(a_c, columns, v, m, b.shape[0]) @ b
+    input gradient (A = dH, b = W1); along tokens, the both-ways weight gradients. Along tokens
+    the last group of M may be short: chosen columns >= F (b's rows) read as zero."""
+    padded = columns.shape[1] * m
+    return scatter(a_c, columns, v, m, padded)[:, : b.shape[0]] @ b
 
 
 def compact_matmul_reference(g, b, columns, v: int, m: int) -> torch.Tensor:
