@@ -182,10 +182,13 @@ def _optimizer(model, args, bf16):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
 
-def train_recipe(name, args, data, device):
-    from megasparse.megatron.schedule import SparsitySchedule, sparse_modules
+def train_recipe(name, args, data, device, recipe=None):
+    """Train one recipe (ALL_RECIPES[name], or `recipe`) with args.seed; the result's curves and
+    stats. With a schedule, it also evaluates at the end of the sparse phase, and sums the
+    activation statistics over the sparse phase's training steps."""
+    from megasparse.megatron.schedule import SPARSE, SparsitySchedule, sparse_modules
 
-    recipe = ALL_RECIPES[name]
+    recipe = ALL_RECIPES[name] if recipe is None else recipe
     sparsity = recipe["sparsity"]
     if sparsity is not None and sparsity.wgrad_sparsity is not None:
         sparsity = dataclasses.replace(sparsity, wgrad_seed=args.seed)
@@ -209,6 +212,8 @@ def train_recipe(name, args, data, device):
     ]
     curve, val_curve, seconds, timed = [], [], 0.0, 0
     flips = []
+    last_sparse = args.steps - schedule.dense_final_iters - 1 if schedule.dense_final_iters else None
+    sparse_end_val, sparse_sums, act_sparse_iters = None, None, []
     prune_at = schedule.dense_warmup_iters if recipe.get("prune") else None
     rank0 = dist.get_rank() == 0
     steps = range(args.steps)
@@ -222,10 +227,9 @@ def train_recipe(name, args, data, device):
             # fine-tune with a fresh optimizer (no moments of the pruned weights)
             opt = _optimizer(model, args, bf16)
         phase = schedule.apply(model, it)
-        if it == args.steps - 1:
-            for m in sparse_modules(model):
-                if getattr(m, "activation_counter", None) is not None:
-                    m.activation_counter.reset()  # report the activation of the last training step
+        for m in sparse_modules(model):
+            if getattr(m, "activation_counter", None) is not None:
+                m.activation_counter.reset()  # this training step's activation (the last one is reported)
         tokens, labels = (
             t.to(device) for t in text_batches(data[:split], args.seq, args.batch, train_gen)
         )
@@ -241,26 +245,82 @@ def train_recipe(name, args, data, device):
                 torch.cuda.synchronize()
             seconds, timed = seconds + time.perf_counter() - start, timed + 1
         curve.append(loss.item())
-        if it % args.eval_every == 0 or it == args.steps - 1:
+        sums = megasparse.stats(model).activation_sums()  # before an evaluation adds its forwards
+        if sums is not None and sums[3] > 0:
+            act_sparse_iters.append(it)
+            if phase == SPARSE:
+                sparse_sums = sums.clone() if sparse_sums is None else sparse_sums + sums
+        if it % args.eval_every == 0 or it == args.steps - 1 or it == last_sparse:
             val_curve.append((it, evaluate(model, val_batches, device)))
+            if it == last_sparse:
+                sparse_end_val = val_curve[-1][1]  # still in the sparse phase
         if rank0:
             steps.set_postfix(
                 loss=f"{curve[-1]:.3f}", phase=phase_label(recipe["sparsity"], phase), refresh=False
             )
     stats = sparsity_stats(model)
+    stats.update(_sparse_phase_stats(sparse_sums, sparsity, device))
     if sparsity is not None and sparsity.fp8 is not None and sparsity.weights is not None:
         stats["fp8_numerics"] = _fp8_numerics(model, name, sparsity, args)
     flip_curve = [(i, float(f)) for i, f in enumerate(flips) if f is not None]
     tail = [f for i, f in flip_curve if i >= args.steps - max(1, args.steps // 20)]
     return {
         "recipe": name,
+        "seed": args.seed,
         "val_loss": val_curve[-1][1],
+        "sparse_end_val_loss": sparse_end_val,
+        "act_sparse_iters": act_sparse_iters,
         "train_curve": curve,
         "val_curve": val_curve,
         "ms_per_step": 1000 * seconds / max(timed, 1),
         "flip_curve": flip_curve,
         "final_flip_rate": sum(tail) / len(tail) if tail else None,
         **stats,
+    }
+
+
+def run_activation_sweep(args, data, device):
+    """The activation frontier's runs (activation_sweep.runs over args.recipes and
+    args.sweep_seeds), each saved as JSON under args.out/sweep_runs (reused with args.resume)."""
+    from megasparse.tools import activation_sweep
+
+    results = []
+    for name, seed in activation_sweep.runs(args.recipes, args.sweep_seeds):
+        recipe = activation_sweep.SWEEP_RECIPES[name]
+        path = os.path.join(args.out, "sweep_runs", f"{name.replace(':', '-')}_seed{seed}.json")
+        if args.resume and os.path.exists(path):
+            with open(path) as f:
+                results.append(json.load(f))
+            continue
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        result = train_recipe(name, run_args, data, device, recipe=recipe)
+        sparsity = recipe["sparsity"]
+        result.update(
+            density=activation_sweep.density(recipe),
+            projected=activation_sweep.projection(recipe),
+            sparsity_activation_wgrad=sparsity and sparsity.activation_wgrad,
+        )
+        if dist.get_rank() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(result, f)
+        results.append(result)
+    return results
+
+
+def _sparse_phase_stats(sums, sparsity, device):
+    """Across TP ranks: the sparse phase's activation exact zeros and share of L1 dropped (0 for a
+    recipe without activation sparsity), and the activation elements counted."""
+    if sums is None:
+        dropped = 0.0 if sparsity is None or sparsity.activations is None else None
+        return {"sparse_act_zeros": None, "sparse_act_dropped": dropped, "sparse_act_elements": 0}
+    sums = sums.to(device=device, dtype=torch.float64)
+    dist.all_reduce(sums)
+    zeros, total, dropped, numel = sums.tolist()
+    return {
+        "sparse_act_zeros": zeros / numel,
+        "sparse_act_dropped": dropped / total if total else 0.0,
+        "sparse_act_elements": int(numel),
     }
 
 
@@ -470,9 +530,16 @@ def _worker(rank, args, port):
         device = torch.device("cuda", rank) if cuda else torch.device("cpu")
         data = load_corpus(args.corpus_bytes)
         start = time.perf_counter()
-        results = [train_recipe(name, args, data, device) for name in args.recipes]
+        if args.activation_sweep:
+            results = run_activation_sweep(args, data, device)
+        else:
+            results = [train_recipe(name, args, data, device) for name in args.recipes]
         if rank == 0:
-            if args.quality:
+            if args.activation_sweep:
+                from megasparse.tools.activation_sweep import write_report
+
+                write_report(results, args, time.perf_counter() - start)
+            elif args.quality:
                 quality_report(results, args, args.out, time.perf_counter() - start)
             elif args.fp8:
                 fp8_report(results, args, args.out, time.perf_counter() - start)
@@ -483,7 +550,32 @@ def _worker(rank, args, port):
 
 
 def main(argv=None):
+    from megasparse.tools.activation_sweep import SWEEP_DEFAULTS, SWEEP_RECIPES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--activation-sweep",
+        action="store_true",
+        help="the activation quality-speed frontier (activation_sweep.SWEEP_RECIPES: measured val "
+        "loss, projected speed-up; its own model size and steps, see the module docstring)",
+    )
+    p.add_argument(
+        "--sweep-seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="--activation-sweep: every row runs the first seed; dense and the recommended row all",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="--activation-sweep: reuse the runs already saved under OUT/sweep_runs",
+    )
+    p.add_argument(
+        "--sweep-plot",
+        default=None,
+        help="--activation-sweep: where the Pareto plot goes (default OUT/activation_frontier.png)",
+    )
     p.add_argument(
         "--tp",
         type=int,
@@ -505,8 +597,9 @@ def main(argv=None):
         "--recipes",
         nargs="+",
         default=None,
-        choices=list(ALL_RECIPES),
-        help="default: all of RECIPES (of QUALITY_RECIPES with --quality, FP8_RECIPES with --fp8)",
+        choices=[*ALL_RECIPES, *SWEEP_RECIPES],
+        help="default: all of RECIPES (of QUALITY_RECIPES with --quality, FP8_RECIPES with --fp8, "
+        "SWEEP_RECIPES with --activation-sweep)",
     )
     p.add_argument(
         "--val-batches",
@@ -524,13 +617,23 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--out", default="demo_out", help="where results.json and loss_curves.png go")
+    if p.parse_known_args(argv)[0].activation_sweep:
+        p.set_defaults(**SWEEP_DEFAULTS)  # the frontier's size: flags given still win
     args = p.parse_args(argv)
     if args.recipes is None:
         args.recipes = list(
-            QUALITY_RECIPES if args.quality else FP8_RECIPES if args.fp8 else RECIPES
+            QUALITY_RECIPES
+            if args.quality
+            else FP8_RECIPES
+            if args.fp8
+            else SWEEP_RECIPES
+            if args.activation_sweep
+            else RECIPES
         )
-    if args.quality and args.fp8:
-        p.error("--quality and --fp8 are separate tables: run them one at a time")
+    if args.quality + args.fp8 + args.activation_sweep > 1:
+        p.error("--quality, --fp8 and --activation-sweep are separate tables: run one at a time")
+    if args.activation_sweep and not set(args.recipes) <= set(SWEEP_RECIPES):
+        p.error(f"--activation-sweep runs rows of SWEEP_RECIPES only: {list(SWEEP_RECIPES)}")
     if args.val_batches is None:
         args.val_batches = 16 if args.quality else 4
     from megasparse.testing import free_port
