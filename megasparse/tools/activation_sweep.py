@@ -22,10 +22,11 @@ PATTERNS = ("64:2:8", "64:4:8", "64:2:16", "64:4:16", "64:4:32")  # compacted (M
 BOTH_WAYS = "64:4:8"  # activation_wgrad of the both-ways rows
 RECOMMENDED = "w2:4+a64:4:16"  # the frontier's pick (docs/quality.md): its extra seeds run too
 REPEATED = ("dense", RECOMMENDED)  # rows trained with every seed of --sweep-seeds
-# The model of the frontier: ffn 1024 (>= 512 per rank, 32 groups of M = 32 and 16 token blocks of
-# V = 64 per step), 400 steps; one run takes about a minute on 2 CPU cores (docs/quality.md).
+# The model of the frontier: ffn 512 per rank (16 groups of M = 32), 8 x 64 tokens per step (8
+# blocks of V = 64), 400 steps: one run is about 25 s of CPU time (the masked V:N:M reference
+# dominates a sparse step), about a minute on 2 shared CPU cores (docs/quality.md).
 SWEEP_DEFAULTS = dict(
-    tp=1, layers=2, hidden=128, ffn=1024, steps=400, val_batches=16, eval_every=100
+    tp=1, layers=2, hidden=128, ffn=512, batch=8, steps=400, val_batches=32, eval_every=100
 )  # fmt: skip
 
 
