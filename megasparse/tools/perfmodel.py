@@ -19,7 +19,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from megasparse.core import activation_sparsity
+from megasparse.core import activation_sparsity, compact_activation
 
 from megasparse.fp8 import gemm as fp8_gemm
 
@@ -156,6 +156,8 @@ def _cast_kernel(t, scale, dtype, transpose, amax=None):
 
 
 def _act_kernel(x2d, pattern, squared_relu):
+    if pattern.compacts:  # the compact form: its kernel is stood in for through kernels.pick
+        return compact_activation.activation_compact(x2d, pattern, squared_relu)
     values, mask, stats = torch.ops.megasparse_perf.act_sparsify(x2d, squared_relu)
     return values, mask, None, stats
 
@@ -313,18 +315,18 @@ def _ffn(rec, recipe: Recipe, x, tp, shape):
             s1.dense(hold=True), s2.dense(hold=True)
             if s1.pruned:
                 s1.compressed()
-    if recipe.compacts:
-        pattern = parse_activation_pattern(recipe.activations)
-        wgrad = parse_activation_pattern(recipe.activation_wgrad, "activation_wgrad")
-        return compact_ops.compact_ffn(x, w1, w2, s1, s2, fc1.plan(), pattern, wgrad)
     if recipe.activations is None:
         from megatron.core.activations import squared_relu
 
         return fc2(squared_relu(fc1(x, w1, s1)), w2, s2)
-    # the activation's values and its gradient dH come out marked 2:4 (megasparse.core.sparse_operand)
+    # the activation and its gradient dH come out marked (megasparse.core.sparse_operand): 2:4, or
+    # carrying their compact form (M >= 8), which fc2's and fc1's GEMMs then gather
     h = fc1(x, w1, s1)
     a, _ = activation_sparsity.squared_relu_sparsify(
-        h, parse_activation_pattern(recipe.activations), activation_sparsity.ActivationStats()
+        h,
+        parse_activation_pattern(recipe.activations),
+        activation_sparsity.ActivationStats(),
+        parse_activation_pattern(recipe.activation_wgrad, "activation_wgrad"),
     )
     return fc2(a, w2, s2)
 

@@ -9,7 +9,9 @@ import torch
 from megasparse import kernels
 from megasparse.config import ActivationPattern
 from megasparse.core.backends import BACKENDS
-from megasparse.core.linear_op import LinearPlan
+from megasparse.core.activation_sparsity import ActivationStats, squared_relu_sparsify
+from megasparse.core.linear_op import LinearPlan, sparse_linear_step
+from megasparse.core.weight_state import WeightStep
 from megasparse.tools import perfmodel
 from megasparse.tools.perf import compact_ops
 from megasparse.tools.perf.models import LLAMA_7B, REFERENCE, SCHEDULE, Recipe, schedule_ratio
@@ -32,14 +34,15 @@ def meta(*shape, dtype=BF16, grad=False):
 
 
 def _record_ffn(tokens, hidden, ffn, pattern, wgrad=None):
-    from megasparse.core.weight_state import WeightStep
-
+    """megasparse's own ops: fc1, the fused Squared-ReLU + compaction, fc2 (dense weights)."""
     x = meta(tokens, hidden, grad=True)
     w1, w2 = meta(ffn, hidden, grad=True), meta(hidden, ffn, grad=True)
     plan = LinearPlan(backend=BACKENDS["dense"])
     s1, s2 = (WeightStep(w, None, plan.backend, False, True) for w in (w1, w2))
     with perfmodel._standins(), OpRecorder() as rec:
-        y = compact_ops.compact_ffn(x, w1, w2, s1, s2, plan, pattern, wgrad)
+        h = sparse_linear_step(x, w1, None, s1, plan)
+        a, _ = squared_relu_sparsify(h, pattern, ActivationStats(), wgrad)
+        y = sparse_linear_step(a, w2, None, s2, plan)
         y.backward(torch.empty_like(y))
     return rec.records
 
@@ -77,9 +80,13 @@ def test_both_ways_weight_gradients_are_gather_gemms_over_the_kept_tokens():
     dw2, dw1 = gemms[2], gemms[4]
     assert dw2.mnk == dw1.mnk == (ffn, hidden, kept_tokens)
     assert dw1.flops == 2 * ffn * kept_tokens * hidden
-    ops = [r.op for r in records if r.kind == "memory"]
-    assert ops.count("megasparse_perf.compact_tokens") == 2
-    assert ops.count("megasparse_perf.scatter") == 2
+    selections = [r for r in records if r.op == "megasparse_perf.compact_tokens"]
+    # each reads its dense [T, F] operand (A, dH) and writes [F, 4 ceil(T/M)] values + int16 columns
+    assert [r.bytes_read for r in selections] == [tokens * ffn * 2] * 2
+    columns = math.ceil(ffn / 64) * math.ceil(tokens / 16) * 4 * 2
+    assert [r.bytes_written for r in selections] == [ffn * kept_tokens * 2 + columns] * 2
+    scatters = [r for r in records if r.op == "megasparse_perf.scatter"]
+    assert scatters and all(r.bytes_written == tokens * ffn * 2 for r in scatters)
 
 
 def test_compact_gemm_time_is_its_flops_at_the_gather_efficiency():

@@ -5,9 +5,7 @@ the wrong cost. Each of the six kernels (activation_compact, compact, scatter, c
 gather_k_matmul, compact_matmul) is stood in for here by one op with the kernel's own inputs and
 outputs, so the recorder counts the compact GEMMs by their compact FLOPs (registered in
 COMPACT_GEMMS) and the memory kernels by their bytes. `redirected_pick` sends `kernels.pick` calls
-for those kernels to the stand-ins; `compact_ffn` is the FFN of the path's contract (fc1 with its
-weight's 2:4 path, the fused Squared-ReLU selection and compaction, gather/compact GEMMs for the
-activation-side GEMMs, exact or both-ways weight gradients) composed of the same stand-ins.
+for those kernels (megasparse.core.compact_activation makes them) to the stand-ins.
 """
 
 import contextlib
@@ -17,7 +15,6 @@ from unittest import mock
 import torch
 
 from megasparse import kernels
-from megasparse.core import linear_op as ops
 from megasparse.kernels import dispatch
 from megasparse.tools.perf.recorder import COMPACT_GEMMS
 
@@ -147,54 +144,3 @@ def redirected_pick():
 
     with mock.patch.object(kernels, "pick", pick), mock.patch.object(dispatch, "pick", pick):
         yield
-
-
-# --- the FFN of the activation speed path ----------------------------------------------------
-
-
-class _CompactFFN(torch.autograd.Function):
-    """Y = compact-path FFN(X) with fc1's step state (2:4 forward where pruned) and fc2's W*M.
-
-    pattern: the activation's V:N:M (M >= 8); wgrad: None (dW exact, dense GEMM on the scattered
-    operand) or the V:N:M applied along tokens to A and dH for the weight gradients."""
-
-    @staticmethod
-    def forward(ctx, x, w1, w2, fc1_step, fc2_step, plan, pattern, wgrad):
-        v, n, m = pattern
-        x2d = x.reshape(-1, x.shape[-1])
-        h = ops._forward_gemm(x, x2d, fc1_step, None, plan)
-        a_c, h_c, columns, _stats = activation_compact(h, v, n, m, True)
-        w2m = fc2_step.dense(hold=True)
-        y = gather_k_matmul(a_c, columns, w2m.t(), v, m)
-        ctx.save_for_backward(x2d, a_c, h_c, columns)
-        ctx.args = (fc1_step, fc2_step, pattern, wgrad, h.shape[1], x.shape)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, a_c, h_c, columns = ctx.saved_tensors
-        fc1_step, fc2_step, (v, n, m), wgrad, ffn, x_shape = ctx.args
-        dy = dy.reshape(-1, dy.shape[-1])
-        w1m, w2m = fc1_step.dense(hold=True), fc2_step.dense(hold=True)
-        da_c = compact_matmul(dy, w2m, columns, v, m)
-        dw2 = _weight_grad(scatter(a_c, columns, v, m, ffn), dy, wgrad, transposed=True)
-        dh_c = da_c * (2 * torch.relu(h_c))
-        dx = gather_k_matmul(dh_c, columns, w1m, v, m)
-        dw1 = _weight_grad(scatter(dh_c, columns, v, m, ffn), x2d, wgrad)
-        return dx.reshape(x_shape), dw1, dw2, None, None, None, None, None
-
-
-def _weight_grad(operand, other, wgrad, transposed=False):
-    """operand^T @ other over tokens (its transpose if `transposed`): a dense GEMM, or a gather-GEMM
-    over the tokens `wgrad` keeps (then transposed as a view)."""
-    if wgrad is None:
-        return other.t() @ operand if transposed else operand.t() @ other
-    v, n, m = wgrad
-    values_t, token_columns = compact_tokens(operand, v, n, m)
-    grad = gather_k_matmul(values_t, token_columns, other, v, m)
-    return grad.t() if transposed else grad
-
-
-def compact_ffn(x, w1, w2, fc1_step, fc2_step, plan, pattern, wgrad=None):
-    """fc2(compact(sqrelu(fc1(x)))) on the activation speed path; `plan` runs fc1's forward."""
-    return _CompactFFN.apply(x, w1, w2, fc1_step, fc2_step, plan, tuple(pattern), wgrad)
