@@ -3,6 +3,7 @@
 from . import activation_2_4 as _activation_2_4
 from . import activation_sparsify as _activation_sparsify
 from . import fp8_cast as _fp8_cast
+from . import gather_matmul as _gather_matmul
 from . import mask_1d as _mask_1d
 from . import mask_transposable as _mask_transposable
 from . import squared_relu_backward as _squared_relu_backward
@@ -11,6 +12,7 @@ from .common import HAVE_TRITON, magnitude
 from .compact import compact, compact_matmul_reference, gather_k_matmul_reference, scatter
 from .dispatch import pick
 from .fp8_cast import amax_reference, fp8_cast_reference, fp8_cast_triton
+from .gather_matmul import compact_matmul_triton, gather_k_matmul_triton
 from .mask_1d import mask_1d_reference, mask_1d_triton
 from .mask_transposable import (
     N_PATTERNS,
@@ -34,6 +36,7 @@ def compile_specs(dtype):
         _activation_sparsify,
         _squared_relu_backward,
         _fp8_cast,
+        _gather_matmul,
     )
     return [spec for module in modules for spec in module.compile_specs(dtype)]
 
@@ -56,6 +59,8 @@ __all__ = [
     "scatter",
     "gather_k_matmul_reference",
     "compact_matmul_reference",
+    "gather_k_matmul_triton",
+    "compact_matmul_triton",
     "squared_relu_sparsify_backward_reference",
     "squared_relu_sparsify_backward_triton",
     "amax_reference",
