@@ -113,6 +113,44 @@ def groups_per_program(v: int, m: int) -> int:
 if HAVE_TRITON:
 
     @triton.jit
+    def activate_triton(x, SQUARED_RELU: tl.constexpr, FP64: tl.constexpr):
+        """a = relu(x)^2 (or x) in float32 (float64 for float64 x)."""
+        a = x.to(tl.float64) if FP64 else x.to(tl.float32)
+        if SQUARED_RELU:
+            a = tl.where(a < 0.0, 0.0, a)  # relu that keeps NaN, as torch.relu
+            a = a * a
+        return a
+
+    @triton.jit
+    def choose_columns_triton(a3):
+        """The column choice of V:N:M on a [V, GROUPS, M] tile: per group the 4 columns of largest
+        L2 norm over the V rows (summed in float64, NaN ranked +inf), ties to the lower column.
+        Returns the chosen flags [GROUPS, M] and the chosen columns k0 < k1 < k2 < k3 [GROUPS]."""
+        a64 = a3.to(tl.float64)
+        norm = rank_key_triton(tl.sum(a64 * a64, axis=0))  # [GROUPS, M]
+        c = tl.arange(0, a3.shape[2])
+        lower = c[None, :] < c[:, None]  # [c, c']: c' < c
+        beaten = (norm[:, None, :] > norm[:, :, None]) | (
+            (norm[:, None, :] == norm[:, :, None]) & lower[None]
+        )
+        chosen = tl.sum(beaten.to(tl.int32), axis=2) < 4  # [GROUPS, M]
+        # the chosen columns in ascending order: column k_j has j chosen columns before it
+        before = tl.sum((chosen[:, None, :] & lower[None]).to(tl.int32), axis=2)
+        k0 = tl.sum(tl.where(chosen & (before == 0), c[None, :], 0), axis=1)  # [GROUPS]
+        k1 = tl.sum(tl.where(chosen & (before == 1), c[None, :], 0), axis=1)
+        k2 = tl.sum(tl.where(chosen & (before == 2), c[None, :], 0), axis=1)
+        k3 = tl.sum(tl.where(chosen & (before == 3), c[None, :], 0), axis=1)
+        return chosen, k0, k1, k2, k3
+
+    @triton.jit
+    def store_columns_triton(columns_ptr, block, chunk, groups, k0, k1, k2, k3):
+        """Write the chosen columns [GROUPS] of groups chunk * GROUPS... of `block` into `columns`
+        [blocks, groups, 4]."""
+        group = chunk * k0.shape[0] + tl.arange(0, k0.shape[0])
+        out = (block * groups + group)[:, None] * 4 + tl.arange(0, 4)[None, :]
+        tl.store(columns_ptr + out, join4(k0, k1, k2, k3).to(tl.int16), mask=(group < groups)[:, None])
+
+    @triton.jit
     def _activation_vnm_kernel(
         x_ptr,
         values_ptr,
@@ -134,27 +172,11 @@ if HAVE_TRITON:
         offsets = rows.to(tl.int64)[:, None] * ffn + cols[None, :]  # [V, GROUPS * M]
         valid = (rows < tokens)[:, None] & (cols < ffn)[None, :]
         x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
-        a = x.to(tl.float64) if FP64 else x.to(tl.float32)
-        if SQUARED_RELU:
-            a = tl.where(a < 0.0, 0.0, a)  # relu that keeps NaN, as torch.relu
-            a = a * a
+        a = activate_triton(x, SQUARED_RELU, FP64)
         a3 = tl.reshape(a, [V, GROUPS, M])
         mag = rank_key_triton(a3)
-        # each group's 4 columns: largest L2 norm over the block (float64), ties to the lower column
-        a64 = a3.to(tl.float64)
-        norm = rank_key_triton(tl.sum(a64 * a64, axis=0))  # [GROUPS, M]
+        chosen, k0, k1, k2, k3 = choose_columns_triton(a3)
         c = tl.arange(0, M)
-        lower = c[None, :] < c[:, None]  # [c, c']: c' < c
-        beaten = (norm[:, None, :] > norm[:, :, None]) | (
-            (norm[:, None, :] == norm[:, :, None]) & lower[None]
-        )
-        chosen = tl.sum(beaten.to(tl.int32), axis=2) < 4  # [GROUPS, M]
-        # the chosen columns in ascending order: column k_j has j chosen columns before it
-        before = tl.sum((chosen[:, None, :] & lower[None]).to(tl.int32), axis=2)
-        k0 = tl.sum(tl.where(chosen & (before == 0), c[None, :], 0), axis=1)  # [GROUPS]
-        k1 = tl.sum(tl.where(chosen & (before == 1), c[None, :], 0), axis=1)
-        k2 = tl.sum(tl.where(chosen & (before == 2), c[None, :], 0), axis=1)
-        k3 = tl.sum(tl.where(chosen & (before == 3), c[None, :], 0), axis=1)
         # inside them the N largest |a| per row, ties to the lower column: count the chosen
         # columns that beat each element
         c3 = c[None, None, :]
@@ -170,11 +192,7 @@ if HAVE_TRITON:
             values_ptr + offsets, tl.where(keep, a, 0.0).to(values_ptr.dtype.element_ty), mask=valid
         )
         tl.store(mask_ptr + offsets, keep.to(tl.int8), mask=valid)
-        group = chunk * GROUPS + tl.arange(0, GROUPS)
-        out = (block * (ffn // M) + group)[:, None] * 4 + tl.arange(0, 4)[None, :]
-        tl.store(
-            columns_ptr + out, join4(k0, k1, k2, k3).to(tl.int16), mask=(group < ffn // M)[:, None]
-        )
+        store_columns_triton(columns_ptr, block, chunk, ffn // M, k0, k1, k2, k3)
         mag2 = tl.abs(a)
         stats_ptr += (block * tl.num_programs(1) + chunk) * 3
         tl.store(stats_ptr, tl.sum(tl.sum(((a == 0.0) & valid).to(tl.float32), axis=1), axis=0))
@@ -221,11 +239,14 @@ def activation_sparsify_triton(x: torch.Tensor, v: int, m: int, squared_relu: bo
                 enable_fp_fusion=False,
             )
         mask = mask.view(torch.bool)
-    sums = partial.double().sum(0)
-    stats = torch.cat(
-        [sums, torch.tensor([float(x.numel())], dtype=torch.float64, device=x.device)]
-    )
-    return values, mask, columns, stats
+    return values, mask, columns, stats_from_partials(partial, x)
+
+
+def stats_from_partials(partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """stats [zeros, sum|a|, dropped sum|a|, numel] (float64) from the kernels' per-program
+    float32 sums [programs, 3]."""
+    numel = torch.tensor([float(x.numel())], dtype=torch.float64, device=x.device)
+    return torch.cat([partial.double().sum(0), numel])
 
 
 def compile_specs(dtype: torch.dtype) -> list:
