@@ -48,11 +48,7 @@ SWEEP_RECIPES = {
     "dense": _row(),
     row_name(None): _row("2:4"),
     row_name("2:4"): _row("2:4", "2:4"),
-    **{
-        row_name(p, bw): _row("2:4", p, bw)
-        for p in PATTERNS
-        for bw in (None, BOTH_WAYS)
-    },
+    **{row_name(p, bw): _row("2:4", p, bw) for p in PATTERNS for bw in (None, BOTH_WAYS)},
 }
 
 
@@ -83,9 +79,7 @@ def projection(recipe, device="H100", bound="mid") -> Optional[dict]:
     if project is None:
         return None
     weights, activations, wgrad = _pattern(recipe)
-    return project(
-        activations, activation_wgrad=wgrad, weights=weights, device=device, bound=bound
-    )
+    return project(activations, activation_wgrad=wgrad, weights=weights, device=device, bound=bound)
 
 
 def _mean_spread(values):
@@ -135,9 +129,11 @@ def table(results, args, seconds, recipes=SWEEP_RECIPES):
         )
     repeated = {n: rs for n, rs in by_row.items() if len(rs) > 1}
     if repeated:
-        dense_mean = _mean_spread([r["val_loss"] for r in by_row["dense"]])[0] if (
-            "dense" in repeated
-        ) else None
+        dense_mean = (
+            _mean_spread([r["val_loss"] for r in by_row["dense"]])[0]
+            if ("dense" in repeated)
+            else None
+        )
         lines += [
             "",
             "| row | seeds | val loss mean | spread (sample std) | min .. max | gap of means to dense "
@@ -147,8 +143,10 @@ def table(results, args, seconds, recipes=SWEEP_RECIPES):
         for name, rs in repeated.items():
             vals = [r["val_loss"] for r in rs]
             mean, spread = _mean_spread(vals)
-            within = "-" if dense_mean is None or name == "dense" else (
-                "yes" if mean <= 1.01 * dense_mean else "no"
+            within = (
+                "-"
+                if dense_mean is None or name == "dense"
+                else ("yes" if mean <= 1.01 * dense_mean else "no")
             )
             lines.append(
                 f"| {name} | {' '.join(str(r['seed']) for r in rs)} | {mean:.4f} | "

@@ -212,7 +212,9 @@ def train_recipe(name, args, data, device, recipe=None):
     ]
     curve, val_curve, seconds, timed = [], [], 0.0, 0
     flips = []
-    last_sparse = args.steps - schedule.dense_final_iters - 1 if schedule.dense_final_iters else None
+    last_sparse = (
+        args.steps - schedule.dense_final_iters - 1 if schedule.dense_final_iters else None
+    )
     sparse_end_val, sparse_sums, act_sparse_iters = None, None, []
     prune_at = schedule.dense_warmup_iters if recipe.get("prune") else None
     rank0 = dist.get_rank() == 0
@@ -522,7 +524,7 @@ def _worker(rank, args, port):
     if cuda:
         torch.cuda.set_device(rank)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // args.tp))
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // args.tp))
     init_megatron(
         rank, args.tp, port, backend="nccl" if cuda else "gloo", tensor_model_parallel_size=args.tp
     )
@@ -614,6 +616,13 @@ def main(argv=None):
         help="linears made sparse (see sparsify_spec)",
     )
     add_model_args(p)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per process (default: the cores over TP; 1 on a machine shared with "
+        "other jobs, where more threads wait on each other)",
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--out", default="demo_out", help="where results.json and loss_curves.png go")

@@ -10,7 +10,7 @@ import torch
 from megasparse.tools import activation_sweep, demo
 from megasparse.tools.gpt_text import load_corpus
 
-STEPS = 20  # schedule: dense 0..1, sparse 2..15, dense 16..19
+STEPS = 10  # schedule: dense 0, sparse 1..7, dense 8..9
 TOKENS = 64  # seq 16 x batch 4: one block of V = 64 tokens
 
 
@@ -24,13 +24,19 @@ def _args(tmp_path, **kw):
 
 @pytest.fixture(scope="module")
 def sweep(megatron_tp1, tmp_path_factory):
-    """The dense, 2:4-activation and 64:2:8 (25%) rows, and the plain demo's dense recipe."""
+    """The dense, 2:4-activation, 64:2:8 (25%) and 64:2:8 both-ways rows, and the plain demo's
+    dense recipe (one thread: tiny GEMMs, and no waiting on busy cores)."""
     out = tmp_path_factory.mktemp("sweep")
-    args = _args(out, recipes=["dense", "w2:4+a2:4", "w2:4+a64:2:8"])
+    args = _args(out, recipes=["dense", "w2:4+a2:4", "w2:4+a64:2:8", "w2:4+a64:2:8+bw64:4:8"])
     data = load_corpus(20_000)
     cpu = torch.device("cpu")
-    rows = {r["recipe"]: r for r in demo.run_activation_sweep(args, data, cpu)}
-    plain_dense = demo.train_recipe("dense", args, data, cpu)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = {r["recipe"]: r for r in demo.run_activation_sweep(args, data, cpu)}
+        plain_dense = demo.train_recipe("dense", args, data, cpu)
+    finally:
+        torch.set_num_threads(threads)
     return args, rows, plain_dense
 
 
@@ -55,6 +61,16 @@ def test_schedule_runs_dense_in_its_dense_phases(sweep):
     last_sparse = STEPS - final - 1
     assert (last_sparse, sparse["sparse_end_val_loss"]) in sparse["val_curve"]
     assert sparse["sparse_end_val_loss"] != sparse["val_loss"]
+
+
+def test_both_ways_weight_gradients_change_training_from_the_first_sparse_update(sweep):
+    """The same forward until the first sparse step's weight update, which the both-ways
+    weight gradient (A and dH sparsified again along tokens) changes."""
+    warmup = int(0.1 * STEPS)
+    exact, both_ways = rows = sweep[1]["w2:4+a64:2:8"], sweep[1]["w2:4+a64:2:8+bw64:4:8"]
+    assert both_ways["train_curve"][: warmup + 1] == exact["train_curve"][: warmup + 1]
+    assert both_ways["train_curve"][warmup + 1] != exact["train_curve"][warmup + 1]
+    assert [r["sparsity_activation_wgrad"] for r in rows] == [None, "64:4:8"]
 
 
 def test_sparse_phase_statistics_count_what_the_pattern_drops(sweep):
