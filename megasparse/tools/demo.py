@@ -33,6 +33,17 @@ runs FP8_RECIPES on the same model, data and seeds with bf16 parameters and fp32
 (SparsityConfig(fp8="hybrid"), emulated on the CPU) on the sparse targets. It also runs
 megasparse.tools.fp8_numerics on the trained FP8 2:4 layers and saves them
 (demo_out/<recipe>_rank0.pt). Outputs: demo_out/fp8.md, fp8.json, fp8.png.
+
+    python -m megasparse.tools.demo --activation-sweep --threads 1   # the activation frontier
+
+trains megasparse.tools.activation_sweep.SWEEP_RECIPES (dense; 2:4 weights; 2:4 weights with 2:4
+or V:N:M activations, with and without both-ways weight gradients) on the same model, data and
+schedule (dense 10% / sparse 70% / dense 20%), at its own size (SWEEP_DEFAULTS: TP=1, ffn 512),
+with --sweep-seeds (dense and the recommended row run every seed, the others the first). Columns:
+final and end-of-sparse-phase validation loss, share of the activation's L1 mass dropped in the
+sparse phase, projected H100 speed-ups (perfmodel.projected_speedups). Outputs:
+demo_out/activation_frontier.md, .json, .png (--sweep-plot), each run in demo_out/sweep_runs/
+(--resume reuses them).
 """
 
 import argparse
