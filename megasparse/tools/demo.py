@@ -298,7 +298,7 @@ def run_activation_sweep(args, data, device):
     from megasparse.tools import activation_sweep
 
     results = []
-    for name, seed in activation_sweep.runs(args.recipes, args.sweep_seeds):
+    for name, seed in activation_sweep.runs(args.recipes, args.sweep_seeds, args.sweep_repeat):
         recipe = activation_sweep.SWEEP_RECIPES[name]
         path = os.path.join(args.out, "sweep_runs", f"{name.replace(':', '-')}_seed{seed}.json")
         if args.resume and os.path.exists(path):
@@ -563,7 +563,7 @@ def _worker(rank, args, port):
 
 
 def main(argv=None):
-    from megasparse.tools.activation_sweep import SWEEP_DEFAULTS, SWEEP_RECIPES
+    from megasparse.tools.activation_sweep import REPEATED, SWEEP_DEFAULTS, SWEEP_RECIPES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -577,7 +577,15 @@ def main(argv=None):
         type=int,
         nargs="+",
         default=[0, 1, 2],
-        help="--activation-sweep: every row runs the first seed; dense and the recommended row all",
+        help="--activation-sweep: every row runs the first seed, the --sweep-repeat rows all",
+    )
+    p.add_argument(
+        "--sweep-repeat",
+        nargs="+",
+        default=list(REPEATED),
+        choices=list(SWEEP_RECIPES),
+        help="--activation-sweep: the rows that run every seed (default: dense and the "
+        "recommended row, activation_sweep.REPEATED)",
     )
     p.add_argument(
         "--resume",

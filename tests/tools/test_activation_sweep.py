@@ -18,7 +18,8 @@ def _args(tmp_path, **kw):
     return argparse.Namespace(
         tp=1, layers=1, hidden=32, heads=2, ffn=128, seq=16, batch=4, steps=STEPS, seed=0,
         lr=2e-3, targets=["fc1", "fc2"], val_batches=2, eval_every=100, out=str(tmp_path),
-        quality=False, resume=False, sweep_seeds=[0], sweep_plot=None, **kw,
+        quality=False, resume=False, sweep_seeds=[0], sweep_repeat=["dense"], sweep_plot=None,
+        **kw,
     )  # fmt: skip
 
 
