@@ -18,7 +18,7 @@ from typing import Optional
 from megasparse.config import SparsityConfig, parse_activation_pattern
 
 DENSE_WARMUP, DENSE_FINAL = 0.10, 0.20  # the schedule of every row (and of the projection)
-PATTERNS = ("64:2:8", "64:4:8", "64:2:16", "64:4:16", "64:4:32")  # compacted (M >= 8)
+PATTERNS = ("64:2:8", "64:4:8", "64:2:16", "64:4:16", "64:2:32", "64:4:32")  # compacted (M >= 8)
 BOTH_WAYS = "64:4:8"  # activation_wgrad of the both-ways rows
 RECOMMENDED = "w2:4+a64:2:16"  # the frontier's pick (docs/quality.md): its extra seeds run too
 REPEATED = ("dense", RECOMMENDED)  # rows trained with every seed of --sweep-seeds

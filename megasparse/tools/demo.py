@@ -233,7 +233,7 @@ def train_recipe(name, args, data, device, recipe=None):
     if rank0:
         from tqdm import tqdm
 
-        steps = tqdm(steps, desc=f"{name:>18}", ncols=100, file=sys.stdout, mininterval=1.0)
+        steps = tqdm(steps, desc=f"{name:>22}", ncols=100, file=sys.stdout, mininterval=1.0)
     for it in steps:
         if it == prune_at:
             _prune_now(model, recipe["prune"], args, data, device)
