@@ -234,6 +234,21 @@ def _grid(tokens: int, v: int, width: int, block_n: int) -> tuple:
     return (triton.cdiv(tokens, v) * triton.cdiv(width, block_n),)
 
 
+def _launch(v: int, m: int, dtype: torch.dtype) -> dict:
+    """The constexprs and launch options of both kernels at (V, M, dtype)."""
+    config = CONFIGS[v, dtype]
+    return dict(
+        V=v,
+        M=m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=GROUP_M,
+        UPCAST=_upcast(dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
 def _check_b_offsets(kernel: str, b: torch.Tensor) -> None:
     """b's element offsets are int32 in the kernels' inner loop."""
     if b.numel() and sum((size - 1) * abs(s) for size, s in zip(b.shape, b.stride())) >= 2**31:
@@ -268,8 +283,7 @@ def gather_k_matmul_triton(a_c, columns, b, v: int, m: int, out=None) -> torch.T
         )
     if not out.numel():
         return out
-    config = CONFIGS[v, a_c.dtype]
-    _gather_k_matmul_kernel[_grid(tokens, v, n, config.block_n)](
+    _gather_k_matmul_kernel[_grid(tokens, v, n, CONFIGS[v, a_c.dtype].block_n)](
         a_c,
         columns.contiguous(),
         b,
@@ -281,14 +295,7 @@ def gather_k_matmul_triton(a_c, columns, b, v: int, m: int, out=None) -> torch.T
         *a_c.stride(),
         *b.stride(),
         *out.stride(),
-        V=v,
-        M=m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        GROUP_M=GROUP_M,
-        UPCAST=_upcast(a_c.dtype),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        **_launch(v, m, a_c.dtype),
     )
     return out
 
@@ -311,8 +318,7 @@ def compact_matmul_triton(g, b, columns, v: int, m: int) -> torch.Tensor:
     out = torch.empty(tokens, compact_n, dtype=g.dtype, device=g.device)
     if not out.numel():
         return out
-    config = CONFIGS[v, g.dtype]
-    _compact_matmul_kernel[_grid(tokens, v, compact_n, config.block_n)](
+    _compact_matmul_kernel[_grid(tokens, v, compact_n, CONFIGS[v, g.dtype].block_n)](
         g,
         b,
         columns.contiguous(),
@@ -323,14 +329,7 @@ def compact_matmul_triton(g, b, columns, v: int, m: int) -> torch.Tensor:
         *g.stride(),
         *b.stride(),
         *out.stride(),
-        V=v,
-        M=m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        GROUP_M=GROUP_M,
-        UPCAST=_upcast(g.dtype),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        **_launch(v, m, g.dtype),
     )
     return out
 
@@ -362,20 +361,16 @@ def compile_specs(dtype: torch.dtype) -> list:
     )
     specs = []
     for v, m in REPORT_PATTERNS:
-        config = CONFIGS[v, dtype]
-        bn, bk = config.block_n, config.block_k
+        launch = _launch(v, m, dtype)  # num_stages is Triton's default (see _config)
+        num_warps, bn, bk = launch.pop("num_warps"), launch["BLOCK_N"], launch["BLOCK_K"]
+        del launch["num_stages"]
         for name, fn, arguments, (lhs, rhs), step_columns in kernels:
             for layout, unit_strides in _B_LAYOUTS.items():
-                constexprs = {
-                    "V": v, "M": m, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "UPCAST": False,
-                    "stride_ak" if lhs == "a_ptr" else "stride_gk": 1,
-                    "stride_cn" if lhs == "a_ptr" else "stride_on": 1,
-                    **unit_strides,
-                }  # fmt: skip
+                unit = ("stride_ak", "stride_cn") if lhs == "a_ptr" else ("stride_gk", "stride_on")
+                constexprs = {**launch, **dict.fromkeys(unit, 1), **unit_strides}
                 spec = compile_spec(
-                    f"{name}_{v}_{m}_{layout}", fn, dtype, arguments, constexprs, v * bn,
-                    config.num_warps,
-                )  # fmt: skip
+                    f"{name}_{v}_{m}_{layout}", fn, dtype, arguments, constexprs, v * bn, num_warps
+                )
                 spec.reads = {
                     lhs: v * bk,
                     rhs: bk * bn,
