@@ -5,6 +5,7 @@ from . import activation_compact as _activation_compact
 from . import activation_sparsify as _activation_sparsify
 from . import compact as _compact
 from . import fp8_cast as _fp8_cast
+from . import gather_matmul as _gather_matmul
 from . import mask_1d as _mask_1d
 from . import mask_transposable as _mask_transposable
 from . import squared_relu_backward as _squared_relu_backward
@@ -26,6 +27,7 @@ from .compact import (
 )
 from .dispatch import pick
 from .fp8_cast import amax_reference, fp8_cast_reference, fp8_cast_triton
+from .gather_matmul import compact_matmul_triton, gather_k_matmul_triton
 from .mask_1d import mask_1d_reference, mask_1d_triton
 from .mask_transposable import (
     N_PATTERNS,
@@ -51,6 +53,7 @@ def compile_specs(dtype):
         _compact,
         _squared_relu_backward,
         _fp8_cast,
+        _gather_matmul,
     )
     return [spec for module in modules for spec in module.compile_specs(dtype)]
 
@@ -79,6 +82,8 @@ __all__ = [
     "scatter_triton",
     "gather_k_matmul_reference",
     "compact_matmul_reference",
+    "gather_k_matmul_triton",
+    "compact_matmul_triton",
     "squared_relu_sparsify_backward_reference",
     "squared_relu_sparsify_backward_triton",
     "amax_reference",
