@@ -204,7 +204,12 @@ def test_pick_is_redirected_to_the_standins_only_for_the_six_kernels():
 
 
 def test_targets_block_gives_a_projected_verdict_per_target():
-    lines = perfmodel.activation_targets()
+    recipes = (
+        Recipe("transposable", "64:2:8"),
+        Recipe("transposable", "64:2:16", "64:4:16"),
+        Recipe("transposable", "64:4:32", "64:4:16"),
+    )
+    lines = perfmodel.activation_targets(recipes=recipes)
     verdicts = [line for line in lines if "-> PROJECTED" in line]
     assert "PROJECTED" in lines[0] and 2 <= len(verdicts) <= 4
     assert all(v.endswith(("MET (mid)", "MISSED (mid)")) for v in verdicts)
