@@ -1,10 +1,13 @@
 """Projected speed of megasparse recipes from the ops its code runs: python -m megasparse.tools.perfmodel.
 
-Each case (recipe x FFN or GPT layer x tokens x TP) runs megasparse's real autograd ops forward and
-backward on device="meta" tensors under an OpRecorder (no GPU, no memory); `perf_projection`
-turns the recorded ops into projected time per device. Kernels whose CPU reference would be
-recorded instead of the GPU kernel (the Triton mask, activation and FP8 cast kernels) and flash
-attention are stood in for by one op each with the kernel's own inputs and outputs (`_standins`).
+Each case (recipe x scope x tokens x TP; scopes: the h8192/ffn28672 FFN or layer, and the
+Llama-1B/7B-like layers of megasparse.tools.perf.models) runs megasparse's real autograd ops
+forward and backward on device="meta" tensors under an OpRecorder (no GPU, no memory);
+`roofline.project` turns the recorded ops into projected time per device. Kernels whose CPU
+reference would be recorded instead of the GPU kernel (the Triton mask, activation and FP8 cast
+kernels, the activation speed path's compact kernels) and flash attention are stood in for by one
+op each with the kernel's own inputs and outputs (`_standins`). `projected_speedups` is the small
+API the demo's sweep calls; `activation_targets` gives the activation path's verdicts.
 Nothing printed is a measurement.
 """
 
