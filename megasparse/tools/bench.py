@@ -326,7 +326,7 @@ def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
             lambda: squared_relu_sparsify_backward_triton(h, mask, grad),
             h.numel() * (3 * size + 1),
         ),
-        **_compact_launches(h, w, v, size),
+        **_gather_matmul_launches(h, w, v, size),
         "fp8_cast": (lambda: fp8_cast_triton(x, scale), x.numel() * (size + 1)),
         "fp8_cast + transpose": (
             lambda: fp8_cast_triton(x, scale, transpose=True),
@@ -335,49 +335,28 @@ def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
     }
 
 
-def _compact_launches(h, w, v, size):
-    """The activation speed path's kernels on the fc1 output h [tokens, ffn] (64:2:8) and W1 w
-    [ffn, hidden]: {name: (launch, bytes read + written)}; a gather-GEMM's bytes are its operands
-    and output (a GEMM is not memory-bound: its time beside the copy shows what it moves)."""
+def _gather_matmul_launches(h, w, v, size):
+    """The compact GEMMs on the fc1 output h [tokens, ffn] (64:2:8) and W1 w [ffn, hidden]:
+    {name: (launch, bytes of operands and output)}; a GEMM is not memory-bound, its time beside
+    the copy shows what it moves."""
     from megasparse.kernels import (
         activation_compact_triton,
         compact_matmul_triton,
-        compact_tokens_triton,
-        compact_triton,
         gather_k_matmul_triton,
-        scatter_triton,
     )
 
     m = 8
-    tokens, ffn = h.shape
     values_c, _, columns, _ = activation_compact_triton(h, v, 2, m, True)
     kept, index = values_c.numel() * size, columns.numel() * 2
-    dy = h.new_ones(tokens, w.shape[1])
-    tokens_kept = ffn * 4 * -(-tokens // m) * size
+    dy = h.new_ones(h.shape[0], w.shape[1])
     return {
-        f"activation_compact {v}:2:{m} (squared ReLU)": (
-            lambda: activation_compact_triton(h, v, 2, m, True),
-            h.numel() * size + 2 * kept + index,
-        ),
-        f"compact {v}:2:{m}": (
-            lambda: compact_triton(h, columns, v, m),
-            h.numel() * size + kept + index,
-        ),
-        f"compact scatter {v}:2:{m}": (
-            lambda: scatter_triton(values_c, columns, v, m, ffn),
-            kept + index + h.numel() * size,
-        ),
-        f"activation_compact tokens {v}:4:{m}": (
-            lambda: compact_tokens_triton(h, v, 4, m),
-            h.numel() * size + tokens_kept,
-        ),
         f"gather_matmul gather_k_matmul {v}:2:{m}": (
             lambda: gather_k_matmul_triton(values_c, columns, w, v, m),
             kept + index + (w.numel() + dy.numel()) * size,
         ),
         f"gather_matmul compact_matmul {v}:2:{m}": (
             lambda: compact_matmul_triton(dy, w.t(), columns, v, m),
-            dy.numel() * size + w.numel() * size + index + kept,
+            (dy.numel() + w.numel()) * size + index + kept,
         ),
     }
 
