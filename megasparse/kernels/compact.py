@@ -153,7 +153,7 @@ if HAVE_TRITON:
         k0, k1, k2, k3 = _block_columns(columns_ptr, block, chunk, groups, GROUPS)
         cols = chunk * (GROUPS * M) + tl.arange(0, GROUPS * M)
         cols_c = chunk * (GROUPS * 4) + tl.arange(0, GROUPS * 4)
-        for step in range(0, V, ROWS):
+        for step in range(0, tl.minimum(V, tokens - block * V), ROWS):  # the block's rows
             rows = block * V + step + tl.arange(0, ROWS)
             valid = (rows < tokens)[:, None] & (cols < ffn)[None, :]
             x = tl.load(
@@ -187,7 +187,7 @@ if HAVE_TRITON:
         c = tl.arange(0, M)[None, None, :]
         cols = chunk * (GROUPS * M) + tl.arange(0, GROUPS * M)
         cols_c = chunk * (GROUPS * 4) + tl.arange(0, GROUPS * 4)
-        for step in range(0, V, ROWS):
+        for step in range(0, tl.minimum(V, tokens - block * V), ROWS):  # the block's rows
             rows = block * V + step + tl.arange(0, ROWS)
             valid_c = (rows < tokens)[:, None] & (cols_c < groups * 4)[None, :]
             at = rows.to(tl.int64)[:, None] * values_stride + cols_c[None, :]

@@ -10,6 +10,12 @@ Numerics: products of the input dtype accumulated in float32 by tl.dot (fp32 inp
 input_precision="ieee", as torch's fp32 matmul without TF32), rounded once to the input dtype.
 The float32 summation order differs from cuBLAS, so results agree to rounding, not bitwise.
 The torch references (kernels.compact) are the CPU path and the tests' reference.
+
+Layout of b: any strides work; the gather is fastest when the gathered index of b is its slow
+one, so a tile of b loads as 16-byte cp.async rows: b row-major for gather_k (W1, dY, X, or
+W2^T held contiguous [F, H]) and b column-major for compact_matmul (that same contiguous W2^T,
+passed as .t()). With the other layout (W2.t() or W2 as stored, [H, F] row-major) each gathered
+element is a 2-byte load staged through registers (kernel_report's *_b_cols / *_b_rows rows).
 """
 
 import dataclasses
@@ -72,9 +78,8 @@ GROUP_M = 8  # row blocks that walk the output columns together, so b's tiles ar
 REPORT_PATTERNS = ((64, 8), (64, 16), (128, 8), (128, 16))  # (V, M) compiled by the offline report
 
 
-def _check(kernel: str, lhs, columns, b, v: int, m: int, other: str) -> None:
-    """Shapes, dtypes and V of the compact GEMMs; `other` names the width b's rows or columns
-    must have against `columns`."""
+def _check(kernel: str, lhs, columns, b, v: int, m: int) -> None:
+    """V, M, dtypes, devices and `columns` against the rows of lhs (a_c or g)."""
     if v not in SUPPORTED_V:
         raise ValueError(
             f"megasparse: {kernel} supports V in {SUPPORTED_V} (tensor-core tile rows), got V={v}; "
@@ -106,17 +111,6 @@ def _check(kernel: str, lhs, columns, b, v: int, m: int, other: str) -> None:
             f"megasparse: {kernel} needs its operands on one device, got {lhs.device}, "
             f"{columns.device}, {b.device}"
         )
-    groups = columns.shape[1]
-    if other == "rows" and (lhs.shape[1] != 4 * groups or -(-b.shape[0] // m) != groups):
-        raise ValueError(
-            f"megasparse: {kernel} needs a_c [T, 4*groups] and b [K, N] with ceil(K/M) = groups, got "
-            f"a_c {tuple(lhs.shape)}, b {tuple(b.shape)}, M={m}, {groups} groups"
-        )
-    if other == "columns" and (lhs.shape[1] != b.shape[0] or b.shape[1] != m * groups):
-        raise ValueError(
-            f"megasparse: {kernel} needs g [T, K] and b [K, F] with F = M * groups, got "
-            f"g {tuple(lhs.shape)}, b {tuple(b.shape)}, M={m}, {groups} groups"
-        )
 
 
 if HAVE_TRITON:
@@ -124,7 +118,7 @@ if HAVE_TRITON:
     @triton.jit
     def _tile(pid, tokens, n, V: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         """(row block, column tile) of program `pid`: GROUP_M row blocks walk the column tiles
-        together, so a tile of b is read from DRAM once per GROUP_M blocks."""
+        together, so the column tile of b they read stays in L2 for GROUP_M blocks."""
         blocks, tiles = tl.cdiv(tokens, V), tl.cdiv(n, BLOCK_N)
         per_group = GROUP_M * tiles
         first = (pid // per_group) * GROUP_M
@@ -256,7 +250,13 @@ def gather_k_matmul_triton(a_c, columns, b, v: int, m: int, out=None) -> torch.T
     ceil(K/M) = groups: chosen rows >= K (a short last group along tokens) read as zero."""
     require_triton()
     kernel = "gather_k_matmul_triton"
-    _check(kernel, a_c, columns, b, v, m, "rows")
+    _check(kernel, a_c, columns, b, v, m)
+    groups = columns.shape[1]
+    if a_c.shape[1] != 4 * groups or -(-b.shape[0] // m) != groups:
+        raise ValueError(
+            f"megasparse: {kernel} needs a_c [T, 4*groups] and b [K, N] with ceil(K/M) = groups, "
+            f"got a_c {tuple(a_c.shape)}, b {tuple(b.shape)}, M={m}, {groups} groups"
+        )
     _check_b_offsets(kernel, b)
     tokens, n = a_c.shape[0], b.shape[1]
     if out is None:
@@ -299,9 +299,15 @@ def compact_matmul_triton(g, b, columns, v: int, m: int) -> torch.Tensor:
     view; columns int16 [ceil(T/V), F/M, 4]."""
     require_triton()
     kernel = "compact_matmul_triton"
-    _check(kernel, g, columns, b, v, m, "columns")
+    _check(kernel, g, columns, b, v, m)
+    groups = columns.shape[1]
+    if g.shape[1] != b.shape[0] or b.shape[1] != m * groups:
+        raise ValueError(
+            f"megasparse: {kernel} needs g [T, K] and b [K, F] with F = M * groups, got "
+            f"g {tuple(g.shape)}, b {tuple(b.shape)}, M={m}, {groups} groups"
+        )
     _check_b_offsets(kernel, b)
-    tokens, compact_n = g.shape[0], 4 * columns.shape[1]
+    tokens, compact_n = g.shape[0], 4 * groups
     out = torch.empty(tokens, compact_n, dtype=g.dtype, device=g.device)
     if not out.numel():
         return out

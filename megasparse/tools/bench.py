@@ -293,10 +293,14 @@ def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
     read + written)}: the weight masks on W [ffn, hidden], the activation kernels on the fc1 output
     [tokens, ffn], the FP8 cast on the input [tokens, hidden]."""
     from megasparse.kernels import (
+        activation_compact_triton,
         activation_sparsify_triton,
+        compact_tokens_triton,
+        compact_triton,
         fp8_cast_triton,
         mask_1d_triton,
         mask_transposable_triton,
+        scatter_triton,
         squared_relu_sparsify_backward_triton,
     )
     from megasparse.kernels.activation_2_4 import activation_2_4_triton
@@ -311,6 +315,8 @@ def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
     x = torch.randn(tokens, hidden, device=device, dtype=bf16)
     scale = torch.tensor(3.0, device=device)
     v, m = REPORT_PATTERNS[0]
+    values_c, _, columns, _ = activation_compact_triton(h, v, 2, m, True)
+    compact_bytes, columns_bytes = values_c.numel() * size, columns.numel() * 2
     return {  # bytes: inputs read once, outputs written once (bool masks and FP8 are one byte)
         "mask_1d": (lambda: mask_1d_triton(w), w.numel() * (size + 1)),
         "mask_transposable": (lambda: mask_transposable_triton(w), w.numel() * (size + 1)),
@@ -321,6 +327,22 @@ def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
         f"activation_sparsify {v}:2:{m} (squared ReLU)": (
             lambda: activation_sparsify_triton(h, v, m, True),
             h.numel() * (2 * size + 1) + (tokens // v) * (ffn // m) * 4 * 2,  # + int16 columns
+        ),
+        f"activation_compact {v}:2:{m} (squared ReLU)": (  # values_c and preact_c, no dense
+            lambda: activation_compact_triton(h, v, 2, m, True),
+            h.numel() * size + 2 * compact_bytes + columns_bytes,
+        ),
+        f"compact {v}:{m}": (
+            lambda: compact_triton(h, columns, v, m),
+            h.numel() * size + compact_bytes + columns_bytes,
+        ),
+        f"scatter {v}:{m}": (
+            lambda: scatter_triton(values_c, columns, v, m, ffn),
+            h.numel() * size + compact_bytes + columns_bytes,
+        ),
+        f"compact_tokens {v}:4:{m}": (  # the both-ways weight gradients' selection of A^T
+            lambda: compact_tokens_triton(h, v, 4, m),
+            h.numel() * size + compact_bytes + (ffn // v) * (tokens // m) * 4 * 2,
         ),
         "squared_relu_backward": (
             lambda: squared_relu_sparsify_backward_triton(h, mask, grad),
