@@ -348,7 +348,7 @@ def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
             lambda: squared_relu_sparsify_backward_triton(h, mask, grad),
             h.numel() * (3 * size + 1),
         ),
-        **_gather_matmul_launches(h, w, v, size),
+        **_gather_matmul_launches(values_c, columns, w, v, m, size),
         "fp8_cast": (lambda: fp8_cast_triton(x, scale), x.numel() * (size + 1)),
         "fp8_cast + transpose": (
             lambda: fp8_cast_triton(x, scale, transpose=True),
@@ -357,20 +357,14 @@ def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
     }
 
 
-def _gather_matmul_launches(h, w, v, size):
-    """The compact GEMMs on the fc1 output h [tokens, ffn] (64:2:8) and W1 w [ffn, hidden]:
+def _gather_matmul_launches(values_c, columns, w, v, m, size):
+    """The compact GEMMs on the compact fc1 output (values_c, columns) and W1 w [ffn, hidden]:
     {name: (launch, bytes of operands and output)}; a GEMM is not memory-bound, its time beside
     the copy shows what it moves."""
-    from megasparse.kernels import (
-        activation_compact_triton,
-        compact_matmul_triton,
-        gather_k_matmul_triton,
-    )
+    from megasparse.kernels import compact_matmul_triton, gather_k_matmul_triton
 
-    m = 8
-    values_c, _, columns, _ = activation_compact_triton(h, v, 2, m, True)
     kept, index = values_c.numel() * size, columns.numel() * 2
-    dy = h.new_ones(h.shape[0], w.shape[1])
+    dy = values_c.new_ones(values_c.shape[0], w.shape[1])
     return {
         f"gather_matmul gather_k_matmul {v}:2:{m}": (
             lambda: gather_k_matmul_triton(values_c, columns, w, v, m),
