@@ -8,8 +8,11 @@ per-step weight state is rebuilt once per step, as in training) of Megatron's de
 megasparse's (2:4 weights 1d / transposable; 2:4 weights + 2:4 Squared-ReLU activations) in bf16;
 the share of the step spent preparing weights (masks, compression); the FP8 2:4 cuSPARSELt GEMM
 against the FP8 dense GEMM (torch._scaled_mm) at the FFN's shape; every Triton kernel's time
-against a device copy of the same bytes (`kernel_bandwidths`); and the bytes the per-step state
-holds per layer against the dense weight. Targets are marked met or MISSED; `--check` exits non-zero if one is missed.
+against a device copy of the same bytes (`kernel_bandwidths`); the bytes the per-step state
+holds per layer against the dense weight; and the activation speed path (V:N:M activations with
+M >= 8, with and without both-ways weight gradients): its gather/compact GEMMs beside the dense
+cuBLAS GEMMs and one FFN step per pattern, each beside perfmodel's projection
+(`bench_activation_path`). Targets are marked met or MISSED; `--check` exits non-zero if one is missed.
 Without a GPU it says so, runs a small CPU correctness smoke, prints the state's memory and the
 projected targets (labelled projected), and `--check` applies the targets to the projection.
 """
@@ -212,6 +215,7 @@ def bench_gpu(args, shapes=None, tokens_list=None):
                     results["targets"]["weight_prep"] = row["weight_prep_share"]
         del modules
     hidden, ffn = shapes[-1]
+    results.update(bench_activation_path(args.quick, key, hidden, ffn))
     results["targets"]["fp8_2:4"] = _fp8_gemm_ratio(hidden, ffn)
     bandwidth = kernel_bandwidths(hidden, ffn)
     results["kernel_bandwidth"] = bandwidth
@@ -224,6 +228,56 @@ def bench_gpu(args, shapes=None, tokens_list=None):
     results["state_memory"] = state_memory(hidden, ffn, "cuda")
     results["targets"]["state_memory_1d"] = results["state_memory"]["1d"]
     return results
+
+
+def bench_activation_path(quick, device_key_, hidden, ffn, tokens=16384):
+    """The activation speed path (megasparse.tools.perf.bench_activation) on this GPU: its GEMMs and
+    kernels beside cuBLAS and a device copy, and one FFN step per recipe beside the projection."""
+    from megasparse.tools import perfmodel
+    from megasparse.tools.perf import bench_activation as act
+
+    recipes = act.bench_recipes(quick)
+    patterns = tuple(dict.fromkeys(r.activations for r in recipes))
+    wgrads = tuple(dict.fromkeys(r.activation_wgrad for r in recipes if r.activation_wgrad))
+    gemms = [
+        row
+        for p in patterns
+        for row in act.activation_gemms(hidden, ffn, tokens, p, None, _time_ms)
+    ]
+    for w in wgrads:  # the both-ways weight gradients and the selection along tokens
+        rows = act.activation_gemms(hidden, ffn, tokens, patterns[0], w, _time_ms)
+        gemms += [r for r in rows if "both ways" in r["kernel"] or r["kernel"] == "compact_tokens"]
+    for row in gemms:
+        if "measured_ratio" in row:
+            print(
+                f"{row['pattern']} {row['wgrad'] or ''} {row['kernel']}: measured "
+                f"{row['measured_ratio']:.2f}x vs cuBLAS, projected {row['projected_ratio']:.2f}x"
+            )
+        else:
+            print(f"{row['pattern']} {row['kernel']}: {row['vs_copy']:.2f} of a device copy")
+
+    def projected(recipe):
+        if device_key_ is None or (hidden, ffn) != (perfmodel.HIDDEN, perfmodel.FFN):
+            return None
+        return perfmodel.step_ratio(recipe, "ffn", device_key_, tokens=tokens)
+
+    ffn_rows = act.activation_ffn_rows(
+        lambda sparsity: _mlp(hidden, ffn, sparsity, torch.bfloat16).cuda(),
+        _optimizer_step,
+        _time_ms,
+        hidden,
+        ffn,
+        tokens,
+        recipes,
+        projected,
+    )
+    for row in ffn_rows:
+        shown = "-" if row["projected_ratio"] is None else f"{row['projected_ratio']:.2f}x"
+        print(
+            f"FFN h={hidden} ffn={ffn} tokens={tokens} {row['recipe']}: measured "
+            f"{row['measured_ratio']:.2f}x, projected {shown} (vs dense bf16, k={MICROBATCHES})"
+        )
+    return {"activation_gemms": gemms, "activation_rows": ffn_rows}
 
 
 def copy_ms(nbytes: int, device="cuda") -> float:
@@ -294,10 +348,31 @@ def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
             lambda: squared_relu_sparsify_backward_triton(h, mask, grad),
             h.numel() * (3 * size + 1),
         ),
+        **_gather_matmul_launches(values_c, columns, w, v, m, size),
         "fp8_cast": (lambda: fp8_cast_triton(x, scale), x.numel() * (size + 1)),
         "fp8_cast + transpose": (
             lambda: fp8_cast_triton(x, scale, transpose=True),
             x.numel() * (size + 2),
+        ),
+    }
+
+
+def _gather_matmul_launches(values_c, columns, w, v, m, size):
+    """The compact GEMMs on the compact fc1 output (values_c, columns) and W1 w [ffn, hidden]:
+    {name: (launch, bytes of operands and output)}; a GEMM is not memory-bound, its time beside
+    the copy shows what it moves."""
+    from megasparse.kernels import compact_matmul_triton, gather_k_matmul_triton
+
+    kept, index = values_c.numel() * size, columns.numel() * 2
+    dy = values_c.new_ones(values_c.shape[0], w.shape[1])
+    return {
+        f"gather_matmul gather_k_matmul {v}:2:{m}": (
+            lambda: gather_k_matmul_triton(values_c, columns, w, v, m),
+            kept + index + (w.numel() + dy.numel()) * size,
+        ),
+        f"gather_matmul compact_matmul {v}:2:{m}": (
+            lambda: compact_matmul_triton(dy, w.t(), columns, v, m),
+            (dy.numel() + w.numel()) * size + index + kept,
         ),
     }
 

@@ -130,9 +130,15 @@ def test_rows_have_the_json_keys_and_dense_is_one(tmp_path, monkeypatch):
         by[("2:4 (transposable)", 16)]["weight_prep_share"]
         < by[("2:4 (transposable)", 1)]["weight_prep_share"]
     )
-    monkeypatch.setattr(perfmodel, "rows", lambda bound: rows)
+    act_rows = [
+        {"recipe": "dense bf16", "scope": "ffn", "tp": 1, "bound": bound}
+        | {"ratio_sparse_steps": 1.0, "ratio_schedule": 1.0}
+        for bound in ("low", "mid", "high")
+    ]
+    monkeypatch.setattr(perfmodel, "rows", lambda bound, scopes: rows)
+    monkeypatch.setattr(perfmodel, "activation_rows", lambda: act_rows)
     perfmodel.main(["--json", str(tmp_path / "p.json")])
-    assert json.loads((tmp_path / "p.json").read_text()) == rows
+    assert json.loads((tmp_path / "p.json").read_text()) == rows + act_rows
 
 
 def test_report_says_projected_and_gives_a_verdict_per_target():

@@ -3,6 +3,8 @@
 `OpRecorder` is a TorchDispatchMode, meant for `device="meta"` tensors (nothing is computed).
 - GEMMs (mm, addmm, bmm, _scaled_mm, _cslt_sparse_mm): FLOPs = 2*M*N*K, counted dense-equivalent
   also when one operand is 2:4 (the speed-up is applied later, per device, by the perf model).
+- Compact GEMMs (stand-ins of the gather/compact-GEMM kernels, registered in COMPACT_GEMMS): FLOPs
+  = 2*M*N*K of the compact problem (K or N already 4/M of the dense one), sparse_operand COMPACT.
 - Every other op is memory-bound: bytes read = the distinct elements of its tensor inputs,
   bytes written = its outputs. Views and allocations cost nothing.
 - Ops of a semi-structured sparse tensor are not recorded themselves: the plain ops they run
@@ -27,6 +29,10 @@ WEIGHT_PREP, MICROBATCH = "weight_prep", "microbatch"
 
 # Kernels projected by FLOPs rather than bytes (e.g. flash attention): "ns::op" -> fn(args) -> FLOPs
 COMPUTE_KERNELS = {}
+# GEMM kernels over a compacted operand: "ns::op" -> fn(args) -> (M, N, K, input dtype) of the
+# GEMM they really compute (the kept 4/M of the reduction or of the output columns)
+COMPACT_GEMMS = {}
+COMPACT = "compact"  # OpRecord.sparse_operand of a compact GEMM
 
 _FREE = {
     aten.t,
@@ -68,7 +74,7 @@ class OpRecord:
     flops: int
     bytes_read: int
     bytes_written: int
-    sparse_operand: Optional[str] = None  # "A" or "B" of a GEMM, None when dense
+    sparse_operand: Optional[str] = None  # "A" of a 2:4 GEMM, COMPACT, None when dense
     dtype: Optional[torch.dtype] = None  # a GEMM's input dtype
     mnk: Optional[tuple] = None  # a GEMM's (M, N, K); M and N as in the output [M, N]
     label: str = ""  # the driver's name for the region (e.g. "fc1 fwd")
@@ -94,6 +100,8 @@ def _is_semi_structured(t) -> bool:
 
 def _gemm(func, args, kwargs, out):
     """(M, N, K, input dtype, sparse operand) of a GEMM op, or None if `func` is not one."""
+    if func.name() in COMPACT_GEMMS:
+        return (*COMPACT_GEMMS[func.name()](*args, **kwargs), COMPACT)
     packet = func._overloadpacket
     if packet in (aten.mm, aten._scaled_mm):
         a, b = args[0], args[1]
