@@ -9,8 +9,11 @@ own forward runs unchanged; only the activation call is replaced, so that
   the sparse GEMM operand when fc2's weight is dense);
 - fc1's output gradient dH = dA * mask * 2 relu(H) arrives marked 2:4, so its input gradient
   dX = dH W1 can run with dH as the sparse operand (megasparse.core.sparse_operand).
-Activations Megatron computes elsewhere (gated linear units, fused bias-GeLU/SwiGLU, TE
-activations) are still sparsified by fc2 itself, unfused, and their loss shows in the stats.
+Activation sparsity needs a non-gated FFN: a gated one (SwiGLU, gated_linear_unit=True) is refused
+at construction, since the selection would act on the GLU product, not on an activation of fc1's
+output. Other non-gated activations (GeLU, fused bias-GeLU, TE activations) are sparsified unfused
+on the masked path, and their loss shows in the stats; only Squared-ReLU runs the fused and
+compacted path.
 """
 
 from megatron.core.activations import squared_relu
@@ -24,6 +27,7 @@ from megasparse.core.weight_state import refuse_graph_capture
 def install_activation_sparsity(mlp: MLP) -> None:
     """Give an MLP (or an MoE expert) SparseMLP's activation: fused with the sparsifier, counted once."""
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+    refuse_gated_activation_sparsity(mlp)
     if isinstance(fc2, SparseRowParallelLinear) and not isinstance(
         mlp.activation_func, FFNActivationSparsifier
     ):
@@ -34,6 +38,22 @@ def install_activation_sparsity(mlp: MLP) -> None:
         fc2.input_sparsified_upstream = True
         if isinstance(fc1, SparseColumnParallelLinear):
             fc1.feeds_sparse_activation_of(fc2)  # fc1 reads fc2's current config at every forward
+
+
+def refuse_gated_activation_sparsity(mlp: MLP) -> None:
+    """Activation sparsity of a gated FFN (SwiGLU) is refused with the fix; its weights may be sparse."""
+    fc2 = mlp.linear_fc2
+    pattern = getattr(getattr(fc2, "sparsity", None), "activations", None)
+    if pattern is None or not mlp.config.gated_linear_unit:
+        return
+    raise ValueError(
+        f"megasparse: activations={pattern!r} needs a non-gated Squared-ReLU FFN, but this "
+        f"{type(mlp).__name__} is gated (gated_linear_unit=True, e.g. SwiGLU): its fc2 input is "
+        "the GLU product act(x W) * (x V), whose sparsity the selection does not match. Use "
+        "gated_linear_unit=False with activation_func=squared_relu (Megatron-LM: --squared-relu, "
+        "no --swiglu), or set activations=None (--sparsity-activations none) to keep 2:4 weights "
+        "only."
+    )
 
 
 def is_squared_relu(fn) -> bool:
@@ -47,6 +67,7 @@ class SparseMLP(MLP):
         install_activation_sparsity(self)
 
     def forward(self, hidden_states, *args, **kwargs):
+        refuse_gated_activation_sparsity(self)  # activations may be set after construction
         # the activation's sparsifier reads its phase in Python, which graph replays skip
         if isinstance(self.activation_func, FFNActivationSparsifier):
             refuse_graph_capture(hidden_states, self.linear_fc2.sparsity)
