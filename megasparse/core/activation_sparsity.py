@@ -7,6 +7,16 @@ Two entry points:
   is, and so is its gradient dH = dA * mask * 2 relu(H), so fc1's input gradient dX = dH W1 can
   take dH as the sparse operand (megasparse.core.sparse_operand).
 
+2:4 (M = 4) saves x and the dense mask for the backward. M >= 8 compacts: one kernel pass gives the
+compact form (megasparse.core.compact_activation), carried by the dense-shaped marked output, and
+the backward saves only compact tensors:
+- Squared-ReLU: preact_c and columns; dH_c = dA_c * 2 relu(preact_c), returned dense and marked,
+  carrying dH_c for fc1's input gradient.
+- any other activation (`sparsify(activation(x))`): columns only; the gradient is dA scattered
+  (0 where dropped). The activation's own autograd keeps what its chain rule needs (torch saves x
+  dense for GeLU & co.), and the resulting dH is a plain tensor, so fc1 runs its dense input
+  gradient on it: the masked path's math for that GEMM.
+
 NaN/Inf: the sparsifier ranks NaN as +inf with ties to the lower column, the rule of the weight
 masks (megasparse.kernels.common), in the torch reference and the Triton kernels alike. The output
 is exactly the pattern (a dropped NaN/Inf becomes 0), and every group whose activation holds a
@@ -18,10 +28,17 @@ from typing import Optional
 import torch
 
 from megasparse import kernels
+from megasparse.config import ActivationPattern
+from megasparse.core import compact_activation
+from megasparse.core.compact_activation import CompactActivation
 from megasparse.core.sparse_operand import mark_sparse
 
 
 def _kernel(x2d, pattern, squared_relu):
+    """The sparsifier's one kernel pass: (values, mask, columns, stats) for 2:4, and the compact
+    form (values_c, preact_c, columns, stats) for a compacting pattern (M >= 8)."""
+    if pattern.compacts:
+        return compact_activation.activation_compact(x2d, pattern, squared_relu)
     kernel = kernels.pick(
         kernels.activation_sparsify_triton, kernels.activation_sparsify_reference, x2d
     )
@@ -108,13 +125,80 @@ class _SquaredReLUSparsify(torch.autograd.Function):
         return mark_sparse(grad_x, ctx.pattern), None, None  # dH has the activation's pattern
 
 
-def sparsify(a: torch.Tensor, pattern, stats: Optional[ActivationStats]):
-    """(values, mask) of an already-activated tensor [..., ffn]; stats (if given) accumulate."""
+class _CompactSparsify(torch.autograd.Function):
+    """values = a kept by a compacting pattern, marked and carrying its compact form; the gradient
+    is dA at the kept positions, scattered. Saves only `columns`."""
+
+    @staticmethod
+    def forward(ctx, a, pattern, stats, wgrad):
+        values_c, _, columns, step_stats = _kernel(
+            a.reshape(-1, a.shape[-1]), pattern, squared_relu=False
+        )
+        if stats is not None:
+            stats.add(step_stats)
+        selection = object()
+        ctx.save_for_backward(columns)
+        ctx.pattern, ctx.selection = pattern, selection
+        compact = CompactActivation(values_c, None, columns, pattern, a.shape[-1], selection, wgrad)
+        return compact.marked(a.shape)
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        (columns,) = ctx.saved_tensors
+        ffn = grad_values.shape[-1]
+        grad_c = compact_activation.compact_gradient(
+            grad_values, columns, ctx.pattern, ctx.selection
+        )
+        grad_a = compact_activation.scatter(grad_c, columns, ctx.pattern, ffn)
+        return grad_a.reshape(grad_values.shape), None, None, None
+
+
+class _SquaredReLUCompact(torch.autograd.Function):
+    """values = sparsify(relu(x)^2) for a compacting pattern; saves preact_c and columns only.
+    dH_c = dA_c * 2 relu(preact_c); dH is returned dense, marked and carrying dH_c."""
+
+    @staticmethod
+    def forward(ctx, x, pattern, stats, wgrad):
+        values_c, preact_c, columns, step_stats = _kernel(
+            x.reshape(-1, x.shape[-1]), pattern, squared_relu=True
+        )
+        stats.add(step_stats)
+        selection = object()
+        ctx.save_for_backward(preact_c, columns)
+        ctx.pattern, ctx.shape, ctx.wgrad, ctx.selection = pattern, x.shape, wgrad, selection
+        compact = CompactActivation(
+            values_c, preact_c, columns, pattern, x.shape[-1], selection, wgrad
+        )
+        return compact.marked(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        preact_c, columns = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_c = compact_activation.compact_gradient(grad_values, columns, pattern, ctx.selection)
+        dh_c = compact_activation.squared_relu_grad(preact_c, grad_c)
+        dh = CompactActivation(
+            dh_c, None, columns, pattern, ctx.shape[-1], ctx.selection, ctx.wgrad
+        )
+        return dh.marked(ctx.shape), None, None, None
+
+
+def sparsify(a: torch.Tensor, pattern, stats: Optional[ActivationStats], wgrad=None):
+    """(values, mask) of an already-activated tensor [..., ffn]; stats (if given) accumulate.
+    A compacting pattern (M >= 8) returns mask None: the values carry their compact form.
+    wgrad: the both-ways pattern of the neighbouring weight gradients (SparsityConfig.activation_wgrad)."""
+    pattern = ActivationPattern(*pattern)
+    if pattern.compacts:
+        return _CompactSparsify.apply(a, pattern, stats, wgrad), None
     return _Sparsify.apply(a, pattern, stats)
 
 
-def squared_relu_sparsify(x: torch.Tensor, pattern, stats: ActivationStats):
-    """(values, mask) of sparsify(relu(x)^2), fused in one kernel pass."""
+def squared_relu_sparsify(x: torch.Tensor, pattern, stats: ActivationStats, wgrad=None):
+    """(values, mask) of sparsify(relu(x)^2), fused in one kernel pass (mask None: compact, as in
+    `sparsify`)."""
+    pattern = ActivationPattern(*pattern)
+    if pattern.compacts:
+        return _SquaredReLUCompact.apply(x, pattern, stats, wgrad), None
     return _SquaredReLUSparsify.apply(x, pattern, stats)
 
 
@@ -122,10 +206,10 @@ def activate_sparse(activation, x, sparsity, stats: ActivationStats, is_squared_
     """activation(x) sparsified to `sparsity.activation_pattern`: Squared-ReLU (is_squared_relu, or
     SparsityConfig(activation_function="squared_relu")) fused with the sparsifier in one pass, any
     other activation computed first."""
-    pattern = sparsity.activation_pattern
+    pattern, wgrad = sparsity.activation_pattern, sparsity.activation_wgrad_pattern
     if sparsity.activation_function == "squared_relu" or is_squared_relu:
-        return squared_relu_sparsify(x, pattern, stats)[0]
-    return sparsify(activation(x), pattern, stats)[0]
+        return squared_relu_sparsify(x, pattern, stats, wgrad)[0]
+    return sparsify(activation(x), pattern, stats, wgrad)[0]
 
 
 class FFNActivationSparsifier:

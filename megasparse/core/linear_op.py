@@ -3,20 +3,36 @@
 The GEMMs run on a backend (megasparse.core.backends) with this optimizer step's weight state
 (megasparse.core.weight_state); layers call `sparse_linear_step`, paths that run their own GEMM on
 W*M (TE, grouped experts) call `masked_weight`.
+
+A compact V:N:M activation (M >= 8, megasparse.core.compact_activation) changes the GEMMs that
+reduce over the ffn dim, on W*M held as the dense role holds it:
+- fc2 (its input carries the compact form): forward y = gather_k_matmul(A_c, columns, (W*M)^T);
+  saves A_c and columns instead of the dense input; input gradient dA_c = compact_matmul(dY, W*M,
+  columns), returned dense and marked, carrying dA_c; weight gradient dY^T A (A scattered).
+- fc1 (its output gradient dH carries the compact form): input gradient dX =
+  gather_k_matmul(dH_c, columns, W*M); weight gradient dH^T X.
+Both weight gradients are exact, or both-ways (the compact form's `wgrad` pattern:
+compact_activation.BothWaysWgrad), and follow the step's gradient rule and main_grad fusion.
 """
 
 import itertools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
 from megasparse.core.backends import DenseBackend
-from megasparse.core import mvue
+from megasparse.core import compact_activation, mvue
 from megasparse.core.gradients import gradient_rule
 from megasparse.core.masks import pack_mask
-from megasparse.core.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT, is_2_4
+from megasparse.core.sparse_operand import (
+    ACTIVATION,
+    GRAD_OUTPUT,
+    WEIGHT,
+    compact_operand,
+    is_2_4,
+)
 from megasparse.core.weight_state import WeightStep
 
 
@@ -49,12 +65,26 @@ def gradient_went_to_main_grad(weight, dtype):
     return torch.empty(weight.main_grad.shape, dtype=dtype, device=weight.device)
 
 
-def _forward_gemm(x, x2d, step: WeightStep, bias, plan):
+def _compact_of(tensor, tensor2d):
+    """The compact form `tensor` carries for its [T, ffn] rows, or None."""
+    compact = compact_operand(tensor)
+    if compact is None or compact.values_c.shape[0] != tensor2d.shape[0]:
+        return None
+    return compact
+
+
+def _forward_gemm(x, x2d, step: WeightStep, bias, plan, compact=None):
     backend = plan.backend
     if (
         x2d.shape[0] == 0
     ):  # an expert that received no tokens: no GEMM (sparse kernels refuse empty operands)
         y = x2d.new_zeros(0, step.weight.shape[0])
+        return y if bias is None else y + bias
+    if compact is not None:  # the activation's chosen columns only, on W*M held for the step
+        weight_t = step.dense(hold=True).t()
+        y = compact_activation.gather_k_matmul(
+            compact.values_c, compact.columns, weight_t, compact.pattern
+        )
         return y if bias is None else y + bias
     if step.pruned and "forward" in plan.sparse_weight_roles:
         return backend.linear(x2d, step.compressed(), bias, WEIGHT)
@@ -64,10 +94,14 @@ def _forward_gemm(x, x2d, step: WeightStep, bias, plan):
     return backend.linear(x2d, step.dense(hold=True), bias, None)
 
 
-def _input_grad_gemm(dy, dy2d, step: WeightStep, plan):
+def _input_grad_gemm(dy, dy2d, step: WeightStep, plan, compact=None):
     backend = plan.backend
     if dy2d.shape[0] == 0:
         return dy2d.new_zeros(0, step.weight.shape[1])
+    if compact is not None:  # dH held compact (fc1 of a SparseMLP): gather its chosen columns
+        return compact_activation.gather_k_matmul(
+            compact.values_c, compact.columns, step.dense(step.hold_backward), compact.pattern
+        )
     if step.pruned and step.transposable and "input_grad" in plan.sparse_weight_roles:
         # (W*M)^T is 2:4 too and compressed once per step: cheaper than compressing dH per call
         return backend.input_grad(dy2d, step.compressed_t(), WEIGHT)
@@ -88,47 +122,96 @@ class _SavedForBackward:
     plan: LinearPlan
     has_bias: bool
     main_grad: Optional[torch.Tensor]  # the weight's main_grad under gradient-accumulation fusion
+    compact_input: Optional[object] = (
+        None  # the input's CompactActivation (fc2), tensors saved apart
+    )
+    input_shape: tuple = ()
 
 
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, step: WeightStep, plan: LinearPlan):
         x2d = x.reshape(-1, x.shape[-1])
-        y2d = _forward_gemm(x, x2d, step, bias, plan)
-        # x and this step's state are saved; the weight's operands live in the step, shared by micro-batches
-        ctx.save_for_backward(x, weight)
+        compact = _compact_of(x, x2d)
+        y2d = _forward_gemm(x, x2d, step, bias, plan, compact)
+        # the input (compact when it is: A_c and columns, not the dense A) and this step's state are
+        # saved; the weight's operands live in the step, shared by micro-batches
         fused = plan.gradient_accumulation_fusion
         main_grad = getattr(weight, "main_grad", None) if fused else None
         ctx.saved = _SavedForBackward(step, plan, bias is not None, main_grad)
+        if compact is None:
+            ctx.save_for_backward(x, weight)
+        else:
+            ctx.save_for_backward(compact.values_c, compact.columns, weight)
+            # the holder without its tensors: they come back from saved_tensors (hooks see them)
+            ctx.saved.compact_input = replace(compact, values_c=None, preact_c=None, columns=None)
+            ctx.saved.input_shape = x.shape
         return y2d.reshape(*x.shape[:-1], y2d.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
         saved: _SavedForBackward = ctx.saved
+        if saved.compact_input is not None:
+            return _compact_input_backward(ctx, dy)
+        x, weight = ctx.saved_tensors
         dy2d = dy.reshape(-1, dy.shape[-1])
         x2d = x.reshape(-1, x.shape[-1])
+        compact = _compact_of(dy, dy2d)  # dH of a compact activation (fc1)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad_gemm(dy, dy2d, saved.step, saved.plan).reshape(x.shape)
+            grad_x = _input_grad_gemm(dy, dy2d, saved.step, saved.plan, compact).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(dy2d, x2d, weight, saved)
+            wgrad = _both_ways(compact, "grad_output")
+            grad_w = _weight_grad(dy2d, x2d, weight, saved, wgrad)
         if saved.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy2d.sum(dim=0)
         return grad_x, grad_w, grad_b, None, None
 
 
-def _weight_grad(dy2d, x2d, weight, saved: _SavedForBackward):
-    """dW by the step's weight-gradient GEMM, then its gradient rule; under gradient-accumulation
-    fusion added to main_grad (and Megatron's dummy gradient returned)."""
+def _compact_input_backward(ctx, dy):
+    """fc2's backward on its compact input: dA only at the kept columns, dW from A scattered."""
+    values_c, columns, weight = ctx.saved_tensors
+    saved: _SavedForBackward = ctx.saved
+    compact = replace(saved.compact_input, values_c=values_c, columns=columns)
+    dy2d = dy.reshape(-1, dy.shape[-1])
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        step = saved.step
+        if dy2d.shape[0] == 0:
+            grad_c = values_c.new_zeros(values_c.shape)
+        else:
+            grad_c = compact_activation.compact_matmul(
+                dy2d, step.dense(step.hold_backward), columns, compact.pattern
+            )
+        grad_x = compact.holding(grad_c.to(dy.dtype)).marked(saved.input_shape)
+    if ctx.needs_input_grad[1]:
+        x2d = compact.dense()
+        grad_w = _weight_grad(dy2d, x2d, weight, saved, _both_ways(compact, "input"))
+    if saved.has_bias and ctx.needs_input_grad[2]:
+        grad_b = dy2d.sum(dim=0)
+    return grad_x, grad_w, grad_b, None, None
+
+
+def _both_ways(compact, sparse_side: str):
+    """The both-ways weight-gradient GEMM the compact form asks for, or None (the step's own)."""
+    if compact is None or compact.wgrad is None:
+        return None
+    return compact_activation.BothWaysWgrad(compact.wgrad, sparse_side)
+
+
+def _weight_grad(dy2d, x2d, weight, saved: _SavedForBackward, wgrad=None):
+    """dW by the step's weight-gradient GEMM (or `wgrad`, which replaces it), then the step's
+    gradient rule; under gradient-accumulation fusion added to main_grad (and Megatron's dummy
+    gradient returned)."""
     step, backend, main_grad = saved.step, saved.plan.backend, saved.main_grad
+    wgrad = step.wgrad if wgrad is None else wgrad
     if main_grad is None:
-        return step.rule.dense_gradient(step.wgrad(dy2d, x2d, step, backend), weight, step)
+        return step.rule.dense_gradient(wgrad(dy2d, x2d, step, backend), weight, step)
     weight.main_grad = main_grad
-    if step.wgrad.plain and (step.rule.straight_through or not step.pruned):
-        step.wgrad.accumulate(main_grad, dy2d, x2d)  # dY^T X is the gradient: one fused GEMM
+    if wgrad.plain and (step.rule.straight_through or not step.pruned):
+        wgrad.accumulate(main_grad, dy2d, x2d)  # dY^T X is the gradient: one fused GEMM
     else:
-        grad = step.rule.dense_gradient(step.wgrad.fp32(dy2d, x2d, step, backend), weight, step)
+        grad = step.rule.dense_gradient(wgrad.fp32(dy2d, x2d, step, backend), weight, step)
         main_grad.add_(grad.to(main_grad.dtype))
     return gradient_went_to_main_grad(weight, x2d.dtype)
 

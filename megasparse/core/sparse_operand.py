@@ -9,8 +9,10 @@ the pruned weight (compressed once per optimizer step) over a runtime operand (c
 
 Activations and their gradients are runtime tensors, so they carry the fact themselves: the
 sparsifier marks what it produced as `SparseActivation` with its (V, M) pattern (a thin tensor
-subclass, in the spirit of xformers' Sparse24Tensor); M == 4 is 2:4, a sparse GEMM operand. The
-mark must not outlive the values it vouches for. It costs a Python check on each torch call that
+subclass, in the spirit of xformers' Sparse24Tensor); M == 4 is 2:4, a sparse GEMM operand. With
+M >= 8 the mark also carries the tensor's compact form (megasparse.core.compact_activation), which
+the gather GEMMs read instead of the dense values. The mark must not outlive the values it vouches
+for; the compact form lives and dies with it. It costs a Python check on each torch call that
 takes a marked tensor (about a microsecond; no host sync, nothing tensor-sized):
 - any torch operation on a marked tensor returns a plain tensor (no subclass propagation), so a
   sum, a rescale or a reshape is no longer marked;
@@ -80,23 +82,37 @@ class SparseActivation(torch.Tensor):
         return torch._C._disabled_torch_function_impl(func, types, args)
 
 
-def mark_sparse(values: torch.Tensor, pattern) -> torch.Tensor:
-    """Mark `values`, made by megasparse's sparsifier with `pattern` (v, n, m), as sparse."""
+def mark_sparse(values: torch.Tensor, pattern, compact=None) -> torch.Tensor:
+    """Mark `values`, made by megasparse's sparsifier with `pattern` (v, n, m), as sparse;
+    `compact` (a CompactActivation, M >= 8) is the same tensor in the compact layout."""
     marked = values.as_subclass(SparseActivation)
     version = None if marked.is_inference() else marked._version  # inference tensors have none
-    marked._megasparse_mark = (ActivationPattern(*pattern), version)
+    marked._megasparse_mark = (ActivationPattern(*pattern), version, compact)
     return marked
 
 
-def sparse_pattern(tensor):
-    """The ActivationPattern (v, n, m) of a marked tensor not changed since it was marked, else None."""
+def _valid_mark(tensor):
+    """(pattern, version, compact) of a marked tensor not changed since it was marked, else None."""
     if not isinstance(tensor, SparseActivation):
         return None
     mark = getattr(tensor, "_megasparse_mark", None)
     if mark is None:
         return None
-    pattern, version = mark
-    return pattern if version is None or tensor._version == version else None
+    version = mark[1]
+    return mark if version is None or tensor._version == version else None
+
+
+def sparse_pattern(tensor):
+    """The ActivationPattern (v, n, m) of a marked tensor not changed since it was marked, else None."""
+    mark = _valid_mark(tensor)
+    return None if mark is None else mark[0]
+
+
+def compact_operand(tensor):
+    """The CompactActivation a marked tensor carries, while it is unchanged since it was marked
+    (the rules of `sparse_pattern`), else None."""
+    mark = _valid_mark(tensor)
+    return None if mark is None else mark[2]
 
 
 def is_2_4(tensor) -> bool:

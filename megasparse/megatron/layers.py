@@ -289,13 +289,10 @@ class SparseColumnParallelLinear(_SparseLinearMixin, mcore_layers.ColumnParallel
         return (self.sparsity, fc2.sparsity)
 
     def _sparse_input_now(self) -> bool:
-        # our output gradient dH may arrive 2:4: run our op, whose backward can take dH as the sparse operand
+        # our output gradient dH may arrive 2:4 or compact (M >= 8): run our op, whose backward
+        # takes dH as the sparse operand or gathers its chosen columns
         fc2 = self._feeds()
-        return (
-            fc2 is not None
-            and fc2.sparsity.sparsifies_activations
-            and fc2.sparsity.activation_pattern.is_2_4
-        )
+        return fc2 is not None and fc2.sparsity.sparsifies_activations
 
 
 class SparseRowParallelLinear(_SparseLinearMixin, mcore_layers.RowParallelLinear):
@@ -353,4 +350,5 @@ class SparseRowParallelLinear(_SparseLinearMixin, mcore_layers.RowParallelLinear
             return input  # sparsified (and counted) by SparseMLP's activation
         # hand-built fc2, or an activation rescaled on the way (MoE probs): sparsify here
         stats = None if self.input_sparsified_upstream else self.activation_counter
-        return sparsify(input, self.sparsity.activation_pattern, stats)[0]
+        pattern, wgrad = self.sparsity.activation_pattern, self.sparsity.activation_wgrad_pattern
+        return sparsify(input, pattern, stats, wgrad)[0]
