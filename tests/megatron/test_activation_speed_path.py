@@ -10,6 +10,9 @@ its own shard, so it is TP-invariant only when ffn/TP is a multiple of V; the te
 with the reference that selects per shard, and show that it differs from the TP=1 selection here.
 """
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -28,6 +31,31 @@ CASES = [  # (activations, activation_wgrad)
     ("64:2:8", "64:4:8"),
     ("16:4:8", "16:2:8"),
 ]
+
+
+@contextlib.contextmanager
+def _compact_gemms():
+    """The reduction widths of the compact layout's GEMM calls: [a_c columns of each
+    gather_k_matmul] and [output columns of each compact_matmul]."""
+    from megasparse.core import compact_activation
+
+    gathers, computes = [], []
+    gather, compute = compact_activation.gather_k_matmul, compact_activation.compact_matmul
+
+    def recorded_gather(a_c, *args):
+        gathers.append(a_c.shape[1])
+        return gather(a_c, *args)
+
+    def recorded_compute(*args):
+        out = compute(*args)
+        computes.append(out.shape[1])
+        return out
+
+    with (
+        mock.patch.object(compact_activation, "gather_k_matmul", recorded_gather),
+        mock.patch.object(compact_activation, "compact_matmul", recorded_compute),
+    ):
+        yield gathers, computes
 
 
 def _full_tensors(seq=SEQ, seed=1234):
@@ -119,7 +147,17 @@ def test_sparse_mlp_matches_float64_reference(activations, wgrad):
     t = _full_tensors()
     _load(mlp, t)
     ref = _reference(t, activations, wgrad)
-    _check_mlp(mlp, ref, t["x"], t["dy"], where=f"{activations} wgrad={wgrad}")
+    with _compact_gemms() as (gathers, computes):
+        _check_mlp(mlp, ref, t["x"], t["dy"], where=f"{activations} wgrad={wgrad}")
+    compact = 4 * FFN // parse_activation_pattern(activations).m
+    # fc2 forward and fc1 input gradient gather the chosen columns; fc2's dA computes only them;
+    # both ways, dW2 (after fc2's dA) and dW1 gather 4 of every M tokens (the last group short)
+    assert computes == [compact]
+    if wgrad is None:
+        assert gathers == [compact, compact]
+    else:
+        kept_tokens = 4 * -(-SEQ * BATCH // parse_activation_pattern(wgrad).m)
+        assert gathers == [compact, kept_tokens, compact, kept_tokens]
     _close(mlp.linear_fc2.bias.grad, ref["db2"], "fc2 bias grad")
     assert mlp.activation_stats()["elements"] == SEQ * BATCH * FFN
     if wgrad is not None:  # the both-ways weight gradients differ from the exact ones
@@ -289,6 +327,35 @@ def test_non_squared_relu_activation_runs_the_masked_path():
     _close(y, ref["y"], "gelu output")
     _close(dx, ref["dx"], "gelu input grad")
     _close(mlp.linear_fc1.weight.grad, ref["dw1"], "gelu fc1 weight grad")
+    _close(mlp.linear_fc2.weight.grad, ref["dw2"], "gelu fc2 weight grad")
+
+
+@pytest.mark.usefixtures("megatron_tp1")
+def test_non_squared_relu_activation_with_both_ways_weight_gradients():
+    """GeLU: fc2 reads the compact form, so dW2 is both ways (token selection on fc2's input A);
+    dH = GeLU'(H) dA is a plain tensor, so fc1's input and weight gradients are exact and dense."""
+    import torch.nn.functional as F
+    from reference import sparse_mlp_reference
+    from speed_path_reference import token_mask
+
+    sparsity = SparsityConfig(activations="64:4:16", activation_wgrad="64:4:8", backend="dense")
+    mlp = _mlp(sparsity, activation_func=F.gelu)
+    t = _full_tensors()
+    _load(mlp, t)
+    with _compact_gemms() as (gathers, computes):
+        y, dx = _forward_backward(mlp, t["x"], t["dy"])
+    assert computes == [4 * FFN // 16] and gathers[0] == 4 * FFN // 16 and len(gathers) == 2
+    m1, m2 = mlp.linear_fc1.sparsity_mask(), mlp.linear_fc2.sparsity_mask()
+    ref = sparse_mlp_reference(
+        t["x"], t["w1"], t["b1"], t["w2"], t["b2"], m1, m2, (64, 4, 16), F.gelu, t["dy"]
+    )
+    _close(y, ref["y"], "gelu output")
+    _close(dx, ref["dx"], "gelu input grad")
+    _close(mlp.linear_fc1.weight.grad, ref["dw1"], "gelu fc1 weight grad (exact)")
+    a = (ref["activation"] * ref["mask"]).reshape(-1, FFN)
+    dy = ref["dy"].reshape(-1, HIDDEN)
+    dw2 = dy.t() @ (a * token_mask(a, (64, 4, 8)))
+    _close(mlp.linear_fc2.weight.grad, dw2, "gelu fc2 weight grad (both ways)")
 
 
 # -- MoE experts ------------------------------------------------------------------------------------
@@ -337,7 +404,7 @@ def test_experts_select_per_expert_on_their_own_tokens(cls, activations, wgrad):
     expert's last token (a block that mixed experts would change the selection)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from expert_builders import make_experts
+    from expert_builders import FFN as EXPERT_FFN, make_experts
 
     grouped_calls = []
 
@@ -350,11 +417,13 @@ def test_experts_select_per_expert_on_their_own_tokens(cls, activations, wgrad):
     sparsity = SparsityConfig(activations=activations, activation_wgrad=wgrad, backend="dense")
     dtype = torch.float32 if cls is SparseGroupedMLP else torch.float64
     experts = make_experts(cls, sparsity, dtype=dtype)
-    with CountGroupedMM():
+    with CountGroupedMM(), _compact_gemms() as (gathers, computes):
         _check_experts(
             experts, activations, wgrad, dtype, 2e-4 if dtype == torch.float32 else 1e-10
         )
     assert grouped_calls == []  # compacted: each expert runs SparseMLP's compact path
+    compact = 4 * EXPERT_FFN // parse_activation_pattern(activations).m
+    assert computes == [compact] * 3  # fc2's dA of the three experts with tokens
 
 
 @pytest.mark.usefixtures("megatron_tp1")
