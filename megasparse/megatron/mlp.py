@@ -2,18 +2,21 @@
 
 Drop-in for `MLP` in a layer spec (0.16 `ModuleSpec(module=SparseMLP, submodules=...)`, 0.19
 `partial(SparseMLP.as_mlp_submodule, submodules=...)`), with `SparseColumnParallelLinear` /
-`SparseRowParallelLinear` as fc1 / fc2 and `activations` set in fc2's SparsityConfig. Megatron's
-own forward runs unchanged; only the activation call is replaced, so that
+`SparseRowParallelLinear` as fc1 / fc2 and `activations` (and `activation_wgrad`) set in fc2's
+SparsityConfig. Megatron's own forward runs unchanged; only the activation call is replaced, so that
 - Squared-ReLU and the 2:4 / V:N:M sparsifier run as one kernel pass;
-- fc2 receives the already-sparse activation (and on sparse backends, a 2:4 activation can be
-  the sparse GEMM operand when fc2's weight is dense);
-- fc1's output gradient dH = dA * mask * 2 relu(H) arrives marked 2:4, so its input gradient
-  dX = dH W1 can run with dH as the sparse operand (megasparse.core.sparse_operand).
+- fc2 receives the already-sparse activation: 2:4 marked as a sparse GEMM operand; V:N:M with
+  M >= 8 carrying its compact form (megasparse.core.compact_activation), whose chosen columns
+  fc2's forward gathers and whose gradient fc2 computes only there;
+- fc1's output gradient dH = dA * mask * 2 relu(H) arrives marked (2:4) or compact (M >= 8), so
+  its input gradient dX = dH W1 takes dH as the sparse operand or gathers its chosen columns;
+- with `activation_wgrad`, both weight gradients reduce over the tokens kept along tokens.
+Each tensor-parallel rank selects on its own ffn shard (groups of M never cross one).
 Activation sparsity needs a non-gated FFN: a gated one (SwiGLU, gated_linear_unit=True) is refused
 at construction, since the selection would act on the GLU product, not on an activation of fc1's
 output. Other non-gated activations (GeLU, fused bias-GeLU, TE activations) are sparsified unfused
-on the masked path, and their loss shows in the stats; only Squared-ReLU runs the fused and
-compacted path.
+by fc2, which still reads the compact form (M >= 8), and their loss shows in the stats; their dH
+is a plain tensor, so fc1's input and weight gradients run dense and exact.
 """
 
 from megatron.core.activations import squared_relu

@@ -516,3 +516,44 @@ def test_sparsify_spec_gives_activation_wgrad_to_fc2_and_the_experts_only():
     args.squared_relu = True
     built = gpt_layer_spec_from_args(args)
     assert sparsity_of(submodules(built.submodules.mlp).linear_fc2).activation_wgrad == "64:4:8"
+
+
+@pytest.mark.usefixtures("megatron_tp1")
+def test_te_grouped_experts_run_a_compacting_pattern_on_its_masked_math():
+    """SparseTEGroupedMLP's grouped GEMMs take the activation dense: the same values per expert
+    (selection on the expert's own tokens), no work skipped; both-ways weight gradients refused."""
+    from expert_builders import TOKENS_PER_EXPERT, make_expert_inputs, make_te_experts
+
+    from megasparse import SparseTEGroupedMLP
+
+    sparsity = SparsityConfig(activations="4:4:8", backend="dense")
+    experts = make_te_experts(SparseTEGroupedMLP, sparsity, torch.float64)
+    x, probs, tokens = make_expert_inputs(torch.float64)
+    xr = x.clone().requires_grad_(True)
+    y = experts(xr, tokens, probs)[0]
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    y.backward(dy)
+    start = 0
+    for e, n in enumerate(TOKENS_PER_EXPERT):
+        rows = slice(start, start + n)
+        start += n
+        w1, w2 = (
+            getattr(fc, f"weight{e}").detach() for fc in (experts.linear_fc1, experts.linear_fc2)
+        )
+        ref = speed_path_mlp_reference(
+            x[rows],
+            w1,
+            None,
+            w2,
+            None,
+            mask_1d_reference(w1),
+            mask_1d_reference(w2),
+            (4, 4, 8),
+            grad_output=dy[rows],
+            probs=probs[rows],
+        )
+        _close(y[rows], ref["y"], f"expert {e} output")
+        _close(xr.grad[rows], ref["dx"], f"expert {e} input grad")
+    experts.sparsity.activation_wgrad = "4:4:8"
+    with pytest.raises(NotImplementedError, match="activation_wgrad='4:4:8'.*SparseSequentialMLP"):
+        experts(x, tokens, probs)
