@@ -37,12 +37,22 @@ def _config(**overrides):
     return TransformerConfig(**settings)
 
 
-def _spec():
+MOE = dict(
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=FFN,
+    moe_token_dispatcher_type="allgather",
+    moe_aux_loss_coeff=0.0,
+)
+
+
+def _spec(moe=False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megasparse import SparsityConfig, sparsify_spec
 
-    return sparsify_spec(get_gpt_layer_local_spec(), SparsityConfig(**SPARSITY))
+    base = get_gpt_layer_local_spec(num_experts=MOE["num_moe_experts"] if moe else None)
+    return sparsify_spec(base, SparsityConfig(**SPARSITY))
 
 
 def _gpt(config, pre_process=True, post_process=True):
@@ -51,7 +61,7 @@ def _gpt(config, pre_process=True, post_process=True):
     torch.manual_seed(0)
     return GPTModel(
         config,
-        _spec(),
+        _spec(moe=config.num_moe_experts is not None),
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
         pre_process=pre_process,
@@ -79,10 +89,10 @@ def _loss(model, tokens, labels):
 # -- activation recompute --------------------------------------------------------------------------
 
 
-def _train(steps=3, **recompute):
+def _train(moe, steps=3, **recompute):
     from megasparse.megatron.schedule import SparsitySchedule
 
-    model = _gpt(_config(**recompute))
+    model = _gpt(_config(**(MOE if moe else {}), **recompute))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = SparsitySchedule(dense_warmup_iters=1)
     losses = []
@@ -98,16 +108,20 @@ def _train(steps=3, **recompute):
 
 @pytest.mark.usefixtures("megatron_tp1")
 @pytest.mark.parametrize(
-    "recompute",
+    "moe,recompute",
     [
-        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-        dict(recompute_granularity="selective", recompute_modules=["mlp"]),
+        (
+            False,
+            dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        ),
+        (False, dict(recompute_granularity="selective", recompute_modules=["mlp"])),
+        (True, dict(recompute_granularity="selective", recompute_modules=["moe"])),
     ],
-    ids=["full-uniform", "selective-mlp"],
+    ids=["full-uniform", "selective-mlp", "selective-moe"],
 )
-def test_activation_recompute_is_bit_exact(recompute):
-    reference_losses, reference = _train()
-    losses, params = _train(**recompute)
+def test_activation_recompute_is_bit_exact(moe, recompute):
+    reference_losses, reference = _train(moe)
+    losses, params = _train(moe, **recompute)
     assert losses == reference_losses
     for name, p in params.items():
         assert torch.equal(p, reference[name]), name
