@@ -12,10 +12,11 @@ compact form (megasparse.core.compact_activation), carried by the dense-shaped m
 the backward saves only compact tensors:
 - Squared-ReLU: preact_c and columns; dH_c = dA_c * 2 relu(preact_c), returned dense and marked,
   carrying dH_c for fc1's input gradient.
-- any other activation (`sparsify(activation(x))`): columns only; the gradient is dA scattered
-  (0 where dropped). The activation's own autograd keeps what its chain rule needs (torch saves x
-  dense for GeLU & co.), and the resulting dH is a plain tensor, so fc1 runs its dense input
-  gradient on it: the masked path's math for that GEMM.
+- any other activation (`sparsify(activation(x))`): columns (and for N = 2 a compact bool of
+  the kept positions); the gradient is dA scattered (0 where dropped). The activation's own
+  autograd keeps what its chain rule needs (torch saves x dense for GeLU & co.), and the
+  resulting dH is a plain tensor, so fc1 runs its dense input gradient on it: the masked path's
+  math for that GEMM.
 
 NaN/Inf: the sparsifier ranks NaN as +inf with ties to the lower column, the rule of the weight
 masks (megasparse.kernels.common), in the torch reference and the Triton kernels alike. The output
@@ -127,28 +128,30 @@ class _SquaredReLUSparsify(torch.autograd.Function):
 
 class _CompactSparsify(torch.autograd.Function):
     """values = a kept by a compacting pattern, marked and carrying its compact form; the gradient
-    is dA at the kept positions, scattered. Saves only `columns`."""
+    is dA at the kept positions, scattered. Saves `columns`, and for N = 2 which of the chosen
+    positions each row keeps (bool, compact): a kept value may be 0, so the values cannot say."""
 
     @staticmethod
     def forward(ctx, a, pattern, stats, wgrad):
-        values_c, _, columns, step_stats = _kernel(
-            a.reshape(-1, a.shape[-1]), pattern, squared_relu=False
-        )
+        a2d = a.reshape(-1, a.shape[-1])
+        values_c, _, columns, step_stats = _kernel(a2d, pattern, squared_relu=False)
         if stats is not None:
             stats.add(step_stats)
         selection = object()
-        ctx.save_for_backward(columns)
+        ctx.save_for_backward(columns, compact_activation.kept_in_chosen(a2d, columns, pattern))
         ctx.pattern, ctx.selection = pattern, selection
         compact = CompactActivation(values_c, None, columns, pattern, a.shape[-1], selection, wgrad)
         return compact.marked(a.shape)
 
     @staticmethod
     def backward(ctx, grad_values):
-        (columns,) = ctx.saved_tensors
+        columns, kept_c = ctx.saved_tensors
         ffn = grad_values.shape[-1]
         grad_c = compact_activation.compact_gradient(
             grad_values, columns, ctx.pattern, ctx.selection
         )
+        if kept_c is not None:
+            grad_c = torch.where(kept_c, grad_c, 0)
         grad_a = compact_activation.scatter(grad_c, columns, ctx.pattern, ffn)
         return grad_a.reshape(grad_values.shape), None, None, None
 

@@ -131,6 +131,19 @@ def compact_tokens(x: torch.Tensor, pattern):
     return kernel(x.contiguous(), pattern.v, pattern.n, pattern.m)
 
 
+def kept_in_chosen(values: torch.Tensor, columns: torch.Tensor, pattern) -> Optional[torch.Tensor]:
+    """bool [T, 4 ffn / M]: which compact positions N = 2 keeps (the 2 largest |a| of the row's 4
+    chosen columns: the 2:4 rule on the compact form), None for N = 4 (all kept). `values` is the
+    dense [T, ffn] tensor the selection was made on."""
+    if pattern.n == 4:
+        return None
+    chosen = compact(values, columns, pattern)
+    kernel = kernels.pick(
+        kernels.activation_sparsify_triton, kernels.activation_sparsify_reference, chosen
+    )
+    return kernel(chosen, pattern.v, 4, False, n=2)[1]
+
+
 def squared_relu_grad(preact_c: torch.Tensor, grad_c: torch.Tensor) -> torch.Tensor:
     """dH_c = dA_c * 2 relu(H_c), 0 where H_c is 0 (a dropped position holds 0), in grad's dtype;
     computed in float32 (float64 for float64), as the masked path's backward kernel."""

@@ -122,9 +122,8 @@ class _SavedForBackward:
     plan: LinearPlan
     has_bias: bool
     main_grad: Optional[torch.Tensor]  # the weight's main_grad under gradient-accumulation fusion
-    compact_input: Optional[object] = (
-        None  # the input's CompactActivation (fc2), tensors saved apart
-    )
+    # fc2: its input's CompactActivation without tensors (those are saved tensors) and shape
+    compact_input: Optional[object] = None
     input_shape: tuple = ()
 
 
