@@ -58,17 +58,15 @@ def _compact_gemms():
         yield gathers, computes
 
 
-def _full_tensors(seq=SEQ, seed=1234):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return {
-        "w1": r(FFN, HIDDEN),
-        "b1": r(FFN),
-        "w2": r(HIDDEN, FFN),
-        "b2": r(HIDDEN),
-        "x": r(seq, BATCH, HIDDEN),
-        "dy": r(seq, BATCH, HIDDEN),
-    }
+def _kept_tokens(wgrad) -> int:
+    """The tokens a both-ways weight gradient reduces over: 4 of every M (all of a short group)."""
+    return 4 * -(-SEQ * BATCH // parse_activation_pattern(wgrad).m)
+
+
+def _full_tensors(seq=SEQ):
+    from megatron_helpers import full_mlp_tensors
+
+    return full_mlp_tensors(seq, BATCH, HIDDEN, FFN)
 
 
 def _mlp(sparsity, tp=1, sequence_parallel=False, dtype=torch.float64, **config):
@@ -89,10 +87,9 @@ def _mlp(sparsity, tp=1, sequence_parallel=False, dtype=torch.float64, **config)
 
 def _load(mlp, t, cols=slice(None)):
     """This rank's shard of the full weights: fc1 rows and fc2 columns `cols`."""
-    fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
-    with torch.no_grad():
-        fc1.weight.copy_(t["w1"][cols]), fc1.bias.copy_(t["b1"][cols])
-        fc2.weight.copy_(t["w2"][:, cols]), fc2.bias.copy_(t["b2"])
+    from megatron_helpers import load_mlp_shards
+
+    load_mlp_shards(mlp.linear_fc1, mlp.linear_fc2, t, cols)
 
 
 def _reference(t, activations, wgrad, shards=1, seq=slice(None)):
@@ -156,8 +153,7 @@ def test_sparse_mlp_matches_float64_reference(activations, wgrad):
     if wgrad is None:
         assert gathers == [compact, compact]
     else:
-        kept_tokens = 4 * -(-SEQ * BATCH // parse_activation_pattern(wgrad).m)
-        assert gathers == [compact, kept_tokens, compact, kept_tokens]
+        assert gathers == [compact, _kept_tokens(wgrad), compact, _kept_tokens(wgrad)]
     _close(mlp.linear_fc2.bias.grad, ref["db2"], "fc2 bias grad")
     assert mlp.activation_stats()["elements"] == SEQ * BATCH * FFN
     if wgrad is not None:  # the both-ways weight gradients differ from the exact ones
@@ -311,40 +307,25 @@ def test_gated_ffn_refuses_activation_sparsity_and_keeps_weight_sparsity():
 
 
 @pytest.mark.usefixtures("megatron_tp1")
-def test_non_squared_relu_activation_runs_the_masked_path():
-    """GeLU with a compacting pattern: sparsified unfused (masked path), same math as the reference."""
-    import torch.nn.functional as F
-    from reference import sparse_mlp_reference
-
-    mlp = _mlp(SparsityConfig(activations="64:4:16", backend="dense"), activation_func=F.gelu)
-    t = _full_tensors()
-    _load(mlp, t)
-    y, dx = _forward_backward(mlp, t["x"], t["dy"])
-    m1, m2 = mlp.linear_fc1.sparsity_mask(), mlp.linear_fc2.sparsity_mask()
-    ref = sparse_mlp_reference(
-        t["x"], t["w1"], t["b1"], t["w2"], t["b2"], m1, m2, (64, 4, 16), F.gelu, t["dy"]
-    )
-    _close(y, ref["y"], "gelu output")
-    _close(dx, ref["dx"], "gelu input grad")
-    _close(mlp.linear_fc1.weight.grad, ref["dw1"], "gelu fc1 weight grad")
-    _close(mlp.linear_fc2.weight.grad, ref["dw2"], "gelu fc2 weight grad")
-
-
-@pytest.mark.usefixtures("megatron_tp1")
-def test_non_squared_relu_activation_with_both_ways_weight_gradients():
-    """GeLU: fc2 reads the compact form, so dW2 is both ways (token selection on fc2's input A);
-    dH = GeLU'(H) dA is a plain tensor, so fc1's input and weight gradients are exact and dense."""
+@pytest.mark.parametrize("wgrad", [None, "64:4:8"])
+def test_non_squared_relu_activation(wgrad):
+    """GeLU with a compacting pattern, sparsified unfused: fc2 reads the compact form (forward
+    gather, dA only at the kept columns; with wgrad, dW2 both ways, the token selection on fc2's
+    input A); dH = GeLU'(H) dA is a plain tensor, so fc1's input and weight gradients are dense
+    and exact."""
     import torch.nn.functional as F
     from reference import sparse_mlp_reference
     from speed_path_reference import token_mask
 
-    sparsity = SparsityConfig(activations="64:4:16", activation_wgrad="64:4:8", backend="dense")
+    sparsity = SparsityConfig(activations="64:4:16", activation_wgrad=wgrad, backend="dense")
     mlp = _mlp(sparsity, activation_func=F.gelu)
     t = _full_tensors()
     _load(mlp, t)
     with _compact_gemms() as (gathers, computes):
         y, dx = _forward_backward(mlp, t["x"], t["dy"])
-    assert computes == [4 * FFN // 16] and gathers[0] == 4 * FFN // 16 and len(gathers) == 2
+    compact = 4 * FFN // 16
+    assert computes == [compact]
+    assert gathers == [compact] + ([] if wgrad is None else [_kept_tokens(wgrad)])
     m1, m2 = mlp.linear_fc1.sparsity_mask(), mlp.linear_fc2.sparsity_mask()
     ref = sparse_mlp_reference(
         t["x"], t["w1"], t["b1"], t["w2"], t["b2"], m1, m2, (64, 4, 16), F.gelu, t["dy"]
@@ -352,10 +333,11 @@ def test_non_squared_relu_activation_with_both_ways_weight_gradients():
     _close(y, ref["y"], "gelu output")
     _close(dx, ref["dx"], "gelu input grad")
     _close(mlp.linear_fc1.weight.grad, ref["dw1"], "gelu fc1 weight grad (exact)")
-    a = (ref["activation"] * ref["mask"]).reshape(-1, FFN)
-    dy = ref["dy"].reshape(-1, HIDDEN)
-    dw2 = dy.t() @ (a * token_mask(a, (64, 4, 8)))
-    _close(mlp.linear_fc2.weight.grad, dw2, "gelu fc2 weight grad (both ways)")
+    dw2 = ref["dw2"]
+    if wgrad is not None:
+        a = (ref["activation"] * ref["mask"]).reshape(-1, FFN)
+        dw2 = ref["dy"].reshape(-1, HIDDEN).t() @ (a * token_mask(a, (64, 4, 8)))
+    _close(mlp.linear_fc2.weight.grad, dw2, "gelu fc2 weight grad")
 
 
 # -- MoE experts ------------------------------------------------------------------------------------

@@ -13,29 +13,16 @@ from gpt_features import (
     SmallGpt,
     check_megatron_ddp_is_bit_exact,
     check_pipeline_parallel_is_bit_exact,
+    train,
 )
 
 # 96 tokens per micro-batch: a short last block of 64 tokens
 GPT = SmallGpt(dict(activations="64:4:16", activation_wgrad="64:4:8"), seq=48)
 
 
-def _train(moe, steps=3, **recompute):
-    from megasparse.megatron.schedule import SparsitySchedule
-
+def _train(moe, **recompute):
     # no linear biases: see test_megatron_features (selective "mlp" recompute of fc2's bias)
-    config = GPT.config(add_bias_linear=False, **(GPT.moe() if moe else {}), **recompute)
-    model = GPT.gpt(config)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    schedule = SparsitySchedule(dense_warmup_iters=1)
-    losses = []
-    for it, (tokens, labels) in enumerate(GPT.batches(steps)):
-        schedule.apply(model, it)
-        loss = GPT.losses(model, tokens, labels).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+    return train(GPT, GPT.config(add_bias_linear=False, **(GPT.moe() if moe else {}), **recompute))
 
 
 @pytest.mark.usefixtures("megatron_tp1")

@@ -12,6 +12,7 @@ from gpt_features import (
     SmallGpt,
     check_megatron_ddp_is_bit_exact,
     check_pipeline_parallel_is_bit_exact,
+    train,
 )
 
 GPT = SmallGpt(dict(activations="2:4", mask_refresh_interval=2))
@@ -20,16 +21,12 @@ GPT = SmallGpt(dict(activations="2:4", mask_refresh_interval=2))
 # -- activation recompute --------------------------------------------------------------------------
 
 
-def _train_gpt(moe, steps=3, **recompute):
-    """Losses and final parameters of a few SGD steps (dropout on, held masks refreshed every 2).
+def _train_gpt(moe, **recompute):
+    """A few SGD steps with dropout on and held masks refreshed every 2.
 
     No linear biases: Megatron's selective "mlp" recompute returns fc2's bias Parameter
     (skip_bias_add) from its CheckpointFunction, which makes the bias a non-leaf and recurses
     without end in the backward - with Megatron's dense MLP too (megatron-core 0.16.1 on CPU)."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megasparse.megatron.schedule import SparsitySchedule
-
     config = GPT.config(
         hidden_dropout=0.1,
         attention_dropout=0.1,
@@ -37,20 +34,7 @@ def _train_gpt(moe, steps=3, **recompute):
         **(GPT.moe() if moe else {}),
         **recompute,
     )
-    model = GPT.gpt(config)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    schedule = SparsitySchedule(dense_warmup_iters=1)
-    model_parallel_cuda_manual_seed(5)
-    torch.manual_seed(5)
-    losses = []
-    for it, (tokens, labels) in enumerate(GPT.batches(steps)):
-        schedule.apply(model, it)
-        loss = GPT.losses(model, tokens, labels).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+    return train(GPT, config)
 
 
 @pytest.mark.usefixtures("megatron_tp1")

@@ -89,6 +89,29 @@ class SmallGpt:
         return model(tokens, positions, self.causal_mask(), labels=labels)
 
 
+def train(gpt: SmallGpt, config, steps=3):
+    """Losses and final parameters of a few SGD steps, the first one a dense warm-up
+    (SparsitySchedule), with fixed seeds for dropout."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megasparse.megatron.schedule import SparsitySchedule
+
+    model = gpt.gpt(config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = SparsitySchedule(dense_warmup_iters=1)
+    model_parallel_cuda_manual_seed(5)
+    torch.manual_seed(5)
+    losses = []
+    for it, (tokens, labels) in enumerate(gpt.batches(steps)):
+        schedule.apply(model, it)
+        loss = gpt.losses(model, tokens, labels).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
 # -- pipeline parallelism --------------------------------------------------------------------------
 
 
