@@ -4,15 +4,14 @@ operand with the selection rule and multiply."""
 
 import pytest
 import torch
-from megatron.core.activations import squared_relu
 
 from megasparse import SparsityConfig
 from megasparse.config import ActivationPattern, parse_activation_pattern
 from megasparse.core.compact_activation import BothWaysWgrad
 from megasparse.kernels import activation_sparsify_reference
-from megatron_helpers import make_config, make_mlp, make_row
-from test_compact_activation import FFN, HIDDEN, assert_close, grads, masked_mlp_reference
-from test_compact_activation import mlp_input
+from megatron_helpers import make_config, make_row
+from test_compact_activation import FFN, HIDDEN, assert_close, compact_mlp, grads
+from test_compact_activation import masked_mlp_reference, mlp_input
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
 
@@ -69,24 +68,10 @@ def test_sparse_mlp_both_ways_weight_gradients_select_tokens_of_a_and_dh(
     activations, weights, wgrad, tokens, fusion
 ):
     gradient = "masked" if weights else "ste"
-    sparsity = SparsityConfig(
-        weights=weights,
-        activations=activations,
-        activation_wgrad=wgrad,
-        gradient=gradient,
-        backend="dense",
+    mlp = compact_mlp(
+        activations, weights, fusion=fusion, activation_wgrad=wgrad, gradient=gradient
     )
-    cfg = make_config(
-        hidden_size=HIDDEN,
-        ffn_hidden_size=FFN,
-        activation_func=squared_relu,
-        gradient_accumulation_fusion=fusion,
-    )
-    mlp = make_mlp(cfg, FFN, sparsity, sparsity)
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
-    if fusion:
-        for layer in (fc1, fc2):
-            layer.weight.main_grad = torch.full(layer.weight.shape, 0.5, dtype=torch.float64)
     x = mlp_input(tokens)
     y, bias = mlp(x)
     dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

@@ -26,12 +26,15 @@ def mlp_input(tokens, dtype=torch.float64, seed=1):
     return x.to(dtype).requires_grad_(True)
 
 
-def compact_mlp(activations, weights=None, dtype=torch.float64, ffn=FFN, **kw):
+def compact_mlp(activations, weights=None, dtype=torch.float64, ffn=FFN, fusion=False, **kw):
+    """A Squared-ReLU SparseMLP; fusion: gradient_accumulation_fusion (main_grad 0.5 to start)."""
     sparsity = SparsityConfig(weights=weights, activations=activations, backend="dense", **kw)
-    cfg = make_config(
-        hidden_size=HIDDEN, ffn_hidden_size=ffn, activation_func=squared_relu, dtype=dtype
-    )
-    return make_mlp(cfg, ffn, sparsity, sparsity)
+    settings = dict(activation_func=squared_relu, gradient_accumulation_fusion=fusion)
+    cfg = make_config(hidden_size=HIDDEN, ffn_hidden_size=ffn, dtype=dtype, **settings)
+    mlp = make_mlp(cfg, ffn, sparsity, sparsity)
+    for layer in (mlp.linear_fc1, mlp.linear_fc2) if fusion else ():
+        layer.weight.main_grad = torch.full(layer.weight.shape, 0.5, dtype=dtype)
+    return mlp
 
 
 def _count_compact_gemms(monkeypatch):
