@@ -232,6 +232,12 @@ def config_from_args(args) -> SparsityConfig:
             f"--sparsity-activations {args.sparsity_activations or 'none'}; add one or drop "
             "--sparsity-activation-wgrad"
         )
+    if activations is not None and getattr(args, "swiglu", False):
+        raise ValueError(
+            f"--sparsity-activations {args.sparsity_activations} needs a non-gated Squared-ReLU "
+            "FFN, but --swiglu makes it gated; use --squared-relu without --swiglu, or "
+            "--sparsity-activations none to keep 2:4 weights only"
+        )
     return SparsityConfig(
         weights=args.sparsity_weights,
         activations=args.sparsity_activations,

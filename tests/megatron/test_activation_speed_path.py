@@ -449,6 +449,12 @@ def test_activation_wgrad_flag_round_trip():
         )
     with pytest.raises(ValueError, match="--sparsity-activations none"):
         config_from_args(_parse("--sparsity-activation-wgrad", "64:4:8"))
+    gated = _parse("--sparsity-weights", "2:4", "--sparsity-activations", "64:4:16")
+    gated.swiglu = True
+    with pytest.raises(ValueError, match="non-gated Squared-ReLU FFN.*--swiglu.*--squared-relu"):
+        config_from_args(gated)
+    gated.sparsity_activations = None  # 2:4 weights of a SwiGLU FFN
+    assert config_from_args(gated).weights == "2:4"
 
 
 @pytest.mark.parametrize("value", ["64:3:8", "0:4:8", "64:4:4", "4:8", "dense"])
