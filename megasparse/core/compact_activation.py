@@ -30,9 +30,7 @@ class CompactActivation:
     gradients next to this activation use (None: exact weight gradients)."""
 
     values_c: torch.Tensor  # [T, 4 ffn / M]
-    preact_c: Optional[
-        torch.Tensor
-    ]  # the pre-activation at the same positions (Squared-ReLU), or None
+    preact_c: Optional[torch.Tensor]  # Squared-ReLU's pre-activation at the same positions
     columns: torch.Tensor  # int16 [ceil(T / V), ffn / M, 4]
     pattern: ActivationPattern
     ffn: int
@@ -70,13 +68,15 @@ def _activation_compact_composed(x, v, n, m, squared_relu):
 def _compact_tokens_composed(x, v, n, m):
     """compact_tokens from the masked sparsifier on x^T; tokens past T are zero columns, which a real
     token never loses to (ties go to the lower index)."""
-    tokens, ffn = x.shape
+    tokens = x.shape[0]
     padded = torch.nn.functional.pad(x.t(), (0, (-tokens) % m))
     values, _, columns, _ = kernels.activation_sparsify_reference(padded, v, m, False, n=n)
     return kernels.compact(values, columns, v, m), columns
 
 
 def _kernel(triton_name, reference_name, fallback, tensor):
+    """kernels.pick of the named kernels; a name megasparse.kernels lacks runs the reference, and a
+    missing reference the torch composition `fallback`."""
     reference = getattr(kernels, reference_name, None) or fallback
     return kernels.pick(getattr(kernels, triton_name, None) or reference, reference, tensor)
 

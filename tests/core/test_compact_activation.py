@@ -5,12 +5,13 @@ import pytest
 import torch
 from megatron.core.activations import squared_relu
 
-from megasparse import SparsityConfig
+from megasparse import SparsityConfig, kernels
 from megasparse.config import ActivationPattern
 from megasparse.core import compact_activation
 from megasparse.core.activation_sparsity import ActivationStats, squared_relu_sparsify
 from megasparse.core.sparse_operand import compact_operand, sparse_pattern
 from megasparse.kernels import activation_sparsify_reference
+from devices import on_triton_device
 from megatron_helpers import make_config, make_mlp, make_row
 from reference import sparse_mlp_reference
 
@@ -234,3 +235,34 @@ def test_fc2_resparsifies_an_activation_changed_in_place(monkeypatch, activation
     y_ref.backward(dy)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fc2.weight.grad, w2.grad, rtol=1e-10, atol=1e-10)
+
+
+_COMPACT_TRITON = ("activation_compact_triton", "gather_k_matmul_triton", "compact_matmul_triton")
+
+
+@pytest.mark.skipif(
+    not (kernels.HAVE_TRITON and all(hasattr(kernels, name) for name in _COMPACT_TRITON)),
+    reason="needs Triton and the compact layout's Triton kernels in megasparse.kernels",
+)
+@pytest.mark.parametrize("activations,wgrad", [("64:2:8", None), ("16:4:8", "16:4:8")])
+def test_sparse_mlp_on_the_triton_kernels_matches_the_reference(monkeypatch, activations, wgrad):
+    """Every kernel call of the FFN on its Triton kernel (the GPU, else TRITON_INTERPRET on CPU)."""
+    ran = set()
+
+    def triton_everywhere(triton_kernel, reference, tensor):
+        ran.add(triton_kernel.__name__)
+        return on_triton_device(triton_kernel)
+
+    monkeypatch.setattr(kernels, "pick", triton_everywhere)
+    mlp = compact_mlp(activations, "2:4", torch.float32, activation_wgrad=wgrad)
+    x = mlp_input(35, torch.float32)
+    y, bias = mlp(x)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    (y + bias).backward(dy)
+    ref = masked_mlp_reference(mlp, x, dy)
+    names = ("y", "dx", "db1", "db2") if wgrad else ("y", "dx", "dw1", "db1", "dw2", "db2")
+    got = {"y": y + bias, **grads(mlp, x)}
+    for name in names:
+        torch.testing.assert_close(got[name].double(), ref[name], rtol=1e-4, atol=1e-4, msg=name)
+    assert set(_COMPACT_TRITON) <= ran
+    assert ("compact_tokens_triton" in ran) == (wgrad is not None)
