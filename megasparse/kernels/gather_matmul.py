@@ -276,7 +276,11 @@ def gather_k_matmul_triton(a_c, columns, b, v: int, m: int, out=None) -> torch.T
     tokens, n = a_c.shape[0], b.shape[1]
     if out is None:
         out = torch.empty(tokens, n, dtype=a_c.dtype, device=a_c.device)
-    elif out.shape != (tokens, n) or out.dtype not in (a_c.dtype, torch.float32) or out.device != a_c.device:
+    elif (
+        out.shape != (tokens, n)
+        or out.dtype not in (a_c.dtype, torch.float32)
+        or out.device != a_c.device
+    ):
         raise ValueError(
             f"megasparse: {kernel}'s out must be [{tokens}, {n}] {a_c.dtype} or float32 on "
             f"{a_c.device}, got "

@@ -307,6 +307,35 @@ def test_gated_ffn_refuses_activation_sparsity_and_keeps_weight_sparsity():
 
 
 @pytest.mark.usefixtures("megatron_tp1")
+def test_fc2_of_a_gated_ffn_outside_sparse_mlp_refuses_activation_sparsity():
+    """A gated shared expert (not a SparseMLP) builds its fc2 itself: the layer refuses too."""
+    from megatron.core.activations import squared_relu
+    from megatron_helpers import make_config
+
+    from megasparse import SparseRowParallelLinear
+
+    cfg = make_config(
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN,
+        gated_linear_unit=True,
+        activation_func=squared_relu,
+    )
+    build = dict(
+        config=cfg,
+        init_method=torch.nn.init.zeros_,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=True,
+        tp_comm_buffer_name="fc2",
+    )
+    with pytest.raises(ValueError, match="fc2 belongs to a gated one.*activations=None"):
+        SparseRowParallelLinear(
+            FFN, HIDDEN, sparsity=SparsityConfig(activations="64:4:16"), **build
+        )
+    SparseRowParallelLinear(FFN, HIDDEN, sparsity=SparsityConfig(weights="2:4"), **build)
+
+
+@pytest.mark.usefixtures("megatron_tp1")
 @pytest.mark.parametrize("wgrad", [None, "64:4:8"])
 def test_non_squared_relu_activation(wgrad):
     """GeLU with a compacting pattern, sparsified unfused: fc2 reads the compact form (forward
