@@ -200,7 +200,15 @@ class SparsityConfig:
         _choice("nonfinite_weights", self.nonfinite_weights, NONFINITE_POLICIES)
         _choice("activation_function", self.activation_function, ACTIVATION_FUNCTIONS)
         parse_activation_pattern(self.activations)
-        parse_activation_pattern(self.activation_wgrad, "activation_wgrad")
+        wgrad = parse_activation_pattern(self.activation_wgrad, "activation_wgrad")
+        pattern = parse_activation_pattern(self.activations)
+        if wgrad is not None and (pattern is None or not pattern.compacts):
+            raise ValueError(
+                f"SparsityConfig.activation_wgrad={self.activation_wgrad!r} sparsifies the weight "
+                "gradients of a compacted activation along tokens, but activations="
+                f"{self.activations!r} is not one (it needs 'V:N:M' with M >= 8, e.g. '64:4:16'); "
+                "set such activations or activation_wgrad=None"
+            )
         interval = self.mask_refresh_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(

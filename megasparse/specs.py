@@ -71,8 +71,9 @@ def _owner_class(func):
 class _Rewriter:
     def __init__(self, sparsity, targets):
         self.sparsity = sparsity
+        # fc1 reads the activation's options (activations, activation_wgrad) from its fc2
         self.weights_only = dataclasses.replace(
-            sparsity, activations=None, activation_function=None
+            sparsity, activations=None, activation_function=None, activation_wgrad=None
         )
         self.targets = targets
         self.found = set()

@@ -19,6 +19,7 @@ import torch
 from megasparse import kernels
 from megasparse.config import ActivationPattern
 from megasparse.core.sparse_operand import compact_operand, mark_sparse
+from megasparse.core.warn import warn_once
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,7 @@ class CompactActivation:
     gradients next to this activation use (None: exact weight gradients)."""
 
     values_c: torch.Tensor  # [T, 4 ffn / M]
-    preact_c: Optional[
-        torch.Tensor
-    ]  # the pre-activation at the same positions (Squared-ReLU), or None
+    preact_c: Optional[torch.Tensor]  # Squared-ReLU's pre-activation at the same positions
     columns: torch.Tensor  # int16 [ceil(T / V), ffn / M, 4]
     pattern: ActivationPattern
     ffn: int
@@ -55,79 +54,65 @@ class CompactActivation:
 # --- the kernels: Triton on CUDA, the torch reference elsewhere ---------------------------------
 
 
-def _activation_compact_composed(x, v, n, m, squared_relu):
-    """activation_compact from the masked sparsifier's reference and `compact`."""
-    values, mask, columns, stats = kernels.activation_sparsify_reference(x, v, m, squared_relu, n=n)
-    preact = torch.where(mask, x, 0)
-    return (
-        kernels.compact(values, columns, v, m),
-        kernels.compact(preact, columns, v, m),
-        columns,
-        stats,
-    )
-
-
-def _compact_tokens_composed(x, v, n, m):
-    """compact_tokens from the masked sparsifier on x^T; tokens past T are zero columns, which a real
-    token never loses to (ties go to the lower index)."""
-    tokens, ffn = x.shape
-    padded = torch.nn.functional.pad(x.t(), (0, (-tokens) % m))
-    values, _, columns, _ = kernels.activation_sparsify_reference(padded, v, m, False, n=n)
-    return kernels.compact(values, columns, v, m), columns
-
-
-def _kernel(triton_name, reference_name, fallback, tensor):
-    reference = getattr(kernels, reference_name, None) or fallback
-    return kernels.pick(getattr(kernels, triton_name, None) or reference, reference, tensor)
-
-
 def activation_compact(x2d: torch.Tensor, pattern, squared_relu: bool):
     """(values_c, preact_c, columns, stats) of sparsify(relu(x)^2) (or of x): one kernel pass."""
-    kernel = _kernel(
-        "activation_compact_triton",
-        "activation_compact_reference",
-        _activation_compact_composed,
-        x2d,
+    kernel = kernels.pick(
+        kernels.activation_compact_triton, kernels.activation_compact_reference, x2d
     )
     return kernel(x2d, pattern.v, pattern.n, pattern.m, squared_relu)
 
 
 def compact(dense: torch.Tensor, columns: torch.Tensor, pattern) -> torch.Tensor:
     """values_c of a dense [T, ffn] tensor at the chosen columns."""
-    kernel = _kernel("compact_triton", "compact", kernels.compact, dense)
+    kernel = kernels.pick(kernels.compact_triton, kernels.compact, dense)
     return kernel(dense.contiguous(), columns, pattern.v, pattern.m)
 
 
 def scatter(values_c: torch.Tensor, columns: torch.Tensor, pattern, ffn: int) -> torch.Tensor:
     """The dense [T, ffn] tensor of values_c."""
-    kernel = _kernel("scatter_triton", "scatter", kernels.scatter, values_c)
+    kernel = kernels.pick(kernels.scatter_triton, kernels.scatter, values_c)
     return kernel(values_c, columns, pattern.v, pattern.m, ffn)
 
 
-def gather_k_matmul(a_c, columns, b, pattern) -> torch.Tensor:
-    """scatter(a_c) @ b [K, N], reading only the chosen rows of b."""
-    kernel = _kernel(
-        "gather_k_matmul_triton",
-        "gather_k_matmul_reference",
-        kernels.gather_k_matmul_reference,
-        a_c,
+def _gemm_on_tiles(triton_kernel, reference, tensor, pattern):
+    """The Triton GEMM where its tiles hold the pattern's V rows, else (CUDA) the reference, once
+    with a warning: correct, but it computes densely."""
+    kernel = kernels.pick(triton_kernel, reference, tensor)
+    if kernel is triton_kernel and pattern.v not in kernels.GATHER_MATMUL_V:
+        warn_once(
+            f"megasparse: activation pattern {pattern.v}:{pattern.n}:{pattern.m} has V={pattern.v}; "
+            f"the compact GEMMs tile V in {kernels.GATHER_MATMUL_V}, so these GEMMs run as dense "
+            "torch GEMMs (no work skipped). Use V = 64 (e.g. '64:4:16')."
+        )
+        return reference
+    return kernel
+
+
+def gather_k_matmul(a_c, columns, b, pattern, out_dtype=None) -> torch.Tensor:
+    """scatter(a_c) @ b [K, N], reading only the chosen rows of b; out_dtype (e.g. float32 for
+    main_grad) keeps the fp32 accumulator instead of rounding to a_c's dtype."""
+    kernel = _gemm_on_tiles(
+        kernels.gather_k_matmul_triton, kernels.gather_k_matmul_reference, a_c, pattern
     )
-    return kernel(a_c, columns, b, pattern.v, pattern.m)
+    if out_dtype is None or out_dtype == a_c.dtype:
+        return kernel(a_c, columns, b, pattern.v, pattern.m)
+    if kernel is kernels.gather_k_matmul_triton:
+        out = torch.empty(a_c.shape[0], b.shape[1], dtype=out_dtype, device=a_c.device)
+        return kernel(a_c, columns, b, pattern.v, pattern.m, out=out)
+    return kernel(a_c.to(out_dtype), columns, b.to(out_dtype), pattern.v, pattern.m)
 
 
 def compact_matmul(g, b, columns, pattern) -> torch.Tensor:
     """compact(g [T, K] @ b [K, ffn]): only the chosen columns of the product."""
-    kernel = _kernel(
-        "compact_matmul_triton", "compact_matmul_reference", kernels.compact_matmul_reference, g
+    kernel = _gemm_on_tiles(
+        kernels.compact_matmul_triton, kernels.compact_matmul_reference, g, pattern
     )
     return kernel(g, b, columns, pattern.v, pattern.m)
 
 
 def compact_tokens(x: torch.Tensor, pattern):
     """(values_c [F, 4 ceil(T/M)], columns [ceil(F/V), ceil(T/M), 4]): `pattern` applied to x^T."""
-    kernel = _kernel(
-        "compact_tokens_triton", "compact_tokens_reference", _compact_tokens_composed, x
-    )
+    kernel = kernels.pick(kernels.compact_tokens_triton, kernels.compact_tokens_reference, x)
     return kernel(x.contiguous(), pattern.v, pattern.n, pattern.m)
 
 
@@ -186,10 +171,12 @@ class BothWaysWgrad:
         return self._selected_product(dy2d, x2d)
 
     def fp32(self, dy2d, x2d, step=None, backend=None) -> torch.Tensor:
-        if dy2d.dtype in (torch.float16, torch.bfloat16):
-            dy2d, x2d = dy2d.float(), x2d.float()
-        return self(dy2d, x2d)
+        """The same in at least float32 (for main_grad): the GEMM keeps its fp32 accumulator."""
+        wide = torch.float32 if dy2d.dtype in (torch.float16, torch.bfloat16) else None
+        if self.sparse_side == "input":
+            return self._selected_product(x2d, dy2d, wide).t()
+        return self._selected_product(dy2d, x2d, wide)
 
-    def _selected_product(self, sparse, other) -> torch.Tensor:
+    def _selected_product(self, sparse, other, out_dtype=None) -> torch.Tensor:
         values_c, token_columns = compact_tokens(sparse, self.pattern)
-        return gather_k_matmul(values_c, token_columns, other, self.pattern)
+        return gather_k_matmul(values_c, token_columns, other, self.pattern, out_dtype)

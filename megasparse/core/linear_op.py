@@ -80,10 +80,9 @@ def _forward_gemm(x, x2d, step: WeightStep, bias, plan, compact=None):
     ):  # an expert that received no tokens: no GEMM (sparse kernels refuse empty operands)
         y = x2d.new_zeros(0, step.weight.shape[0])
         return y if bias is None else y + bias
-    if compact is not None:  # the activation's chosen columns only, on W*M held for the step
-        weight_t = step.dense(hold=True).t()
+    if compact is not None:  # the activation's chosen columns only, on (W*M)^T held for the step
         y = compact_activation.gather_k_matmul(
-            compact.values_c, compact.columns, weight_t, compact.pattern
+            compact.values_c, compact.columns, _transposed_weight(step), compact.pattern
         )
         return y if bias is None else y + bias
     if step.pruned and "forward" in plan.sparse_weight_roles:
@@ -92,6 +91,13 @@ def _forward_gemm(x, x2d, step: WeightStep, bias, plan, compact=None):
     if is_2_4(x) and backend.fits(x2d):  # dense weight, 2:4 activation as the sparse operand
         return backend.linear(x2d, step.dense(hold=True), bias, ACTIVATION)
     return backend.linear(x2d, step.dense(hold=True), bias, None)
+
+
+def _transposed_weight(step: WeightStep) -> torch.Tensor:
+    """(W*M)^T [ffn, hidden] contiguous, held for the step (a new step follows any weight update):
+    the compact GEMMs gather its rows with vector loads (fc2's forward as it is, fc2's input
+    gradient through .t()), where W*M as stored would be gathered 2 bytes at a time."""
+    return step.cached("compact_transposed_weight", lambda: step.dense().t().contiguous())
 
 
 def _input_grad_gemm(dy, dy2d, step: WeightStep, plan, compact=None):
@@ -122,9 +128,8 @@ class _SavedForBackward:
     plan: LinearPlan
     has_bias: bool
     main_grad: Optional[torch.Tensor]  # the weight's main_grad under gradient-accumulation fusion
-    compact_input: Optional[object] = (
-        None  # the input's CompactActivation (fc2), tensors saved apart
-    )
+    # fc2: its input's CompactActivation without tensors (those are saved tensors) and shape
+    compact_input: Optional[object] = None
     input_shape: tuple = ()
 
 
@@ -181,7 +186,7 @@ def _compact_input_backward(ctx, dy):
             grad_c = values_c.new_zeros(values_c.shape)
         else:
             grad_c = compact_activation.compact_matmul(
-                dy2d, step.dense(step.hold_backward), columns, compact.pattern
+                dy2d, _transposed_weight(step).t(), columns, compact.pattern
             )
         grad_x = compact.holding(grad_c.to(dy.dtype)).marked(saved.input_shape)
     if ctx.needs_input_grad[1]:

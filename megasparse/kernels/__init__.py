@@ -27,6 +27,7 @@ from .compact import (
 )
 from .dispatch import pick
 from .fp8_cast import amax_reference, fp8_cast_reference, fp8_cast_triton
+from .gather_matmul import SUPPORTED_V as GATHER_MATMUL_V
 from .gather_matmul import compact_matmul_triton, gather_k_matmul_triton
 from .mask_1d import mask_1d_reference, mask_1d_triton
 from .mask_transposable import (
@@ -82,6 +83,7 @@ __all__ = [
     "scatter_triton",
     "gather_k_matmul_reference",
     "compact_matmul_reference",
+    "GATHER_MATMUL_V",
     "gather_k_matmul_triton",
     "compact_matmul_triton",
     "squared_relu_sparsify_backward_reference",

@@ -34,6 +34,14 @@ if HAVE_TRITON:
     from .compact import join_columns_triton, pick_column_triton
 
 NUM_WARPS = 4
+
+
+def _groups(v: int, m: int, dtype: torch.dtype) -> int:
+    """Groups of M per program: activation_sparsify's tile, halved for 4- and 8-byte inputs (their
+    x and a take twice the registers)."""
+    return max(1, groups_per_program(v, m) // max(1, torch.finfo(dtype).bits // 16))
+
+
 REPORT_PATTERNS = ((64, 2, 8), (64, 2, 16), (64, 4, 8))  # (V, N, M) compiled by the offline report
 
 
@@ -110,6 +118,7 @@ if HAVE_TRITON:
         stats_ptr,
         tokens,
         ffn,
+        width,
         V: tl.constexpr,
         M: tl.constexpr,
         GROUPS: tl.constexpr,
@@ -137,8 +146,8 @@ if HAVE_TRITON:
             tl.where(keep2, x2, 0.0), tl.where(keep3, x3, 0.0),
         )  # fmt: skip
         cols_c = chunk * (GROUPS * 4) + tl.arange(0, GROUPS * 4)
-        out = rows.to(tl.int64)[:, None] * (ffn // M * 4) + cols_c[None, :]
-        valid_c = (rows < tokens)[:, None] & (cols_c < ffn // M * 4)[None, :]
+        out = rows.to(tl.int64)[:, None] * width + cols_c[None, :]
+        valid_c = (rows < tokens)[:, None] & (cols_c < width)[None, :]
         tl.store(values_ptr + out, values.to(values_ptr.dtype.element_ty), mask=valid_c)
         tl.store(preact_ptr + out, preact, mask=valid_c)
         store_columns_triton(columns_ptr, block, chunk, ffn // M, k0, k1, k2, k3)
@@ -162,6 +171,7 @@ if HAVE_TRITON:
         columns_ptr,
         tokens,
         features,
+        width,
         x_stride,
         V: tl.constexpr,
         M: tl.constexpr,
@@ -186,8 +196,8 @@ if HAVE_TRITON:
             tl.where(keep2, x2, 0.0), tl.where(keep3, x3, 0.0),
         )  # fmt: skip
         cols_c = chunk * (GROUPS * 4) + tl.arange(0, GROUPS * 4)
-        out = neurons.to(tl.int64)[:, None] * (groups * 4) + cols_c[None, :]
-        valid_c = (neurons < features)[:, None] & (cols_c < groups * 4)[None, :]
+        out = neurons.to(tl.int64)[:, None] * width + cols_c[None, :]
+        valid_c = (neurons < features)[:, None] & (cols_c < width)[None, :]
         tl.store(values_ptr + out, values, mask=valid_c)
         store_columns_triton(columns_ptr, block, chunk, groups, k0, k1, k2, k3)
 
@@ -199,7 +209,7 @@ def activation_compact_triton(x: torch.Tensor, v: int, n: int, m: int, squared_r
     _check_compact(x, v, n, m)
     x = x.contiguous()
     tokens, ffn = x.shape
-    blocks, groups = triton.cdiv(tokens, v), groups_per_program(v, m)
+    blocks, groups = triton.cdiv(tokens, v), _groups(v, m, x.dtype)
     values = torch.empty(tokens, ffn // m * 4, dtype=x.dtype, device=x.device)
     preact = torch.empty_like(values)
     columns = torch.empty(blocks, ffn // m, 4, dtype=torch.int16, device=x.device)
@@ -207,7 +217,7 @@ def activation_compact_triton(x: torch.Tensor, v: int, n: int, m: int, squared_r
     partial = torch.zeros(grid[0] * grid[1], 3, dtype=torch.float32, device=x.device)
     if x.numel():
         _activation_compact_kernel[grid](
-            x, values, preact, columns, partial, tokens, ffn,
+            x, values, preact, columns, partial, tokens, ffn, values.shape[1],
             V=v, M=m, GROUPS=groups, SQUARED_RELU=squared_relu, FP64=x.dtype == torch.float64,
             N=n, num_warps=NUM_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
@@ -225,10 +235,10 @@ def compact_tokens_triton(x: torch.Tensor, v: int, n: int, m: int):
     blocks = triton.cdiv(features, v)
     values = torch.empty(features, groups * 4, dtype=x.dtype, device=x.device)
     columns = torch.empty(blocks, groups, 4, dtype=torch.int16, device=x.device)
-    per_program = groups_per_program(v, m)
+    per_program = _groups(v, m, x.dtype)
     if values.numel():
         _compact_tokens_kernel[(blocks, triton.cdiv(groups, per_program))](
-            x, values, columns, tokens, features, x.stride(0),
+            x, values, columns, tokens, features, values.shape[1], x.stride(0),
             V=v, M=m, GROUPS=per_program, FP64=x.dtype == torch.float64, N=n,
             num_warps=NUM_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
@@ -239,11 +249,11 @@ def compile_specs(dtype: torch.dtype) -> list:
     """The launches above at REPORT_PATTERNS, described for the offline compile report."""
     specs = []
     for v, n, m in REPORT_PATTERNS:
-        groups = groups_per_program(v, m)
+        groups = _groups(v, m, dtype)
         elements = v * groups * m
         arguments = (
             "x_ptr:*T/16 values_ptr:*T/16 preact_ptr:*T/16 columns_ptr:*i16/16 "
-            "stats_ptr:*fp32/16 tokens:i32 ffn:i32/16"
+            "stats_ptr:*fp32/16 tokens:i32 ffn:i32/16 width:i32/16"
         )
         constexprs = {"V": v, "M": m, "GROUPS": groups, "SQUARED_RELU": True, "FP64": False, "N": n}
         specs.append(
@@ -255,7 +265,7 @@ def compile_specs(dtype: torch.dtype) -> list:
         if n == 4:  # the both-ways weight gradients' pattern
             arguments = (
                 "x_ptr:*T/16 values_ptr:*T/16 columns_ptr:*i16/16 tokens:i32 features:i32/16 "
-                "x_stride:i32/16"
+                "width:i32/16 x_stride:i32/16"
             )
             constexprs = {"V": v, "M": m, "GROUPS": groups, "FP64": False, "N": n}
             specs.append(

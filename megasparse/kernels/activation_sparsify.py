@@ -148,7 +148,9 @@ if HAVE_TRITON:
         [blocks, groups, 4]."""
         group = chunk * k0.shape[0] + tl.arange(0, k0.shape[0])
         out = (block * groups + group)[:, None] * 4 + tl.arange(0, 4)[None, :]
-        tl.store(columns_ptr + out, join4(k0, k1, k2, k3).to(tl.int16), mask=(group < groups)[:, None])
+        tl.store(
+            columns_ptr + out, join4(k0, k1, k2, k3).to(tl.int16), mask=(group < groups)[:, None]
+        )
 
     @triton.jit
     def _activation_vnm_kernel(
@@ -259,7 +261,7 @@ def compile_specs(dtype: torch.dtype) -> list:
     for v, m in REPORT_PATTERNS:
         groups = groups_per_program(v, m)
         name = f"activation_{v}_2_{m}_squared_relu"
-        constexprs = {"V": v, "M": m, "GROUPS": groups, "SQUARED_RELU": True, "FP64": False}
+        constexprs = {"V": v, "M": m, "GROUPS": groups, "SQUARED_RELU": True, "FP64": False, "N": 2}
         elements = v * m * groups
         kernel = _activation_vnm_kernel
         specs.append(compile_spec(name, kernel, dtype, arguments, constexprs, elements, NUM_WARPS))

@@ -78,7 +78,8 @@ def compact_matmul_reference(g, b, columns, v: int, m: int) -> torch.Tensor:
 
 # Launch of compact / scatter: one program takes one block of V rows and GROUPS groups (one
 # group's 4 columns per thread: each thread loads its 64-bit `columns` entry once), and walks the
-# block's rows ROWS at a time, about ELEMENTS dense elements per step.
+# block's rows ROWS at a time, about ELEMENTS dense elements per step. The compact width 4F/M is
+# an argument of its own so that Triton sees it divisible by 16 (full-width vector accesses).
 NUM_WARPS = 4
 GROUPS = 32 * NUM_WARPS
 ELEMENTS = 4096
@@ -142,6 +143,7 @@ if HAVE_TRITON:
         out_ptr,
         tokens,
         ffn,
+        width,
         dense_stride,
         V: tl.constexpr,
         M: tl.constexpr,
@@ -153,7 +155,7 @@ if HAVE_TRITON:
         k0, k1, k2, k3 = _block_columns(columns_ptr, block, chunk, groups, GROUPS)
         cols = chunk * (GROUPS * M) + tl.arange(0, GROUPS * M)
         cols_c = chunk * (GROUPS * 4) + tl.arange(0, GROUPS * 4)
-        for step in range(0, V, ROWS):
+        for step in range(0, tl.minimum(V, tokens - block * V), ROWS):  # the block's rows
             rows = block * V + step + tl.arange(0, ROWS)
             valid = (rows < tokens)[:, None] & (cols < ffn)[None, :]
             x = tl.load(
@@ -164,8 +166,8 @@ if HAVE_TRITON:
             x1 = pick_column_triton(tile, k1)
             x2 = pick_column_triton(tile, k2)
             x3 = pick_column_triton(tile, k3)
-            out = rows.to(tl.int64)[:, None] * (groups * 4) + cols_c[None, :]
-            valid_c = (rows < tokens)[:, None] & (cols_c < groups * 4)[None, :]
+            out = rows.to(tl.int64)[:, None] * width + cols_c[None, :]
+            valid_c = (rows < tokens)[:, None] & (cols_c < width)[None, :]
             tl.store(out_ptr + out, join_columns_triton(x0, x1, x2, x3), mask=valid_c)
 
     @triton.jit
@@ -175,6 +177,7 @@ if HAVE_TRITON:
         dense_ptr,
         tokens,
         ffn,
+        width,
         values_stride,
         V: tl.constexpr,
         M: tl.constexpr,
@@ -187,9 +190,9 @@ if HAVE_TRITON:
         c = tl.arange(0, M)[None, None, :]
         cols = chunk * (GROUPS * M) + tl.arange(0, GROUPS * M)
         cols_c = chunk * (GROUPS * 4) + tl.arange(0, GROUPS * 4)
-        for step in range(0, V, ROWS):
+        for step in range(0, tl.minimum(V, tokens - block * V), ROWS):  # the block's rows
             rows = block * V + step + tl.arange(0, ROWS)
-            valid_c = (rows < tokens)[:, None] & (cols_c < groups * 4)[None, :]
+            valid_c = (rows < tokens)[:, None] & (cols_c < width)[None, :]
             at = rows.to(tl.int64)[:, None] * values_stride + cols_c[None, :]
             x0, x1, x2, x3 = split_columns_triton(tl.load(values_ptr + at, mask=valid_c))
             # each dense column takes the bits of the compact column that chose it, else 0
@@ -221,7 +224,7 @@ def compact_triton(dense: torch.Tensor, columns: torch.Tensor, v: int, m: int) -
     out = torch.empty(tokens, ffn // m * 4, dtype=dense.dtype, device=dense.device)
     if out.numel():
         _compact_kernel[_grid(tokens, ffn, v, m)](
-            dense, columns, out, tokens, ffn, dense.stride(0),
+            dense, columns, out, tokens, ffn, out.shape[1], dense.stride(0),
             V=v, M=m, GROUPS=GROUPS, ROWS=rows_per_step(v, m), num_warps=NUM_WARPS,
         )  # fmt: skip
     return out
@@ -243,7 +246,7 @@ def scatter_triton(
     dense = torch.empty(tokens, ffn, dtype=values_c.dtype, device=values_c.device)
     if dense.numel():
         _scatter_kernel[_grid(tokens, ffn, v, m)](
-            values_c, columns, dense, tokens, ffn, values_c.stride(0),
+            values_c, columns, dense, tokens, ffn, values_c.shape[1], values_c.stride(0),
             V=v, M=m, GROUPS=GROUPS, ROWS=rows_per_step(v, m), num_warps=NUM_WARPS,
         )  # fmt: skip
     return dense
@@ -264,7 +267,7 @@ def compile_specs(dtype: torch.dtype) -> list:
         ):
             out = "out_ptr" if name == "compact" else "dense_ptr"
             arguments = (
-                f"{first}:*T/16 columns_ptr:*i16/16 {out}:*T/16 tokens:i32 ffn:i32/16 "
+                f"{first}:*T/16 columns_ptr:*i16/16 {out}:*T/16 tokens:i32 ffn:i32/16 width:i32/16 "
                 f"{first.replace('_ptr', '_stride')}:i32/16"
             )
             spec = compile_spec(

@@ -10,6 +10,12 @@ Numerics: products of the input dtype accumulated in float32 by tl.dot (fp32 inp
 input_precision="ieee", as torch's fp32 matmul without TF32), rounded once to the input dtype.
 The float32 summation order differs from cuBLAS, so results agree to rounding, not bitwise.
 The torch references (kernels.compact) are the CPU path and the tests' reference.
+
+Layout of b: any strides work; the gather is fastest when the gathered index of b is its slow
+one, so a tile of b loads as 16-byte cp.async rows: b row-major for gather_k (W1, dY, X, or
+W2^T held contiguous [F, H]) and b column-major for compact_matmul (that same contiguous W2^T,
+passed as .t()). With the other layout (W2.t() or W2 as stored, [H, F] row-major) each gathered
+element is a 2-byte load staged through registers (kernel_report's *_b_cols / *_b_rows rows).
 """
 
 import dataclasses
@@ -72,9 +78,8 @@ GROUP_M = 8  # row blocks that walk the output columns together, so b's tiles ar
 REPORT_PATTERNS = ((64, 8), (64, 16), (128, 8), (128, 16))  # (V, M) compiled by the offline report
 
 
-def _check(kernel: str, lhs, columns, b, v: int, m: int, other: str) -> None:
-    """Shapes, dtypes and V of the compact GEMMs; `other` names the width b's rows or columns
-    must have against `columns`."""
+def _check(kernel: str, lhs, columns, b, v: int, m: int) -> None:
+    """V, M, dtypes, devices and `columns` against the rows of lhs (a_c or g)."""
     if v not in SUPPORTED_V:
         raise ValueError(
             f"megasparse: {kernel} supports V in {SUPPORTED_V} (tensor-core tile rows), got V={v}; "
@@ -106,17 +111,6 @@ def _check(kernel: str, lhs, columns, b, v: int, m: int, other: str) -> None:
             f"megasparse: {kernel} needs its operands on one device, got {lhs.device}, "
             f"{columns.device}, {b.device}"
         )
-    groups = columns.shape[1]
-    if other == "rows" and (lhs.shape[1] != 4 * groups or -(-b.shape[0] // m) != groups):
-        raise ValueError(
-            f"megasparse: {kernel} needs a_c [T, 4*groups] and b [K, N] with ceil(K/M) = groups, got "
-            f"a_c {tuple(lhs.shape)}, b {tuple(b.shape)}, M={m}, {groups} groups"
-        )
-    if other == "columns" and (lhs.shape[1] != b.shape[0] or b.shape[1] != m * groups):
-        raise ValueError(
-            f"megasparse: {kernel} needs g [T, K] and b [K, F] with F = M * groups, got "
-            f"g {tuple(lhs.shape)}, b {tuple(b.shape)}, M={m}, {groups} groups"
-        )
 
 
 if HAVE_TRITON:
@@ -124,7 +118,7 @@ if HAVE_TRITON:
     @triton.jit
     def _tile(pid, tokens, n, V: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         """(row block, column tile) of program `pid`: GROUP_M row blocks walk the column tiles
-        together, so a tile of b is read from DRAM once per GROUP_M blocks."""
+        together, so the column tile of b they read stays in L2 for GROUP_M blocks."""
         blocks, tiles = tl.cdiv(tokens, V), tl.cdiv(n, BLOCK_N)
         per_group = GROUP_M * tiles
         first = (pid // per_group) * GROUP_M
@@ -240,6 +234,21 @@ def _grid(tokens: int, v: int, width: int, block_n: int) -> tuple:
     return (triton.cdiv(tokens, v) * triton.cdiv(width, block_n),)
 
 
+def _launch(v: int, m: int, dtype: torch.dtype) -> dict:
+    """The constexprs and launch options of both kernels at (V, M, dtype)."""
+    config = CONFIGS[v, dtype]
+    return dict(
+        V=v,
+        M=m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=GROUP_M,
+        UPCAST=_upcast(dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
 def _check_b_offsets(kernel: str, b: torch.Tensor) -> None:
     """b's element offsets are int32 in the kernels' inner loop."""
     if b.numel() and sum((size - 1) * abs(s) for size, s in zip(b.shape, b.stride())) >= 2**31:
@@ -251,25 +260,35 @@ def _check_b_offsets(kernel: str, b: torch.Tensor) -> None:
 
 def gather_k_matmul_triton(a_c, columns, b, v: int, m: int, out=None) -> torch.Tensor:
     """C [T, N] = scatter(a_c) @ b on tensor cores, in a_c's dtype (written into `out` [T, N] of
-    that dtype, any strides, when given). a_c [T, 4*groups] compact, columns int16
+    that dtype or float32, any strides, when given: float32 keeps the accumulator unrounded). a_c [T, 4*groups] compact, columns int16
     [ceil(T/V), groups, 4], b [K, N] any strided view (W2.t(), W1, dY or X along tokens) with
     ceil(K/M) = groups: chosen rows >= K (a short last group along tokens) read as zero."""
     require_triton()
     kernel = "gather_k_matmul_triton"
-    _check(kernel, a_c, columns, b, v, m, "rows")
+    _check(kernel, a_c, columns, b, v, m)
+    groups = columns.shape[1]
+    if a_c.shape[1] != 4 * groups or -(-b.shape[0] // m) != groups:
+        raise ValueError(
+            f"megasparse: {kernel} needs a_c [T, 4*groups] and b [K, N] with ceil(K/M) = groups, "
+            f"got a_c {tuple(a_c.shape)}, b {tuple(b.shape)}, M={m}, {groups} groups"
+        )
     _check_b_offsets(kernel, b)
     tokens, n = a_c.shape[0], b.shape[1]
     if out is None:
         out = torch.empty(tokens, n, dtype=a_c.dtype, device=a_c.device)
-    elif out.shape != (tokens, n) or out.dtype != a_c.dtype or out.device != a_c.device:
+    elif (
+        out.shape != (tokens, n)
+        or out.dtype not in (a_c.dtype, torch.float32)
+        or out.device != a_c.device
+    ):
         raise ValueError(
-            f"megasparse: {kernel}'s out must be [{tokens}, {n}] {a_c.dtype} on {a_c.device}, got "
+            f"megasparse: {kernel}'s out must be [{tokens}, {n}] {a_c.dtype} or float32 on "
+            f"{a_c.device}, got "
             f"{tuple(out.shape)} {out.dtype} {out.device}"
         )
     if not out.numel():
         return out
-    config = CONFIGS[v, a_c.dtype]
-    _gather_k_matmul_kernel[_grid(tokens, v, n, config.block_n)](
+    _gather_k_matmul_kernel[_grid(tokens, v, n, CONFIGS[v, a_c.dtype].block_n)](
         a_c,
         columns.contiguous(),
         b,
@@ -281,14 +300,7 @@ def gather_k_matmul_triton(a_c, columns, b, v: int, m: int, out=None) -> torch.T
         *a_c.stride(),
         *b.stride(),
         *out.stride(),
-        V=v,
-        M=m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        GROUP_M=GROUP_M,
-        UPCAST=_upcast(a_c.dtype),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        **_launch(v, m, a_c.dtype),
     )
     return out
 
@@ -299,14 +311,19 @@ def compact_matmul_triton(g, b, columns, v: int, m: int) -> torch.Tensor:
     view; columns int16 [ceil(T/V), F/M, 4]."""
     require_triton()
     kernel = "compact_matmul_triton"
-    _check(kernel, g, columns, b, v, m, "columns")
+    _check(kernel, g, columns, b, v, m)
+    groups = columns.shape[1]
+    if g.shape[1] != b.shape[0] or b.shape[1] != m * groups:
+        raise ValueError(
+            f"megasparse: {kernel} needs g [T, K] and b [K, F] with F = M * groups, got "
+            f"g {tuple(g.shape)}, b {tuple(b.shape)}, M={m}, {groups} groups"
+        )
     _check_b_offsets(kernel, b)
-    tokens, compact_n = g.shape[0], 4 * columns.shape[1]
+    tokens, compact_n = g.shape[0], 4 * groups
     out = torch.empty(tokens, compact_n, dtype=g.dtype, device=g.device)
     if not out.numel():
         return out
-    config = CONFIGS[v, g.dtype]
-    _compact_matmul_kernel[_grid(tokens, v, compact_n, config.block_n)](
+    _compact_matmul_kernel[_grid(tokens, v, compact_n, CONFIGS[v, g.dtype].block_n)](
         g,
         b,
         columns.contiguous(),
@@ -317,14 +334,7 @@ def compact_matmul_triton(g, b, columns, v: int, m: int) -> torch.Tensor:
         *g.stride(),
         *b.stride(),
         *out.stride(),
-        V=v,
-        M=m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        GROUP_M=GROUP_M,
-        UPCAST=_upcast(g.dtype),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        **_launch(v, m, g.dtype),
     )
     return out
 
@@ -356,20 +366,16 @@ def compile_specs(dtype: torch.dtype) -> list:
     )
     specs = []
     for v, m in REPORT_PATTERNS:
-        config = CONFIGS[v, dtype]
-        bn, bk = config.block_n, config.block_k
+        launch = _launch(v, m, dtype)  # num_stages is Triton's default (see _config)
+        num_warps, bn, bk = launch.pop("num_warps"), launch["BLOCK_N"], launch["BLOCK_K"]
+        del launch["num_stages"]
         for name, fn, arguments, (lhs, rhs), step_columns in kernels:
             for layout, unit_strides in _B_LAYOUTS.items():
-                constexprs = {
-                    "V": v, "M": m, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "UPCAST": False,
-                    "stride_ak" if lhs == "a_ptr" else "stride_gk": 1,
-                    "stride_cn" if lhs == "a_ptr" else "stride_on": 1,
-                    **unit_strides,
-                }  # fmt: skip
+                unit = ("stride_ak", "stride_cn") if lhs == "a_ptr" else ("stride_gk", "stride_on")
+                constexprs = {**launch, **dict.fromkeys(unit, 1), **unit_strides}
                 spec = compile_spec(
-                    f"{name}_{v}_{m}_{layout}", fn, dtype, arguments, constexprs, v * bn,
-                    config.num_warps,
-                )  # fmt: skip
+                    f"{name}_{v}_{m}_{layout}", fn, dtype, arguments, constexprs, v * bn, num_warps
+                )
                 spec.reads = {
                     lhs: v * bk,
                     rhs: bk * bn,

@@ -64,16 +64,24 @@ def _decay(value: str) -> float:
     return number
 
 
-def _activations(value: str):
+def _pattern(value: str, examples: str):
     pattern = _none_or(value)
     try:
         parse_activation_pattern(pattern)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected 'none', '2:4' or 'V:N:M' with V and M powers of two, N = 2 (M >= 4) or "
+            f"expected 'none', {examples} with V and M powers of two, N = 2 (M >= 4) or "
             f"N = 4 (M >= 8), e.g. '64:2:8' or '64:4:16'; got {value!r}"
         ) from None
     return pattern
+
+
+def _activations(value: str):
+    return _pattern(value, "'2:4' or 'V:N:M'")
+
+
+def _activation_wgrad(value: str):
+    return _pattern(value, "or 'V:N:M' (along tokens)")
 
 
 def _decay_flag(group, flag: str, default: float, help: str) -> None:
@@ -96,8 +104,21 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--sparsity-activations",
         type=_activations,
         default=None,
-        help="Sparsify the FFN activation (fc2's input): 'none' (default), '2:4', or 'V:2:M' (VENOM, "
-        "e.g. '64:2:8' keeps 25%%). Best with Squared-ReLU (--squared-relu).",
+        help="Sparsify the FFN activation (fc2's input): 'none' (default), '2:4', 'V:2:M' (VENOM: "
+        "per V tokens the 4 strongest of every M neurons, 2 of them per token; '64:2:8' keeps 25%%) "
+        "or 'V:4:M' (all 4 chosen neurons; '64:4:16' keeps 25%%). With M >= 8 the activation is "
+        "held compacted and the FFN GEMMs reading it skip 1 - 4/M of their work. Needs a "
+        "non-gated Squared-ReLU FFN (--squared-relu, no --swiglu).",
+    )
+    g.add_argument(
+        "--sparsity-activation-wgrad",
+        type=_activation_wgrad,
+        default=None,
+        help="Both-ways weight gradients of the FFN: 'none' (default: exact) or 'V:4:M' (e.g. "
+        "'64:4:8'): the operands of fc2's and fc1's weight-gradient GEMMs (the activation and "
+        "its gradient) are sparsified again along tokens, 4 of every M tokens per V neurons, so "
+        "those GEMMs skip work too. An approximation (biased top-k) of the weight gradients. "
+        "Needs --sparsity-activations V:N:M with M >= 8.",
     )
     g.add_argument(
         "--sparsity-mask",
@@ -201,9 +222,26 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> SparsityConfig:
+    wgrad = getattr(args, "sparsity_activation_wgrad", None)
+    activations = parse_activation_pattern(args.sparsity_activations)
+    if wgrad is not None and not (activations is not None and activations.compacts):
+        # both-ways weight gradients sparsify the compacted activation's operands along tokens
+        raise ValueError(
+            f"--sparsity-activation-wgrad {wgrad} needs a compacted activation, "
+            f"--sparsity-activations V:N:M with M >= 8 (e.g. 64:4:16), got "
+            f"--sparsity-activations {args.sparsity_activations or 'none'}; add one or drop "
+            "--sparsity-activation-wgrad"
+        )
+    if activations is not None and getattr(args, "swiglu", False):
+        raise ValueError(
+            f"--sparsity-activations {args.sparsity_activations} needs a non-gated Squared-ReLU "
+            "FFN, but --swiglu makes it gated; use --squared-relu without --swiglu, or "
+            "--sparsity-activations none to keep 2:4 weights only"
+        )
     return SparsityConfig(
         weights=args.sparsity_weights,
         activations=args.sparsity_activations,
+        activation_wgrad=getattr(args, "sparsity_activation_wgrad", None),
         mask=args.sparsity_mask,
         gradient=args.sparsity_grad,
         srste_decay=args.sparsity_srste_decay,

@@ -17,7 +17,10 @@ SparseGroupedMLP
     expert for one launch instead of one per expert: the better choice for many small experts.
     It needs grouped-GEMM-friendly shapes (hidden and ffn per rank 16-byte aligned), fp32 /
     bf16 / fp16 and, on CUDA, sm90+; a non-gated activation without bias-activation fusion and
-    without FP8. Anything else falls back to SparseSequentialMLP's per-expert loop.
+    without FP8. Anything else falls back to SparseSequentialMLP's per-expert loop, and so does a
+    compacted activation (V:N:M with M >= 8, while it sparsifies): each expert then runs
+    SparseMLP's compact path on its own tokens (there is no grouped gather-GEMM), so no V-token
+    block mixes two experts and the GEMMs skip 1 - 4/M of their work.
 """
 
 import torch
@@ -64,6 +67,11 @@ class SparseSequentialMLP(SequentialMLP):
         return total.as_dict()
 
 
+def compacts_now(sparsity) -> bool:
+    """Whether the activation is held compacted now (V:N:M with M >= 8, in a sparse phase)."""
+    return sparsity.sparsifies_activations and sparsity.activation_pattern.compacts
+
+
 class SparseGroupedMLP(SparseSequentialMLP):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -76,6 +84,7 @@ class SparseGroupedMLP(SparseSequentialMLP):
             and hasattr(fc2, "sparsity")
             and fc1.sparsity.fp8 is None  # the FP8 path runs in the experts' own (local) linears
             and fc2.sparsity.fp8 is None
+            and not compacts_now(fc2.sparsity)  # each expert runs SparseMLP's compact path
             and can_group(self.config, x, fc1.weight, fc2.weight)
         )
 

@@ -145,12 +145,23 @@ def grouped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config
 
 
 def sparse_activation(plain_activation, fc2_sparsity):
-    """activation(h, tokens_per_expert, stats) for grouped experts: fused with the sparsifier when asked."""
+    """activation(h, tokens_per_expert, stats) for grouped experts: fused with the sparsifier when asked.
+
+    The grouped GEMMs take the activation dense: a compacted pattern (M >= 8) runs its masked math
+    here (same values, no work skipped), and both-ways weight gradients, which the grouped GEMM's
+    own weight gradient cannot apply, are refused."""
     squared_relu = is_squared_relu(plain_activation)
 
     def run(h, tokens_per_expert, stats):
         if not fc2_sparsity.sparsifies_activations:
             return plain_activation(h)
+        if fc2_sparsity.activation_wgrad is not None and fc2_sparsity.activation_pattern.compacts:
+            raise NotImplementedError(
+                f"megasparse: activation_wgrad={fc2_sparsity.activation_wgrad!r} (both-ways weight "
+                "gradients) needs each expert's own linears, but these grouped experts compute "
+                "their weight gradients with one exact grouped GEMM. Use SparseSequentialMLP or "
+                "SparseGroupedMLP (local spec, --transformer-impl local), or activation_wgrad=None."
+            )
 
         def one(chunk):
             return activate_sparse(plain_activation, chunk, fc2_sparsity, stats, squared_relu)

@@ -325,6 +325,14 @@ class SparseRowParallelLinear(_SparseLinearMixin, mcore_layers.RowParallelLinear
                 f"ffn size {self.input_size} over tensor-parallel size {tp} gives {columns} per rank. "
                 f"Make the FFN size a multiple of {m}*TP={m * tp}."
             )
+        if getattr(self.config, "gated_linear_unit", False):
+            raise ValueError(
+                f"megasparse: activations={self.sparsity.activations!r} needs a non-gated "
+                "Squared-ReLU FFN, but this fc2 belongs to a gated one (gated_linear_unit=True, "
+                "e.g. SwiGLU or a gated shared expert): its input is the gate's product, not a "
+                "Squared-ReLU activation. Use gated_linear_unit=False with squared_relu, or "
+                "activations=None for this layer (weights may stay 2:4)."
+            )
         if comm_name != "fc2":
             raise ValueError(
                 f"megasparse: activations={self.sparsity.activations!r} sparsifies the FFN activation, the input of "

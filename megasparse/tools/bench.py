@@ -293,10 +293,14 @@ def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
     read + written)}: the weight masks on W [ffn, hidden], the activation kernels on the fc1 output
     [tokens, ffn], the FP8 cast on the input [tokens, hidden]."""
     from megasparse.kernels import (
+        activation_compact_triton,
         activation_sparsify_triton,
+        compact_tokens_triton,
+        compact_triton,
         fp8_cast_triton,
         mask_1d_triton,
         mask_transposable_triton,
+        scatter_triton,
         squared_relu_sparsify_backward_triton,
     )
     from megasparse.kernels.activation_2_4 import activation_2_4_triton
@@ -311,6 +315,8 @@ def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
     x = torch.randn(tokens, hidden, device=device, dtype=bf16)
     scale = torch.tensor(3.0, device=device)
     v, m = REPORT_PATTERNS[0]
+    values_c, _, columns, _ = activation_compact_triton(h, v, 2, m, True)
+    compact_bytes, columns_bytes = values_c.numel() * size, columns.numel() * 2
     return {  # bytes: inputs read once, outputs written once (bool masks and FP8 are one byte)
         "mask_1d": (lambda: mask_1d_triton(w), w.numel() * (size + 1)),
         "mask_transposable": (lambda: mask_transposable_triton(w), w.numel() * (size + 1)),
@@ -322,14 +328,51 @@ def kernel_launches(hidden=8192, ffn=28672, tokens=16384, device="cuda"):
             lambda: activation_sparsify_triton(h, v, m, True),
             h.numel() * (2 * size + 1) + (tokens // v) * (ffn // m) * 4 * 2,  # + int16 columns
         ),
+        f"activation_compact {v}:2:{m} (squared ReLU)": (  # values_c and preact_c, no dense
+            lambda: activation_compact_triton(h, v, 2, m, True),
+            h.numel() * size + 2 * compact_bytes + columns_bytes,
+        ),
+        f"compact {v}:{m}": (
+            lambda: compact_triton(h, columns, v, m),
+            h.numel() * size + compact_bytes + columns_bytes,
+        ),
+        f"scatter {v}:{m}": (
+            lambda: scatter_triton(values_c, columns, v, m, ffn),
+            h.numel() * size + compact_bytes + columns_bytes,
+        ),
+        f"compact_tokens {v}:4:{m}": (  # the both-ways weight gradients' selection of A^T
+            lambda: compact_tokens_triton(h, v, 4, m),
+            h.numel() * size + compact_bytes + (ffn // v) * (tokens // m) * 4 * 2,
+        ),
         "squared_relu_backward": (
             lambda: squared_relu_sparsify_backward_triton(h, mask, grad),
             h.numel() * (3 * size + 1),
         ),
+        **_gather_matmul_launches(values_c, columns, w, v, m, size),
         "fp8_cast": (lambda: fp8_cast_triton(x, scale), x.numel() * (size + 1)),
         "fp8_cast + transpose": (
             lambda: fp8_cast_triton(x, scale, transpose=True),
             x.numel() * (size + 2),
+        ),
+    }
+
+
+def _gather_matmul_launches(values_c, columns, w, v, m, size):
+    """The compact GEMMs on the compact fc1 output (values_c, columns) and W1 w [ffn, hidden]:
+    {name: (launch, bytes of operands and output)}; a GEMM is not memory-bound, its time beside
+    the copy shows what it moves."""
+    from megasparse.kernels import compact_matmul_triton, gather_k_matmul_triton
+
+    kept, index = values_c.numel() * size, columns.numel() * 2
+    dy = values_c.new_ones(values_c.shape[0], w.shape[1])
+    return {
+        f"gather_matmul gather_k_matmul {v}:2:{m}": (
+            lambda: gather_k_matmul_triton(values_c, columns, w, v, m),
+            kept + index + (w.numel() + dy.numel()) * size,
+        ),
+        f"gather_matmul compact_matmul {v}:2:{m}": (
+            lambda: compact_matmul_triton(dy, w.t(), columns, v, m),
+            (dy.numel() + w.numel()) * size + index + kept,
         ),
     }
 

@@ -124,7 +124,7 @@ def test_fc1_input_grad_is_told_that_dh_is_2_4(monkeypatch, activations, expect_
     mlp = make_mlp(_config(), FFN, SparsityConfig(weights=None, backend="dense"), sparsity)
     y, _ = mlp(_x().requires_grad_(True))
     y.sum().backward()
-    if not expect_sparse_dgrad:  # V:N:M has no sparse GEMM: fc1 keeps Megatron's dense path
+    if not expect_sparse_dgrad:  # V:N:M (M >= 8): dH is compact, fc1 gathers its columns instead
         assert not any(flag for _, flag in seen)
         return
     dh, flag = seen[-1]  # fc2's input grad runs first, fc1's last

@@ -5,12 +5,13 @@ import pytest
 import torch
 from megatron.core.activations import squared_relu
 
-from megasparse import SparsityConfig
+from megasparse import SparsityConfig, kernels
 from megasparse.config import ActivationPattern
 from megasparse.core import compact_activation
 from megasparse.core.activation_sparsity import ActivationStats, squared_relu_sparsify
 from megasparse.core.sparse_operand import compact_operand, sparse_pattern
 from megasparse.kernels import activation_sparsify_reference
+from devices import on_triton_device
 from megatron_helpers import make_config, make_mlp, make_row
 from reference import sparse_mlp_reference
 
@@ -20,18 +21,21 @@ HIDDEN, FFN = 16, 64
 PATTERNS = [("64:2:8", (64, 2, 8)), ("64:4:16", (64, 4, 16)), ("16:4:8", (16, 4, 8))]
 
 
-def _x(tokens, dtype=torch.float64, seed=1):
+def mlp_input(tokens, dtype=torch.float64, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, 2, HIDDEN, dtype=torch.float64, generator=g) - 0.3
     return x.to(dtype).requires_grad_(True)
 
 
-def _mlp(activations, weights=None, dtype=torch.float64, ffn=FFN, **kw):
+def compact_mlp(activations, weights=None, dtype=torch.float64, ffn=FFN, fusion=False, **kw):
+    """A Squared-ReLU SparseMLP; fusion: gradient_accumulation_fusion (main_grad 0.5 to start)."""
     sparsity = SparsityConfig(weights=weights, activations=activations, backend="dense", **kw)
-    cfg = make_config(
-        hidden_size=HIDDEN, ffn_hidden_size=ffn, activation_func=squared_relu, dtype=dtype
-    )
-    return make_mlp(cfg, ffn, sparsity, sparsity)
+    settings = dict(activation_func=squared_relu, gradient_accumulation_fusion=fusion)
+    cfg = make_config(hidden_size=HIDDEN, ffn_hidden_size=ffn, dtype=dtype, **settings)
+    mlp = make_mlp(cfg, ffn, sparsity, sparsity)
+    for layer in (mlp.linear_fc1, mlp.linear_fc2) if fusion else ():
+        layer.weight.main_grad = torch.full(layer.weight.shape, 0.5, dtype=dtype)
+    return mlp
 
 
 def _count_compact_gemms(monkeypatch):
@@ -49,20 +53,10 @@ def _count_compact_gemms(monkeypatch):
     return calls
 
 
-def _token_mask(s2d, pattern):
-    """The both-ways selection of s [T, K] as a 0/1 float64 mask: the V:N:M rule on s^T (blocks of V
-    neurons x M tokens), tokens past T as zero columns, by the masked sparsifier's reference."""
-    v, n, m = pattern
-    tokens = s2d.shape[0]
-    padded = torch.nn.functional.pad(s2d.t(), (0, (-tokens) % m))
-    mask = activation_sparsify_reference(padded, v, m, False, n=n)[1]
-    return mask[:, :tokens].t().double()
-
-
-def _masked_mlp_reference(mlp, x, dy, act_mask=None, wgrad=None):
-    """Float64 y = (relu(h)^2 * mask) (M2 W2)^T + b2, h = x (M1 W1)^T + b1, by plain autograd.
-    act_mask None: from the reference sparsifier on this h. wgrad (v, n, m): both-ways weight
-    gradients, dW2 = dY^T (A * S(A)), dW1 = (dH * S(dH))^T X, S the token selection."""
+def masked_mlp_reference(mlp, x, dy, act_mask=None):
+    """Float64 y = (relu(h)^2 * mask) (M2 W2)^T + b2, h = x (M1 W1)^T + b1, by plain autograd, and
+    the weight-gradient GEMMs' operands A, dH, X, dY (2-D). act_mask None: from the reference
+    sparsifier on this h."""
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
     pattern = fc2.sparsity.activation_pattern
     leaf = lambda t: t.detach().double().clone().requires_grad_(True)  # noqa: E731
@@ -77,17 +71,14 @@ def _masked_mlp_reference(mlp, x, dy, act_mask=None, wgrad=None):
     a = torch.relu(h).square() * act_mask.reshape(h.shape)
     y = torch.nn.functional.linear(a, w2, b2)
     y.backward(dy.double())
-    ref = {"y": y, "dx": x64.grad, "dw1": w1.grad, "db1": b1.grad, "dw2": w2.grad, "db2": b2.grad}
-    if wgrad is not None:
-        dy2d, x2d = dy.double().reshape(-1, y.shape[-1]), x64.detach().reshape(-1, HIDDEN)
-        a2d = a.detach().reshape(-1, a.shape[-1])
-        dh2d = h.grad.reshape(-1, a.shape[-1])
-        ref["dw2"] = dy2d.t() @ (a2d * _token_mask(a2d, wgrad))
-        ref["dw1"] = (dh2d * _token_mask(dh2d, wgrad)).t() @ x2d
-    return ref
+    flat = lambda t: t.detach().reshape(-1, t.shape[-1])  # noqa: E731
+    return {
+        **{"y": y, "dx": x64.grad, "dw1": w1.grad, "db1": b1.grad, "dw2": w2.grad, "db2": b2.grad},
+        **{"a2d": flat(a), "dh2d": flat(h.grad), "x2d": flat(x64), "dy2d": flat(dy.double())},
+    }
 
 
-def _grads(mlp, x):
+def grads(mlp, x):
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
     return {
         "dx": x.grad,
@@ -98,7 +89,7 @@ def _grads(mlp, x):
     }
 
 
-def _assert_close(got, ref, dtype, names=("y", "dx", "dw1", "db1", "dw2", "db2")):
+def assert_close(got, ref, dtype, names=("y", "dx", "dw1", "db1", "dw2", "db2")):
     for name in names:
         g, r = got[name].double(), ref[name].double()
         if dtype == torch.float64:
@@ -116,11 +107,11 @@ def test_sparse_mlp_on_the_compact_form_matches_the_masked_reference(
     monkeypatch, activations, pattern, weights, dtype, tokens
 ):
     calls = _count_compact_gemms(monkeypatch)
-    mlp = _mlp(activations, weights, dtype)
+    mlp = compact_mlp(activations, weights, dtype)
     preacts = []
     sparsifier = mlp.activation_func
     mlp.activation_func = lambda h: preacts.append(h.detach()) or sparsifier(h)
-    x = _x(tokens, dtype)
+    x = mlp_input(tokens, dtype)
     y, bias = mlp(x)
     y = y + bias
     dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -129,8 +120,8 @@ def test_sparse_mlp_on_the_compact_form_matches_the_masked_reference(
     (h,) = preacts
     v, n, m = pattern
     act_mask = activation_sparsify_reference(h.reshape(-1, FFN), v, m, True, n=n)[1]
-    ref = _masked_mlp_reference(mlp, x, dy, act_mask)
-    _assert_close({"y": y, **_grads(mlp, x)}, ref, dtype)
+    ref = masked_mlp_reference(mlp, x, dy, act_mask)
+    assert_close({"y": y, **grads(mlp, x)}, ref, dtype)
     if tokens:  # fc2 forward and fc1 input gradient gather; fc2's input gradient is compact
         assert calls == {"gather_k_matmul": 2, "compact_matmul": 1}
     if dtype == torch.float64:  # the selection is also the one of the float64 reference MLP
@@ -148,7 +139,7 @@ def test_other_activations_on_the_compact_form_match_the_reference(activations, 
     sparsity = SparsityConfig(weights="2:4", activations=activations, backend="dense")
     cfg = make_config(hidden_size=HIDDEN, ffn_hidden_size=FFN, activation_func=gelu)
     mlp = make_mlp(cfg, FFN, sparsity, sparsity)
-    x = _x(35)
+    x = mlp_input(35)
     y, bias = mlp(x)
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
     ref = sparse_mlp_reference(
@@ -156,54 +147,7 @@ def test_other_activations_on_the_compact_form_match_the_reference(activations, 
         pattern, gelu,
     )  # fmt: skip
     (y + bias).backward(ref["dy"])
-    _assert_close({"y": y + bias, **_grads(mlp, x)}, ref, torch.float64)
-
-
-@pytest.mark.parametrize("fusion", [False, True], ids=["grad", "main_grad"])
-@pytest.mark.parametrize("tokens", [35, 0], ids=["ragged", "no-tokens"])
-@pytest.mark.parametrize("wgrad", ["16:4:8", "8:2:16"])
-@pytest.mark.parametrize("activations,weights", [("64:2:8", "2:4"), ("16:4:8", None)])
-def test_both_ways_weight_gradients_select_tokens_of_a_and_dh(
-    activations, weights, wgrad, tokens, fusion
-):
-    gradient = "masked" if weights else "ste"
-    sparsity = SparsityConfig(
-        weights=weights,
-        activations=activations,
-        activation_wgrad=wgrad,
-        gradient=gradient,
-        backend="dense",
-    )
-    cfg = make_config(
-        hidden_size=HIDDEN,
-        ffn_hidden_size=FFN,
-        activation_func=squared_relu,
-        gradient_accumulation_fusion=fusion,
-    )
-    mlp = make_mlp(cfg, FFN, sparsity, sparsity)
-    fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
-    if fusion:
-        for layer in (fc1, fc2):
-            layer.weight.main_grad = torch.full(layer.weight.shape, 0.5, dtype=torch.float64)
-    x = _x(tokens)
-    y, bias = mlp(x)
-    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    (y + bias).backward(dy)
-    pattern = ActivationPattern(*map(int, wgrad.split(":")))
-    ref = _masked_mlp_reference(mlp, x, dy, wgrad=pattern)
-    exact = _masked_mlp_reference(mlp, x, dy)
-    got = {"y": y + bias, **_grads(mlp, x)}
-    if fusion:
-        got["dw1"], got["dw2"] = fc1.weight.main_grad - 0.5, fc2.weight.main_grad - 0.5
-    if weights:  # gradient="masked": the dense weight gets the masked gradient
-        ref["dw1"] = ref["dw1"] * fc1.sparsity_mask()
-        ref["dw2"] = ref["dw2"] * fc2.sparsity_mask()
-    _assert_close(got, ref, torch.float64)
-    _assert_close(got, exact, torch.float64, names=("y", "dx", "db1", "db2"))  # unaffected
-    if tokens:  # an approximation: not the exact gradient
-        assert not torch.allclose(
-            got["dw1"], exact["dw1"] * (fc1.sparsity_mask() if weights else 1)
-        )
+    assert_close({"y": y + bias, **grads(mlp, x)}, ref, torch.float64)
 
 
 def _saved_bytes(mlp, x):
@@ -231,8 +175,10 @@ def _saved_bytes(mlp, x):
 def test_backward_saves_the_compact_form_not_the_dense_activation(activations, dtype):
     ffn, tokens = 256, 64
     m = int(activations.split(":")[2])
-    masked = _saved_bytes(_mlp("2:4", "2:4", dtype, ffn=ffn), _x(tokens, dtype))
-    compact = _saved_bytes(_mlp(activations, "2:4", dtype, ffn=ffn), _x(tokens, dtype))
+    masked = _saved_bytes(compact_mlp("2:4", "2:4", dtype, ffn=ffn), mlp_input(tokens, dtype))
+    compact = _saved_bytes(
+        compact_mlp(activations, "2:4", dtype, ffn=ffn), mlp_input(tokens, dtype)
+    )
     total_ratio, activation_ratio = (c / d for c, d in zip(compact, masked))
     print(f"{activations} {dtype}: saved bytes {compact} vs masked {masked}: ratio "
           f"{total_ratio:.3f} (with the FFN input), {activation_ratio:.3f} (activation)")  # fmt: skip
@@ -242,8 +188,8 @@ def test_backward_saves_the_compact_form_not_the_dense_activation(activations, d
 
 def test_dense_phase_runs_the_dense_path(monkeypatch):
     calls = _count_compact_gemms(monkeypatch)
-    mlp = _mlp("64:2:8", "2:4", enabled=False)
-    x = _x(35)
+    mlp = compact_mlp("64:2:8", "2:4", enabled=False)
+    x = mlp_input(35)
     y, bias = mlp(x)
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
     ones = torch.ones_like(fc1.weight, dtype=torch.bool), torch.ones_like(fc2.weight, dtype=torch.bool)  # fmt: skip
@@ -251,7 +197,7 @@ def test_dense_phase_runs_the_dense_path(monkeypatch):
         x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, *ones, None, "squared_relu"
     )
     (y + bias).backward(ref["dy"])
-    _assert_close({"y": y + bias, **_grads(mlp, x)}, ref, torch.float64)
+    assert_close({"y": y + bias, **grads(mlp, x)}, ref, torch.float64)
     assert calls == {"gather_k_matmul": 0, "compact_matmul": 0}
 
 
@@ -289,3 +235,34 @@ def test_fc2_resparsifies_an_activation_changed_in_place(monkeypatch, activation
     y_ref.backward(dy)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fc2.weight.grad, w2.grad, rtol=1e-10, atol=1e-10)
+
+
+_COMPACT_TRITON = ("activation_compact_triton", "gather_k_matmul_triton", "compact_matmul_triton")
+
+
+@pytest.mark.skipif(
+    not (kernels.HAVE_TRITON and all(hasattr(kernels, name) for name in _COMPACT_TRITON)),
+    reason="needs Triton and the compact layout's Triton kernels in megasparse.kernels",
+)
+@pytest.mark.parametrize("activations,wgrad", [("64:2:8", None), ("16:4:8", "16:4:8")])
+def test_sparse_mlp_on_the_triton_kernels_matches_the_reference(monkeypatch, activations, wgrad):
+    """Every kernel call of the FFN on its Triton kernel (the GPU, else TRITON_INTERPRET on CPU)."""
+    ran = set()
+
+    def triton_everywhere(triton_kernel, reference, tensor):
+        ran.add(triton_kernel.__name__)
+        return on_triton_device(triton_kernel)
+
+    monkeypatch.setattr(kernels, "pick", triton_everywhere)
+    mlp = compact_mlp(activations, "2:4", torch.float32, activation_wgrad=wgrad)
+    x = mlp_input(35, torch.float32)
+    y, bias = mlp(x)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    (y + bias).backward(dy)
+    ref = masked_mlp_reference(mlp, x, dy)
+    names = ("y", "dx", "db1", "db2") if wgrad else ("y", "dx", "dw1", "db1", "dw2", "db2")
+    got = {"y": y + bias, **grads(mlp, x)}
+    for name in names:
+        torch.testing.assert_close(got[name].double(), ref[name], rtol=1e-4, atol=1e-4, msg=name)
+    assert set(_COMPACT_TRITON) <= ran
+    assert ("compact_tokens_triton" in ran) == (wgrad is not None)

@@ -68,3 +68,12 @@ def test_misspelt_field_is_refused_with_the_valid_names():
     assert cfg.weights == "2:4" and not hasattr(cfg, "weigths")
     cfg.weights = None  # the real field still works
     assert not cfg.prunes_weights
+
+
+@pytest.mark.parametrize("activations", [None, "2:4", "64:2:4"])
+def test_activation_wgrad_needs_a_compacted_activation(activations):
+    with pytest.raises(ValueError, match="activation_wgrad='64:4:8'.*M >= 8"):
+        SparsityConfig(activations=activations, activation_wgrad="64:4:8")
+    assert SparsityConfig(
+        activations="64:4:16", activation_wgrad="64:4:8"
+    ).activation_wgrad_pattern == (64, 4, 8)

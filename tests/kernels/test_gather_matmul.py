@@ -157,7 +157,23 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="F = M \\* groups"):
         kernels.compact_matmul_triton(a_c[:, :8], b[:8, :8], columns, 16, 8)
     with pytest.raises(ValueError, match="out must be"):
-        kernels.gather_k_matmul_triton(a_c, columns, b, 16, 8, out=torch.empty(20, 16))
+        kernels.gather_k_matmul_triton(a_c, columns, b, 16, 8, out=torch.empty(20, 15))
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.gather_k_matmul_triton(a_c, columns, b, 16, 8, out=torch.empty(20, 16).double())
+
+
+def test_float32_out_keeps_the_accumulator(small_tiles):
+    """bf16 operands into a float32 `out` (main_grad's both-ways weight gradient): the result is
+    the fp32 accumulation, far closer to float64 than one bf16 rounding allows."""
+    dense, a_c, columns = _sparse(37, 64, 16, 8, 4, torch.bfloat16, seed=3)
+    b = _matrix(64, 24, torch.bfloat16, "rows", seed=4)
+    out = torch.empty(37, 24)
+    got = gather_k_matmul_triton(a_c, columns, b, 16, 8, out=out)
+    ref = dense @ b.double()
+    assert got is out
+    err = (got.double() - ref).abs()
+    assert torch.all(err <= 1e-5 * (dense.abs() @ b.double().abs()) + 1e-30), err.max()
+    assert err.max() < 2**-14 * ref.abs().max()  # a bf16 output (8-bit mantissa) is not this close
 
 
 # Compiles for the GPU in a fresh process (this session interprets kernels): per arch and kernel,

@@ -21,16 +21,9 @@ def _activation(h):
 
 
 def _full_tensors():
-    g = torch.Generator().manual_seed(1234)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return {
-        "w1": r(FFN, HIDDEN),
-        "b1": r(FFN),
-        "w2": r(HIDDEN, FFN),
-        "b2": r(HIDDEN),
-        "x": r(SEQ, BATCH, HIDDEN),
-        "dy": r(SEQ, BATCH, HIDDEN),
-    }
+    from megatron_helpers import full_mlp_tensors
+
+    return full_mlp_tensors(SEQ, BATCH, HIDDEN, FFN)
 
 
 def _reference(t, mask_kind, gradient, decay):
@@ -58,10 +51,9 @@ def _reference(t, mask_kind, gradient, decay):
 
 
 def _load_shards(fc1, fc2, t, rows):
-    """This rank's slices of the full weights: fc1 rows (column-parallel), fc2 columns (row-parallel)."""
-    with torch.no_grad():
-        fc1.weight.copy_(t["w1"][rows]), fc1.bias.copy_(t["b1"][rows])
-        fc2.weight.copy_(t["w2"][:, rows]), fc2.bias.copy_(t["b2"])
+    from megatron_helpers import load_mlp_shards
+
+    load_mlp_shards(fc1, fc2, t, rows)
 
 
 def _close(actual, expected, what):

@@ -51,3 +51,24 @@ def make_mlp(config, ffn, fc1_sparsity=None, fc2_sparsity=None, mlp_cls=None, se
         linear_fc2=linear_entry(SparseRowParallelLinear, fc2_sparsity),
     )
     return (mlp_cls or SparseMLP)(config, submodules, ffn_hidden_size=ffn)
+
+
+def full_mlp_tensors(seq, batch, hidden, ffn, seed=1234):
+    """Float64 full (unsharded) MLP weights, an input [seq, batch, hidden] and an output gradient."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return {
+        "w1": r(ffn, hidden),
+        "b1": r(ffn),
+        "w2": r(hidden, ffn),
+        "b2": r(hidden),
+        "x": r(seq, batch, hidden),
+        "dy": r(seq, batch, hidden),
+    }
+
+
+def load_mlp_shards(fc1, fc2, t, cols=slice(None)):
+    """This rank's slices of full_mlp_tensors: fc1 rows (column-parallel), fc2 columns (row-parallel)."""
+    with torch.no_grad():
+        fc1.weight.copy_(t["w1"][cols]), fc1.bias.copy_(t["b1"][cols])
+        fc2.weight.copy_(t["w2"][:, cols]), fc2.bias.copy_(t["b2"])

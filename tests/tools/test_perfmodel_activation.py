@@ -204,11 +204,21 @@ def test_pick_is_redirected_to_the_standins_only_for_the_six_kernels():
 
 
 def test_targets_block_gives_a_projected_verdict_per_target():
-    lines = perfmodel.activation_targets()
+    recipes = (
+        Recipe("transposable", "64:2:8"),
+        Recipe("transposable", "64:2:16", "64:4:16"),
+        Recipe("transposable", "64:4:32", "64:4:16"),
+    )
+    lines = perfmodel.activation_targets(recipes=recipes)
     verdicts = [line for line in lines if "-> PROJECTED" in line]
-    assert "PROJECTED" in lines[0] and len(verdicts) == 2
+    assert "PROJECTED" in lines[0] and 2 <= len(verdicts) <= 4
     assert all(v.endswith(("MET (mid)", "MISSED (mid)")) for v in verdicts)
-    assert ">= 2.0x" in verdicts[0] and ">= 1.4x" in verdicts[1]
+    assert ">= 2.0x" in verdicts[0] and ">= 1.4x" in verdicts[-1]
+    # every bound that misses says by how much and splits the time by kind of work
+    for line in verdicts:
+        misses = line.count("MISSED") - line.endswith("MISSED (mid)")
+        start = lines.index(line)
+        assert sum("missed by" in x for x in lines[start + 1 : start + 4 + 8 * misses]) >= misses
 
 
 def test_scope_flag_prints_the_named_layer(capsys):
