@@ -294,7 +294,8 @@ def train_recipe(name, args, data, device, recipe=None):
 
 def run_activation_sweep(args, data, device):
     """The activation frontier's runs (activation_sweep.runs over args.recipes and
-    args.sweep_seeds), each saved as JSON under args.out/sweep_runs (reused with args.resume)."""
+    args.sweep_seeds), each saved as JSON under args.out/sweep_runs (reused with args.resume),
+    with the row's density and the perfmodel's current projection."""
     from megasparse.tools import activation_sweep
 
     results = []
@@ -303,20 +304,20 @@ def run_activation_sweep(args, data, device):
         path = os.path.join(args.out, "sweep_runs", f"{name.replace(':', '-')}_seed{seed}.json")
         if args.resume and os.path.exists(path):
             with open(path) as f:
-                results.append(json.load(f))
-            continue
-        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
-        result = train_recipe(name, run_args, data, device, recipe=recipe)
+                result = json.load(f)
+        else:
+            run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+            result = train_recipe(name, run_args, data, device, recipe=recipe)
+            if dist.get_rank() == 0:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump(result, f)
         sparsity = recipe["sparsity"]
-        result.update(
+        result.update(  # not saved: a resumed run takes the perfmodel as it is now
             density=activation_sweep.density(recipe),
             projected=activation_sweep.projection(recipe),
             sparsity_activation_wgrad=sparsity and sparsity.activation_wgrad,
         )
-        if dist.get_rank() == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(result, f)
         results.append(result)
     return results
 
