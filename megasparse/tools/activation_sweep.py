@@ -23,10 +23,11 @@ BOTH_WAYS = "64:4:8"  # activation_wgrad of the both-ways rows
 RECOMMENDED = "w2:4+a64:2:16"  # the frontier's pick (docs/quality.md): its extra seeds run too
 REPEATED = ("dense", RECOMMENDED)  # rows trained with every seed of --sweep-seeds
 # The model of the frontier: ffn 512 per rank (16 groups of M = 32), 8 x 64 tokens per step (8
-# blocks of V = 64), 400 steps: one run is about 25 s of CPU time (the masked V:N:M reference
-# dominates a sparse step), about a minute on 2 shared CPU cores (docs/quality.md).
+# blocks of V = 64), 400 steps: one run is 10-45 s of CPU time (the V:N:M torch references
+# dominate a sparse step), 20 s to 2.5 min on 2 shared CPU cores at one thread (docs/quality.md).
 SWEEP_DEFAULTS = dict(
-    tp=1, layers=2, hidden=128, ffn=512, batch=8, steps=400, val_batches=32, eval_every=100
+    tp=1, layers=2, hidden=128, ffn=512, batch=8, steps=400, val_batches=32, eval_every=100,
+    threads=1,
 )  # fmt: skip
 
 

@@ -563,7 +563,8 @@ def _worker(rank, args, port):
         shutdown_megatron()
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The demo's flags; --activation-sweep brings its own model size (flags given still win)."""
     from megasparse.tools.activation_sweep import REPEATED, SWEEP_DEFAULTS, SWEEP_RECIPES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -665,8 +666,13 @@ def main(argv=None):
         p.error(f"--activation-sweep runs rows of SWEEP_RECIPES only: {list(SWEEP_RECIPES)}")
     if args.val_batches is None:
         args.val_batches = 16 if args.quality else 4
+    return args
+
+
+def main(argv=None):
     from megasparse.testing import free_port
 
+    args = parse_args(argv)
     if 0 < torch.cuda.device_count() < args.tp:
         print(
             f"megasparse.tools.demo: {torch.cuda.device_count()} GPU(s) for TP={args.tp}: running on the CPU over gloo"

@@ -159,4 +159,15 @@ def test_pareto_front_keeps_the_points_nothing_beats():
 
 def test_cli_refuses_a_non_sweep_recipe_with_the_sweep():
     with pytest.raises(SystemExit):
-        demo.main(["--activation-sweep", "--recipes", "ste"])
+        demo.parse_args(["--activation-sweep", "--recipes", "ste"])
+
+
+def test_cli_sweep_brings_its_size_and_every_row_and_flags_given_win():
+    args = demo.parse_args(["--activation-sweep"])
+    assert {k: getattr(args, k) for k in activation_sweep.SWEEP_DEFAULTS} == (
+        activation_sweep.SWEEP_DEFAULTS
+    )
+    assert args.recipes == list(activation_sweep.SWEEP_RECIPES) and args.ffn // args.tp >= 512
+    assert demo.parse_args(["--activation-sweep", "--ffn", "1024"]).ffn == 1024
+    plain = demo.parse_args([])
+    assert (plain.tp, plain.ffn, plain.recipes) == (2, 512, list(demo.RECIPES))
