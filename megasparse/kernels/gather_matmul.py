@@ -261,8 +261,9 @@ def _check_b_offsets(kernel: str, b: torch.Tensor) -> None:
 def gather_k_matmul_triton(a_c, columns, b, v: int, m: int, out=None) -> torch.Tensor:
     """C [T, N] = scatter(a_c) @ b on tensor cores, in a_c's dtype (written into `out` [T, N] of
     that dtype or float32, any strides, when given: float32 keeps the accumulator unrounded).
-    a_c [T, 4*groups] compact, columns int16 [ceil(T/V), groups, 4], b [K, N] any strided view (W2.t(), W1, dY or X along tokens) with
-    ceil(K/M) = groups: chosen rows >= K (a short last group along tokens) read as zero."""
+    a_c [T, 4*groups] compact, columns int16 [ceil(T/V), groups, 4], b [K, N] any strided view
+    (W2.t(), W1, dY or X along tokens) with ceil(K/M) = groups: chosen rows >= K (a short last
+    group along tokens) read as zero."""
     require_triton()
     kernel = "gather_k_matmul_triton"
     _check(kernel, a_c, columns, b, v, m)
