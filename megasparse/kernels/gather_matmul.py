@@ -269,9 +269,10 @@ def _check_b_offsets(kernel: str, b: torch.Tensor) -> None:
 
 def gather_k_matmul_triton(a_c, columns, b, v: int, m: int, out=None) -> torch.Tensor:
     """C [T, N] = scatter(a_c) @ b on tensor cores, in a_c's dtype (written into `out` [T, N] of
-    that dtype or float32, any strides, when given: float32 keeps the accumulator unrounded). a_c [T, 4*groups] compact, columns int16
-    [ceil(T/V), groups, 4], b [K, N] any strided view (W2.t(), W1, dY or X along tokens) with
-    ceil(K/M) = groups: chosen rows >= K (a short last group along tokens) read as zero."""
+    that dtype or float32, any strides, when given: float32 keeps the accumulator unrounded).
+    a_c [T, 4*groups] compact, columns int16 [ceil(T/V), groups, 4], b [K, N] any strided view
+    (W2.t(), W1, dY or X along tokens) with ceil(K/M) = groups: chosen rows >= K (a short last
+    group along tokens) read as zero."""
     require_triton()
     kernel = "gather_k_matmul_triton"
     _check(kernel, a_c, columns, b, v, m)
@@ -285,7 +286,11 @@ def gather_k_matmul_triton(a_c, columns, b, v: int, m: int, out=None) -> torch.T
     tokens, n = a_c.shape[0], b.shape[1]
     if out is None:
         out = torch.empty(tokens, n, dtype=a_c.dtype, device=a_c.device)
-    elif out.shape != (tokens, n) or out.dtype not in (a_c.dtype, torch.float32) or out.device != a_c.device:
+    elif (
+        out.shape != (tokens, n)
+        or out.dtype not in (a_c.dtype, torch.float32)
+        or out.device != a_c.device
+    ):
         raise ValueError(
             f"megasparse: {kernel}'s out must be [{tokens}, {n}] {a_c.dtype} or float32 on "
             f"{a_c.device}, got "

@@ -2,9 +2,10 @@
 
 x is the pre-activation the forward saw, mask its bool sparsity mask, grad the gradient of the
 sparse values. The compact form (squared_relu_compact_backward) has no mask: its preact_c holds 0
-where the pattern dropped, so it keeps where preact_c != 0. The product is taken in float32 (float64 if x or grad is float64) and rounded
-once to grad's dtype: for bf16/fp16 operands that is the exact product rounded, as torch's
-bf16/fp16 multiply does. relu keeps NaN (as torch.relu), so a kept NaN input gives a NaN grad.
+where the pattern dropped, so it keeps where preact_c != 0. The product is taken in float32
+(float64 if x or grad is float64) and rounded once to grad's dtype: for bf16/fp16 operands that is
+the exact product rounded, as torch's bf16/fp16 multiply does. relu keeps NaN (as torch.relu), so
+a kept NaN input gives a NaN grad.
 """
 
 import torch
@@ -97,6 +98,22 @@ if HAVE_TRITON:
         tl.store(dh_ptr + offsets, dh.to(dh_ptr.dtype.element_ty), mask=valid)
 
 
+def _run(kernel, x: torch.Tensor, grad: torch.Tensor, *operands) -> torch.Tensor:
+    """dx (grad's dtype and shape) by one pass of `kernel` over the flat, contiguous `operands`."""
+    dx = torch.empty_like(grad)
+    if grad.numel():
+        kernel[(triton.cdiv(grad.numel(), BLOCK),)](
+            *operands,
+            dx,
+            grad.numel(),
+            BLOCK=BLOCK,
+            FP64=_compute_dtype(x, grad) == torch.float64,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+    return dx
+
+
 def squared_relu_sparsify_backward_triton(
     x: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor
 ) -> torch.Tensor:
@@ -104,20 +121,7 @@ def squared_relu_sparsify_backward_triton(
     require_triton()
     _check(x, mask, grad)
     x, mask, grad = x.contiguous(), mask.contiguous(), grad.contiguous()
-    dx = torch.empty_like(grad)
-    if x.numel():
-        _squared_relu_backward_kernel[(triton.cdiv(x.numel(), BLOCK),)](
-            x,
-            mask.view(torch.int8),
-            grad,
-            dx,
-            x.numel(),
-            BLOCK=BLOCK,
-            FP64=_compute_dtype(x, grad) == torch.float64,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
-    return dx
+    return _run(_squared_relu_backward_kernel, x, grad, x, mask.view(torch.int8), grad)
 
 
 def squared_relu_compact_backward_triton(
@@ -128,19 +132,7 @@ def squared_relu_compact_backward_triton(
     require_triton()
     _check_compact(preact_c, grad_c)
     preact_c, grad_c = preact_c.contiguous(), grad_c.contiguous()
-    dh_c = torch.empty_like(grad_c)
-    if grad_c.numel():
-        _squared_relu_compact_backward_kernel[(triton.cdiv(grad_c.numel(), BLOCK),)](
-            preact_c,
-            grad_c,
-            dh_c,
-            grad_c.numel(),
-            BLOCK=BLOCK,
-            FP64=_compute_dtype(preact_c, grad_c) == torch.float64,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
-    return dh_c
+    return _run(_squared_relu_compact_backward_kernel, preact_c, grad_c, preact_c, grad_c)
 
 
 def compile_specs(dtype: torch.dtype) -> list:

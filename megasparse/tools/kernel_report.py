@@ -3,13 +3,14 @@
 For sm_80 and sm_90a, at the dtypes and constexprs the launchers really use (each kernel module's
 `compile_specs`, built from the same constants as its launcher), it compiles every kernel with
 `triton.compile` for an explicit target and reads the machine code with the `ptxas` and
-`cuobjdump` that ship in Triton's wheel: registers per thread, spill bytes, shared memory, and
-the global load/store instructions per element, and the tensor-core MMAs (HMMA, HGMMA) and
-asynchronous copies (LDGSTS = cp.async, UTMALDG = TMA) a GEMM's tiles use. `load_redundancy` is the bytes all threads of
-one program load divided by the input bytes the program needs: 1.0 means every input element
-is read exactly once (LDG only: a GEMM's cp.async / TMA tile loads are the ldgsts / tma_loads
-columns). A device-side scalar a kernel reads (the FP8 cast's scale: one 32-bit load
-per thread of one address) is counted apart (`scalar_loads_per_thread`), not as a tensor load.
+`cuobjdump` that ship in Triton's wheel: registers per thread, spill bytes, shared memory, the
+global load/store instructions per element, and the tensor-core MMAs (HMMA, HGMMA) and
+asynchronous copies (LDGSTS = cp.async, UTMALDG = TMA) a GEMM's tiles use. `load_redundancy` is
+the bytes all threads of one program load divided by the input bytes the program needs: 1.0 means
+every input element is read exactly once (LDG only: a GEMM's cp.async / TMA tile loads are the
+ldgsts / tma_loads columns). A device-side scalar a kernel reads (the FP8 cast's scale: one
+32-bit load per thread of one address) is counted apart (`scalar_loads_per_thread`), not as a
+tensor load.
 These are compile-time proxies, not measurements.
 
     python -m megasparse.tools.kernel_report [--json FILE] [--arch sm_90a] [--dtype bfloat16]

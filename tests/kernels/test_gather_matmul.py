@@ -1,6 +1,5 @@
 """The compact layout's GEMMs: Triton (interpreted on CPU) vs a float64 masked dense matmul."""
 
-
 import pytest
 import torch
 
