@@ -131,11 +131,13 @@ def kept_in_chosen(values: torch.Tensor, columns: torch.Tensor, pattern) -> Opti
 
 def squared_relu_grad(preact_c: torch.Tensor, grad_c: torch.Tensor) -> torch.Tensor:
     """dH_c = dA_c * 2 relu(H_c), 0 where H_c is 0 (a dropped position holds 0), in grad's dtype;
-    computed in float32 (float64 for float64), as the masked path's backward kernel."""
-    dtype = torch.float64 if torch.float64 in (preact_c.dtype, grad_c.dtype) else torch.float32
-    preact = preact_c.to(dtype)
-    dh = 2 * torch.relu(preact) * grad_c.to(dtype)
-    return torch.where(preact != 0, dh, 0).to(grad_c.dtype)
+    computed in float32 (float64 for float64), as the masked path's backward kernel: one pass."""
+    kernel = kernels.pick(
+        kernels.squared_relu_compact_backward_triton,
+        kernels.squared_relu_compact_backward_reference,
+        grad_c,
+    )
+    return kernel(preact_c, grad_c)
 
 
 def compact_gradient(grad: torch.Tensor, columns, pattern, selection) -> torch.Tensor:

@@ -38,6 +38,8 @@ from .mask_transposable import (
     mask_transposable_triton,
 )
 from .squared_relu_backward import (
+    squared_relu_compact_backward_reference,
+    squared_relu_compact_backward_triton,
     squared_relu_sparsify_backward_reference,
     squared_relu_sparsify_backward_triton,
 )
@@ -88,6 +90,8 @@ __all__ = [
     "compact_matmul_triton",
     "squared_relu_sparsify_backward_reference",
     "squared_relu_sparsify_backward_triton",
+    "squared_relu_compact_backward_reference",
+    "squared_relu_compact_backward_triton",
     "amax_reference",
     "fp8_cast_reference",
     "fp8_cast_triton",

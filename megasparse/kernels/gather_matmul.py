@@ -50,7 +50,7 @@ class GemmConfig:
     num_stages: int
 
 
-def _config(v: int, dtype: torch.dtype) -> GemmConfig:
+def _config(v: int, dtype: torch.dtype, b_via_registers: bool = False) -> GemmConfig:
     """The fixed launch of a V-row tile (no runtime autotuning), for A100 and H100.
 
     The rows of a tile are one block of V tokens (its columns are shared), so the only way to
@@ -61,19 +61,28 @@ def _config(v: int, dtype: torch.dtype) -> GemmConfig:
     spills in compact_matmul. V <= 32: 128 columns, 4 warps (HMMA; wgmma needs 64 rows).
     BLOCK_K 64 (32 for fp32: the same bytes), 3 stages: the shared memory of 2-3 stages is
     80-147 KiB, inside A100's 164 KiB and H100's 227 KiB. The float32 accumulator is 64 registers
-    per thread; ptxas (kernel_report) gives 108-254 registers and no spills on sm_80 and sm_90a.
+    per thread; ptxas (kernel_report) gives 100-254 registers and no spills on sm_80 and sm_90a.
     3 stages is also Triton's default, so the offline compile report (which sets only num_warps)
     compiles exactly this launch.
+    b_via_registers (gather_k with b's gathered rows strided, e.g. W.t(): each element a 2-byte load
+    staged through registers, not cp.async): V = 64 takes 128 columns, 100 registers on sm_90a and
+    128 on sm_80 where 64 x 256 needs 174 and 231 (a load path bound by latency, not by L2 bytes,
+    gains more from occupancy than from the wider tile's reuse).
     """
     return GemmConfig(
-        block_n=256 if v == 64 else 128,
+        block_n=256 if v == 64 and not b_via_registers else 128,
         block_k=32 if dtype == torch.float32 else 64,
         num_warps=4 if v < 64 else 8,
         num_stages=3,
     )
 
 
-CONFIGS = {(v, dtype): _config(v, dtype) for v in SUPPORTED_V for dtype in DTYPES}
+CONFIGS = {
+    (v, dtype, via_registers): _config(v, dtype, via_registers)
+    for v in SUPPORTED_V
+    for dtype in DTYPES
+    for via_registers in (False, True)
+}
 GROUP_M = 8  # row blocks that walk the output columns together, so b's tiles are reused in L2
 REPORT_PATTERNS = ((64, 8), (64, 16), (128, 8), (128, 16))  # (V, M) compiled by the offline report
 
@@ -234,9 +243,9 @@ def _grid(tokens: int, v: int, width: int, block_n: int) -> tuple:
     return (triton.cdiv(tokens, v) * triton.cdiv(width, block_n),)
 
 
-def _launch(v: int, m: int, dtype: torch.dtype) -> dict:
-    """The constexprs and launch options of both kernels at (V, M, dtype)."""
-    config = CONFIGS[v, dtype]
+def _launch(v: int, m: int, dtype: torch.dtype, b_via_registers: bool = False) -> dict:
+    """The constexprs and launch options of both kernels at (V, M, dtype) and b's layout."""
+    config = CONFIGS[v, dtype, b_via_registers]
     return dict(
         V=v,
         M=m,
@@ -289,7 +298,9 @@ def gather_k_matmul_triton(a_c, columns, b, v: int, m: int, out=None) -> torch.T
         )
     if not out.numel():
         return out
-    _gather_k_matmul_kernel[_grid(tokens, v, n, CONFIGS[v, a_c.dtype].block_n)](
+    # b's gathered index (rows) not its slow one: the elements come through registers
+    via_registers = b.stride(1) != 1 and b.shape[1] > 1
+    _gather_k_matmul_kernel[_grid(tokens, v, n, CONFIGS[v, a_c.dtype, via_registers].block_n)](
         a_c,
         columns.contiguous(),
         b,
@@ -301,7 +312,7 @@ def gather_k_matmul_triton(a_c, columns, b, v: int, m: int, out=None) -> torch.T
         *a_c.stride(),
         *b.stride(),
         *out.stride(),
-        **_launch(v, m, a_c.dtype),
+        **_launch(v, m, a_c.dtype, via_registers),
     )
     return out
 
@@ -324,7 +335,7 @@ def compact_matmul_triton(g, b, columns, v: int, m: int) -> torch.Tensor:
     out = torch.empty(tokens, compact_n, dtype=g.dtype, device=g.device)
     if not out.numel():
         return out
-    _compact_matmul_kernel[_grid(tokens, v, compact_n, CONFIGS[v, g.dtype].block_n)](
+    _compact_matmul_kernel[_grid(tokens, v, compact_n, CONFIGS[v, g.dtype, False].block_n)](
         g,
         b,
         columns.contiguous(),
@@ -367,11 +378,12 @@ def compile_specs(dtype: torch.dtype) -> list:
     )
     specs = []
     for v, m in REPORT_PATTERNS:
-        launch = _launch(v, m, dtype)  # num_stages is Triton's default (see _config)
-        num_warps, bn, bk = launch.pop("num_warps"), launch["BLOCK_N"], launch["BLOCK_K"]
-        del launch["num_stages"]
         for name, fn, arguments, (lhs, rhs), step_columns in kernels:
             for layout, unit_strides in _B_LAYOUTS.items():
+                via_registers = name == "gather_k_matmul" and layout == "b_cols"
+                launch = _launch(v, m, dtype, via_registers)  # num_stages: Triton's default
+                num_warps, bn, bk = launch.pop("num_warps"), launch["BLOCK_N"], launch["BLOCK_K"]
+                del launch["num_stages"]
                 unit = ("stride_ak", "stride_cn") if lhs == "a_ptr" else ("stride_gk", "stride_on")
                 constexprs = {**launch, **dict.fromkeys(unit, 1), **unit_strides}
                 spec = compile_spec(

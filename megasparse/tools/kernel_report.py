@@ -3,15 +3,18 @@
 For sm_80 and sm_90a, at the dtypes and constexprs the launchers really use (each kernel module's
 `compile_specs`, built from the same constants as its launcher), it compiles every kernel with
 `triton.compile` for an explicit target and reads the machine code with the `ptxas` and
-`cuobjdump` that ship in Triton's wheel: registers per thread, spill bytes, shared memory, and
-the global load/store instructions per element. `load_redundancy` is the bytes all threads of
-one program load divided by the input bytes the program needs: 1.0 means every input element
-is read exactly once. A device-side scalar a kernel reads (the FP8 cast's scale: one 32-bit load
-per thread of one address) is counted apart (`scalar_loads_per_thread`), not as a tensor load.
+`cuobjdump` that ship in Triton's wheel: registers per thread, spill bytes, shared memory, the
+global load/store instructions per element, and the tensor-core MMAs (HMMA, HGMMA) and
+asynchronous copies (LDGSTS = cp.async, UTMALDG = TMA) a GEMM's tiles use. `load_redundancy` is
+the bytes all threads of one program load divided by the input bytes the program needs: 1.0 means
+every input element is read exactly once (LDG only: a GEMM's cp.async / TMA tile loads are the
+ldgsts / tma_loads columns). A device-side scalar a kernel reads (the FP8 cast's scale: one
+32-bit load per thread of one address) is counted apart (`scalar_loads_per_thread`), not as a
+tensor load.
 These are compile-time proxies, not measurements.
 
     python -m megasparse.tools.kernel_report [--json FILE] [--arch sm_90a] [--dtype bfloat16]
-                                             [--kernel fp8_cast]
+                                             [--kernel fp8_cast --kernel gather_k_matmul]
 """
 
 import argparse
@@ -66,7 +69,8 @@ def _access_bytes(opcode: str) -> int:
 def sass_memory_ops(sass: str) -> dict:
     """Global loads and stores in SASS: instruction counts and bytes per thread."""
     out = {"ldg": 0, "stg": 0, "ldg_bytes": 0, "stg_bytes": 0, "ldg_by_width": {}}
-    for op in re.findall(r"\b((?:LDG|STG)(?:\.[A-Z0-9_]+)*)", sass):
+    # LDG/STG only: LDGSTS (cp.async) and LDGDEPBAR are counted by sass_gemm_ops
+    for op in re.findall(r"\b((?:LDG|STG)(?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])", sass):
         kind = op[:3].lower()
         out[kind] += 1
         out[f"{kind}_bytes"] += _access_bytes(op)
@@ -75,6 +79,23 @@ def sass_memory_ops(sass: str) -> dict:
             out["ldg_by_width"][width] = out["ldg_by_width"].get(width, 0) + 1
     out["ldg_widths"] = sorted(out["ldg_by_width"])
     return out
+
+
+GEMM_OPCODES = {
+    "HMMA": "hmma",  # warp-level tensor-core MMA (mma.sync; sm_80 and later)
+    "HGMMA": "hgmma",  # warpgroup tensor-core MMA (wgmma; sm_90a)
+    "LDGSTS": "ldgsts",  # cp.async: global -> shared without registers (sm_80 and later)
+    "UTMALDG": "tma_loads",  # TMA bulk tensor load (sm_90a)
+}
+
+
+def sass_gemm_ops(sass: str) -> dict:
+    """Tensor-core MMAs and asynchronous global -> shared copies in SASS (static instruction
+    counts, every opcode variant included): what a GEMM's tiles run on and are loaded with."""
+    counts = dict.fromkeys(GEMM_OPCODES.values(), 0)
+    for opcode in re.findall(r"\b(HMMA|HGMMA|LDGSTS|UTMALDG)(?![A-Z0-9_])", sass):
+        counts[GEMM_OPCODES[opcode]] += 1
+    return counts
 
 
 def without_scalar_loads(mem: dict, scalars: int) -> dict:
@@ -159,7 +180,8 @@ def compile_spec(spec, arch: str) -> dict:
     )
     usage = _ptxas_usage(compiled.asm["ptx"], capability, arch)
     scalars = len(spec.scalar_reads)
-    mem = without_scalar_loads(sass_memory_ops(_sass(compiled.asm["cubin"])), scalars)
+    sass = _sass(compiled.asm["cubin"])
+    mem = without_scalar_loads(sass_memory_ops(sass), scalars)
     threads = 32 * spec.num_warps
     need = sum(n * _TRITON_TYPE_BYTES[spec.signature[p][1:]] for p, n in spec.reads.items())
     return {
@@ -177,10 +199,12 @@ def compile_spec(spec, arch: str) -> dict:
         "ldg_per_thread": mem["ldg"],
         "stg_per_thread": mem["stg"],
         "scalar_loads_per_thread": scalars,
+        **sass_gemm_ops(sass),
     }
 
 
 def all_specs(dtypes=DTYPES, prefix=""):
+    """Every kernel's specs at `dtypes` whose name starts with `prefix` (a string or a tuple)."""
     from megasparse.kernels import compile_specs
 
     specs = [spec for dtype in dtypes for spec in compile_specs(dtype)]
@@ -196,7 +220,8 @@ def report(archs=tuple(ARCHS), dtypes=DTYPES, prefix="") -> list:
 def _table(rows) -> str:
     head = (
         f"{'kernel':<34}{'arch':<8}{'dtype':<10}{'regs':>5}{'spill':>6}{'smem':>7}"
-        f"{'ld/elem':>9}{'st/elem':>9}{'ld bits':>10}{'redund':>8}"
+        f"{'ld/elem':>9}{'st/elem':>9}{'ld bits':>10}{'redund':>8}{'mma':>7}{'gmma':>6}"
+        f"{'ldgsts':>7}{'tma':>5}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -205,6 +230,7 @@ def _table(rows) -> str:
             f"{r['spill_bytes']:>6}{r['shared_bytes']:>7}{r['global_loads_per_element']:>9.3f}"
             f"{r['global_stores_per_element']:>9.3f}"
             f"{'/'.join(map(str, r['load_widths_bits'])):>10}{r['load_redundancy']:>8.2f}"
+            f"{r['hmma']:>7}{r['hgmma']:>6}{r['ldgsts']:>7}{r['tma_loads']:>5}"
         )
     return "\n".join(lines)
 
@@ -214,7 +240,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the rows as a JSON list to this file")
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="default: all")
     parser.add_argument("--dtype", action="append", choices=[str(d).split(".")[1] for d in DTYPES])
-    parser.add_argument("--kernel", default="", help="only kernels whose name starts with this")
+    parser.add_argument(
+        "--kernel", action="append", help="only kernels whose name starts with this (repeatable)"
+    )
     args = parser.parse_args(argv)
     if not tools_available():
         print(
@@ -223,7 +251,7 @@ def main(argv=None) -> int:
         )
         return 1
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
-    rows = report(tuple(args.arch or ARCHS), dtypes, args.kernel)
+    rows = report(tuple(args.arch or ARCHS), dtypes, tuple(args.kernel or ("",)))
     print(
         "Offline compile (no GPU): per-thread registers/spills from ptxas -v, "
         "loads/stores from cuobjdump -sass"

@@ -237,7 +237,12 @@ def test_fc2_resparsifies_an_activation_changed_in_place(monkeypatch, activation
     torch.testing.assert_close(fc2.weight.grad, w2.grad, rtol=1e-10, atol=1e-10)
 
 
-_COMPACT_TRITON = ("activation_compact_triton", "gather_k_matmul_triton", "compact_matmul_triton")
+_COMPACT_TRITON = (
+    "activation_compact_triton",
+    "gather_k_matmul_triton",
+    "compact_matmul_triton",
+    "squared_relu_compact_backward_triton",
+)
 
 
 @pytest.mark.skipif(

@@ -1,5 +1,6 @@
-"""V:N:M selection into the compact layout, along ffn (fused Squared-ReLU) and along tokens: Triton
-(interpreted on CPU) vs torch reference bit for bit, and the reference vs an independent float64 loop."""
+"""V:N:M selection into the compact layout, along ffn (fused Squared-ReLU) and along tokens, and the
+Squared-ReLU backward on the compact form: Triton (interpreted on CPU) vs torch reference bit for
+bit, and the reference vs an independent float64 loop (float64 autograd for the backward)."""
 
 import math
 
@@ -17,6 +18,7 @@ from megasparse.kernels import (
 
 activation_compact_triton = on_triton_device(kernels.activation_compact_triton)
 compact_tokens_triton = on_triton_device(kernels.compact_tokens_triton)
+compact_backward_triton = on_triton_device(kernels.squared_relu_compact_backward_triton)
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 NAN, INF = float("nan"), float("inf")
@@ -228,3 +230,74 @@ def test_bad_patterns_name_the_problem(v, n, m, ffn, match):
     for fn in (compact_tokens_reference, kernels.compact_tokens_triton):
         with pytest.raises(ValueError, match="2-D"):
             fn(torch.zeros(4), 16, 4, 8)
+
+
+# --- Squared-ReLU backward on the compact form: dH_c = where(H_c != 0, 2 relu(H_c) dA_c, 0) ------
+
+
+def _dropped_like_compact(preact_c, seed):
+    """preact_c with the zeros a compact activation holds where N = 2 dropped (and a -0.0)."""
+    g = torch.Generator().manual_seed(seed)
+    preact_c = preact_c.clone()
+    preact_c[torch.rand(preact_c.shape, generator=g) < 0.3] = 0.0
+    preact_c.view(-1)[1:2] = -0.0
+    return preact_c
+
+
+def _float64_autograd(preact_c, grad_c):
+    """Independent: the gradient of sum(relu(h)^2 * (h != 0) * dA) in float64."""
+    h = preact_c.double().requires_grad_(True)
+    (torch.relu(h).square() * (preact_c != 0)).backward(grad_c.double())
+    return h.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,width", [(37, 60), (5, 12), (0, 60)])
+def test_compact_backward_kernel_bit_for_bit_on_exact_inputs(tokens, width, dtype):
+    """Quarter-integers: 2 relu(h) dA is exact in bf16, so even the CPU interpreter's fp32 -> bf16
+    conversion (truncating) gives the reference's bits. Ragged sizes, two programs, T = 0."""
+    preact_c = _dropped_like_compact(_quarters(tokens, width, dtype, seed=width), seed=tokens)
+    grad_c = _quarters(tokens, width, dtype, seed=tokens + 1)
+    got = compact_backward_triton(preact_c, grad_c)
+    ref = kernels.squared_relu_compact_backward_reference(preact_c, grad_c)
+    assert got.dtype == dtype and got.shape == (tokens, width)
+    assert _same_bits(got, ref)
+    assert torch.equal(ref.double(), _float64_autograd(preact_c, grad_c))  # exact here
+    assert (ref[preact_c == 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_compact_backward_kernel_on_gaussian_inputs(dtype):
+    """Rounded products: bit for bit in fp16/fp32/fp64 (and bf16 on a GPU); the reference within
+    one rounding of float64 autograd."""
+    preact_c = _dropped_like_compact(_gaussian(37, 60, dtype, seed=3), seed=4)
+    grad_c = _gaussian(37, 60, dtype, seed=5)
+    got = compact_backward_triton(preact_c, grad_c)
+    ref = kernels.squared_relu_compact_backward_reference(preact_c, grad_c)
+    if dtype != torch.bfloat16 or torch.cuda.is_available():
+        assert _same_bits(got, ref)
+    else:  # the CPU interpreter truncates fp32 -> bf16 where the GPU (and torch) round to nearest
+        torch.testing.assert_close(got, ref, rtol=2**-7, atol=0)
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny  # subnormal products round absolutely
+    torch.testing.assert_close(
+        ref.double(), _float64_autograd(preact_c, grad_c), rtol=eps, atol=tiny
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compact_backward_kernel_nonfinite_and_overflow(dtype):
+    """NaN in H_c stays NaN, +Inf gives +-Inf, -Inf gives 0 (relu), 0 and -0.0 give 0 even against
+    an infinite dA; an overflowing product rounds to Inf in dA's dtype."""
+    big = torch.finfo(dtype).max
+    preact_c = torch.tensor([[NAN, INF, -INF, 0.0, -0.0, 2.0, -1.0, NAN, INF, big]], dtype=dtype)
+    grad_c = torch.tensor([[1.0, -2.0, 3.0, INF, NAN, 4.0, -3.0, 0.0, 0.0, 1.0]], dtype=dtype)
+    expected = torch.tensor([[NAN, -INF, 0.0, 0.0, 0.0, 16.0, -0.0, NAN, NAN, INF]], dtype=dtype)
+    for fn in (compact_backward_triton, kernels.squared_relu_compact_backward_reference):
+        assert _same_bits(fn(preact_c, grad_c), expected), fn
+
+
+def test_compact_backward_bad_shapes_name_the_problem():
+    for fn in (kernels.squared_relu_compact_backward_reference, compact_backward_triton):
+        with pytest.raises(ValueError, match="one shape"):
+            fn(torch.zeros(4, 8), torch.zeros(4, 12))
