@@ -14,7 +14,9 @@ import torch
 
 from megasparse.config import parse_activation_pattern
 from megasparse.core import activation_sparsity, compact_activation
+from megasparse.kernels import dispatch
 from megasparse.tools import perfmodel
+from megasparse.tools.perf.models import Recipe
 from megasparse.tools.perf.recorder import MICROBATCH, OpRecorder
 
 HIDDEN, FFN, TOKENS = 8192, 28672, 16384
@@ -32,14 +34,22 @@ class _CompactKernels:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, triton_name, reference_name, fallback, tensor):
-        kernel = getattr(self, triton_name.removesuffix("_triton"))
+    def pick(self, original):
+        """kernels.pick with the compact layout's kernels (by name) stood in for and recorded."""
 
-        def record(*args):
-            self.calls.append(triton_name.removesuffix("_triton"))
-            return kernel(*args)
+        def pick(triton_fn, reference_fn, tensor):
+            name = getattr(triton_fn, "__name__", "").removesuffix("_triton")
+            kernel = getattr(self, name, None)
+            if kernel is None:
+                return original(triton_fn, reference_fn, tensor)
 
-        return record
+            def record(*args):
+                self.calls.append(name)
+                return kernel(*args)
+
+            return record
+
+        return pick
 
     @staticmethod
     def activation_compact(x, v, n, m, squared_relu):
@@ -81,7 +91,7 @@ def _meta_kernels():
     with (
         perfmodel._standins(),  # cuSPARSELt fakes, the weight-mask kernels
         mock.patch.object(activation_sparsity, "_kernel", activation_kernel),
-        mock.patch.object(compact_activation, "_kernel", kernels),
+        mock.patch.object(compact_activation.kernels, "pick", kernels.pick(dispatch.pick)),
     ):
         yield kernels
 
@@ -91,7 +101,8 @@ def _ffn_on_meta(activations, wgrad, tp):
     rec = OpRecorder()
     with _meta_kernels() as kernels, rec:
         x = perfmodel._meta(TOKENS, HIDDEN, grad=True)
-        fc1, fc2 = perfmodel.Linear("2:4 (1d)", True), perfmodel.Linear("2:4 (1d)", True)
+        recipe = Recipe(weights="1d", activations=activations, activation_wgrad=wgrad)
+        fc1, fc2 = perfmodel.Linear(recipe, True), perfmodel.Linear(recipe, True)
         w1 = perfmodel._meta(FFN // tp, HIDDEN, grad=True)
         w2 = perfmodel._meta(HIDDEN, FFN // tp, grad=True)
         h = fc1(x, w1, fc1.prepare(w1))
