@@ -67,6 +67,12 @@ def test_compact_gemms_record_their_compact_flops(tokens):
     assert select.bytes_read == tokens * ffn * 2
     # values_c and preact_c in bf16, int16 columns, float64 stats
     assert select.bytes_written == 2 * tokens * kept * 2 + blocks * (ffn // m) * 4 * 2 + 4 * 8
+    # the activation's backward: one fused pass over preact_c and dA_c, writing dH_c
+    (backward,) = [r for r in records if r.op == "megasparse_perf.squared_relu_compact_backward"]
+    assert (backward.bytes_read, backward.bytes_written) == (
+        2 * tokens * kept * 2,
+        tokens * kept * 2,
+    )
 
 
 def test_both_ways_weight_gradients_are_gather_gemms_over_the_kept_tokens():
@@ -186,7 +192,7 @@ def test_projected_speedups_refuses_unknown_inputs():
         perfmodel.projected_speedups("64:3:8")
 
 
-def test_pick_is_redirected_to_the_standins_only_for_the_six_kernels():
+def test_pick_is_redirected_to_the_standins_only_for_the_compact_kernels():
     def gather_k_matmul_triton(*args):
         raise AssertionError("the Triton kernel must not run on meta")
 

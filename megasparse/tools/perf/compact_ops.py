@@ -1,8 +1,8 @@
 """Stand-ins of the activation speed path's kernels, and the FFN that the path runs, for meta recording.
 
 On device="meta", `kernels.pick` would choose the torch references (scatter, then a dense matmul):
-the wrong cost. Each of the six kernels (activation_compact, compact, scatter, compact_tokens,
-gather_k_matmul, compact_matmul) is stood in for here by one op with the kernel's own inputs and
+the wrong cost. Each of the seven kernels (activation_compact, compact, scatter, compact_tokens,
+gather_k_matmul, compact_matmul, squared_relu_compact_backward) is stood in for here by one op with the kernel's own inputs and
 outputs, so the recorder counts the compact GEMMs by their compact FLOPs (registered in
 COMPACT_GEMMS) and the memory kernels by their bytes. `redirected_pick` sends `kernels.pick` calls
 for those kernels (megasparse.core.compact_activation makes them) to the stand-ins.
@@ -28,6 +28,7 @@ _lib.define("scatter(Tensor values_c, Tensor columns, int v, int m, int ffn) -> 
 _lib.define("compact_tokens(Tensor x, int v, int n, int m) -> (Tensor, Tensor)")
 _lib.define("gather_k_matmul(Tensor a_c, Tensor columns, Tensor b, int v, int m) -> Tensor")
 _lib.define("compact_matmul(Tensor g, Tensor b, Tensor columns, int v, int m) -> Tensor")
+_lib.define("squared_relu_compact_backward(Tensor preact_c, Tensor grad_c) -> Tensor")
 
 
 def _columns(x, blocks, groups):
@@ -68,6 +69,9 @@ _lib.impl(
     "compact_matmul",
     lambda g, b, columns, v, m: g.new_empty(g.shape[0], 4 * b.shape[1] // m),
     "Meta",
+)
+_lib.impl(
+    "squared_relu_compact_backward", lambda preact_c, grad_c: torch.empty_like(grad_c), "Meta"
 )
 
 # (M, N, K) each kernel computes: the gather-GEMM reduces over the kept 4K/M, the compact GEMM
@@ -113,6 +117,10 @@ def compact_matmul(g, b, columns, v, m):
     return torch.ops.megasparse_perf.compact_matmul(g, b, columns, v, m)
 
 
+def squared_relu_compact_backward(preact_c, grad_c):
+    return torch.ops.megasparse_perf.squared_relu_compact_backward(preact_c, grad_c)
+
+
 # kernel name (Triton function or its reference) -> stand-in
 STANDINS = {
     "activation_compact_triton": activation_compact,
@@ -127,12 +135,14 @@ STANDINS = {
     "gather_k_matmul_reference": gather_k_matmul,
     "compact_matmul_triton": compact_matmul,
     "compact_matmul_reference": compact_matmul,
+    "squared_relu_compact_backward_triton": squared_relu_compact_backward,
+    "squared_relu_compact_backward_reference": squared_relu_compact_backward,
 }
 
 
 @contextlib.contextmanager
 def redirected_pick():
-    """`kernels.pick(triton, reference, t)` returns the stand-in for the six kernels above."""
+    """`kernels.pick(triton, reference, t)` returns the stand-in for the seven kernels above."""
     original = dispatch.pick
 
     def pick(triton_fn, reference_fn, tensor):
