@@ -2,8 +2,8 @@
 
 On device="meta", `kernels.pick` would choose the torch references (scatter, then a dense matmul):
 the wrong cost. Each of the seven kernels (activation_compact, compact, scatter, compact_tokens,
-gather_k_matmul, compact_matmul, squared_relu_compact_backward) is stood in for here by one op with the kernel's own inputs and
-outputs, so the recorder counts the compact GEMMs by their compact FLOPs (registered in
+gather_k_matmul, compact_matmul, squared_relu_compact_backward) is stood in for here by one op
+with the kernel's own inputs and outputs, so the recorder counts the compact GEMMs by their compact FLOPs (registered in
 COMPACT_GEMMS) and the memory kernels by their bytes. `redirected_pick` sends `kernels.pick` calls
 for those kernels (megasparse.core.compact_activation makes them) to the stand-ins.
 """
