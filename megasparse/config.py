@@ -200,15 +200,7 @@ class SparsityConfig:
         _choice("nonfinite_weights", self.nonfinite_weights, NONFINITE_POLICIES)
         _choice("activation_function", self.activation_function, ACTIVATION_FUNCTIONS)
         parse_activation_pattern(self.activations)
-        wgrad = parse_activation_pattern(self.activation_wgrad, "activation_wgrad")
-        pattern = parse_activation_pattern(self.activations)
-        if wgrad is not None and (pattern is None or not pattern.compacts):
-            raise ValueError(
-                f"SparsityConfig.activation_wgrad={self.activation_wgrad!r} sparsifies the weight "
-                "gradients of a compacted activation along tokens, but activations="
-                f"{self.activations!r} is not one (it needs 'V:N:M' with M >= 8, e.g. '64:4:16'); "
-                "set such activations or activation_wgrad=None"
-            )
+        self._validate_activation_wgrad()
         interval = self.mask_refresh_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(
@@ -251,6 +243,36 @@ class SparsityConfig:
                 "SparsityConfig(gradient='sste') recomputes its continuous pruning "
                 "S(W) from W at every step, so it cannot hold a mask; got "
                 f"mask_refresh_interval={self.mask_refresh_interval}. Use 1."
+            )
+
+    def _validate_activation_wgrad(self):
+        wgrad = parse_activation_pattern(self.activation_wgrad, "activation_wgrad")
+        if wgrad is None:
+            return
+        pattern = parse_activation_pattern(self.activations)
+        if pattern is None or not pattern.compacts:
+            raise ValueError(
+                f"SparsityConfig.activation_wgrad={self.activation_wgrad!r} sparsifies the weight "
+                "gradients of a compacted activation along tokens, but activations="
+                f"{self.activations!r} is not one (it needs 'V:N:M' with M >= 8, e.g. '64:4:16'); "
+                "set such activations or activation_wgrad=None"
+            )
+        if not wgrad.compacts:
+            raise ValueError(
+                f"SparsityConfig.activation_wgrad={self.activation_wgrad!r} must keep 4 of every "
+                "M >= 8 tokens ('V:N:M' with M >= 8, e.g. '64:4:8'): the weight-gradient GEMMs "
+                "gather the kept tokens"
+            )
+        if self.wgrad_sparsity is not None:
+            raise ValueError(
+                f"SparsityConfig.activation_wgrad={self.activation_wgrad!r} replaces the weight-"
+                f"gradient GEMM that wgrad_sparsity={self.wgrad_sparsity!r} would prune: choose "
+                "one (set wgrad_sparsity=None or activation_wgrad=None)"
+            )
+        if self.fp8 is not None:
+            raise ValueError(
+                f"SparsityConfig(fp8={self.fp8!r}): the FP8 path's weight-gradient GEMMs are dense "
+                "FP8 GEMMs, which do not take both-ways weight gradients; set activation_wgrad=None"
             )
 
     def _validate_fp8(self):

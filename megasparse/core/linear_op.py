@@ -105,8 +105,9 @@ def _input_grad_gemm(dy, dy2d, step: WeightStep, plan, compact=None):
     if dy2d.shape[0] == 0:
         return dy2d.new_zeros(0, step.weight.shape[1])
     if compact is not None:  # dH held compact (fc1 of a SparseMLP): gather its chosen columns
+        # W*M is a dense GEMM operand in every micro-batch here: held for the step
         return compact_activation.gather_k_matmul(
-            compact.values_c, compact.columns, step.dense(step.hold_backward), compact.pattern
+            compact.values_c, compact.columns, step.dense(hold=True), compact.pattern
         )
     if step.pruned and step.transposable and "input_grad" in plan.sparse_weight_roles:
         # (W*M)^T is 2:4 too and compressed once per step: cheaper than compressing dH per call

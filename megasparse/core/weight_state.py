@@ -247,8 +247,12 @@ class WeightStep:
         if parts["compressed"] is parts["dense"]:
             parts["compressed"] = None  # the dense backend's operand is W*M itself
         held = {name: _nbytes(value) for name, value in parts.items() if value is not None}
-        for key, value in self._extras.items():  # objects listing their tensors: held_tensors()
-            held[str(key)] = sum(_nbytes(t) for t in value.held_tensors())
+        for (
+            key,
+            value,
+        ) in self._extras.items():  # tensors, or objects listing theirs: held_tensors()
+            tensors = (value,) if isinstance(value, torch.Tensor) else value.held_tensors()
+            held[str(key)] = sum(_nbytes(t) for t in tensors)
         return held
 
 

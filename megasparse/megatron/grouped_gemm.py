@@ -144,6 +144,15 @@ def grouped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config
     return y
 
 
+def both_ways_refusal(sparsity) -> str:
+    return (
+        f"megasparse: activation_wgrad={sparsity.activation_wgrad!r} (both-ways weight "
+        "gradients) needs each expert's own linears, but these grouped experts compute "
+        "their weight gradients with one exact grouped GEMM. Use SparseSequentialMLP or "
+        "SparseGroupedMLP (local spec, --transformer-impl local), or activation_wgrad=None."
+    )
+
+
 def sparse_activation(plain_activation, fc2_sparsity):
     """activation(h, tokens_per_expert, stats) for grouped experts: fused with the sparsifier when asked.
 
@@ -155,13 +164,8 @@ def sparse_activation(plain_activation, fc2_sparsity):
     def run(h, tokens_per_expert, stats):
         if not fc2_sparsity.sparsifies_activations:
             return plain_activation(h)
-        if fc2_sparsity.activation_wgrad is not None and fc2_sparsity.activation_pattern.compacts:
-            raise NotImplementedError(
-                f"megasparse: activation_wgrad={fc2_sparsity.activation_wgrad!r} (both-ways weight "
-                "gradients) needs each expert's own linears, but these grouped experts compute "
-                "their weight gradients with one exact grouped GEMM. Use SparseSequentialMLP or "
-                "SparseGroupedMLP (local spec, --transformer-impl local), or activation_wgrad=None."
-            )
+        if fc2_sparsity.activation_wgrad is not None:  # set after construction
+            raise NotImplementedError(both_ways_refusal(fc2_sparsity))
 
         def one(chunk):
             return activate_sparse(plain_activation, chunk, fc2_sparsity, stats, squared_relu)

@@ -18,6 +18,7 @@ from megasparse.core.weight_state import refuse_graph_capture
 from megasparse.core.sparse_module import SparseModuleMixin, take_sparsity
 from megasparse.megatron.grouped_gemm import (
     StackedWeights,
+    both_ways_refusal,
     can_group,
     grouped_ffn,
     looped_ffn,
@@ -35,6 +36,8 @@ class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
                 "fuser, which SparseTEGroupedMLP does not enter; set moe_single_grouped_weight=False "
                 "(--no-moe-single-grouped-weight) for sparse experts."
             )
+        if sparsity.activation_wgrad is not None:
+            raise NotImplementedError(both_ways_refusal(sparsity))
         # Under FP8, TE's own grouped forward runs; its grouped linears then hand TE the masked weights.
         submodules = self._with_sparse_te_linears(submodules, sparsity)
         super().__init__(num_local_experts, config, submodules, *args, **kwargs)
@@ -73,7 +76,9 @@ class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
         from megasparse.megatron.compat import linear_entry
         from megasparse.te.linear import sparse_te_class
 
-        weights_only = dataclasses.replace(sparsity, activations=None, activation_function=None)
+        weights_only = dataclasses.replace(
+            sparsity, activations=None, activation_function=None, activation_wgrad=None
+        )
         entries = {}
         for name in ("linear_fc1", "linear_fc2"):
             cls = getattr(submodules, name)

@@ -77,3 +77,17 @@ def test_activation_wgrad_needs_a_compacted_activation(activations):
     assert SparsityConfig(
         activations="64:4:16", activation_wgrad="64:4:8"
     ).activation_wgrad_pattern == (64, 4, 8)
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (dict(activation_wgrad="2:4"), "must keep 4 of every M >= 8 tokens"),
+        (dict(activation_wgrad="64:2:4"), "must keep 4 of every M >= 8 tokens"),
+        (dict(activation_wgrad="64:4:8", wgrad_sparsity="mvue"), "choose one"),
+        (dict(activation_wgrad="64:4:8", fp8="hybrid"), "FP8 path's weight-gradient GEMMs"),
+    ],
+)
+def test_activation_wgrad_refuses_what_it_cannot_run(extra, match):
+    with pytest.raises(ValueError, match=match):
+        SparsityConfig(activations="64:4:16", **extra)

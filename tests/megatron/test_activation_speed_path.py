@@ -574,3 +574,21 @@ def test_te_grouped_experts_run_a_compacting_pattern_on_its_masked_math():
     experts.sparsity.activation_wgrad = "4:4:8"
     with pytest.raises(NotImplementedError, match="activation_wgrad='4:4:8'.*SparseSequentialMLP"):
         experts(x, tokens, probs)
+
+
+@pytest.mark.usefixtures("megatron_tp1")
+@pytest.mark.parametrize("weights", [None, "2:4"])
+def test_stats_count_the_held_transposed_weight_of_the_compact_path(weights):
+    """fc2's compact GEMMs hold (W*M)^T for the step: the stats read it (and name it) after a
+    forward and backward, as megasparse.stats and Megatron-LM's log writers do every interval."""
+    import megasparse
+
+    mlp = _mlp(SparsityConfig(weights=weights, activations="64:4:16", backend="dense"))
+    t = _full_tensors()
+    _load(mlp, t)
+    _forward_backward(mlp, t["x"], t["dy"])
+    held = mlp.linear_fc2.sparsity_stats()["state_bytes"]
+    weight = mlp.linear_fc2.weight
+    assert held["compact_transposed_weight"] == weight.numel() * weight.element_size()
+    # the model-wide statistics read the state of every layer that prunes weights
+    assert len(megasparse.stats(mlp)) == (0 if weights is None else 2)

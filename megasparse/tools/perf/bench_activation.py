@@ -52,18 +52,19 @@ def activation_gemms(hidden, ffn, tokens, pattern, wgrad, timer, device="cuda", 
         randn(tokens, hidden),
     )
     h = x @ w1.t()
+    w2t = w2.t().contiguous()  # the layout the layer holds per step (linear_op._transposed_weight)
     a_c, h_c, columns, _ = ca.activation_compact(h, p, True)
     a = ca.scatter(a_c, columns, p, ffn)
-    dh_c = ca.squared_relu_grad(h_c, ca.compact_matmul(dy, w2, columns, p))
+    dh_c = ca.squared_relu_grad(h_c, ca.compact_matmul(dy, w2t.t(), columns, p))
     dh = ca.scatter(dh_c, columns, p, ffn)
     gemms = {  # name: (the path's kernel, the dense GEMM it replaces, what they must agree on)
         "fc2 forward Y = A W2^T (gather_k_matmul)": (
-            lambda: ca.gather_k_matmul(a_c, columns, w2.t(), p),
+            lambda: ca.gather_k_matmul(a_c, columns, w2t, p),
             lambda: a @ w2.t(),
             None,
         ),
         "fc2 dgrad dA_c (compact_matmul)": (
-            lambda: ca.compact_matmul(dy, w2, columns, p),
+            lambda: ca.compact_matmul(dy, w2t.t(), columns, p),
             lambda: dy @ w2,
             lambda dense: ca.compact(dense, columns, p),
         ),
