@@ -373,18 +373,12 @@ def test_non_squared_relu_activation(wgrad):
 
 
 def _check_experts(experts, activations, wgrad, dtype, tol):
-    from expert_builders import TOKENS_PER_EXPERT, make_expert_inputs
+    from expert_builders import make_expert_inputs, run_experts_per_expert
 
     x, probs, tokens = make_expert_inputs(dtype)
-    xr = x.clone().requires_grad_(True)
-    y, _ = experts(xr, tokens, probs)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    y.backward(dy.to(y.dtype))
-    start = 0
-    for e, n in enumerate(TOKENS_PER_EXPERT):
-        rows = slice(start, start + n)
-        start += n
-        fc1, fc2 = experts.local_experts[e].linear_fc1, experts.local_experts[e].linear_fc2
+    (y, _, dy, dx), per_expert = run_experts_per_expert(experts, x, tokens, probs)
+    for e, rows, fc1, fc2 in per_expert:
+        n = rows.stop - rows.start
         ref = speed_path_mlp_reference(
             x[rows],
             fc1.weight,
@@ -400,7 +394,7 @@ def _check_experts(experts, activations, wgrad, dtype, tol):
         )
         where = f"expert {e} ({n} tokens)"
         _close(y[rows], ref["y"], f"{where} output", tol)
-        _close(xr.grad[rows], ref["dx"], f"{where} input grad", tol)
+        _close(dx[rows], ref["dx"], f"{where} input grad", tol)
         _close(fc1.weight.grad, ref["dw1"], f"{where} fc1 weight grad", tol)
         _close(fc2.weight.grad, ref["dw2"], f"{where} fc2 weight grad", tol)
 

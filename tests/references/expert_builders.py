@@ -97,3 +97,18 @@ def make_te_experts(cls, sparsity, dtype, seed=0):
     extra = {} if cls is TEGroupedMLP else {"sparsity": sparsity}
     submodules = submodules_cls(linear_fc1=TorchGroupedLinear, linear_fc2=TorchGroupedLinear)
     return cls(EXPERTS, expert_config(dtype), submodules, pg_collection=expert_pg(), **extra)
+
+
+def run_experts_per_expert(experts, x, tokens, probs):
+    """Forward + backward of `experts` with a seeded dY; returns (y, bias, dy, input gradient) and,
+    per expert, (index, its rows, fc1, fc2), for checking each expert on its own tokens."""
+    xr = x.clone().requires_grad_(True)
+    y, bias = experts(xr, tokens, probs)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    y.backward(dy.to(y.dtype))
+    per_expert, start = [], 0
+    for e, n in enumerate(TOKENS_PER_EXPERT):
+        expert = experts.local_experts[e]
+        per_expert.append((e, slice(start, start + n), expert.linear_fc1, expert.linear_fc2))
+        start += n
+    return (y, bias, dy, xr.grad), per_expert
