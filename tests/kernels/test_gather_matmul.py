@@ -91,6 +91,18 @@ def test_gather_k_matmul_shipped_tiles(v, m, layout, dtype):
     _check_gather_k(v, m, 2, v + 5, 2 * m + 64, 40, layout, dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v,m", [(64, 16), (128, 8)])
+def test_compact_gemms_on_the_gpu_at_the_shipped_tiles_and_layouts(v, m, dtype):
+    """Both GEMMs on CUDA with the shipped tiles, ragged T, several K steps and column tiles, in
+    the layouts the layer runs (gather_k on row-major b, compact_matmul on b = (W^T).t())."""
+    _check_gather_k(v, m, 2, 3 * v + 17, 16 * m + 64, 600, "rows", dtype)
+    _check_gather_k(v, m, 4, 3 * v + 17, 16 * m + 64, 600, "rows", dtype)
+    _check_compact(v, m, 2, 3 * v + 17, 320, 32 * m, "cols", dtype)
+
+
 def _check_compact(v, m, n, tokens, k, ffn, layout, dtype):
     _, _, columns = _sparse(tokens, ffn, v, m, n, dtype, seed=tokens + ffn)
     g = _matrix(tokens, k, dtype, "rows", seed=3)
