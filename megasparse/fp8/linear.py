@@ -19,7 +19,7 @@ the per-step terms.
 Gradient modes (the step's rule, megasparse.core.gradients) and Megatron's main_grad fusion work
 as in megasparse.core.linear_op.
 
-Who runs it: the sparse TE linears under TE's fp8_autocast (megasparse.te.fp8_forward), and Megatron's
+Who runs it: the sparse TE linears under TE's fp8_autocast (megasparse.te.forward), and Megatron's
 local sparse linears with SparsityConfig.fp8 (`local_plan`: megasparse's current scaling in TE's
 formats). A step without a mask (a dense phase, weights=None) runs dense FP8 GEMMs on W, and
 fp8_order="quantize-then-prune" quantizes W with its own amax (the mask is then taken of those

@@ -4,7 +4,7 @@ Its parameters are `weight{i}` of TE GroupedLinear; its sparse forward is the gr
 (megasparse.megatron.grouped_gemm) on the masked TE weights (bf16/fp16; a per-expert loop where
 grouping does not apply). Under FP8 (weights only), TEGroupedMLP's own forward runs and its sparse
 TE grouped linears take over TE's GroupedLinear GEMMs: FP8 2:4 per expert under a per-tensor recipe
-(megasparse.te.fp8_forward), else TE's grouped FP8 GEMM on W*M. Masks come from the TE grouped
+(megasparse.te.forward), else TE's grouped FP8 GEMM on W*M. Masks come from the TE grouped
 linears' per-step states.
 """
 

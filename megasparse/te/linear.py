@@ -22,7 +22,7 @@ onto the master weight). The GEMM is TE's dense (FP8 or bf16) GEMM on the masked
 under fp8_autocast with a per-tensor recipe on sm90: then TE's `Linear` (column/row-parallel
 linears), `LayerNormLinear` (fc1, qkv: TE's norm, then the GEMM) and `GroupedLinear` (MoE experts:
 one GEMM per expert weight) run the forward and (transposable masks) input-gradient GEMMs as FP8
-2:4 cuSPARSELt GEMMs (megasparse.te.fp8_forward, which says exactly when).
+2:4 cuSPARSELt GEMMs (megasparse.te.forward, which says exactly when).
 """
 
 import functools
@@ -121,34 +121,37 @@ class _SparseTEMixin(SparseModuleMixin):
         return [(getattr(self, name), s) for name, s in zip(self._sparse_weight_names(), states)]
 
 
-_TE_FP8_CLASSES = (
+_TE_LINEAR_CLASSES = (
     "Linear",
     "LayerNormLinear",
     "GroupedLinear",
-)  # megasparse.te.fp8_forward's forwards
+)  # megasparse.te.forward's forwards
 
 
 def _te_linear_class(base: type):
     """TE's own Linear, LayerNormLinear or GroupedLinear in base's MRO (Megatron's TE wrappers), or
     None."""
     for cls in base.__mro__:
-        if cls.__name__ in _TE_FP8_CLASSES and cls.__module__.split(".")[0] == "transformer_engine":
+        if (
+            cls.__name__ in _TE_LINEAR_CLASSES
+            and cls.__module__.split(".")[0] == "transformer_engine"
+        ):
             return cls
     return None
 
 
 @functools.lru_cache(maxsize=None)
-def _fp8_forward_hook(te_linear: type) -> type:
-    """A subclass of TE's class whose forward runs megasparse.te.fp8_forward (FP8 2:4) when it applies.
+def _forward_hook(te_linear: type) -> type:
+    """A subclass of TE's class whose forward runs megasparse.te.forward (its routes) when one applies.
     Placed right above TE's class in the MRO, so Megatron's wrapper calls it as TE's forward."""
 
     def forward(self, *args, **kwargs):
-        from megasparse.te.fp8_forward import te_fp8_forward
+        from megasparse.te.forward import te_sparse_forward
 
         self._refuse_graph_capture()
-        return te_fp8_forward(self, te_linear, *args, **kwargs)
+        return te_sparse_forward(self, te_linear, *args, **kwargs)
 
-    name = "_MegasparseFp8" + te_linear.__name__
+    name = "_Megasparse" + te_linear.__name__
     return type(name, (te_linear,), {"forward": forward, "__module__": __name__})
 
 
@@ -162,7 +165,7 @@ def sparse_te_class(base: type) -> type:
 
     name = "Sparse" + base.__name__
     te_linear = _te_linear_class(base)
-    hook = (_fp8_forward_hook(te_linear),) if te_linear is not None else ()
+    hook = (_forward_hook(te_linear),) if te_linear is not None else ()
     bases = (_SparseTEMixin, base) + hook
     return type(name, bases, {"__init__": __init__, "__module__": __name__, "__qualname__": name})
 

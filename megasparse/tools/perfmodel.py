@@ -236,7 +236,7 @@ class _Fp8DenseLinear(torch.autograd.Function):
 
 
 def delayed_plan(device):
-    """The scalers megasparse.te.fp8_forward builds for a TE linear under DelayedScaling (HYBRID): x and dY
+    """The scalers megasparse.te.forward builds for a TE linear under DelayedScaling (HYBRID): x and dY
     (e5m2) with the module's TE quantizer state (scale from TE's amax history; this tensor's amax
     recorded into TE's amax buffer by the cast itself), and the e4m3 dY of the sparse dgrad (the
     cuSPARSELt binding is e4m3-only) with current scaling: its amax, then its cast."""

@@ -313,10 +313,10 @@ def test_grouped_experts_with_uneven_and_zero_token_counts(tp):
 
 @pytest.mark.parametrize("mask_kind", ["1d", "transposable"])
 def test_te_grouped_linear_fp8_2_4_experts(mask_kind, monkeypatch):
-    """Sparse TE GroupedLinear experts (megasparse.te.fp8_forward) under FP8 at h8192 / ffn28672 per expert:
+    """Sparse TE GroupedLinear experts (megasparse.te.forward) under FP8 at h8192 / ffn28672 per expert:
     one FP8 2:4 cuSPARSELt GEMM per expert with tokens and none for the expert without, every
     call's arguments, no host sync, each expert's FP8 weight built once for two micro-batches."""
-    import megasparse.te.fp8_forward as te_fp8
+    import megasparse.te.fp8_route as te_fp8
     from megasparse import SparsityConfig
     from megasparse.fp8.scaling import Fp8Recipe
     from megasparse.te.linear import sparse_te_class

@@ -311,7 +311,7 @@ def test_real_te_layernorm_linear_runs_fp8_2_4(normalization):
     assert x.grad is not None and layer.layer_norm_weight.grad is not None
 
 
-# --- FP8 2:4 under fp8_autocast (megasparse.te.fp8_forward) with stand-ins for TE's Linear and state ------
+# --- FP8 2:4 under fp8_autocast (megasparse.te.forward) with stand-ins for TE's Linear and state ------
 
 
 class Linear(torch.nn.Module):
@@ -353,12 +353,12 @@ def _delayed_recipe():
 
 @pytest.mark.parametrize("bias,return_bias", [(False, False), (True, False), (True, True)])
 def test_te_linear_runs_fp8_2_4_under_fp8_autocast(monkeypatch, bias, return_bias):
-    import megasparse.te.fp8_forward as te_fp8
+    import megasparse.te.fp8_route as te_fp8
     from megasparse.fp8.scaling import quantize_with, scale_from_amax
 
     torch.manual_seed(5)
     cls = sparse_te_class(TEColumnParallelLinearLike)
-    assert any(c.__name__.startswith("_MegasparseFp8") for c in cls.__mro__)
+    assert any(c.__name__.startswith("_Megasparse") for c in cls.__mro__)
     layer = cls(
         64,
         32,
@@ -392,7 +392,7 @@ def test_te_linear_runs_fp8_2_4_under_fp8_autocast(monkeypatch, bias, return_bia
 
 def test_te_linear_fp8_uses_the_modules_te_quantizer_state(monkeypatch):
     """Delayed scaling with TE's quantizers: x scaled by TE's scale, its amax in TE's buffer."""
-    import megasparse.te.fp8_forward as te_fp8
+    import megasparse.te.fp8_route as te_fp8
 
     layer = sparse_te_class(TEColumnParallelLinearLike)(
         64, 32, config=make_config(), sparsity=SparsityConfig()
@@ -418,7 +418,7 @@ def test_te_linear_fp8_uses_the_modules_te_quantizer_state(monkeypatch):
 
 
 def test_te_fp8_route_falls_back_with_a_reason(monkeypatch):
-    import megasparse.te.fp8_forward as te_fp8
+    import megasparse.te.fp8_route as te_fp8
 
     layer = sparse_te_class(TEColumnParallelLinearLike)(
         64, 32, config=make_config(), sparsity=SparsityConfig()
@@ -485,7 +485,7 @@ def test_te_layernorm_linear_fp8_2_4_against_float64(
 ):
     """Forward, input / weight / norm-parameter gradients of the FP8 2:4 LayerNormLinear equal the
     float64 norm followed by float64 products of the dequantized operands the op quantizes."""
-    import megasparse.te.fp8_forward as te_fp8
+    import megasparse.te.fp8_route as te_fp8
 
     torch.manual_seed(21)
     sparsity = SparsityConfig(mask=mask, gradient=gradient, srste_decay=0.1)
@@ -552,7 +552,7 @@ def test_te_layernorm_linear_fp8_returns_what_te_returns(
     """TE's output order: out | (out, bias) | (out, ln_out) | (out, bias, ln_out). ln_out is the
     norm output and carries its gradient back to the input, except the gathered one (TE's backward
     drops it: layernorm_linear.py adds grad_outputs[1] only when not gathered)."""
-    import megasparse.te.fp8_forward as te_fp8
+    import megasparse.te.fp8_route as te_fp8
 
     torch.manual_seed(22)
     layer = sparse_te_class(TELayerNormLinearLike)(
@@ -613,7 +613,7 @@ def test_te_layernorm_linear_fp8_returns_what_te_returns(
 
 
 def test_te_layernorm_linear_falls_back_for_fp8_output(monkeypatch):
-    import megasparse.te.fp8_forward as te_fp8
+    import megasparse.te.fp8_route as te_fp8
 
     layer = sparse_te_class(TELayerNormLinearLike)(
         64, 32, config=make_config(), sparsity=SparsityConfig()
@@ -644,7 +644,7 @@ def test_te_grouped_linear_fp8_2_4_per_expert_against_float64(
 ):
     """One FP8 2:4 GEMM per expert with its own mask and per-tensor scales; the expert without
     tokens gets a zero gradient (plus srste's per-step term); biases per expert as TE."""
-    import megasparse.te.fp8_forward as te_fp8
+    import megasparse.te.fp8_route as te_fp8
 
     torch.manual_seed(23)
     layer = sparse_te_class(TEGroupedLinearLike)(
@@ -699,7 +699,7 @@ def test_te_grouped_linear_fp8_2_4_per_expert_against_float64(
 def test_te_grouped_linear_fp8_uses_each_gemms_te_quantizers(monkeypatch):
     """Delayed scaling with TE's quantizers: GEMM i's input uses scaling_fwd[3 i] (its scale; its
     amax recorded there), its output gradient scaling_bwd[2 i]; the other slots stay untouched."""
-    import megasparse.te.fp8_forward as te_fp8
+    import megasparse.te.fp8_route as te_fp8
 
     torch.manual_seed(24)
     layer = sparse_te_class(TEGroupedLinearLike)(3, 64, 32, sparsity=SparsityConfig())
@@ -734,13 +734,14 @@ def test_te_grouped_linear_fp8_uses_each_gemms_te_quantizers(monkeypatch):
 
 
 def test_te_grouped_linear_falls_back_for_what_it_does_not_reproduce(monkeypatch):
-    import megasparse.te.fp8_forward as te_fp8
+    import megasparse.te.fp8_route as te_fp8
+    import megasparse.te.forward as te_forward
 
     layer = sparse_te_class(TEGroupedLinearLike)(2, 64, 32, sparsity=SparsityConfig())
     layer.single_grouped_weight = True
     monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, _current_recipe()))
     with pytest.warns(UserWarning, match="single grouped weight"):
-        assert te_fp8.fp8_route(layer, te_fp8._grouped_unsupported(layer, {})) is None
+        assert te_fp8.fp8_route(layer, te_forward._grouped_unsupported(layer, {})) is None
     layer.single_grouped_weight = False
     recipe = _current_recipe()
     recipe.backward_override = "high_precision"
