@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 
 from megasparse.config import SparsityConfig
+from megasparse.core import speed_gate
+from megasparse.core.backends import resolve_backend
 from megasparse.core.weight_state import compute_mask
 
 
@@ -63,6 +65,33 @@ class SparseModuleMixin:
     def _sparse_children(self) -> list:
         """Sparse modules that hold this module's weights (experts' grouped linears)."""
         return []
+
+    # --- the GEMM backend and the speed gate, shared by the local and TE linears -----------
+
+    def backend_for(self, weight):
+        """The GEMM backend for this weight under the layer's config (resolved once per backend
+        name, device, dtype, shard shape and mask kind; 'auto' falls back to dense, once warned)."""
+        key = (
+            self.sparsity.backend,
+            weight.device,
+            weight.dtype,
+            tuple(weight.shape),
+            self.sparsity.mask,
+        )
+        backends = self.__dict__.setdefault("_backends", {})
+        if key not in backends:
+            backends[key] = resolve_backend(
+                self.sparsity.backend, weight, self.sparsity.mask == "transposable"
+            )
+        return backends[key]
+
+    def gated_roles(self, tokens: int, step, backend, group=None) -> tuple:
+        """The GEMM roles where W*M runs sparse: all of them, except that backend='auto' on a GPU asks
+        the speed gate (megasparse.core.speed_gate), which decides once per shard shape, dtype and token
+        bucket for all layers alike (dense below its smallest bucket: 0 tokens is never timed)."""
+        if not (step.pruned and speed_gate.applies(self.sparsity.backend, backend, step.weight)):
+            return speed_gate.ROLES
+        return speed_gate.sparse_roles(type(self).__name__, step, backend, tokens, group)
 
     # --- the SparseModule interface (megasparse.interface) --------------------------------
 

@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megasparse.core.activation_sparsity import ActivationStats, sparsify
-from megasparse.core.backends import BACKENDS, check_backend_static, resolve_backend
+from megasparse.core.backends import BACKENDS, check_backend_static
 from megasparse.config import SparsityConfig
 from megasparse.core.sparse_module import SparseModuleMixin
 from megasparse.fp8 import linear as fp8_linear
@@ -81,7 +81,6 @@ class _SparseLinearMixin(SparseModuleMixin):
             process_group=functools.partial(weight_tp_group, group=self.tp_group),  # S-STE's beta
         )
         self._dist_checkpointing = False
-        self._backends = {}
         if self.weight is not None and self.sparsity.weights is not None:
             self._check_shard_shape(tuple(self.weight.shape), self.config.params_dtype)
         if self.weight is not None and self.sparsity.fp8 is not None:
@@ -186,20 +185,6 @@ class _SparseLinearMixin(SparseModuleMixin):
 
     # --- the GEMM -------------------------------------------------------------------------
 
-    def _backend_for(self, weight):
-        key = (
-            self.sparsity.backend,
-            weight.device,
-            weight.dtype,
-            tuple(weight.shape),
-            self.sparsity.mask,
-        )
-        if key not in self._backends:
-            self._backends[key] = resolve_backend(
-                self.sparsity.backend, weight, self.sparsity.mask == "transposable"
-            )
-        return self._backends[key]
-
     def _forward_impl(self, input, weight, *args, **kwargs):
         refuse_graph_capture(weight, *self._capture_configs())  # before the dense shortcut
         call = _forward_impl_arguments(input, weight, args, kwargs)
@@ -230,7 +215,7 @@ class _SparseLinearMixin(SparseModuleMixin):
             plan = fp8_linear.local_plan(self.sparsity, weight, input, fusion)
             return fp8_linear.fp8_sparse_linear_step(input, weight, call["bias"], step, plan)
         # a sparse backend only where something is sparse now; else the exact dense path
-        backend = self._backend_for(weight) if sparse_now or is_2_4(input) else BACKENDS["dense"]
+        backend = self.backend_for(weight) if sparse_now or is_2_4(input) else BACKENDS["dense"]
         step = self.weight_state.step(weight, self.sparsity, backend)
         plan = LinearPlan(
             backend=backend,
@@ -241,13 +226,7 @@ class _SparseLinearMixin(SparseModuleMixin):
         return sparse_linear_step(input, weight, call["bias"], step, plan)
 
     def _gated_roles(self, input, step, backend) -> tuple:
-        """The GEMM roles where W*M runs sparse: all of them, except that backend='auto' on a GPU asks
-        the speed gate (megasparse.core.speed_gate), which decides once per shard shape, dtype and token
-        bucket for all layers alike (dense below its smallest bucket: 0 tokens is never timed)."""
-        if not (step.pruned and speed_gate.applies(self.sparsity.backend, backend, step.weight)):
-            return ALL_ROLES
-        tokens = input.numel() // input.shape[-1]
-        return speed_gate.sparse_roles(type(self).__name__, step, backend, tokens, self.tp_group)
+        return self.gated_roles(input.numel() // input.shape[-1], step, backend, self.tp_group)
 
     # fc2 sparsifies its input (the FFN activation); fc1 receives dH of a sparse activation
 

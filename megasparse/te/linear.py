@@ -93,10 +93,12 @@ class _SparseTEMixin(SparseModuleMixin):
             return [f"weight{i}" for i in range(self.num_gemms)]
         return ["weight"]
 
-    def weight_steps(self):
-        """This optimizer step's WeightStep of each weight (the TE GEMMs run on W*M: the dense backend)."""
+    def weight_steps(self, backend=None):
+        """This optimizer step's WeightStep of each weight, for GEMMs on `backend` (None: the dense
+        backend, for TE's own GEMMs on W*M and the FP8 route)."""
+        backend = BACKENDS["dense"] if backend is None else backend
         return [
-            state.step(getattr(self, name), self.sparsity, BACKENDS["dense"])
+            state.step(getattr(self, name), self.sparsity, backend)
             for state, name in zip(self.weight_states, self._sparse_weight_names())
         ]
 

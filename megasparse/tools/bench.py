@@ -107,7 +107,9 @@ def _rebuild_states(module):
             if state is not None and linear.sparsity.prunes_weights:
                 state.invalidate()
                 backend = (
-                    linear._backend_for(linear.weight) if linear._backends else BACKENDS["dense"]
+                    linear.backend_for(linear.weight)
+                    if linear.__dict__.get("_backends")
+                    else BACKENDS["dense"]
                 )
                 step = state.step(linear.weight, linear.sparsity, backend)
                 step.compressed()

@@ -179,7 +179,7 @@ def gated(monkeypatch, tmp_path):
     """backend='auto' layers on CPU that ask a fresh gate (injected timer: forward loses,
     input_grad wins) and run on a RecordingBackend; gate.timings lists the timed GEMMs."""
     backend = RecordingBackend()
-    monkeypatch.setattr("megasparse.megatron.layers.resolve_backend", lambda *a, **k: backend)
+    monkeypatch.setattr("megasparse.core.sparse_module.resolve_backend", lambda *a, **k: backend)
     monkeypatch.setattr(
         speed_gate, "applies", lambda requested, backend, weight: requested == "auto"
     )

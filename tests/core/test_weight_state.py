@@ -116,7 +116,7 @@ def test_weight_is_compressed_once_per_step_and_reused_by_every_micro_batch(
 ):
     backend = CountingBackend()
     backend.name = "counting"  # not "dense": the state treats it as a sparse GPU backend
-    monkeypatch.setattr("megasparse.megatron.layers.resolve_backend", lambda *a, **k: backend)
+    monkeypatch.setattr("megasparse.core.sparse_module.resolve_backend", lambda *a, **k: backend)
     layer = make_column(make_config(), 16, 32, SparsityConfig(mask=mask, hold_backward_weight=hold))
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     for step in range(3):
@@ -150,7 +150,7 @@ def test_roles_the_speed_gate_runs_dense_build_w_times_m_once_per_step(monkeypat
 
     backend = CountingBackend()
     backend.name = "counting"  # a sparse backend to the state
-    monkeypatch.setattr("megasparse.megatron.layers.resolve_backend", lambda *a, **k: backend)
+    monkeypatch.setattr("megasparse.core.sparse_module.resolve_backend", lambda *a, **k: backend)
     monkeypatch.setattr(speed_gate, "applies", lambda requested, backend, weight: True)
     builds = []
     masked = WeightStep._masked

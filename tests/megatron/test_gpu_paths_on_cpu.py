@@ -61,7 +61,7 @@ def test_cutlass_never_takes_fp32_whose_cutlass_sparsity_is_1_2():
 
 def test_an_expert_with_zero_tokens_skips_the_gemms(monkeypatch):
     monkeypatch.setattr(
-        "megasparse.megatron.layers.resolve_backend", lambda *a, **k: EmptyRefusingBackend()
+        "megasparse.core.sparse_module.resolve_backend", lambda *a, **k: EmptyRefusingBackend()
     )
     layer = make_column(make_config(), 16, 32, SparsityConfig(mask="transposable"))
     x = torch.zeros(0, 16, dtype=torch.float64, requires_grad=True)
