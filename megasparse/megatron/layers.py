@@ -9,7 +9,6 @@ Megatron's mappings (sequence-parallel all-gather / reduce-scatter, dgrad all-re
 import contextlib
 import functools
 import inspect
-import weakref
 from typing import Optional
 
 import torch
@@ -19,17 +18,17 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
-from megasparse.core.activation_sparsity import ActivationStats, sparsify
 from megasparse.core.backends import BACKENDS, check_backend_static
 from megasparse.config import SparsityConfig
 from megasparse.core.sparse_module import SparseModuleMixin
 from megasparse.fp8 import linear as fp8_linear
 from megasparse.fp8.scaling import quantized_weight
+from megasparse.megatron.activation_input import FeedsSparseActivation, SparseActivationInput
 from megasparse.megatron.tp_group import weight_tp_group
 from megasparse.core import speed_gate
 from megasparse.core.gradients import gradient_rule
 from megasparse.core.linear_op import LinearPlan, sparse_linear_step
-from megasparse.core.sparse_operand import is_2_4, sparse_pattern
+from megasparse.core.sparse_operand import is_2_4
 from megasparse.core.weight_checkpoint import parse_refreshed_at
 from megasparse.core.weight_state import SparseWeightState, refuse_graph_capture
 
@@ -228,7 +227,7 @@ class _SparseLinearMixin(SparseModuleMixin):
     def _gated_roles(self, input, step, backend) -> tuple:
         return self.gated_roles(input.numel() // input.shape[-1], step, backend, self.tp_group)
 
-    # fc2 sparsifies its input (the FFN activation); fc1 receives dH of a sparse activation
+    # defaults; an fc2 / fc1 of an activation-sparse FFN overrides them (megatron.activation_input)
 
     def _capture_configs(self) -> tuple:
         """The configs that decide whether some phase of this layer runs megasparse's op."""
@@ -241,12 +240,15 @@ class _SparseLinearMixin(SparseModuleMixin):
         return input
 
 
-class SparseColumnParallelLinear(_SparseLinearMixin, mcore_layers.ColumnParallelLinear):
+class SparseColumnParallelLinear(
+    FeedsSparseActivation, _SparseLinearMixin, mcore_layers.ColumnParallelLinear
+):
     """ColumnParallelLinear with a 2:4 weight. Extra keyword: `sparsity: SparsityConfig`.
 
     `sparsity.activations` does not apply to a column layer (its input is not an FFN activation).
     As fc1 of a SparseMLP, its output gradient dH arrives marked 2:4 (megasparse.core.sparse_operand)
-    when the activation is 2:4, and the input-gradient GEMM dX = dH W1 then uses it as the sparse operand.
+    when the activation is 2:4, and the input-gradient GEMM dX = dH W1 then uses it as the sparse operand
+    (megasparse.megatron.activation_input).
     """
 
     _split_dim = 0
@@ -255,32 +257,18 @@ class SparseColumnParallelLinear(_SparseLinearMixin, mcore_layers.ColumnParallel
         with _torch_wgrad_fusion_allowed() as apex_wgrad_fusion:
             super().__init__(*args, **kwargs)
         self._setup_sparsity(sparsity, apex_wgrad_fusion)
-        self._feeds = lambda: None  # the fc2 whose sparsified activation we feed (set by SparseMLP)
-
-    def feeds_sparse_activation_of(self, fc2) -> None:
-        """Declared by SparseMLP: our output is the FFN activation's input, so dH may arrive 2:4."""
-        self._feeds = weakref.ref(fc2)  # not a submodule: no state_dict entry, no cycle
-
-    def _capture_configs(self) -> tuple:
-        fc2 = self._feeds()  # its activation sparsity makes our dH 2:4
-        if fc2 is None or fc2.sparsity.activations is None:
-            return (self.sparsity,)
-        return (self.sparsity, fc2.sparsity)
-
-    def _sparse_input_now(self) -> bool:
-        # our output gradient dH may arrive 2:4 or compact (M >= 8): run our op, whose backward
-        # takes dH as the sparse operand or gathers its chosen columns
-        fc2 = self._feeds()
-        return fc2 is not None and fc2.sparsity.sparsifies_activations
 
 
-class SparseRowParallelLinear(_SparseLinearMixin, mcore_layers.RowParallelLinear):
+class SparseRowParallelLinear(
+    SparseActivationInput, _SparseLinearMixin, mcore_layers.RowParallelLinear
+):
     """RowParallelLinear with a 2:4 weight and optionally a sparse input: the FFN activation, as fc2.
 
     Extra keyword: `sparsity: SparsityConfig`. With `sparsity.activations` the layer must be an
     MLP's fc2 (Megatron's MLP builds it with tp_comm_buffer_name="fc2"): it sparsifies its input,
-    unless SparseMLP has declared (`input_sparsified_upstream`) that its activation already does.
-    `activation_stats()` reports how sparse the input activation was and what the sparsifier dropped.
+    unless SparseMLP has declared (`input_sparsified_upstream`) that its activation already does
+    (megasparse.megatron.activation_input). `activation_stats()` reports how sparse the input
+    activation was and what the sparsifier dropped.
     """
 
     _split_dim = 1
@@ -290,52 +278,9 @@ class SparseRowParallelLinear(_SparseLinearMixin, mcore_layers.RowParallelLinear
         with _torch_wgrad_fusion_allowed() as apex_wgrad_fusion:
             super().__init__(*args, **kwargs)
         self._setup_sparsity(sparsity, apex_wgrad_fusion)
-        self.activation_counter = ActivationStats()
-        self.input_sparsified_upstream = (
-            False  # set by SparseMLP: its activation sparsifies (and counts)
+        self._setup_activation_input(
+            ffn_size=self.input_size,
+            columns_per_rank=self.input_size_per_partition,
+            tp=self._tp_size(),
+            comm_name=comm_name,
         )
-        pattern = self.sparsity.activation_pattern
-        if pattern is None:
-            return
-        columns, m, tp = self.input_size_per_partition, pattern.m, self._tp_size()
-        if columns % m:
-            raise ValueError(
-                f"megasparse: activations={self.sparsity.activations!r} groups {m} FFN columns, but "
-                f"ffn size {self.input_size} over tensor-parallel size {tp} gives {columns} per rank. "
-                f"Make the FFN size a multiple of {m}*TP={m * tp}."
-            )
-        if getattr(self.config, "gated_linear_unit", False):
-            raise ValueError(
-                f"megasparse: activations={self.sparsity.activations!r} needs a non-gated "
-                "Squared-ReLU FFN, but this fc2 belongs to a gated one (gated_linear_unit=True, "
-                "e.g. SwiGLU or a gated shared expert): its input is the gate's product, not a "
-                "Squared-ReLU activation. Use gated_linear_unit=False with squared_relu, or "
-                "activations=None for this layer (weights may stay 2:4)."
-            )
-        if comm_name != "fc2":
-            raise ValueError(
-                f"megasparse: activations={self.sparsity.activations!r} sparsifies the FFN activation, the input of "
-                f"an MLP's fc2, but this RowParallelLinear was built with tp_comm_buffer_name={comm_name!r}. "
-                "Build it as an MLP's linear_fc2 (Megatron's MLP passes tp_comm_buffer_name='fc2'), pass "
-                "tp_comm_buffer_name='fc2' yourself if its input is an FFN activation, or set activations=None."
-            )
-
-    def activation_stats(self, reset: bool = False) -> dict:
-        """Exact-zero fraction and dropped-L1 fraction of the input activation since the last reset."""
-        result = self.activation_counter.as_dict()
-        if reset:
-            self.activation_counter.reset()
-        return result
-
-    def _sparse_input_now(self) -> bool:
-        return self.sparsity.sparsifies_activations
-
-    def _sparse_input(self, input):
-        if not self.sparsity.sparsifies_activations:
-            return input
-        if sparse_pattern(input) == self.sparsity.activation_pattern:
-            return input  # sparsified (and counted) by SparseMLP's activation
-        # hand-built fc2, or an activation rescaled on the way (MoE probs): sparsify here
-        stats = None if self.input_sparsified_upstream else self.activation_counter
-        pattern, wgrad = self.sparsity.activation_pattern, self.sparsity.activation_wgrad_pattern
-        return sparsify(input, pattern, stats, wgrad)[0]

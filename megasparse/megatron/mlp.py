@@ -23,15 +23,16 @@ from megatron.core.activations import squared_relu
 from megatron.core.transformer.mlp import MLP
 
 from megasparse.core.activation_sparsity import FFNActivationSparsifier
-from megasparse.megatron.layers import SparseColumnParallelLinear, SparseRowParallelLinear
+from megasparse.megatron.activation_input import FeedsSparseActivation, SparseActivationInput
 from megasparse.core.weight_state import refuse_graph_capture
 
 
 def install_activation_sparsity(mlp: MLP) -> None:
-    """Give an MLP (or an MoE expert) SparseMLP's activation: fused with the sparsifier, counted once."""
+    """Give an MLP (or an MoE expert) SparseMLP's activation: fused with the sparsifier, counted once.
+    fc2 / fc1: any linear with the activation-input side / the feeding side (local or TE)."""
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
     refuse_gated_activation_sparsity(mlp)
-    if isinstance(fc2, SparseRowParallelLinear) and not isinstance(
+    if isinstance(fc2, SparseActivationInput) and not isinstance(
         mlp.activation_func, FFNActivationSparsifier
     ):
         activation = mlp.activation_func
@@ -39,7 +40,7 @@ def install_activation_sparsity(mlp: MLP) -> None:
             activation, fc2, is_squared_relu=is_squared_relu(activation)
         )
         fc2.input_sparsified_upstream = True
-        if isinstance(fc1, SparseColumnParallelLinear):
+        if isinstance(fc1, FeedsSparseActivation):
             fc1.feeds_sparse_activation_of(fc2)  # fc1 reads fc2's current config at every forward
 
 
