@@ -22,8 +22,9 @@ class SparseActivationInput:
     ) -> None:
         """Counters and the construction checks of an activation-sparse fc2.
 
-        ffn_size: fc2's input size over all ranks; columns_per_rank: its input columns on this rank
-        (the ffn shard the selection runs on); comm_name: the tp_comm_buffer_name it was built with (Megatron's MLP passes "fc2")."""
+        ffn_size: fc2's input size over all ranks; columns_per_rank: its input columns on this
+        rank (the ffn shard the selection runs on); comm_name: the tp_comm_buffer_name it was
+        built with (Megatron's MLP passes "fc2")."""
         self.activation_counter = ActivationStats()
         self.input_sparsified_upstream = False  # set by SparseMLP: its activation sparsifies
         pattern = self.sparsity.activation_pattern

@@ -32,6 +32,7 @@ from megasparse.core.linear_op import masked_weight
 from megasparse.core.weight_state import SparseWeightState, refuse_graph_capture
 from megasparse.core.sparse_module import SparseModuleMixin
 from megasparse.fp8.scaling import quantized_weight
+from megasparse.megatron.activation_input import FeedsSparseActivation, SparseActivationInput
 from megasparse.megatron.tp_group import weight_tp_group
 
 _TE_BASES = {
@@ -44,10 +45,6 @@ _TE_BASES = {
 class _SparseTEMixin(SparseModuleMixin):
     def _setup_sparse_te(self, sparsity):
         self._take_sparsity(sparsity)
-        if self.sparsity.activations is not None:
-            raise ValueError(
-                "megasparse: activation sparsity is not available in TE linears; use activations=None"
-            )
         if self.sparsity.fp8 is not None:
             raise ValueError(
                 f"megasparse: SparsityConfig(fp8={self.sparsity.fp8!r}) is the local spec's FP8 "
@@ -88,6 +85,22 @@ class _SparseTEMixin(SparseModuleMixin):
                         "2:4 groups: input size per rank a multiple of 4 (and output size for transposable)"
                     )
 
+    # defaults; an fc2 / fc1 of an activation-sparse FFN overrides them (_TEActivationInput,
+    # _TEFeedsActivation below)
+
+    def _setup_te_role(self, comm_name) -> None:
+        """The setup of the layer's FFN role (fc2: its activation input), after _setup_sparse_te."""
+
+    def _capture_configs(self) -> tuple:
+        """The configs that decide whether some phase of this layer runs megasparse's op."""
+        return (self.sparsity,)
+
+    def _sparse_input_now(self) -> bool:
+        return False
+
+    def _sparse_input(self, x):
+        return x
+
     def _sparse_weight_names(self):
         if hasattr(self, "num_gemms"):  # TE GroupedLinear: weight0 .. weight{n-1}
             return [f"weight{i}" for i in range(self.num_gemms)]
@@ -103,7 +116,13 @@ class _SparseTEMixin(SparseModuleMixin):
         ]
 
     def _refuse_graph_capture(self) -> None:
-        refuse_graph_capture(getattr(self, self._sparse_weight_names()[0]), self.sparsity)
+        """What every forward checks before any route: no CUDA graph capture of a phase decided in
+        Python, and (an activation-sparse FFN) no TE fp8_autocast."""
+        refuse_graph_capture(
+            getattr(self, self._sparse_weight_names()[0]), *self._capture_configs()
+        )
+        if self._sparse_input_now() and _te_fp8_autocast_on():
+            raise NotImplementedError(_fp8_activation_refusal(self, "TE's fp8_autocast is on"))
 
     def _get_weight_tensors(self):
         self._refuse_graph_capture()  # before the dense shortcut
@@ -121,6 +140,87 @@ class _SparseTEMixin(SparseModuleMixin):
     def sparse_weights(self) -> list:
         states = getattr(self, "weight_states", None) or []  # (none yet while constructed)
         return [(getattr(self, name), s) for name, s in zip(self._sparse_weight_names(), states)]
+
+
+def _te_fp8_autocast_on() -> bool:
+    from megasparse.te.fp8_route import te_fp8_state
+
+    return te_fp8_state()[0]
+
+
+def _fp8_activation_refusal(module, why: str) -> str:
+    return (
+        f"megasparse: activation sparsity (activations={_activation_config(module).activations!r}) "
+        f"does not run under FP8 in Transformer Engine linears ({type(module).__name__}: {why}): "
+        "the sparse activation is a bf16/fp16 GEMM operand. Train without FP8 (drop --fp8-format / "
+        "config.fp8, no fp8_autocast), or set activations=None (--sparsity-activations none) to keep "
+        "FP8 with 2:4 weights."
+    )
+
+
+def _activation_config(module):
+    """The config whose activations this layer serves: its own (fc2), or its fc2's (fc1)."""
+    fed = getattr(module, "_fed_fc2", lambda: None)()
+    return module.sparsity if fed is None else fed.sparsity
+
+
+# TE's userbuffers overlap flags (Linear and LayerNormLinear, TE 2.5 to 2.17 and main): TE fuses
+# the GEMM with its communication, so a megasparse GEMM operand cannot enter it
+_USERBUFFERS_FLAGS = (
+    "ub_overlap_ag_fprop",
+    "ub_overlap_rs_fprop",
+    "ub_overlap_ag_dgrad",
+    "ub_overlap_rs_dgrad",
+    "ub_bulk_dgrad",
+    "ub_bulk_wgrad",
+)
+
+
+def _refuse_activation_sparsity_here(module) -> None:
+    """Construction checks of a TE linear in an activation-sparse FFN: no FP8, no userbuffers."""
+    if getattr(getattr(module, "config", None), "fp8", None):
+        reason = f"config.fp8={module.config.fp8!r}"
+        raise NotImplementedError(_fp8_activation_refusal(module, reason))
+    overlapped = [flag for flag in _USERBUFFERS_FLAGS if getattr(module, flag, False)]
+    if overlapped:
+        raise NotImplementedError(
+            f"megasparse: activation sparsity needs the sparse activation as a GEMM operand, but "
+            f"{type(module).__name__} fuses its GEMM with TE's userbuffers communication "
+            f"({', '.join(overlapped)}). Turn off --tp-comm-overlap (config.tp_comm_overlap=False), "
+            "or set activations=None (--sparsity-activations none)."
+        )
+
+
+class _TEActivationInput(SparseActivationInput):
+    """A sparse TE row-parallel linear as an FFN's fc2: its GEMM input is the sparse activation."""
+
+    def _setup_te_role(self, comm_name) -> None:
+        columns = self.weight.shape[1]
+        tp = getattr(self, "tp_size", 1) or 1
+        self._setup_activation_input(
+            ffn_size=columns * tp, columns_per_rank=columns, tp=tp, comm_name=comm_name
+        )
+        if self.sparsity.activations is not None:
+            _refuse_activation_sparsity_here(self)
+
+
+class _TEFeedsActivation(FeedsSparseActivation):
+    """A sparse TE column-parallel linear as an FFN's fc1: its dH may arrive sparse."""
+
+    def feeds_sparse_activation_of(self, fc2) -> None:
+        super().feeds_sparse_activation_of(fc2)
+        if fc2.sparsity.activations is not None:
+            _refuse_activation_sparsity_here(self)
+
+
+def _activation_role(base: type) -> tuple:
+    """The activation side of Megatron's TE class: row-parallel (fc2) or column-parallel (fc1)."""
+    names = [cls.__name__ for cls in base.__mro__]
+    if any("RowParallel" in name for name in names):
+        return (_TEActivationInput,)
+    if any("ColumnParallel" in name for name in names):
+        return (_TEFeedsActivation,)
+    return ()
 
 
 _TE_LINEAR_CLASSES = (
@@ -164,11 +264,12 @@ def sparse_te_class(base: type) -> type:
     def __init__(self, *args, sparsity=None, **kwargs):
         base.__init__(self, *args, **kwargs)
         self._setup_sparse_te(sparsity)
+        self._setup_te_role(kwargs.get("tp_comm_buffer_name"))
 
     name = "Sparse" + base.__name__
     te_linear = _te_linear_class(base)
     hook = (_forward_hook(te_linear),) if te_linear is not None else ()
-    bases = (_SparseTEMixin, base) + hook
+    bases = _activation_role(base) + (_SparseTEMixin, base) + hook
     return type(name, bases, {"__init__": __init__, "__module__": __name__, "__qualname__": name})
 
 

@@ -92,12 +92,6 @@ class DelayedWgradTELinear(FakeTELinear):
     [
         (
             FakeTELinear,
-            {"activations": "2:4"},
-            ValueError,
-            "activation sparsity is not available in TE linears",
-        ),
-        (
-            FakeTELinear,
             {"mask_refresh_interval": 2},
             ValueError,
             "_extra_state.*mask_refresh_interval=1",
