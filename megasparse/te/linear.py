@@ -88,6 +88,11 @@ class _SparseTEMixin(SparseModuleMixin):
                         "2:4 groups: input size per rank a multiple of 4 (and output size for transposable)"
                     )
 
+    def _sparse_now(self) -> bool:
+        """Whether some GEMM of this layer is sparse now (megasparse.te.forward then runs its route;
+        else TE's own forward, exactly)."""
+        return self.sparsity.prunes_weights
+
     def _sparse_weight_names(self):
         if hasattr(self, "num_gemms"):  # TE GroupedLinear: weight0 .. weight{n-1}
             return [f"weight{i}" for i in range(self.num_gemms)]
@@ -121,6 +126,24 @@ class _SparseTEMixin(SparseModuleMixin):
     def sparse_weights(self) -> list:
         states = getattr(self, "weight_states", None) or []  # (none yet while constructed)
         return [(getattr(self, name), s) for name, s in zip(self._sparse_weight_names(), states)]
+
+
+# TE's userbuffers overlap (--tp-comm-overlap) as TE's Linear and LayerNormLinear record it on the
+# module (their __init__, TE 2.5 - 2.18 and main): the communication runs inside TE's own GEMM
+# (TE's GroupedLinear has no such flags)
+USERBUFFERS_FLAGS = (
+    "ub_overlap_ag_fprop",
+    "ub_overlap_rs_fprop",
+    "ub_overlap_ag_dgrad",
+    "ub_overlap_rs_dgrad",
+    "ub_bulk_dgrad",
+    "ub_bulk_wgrad",
+)
+
+
+def userbuffers_overlap(module) -> list:
+    """The userbuffers-overlap flags set on this TE module (empty: no overlap)."""
+    return [flag for flag in USERBUFFERS_FLAGS if getattr(module, flag, False)]
 
 
 _TE_LINEAR_CLASSES = (
