@@ -101,6 +101,12 @@ class _SparseTEMixin(SparseModuleMixin):
     def _sparse_input(self, x):
         return x
 
+    def _sparse_now(self) -> bool:
+        """Whether some GEMM of this layer is sparse now (megasparse.te.forward then runs its route;
+        else TE's own forward, exactly): a pruned weight, or a sparse activation as its input (fc2)
+        or its output gradient (fc1)."""
+        return self.sparsity.prunes_weights or self._sparse_input_now()
+
     def _sparse_weight_names(self):
         if hasattr(self, "num_gemms"):  # TE GroupedLinear: weight0 .. weight{n-1}
             return [f"weight{i}" for i in range(self.num_gemms)]
@@ -164,9 +170,10 @@ def _activation_config(module):
     return module.sparsity if fed is None else fed.sparsity
 
 
-# TE's userbuffers overlap flags (Linear and LayerNormLinear, TE 2.5 to 2.17 and main): TE fuses
-# the GEMM with its communication, so a megasparse GEMM operand cannot enter it
-_USERBUFFERS_FLAGS = (
+# TE's userbuffers overlap (--tp-comm-overlap) as TE's Linear and LayerNormLinear record it on the
+# module (their __init__, TE 2.5 - 2.18 and main): the communication runs inside TE's own GEMM
+# (TE's GroupedLinear has no such flags)
+USERBUFFERS_FLAGS = (
     "ub_overlap_ag_fprop",
     "ub_overlap_rs_fprop",
     "ub_overlap_ag_dgrad",
@@ -176,12 +183,17 @@ _USERBUFFERS_FLAGS = (
 )
 
 
+def userbuffers_overlap(module) -> list:
+    """The userbuffers-overlap flags set on this TE module (empty: no overlap)."""
+    return [flag for flag in USERBUFFERS_FLAGS if getattr(module, flag, False)]
+
+
 def _refuse_activation_sparsity_here(module) -> None:
     """Construction checks of a TE linear in an activation-sparse FFN: no FP8, no userbuffers."""
     if getattr(getattr(module, "config", None), "fp8", None):
         reason = f"config.fp8={module.config.fp8!r}"
         raise NotImplementedError(_fp8_activation_refusal(module, reason))
-    overlapped = [flag for flag in _USERBUFFERS_FLAGS if getattr(module, flag, False)]
+    overlapped = userbuffers_overlap(module)
     if overlapped:
         raise NotImplementedError(
             f"megasparse: activation sparsity needs the sparse activation as a GEMM operand, but "
