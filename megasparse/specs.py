@@ -4,7 +4,10 @@ Handles both spec forms: megatron-core 0.16 (ModuleSpec everywhere) and 0.19 (ML
 experts as functools.partial builders). Never touches embeddings or the output layer (they are
 not part of layer specs). Megatron-LM's `--spec` entry point lives in megasparse.megatron_lm.
 It sits above megasparse.megatron and megasparse.te: it maps Megatron's local and Transformer
-Engine classes to the sparse variants of both.
+Engine classes to the sparse variants of both. A dense MLP becomes SparseMLP (the activation fused
+with its sparsifier, fc1 told that its dH arrives sparse) only when fc2 is a target and the
+activations are sparse, on the local and the TE spec alike; otherwise it keeps Megatron's own MLP
+class over the sparse linears.
 """
 
 import dataclasses
@@ -24,7 +27,8 @@ def sparsify_spec(spec, sparsity: SparsityConfig, targets=DEFAULT_TARGETS):
 
     targets: any of "qkv", "proj" (attention), "fc1", "fc2" (dense MLP), "experts" (MoE routed
     experts: SequentialMLP -> SparseSequentialMLP, TEGroupedMLP -> SparseTEGroupedMLP) and
-    "shared_experts". Activation sparsity in `sparsity` applies to fc2 and experts only.
+    "shared_experts". Activation sparsity in `sparsity` applies to fc2 and experts only (local or
+    Transformer Engine linears).
     The input spec is not modified.
     """
     if not isinstance(sparsity, SparsityConfig):
@@ -171,12 +175,23 @@ class _Rewriter:
         wanted = [n for n in names if n in self.targets]
         if not wanted or sub is None:
             return node
+        if module.__name__ == "TEFusedMLP":
+            raise NotImplementedError(
+                "sparsify_spec: this MLP is Megatron's TEFusedMLP (use_te_op_fuser), whose fused "
+                "Transformer Engine ops compute with the weights directly, not through the sparse "
+                "linears. Build the spec with use_te_op_fuser=False (Megatron's MLP), or leave "
+                f"{wanted} out of the targets."
+            )
         linears = {}
         if "fc1" in wanted:
             linears["linear_fc1"] = self._linear(sub.linear_fc1, "fc1", self.weights_only)
         if "fc2" in wanted:
             linears["linear_fc2"] = self._linear(sub.linear_fc2, "fc2", self.sparsity)
-        new_module = SparseMLP if module is MLP else None  # subclasses (e.g. SharedExpertMLP) stay
+        # SparseMLP only where it fuses the activation with its sparsifier: Megatron's own MLP
+        # otherwise, so the transformer layer passes it what it passes an MLP (0.16: tp_group only
+        # for the MLP class itself); subclasses (e.g. SharedExpertMLP) stay
+        activation_sparse = "fc2" in wanted and self.sparsity.activations is not None
+        new_module = SparseMLP if module is MLP and activation_sparse else None
         return self._join(node, module=new_module, submodules=dataclasses.replace(sub, **linears))
 
     def _moe(self, node, sub):
@@ -239,11 +254,6 @@ class _Rewriter:
             # Megatron's own TE class (tests use stand-ins named like it)
             if getattr(module, "__module__", "").startswith("megatron.core.extensions"):
                 require_transformer_engine(f"sparsify_spec: {target} ({name})")
-            if sparsity.activations is not None and target in ("fc2", "shared_experts"):
-                raise NotImplementedError(
-                    f"sparsify_spec: {target} is Transformer Engine's {name}, which cannot sparsify activations; "
-                    "use the local spec (--transformer-impl local) for activation sparsity"
-                )
             self.found.add(target)
             return linear_entry(sparse_te_class(module), sparsity)
         if name.startswith("TE"):
