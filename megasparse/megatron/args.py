@@ -14,6 +14,7 @@ from megasparse.config import (
     GRADIENT_MODES,
     MASK_KINDS,
     TARGETS,
+    WEIGHT_PATTERNS,
     WGRAD_SPARSITY,
     SparsityConfig,
 )
@@ -22,6 +23,21 @@ from megasparse.megatron.schedule import SparsitySchedule
 
 def _none_or(value: str):
     return None if value.lower() == "none" else value
+
+
+def _none_or_one_of(allowed) -> dict:
+    """add_argument keywords of a flag taking 'none' or one of `allowed` (None among them): help,
+    usage and errors spell the choices as typed ('none'), not as parsed (None)."""
+    typed = ["none" if choice is None else choice for choice in allowed]
+
+    def parse(value: str):
+        choice = _none_or(value)
+        if choice not in allowed:
+            spelled = ", ".join(repr(t) for t in typed)
+            raise argparse.ArgumentTypeError(f"expected one of {spelled}; got {value!r}")
+        return choice
+
+    return {"type": parse, "metavar": "{" + ",".join(typed) + "}"}
 
 
 def _count(value: str, minimum: int) -> int:
@@ -95,25 +111,27 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--sparsity-weights",
-        type=_none_or,
         default=None,
-        choices=[None, "2:4"],
+        **_none_or_one_of(WEIGHT_PATTERNS),
         help="Prune the targeted linears' weights with a 2:4 magnitude mask ('2:4') or not ('none', default).",
     )
     g.add_argument(
         "--sparsity-activations",
         type=_activations,
         default=None,
+        metavar="{none,2:4,V:N:M}",
         help="Sparsify the FFN activation (fc2's input): 'none' (default), '2:4', 'V:2:M' (VENOM: "
         "per V tokens the 4 strongest of every M neurons, 2 of them per token; '64:2:8' keeps 25%%) "
         "or 'V:4:M' (all 4 chosen neurons; '64:4:16' keeps 25%%). With M >= 8 the activation is "
         "held compacted and the FFN GEMMs reading it skip 1 - 4/M of their work. Needs a "
-        "non-gated Squared-ReLU FFN (--squared-relu, no --swiglu).",
+        "non-gated Squared-ReLU FFN (--squared-relu, no --swiglu). Both specs: "
+        "--transformer-impl local or transformer_engine (bf16/fp16; not with --fp8-format).",
     )
     g.add_argument(
         "--sparsity-activation-wgrad",
         type=_activation_wgrad,
         default=None,
+        metavar="{none,V:N:M}",
         help="Both-ways weight gradients of the FFN: 'none' (default: exact) or 'V:4:M' (e.g. "
         "'64:4:8'): the operands of fc2's and fc1's weight-gradient GEMMs (the activation and "
         "its gradient) are sparsified again along tokens, 4 of every M tokens per V neurons, so "
@@ -181,9 +199,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--sparsity-wgrad",
-        type=_none_or,
         default=None,
-        choices=WGRAD_SPARSITY,
+        **_none_or_one_of(WGRAD_SPARSITY),
         help="'mvue': the weight-gradient GEMM uses the output gradient pruned 2:4 "
         "along tokens by the minimum-variance unbiased estimator (Chmiel et al. "
         "ICLR 2023); 'none' (default).",
@@ -203,9 +220,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--sparsity-fp8",
-        type=_none_or,
         default=None,
-        choices=FP8_FORMATS,
+        **_none_or_one_of(FP8_FORMATS),
         help="FP8 GEMMs in the sparse linears of the local spec (--transformer-impl local, "
         "which has no FP8 of its own): 'hybrid' (e4m3 forward, e5m2 gradients) or 'e4m3', "
         "current per-tensor scaling; FP8 2:4 on cuSPARSELt (sm90). With Transformer Engine use "
@@ -231,6 +247,18 @@ def config_from_args(args) -> SparsityConfig:
             f"--sparsity-activations V:N:M with M >= 8 (e.g. 64:4:16), got "
             f"--sparsity-activations {args.sparsity_activations or 'none'}; add one or drop "
             "--sparsity-activation-wgrad"
+        )
+    te_fp8 = getattr(args, "fp8", None)  # Megatron-LM's --fp8-format
+    if (
+        activations is not None
+        and te_fp8
+        and getattr(args, "transformer_impl", "local") == "transformer_engine"
+    ):
+        raise ValueError(
+            f"--sparsity-activations {args.sparsity_activations} does not run under FP8 with "
+            f"--transformer-impl transformer_engine (--fp8-format {te_fp8}): the sparse activation "
+            "is a bf16/fp16 GEMM operand. Drop --fp8-format, or use --sparsity-activations none "
+            "to keep FP8 with --sparsity-weights 2:4."
         )
     if activations is not None and getattr(args, "swiglu", False):
         raise ValueError(
