@@ -1,9 +1,13 @@
 """SparseMLP: Megatron's MLP with the FFN activation sparsified where it is computed.
 
 Drop-in for `MLP` in a layer spec (0.16 `ModuleSpec(module=SparseMLP, submodules=...)`, 0.19
-`partial(SparseMLP.as_mlp_submodule, submodules=...)`), with `SparseColumnParallelLinear` /
-`SparseRowParallelLinear` as fc1 / fc2 and `activations` (and `activation_wgrad`) set in fc2's
-SparsityConfig. Megatron's own forward runs unchanged; only the activation call is replaced, so that
+`partial(SparseMLP.as_mlp_submodule, submodules=...)`), with sparse linears as fc1 / fc2 and
+`activations` (and `activation_wgrad`) set in fc2's SparsityConfig: the local spec's
+`SparseColumnParallelLinear` / `SparseRowParallelLinear`, or the TE spec's sparse
+TELayerNormColumnParallelLinear / TERowParallelLinear (megasparse.te.linear: their bf16/fp16 route
+runs the same op; FP8 is refused with activation sparsity) - any fc1 / fc2 with the sides of
+megasparse.megatron.activation_input. Megatron's own forward runs unchanged; only the activation
+call is replaced, so that
 - Squared-ReLU and the 2:4 / V:N:M sparsifier run as one kernel pass;
 - fc2 receives the already-sparse activation: 2:4 marked as a sparse GEMM operand; V:N:M with
   M >= 8 carrying its compact form (megasparse.core.compact_activation), whose chosen columns

@@ -23,6 +23,13 @@ under fp8_autocast with a per-tensor recipe on sm90: then TE's `Linear` (column/
 linears), `LayerNormLinear` (fc1, qkv: TE's norm, then the GEMM) and `GroupedLinear` (MoE experts:
 one GEMM per expert weight) run the forward and (transposable masks) input-gradient GEMMs as FP8
 2:4 cuSPARSELt GEMMs (megasparse.te.forward, which says exactly when).
+
+Activation sparsity (SparseMLP over the TE spec's linears): Megatron's TERowParallelLinear as fc2
+takes the activation-input side and TE*ColumnParallelLinear as fc1 the feeding side
+(megasparse.megatron.activation_input, shared with the local linears); both are then sparse now,
+so the bf16/fp16 route (megasparse.te.sparse_route) runs with the sparse activation as fc2's GEMM
+operand and the sparse dH as the operand of fc1's input gradient. Refused with the fix: FP8 (the
+config's fp8 at construction, TE's fp8_autocast at forward), TE's userbuffers overlap.
 """
 
 import functools
