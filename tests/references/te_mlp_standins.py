@@ -3,8 +3,10 @@
 `TERowParallelLinear` / `TELayerNormColumnParallelLinear` take the constructors of Megatron's
 wrappers (megatron-core 0.16.1 and 0.19.2: megatron/core/extensions/transformer_engine.py) over the
 TE stand-ins of te_standins (TE's Linear and LayerNormLinear), and return (out, bias) as the
-wrappers do, so Megatron's MLP builds and calls them like the real ones. The LayerNormLinear
-stand-in has no tensor parallelism (tp_size 1). Weights scaled like an initialized layer.
+wrappers do, so Megatron's MLP builds and calls them like the real ones. Tensor parallelism as TE
+sets it up (weights per rank, tp_size, tp_group, sequence_parallel): megasparse's routes
+communicate; the LayerNormLinear stand-in's own forward does not (use it at TP=1). Weights scaled
+like an initialized layer.
 """
 
 import torch
@@ -80,9 +82,10 @@ class TELayerNormColumnParallelLinear(LayerNormLinear):
         name=None,
     ):
         te_return_bias = skip_bias_add and bias
+        tp = config.tensor_model_parallel_size
         super().__init__(
             input_size,
-            output_size,
+            output_size // tp,  # TE's column-parallel LayerNormLinear: out_features per rank
             config=config,
             eps=config.layernorm_epsilon,
             normalization=config.normalization,
@@ -91,7 +94,9 @@ class TELayerNormColumnParallelLinear(LayerNormLinear):
             return_bias=te_return_bias,
             sequence_parallel=config.sequence_parallel,
         )
-        self.te_return_bias, self.config, self.tp_size = te_return_bias, config, 1
+        self.te_return_bias, self.config = te_return_bias, config
+        self.tp_size, self.tp_group = tp, tp_group  # group None: Megatron's tensor-parallel group
+        self.sequence_parallel = tp > 1 and config.sequence_parallel
         dtype = config.params_dtype
         with torch.no_grad():  # the model's dtype, scaled like an initialized layer
             for name_, p in self.named_parameters():

@@ -33,10 +33,10 @@ SparseFc1 = sparse_te_class(TELayerNormColumnParallelLinear)
 SparseFc2 = sparse_te_class(TERowParallelLinear)
 
 
-def _config(dtype=torch.float64, ffn=FFN, **overrides):
+def _config(dtype=torch.float64, ffn=FFN, tp=1, **overrides):
     overrides.setdefault("activation_func", squared_relu)
     overrides.setdefault("add_bias_linear", True)
-    return make_config(dtype=dtype, hidden_size=HIDDEN, ffn_hidden_size=ffn, **overrides)
+    return make_config(tp=tp, dtype=dtype, hidden_size=HIDDEN, ffn_hidden_size=ffn, **overrides)
 
 
 def _sparsity(activations="2:4", weights="2:4", wgrad=None):
@@ -57,28 +57,31 @@ def _te_mlp(sparsity, cfg=None, fc2_cls=SparseFc2, seed=0):
     return SparseMLP(cfg, submodules, ffn_hidden_size=cfg.ffn_hidden_size)
 
 
-def _reference(mlp, x, dy, sparsity):
+def _reference(mlp, x, dy, sparsity, weights=None, shards=1):
     """The float64 reference of the FFN after TE's norm (megasparse.te.norm, as TE's LayerNormLinear
     computes it: fp32 math, tested on its own): the local spec's SparseMLP math on the norm's output,
-    and the input and norm-parameter gradients through that norm."""
+    and the input and norm-parameter gradients through that norm. weights: full (w1, b1, w2, b2),
+    else the module's; shards: the ffn shards that select on their own (tensor-parallel ranks)."""
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
     x64 = x.detach().double().requires_grad_(True)
     norm = (fc1.layer_norm_weight, fc1.layer_norm_bias)
     ln = te_normalization(fc1, x64)
-    w1, w2 = fc1.weight.detach().double(), fc2.weight.detach().double()
+    w1, b1, w2, b2 = weights or (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    w1, w2 = w1.detach().double(), w2.detach().double()
     pruned = sparsity.weights is not None
     m1 = mask_1d_reference(w1) if pruned else torch.ones_like(w1)
     m2 = mask_1d_reference(w2) if pruned else torch.ones_like(w2)
     ref = speed_path_mlp_reference(
         ln.detach(),
         w1,
-        fc1.bias,
+        b1,
         w2,
-        fc2.bias,
+        b2,
         m1,
         m2,
         sparsity.activation_pattern,
         sparsity.activation_wgrad_pattern,
+        shards=shards,
         grad_output=dy,
     )
     ref["dx"], ref["dgamma"], ref["dbeta"] = torch.autograd.grad(ln, (x64, *norm), ref["dx"])
@@ -161,6 +164,55 @@ def test_te_sparse_mlp_matches_the_float64_reference(activations, weights, wgrad
     assert sparse_pattern(calls.inputs[1]) == parse_activation_pattern(activations)
     stats = mlp.activation_stats()
     assert stats["elements"] == SEQ * BATCH * FFN  # counted once, by the activation
+
+
+def _tp2_worker():
+    import torch.distributed as dist
+    from megatron_helpers import full_mlp_tensors
+
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    seq = 22  # 44 tokens: ragged for V=64 and M=16, split evenly over 2 sequence-parallel ranks
+    t = full_mlp_tensors(seq, BATCH, HIDDEN, FFN)
+    cols = slice(rank * FFN // tp, (rank + 1) * FFN // tp)
+    for sequence_parallel in (False, True):
+        rows = slice(rank * seq // tp, (rank + 1) * seq // tp) if sequence_parallel else slice(None)
+        for activations, weights, wgrad in (CASES[1], CASES[2], CASES[4]):
+            where = f"rank {rank} sp={sequence_parallel} {activations} {weights} {wgrad}"
+            sparsity = _sparsity(activations, weights, wgrad)
+            cfg = _config(tp=tp, sequence_parallel=sequence_parallel)
+            mlp = _te_mlp(sparsity, cfg)
+            fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+            with torch.no_grad():
+                fc1.weight.copy_(t["w1"][cols]), fc1.bias.copy_(t["b1"][cols])
+                fc2.weight.copy_(t["w2"][:, cols]), fc2.bias.copy_(t["b2"])
+            full = (t["w1"], t["b1"], t["w2"], t["b2"])
+            ref = _reference(mlp, t["x"], t["dy"], sparsity, full, shards=tp)
+            with _RouteCalls() as calls:
+                y, dx = _run(mlp, t["x"][rows], t["dy"][rows])
+            assert len(calls.inputs) == 2, where
+            tol = 1e-6  # the norm's fp32 math sits before everything
+            _close(y, ref["y"][rows], f"{where} output", tol)
+            _close(dx, ref["dx"][rows], f"{where} input grad", tol)
+            _close(fc1.weight.grad, ref["dw1"][cols], f"{where} fc1 weight grad", tol)
+            _close(fc1.bias.grad, ref["db1"][cols], f"{where} fc1 bias grad", tol)
+            _close(fc2.weight.grad, ref["dw2"][:, cols], f"{where} fc2 weight grad", tol)
+            replicated = {  # each rank's share of its tokens under SP (Megatron sums them later)
+                "fc2 bias": (fc2.bias.grad, ref["db2"]),
+                "norm weight": (fc1.layer_norm_weight.grad, ref["dgamma"]),
+                "norm bias": (fc1.layer_norm_bias.grad, ref["dbeta"]),
+            }
+            for name, (grad, expected) in replicated.items():
+                grad = grad.clone()
+                if sequence_parallel:
+                    dist.all_reduce(grad)
+                close_tol = tol if name == "fc2 bias" else 2e-5  # sums of the fp32 norm's terms
+                _close(grad, expected, f"{where} {name} grad", close_tol)
+
+
+def test_tp2_and_sequence_parallel_select_per_shard_and_match_the_reference():
+    from megasparse.testing import run_distributed
+
+    run_distributed(_tp2_worker, world_size=2, tensor_model_parallel_size=2)
 
 
 def test_te_sparse_mlp_in_float32_matches_the_float64_reference():
