@@ -17,17 +17,23 @@ what TE's forward receives and returns what it returns (TE 2.5 to 2.18 and main,
     its per-step gradient terms). No communication: TE's GroupedLinear has none (Megatron's MoE
     dispatcher moves tokens; its TE grouped linears pass parallel_mode=None under expert or
     expert-tensor parallelism, and at TP=EP=1 there is nothing to communicate).
-Which GEMM op runs (`choose_gemm`): the FP8 2:4 op under TE's fp8_autocast where it applies
-(megasparse.te.fp8_route says exactly when); otherwise TE's own forward runs its dense GEMM on
-W*M, with one warning naming the reason. Calls with TE options this path does not reproduce
-(fp8_output / fp8_grad, GroupedLinear's preallocated out / dgrad_out buffers or single grouped
-weight / bias) go to TE's own forward.
+Which GEMM op runs (`choose_gemm`): under TE's fp8_autocast the FP8 2:4 op where it applies
+(megasparse.te.fp8_route says exactly when), else TE's FP8 GEMM on W*M; without it, while the layer
+is sparse (`_sparse_now()`), the bf16/fp16 2:4 op (megasparse.te.sparse_route: cuSPARSELt on the
+step's compressed W*M); in a dense phase TE's own forward, exactly. TE's own forward (its dense
+GEMM on W*M) also runs, with one warning naming the reason, under TE's userbuffers overlap
+(--tp-comm-overlap: the communication is fused into TE's GEMM) and for calls with TE options this
+path does not reproduce (fp8_output / fp8_grad, GroupedLinear's preallocated out / dgrad_out
+buffers or single grouped weight / bias).
 
 What stays TE's and Megatron's: TE's `prepare_forward` (FP8 metadata, the amax buffers TE reduces
 over its amax group and turns into scales at the end of fp8_autocast); communication through
-Megatron's tensor-parallel mappings, as TE does it for the module's parallel_mode (column: copy /
-sequence-parallel all-gather of the GEMM input; row: all-reduce / reduce-scatter of the output, bias
-after it); main_grad accumulation when TE fuses wgrad accumulation.
+Megatron's tensor-parallel mappings on the module's tp_group, as TE does it for its parallel_mode
+when tp_size > 1 (column: copy / sequence-parallel all-gather of the GEMM input; row: all-reduce /
+reduce-scatter of the output, bias after it in the activation dtype; checked against TE 2.5 and
+main, module/linear.py); main_grad accumulation when TE fuses wgrad accumulation (the route adds
+to main_grad in every micro-batch, where TE overwrites it with is_first_microbatch=True: the same
+on the grad buffer Megatron zeroes before each step).
 """
 
 import contextlib
@@ -127,10 +133,10 @@ def choose_gemm(module, unsupported=None):
         (`unsupported`, TE's userbuffers overlap), said once in a warning;
       - else (a dense phase): None, TE's own forward exactly.
     unsupported: the caller's reason this call needs TE's own forward (a TE option not reproduced)."""
-    if fp8_route.te_fp8_state()[0]:
-        route = fp8_route.fp8_route(module, unsupported)
-        return None if route is None else functools.partial(fp8_route.fp8_gemm, route=route)
-    if not module._sparse_now():
+    route = fp8_route.fp8_route(module, unsupported)
+    if route is not None:
+        return functools.partial(fp8_route.fp8_gemm, route=route)
+    if fp8_route.te_fp8_state()[0] or not module._sparse_now():
         return None
     reason = unsupported or sparse_route.sparse_route_reason(module)
     if reason is not None:

@@ -18,11 +18,13 @@ TE without `_get_weight_tensors` (before 2.5: it would silently train dense), he
 (mask_refresh_interval > 1: TE's `_extra_state` holds its FP8 metadata, so there is no checkpoint
 entry for them), FP8 primary weights (fp8_model_init), and TE's delayed wgrad
 (delay_wgrad_compute: TE's backward_dw writes .grad onto the tensor it computed with, W*M, not
-onto the master weight). The GEMM is TE's dense (FP8 or bf16) GEMM on the masked weight, except
-under fp8_autocast with a per-tensor recipe on sm90: then TE's `Linear` (column/row-parallel
-linears), `LayerNormLinear` (fc1, qkv: TE's norm, then the GEMM) and `GroupedLinear` (MoE experts:
-one GEMM per expert weight) run the forward and (transposable masks) input-gradient GEMMs as FP8
-2:4 cuSPARSELt GEMMs (megasparse.te.forward, which says exactly when).
+onto the master weight). The GEMMs (megasparse.te.forward chooses per call): under fp8_autocast
+with a per-tensor recipe on sm90, TE's `Linear` (column/row-parallel linears), `LayerNormLinear`
+(fc1, qkv: TE's norm, then the GEMM) and `GroupedLinear` (MoE experts: one GEMM per expert weight)
+run the forward and (transposable masks) input-gradient GEMMs as FP8 2:4 cuSPARSELt GEMMs, other
+FP8 recipes TE's FP8 GEMM on W*M; without FP8 they run the bf16/fp16 2:4 GEMMs on cuSPARSELt
+(megasparse.te.sparse_route), except under TE's userbuffers overlap (--tp-comm-overlap), where
+TE's dense GEMM runs on W*M (`userbuffers_overlap`); in a dense phase TE's forward runs unchanged.
 
 Activation sparsity (SparseMLP over the TE spec's linears): Megatron's TERowParallelLinear as fc2
 takes the activation-input side and TE*ColumnParallelLinear as fc1 the feeding side

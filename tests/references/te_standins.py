@@ -212,63 +212,97 @@ class Linear(_TEModule):
 Linear.__module__ = "transformer_engine.pytorch.module.linear"
 
 
-class LayerNormLinear(torch.nn.Module):
-    """Stands in for transformer_engine.pytorch.LayerNormLinear: TE's parameter and attribute names,
-    TE's forward signature and output tuple order ((out, bias, ln_out) with return_bias and
-    return_layernorm_output); its own forward (norm, then the linear on _get_weight_tensors())
-    is what runs when the FP8 2:4 route is off."""
+class LayerNormLinear(_TEModule):
+    """Stands in for transformer_engine.pytorch.LayerNormLinear (TE 2.5 - 2.18, main): TE's
+    constructor keywords, parameter and attribute names (layer_norm_weight / layer_norm_bias, eps,
+    normalization, zero_centered_gamma), forward(inp, is_first_microbatch, fp8_output, fp8_grad) and
+    its output order (out, bias, ln_out) with return_bias and return_layernorm_output. The norm in
+    fp32 on the input cast to the activation dtype, its output in the activation dtype; ln_out is the
+    gathered norm output with return_layernorm_output_gathered (column, sequence parallel), which
+    TE's backward gives no gradient."""
 
     def __init__(
         self,
         in_features,
         out_features,
-        *,
-        config,
         eps=1e-5,
+        sequence_parallel=False,
+        fuse_wgrad_accumulation=False,
+        tp_group=None,
+        tp_size=1,
+        get_rng_state_tracker=None,
+        init_method=None,
+        bias=True,
         normalization="LayerNorm",
-        zero_centered_gamma=False,
-        bias=False,
         return_bias=False,
+        params_dtype=None,
+        parallel_mode=None,
         return_layernorm_output=False,
         return_layernorm_output_gathered=False,
-        sequence_parallel=False,
+        parameters_split=None,
+        zero_centered_gamma=False,
+        device="cpu",
+        ub_overlap_ag=False,
+        ub_overlap_rs=False,
+        ub_overlap_rs_dgrad=False,
+        ub_bulk_wgrad=False,
+        ub_bulk_dgrad=False,
+        ub_name=None,
+        delay_wgrad_compute=False,
+        symmetric_ar_type=None,
+        name=None,
     ):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features))
-        self.eps, self.normalization, self.zero_centered_gamma = (
-            eps,
-            normalization,
-            zero_centered_gamma,
+        ub = dict(
+            zip(
+                _UB_FLAGS,
+                (ub_overlap_ag, ub_overlap_rs, ub_overlap_rs_dgrad, ub_bulk_dgrad, ub_bulk_wgrad),
+            )
         )
-        gamma = torch.randn(in_features) * 0.2 + (0.0 if zero_centered_gamma else 1.0)
+        self._te_setup(
+            in_features,
+            out_features,
+            sequence_parallel=sequence_parallel,
+            fuse_wgrad_accumulation=fuse_wgrad_accumulation,
+            tp_group=tp_group,
+            tp_size=tp_size,
+            bias=bias,
+            return_bias=return_bias,
+            params_dtype=params_dtype,
+            parallel_mode=parallel_mode,
+            ub=ub,
+        )
+        self.eps, self.normalization = eps, normalization
+        self.zero_centered_gamma = zero_centered_gamma
+        dtype = self.weight.dtype
+        gamma = torch.randn(in_features, dtype=dtype) * 0.2 + (0.0 if zero_centered_gamma else 1.0)
         self.layer_norm_weight = torch.nn.Parameter(gamma)
-        layer_norm_bias = torch.randn(in_features) * 0.2 if normalization == "LayerNorm" else None
-        self.layer_norm_bias = (
-            None if layer_norm_bias is None else torch.nn.Parameter(layer_norm_bias)
-        )
-        self.use_bias, self.return_bias = bias, return_bias
-        self.bias = torch.nn.Parameter(torch.randn(out_features)) if bias else None
-        self.parallel_mode, self.sequence_parallel = "column", sequence_parallel
+        beta = torch.randn(in_features, dtype=dtype) * 0.2 if normalization == "LayerNorm" else None
+        self.layer_norm_bias = None if beta is None else torch.nn.Parameter(beta)
         self.return_layernorm_output = return_layernorm_output
         self.return_layernorm_output_gathered = (
             return_layernorm_output and return_layernorm_output_gathered
         )
 
-    def _get_weight_tensors(self):
-        return [self.weight]
+    def _norm(self, x):
+        xf = x.float()
+        g = self.layer_norm_weight.to(x.dtype).float()
+        g = g + 1 if self.zero_centered_gamma else g
+        if self.normalization == "RMSNorm":
+            ln = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * g
+        else:
+            beta = self.layer_norm_bias.to(x.dtype).float()
+            ln = torch.nn.functional.layer_norm(xf, xf.shape[-1:], g, beta, self.eps)
+        return ln.to(x.dtype)
 
     def forward(self, inp, is_first_microbatch=None, fp8_output=False, fp8_grad=False):
-        g = self.layer_norm_weight + 1 if self.zero_centered_gamma else self.layer_norm_weight
-        if self.normalization == "RMSNorm":
-            ln = inp * torch.rsqrt(inp.square().mean(-1, keepdim=True) + self.eps) * g
-        else:
-            ln = torch.nn.functional.layer_norm(
-                inp, inp.shape[-1:], g, self.layer_norm_bias, self.eps
-            )
-        in_gemm_bias = self.bias if self.use_bias and not self.return_bias else None
-        out = torch.nn.functional.linear(ln, self._get_weight_tensors()[0], in_gemm_bias)
-        outputs = (out, self.bias) if self.return_bias else (out,)
-        outputs += (ln,) if self.return_layernorm_output else ()
+        with self.prepare_forward(inp) as inp:
+            ln = self._norm(inp.to(self.activation_dtype))
+            out, ln_total = self._te_linear(ln, is_first_microbatch)
+        bias = self.bias.to(self.activation_dtype) if self.bias is not None else None
+        outputs = (out, bias) if self.return_bias else (out,)
+        if self.return_layernorm_output:
+            outputs += (ln_total.detach() if self.return_layernorm_output_gathered else ln,)
         return outputs if len(outputs) > 1 else out
 
 
@@ -276,7 +310,12 @@ LayerNormLinear.__module__ = "transformer_engine.pytorch.module.layernorm_linear
 
 
 class TELayerNormLinearLike(LayerNormLinear):
-    """A wrapper that keeps TE's forward (so the calls below see TE's own return contract)."""
+    """Megatron's TELayerNormColumnParallelLinear: takes its config, passes parallel_mode="column"
+    and its bias choice to TE's class, and keeps TE's forward (so the calls below see TE's own
+    return contract)."""
+
+    def __init__(self, *args, config=None, bias=False, parallel_mode="column", **kwargs):
+        super().__init__(*args, bias=bias, parallel_mode=parallel_mode, **kwargs)
 
 
 class GroupedLinear(torch.nn.Module):
