@@ -3,10 +3,8 @@
 `TERowParallelLinear` / `TELayerNormColumnParallelLinear` take the constructors of Megatron's
 wrappers (megatron-core 0.16.1 and 0.19.2: megatron/core/extensions/transformer_engine.py) over the
 TE stand-ins of te_standins (TE's Linear and LayerNormLinear), and return (out, bias) as the
-wrappers do, so Megatron's MLP builds and calls them like the real ones. Tensor parallelism as TE
-sets it up (weights per rank, tp_size, tp_group, sequence_parallel): megasparse's routes
-communicate; the LayerNormLinear stand-in's own forward does not (use it at TP=1). Weights scaled
-like an initialized layer.
+wrappers do, so Megatron's MLP builds and calls them like the real ones (tensor and sequence
+parallelism as TE sets them up from Megatron's config). Weights scaled like an initialized layer.
 """
 
 import torch
@@ -61,8 +59,8 @@ class TERowParallelLinear(Linear):
 
 
 class TELayerNormColumnParallelLinear(LayerNormLinear):
-    """Megatron's TELayerNormColumnParallelLinear: its constructor (norm from the config), TE's
-    LayerNormLinear underneath, (out, bias) back."""
+    """Megatron's TELayerNormColumnParallelLinear: its constructor, TE's LayerNormLinear underneath
+    (parallel_mode "column", the norm from Megatron's config), (out, bias) back."""
 
     def __init__(
         self,
@@ -82,26 +80,25 @@ class TELayerNormColumnParallelLinear(LayerNormLinear):
         name=None,
     ):
         te_return_bias = skip_bias_add and bias
-        tp = config.tensor_model_parallel_size
         super().__init__(
             input_size,
-            output_size // tp,  # TE's column-parallel LayerNormLinear: out_features per rank
-            config=config,
+            output_size,
             eps=config.layernorm_epsilon,
-            normalization=config.normalization,
-            zero_centered_gamma=config.layernorm_zero_centered_gamma,
-            bias=bias,
-            return_bias=te_return_bias,
             sequence_parallel=config.sequence_parallel,
+            fuse_wgrad_accumulation=config.gradient_accumulation_fusion,
+            tp_group=tp_group,
+            tp_size=config.tensor_model_parallel_size,
+            bias=bias,
+            normalization=config.normalization,
+            return_bias=te_return_bias,
+            params_dtype=config.params_dtype,
+            parallel_mode="column",
+            zero_centered_gamma=config.layernorm_zero_centered_gamma,
+            ub_name=tp_comm_buffer_name,
         )
         self.te_return_bias, self.config = te_return_bias, config
-        self.tp_size, self.tp_group = tp, tp_group  # group None: Megatron's tensor-parallel group
-        self.sequence_parallel = tp > 1 and config.sequence_parallel
-        dtype = config.params_dtype
-        with torch.no_grad():  # the model's dtype, scaled like an initialized layer
-            for name_, p in self.named_parameters():
-                scale = input_size**-0.5 if name_ == "weight" else 1.0
-                p.data = (p.data * scale).to(dtype)
+        with torch.no_grad():
+            self.weight.mul_(self.in_features**-0.5)
 
     def forward(self, x):
         return _megatron_return(self, super().forward(x, is_first_microbatch=None))
