@@ -14,7 +14,23 @@ from megasparse.core.activation_sparsity import ActivationStats, sparsify
 from megasparse.core.sparse_operand import sparse_pattern
 
 
-class SparseActivationInput:
+class LinearActivationRole:
+    """A sparse linear outside an activation-sparse FFN (the defaults both sides override)."""
+
+    def _capture_configs(self) -> tuple:
+        """The configs that decide whether some phase of this layer runs megasparse's op."""
+        return (self.sparsity,)
+
+    def _sparse_input_now(self) -> bool:
+        """Whether a sparse activation reaches this layer's GEMMs now (its input or dH)."""
+        return False
+
+    def _sparse_input(self, input):
+        """The GEMM input as this layer computes with it."""
+        return input
+
+
+class SparseActivationInput(LinearActivationRole):
     """fc2's side: the input is the FFN activation, sparsified here or upstream (SparseMLP)."""
 
     def _setup_activation_input(
@@ -77,7 +93,7 @@ class SparseActivationInput:
         return sparsify(input, pattern, stats, wgrad)[0]
 
 
-class FeedsSparseActivation:
+class FeedsSparseActivation(LinearActivationRole):
     """fc1's side: its output feeds an activation-sparse fc2 (declared by SparseMLP), so its output
     gradient dH may arrive marked 2:4 or compact."""
 

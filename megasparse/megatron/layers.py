@@ -23,7 +23,11 @@ from megasparse.config import SparsityConfig
 from megasparse.core.sparse_module import SparseModuleMixin
 from megasparse.fp8 import linear as fp8_linear
 from megasparse.fp8.scaling import quantized_weight
-from megasparse.megatron.activation_input import FeedsSparseActivation, SparseActivationInput
+from megasparse.megatron.activation_input import (
+    FeedsSparseActivation,
+    LinearActivationRole,
+    SparseActivationInput,
+)
 from megasparse.megatron.tp_group import weight_tp_group
 from megasparse.core import speed_gate
 from megasparse.core.gradients import gradient_rule
@@ -64,7 +68,7 @@ def _torch_wgrad_fusion_allowed():
         mcore_layers._grad_accum_fusion_available = available
 
 
-class _SparseLinearMixin(SparseModuleMixin):
+class _SparseLinearMixin(LinearActivationRole, SparseModuleMixin):
     """What the column and row layers share: shape checks, the per-step weight state and the sparse GEMM."""
 
     def _setup_sparsity(self, sparsity: Optional[SparsityConfig], apex_wgrad_fusion: bool) -> None:
@@ -226,18 +230,6 @@ class _SparseLinearMixin(SparseModuleMixin):
 
     def _gated_roles(self, input, step, backend) -> tuple:
         return self.gated_roles(input.numel() // input.shape[-1], step, backend, self.tp_group)
-
-    # defaults; an fc2 / fc1 of an activation-sparse FFN overrides them (megatron.activation_input)
-
-    def _capture_configs(self) -> tuple:
-        """The configs that decide whether some phase of this layer runs megasparse's op."""
-        return (self.sparsity,)
-
-    def _sparse_input_now(self) -> bool:
-        return False
-
-    def _sparse_input(self, input):
-        return input
 
 
 class SparseColumnParallelLinear(

@@ -41,7 +41,11 @@ from megasparse.core.linear_op import masked_weight
 from megasparse.core.weight_state import SparseWeightState, refuse_graph_capture
 from megasparse.core.sparse_module import SparseModuleMixin
 from megasparse.fp8.scaling import quantized_weight
-from megasparse.megatron.activation_input import FeedsSparseActivation, SparseActivationInput
+from megasparse.megatron.activation_input import (
+    FeedsSparseActivation,
+    LinearActivationRole,
+    SparseActivationInput,
+)
 from megasparse.megatron.tp_group import weight_tp_group
 
 _TE_BASES = {
@@ -51,7 +55,7 @@ _TE_BASES = {
 }
 
 
-class _SparseTEMixin(SparseModuleMixin):
+class _SparseTEMixin(LinearActivationRole, SparseModuleMixin):
     def _setup_sparse_te(self, sparsity):
         self._take_sparsity(sparsity)
         if self.sparsity.fp8 is not None:
@@ -94,21 +98,8 @@ class _SparseTEMixin(SparseModuleMixin):
                         "2:4 groups: input size per rank a multiple of 4 (and output size for transposable)"
                     )
 
-    # defaults; an fc2 / fc1 of an activation-sparse FFN overrides them (_TEActivationInput,
-    # _TEFeedsActivation below)
-
     def _setup_te_role(self, comm_name) -> None:
         """The setup of the layer's FFN role (fc2: its activation input), after _setup_sparse_te."""
-
-    def _capture_configs(self) -> tuple:
-        """The configs that decide whether some phase of this layer runs megasparse's op."""
-        return (self.sparsity,)
-
-    def _sparse_input_now(self) -> bool:
-        return False
-
-    def _sparse_input(self, x):
-        return x
 
     def _sparse_now(self) -> bool:
         """Whether some GEMM of this layer is sparse now (megasparse.te.forward then runs its route;

@@ -10,16 +10,16 @@ import logging
 
 import pytest
 import torch
-from megatron.core.activations import squared_relu
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megasparse import SparseMLP, SparsityConfig, sparsify_spec
 from megasparse.megatron.compat import LINEARS_ARE_BUILDERS
 from megasparse.te import sparse_route
-from megatron_helpers import make_config
+from test_specs import _build as build_layer
+from test_specs import _config as specs_config
 from te_mlp_standins import TELayerNormColumnParallelLinear, TERowParallelLinear
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
@@ -42,16 +42,7 @@ def _te_layer_spec(mlp_class=MLP):
 
 
 def _build(spec):
-    cfg = make_config(
-        dtype=torch.float32,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        activation_func=squared_relu,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
-    return build_module(spec, config=cfg, layer_number=1)
+    return build_layer(spec, specs_config())
 
 
 def _train_step(layer):

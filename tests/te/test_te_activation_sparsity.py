@@ -57,6 +57,22 @@ def _te_mlp(sparsity, cfg=None, fc2_cls=SparseFc2, seed=0):
     return SparseMLP(cfg, submodules, ffn_hidden_size=cfg.ffn_hidden_size)
 
 
+def _hand_built_fc2(sparsity, comm_name):
+    """A sparse TERowParallelLinear built outside an MLP (its input not sparsified upstream)."""
+    return SparseFc2(
+        FFN,
+        HIDDEN,
+        config=_config(),
+        init_method=torch.nn.init.normal_,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=True,
+        is_expert=False,
+        tp_comm_buffer_name=comm_name,
+        sparsity=sparsity,
+    )
+
+
 def _reference(mlp, x, dy, sparsity, weights=None, shards=1):
     """The float64 reference of the FFN after TE's norm (megasparse.te.norm, as TE's LayerNormLinear
     computes it: fp32 math, tested on its own): the local spec's SparseMLP math on the norm's output,
@@ -233,18 +249,7 @@ def test_te_sparse_mlp_with_no_tokens():
 
 def test_hand_built_te_fc2_sparsifies_its_own_input_on_the_route():
     sparsity = _sparsity("64:2:16", None)
-    fc2 = SparseFc2(
-        FFN,
-        HIDDEN,
-        config=_config(),
-        init_method=torch.nn.init.normal_,
-        bias=False,
-        input_is_parallel=True,
-        skip_bias_add=True,
-        is_expert=False,
-        tp_comm_buffer_name="fc2",
-        sparsity=sparsity,
-    )
+    fc2 = _hand_built_fc2(sparsity, "fc2")
     a = torch.relu(torch.randn(SEQ * BATCH, FFN, dtype=torch.float64)).requires_grad_(True)
     with _RouteCalls() as calls:
         y, _ = fc2(a)
@@ -309,15 +314,4 @@ def test_te_fc2_checks_what_the_local_fc2_checks():
     with pytest.raises(ValueError, match="non-gated.*gated_linear_unit=True"):
         _te_mlp(_sparsity("2:4"), _config(gated_linear_unit=True))
     with pytest.raises(ValueError, match="tp_comm_buffer_name='proj'.*or set activations=None"):
-        SparseFc2(
-            FFN,
-            HIDDEN,
-            config=_config(),
-            init_method=torch.nn.init.normal_,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="proj",
-            sparsity=_sparsity("2:4"),
-        )
+        _hand_built_fc2(_sparsity("2:4"), "proj")
