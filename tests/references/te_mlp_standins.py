@@ -12,12 +12,34 @@ import torch
 from te_standins import LayerNormLinear, Linear
 
 
-def _megatron_return(module, out):
-    """Megatron's TE wrappers always return (out, bias): TE's tuple with te_return_bias, else (out, None)."""
-    return out if module.te_return_bias else (out, None)
+class _MegatronTEWrapper:
+    """What Megatron's TE wrappers share: TE's keywords from Megatron's config, te_return_bias, and
+    forward(x) -> (out, bias) (TE's tuple with te_return_bias, else (out, None))."""
+
+    def _te_init(self, te_class, input_size, output_size, config, bias, skip_bias_add, **te_kwargs):
+        te_return_bias = skip_bias_add and bias
+        te_class.__init__(
+            self,
+            input_size,
+            output_size,
+            sequence_parallel=config.sequence_parallel,
+            fuse_wgrad_accumulation=config.gradient_accumulation_fusion,
+            tp_size=config.tensor_model_parallel_size,
+            bias=bias,
+            return_bias=te_return_bias,
+            params_dtype=config.params_dtype,
+            **te_kwargs,
+        )
+        self.te_return_bias, self.config = te_return_bias, config
+        with torch.no_grad():  # scaled like an initialized layer
+            self.weight.mul_(self.in_features**-0.5)
+
+    def forward(self, x):
+        out = super().forward(x, is_first_microbatch=None)
+        return out if self.te_return_bias else (out, None)
 
 
-class TERowParallelLinear(Linear):
+class TERowParallelLinear(_MegatronTEWrapper, Linear):
     """Megatron's TERowParallelLinear: its constructor, TE's Linear underneath (parallel_mode "row",
     Megatron's config: sequence parallelism, wgrad fusion, TP group and size), (out, bias) back."""
 
@@ -36,29 +58,20 @@ class TERowParallelLinear(Linear):
         tp_group=None,
         name=None,
     ):
-        te_return_bias = skip_bias_add and bias
-        super().__init__(
+        self._te_init(
+            Linear,
             input_size,
             output_size,
-            sequence_parallel=config.sequence_parallel,
-            fuse_wgrad_accumulation=config.gradient_accumulation_fusion,
+            config,
+            bias,
+            skip_bias_add,
             tp_group=tp_group,
-            tp_size=config.tensor_model_parallel_size,
-            bias=bias,
-            return_bias=te_return_bias,
-            params_dtype=config.params_dtype,
             parallel_mode="row",
             ub_name=tp_comm_buffer_name,
         )
-        self.te_return_bias, self.config = te_return_bias, config
-        with torch.no_grad():
-            self.weight.mul_(self.in_features**-0.5)
-
-    def forward(self, x):
-        return _megatron_return(self, super().forward(x, is_first_microbatch=None))
 
 
-class TELayerNormColumnParallelLinear(LayerNormLinear):
+class TELayerNormColumnParallelLinear(_MegatronTEWrapper, LayerNormLinear):
     """Megatron's TELayerNormColumnParallelLinear: its constructor, TE's LayerNormLinear underneath
     (parallel_mode "column", the norm from Megatron's config), (out, bias) back."""
 
@@ -79,26 +92,17 @@ class TELayerNormColumnParallelLinear(LayerNormLinear):
         stride=1,
         name=None,
     ):
-        te_return_bias = skip_bias_add and bias
-        super().__init__(
+        self._te_init(
+            LayerNormLinear,
             input_size,
             output_size,
+            config,
+            bias,
+            skip_bias_add,
             eps=config.layernorm_epsilon,
-            sequence_parallel=config.sequence_parallel,
-            fuse_wgrad_accumulation=config.gradient_accumulation_fusion,
             tp_group=tp_group,
-            tp_size=config.tensor_model_parallel_size,
-            bias=bias,
             normalization=config.normalization,
-            return_bias=te_return_bias,
-            params_dtype=config.params_dtype,
             parallel_mode="column",
             zero_centered_gamma=config.layernorm_zero_centered_gamma,
             ub_name=tp_comm_buffer_name,
         )
-        self.te_return_bias, self.config = te_return_bias, config
-        with torch.no_grad():
-            self.weight.mul_(self.in_features**-0.5)
-
-    def forward(self, x):
-        return _megatron_return(self, super().forward(x, is_first_microbatch=None))
