@@ -118,8 +118,7 @@ class _TEModule(torch.nn.Module):
     @contextlib.contextmanager
     def prepare_forward(self, inp, num_gemms=1, allow_non_contiguous=False):
         self.set_activation_dtype(inp)
-        with torch.autocast("cpu", enabled=False):  # TE's GEMMs run in the activation dtype
-            yield inp.contiguous()
+        yield inp.contiguous()  # autocast stays on, as in TE (its GEMMs cast explicitly)
 
     def _te_linear(self, inp, is_first_microbatch):
         """TE's Linear forward on inp (already the GEMM's input before communication)."""

@@ -458,3 +458,59 @@ def _tp2_worker():
 
 def test_tp2_column_and_row_with_sequence_parallel_and_the_overlap_fallback():
     run_distributed(_tp2_worker, world_size=2, tensor_model_parallel_size=2)
+
+
+def _tp2_layernorm_worker():
+    """TE LayerNormLinear (RMSNorm, column) at TP=2 with and without sequence parallelism, the
+    gathered norm output returned: equal to the float64 full-weight reference."""
+    from megatron.core import parallel_state
+
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    group = parallel_state.get_tensor_model_parallel_group()
+    torch.manual_seed(1)
+    x_full, w = torch.randn(SEQ, 2, HIDDEN, dtype=F64), torch.randn(FFN, HIDDEN, dtype=F64)
+    gamma, b = torch.randn(HIDDEN, dtype=F64) * 0.2 + 1, torch.randn(FFN, dtype=F64)
+    dy_full = torch.randn(SEQ, 2, FFN, dtype=F64)
+    rows = slice(rank * FFN // tp, (rank + 1) * FFN // tp)
+    seq = slice(rank * SEQ // tp, (rank + 1) * SEQ // tp)
+    m = weight_mask(w, "transposable")
+    x64, g64 = x_full.clone().requires_grad_(True), gamma.clone().requires_grad_(True)
+    ln64 = x64 * (x64.square().mean(-1, keepdim=True) + 1e-5).rsqrt() * g64
+    y64 = torch.nn.functional.linear(ln64, w * m, b)
+    y64.backward(dy_full)
+    for sequence_parallel in (False, True):
+        where = f"rank {rank} sp={sequence_parallel}"
+        layer = sparse_te_class(TELayerNormLinearLike)(
+            HIDDEN,
+            FFN,
+            normalization="RMSNorm",
+            bias=True,
+            return_layernorm_output=True,
+            return_layernorm_output_gathered=True,
+            sequence_parallel=sequence_parallel,
+            tp_group=group,
+            params_dtype=F64,
+            sparsity=SparsityConfig(mask="transposable"),
+        )
+        backend = counted(layer)
+        with torch.no_grad():
+            layer.weight.copy_(w[rows]), layer.bias.copy_(b[rows])
+            layer.layer_norm_weight.copy_(gamma)
+        x = (x_full[seq] if sequence_parallel else x_full).clone().requires_grad_(True)
+        y, ln_out = layer(x)
+        y.backward(dy_full[..., rows])
+        tol = dict(rtol=2e-5, atol=2e-5, msg=lambda s: f"{where}: {s}")
+        torch.testing.assert_close(y, y64.detach()[..., rows], **tol)
+        torch.testing.assert_close(ln_out, ln64.detach(), **tol)  # gathered: the full sequence
+        torch.testing.assert_close(x.grad, x64.grad[seq] if sequence_parallel else x64.grad, **tol)
+        dw = dy_full[..., rows].reshape(-1, FFN // tp).t() @ ln64.detach().reshape(-1, HIDDEN)
+        torch.testing.assert_close(layer.weight.grad, dw, **tol)  # ste: dY^T ln
+        dgamma = layer.layer_norm_weight.grad.clone()
+        if sequence_parallel:  # Megatron all-reduces sequence-parallel norm grads over TP later
+            dist.all_reduce(dgamma)
+        torch.testing.assert_close(dgamma, g64.grad, **tol)
+        assert backend.count("linear") == 1, where
+
+
+def test_tp2_layernorm_linear_with_sequence_parallel():
+    run_distributed(_tp2_layernorm_worker, world_size=2, tensor_model_parallel_size=2)
