@@ -214,6 +214,8 @@ def test_fp32_parameters_under_autocast_compute_with_w_m_cast_once_per_step():
         assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
     compresses = [c for c in backend.calls if c[0] == "compress"]
     assert [c[2] for c in compresses] == [torch.bfloat16, torch.bfloat16]  # W*M and (W*M)^T
+    held = layer.sparsity_stats()["state_bytes"]  # the bf16 operands count as the step's state
+    assert held[str(("activation_dtype", torch.bfloat16))] == 2 * 64 * 32 * 2
     # without the counting backend: the backend is resolved for the bf16 W*M TE computes with
     plain = linear(mask="transposable", dtype=torch.float32, in_f=64, out_f=32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -384,6 +386,28 @@ def test_grouped_linear_per_expert_against_float64(mask, gradient, bias, return_
     with_tokens = sum(1 for n in SPLITS if n)
     assert backend.count("linear") == with_tokens
     assert backend.count("compress") == with_tokens * (2 if mask == "transposable" else 1)
+
+
+def test_grouped_linear_fuses_each_experts_wgrad_into_its_main_grad():
+    """TE GroupedLinear with fuse_wgrad_accumulation: each expert's main_grad holds the sum over
+    micro-batches of its own dY^T X (zero for the expert without tokens), flagged as added."""
+    torch.manual_seed(12)
+    layer = sparse_te_class(TEGroupedLinearLike)(4, 32, 16, sparsity=SparsityConfig()).double()
+    layer.fuse_wgrad_accumulation = True  # TE's attribute (Megatron: gradient_accumulation_fusion)
+    counted(layer)
+    weights = [getattr(layer, f"weight{i}") for i in range(4)]
+    for w in weights:
+        w.main_grad = torch.zeros(16, 32, dtype=torch.float32)
+        w.grad_added_to_main_grad = False
+    expected = [torch.zeros(16, 32, dtype=F64) for _ in weights]
+    for _ in range(2):
+        x, dy = torch.randn(sum(SPLITS), 32, dtype=F64), torch.randn(sum(SPLITS), 16, dtype=F64)
+        layer(x, SPLITS)[0].backward(dy)
+        for i, (x_i, dy_i) in enumerate(zip(x.split(SPLITS), dy.split(SPLITS))):
+            expected[i] += dy_i.t() @ x_i
+    for w, e in zip(weights, expected):
+        assert w.grad_added_to_main_grad is True
+        torch.testing.assert_close(w.main_grad.double(), e, rtol=1e-6, atol=1e-6)
 
 
 # --- TP=2 over gloo: the same full weights give the float64 full-weight reference -------------
