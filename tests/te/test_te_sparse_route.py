@@ -223,17 +223,22 @@ def test_fp32_parameters_under_autocast_compute_with_w_m_cast_once_per_step():
     assert [key[2] for key in plain._backends] == [torch.bfloat16]
 
 
-def test_dense_phase_is_tes_forward_exactly():
+@pytest.mark.parametrize("te_class", [TELinearLike, TELayerNormLinearLike])
+def test_dense_phase_is_tes_forward_exactly(te_class):
     """Nothing sparse now (disabled, or weights=None): TE's own forward runs, bit for bit, and no
     sparse backend is asked."""
     torch.manual_seed(8)
-    base = TELinearLike(32, 16, params_dtype=F64)
+    base = te_class(32, 16, bias=True, params_dtype=F64)
     for sparsity in (SparsityConfig(enabled=False), SparsityConfig(weights=None)):
         torch.manual_seed(8)
-        layer = sparse_te_class(TELinearLike)(32, 16, params_dtype=F64, sparsity=sparsity)
+        layer = sparse_te_class(te_class)(32, 16, bias=True, params_dtype=F64, sparsity=sparsity)
         backend = counted(layer)
         x = torch.randn(4, 32, dtype=F64, requires_grad=True)
-        assert torch.equal(layer(x)[0], base(x)[0])
+        out, expected = layer(x), base(x)
+        out, expected = (
+            (out, expected) if te_class is TELayerNormLinearLike else (out[0], expected[0])
+        )
+        assert torch.equal(out, expected)
         assert backend.calls == []
 
 
