@@ -14,8 +14,7 @@ to weight.main_grad and the weight reports `grad_added_to_main_grad` with TE's d
 """
 
 import copy
-
-import torch
+import types
 
 from megasparse.core.linear_op import LinearPlan, sparse_linear_step
 from megasparse.core.weight_state import WeightStep
@@ -38,8 +37,8 @@ def sparse_route_reason(module):
 def _backend(module, dtype):
     """The GEMM backend for the layer's weights as TE computes with them: cast to `dtype`."""
     weight = getattr(module, module._sparse_weight_names()[0])
-    if weight.dtype != dtype:  # a stand-in of the cast weight: its shape, dtype and device only
-        weight = torch.empty((), dtype=dtype, device=weight.device).expand(weight.shape)
+    if weight.dtype != dtype:  # the cast weight as backend_for reads it: device, dtype, shape
+        weight = types.SimpleNamespace(device=weight.device, dtype=dtype, shape=weight.shape)
     return module.backend_for(weight)
 
 

@@ -64,33 +64,24 @@ class _TEGemm(torch.autograd.Function):
 class _TEModule(torch.nn.Module):
     """What TE's Linear / LayerNormLinear set up in __init__ and prepare_forward."""
 
-    def _te_setup(
-        self,
-        in_features,
-        out_features,
-        *,
-        sequence_parallel,
-        fuse_wgrad_accumulation,
-        tp_group,
-        tp_size,
-        bias,
-        return_bias,
-        params_dtype,
-        parallel_mode,
-        ub,
-    ):
-        self.fuse_wgrad_accumulation = fuse_wgrad_accumulation
+    def _te_setup(self, arguments: dict):
+        """TE's __init__ on the constructor's arguments (`locals()`, TE's names)."""
+        in_features, out_features = arguments["in_features"], arguments["out_features"]
+        bias, return_bias = arguments["bias"], arguments["return_bias"]
+        tp_group, parallel_mode = arguments["tp_group"], arguments["parallel_mode"]
+        ub = {flag: arguments[flag] for flag in _UB_FLAGS}
+        self.fuse_wgrad_accumulation = arguments["fuse_wgrad_accumulation"]
         self.use_bias, self.return_bias = bias, return_bias
         self.apply_bias = bias and not return_bias
         self.tp_group = tp_group
-        self.tp_size = tp_size if tp_group is None else tp_group.size()
+        self.tp_size = arguments["tp_size"] if tp_group is None else tp_group.size()
         self.parallel_mode = parallel_mode
         if parallel_mode == "column":
             out_features //= self.tp_size
         elif parallel_mode == "row":
             in_features //= self.tp_size
         self.in_features, self.out_features = in_features, out_features
-        self.sequence_parallel = self.tp_size > 1 and sequence_parallel
+        self.sequence_parallel = self.tp_size > 1 and arguments["sequence_parallel"]
         column, row, sp = parallel_mode == "column", parallel_mode == "row", self.sequence_parallel
         # TE's userbuffers flags, as its __init__ derives them from the constructor's
         self.ub_overlap_ag_fprop = column and sp and ub["ub_overlap_ag"]
@@ -101,7 +92,7 @@ class _TEModule(torch.nn.Module):
         self.ub_overlap_ag_dgrad = row and sp and ub["ub_overlap_ag"]
         self.gemm_bias_unfused_add = row and self.apply_bias
         self.activation_dtype = None
-        dtype = params_dtype or torch.get_default_dtype()
+        dtype = arguments["params_dtype"] or torch.get_default_dtype()
         self.weight = torch.nn.Parameter(torch.randn(out_features, in_features, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.randn(out_features, dtype=dtype)) if bias else None
 
@@ -118,8 +109,7 @@ class _TEModule(torch.nn.Module):
     @contextlib.contextmanager
     def prepare_forward(self, inp, num_gemms=1, allow_non_contiguous=False):
         self.set_activation_dtype(inp)
-        with torch.autocast("cpu", enabled=False):  # TE's GEMMs run in the activation dtype
-            yield inp.contiguous()
+        yield inp.contiguous()  # autocast stays on, as in TE (its GEMMs cast explicitly)
 
     def _te_linear(self, inp, is_first_microbatch):
         """TE's Linear forward on inp (already the GEMM's input before communication)."""
@@ -180,25 +170,7 @@ class Linear(_TEModule):
         name=None,
     ):
         super().__init__()
-        ub = dict(
-            zip(
-                _UB_FLAGS,
-                (ub_overlap_ag, ub_overlap_rs, ub_overlap_rs_dgrad, ub_bulk_dgrad, ub_bulk_wgrad),
-            )
-        )
-        self._te_setup(
-            in_features,
-            out_features,
-            sequence_parallel=sequence_parallel,
-            fuse_wgrad_accumulation=fuse_wgrad_accumulation,
-            tp_group=tp_group,
-            tp_size=tp_size,
-            bias=bias,
-            return_bias=return_bias,
-            params_dtype=params_dtype,
-            parallel_mode=parallel_mode,
-            ub=ub,
-        )
+        self._te_setup(locals())
         self.ub_name, self.symmetric_ar_type = ub_name, symmetric_ar_type
 
     def forward(self, inp, is_first_microbatch=None, fp8_output=False, fp8_grad=False):
@@ -253,25 +225,7 @@ class LayerNormLinear(_TEModule):
         name=None,
     ):
         super().__init__()
-        ub = dict(
-            zip(
-                _UB_FLAGS,
-                (ub_overlap_ag, ub_overlap_rs, ub_overlap_rs_dgrad, ub_bulk_dgrad, ub_bulk_wgrad),
-            )
-        )
-        self._te_setup(
-            in_features,
-            out_features,
-            sequence_parallel=sequence_parallel,
-            fuse_wgrad_accumulation=fuse_wgrad_accumulation,
-            tp_group=tp_group,
-            tp_size=tp_size,
-            bias=bias,
-            return_bias=return_bias,
-            params_dtype=params_dtype,
-            parallel_mode=parallel_mode,
-            ub=ub,
-        )
+        self._te_setup(locals())
         self.eps, self.normalization = eps, normalization
         self.zero_centered_gamma = zero_centered_gamma
         dtype = self.weight.dtype

@@ -214,21 +214,31 @@ def test_fp32_parameters_under_autocast_compute_with_w_m_cast_once_per_step():
         assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
     compresses = [c for c in backend.calls if c[0] == "compress"]
     assert [c[2] for c in compresses] == [torch.bfloat16, torch.bfloat16]  # W*M and (W*M)^T
-    expected = 3 * (torch.ones(9, 32).t() @ torch.ones(9, 64))  # shape of dY^T X only
-    assert layer.weight.grad.shape == expected.shape
+    held = layer.sparsity_stats()["state_bytes"]  # the bf16 operands count as the step's state
+    assert held[str(("activation_dtype", torch.bfloat16))] == 2 * 64 * 32 * 2
+    # without the counting backend: the backend is resolved for the bf16 W*M TE computes with
+    plain = linear(mask="transposable", dtype=torch.float32, in_f=64, out_f=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain(torch.randn(9, 64))  # backend='auto' on CPU: dense, once warned
+    assert [key[2] for key in plain._backends] == [torch.bfloat16]
 
 
-def test_dense_phase_is_tes_forward_exactly():
+@pytest.mark.parametrize("te_class", [TELinearLike, TELayerNormLinearLike])
+def test_dense_phase_is_tes_forward_exactly(te_class):
     """Nothing sparse now (disabled, or weights=None): TE's own forward runs, bit for bit, and no
     sparse backend is asked."""
     torch.manual_seed(8)
-    base = TELinearLike(32, 16, params_dtype=F64)
+    base = te_class(32, 16, bias=True, params_dtype=F64)
     for sparsity in (SparsityConfig(enabled=False), SparsityConfig(weights=None)):
         torch.manual_seed(8)
-        layer = sparse_te_class(TELinearLike)(32, 16, params_dtype=F64, sparsity=sparsity)
+        layer = sparse_te_class(te_class)(32, 16, bias=True, params_dtype=F64, sparsity=sparsity)
         backend = counted(layer)
         x = torch.randn(4, 32, dtype=F64, requires_grad=True)
-        assert torch.equal(layer(x)[0], base(x)[0])
+        out, expected = layer(x), base(x)
+        out, expected = (
+            (out, expected) if te_class is TELayerNormLinearLike else (out[0], expected[0])
+        )
+        assert torch.equal(out, expected)
         assert backend.calls == []
 
 
@@ -383,6 +393,28 @@ def test_grouped_linear_per_expert_against_float64(mask, gradient, bias, return_
     assert backend.count("compress") == with_tokens * (2 if mask == "transposable" else 1)
 
 
+def test_grouped_linear_fuses_each_experts_wgrad_into_its_main_grad():
+    """TE GroupedLinear with fuse_wgrad_accumulation: each expert's main_grad holds the sum over
+    micro-batches of its own dY^T X (zero for the expert without tokens), flagged as added."""
+    torch.manual_seed(12)
+    layer = sparse_te_class(TEGroupedLinearLike)(4, 32, 16, sparsity=SparsityConfig()).double()
+    layer.fuse_wgrad_accumulation = True  # TE's attribute (Megatron: gradient_accumulation_fusion)
+    counted(layer)
+    weights = [getattr(layer, f"weight{i}") for i in range(4)]
+    for w in weights:
+        w.main_grad = torch.zeros(16, 32, dtype=torch.float32)
+        w.grad_added_to_main_grad = False
+    expected = [torch.zeros(16, 32, dtype=F64) for _ in weights]
+    for _ in range(2):
+        x, dy = torch.randn(sum(SPLITS), 32, dtype=F64), torch.randn(sum(SPLITS), 16, dtype=F64)
+        layer(x, SPLITS)[0].backward(dy)
+        for i, (x_i, dy_i) in enumerate(zip(x.split(SPLITS), dy.split(SPLITS))):
+            expected[i] += dy_i.t() @ x_i
+    for w, e in zip(weights, expected):
+        assert w.grad_added_to_main_grad is True
+        torch.testing.assert_close(w.main_grad.double(), e, rtol=1e-6, atol=1e-6)
+
+
 # --- TP=2 over gloo: the same full weights give the float64 full-weight reference -------------
 
 HIDDEN, FFN, SEQ = 32, 64, 8
@@ -458,3 +490,59 @@ def _tp2_worker():
 
 def test_tp2_column_and_row_with_sequence_parallel_and_the_overlap_fallback():
     run_distributed(_tp2_worker, world_size=2, tensor_model_parallel_size=2)
+
+
+def _tp2_layernorm_worker():
+    """TE LayerNormLinear (RMSNorm, column) at TP=2 with and without sequence parallelism, the
+    gathered norm output returned: equal to the float64 full-weight reference."""
+    from megatron.core import parallel_state
+
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    group = parallel_state.get_tensor_model_parallel_group()
+    torch.manual_seed(1)
+    x_full, w = torch.randn(SEQ, 2, HIDDEN, dtype=F64), torch.randn(FFN, HIDDEN, dtype=F64)
+    gamma, b = torch.randn(HIDDEN, dtype=F64) * 0.2 + 1, torch.randn(FFN, dtype=F64)
+    dy_full = torch.randn(SEQ, 2, FFN, dtype=F64)
+    rows = slice(rank * FFN // tp, (rank + 1) * FFN // tp)
+    seq = slice(rank * SEQ // tp, (rank + 1) * SEQ // tp)
+    m = weight_mask(w, "transposable")
+    x64, g64 = x_full.clone().requires_grad_(True), gamma.clone().requires_grad_(True)
+    ln64 = x64 * (x64.square().mean(-1, keepdim=True) + 1e-5).rsqrt() * g64
+    y64 = torch.nn.functional.linear(ln64, w * m, b)
+    y64.backward(dy_full)
+    for sequence_parallel in (False, True):
+        where = f"rank {rank} sp={sequence_parallel}"
+        layer = sparse_te_class(TELayerNormLinearLike)(
+            HIDDEN,
+            FFN,
+            normalization="RMSNorm",
+            bias=True,
+            return_layernorm_output=True,
+            return_layernorm_output_gathered=True,
+            sequence_parallel=sequence_parallel,
+            tp_group=group,
+            params_dtype=F64,
+            sparsity=SparsityConfig(mask="transposable"),
+        )
+        backend = counted(layer)
+        with torch.no_grad():
+            layer.weight.copy_(w[rows]), layer.bias.copy_(b[rows])
+            layer.layer_norm_weight.copy_(gamma)
+        x = (x_full[seq] if sequence_parallel else x_full).clone().requires_grad_(True)
+        y, ln_out = layer(x)
+        y.backward(dy_full[..., rows])
+        tol = dict(rtol=2e-5, atol=2e-5, msg=lambda s: f"{where}: {s}")
+        torch.testing.assert_close(y, y64.detach()[..., rows], **tol)
+        torch.testing.assert_close(ln_out, ln64.detach(), **tol)  # gathered: the full sequence
+        torch.testing.assert_close(x.grad, x64.grad[seq] if sequence_parallel else x64.grad, **tol)
+        dw = dy_full[..., rows].reshape(-1, FFN // tp).t() @ ln64.detach().reshape(-1, HIDDEN)
+        torch.testing.assert_close(layer.weight.grad, dw, **tol)  # ste: dY^T ln
+        dgamma = layer.layer_norm_weight.grad.clone()
+        if sequence_parallel:  # Megatron all-reduces sequence-parallel norm grads over TP later
+            dist.all_reduce(dgamma)
+        torch.testing.assert_close(dgamma, g64.grad, **tol)
+        assert backend.count("linear") == 1, where
+
+
+def test_tp2_layernorm_linear_with_sequence_parallel():
+    run_distributed(_tp2_layernorm_worker, world_size=2, tensor_model_parallel_size=2)
