@@ -252,7 +252,12 @@ class WeightStep:
             value,
         ) in self._extras.items():  # tensors, or objects listing theirs: held_tensors()
             tensors = (value,) if isinstance(value, torch.Tensor) else value.held_tensors()
-            held[str(key)] = sum(_nbytes(t) for t in tensors)
+            # a cached extra's name: its key's first part ("fp8_weight" of ("fp8_weight",
+            # use_cusparselt, order)); variants of one name add up
+            name = (
+                key[0] if isinstance(key, tuple) and key and isinstance(key[0], str) else str(key)
+            )
+            held[name] = held.get(name, 0) + sum(_nbytes(t) for t in tensors)
         return held
 
 
