@@ -7,7 +7,10 @@ e4m3 operands, for training under an FP8 recipe:
   e4m3: PyTorch's cuSPARSELt binding takes e4m3 only, so under HYBRID dY gets a second, e4m3 cast
   for this GEMM); with 1d masks a dense FP8 GEMM (`torch._scaled_mm`) on the e4m3 W*M, as TE;
 - weight gradient: as TE does it: an FP8 GEMM of dY (the recipe's gradient format) and x (e4m3),
-  fp32 output, or a high-precision GEMM when the recipe overrides wgrad precision.
+  fp32 output, or a high-precision GEMM when the recipe overrides wgrad precision. Under
+  Megatron's main_grad fusion with an accumulating FP8 GEMM in the plan (TE's, on the TE route),
+  dY^T X accumulates into main_grad inside the GEMM; elsewhere (the local path: torch 2.13 has no
+  accumulating FP8 GEMM) the fp32 result is added to main_grad.
 The e4m3 weight is pruned, then quantized with the amax of W*M ("amax after pruning"), and built
 once per optimizer step with its compressed operands (`WeightStep.cached`), shared by every
 micro-batch. x is saved for the backward in e4m3 (as TE saves it), as the weight-gradient GEMM's
@@ -63,7 +66,7 @@ class Fp8LinearPlan:
     weight_scale: Optional[torch.Tensor] = None  # the weight's e4m3 scale; None: current, per step
     # main_grad += (dy_q_t dy_si) (x_q_t x_si)^T inside one FP8 GEMM (TE's general_gemm with
     # accumulate=True: megasparse.te.fp8_route.te_wgrad_into_main_grad); None: no such GEMM, the
-    # wgrad is written in fp32 and added (torch 2.13's FP8 GEMMs cannot accumulate: `wgrad_fp32`)
+    # wgrad is written in fp32 and added (torch 2.13's FP8 GEMMs cannot accumulate: `_wgrad_fp32`)
     wgrad_into_main_grad: Optional[Callable] = None
 
 
@@ -237,7 +240,7 @@ def _weight_gradient(dy2d, dy_q_t, dy_si, saved_x, x_si, weight, saved: _Fp8Save
     if saved.empty:
         grad32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     else:
-        grad32 = wgrad_fp32(dy2d, dy_q_t, dy_si, saved_x, x_si, plan)
+        grad32 = _wgrad_fp32(dy2d, dy_q_t, dy_si, saved_x, x_si, plan)
     if main_grad is None:
         return step.rule.dense_gradient(grad32, weight, step).to(weight.dtype)
     weight.main_grad = main_grad
@@ -246,7 +249,7 @@ def _weight_gradient(dy2d, dy_q_t, dy_si, saved_x, x_si, weight, saved: _Fp8Save
     return gradient_went_to_main_grad(weight, dy2d.dtype)
 
 
-def wgrad_fp32(dy2d, dy_q_t, dy_si, saved_x, x_si, plan):
+def _wgrad_fp32(dy2d, dy_q_t, dy_si, saved_x, x_si, plan):
     """dY^T X in fp32: FP8 (as TE: dY in the recipe's gradient format, x in e4m3) or high precision.
     Tokens are the reduction dim: both FP8 operands come transposed with zero rows padded to a
     multiple of 16 (saved_x is x_q's [in, tokens], dy_q_t dY's [out, tokens] unless None).
