@@ -17,17 +17,23 @@ what TE's forward receives and returns what it returns (TE 2.5 to 2.18 and main,
     its per-step gradient terms). No communication: TE's GroupedLinear has none (Megatron's MoE
     dispatcher moves tokens; its TE grouped linears pass parallel_mode=None under expert or
     expert-tensor parallelism, and at TP=EP=1 there is nothing to communicate).
-Which GEMM op runs (`choose_gemm`): the FP8 2:4 op under TE's fp8_autocast where it applies
-(megasparse.te.fp8_route says exactly when); otherwise TE's own forward runs its dense GEMM on
-W*M, with one warning naming the reason. Calls with TE options this path does not reproduce
-(fp8_output / fp8_grad, GroupedLinear's preallocated out / dgrad_out buffers or single grouped
-weight / bias) go to TE's own forward.
+Which GEMM op runs (`choose_gemm`): under TE's fp8_autocast the FP8 2:4 op where it applies
+(megasparse.te.fp8_route says exactly when), else TE's FP8 GEMM on W*M; without it, while the layer
+is sparse (`_sparse_now()`), the bf16/fp16 2:4 op (megasparse.te.sparse_route: cuSPARSELt on the
+step's compressed W*M); in a dense phase TE's own forward, exactly. TE's own forward (its dense
+GEMM on W*M) also runs, with one warning naming the reason, under TE's userbuffers overlap
+(--tp-comm-overlap: the communication is fused into TE's GEMM) and for calls with TE options this
+path does not reproduce (fp8_output / fp8_grad, GroupedLinear's preallocated out / dgrad_out
+buffers or single grouped weight / bias).
 
 What stays TE's and Megatron's: TE's `prepare_forward` (FP8 metadata, the amax buffers TE reduces
 over its amax group and turns into scales at the end of fp8_autocast); communication through
-Megatron's tensor-parallel mappings, as TE does it for the module's parallel_mode (column: copy /
-sequence-parallel all-gather of the GEMM input; row: all-reduce / reduce-scatter of the output, bias
-after it); main_grad accumulation when TE fuses wgrad accumulation.
+Megatron's tensor-parallel mappings on the module's tp_group, as TE does it for its parallel_mode
+when tp_size > 1 (column: copy / sequence-parallel all-gather of the GEMM input; row: all-reduce /
+reduce-scatter of the output, bias after it in the activation dtype; checked against TE 2.5 and
+main, module/linear.py); main_grad accumulation when TE fuses wgrad accumulation (the route adds
+to main_grad in every micro-batch, where TE overwrites it with is_first_microbatch=True: the same
+on the grad buffer Megatron zeroes before each step).
 """
 
 import contextlib
@@ -36,7 +42,8 @@ import inspect
 
 import torch
 
-from megasparse.te import fp8_route
+from megasparse.core.warn import warn_once
+from megasparse.te import fp8_route, sparse_route
 from megasparse.te.norm import te_normalization
 
 
@@ -68,14 +75,23 @@ def _comm():
     return tp
 
 
+def _communicates(module) -> bool:
+    """Whether TE communicates for this module: tensor-parallel size above 1 (stand-ins without
+    TE's tp_size: Megatron's tensor-parallel group decides)."""
+    return getattr(module, "tp_size", 2) != 1
+
+
 def _column_input(module, x):
     """The GEMM input as TE's column-parallel mode makes it: sequence-parallel all-gather, or a copy
     whose backward all-reduces the input gradient."""
     if getattr(module, "parallel_mode", None) != "column":
         return x
+    if not _communicates(module):
+        return x
+    group = getattr(module, "tp_group", None)  # None: Megatron's tensor-parallel group
     if getattr(module, "sequence_parallel", False):
-        return _comm().gather_from_sequence_parallel_region(x)
-    return _comm().copy_to_tensor_model_parallel_region(x)
+        return _comm().gather_from_sequence_parallel_region(x, group=group)
+    return _comm().copy_to_tensor_model_parallel_region(x, group=group)
 
 
 def _linear_output(module, x, gemm):
@@ -86,17 +102,19 @@ def _linear_output(module, x, gemm):
     bias = getattr(module, "bias", None) if getattr(module, "use_bias", False) else None
     return_bias = getattr(module, "return_bias", False)
     dtype = _activation_dtype(module, x)
-    (step,) = module.weight_steps()
+    (step,) = _weight_steps(module, gemm, dtype)
     in_gemm_bias = bias if (bias is not None and not return_bias and mode != "row") else None
     out = gemm(module, x, module.weight, in_gemm_bias, step, 0, dtype)
-    if mode == "row":
+    if mode == "row" and _communicates(module):
+        group = getattr(module, "tp_group", None)
         out = (
-            _comm().reduce_scatter_to_sequence_parallel_region(out)
+            _comm().reduce_scatter_to_sequence_parallel_region(out, group=group)
             if sp
-            else _comm().reduce_from_tensor_model_parallel_region(out)
+            else _comm().reduce_from_tensor_model_parallel_region(out, group=group)
         )
-        if bias is not None and not return_bias:
-            out = out + bias
+    if mode == "row":
+        if bias is not None and not return_bias:  # TE: after the reduction, in the activation dtype
+            out = out + _returned_bias(bias, dtype)
     return out, (_returned_bias(bias, dtype) if return_bias else None)
 
 
@@ -108,13 +126,35 @@ def _signature(te_forward):
 def choose_gemm(module, unsupported=None):
     """The GEMM op of this call, `gemm(module, x, weight, bias, step, index, out_dtype)`, or None for
     TE's own forward (its GEMM on W*M from `_get_weight_tensors`):
-      - under TE's fp8_autocast: the FP8 2:4 route (megasparse.te.fp8_route) where it runs;
-      - else (bf16/fp16): None for now.
+      - under TE's fp8_autocast: the FP8 2:4 route (megasparse.te.fp8_route) where it runs, else
+        None (TE's FP8 GEMM on W*M);
+      - else, when the layer is sparse now (`module._sparse_now()`): the bf16/fp16 route
+        (megasparse.te.sparse_route), unless the call or the module needs TE's own forward
+        (`unsupported`, TE's userbuffers overlap), said once in a warning;
+      - else (a dense phase): None, TE's own forward exactly.
     unsupported: the caller's reason this call needs TE's own forward (a TE option not reproduced)."""
     route = fp8_route.fp8_route(module, unsupported)
     if route is not None:
         return functools.partial(fp8_route.fp8_gemm, route=route)
-    return None
+    if fp8_route.te_fp8_state()[0] or not module._sparse_now():
+        return None
+    reason = unsupported or sparse_route.sparse_route_reason(module)
+    if reason is not None:
+        warn_once(
+            f"megasparse: the 2:4 GEMMs are off for this layer ({reason}); TE's dense GEMM "
+            "runs on W*M instead",
+            stacklevel=4,
+        )
+        return None
+    return sparse_route.sparse_gemm
+
+
+def _weight_steps(module, gemm, dtype) -> list:
+    """This step's WeightStep of each weight as the call's GEMM op runs on it (the bf16/fp16 route:
+    on its sparse backend, in the activation dtype; the FP8 route: as TE's GEMMs see W*M)."""
+    if gemm is sparse_route.sparse_gemm:
+        return sparse_route.route_steps(module, dtype)
+    return module.weight_steps()
 
 
 def _route_or_te(module, te_forward, run, args, kwargs, unsupported, num_gemms=1):
@@ -184,7 +224,7 @@ def _grouped_linear(module, x, gemm, arguments):
     outs = [
         gemm(module, x_i, getattr(module, name), bias if apply_bias else None, step, i, dtype)
         for i, (x_i, name, bias, step) in enumerate(
-            zip(torch.split(x2d, splits), names, biases, module.weight_steps())
+            zip(torch.split(x2d, splits), names, biases, _weight_steps(module, gemm, dtype))
         )
     ]
     out = torch.cat(outs).view(-1, *x.shape[1:-1], outs[0].shape[-1])

@@ -18,11 +18,13 @@ TE without `_get_weight_tensors` (before 2.5: it would silently train dense), he
 (mask_refresh_interval > 1: TE's `_extra_state` holds its FP8 metadata, so there is no checkpoint
 entry for them), FP8 primary weights (fp8_model_init), and TE's delayed wgrad
 (delay_wgrad_compute: TE's backward_dw writes .grad onto the tensor it computed with, W*M, not
-onto the master weight). The GEMM is TE's dense (FP8 or bf16) GEMM on the masked weight, except
-under fp8_autocast with a per-tensor recipe on sm90: then TE's `Linear` (column/row-parallel
-linears), `LayerNormLinear` (fc1, qkv: TE's norm, then the GEMM) and `GroupedLinear` (MoE experts:
-one GEMM per expert weight) run the forward and (transposable masks) input-gradient GEMMs as FP8
-2:4 cuSPARSELt GEMMs (megasparse.te.forward, which says exactly when).
+onto the master weight). The GEMMs (megasparse.te.forward chooses per call): under fp8_autocast
+with a per-tensor recipe on sm90, TE's `Linear` (column/row-parallel linears), `LayerNormLinear`
+(fc1, qkv: TE's norm, then the GEMM) and `GroupedLinear` (MoE experts: one GEMM per expert weight)
+run the forward and (transposable masks) input-gradient GEMMs as FP8 2:4 cuSPARSELt GEMMs, other
+FP8 recipes TE's FP8 GEMM on W*M; without FP8 they run the bf16/fp16 2:4 GEMMs on cuSPARSELt
+(megasparse.te.sparse_route), except under TE's userbuffers overlap (--tp-comm-overlap), where
+TE's dense GEMM runs on W*M (`userbuffers_overlap`); in a dense phase TE's forward runs unchanged.
 """
 
 import functools
@@ -88,6 +90,11 @@ class _SparseTEMixin(SparseModuleMixin):
                         "2:4 groups: input size per rank a multiple of 4 (and output size for transposable)"
                     )
 
+    def _sparse_now(self) -> bool:
+        """Whether some GEMM of this layer is sparse now (megasparse.te.forward then runs its route;
+        else TE's own forward, exactly)."""
+        return self.sparsity.prunes_weights
+
     def _sparse_weight_names(self):
         if hasattr(self, "num_gemms"):  # TE GroupedLinear: weight0 .. weight{n-1}
             return [f"weight{i}" for i in range(self.num_gemms)]
@@ -121,6 +128,24 @@ class _SparseTEMixin(SparseModuleMixin):
     def sparse_weights(self) -> list:
         states = getattr(self, "weight_states", None) or []  # (none yet while constructed)
         return [(getattr(self, name), s) for name, s in zip(self._sparse_weight_names(), states)]
+
+
+# TE's userbuffers overlap (--tp-comm-overlap) as TE's Linear and LayerNormLinear record it on the
+# module (their __init__, TE 2.5 - 2.18 and main): the communication runs inside TE's own GEMM
+# (TE's GroupedLinear has no such flags)
+USERBUFFERS_FLAGS = (
+    "ub_overlap_ag_fprop",
+    "ub_overlap_rs_fprop",
+    "ub_overlap_ag_dgrad",
+    "ub_overlap_rs_dgrad",
+    "ub_bulk_dgrad",
+    "ub_bulk_wgrad",
+)
+
+
+def userbuffers_overlap(module) -> list:
+    """The userbuffers-overlap flags set on this TE module (empty: no overlap)."""
+    return [flag for flag in USERBUFFERS_FLAGS if getattr(module, flag, False)]
 
 
 _TE_LINEAR_CLASSES = (
