@@ -214,7 +214,9 @@ def test_sequence_parallel_gamma_keeps_tes_mark_and_gets_the_local_gradient(te_k
         32, 16, config=make_config(), sequence_parallel=True, sparsity=SparsityConfig()
     )
     for p in (layer.layer_norm_weight, layer.layer_norm_bias):
-        setattr(p, "sequence_parallel", layer.sequence_parallel)  # as TE's __init__ does
+        # TE's __init__ marks them with its sequence_parallel (tp_size > 1 and sequence_parallel:
+        # this TP=1 stand-in says False, so mark them as a TP > 1 rank would)
+        setattr(p, "sequence_parallel", True)
     x, dy = torch.randn(6, 32, requires_grad=True), torch.randn(6, 32)
     te_norm.te_normalization(layer, x).backward(dy)
     assert layer.layer_norm_weight.sequence_parallel and layer.layer_norm_bias.sequence_parallel
