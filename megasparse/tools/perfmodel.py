@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import functools
 import json
+import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 from unittest import mock
@@ -802,6 +803,9 @@ def activation_targets(device="H100", recipes=ACTIVATION_RECIPES):
 
 
 def main(argv=None):
+    # run as `python -m`, this module is __main__: te_spec's lazy imports of it must find this one
+    # (a second copy would register the stand-in kernels' library again)
+    sys.modules.setdefault("megasparse.tools.perfmodel", sys.modules[__name__])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all rows (every device, shape, TP, k) to this file")
     parser.add_argument(

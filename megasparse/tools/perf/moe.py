@@ -9,7 +9,6 @@ path where they exceed the GPU time they sit behind. Nothing here is a measureme
 """
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
@@ -78,7 +77,9 @@ def expert_gemms(tokens: int, sparse: bool, dtype=BF16, shape=REFERENCE):
 def _activation(tokens: int, shape=REFERENCE) -> OpRecord:
     """Squared ReLU forward (read h, write a) and backward (read h and da, write dh), bf16."""
     nbytes = tokens * shape.ffn * 2
-    return OpRecord("squared_relu", "microbatch", "memory", tokens * shape.ffn, 3 * nbytes, 2 * nbytes)
+    return OpRecord(
+        "squared_relu", "microbatch", "memory", tokens * shape.ffn, 3 * nbytes, 2 * nbytes
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,7 +119,9 @@ def experts_seconds(loads, device, bound, k=te_spec.K, shape=REFERENCE) -> dict:
     dense += act + grouped_host
     name = [key for key, dev in DEVICES.items() if dev == device][0]
     masked_prep = prep_seconds("te_gemm", name, bound, shape)
-    sparse_prep = sum(prep_seconds("cusparselt" if s else "te_gemm", name, bound, shape) for s in sparse)
+    sparse_prep = sum(
+        prep_seconds("cusparselt" if s else "te_gemm", name, bound, shape) for s in sparse
+    )
     after_gemms = [g for t, s in zip(loads, sparse) for g in expert_gemms(t, s, shape=shape)]
     after_host = grouped_host + sum(sparse) * SPARSE_GEMMS_PER_EXPERT * CSLT_CALL_US * 1e-6
     padded = max(loads)
@@ -157,7 +160,10 @@ def moe_row(experts, top_k, device="H100", bound="mid", k=te_spec.K, loads=None,
         "microbatches": k,
         "loads": list(loads),
         "sparse_experts": t["sparse_experts"],
-        **{f"{key}_ms": t[key] * 1e3 for key in ("dense", "before", "after", "after_host", "batched")},
+        **{
+            f"{key}_ms": t[key] * 1e3
+            for key in ("dense", "before", "after", "after_host", "batched")
+        },
         "before_vs_dense": t["dense"] / t["before"],
         "after_vs_dense": t["dense"] / t["after"],
         "batched_vs_after": t["after"] / t["batched"],

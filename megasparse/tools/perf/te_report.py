@@ -45,7 +45,9 @@ def _header(device, what):
 
 
 def te_tables(rows, device="H100") -> list:
-    lines = [_header(device, "TE spec, bf16 2:4 (ratios vs TE dense; step = prep + k micro-batches)")]
+    lines = [
+        _header(device, "TE spec, bf16 2:4 (ratios vs TE dense; step = prep + k micro-batches)")
+    ]
     lines.append(
         f"  {'mask':<13} {'scope':<6} {'tokens':>6} {'TE dense ms':>11} {'before':>15} "
         f"{'after':>15} {'local spec':>15} {'gate dense':>15}  gate roles (mid)"
@@ -169,7 +171,11 @@ def targets(rows, device="H100") -> list:
         f"{te_spec.TOKENS} tokens -> {_verdict(r['forced_dense_vs_te_dense'], 0.97)}"
     )
     small = _pick(
-        rows, section="te_bf16", weights="transposable", scope="ffn", tokens=te_spec.GATE_DENSE_TOKENS
+        rows,
+        section="te_bf16",
+        weights="transposable",
+        scope="ffn",
+        tokens=te_spec.GATE_DENSE_TOKENS,
     )
     lines.append(
         f"    at {te_spec.GATE_DENSE_TOKENS} tokens (below the bucket: the gate keeps dense) "
@@ -178,14 +184,17 @@ def targets(rows, device="H100") -> list:
     )
     for w in ("transposable", "1d"):
         r = _pick(rows, section="te_fp8", weights=w)
+        cells = _cells(rows, "after_vs_fp8_dense", section="te_fp8", weights=w)
         lines.append(
-            f"  TE FP8 2:4 ({w}) vs FP8 dense >= 1.1x: {_cells(rows, 'after_vs_fp8_dense', section='te_fp8', weights=w)} "
+            f"  TE FP8 2:4 ({w}) vs FP8 dense >= 1.1x: {cells} "
             f"-> {_verdict(r['after_vs_fp8_dense'], 1.1)} (before {r['before_vs_fp8_dense']:.3f}x); "
             f"fc1 vs dense {r['before_fc1_vs_fp8_dense']:.3f}x -> {r['after_fc1_vs_fp8_dense']:.3f}x "
             f"-> {'MET (not slower)' if r['after_fc1_vs_fp8_dense'] >= 1 else 'MISSED (slower)'}"
         )
     search = next(
-        x for x in rows if x["bound"] == "mid" and x.get("change", "").endswith("FP8 (transposable)")
+        x
+        for x in rows
+        if x["bound"] == "mid" and x.get("change", "").endswith("FP8 (transposable)")
     )
     r = _pick(rows, section="te_fp8", weights="transposable")
     lines.append(
@@ -196,15 +205,19 @@ def targets(rows, device="H100") -> list:
         f"{r['fp8_dense_ffn_ms'] / search['after']:.3f}x"
     )
     for experts, top_k in moe.CASES:
-        r = _pick(rows, section="moe", experts=experts, top_k=top_k)
-        low = _pick(rows, "low", section="moe", experts=experts, top_k=top_k)
-        target = " (target >= 1.1x)" if experts == 8 else " (no target)"
+        where = dict(section="moe", experts=experts, top_k=top_k)
+        r, low = _pick(rows, **where), _pick(rows, "low", **where)
+        cells = _cells(rows, "after_vs_dense", **where)
+        verdict = (
+            f"-> {_verdict(r['after_vs_dense'], 1.1)} at mid, "
+            f"{_verdict(low['after_vs_dense'], 1.1)} at low (target >= 1.1x)"
+            if experts == 8
+            else "(no target)"
+        )
         lines.append(
-            f"  MoE {experts} experts top-{top_k}, 2:4 vs dense grouped{target}: "
-            f"{_cells(rows, 'after_vs_dense', section='moe', experts=experts, top_k=top_k)} -> "
-            f"{_verdict(r['after_vs_dense'], 1.1)} at mid, {_verdict(low['after_vs_dense'], 1.1)} "
-            f"at low; {r['sparse_experts']}/{experts} experts above the bucket; the weight "
-            "gradients stay dense"
+            f"  MoE {experts} experts top-{top_k}, 2:4 vs dense grouped: {cells} {verdict}; "
+            f"{r['sparse_experts']}/{experts} experts above the bucket, the rest dense; the "
+            "weight gradients stay dense"
         )
     return lines
 

@@ -43,7 +43,10 @@ TOKENS, K, TP = 16384, 4, 1  # the issue's reference case: 16k tokens per micro-
 GATE_DENSE_TOKENS = 2048  # below the speed gate's 4096-token bucket: the gate keeps dense
 BOUNDS = ("low", "mid", "high")
 PARTS = ("fc1", "act", "fc2", "residual", "attention", "norm")
-SCOPE_PARTS = {"ffn": ("fc1", "act", "fc2"), "layer": ("attention", "fc1", "act", "fc2", "residual")}
+SCOPE_PARTS = {
+    "ffn": ("fc1", "act", "fc2"),
+    "layer": ("attention", "fc1", "act", "fc2", "residual"),
+}
 SPARSE_ROLES = ("forward", "input_grad")
 # assumed gain of a searched cuSPARSELt algorithm over alg_id 0 on the sparse GEMMs. Source of the
 # range: bcacdwk/vllmbench's per-shape H100 tables list different best algorithms per shape, with
@@ -195,7 +198,9 @@ def te_records(case: TeCase, part: str, tokens: int = TOKENS, tp: int = TP, shap
     hidden, ffn = shape.hidden, shape.ffn // tp
     if part == "fc1":
         rec = _recorded(
-            lambda r: linear(r, case, layernorm(r, _meta(tokens, hidden, grad=True), case.eager_norm), ffn)
+            lambda r: linear(
+                r, case, layernorm(r, _meta(tokens, hidden, grad=True), case.eager_norm), ffn
+            )
         )
     elif part == "fc2":
         rec = _recorded(lambda r: linear(r, case, _meta(tokens, ffn, grad=True), hidden))
@@ -452,9 +457,13 @@ def change_rows(device="H100", bounds=BOUNDS, k=K):
                 change="1d masks hold W*M for the dgrad",
                 unit="FFN ms per micro-batch",
                 before=step_ms(case_records(rebuild), device, bound, 1)
-                - step_ms([r for r in case_records(rebuild) if r.phase == WEIGHT_PREP], device, bound, 1),
+                - step_ms(
+                    [r for r in case_records(rebuild) if r.phase == WEIGHT_PREP], device, bound, 1
+                ),
                 after=step_ms(case_records(held), device, bound, 1)
-                - step_ms([r for r in case_records(held) if r.phase == WEIGHT_PREP], device, bound, 1),
+                - step_ms(
+                    [r for r in case_records(held) if r.phase == WEIGHT_PREP], device, bound, 1
+                ),
                 rebuild_gb_per_weight=rebuild_gb,
                 state_gb_per_ffn=2 * weight_elems * 2 / 1e9,
                 dense_weights_gb_per_ffn=2 * weight_elems * 2 / 1e9,
