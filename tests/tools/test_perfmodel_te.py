@@ -1,11 +1,13 @@
 """The TE-spec and MoE projection rows: keys, before/after directions, hand counts (meta only)."""
 
+import contextlib
 import json
 
 import pytest
+import torch
 
 from megasparse.tools import perfmodel
-from megasparse.tools.perf import moe, te_report, te_spec
+from megasparse.tools.perf import bench_te, moe, te_report, te_spec
 from megasparse.tools.perf.models import REFERENCE
 from megasparse.tools.perf.roofline import DEVICES, GEMM_EFFICIENCY, memory_time, op_time
 
@@ -181,3 +183,53 @@ def test_summary_reads_only_mid_rows():
     assert any("FP8 dense" in line for line in lines)
     with pytest.raises(KeyError, match="no projected row"):
         te_report._pick([], section="moe")
+
+
+class _TinyMLP(torch.nn.Module):
+    """A stand-in for Megatron's MLP: (output, bias) like it, the sparsity it was built with."""
+
+    def __init__(self, hidden, ffn, sparsity):
+        super().__init__()
+        self.fc1, self.fc2, self.sparsity = (
+            torch.nn.Linear(hidden, ffn),
+            torch.nn.Linear(ffn, hidden),
+            sparsity,
+        )
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)) ** 2), None
+
+
+def test_bench_te_skips_cleanly_without_a_gpu_or_te():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    (row,) = bench_te.te_ffn_rows(lambda fn: 1.0, 64, 128, 16)
+    assert "no CUDA device" in row["skipped"]
+
+
+def test_bench_te_pairs_each_recipe_with_its_baseline_and_runs_each_step(monkeypatch):
+    monkeypatch.setattr(bench_te, "_fp8_context", lambda fp8: contextlib.nullcontext)
+    built, ms = [], iter((10.0, 8.0, 5.0, 4.0, 2.0))
+
+    def build(hidden, ffn, sparsity):
+        built.append(None if sparsity is None else sparsity.mask)
+        return _TinyMLP(hidden, ffn, sparsity).to(torch.bfloat16)
+
+    def timer(step):
+        step()  # k micro-batches and the optimizer step run for real
+        return next(ms)
+
+    rows = bench_te.te_ffn_rows(timer, 16, 32, 8, k=2, build=build, device="cpu")
+    assert built == [None, "1d", "transposable", None, "transposable"]
+    got = {r["recipe"]: (r["baseline"], r["measured_ratio"], r["projected_ratio"]) for r in rows}
+    assert got == {
+        "2:4 1d": ("dense", 10.0 / 8.0, None),
+        "2:4": ("dense", 10.0 / 5.0, None),
+        "FP8 2:4": ("FP8 dense", 4.0 / 2.0, None),
+    }
+
+
+def test_bench_te_projection_is_te_specs_row():
+    row = _one(te_spec.fp8_rows("H100", MID), weights="transposable")
+    assert bench_te.projected_ratio("FP8 2:4") == row["after_vs_fp8_dense"]
+    assert bench_te.projected_ratio("dense") == 1.0
