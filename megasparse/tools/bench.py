@@ -58,16 +58,12 @@ def _time_ms(fn, warmup=3, iters=10):
     return 1e3 * cuda_event_seconds(fn, iters, warmup, synchronize_device=True)
 
 
-def _mlp(hidden, ffn, sparsity, dtype):
+def mlp_config(hidden, ffn, dtype):
+    """One bias-free Squared-ReLU MLP's TransformerConfig (the local and the TE-spec bench)."""
     from megatron.core.activations import squared_relu
     from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from megasparse.megatron.compat import with_sparse_linears
-    from megasparse.megatron.mlp import SparseMLP
-
-    config = TransformerConfig(
+    return TransformerConfig(
         num_layers=1,
         hidden_size=hidden,
         ffn_hidden_size=ffn,
@@ -78,6 +74,16 @@ def _mlp(hidden, ffn, sparsity, dtype):
         add_bias_linear=False,
         use_cpu_initialization=True,
     )
+
+
+def _mlp(hidden, ffn, sparsity, dtype):
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megasparse.megatron.compat import with_sparse_linears
+    from megasparse.megatron.mlp import SparseMLP
+
+    config = mlp_config(hidden, ffn, dtype)
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     if sparsity is None:
         return MLP(config, submodules, ffn_hidden_size=ffn)

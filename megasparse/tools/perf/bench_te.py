@@ -39,27 +39,17 @@ def unavailable() -> str:
 def te_mlp(hidden, ffn, sparsity, dtype=torch.bfloat16):
     """Megatron's MLP with the TE spec's fc1/fc2 (megasparse's sparse TE linears when `sparsity`).
     Needs Megatron's model-parallel state (megasparse.testing.init_megatron)."""
-    from megatron.core.activations import squared_relu
     from megatron.core.extensions.transformer_engine import (
         TELayerNormColumnParallelLinear,
         TERowParallelLinear,
     )
-    from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
     from megasparse.megatron.compat import linear_entry
     from megasparse.te.linear import sparse_te_class
+    from megasparse.tools.bench import mlp_config
 
-    config = TransformerConfig(
-        num_layers=1,
-        hidden_size=hidden,
-        ffn_hidden_size=ffn,
-        num_attention_heads=8,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        activation_func=squared_relu,
-        add_bias_linear=False,
-    )
+    config = mlp_config(hidden, ffn, dtype)
     fc1, fc2 = TELayerNormColumnParallelLinear, TERowParallelLinear
     if sparsity is not None:
         fc1 = linear_entry(sparse_te_class(fc1), sparsity)
