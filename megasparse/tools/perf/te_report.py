@@ -71,8 +71,8 @@ def te_tables(rows, device="H100") -> list:
     lines.append(
         "  before: TE's dense GEMM on W*M; after: cuSPARSELt (fwd; dgrad with transposable masks) "
         "where the gate keeps sparse, 1d masks holding W*M; gate dense: the gate keeping every "
-        "role dense (only the per-step mask + W*M paid); local spec: perfmodel's row (its 1d "
-        "rebuilds W*M per backward today, and it runs sparse at every token count: no gate)"
+        "role dense (only the per-step mask + W*M paid); local spec: perfmodel's row (1d under "
+        "SparsityConfig's hold_backward_weight default; sparse at every token count: no gate)"
     )
     lines.append(_header(device, "TE spec, FP8 2:4 vs FP8 dense (Megatron's delayed scaling)"))
     lines.append(

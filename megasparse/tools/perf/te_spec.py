@@ -1,15 +1,16 @@
 """Projected rows for Megatron's Transformer Engine spec: sparse TE linears (bf16, FP8), each change before/after.
 
-Every case runs megasparse's real ops (or, for the "before" of a change, the code that ran before
-it) forward and backward on device="meta" under perfmodel's stand-ins and OpRecorder; the
+Every case runs megasparse's real ops (the "before" of a change: the same path without that
+change) forward and backward on device="meta" under perfmodel's stand-ins and OpRecorder; the
 roofline (megasparse.tools.perf.roofline) prices the records. Nothing here is a measurement.
 
 What a case runs (`TeCase`):
-- bf16 route "te_gemm": TE's own dense GEMM on W*M (W*M built once per step): the TE spec before
-  its sparse route; "cusparselt": megasparse's `sparse_linear_step` on cuSPARSELt with the roles
+- bf16 route "te_gemm": TE's own dense GEMM on W*M (W*M built once per step), the TE path without
+  megasparse's sparse route; "cusparselt": megasparse's `sparse_linear_step` on cuSPARSELt with the roles
   the speed gate keeps sparse (projected: sparse where the table's speed-up is above 1);
 - LayerNormLinear's norm: TE's fused kernel (one native_layer_norm each way, bf16 in and out), or
-  `megasparse.te.norm.te_normalization`'s eager fp32 ops with their autograd backward (`eager_norm`);
+  a norm in eager fp32 ops with their autograd backward (`eager_norm`: x and gamma/beta up-cast,
+  an fp32 layer_norm, the output rounded back), what a reimplementation outside TE's kernel runs;
 - FP8 2:4: `megasparse.fp8.linear.fp8_sparse_linear_step` under Megatron's default delayed
   scaling (perfmodel.delayed_plan) with main_grad fusion; `wgrad_temporary` keeps its fp32
   [out, in] weight gradient plus the add_ into main_grad, otherwise the GEMM accumulates into
@@ -22,7 +23,6 @@ What a case runs (`TeCase`):
 import dataclasses
 import functools
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -33,7 +33,6 @@ from megasparse.core import linear_op as ops
 from megasparse.core.backends import BACKENDS
 from megasparse.core.weight_state import SparseWeightState
 from megasparse.fp8 import linear as fp8_linear
-from megasparse.te.norm import te_normalization
 from megasparse.tools.perf.models import REFERENCE, Recipe
 from megasparse.tools.perf.recorder import COMPACT, WEIGHT_PREP, OpRecorder
 from megasparse.tools.perf.roofline import DEVICES, op_time, sparse_speedup
@@ -84,10 +83,8 @@ def layernorm(rec, x, eager: bool):
     rec.mark_weight(gamma, beta)
     if not eager:
         return F.layer_norm(x, (hidden,), gamma, beta)
-    module = SimpleNamespace(
-        layer_norm_weight=gamma, layer_norm_bias=beta, eps=1e-5, normalization="LayerNorm"
-    )
-    return te_normalization(module, x)
+    up = (gamma.to(x.dtype).float(), beta.to(x.dtype).float())
+    return F.layer_norm(x.float(), (hidden,), *up, 1e-5).to(x.dtype)
 
 
 def _bf16_state(case: TeCase, weight):
@@ -172,21 +169,20 @@ def _accumulate_in_gemm(records, main_grad_bytes: int):
     """The wgrad GEMM accumulating into main_grad: the add_ of the fp32 [out, in] temporary into
     main_grad goes; the wgrad GEMM reads main_grad instead (it writes it as it wrote the temporary)."""
     out = list(records)
-    for bytes_ in (main_grad_bytes,):
-        adds = [i for i, r in enumerate(out) if r.op == "add_" and r.bytes == 3 * bytes_]
-        gemms = [
-            i
-            for i, r in enumerate(out)
-            if r.op == "_scaled_mm" and r.mnk[0] * r.mnk[1] * 4 == bytes_
-        ]
-        if len(adds) != 1 or len(gemms) != 1:
-            raise RuntimeError(
-                "te_spec: expected one fp32 wgrad GEMM and one add_ into main_grad per FP8 weight "
-                f"({len(gemms)} GEMMs, {len(adds)} add_ found); the recorded FP8 path changed"
-            )
-        gemm = out[gemms[0]]
-        out[gemms[0]] = dataclasses.replace(gemm, bytes_read=gemm.bytes_read + bytes_)
-        del out[adds[0]]
+    adds = [i for i, r in enumerate(out) if r.op == "add_" and r.bytes == 3 * main_grad_bytes]
+    gemms = [
+        i
+        for i, r in enumerate(out)
+        if r.op == "_scaled_mm" and r.mnk[0] * r.mnk[1] * 4 == main_grad_bytes
+    ]
+    if len(adds) != 1 or len(gemms) != 1:
+        raise RuntimeError(
+            "te_spec: expected one fp32 wgrad GEMM and one add_ into main_grad per FP8 weight "
+            f"({len(gemms)} GEMMs, {len(adds)} add_ found); the recorded FP8 path changed"
+        )
+    gemm = out[gemms[0]]
+    out[gemms[0]] = dataclasses.replace(gemm, bytes_read=gemm.bytes_read + main_grad_bytes)
+    del out[adds[0]]
     return out
 
 
@@ -223,10 +219,8 @@ def te_records(case: TeCase, part: str, tokens: int = TOKENS, tp: int = TP, shap
     else:
         raise ValueError(f"unknown part {part!r}: one of {', '.join(PARTS)}")
     records = list(rec.records)
-    if part in ("fc1", "fc2"):
-        rows, cols = (ffn, hidden) if part == "fc1" else (hidden, ffn)
-        if case.fp8 and case.weights and not case.wgrad_temporary:
-            records = _accumulate_in_gemm(records, rows * cols * 4)
+    if part in ("fc1", "fc2") and case.fp8 and case.weights and not case.wgrad_temporary:
+        records = _accumulate_in_gemm(records, hidden * ffn * 4)  # main_grad: fp32 [out, in]
     return tuple(records)
 
 
