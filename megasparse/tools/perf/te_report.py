@@ -37,10 +37,10 @@ def _verdict(value, target, higher=True):
     return "MET" if miss <= 1e-9 else f"MISSED by {miss:.2%}"
 
 
-def _header(device, what):
+def _header(device, what, cells="cells low/mid/high of the sparse speed-up table"):
     return (
         f"== {what} (PROJECTED on {DEVICES[device].name}, not measured; h8192/ffn28672, TP 1, "
-        f"k={te_spec.K}; cells low/mid/high of the sparse speed-up table)"
+        f"k={te_spec.K}; {cells})"
     )
 
 
@@ -95,7 +95,9 @@ def te_tables(rows, device="H100") -> list:
                 )
             )
         )
-    lines.append(_header(device, "Each change, before -> after (mid; gain = before / after)"))
+    lines.append(
+        _header(device, "Each change, before -> after", "mid bound; gain = before / after")
+    )
     for r in (x for x in rows if x["section"] == "change" and x["bound"] == "mid"):
         extra = ", ".join(
             f"{k} {v:.2f}"
