@@ -12,7 +12,9 @@ against a device copy of the same bytes (`kernel_bandwidths`); the bytes the per
 holds per layer against the dense weight; and the activation speed path (V:N:M activations with
 M >= 8, with and without both-ways weight gradients): its gather/compact GEMMs beside the dense
 cuBLAS GEMMs and one FFN step per pattern, each beside perfmodel's projection
-(`bench_activation_path`). Targets are marked met or MISSED; `--check` exits non-zero if one is missed.
+(`bench_activation_path`); the TE spec's sparse linears against TE dense in bf16 and FP8
+(`bench_te_spec`, skipped without Transformer Engine). Targets are marked met or MISSED;
+`--check` exits non-zero if one is missed.
 Without a GPU it says so, runs a small CPU correctness smoke, prints the state's memory and the
 projected targets (labelled projected), and `--check` applies the targets to the projection.
 """
@@ -56,16 +58,12 @@ def _time_ms(fn, warmup=3, iters=10):
     return 1e3 * cuda_event_seconds(fn, iters, warmup, synchronize_device=True)
 
 
-def _mlp(hidden, ffn, sparsity, dtype):
+def mlp_config(hidden, ffn, dtype):
+    """One bias-free Squared-ReLU MLP's TransformerConfig (the local and the TE-spec bench)."""
     from megatron.core.activations import squared_relu
     from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from megasparse.megatron.compat import with_sparse_linears
-    from megasparse.megatron.mlp import SparseMLP
-
-    config = TransformerConfig(
+    return TransformerConfig(
         num_layers=1,
         hidden_size=hidden,
         ffn_hidden_size=ffn,
@@ -76,6 +74,16 @@ def _mlp(hidden, ffn, sparsity, dtype):
         add_bias_linear=False,
         use_cpu_initialization=True,
     )
+
+
+def _mlp(hidden, ffn, sparsity, dtype):
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megasparse.megatron.compat import with_sparse_linears
+    from megasparse.megatron.mlp import SparseMLP
+
+    config = mlp_config(hidden, ffn, dtype)
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     if sparsity is None:
         return MLP(config, submodules, ffn_hidden_size=ffn)
@@ -218,6 +226,7 @@ def bench_gpu(args, shapes=None, tokens_list=None):
         del modules
     hidden, ffn = shapes[-1]
     results.update(bench_activation_path(args.quick, key, hidden, ffn))
+    results["te_spec"] = bench_te_spec(hidden, ffn)
     results["targets"]["fp8_2:4"] = _fp8_gemm_ratio(hidden, ffn)
     bandwidth = kernel_bandwidths(hidden, ffn)
     results["kernel_bandwidth"] = bandwidth
@@ -230,6 +239,24 @@ def bench_gpu(args, shapes=None, tokens_list=None):
     results["state_memory"] = state_memory(hidden, ffn, "cuda")
     results["targets"]["state_memory_1d"] = results["state_memory"]["1d"]
     return results
+
+
+def bench_te_spec(hidden, ffn, tokens=16384):
+    """The TE spec's sparse linears vs TE dense (bf16 and FP8), one step of k micro-batches each,
+    beside te_spec's projection (megasparse.tools.perf.bench_te); skipped without TE."""
+    from megasparse.tools.perf import bench_te
+
+    rows = bench_te.te_ffn_rows(_time_ms, hidden, ffn, tokens, MICROBATCHES)
+    for row in rows:
+        if "skipped" in row:
+            print(f"TE spec rows skipped: {row['skipped']}")
+            continue
+        shown = "-" if row["projected_ratio"] is None else f"{row['projected_ratio']:.2f}x"
+        print(
+            f"TE spec FFN h={hidden} ffn={ffn} tokens={tokens} {row['recipe']:>8}: measured "
+            f"{row['measured_ratio']:.2f}x vs {row['baseline']}, projected {shown}"
+        )
+    return rows
 
 
 def bench_activation_path(quick, device_key_, hidden, ffn, tokens=16384):
