@@ -1,17 +1,50 @@
-"""The grouped-GEMM engine of the sparse experts: stacked per-step W*M, one grouped GEMM per product.
+"""The expert-GEMM engine of the sparse experts: per expert, its own 2:4 GEMM or a share of one grouped GEMM.
 
-`grouped_ffn` runs all local experts' FFNs with two torch._grouped_mm calls (forward, input and
-weight gradients by PyTorch's autograd); `looped_ffn` gives the same result with one GEMM per
-expert where grouping does not apply (`can_group`). `StackedWeights` stacks the experts' masked
-weights once per optimizer step; `run_forward_pre_hooks` runs the hooks of linears whose forward
-the grouped path skips.
+`grouped_ffn` runs all local experts' FFNs. Each linear (fc1, fc2) of the experts is an
+`ExpertGemms`: every expert whose W*M is pruned and whose token count the speed gate runs sparse
+(`expert_plans`; any count under backend="cusparselt" or MEGASPARSE_SPEED_GATE=0) runs core's
+`sparse_linear_step` on its rows, with its per-step compressed W*M (built once per optimizer step
+in its WeightStep); the other experts run one torch._grouped_mm on their stacked W*M (input and
+weight gradients by PyTorch's autograd), or one GEMM each where grouping does not apply
+(`can_group`). Results are in expert order; each dense weight gets the gradient of its step's
+rule, into main_grad where its linear fuses the weight-gradient accumulation. On a dense backend
+(CPU, or backend="auto" without sparse kernels) every expert is in the grouped GEMM and no host
+count is read.
+
+Per-expert sparse GEMMs need the token counts on the host. Megatron's alltoall and allgather
+dispatchers hand the experts a CPU `tokens_per_expert` (megatron-core 0.16.1 / 0.19.2
+token_dispatcher.py: `_maybe_dtoh_and_synchronize`, `.cpu()`), so reading it costs nothing; a
+device tensor (the flex / DeepEP dispatcher) costs one host sync per call, the one TEGroupedMLP's
+and SequentialMLP's own forwards pay (`tokens_per_expert.tolist()`). It is read only when a
+sparse backend is in use.
+
+A batched sparse call over the experts (proposed, not built). PyTorch's `_cslt_sparse_mm` takes 2-D
+operands only, so the sparse experts run one call each: per expert and micro-batch 4 calls (fc1 and
+fc2, forward and dgrad; 2 with a 1d mask), each assumed ~30 us of host work (the autograd op,
+split/cat views, PyTorch's cuSPARSELt plan setup: alg_id 0, a fresh plan per call) and ~5 us of
+launch gap on the GPU. cuSPARSELt itself batches (`CUSPARSELT_MAT_NUM_BATCHES`,
+`CUSPARSELT_MAT_BATCH_STRIDE` on its matrix descriptors), so a binding of its own (a torch custom op
+over cusparseLtMatmul with batch count E, the compressed weights stacked at a fixed stride) would
+run all sparse experts in one call, but every batch member has one shape: each expert's rows padded
+to the largest count. At a +/-50% load spread (counts uniform in [0.5, 1.5] x the mean) the largest
+of E counts is on average 0.5 + E/(E+1) of the mean: 1.39x for 8 experts, 1.48x for 64, so the
+padded batch does 39% / 48% more GEMM work. Projected, H100 SXM, 70% of the dense peak, an
+h4096/ffn14336 expert at ~8k rows (8 experts, top-2, 32k tokens): one forward GEMM is ~1.4 ms dense,
+~0.9-1.2 ms 2:4, against ~5 us of gap per call, so the loop loses < 1% while the padded batch is
+~39% slower than the loop, about as slow as dense (gain negative). Where counts are small enough for
+launches to matter (64 experts, ~1k rows each) they are under the speed gate's smallest bucket and
+run dense grouped anyway; what would pay there is a ragged (grouped) 2:4 kernel, not a padded batch.
+The per-expert loop is kept.
 """
+
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from megasparse.core.activation_sparsity import activate_sparse
 from megasparse.megatron.mlp import is_squared_relu
-from megasparse.core.linear_op import masked_weight
+from megasparse.core.linear_op import LinearPlan, masked_weight, sparse_linear_step
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -83,19 +116,89 @@ def can_group(config, x, fc1_weight, fc2_weight) -> bool:
 
 
 class StackedWeights:
-    """[experts, out, in] of this step's W*M, stacked once per optimizer step from the experts' states."""
+    """[experts, out, in] of this step's W*M of some experts (all, or those running dense now),
+    stacked once per optimizer step and set of experts from the experts' states."""
 
     def __init__(self):
-        self._steps, self._stacked = None, None
+        self._steps, self._stacks = None, {}
 
-    def __call__(self, steps):
+    def __call__(self, steps, members=None):
+        members = tuple(range(len(steps))) if members is None else tuple(members)
         if (
             self._steps is None
             or len(steps) != len(self._steps)
             or any(a is not b for a, b in zip(steps, self._steps))
-        ):
-            self._steps, self._stacked = list(steps), torch.stack([s.dense() for s in steps])
-        return masked_weight(steps, stacked=self._stacked)
+        ):  # a new optimizer step (or rebuilt states): the old stacks are stale
+            self._steps, self._stacks = list(steps), {}
+        chosen = [steps[e] for e in members]
+        if members not in self._stacks:
+            self._stacks[members] = torch.stack([s.dense() for s in chosen])
+        return masked_weight(chosen, stacked=self._stacks[members])
+
+
+def host_counts(tokens_per_expert) -> list:
+    """Token counts per expert as Python ints: free for Megatron's dispatchers' CPU tensor, one host
+    sync for a device tensor (see the module docstring)."""
+    if isinstance(tokens_per_expert, torch.Tensor):
+        return tokens_per_expert.tolist()
+    return [int(n) for n in tokens_per_expert]
+
+
+# (expert index, its token count, its WeightStep) -> the roles the speed gate runs sparse
+Gate = Callable[[int, int, object], tuple]
+
+
+def expert_plans(steps, backends, counts, gate: Gate, fusion) -> list:
+    """Per expert: the LinearPlan of its own sparse GEMM when its W*M is pruned, its backend is sparse
+    and the speed gate runs some role sparse at its token count; None: the dense grouped GEMM.
+    counts None (every backend dense): all None. fusion: per expert, whether its linear
+    accumulates the weight gradient into main_grad."""
+    plans = []
+    for e, (step, backend) in enumerate(zip(steps, backends)):
+        sparse = counts is not None and backend.name != "dense" and step.pruned
+        roles = gate(e, counts[e], step) if sparse else ()
+        plans.append(
+            LinearPlan(backend, step.transposable, bool(fusion[e]), roles) if roles else None
+        )
+    return plans
+
+
+@dataclass
+class ExpertGemms:
+    """One linear (fc1 or fc2) of every local expert for one call: weights, this step's WeightSteps,
+    per expert its sparse LinearPlan or None (dense, on `stacked` W*M), and the stacked biases."""
+
+    weights: list
+    steps: list
+    plans: list
+    stacked: StackedWeights
+    biases: Optional[torch.Tensor] = None
+
+    def runs_sparse(self) -> bool:
+        return any(plan is not None for plan in self.plans)
+
+    def __call__(self, x, offsets, counts, grouped: bool) -> torch.Tensor:
+        """x [tokens, in] sorted by expert -> each expert's rows times its W*M^T, in expert order."""
+        if not self.runs_sparse() and grouped:  # one grouped GEMM; no host counts needed
+            return grouped_linear(x, self.stacked(self.steps), offsets)
+        chunks = torch.split(x, counts)
+        out = [None] * len(chunks)
+        dense = [e for e, plan in enumerate(self.plans) if plan is None]
+        if dense:
+            w = self.stacked(self.steps, dense)
+            dense_counts = [counts[e] for e in dense]
+            if grouped and sum(dense_counts) > 0:
+                rows = torch.cat([chunks[e] for e in dense])  # the dense experts' rows
+                ends = torch.tensor(dense_counts).cumsum(0).to(device=x.device, dtype=torch.int32)
+                parts = grouped_linear(rows, w, ends).split(dense_counts)
+            else:
+                parts = [torch.nn.functional.linear(chunks[e], w[i]) for i, e in enumerate(dense)]
+            for e, part in zip(dense, parts):
+                out[e] = part
+        for e, plan in enumerate(self.plans):
+            if plan is not None:  # this expert's own 2:4 GEMMs on its per-step compressed W*M
+                out[e] = sparse_linear_step(chunks[e], self.weights[e], None, self.steps[e], plan)
+        return torch.cat(out)
 
 
 def _activation_with_recompute(activation, h, tokens_per_expert, stats, config):
@@ -114,14 +217,29 @@ def _activation_with_recompute(activation, h, tokens_per_expert, stats, config):
     return checkpoint.checkpoint(run, h, tokens_per_expert), checkpoint
 
 
-def grouped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config):
-    """All local experts' FFNs with two grouped GEMMs. fc1/fc2: (stacked masked weights, biases or None).
+def grouped_ffn(
+    x,
+    tokens_per_expert,
+    probs,
+    fc1: ExpertGemms,
+    fc2: ExpertGemms,
+    activation,
+    stats,
+    config,
+    counts=None,
+    grouped: bool = True,
+):
+    """All local experts' FFNs (module docstring). counts: the host token counts (needed for per-expert
+    GEMMs and grouped=False; read from tokens_per_expert when not given); grouped=False: one dense
+    GEMM per expert where grouped GEMMs do not apply.
 
     Mirrors Megatron's expert MLP: act(x W1^T + b1) * p, then W2, plus b2 * p.
     """
     if config.moe_apply_probs_on_input:  # as SequentialMLP: scale the input, then probs are 1
         x = (probs.unsqueeze(-1) * x).to(x.dtype)
         probs = torch.ones_like(probs)
+    if counts is None and (not grouped or fc1.runs_sparse() or fc2.runs_sparse()):
+        counts = host_counts(tokens_per_expert)
     tokens_per_expert = torch.as_tensor(tokens_per_expert, device=x.device)
     offsets = tokens_per_expert.cumsum(0).to(torch.int32)
     expert_of_token = torch.repeat_interleave(
@@ -129,18 +247,17 @@ def grouped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config
         tokens_per_expert,
         output_size=x.shape[0],
     )
-    (w1, b1), (w2, b2) = fc1, fc2
-    h = grouped_linear(x, w1, offsets)
-    if b1 is not None:
-        h = h + b1[expert_of_token]
+    h = fc1(x, offsets, counts, grouped)
+    if fc1.biases is not None:
+        h = h + fc1.biases[expert_of_token]
     a, checkpoint = _activation_with_recompute(activation, h, tokens_per_expert, stats, config)
     p = probs.unsqueeze(-1)
     a = (a * p).to(a.dtype)  # as MLP's per_token_scale
-    y = grouped_linear(a, w2, offsets)
+    y = fc2(a, offsets, counts, grouped)
     if checkpoint is not None:
         checkpoint.discard_output_and_register_recompute(y)
-    if b2 is not None:  # as MLP: the expert bias is scaled by the token's prob
-        y = y + b2[expert_of_token] * p
+    if fc2.biases is not None:  # as MLP: the expert bias is scaled by the token's prob
+        y = y + fc2.biases[expert_of_token] * p
     return y
 
 
@@ -176,19 +293,3 @@ def sparse_activation(plain_activation, fc2_sparsity):
         return torch.cat([one(chunk) for chunk in torch.split(h, tokens_per_expert.tolist())])
 
     return run
-
-
-def looped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config):
-    """grouped_ffn's result with one GEMM per expert (where grouped GEMMs do not apply)."""
-    if config.moe_apply_probs_on_input:
-        x = (probs.unsqueeze(-1) * x).to(x.dtype)
-        probs = torch.ones_like(probs)
-    counts = torch.as_tensor(tokens_per_expert).tolist()
-    (w1, b1), (w2, b2) = fc1, fc2
-    outputs = []
-    for e, (xe, pe) in enumerate(zip(torch.split(x, counts), torch.split(probs, counts))):
-        h = torch.nn.functional.linear(xe, w1[e], None if b1 is None else b1[e])
-        a = (activation(h, torch.tensor([xe.shape[0]]), stats) * pe.unsqueeze(-1)).to(h.dtype)
-        y = torch.nn.functional.linear(a, w2[e])
-        outputs.append(y if b2 is None else y + b2[e] * pe.unsqueeze(-1))
-    return torch.cat(outputs)

@@ -274,7 +274,12 @@ def test_grouped_experts_with_uneven_and_zero_token_counts(tp):
 
     from megasparse import SparsityConfig
     from megasparse.core.activation_sparsity import ActivationStats
-    from megasparse.megatron.grouped_gemm import StackedWeights, grouped_ffn, sparse_activation
+    from megasparse.megatron.grouped_gemm import (
+        ExpertGemms,
+        StackedWeights,
+        grouped_ffn,
+        sparse_activation,
+    )
     from megasparse.tools.perfmodel import _standins
     from megasparse.core.weight_state import SparseWeightState
 
@@ -288,18 +293,21 @@ def test_grouped_experts_with_uneven_and_zero_token_counts(tp):
         moe_apply_probs_on_input=False, recompute_modules=None, recompute_granularity=None
     )
     with _standins(), OpRecorder() as rec:
-        fc1 = StackedWeights()(
-            [SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w1]
-        )
-        fc2 = StackedWeights()(
-            [SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w2]
+        fc1, fc2 = (
+            ExpertGemms(
+                ws,
+                [SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in ws],
+                [None] * experts,  # every expert in the grouped GEMM
+                StackedWeights(),
+            )
+            for ws in (w1, w2)
         )
         y = grouped_ffn(
             x,
             torch.tensor(counts),
             meta(sum(counts), dtype=torch.float32),
-            (fc1, None),
-            (fc2, None),
+            fc1,
+            fc2,
             sparse_activation(squared_relu, sparsity),
             ActivationStats(),
             config,
