@@ -1,0 +1,269 @@
+"""Grouped experts on a sparse backend: experts the speed gate runs sparse use their own 2:4 GEMMs
+on the per-step compressed W*M, the rest one grouped GEMM; checked against float64 per-expert
+references with a counting stand-in for the sparse backend and a stand-in gate decision."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import megasparse
+from megasparse import SparseGroupedMLP, SparsityConfig
+from megasparse.core import speed_gate
+from megasparse.core.backends import DenseBackend
+from megasparse.core.sparse_operand import WEIGHT
+from megasparse.core.weight_state import WeightStep
+from expert_builders import (
+    TOKENS_PER_EXPERT,
+    PerExpertView,
+    check_experts_against_reference,
+    make_expert_inputs,
+    make_experts,
+    make_te_experts,
+)
+
+pytestmark = pytest.mark.usefixtures("megatron_tp1")
+
+GATE_TOKENS = 4  # stand-in for the gate's smallest bucket: experts with 5 and 7 tokens run sparse
+SPARSE_EXPERTS = [e for e, n in enumerate(TOKENS_PER_EXPERT) if n >= GATE_TOKENS]
+DENSE_EXPERTS = [e for e, n in enumerate(TOKENS_PER_EXPERT) if n < GATE_TOKENS]  # incl. 0 tokens
+
+
+class CountingSparseBackend(DenseBackend):
+    """A sparse backend to the layers (name not "dense") computing dense: logs every compression
+    (by the weight tensor it came from) and every GEMM with the operand it was told is sparse."""
+
+    name = "counting-sparse"
+
+    def __init__(self):
+        self.compressed, self.gemms = [], []
+
+    def compress(self, matrix):
+        self.compressed.append(tuple(matrix.shape))
+        return matrix.clone()
+
+    def linear(self, x2d, w, bias, sparse):
+        self.gemms.append(("forward", sparse, x2d.shape[0]))
+        return super().linear(x2d, w, bias, sparse)
+
+    def input_grad(self, dy2d, w, sparse):
+        self.gemms.append(("input_grad", sparse, dy2d.shape[0]))
+        return super().input_grad(dy2d, w, sparse)
+
+
+class CountGroupedMM(TorchDispatchMode):
+    """Rows of every torch._grouped_mm call (the backward's, by PyTorch's autograd, too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten._grouped_mm:
+            self.rows.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def sparse_backend(monkeypatch):
+    """Every sparse layer resolves to the counting backend, and the stand-in gate runs an expert
+    sparse from GATE_TOKENS tokens on (recording each decision asked for)."""
+    backend = CountingSparseBackend()
+    monkeypatch.setattr("megasparse.core.sparse_module.resolve_backend", lambda *a, **k: backend)
+    monkeypatch.setattr(speed_gate, "applies", lambda requested, backend, weight: True)
+    backend.decisions = []
+
+    def sparse_roles(layer, step, backend_, tokens, group=None):
+        assert backend_ is backend
+        backend.decisions.append(tokens)
+        return speed_gate.ROLES if tokens >= GATE_TOKENS else ()
+
+    monkeypatch.setattr(speed_gate, "sparse_roles", sparse_roles)
+    return backend
+
+
+def _sparse_forwards(backend):
+    return sorted(rows for role, sparse, rows in backend.gemms if role == "forward" and sparse)
+
+
+@pytest.mark.parametrize("mask", ["1d", "transposable"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_mlp_runs_gated_experts_sparse_and_the_rest_grouped(sparse_backend, mask, bias):
+    sparsity = SparsityConfig(activations="2:4", mask=mask, backend="auto")
+    experts = make_experts(SparseGroupedMLP, sparsity, dtype=torch.float32, add_bias_linear=bias)
+    x, probs, tokens = make_expert_inputs(torch.float32)
+    assert experts._can_group(x)
+    with CountGroupedMM() as grouped:
+        check_experts_against_reference(experts, x, probs, tokens, (64, 2, 4), 2e-4)
+    sparse_rows = sorted(2 * [TOKENS_PER_EXPERT[e] for e in SPARSE_EXPERTS])
+    assert _sparse_forwards(sparse_backend) == sparse_rows  # fc1 and fc2 of each gated expert
+    input_grads = [sparse for role, sparse, _ in sparse_backend.gemms if role == "input_grad"]
+    assert input_grads == [WEIGHT if mask == "transposable" else None] * len(sparse_rows)
+    dense_rows = sum(TOKENS_PER_EXPERT[e] for e in DENSE_EXPERTS)
+    # fc1 and fc2 forward, and dX, dW of each: the dense experts' rows only
+    assert len(grouped.rows) == 6 and all(dense_rows in shape for shape in grouped.rows)
+    assert sorted(sparse_backend.decisions) == sorted(2 * TOKENS_PER_EXPERT)
+
+
+@pytest.mark.parametrize("activations,pattern", [(None, None), ("4:2:8", (4, 2, 8))])
+def test_grouped_mlp_activations_on_the_mixed_path(sparse_backend, activations, pattern):
+    """No activation sparsity, and a compacted pattern (each expert on SparseMLP's compact path,
+    through its own linears, which take the same backend and gate)."""
+    sparsity = SparsityConfig(activations=activations, backend="auto")
+    experts = make_experts(SparseGroupedMLP, sparsity, dtype=torch.float32)
+    x, probs, tokens = make_expert_inputs(torch.float32)
+    check_experts_against_reference(experts, x, probs, tokens, pattern, 2e-4)
+    # fc1 and fc2 of each gated expert; compacted, fc2 gathers the kept columns of (W*M)^T instead
+    linears = 1 if activations else 2
+    assert _sparse_forwards(sparse_backend) == sorted(
+        linears * [TOKENS_PER_EXPERT[e] for e in SPARSE_EXPERTS]
+    )
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.float64, 1e-10)])
+def test_te_grouped_mlp_runs_gated_experts_sparse(sparse_backend, dtype, tol):
+    """bf16 branch of SparseTEGroupedMLP (TE's GroupedLinear stand-in): grouped (float32) and
+    looped (float64: no grouped GEMM) dense experts beside the per-expert sparse ones."""
+    sparsity = SparsityConfig(activations="2:4", backend="auto")
+    experts = make_te_experts(megasparse.SparseTEGroupedMLP, sparsity, dtype)
+    x, probs, tokens = make_expert_inputs(dtype)
+    check_experts_against_reference(PerExpertView(experts), x, probs, tokens, (64, 2, 4), tol)
+    assert _sparse_forwards(sparse_backend) == sorted(
+        2 * [TOKENS_PER_EXPERT[e] for e in SPARSE_EXPERTS]
+    )
+
+
+def _micro_batch_steps(experts, weights, monkeypatch, k=4, steps=2):
+    """k micro-batches per optimizer step; per step, the compressions and W*M builds counted."""
+    builds = []
+    masked = WeightStep._masked
+    monkeypatch.setattr(WeightStep, "_masked", lambda step: builds.append(1) or masked(step))
+    opt = torch.optim.SGD(weights, lr=0.1)
+    per_step = []
+    for step in range(steps):
+        backend = megasparse.core.sparse_module.resolve_backend()
+        backend.compressed.clear()
+        builds.clear()
+        for micro_batch in range(k):
+            x, probs, tokens = make_expert_inputs(torch.float32, seed=10 * step + micro_batch)
+            y, _ = experts(x.requires_grad_(True), tokens, probs)
+            y.square().sum().backward()
+        per_step.append((list(backend.compressed), len(builds)))
+        opt.step()
+    return per_step
+
+
+@pytest.mark.parametrize("mask", ["1d", "transposable"])
+def test_each_sparse_expert_compresses_once_per_step_across_micro_batches(
+    sparse_backend, monkeypatch, mask
+):
+    sparsity = SparsityConfig(activations="2:4", mask=mask, backend="auto")
+    experts = make_experts(SparseGroupedMLP, sparsity, dtype=torch.float32)
+    weights = [p for p in experts.parameters()]
+    shapes = [(32, 16), (16, 32)]  # fc1 and fc2 W*M
+    if mask == "transposable":
+        shapes += [(16, 32), (32, 16)]  # their (W*M)^T for the sparse dgrad, held for the step
+    for compressed, builds in _micro_batch_steps(experts, weights, monkeypatch):
+        assert sorted(compressed) == sorted(shapes * len(SPARSE_EXPERTS))
+        # per step, whatever the micro-batches: one W*M per expert weight, and (transposable) one
+        # more for each sparse expert's held (W*M)^T compression
+        extra = 2 * len(SPARSE_EXPERTS) if mask == "transposable" else 0
+        assert builds == 2 * len(TOKENS_PER_EXPERT) + extra
+    assert len(sparse_backend.gemms) > 0
+
+
+def test_sparse_experts_accumulate_into_main_grad_and_dense_ones_give_grad(sparse_backend):
+    """gradient_accumulation_fusion: the experts on their own sparse GEMMs add dY^T X into
+    main_grad (Megatron's dummy gradient returned); the grouped experts' weights get .grad, which
+    Megatron's DDP adds to main_grad; either way the float64 reference."""
+    sparsity = SparsityConfig(backend="auto", gradient="masked")
+    experts = make_experts(SparseGroupedMLP, sparsity, dtype=torch.float32)
+    linears = [lin for e in experts.local_experts for lin in (e.linear_fc1, e.linear_fc2)]
+    for linear in linears:
+        linear.gradient_accumulation_fusion = True
+        linear.weight.main_grad = torch.zeros_like(linear.weight)
+        linear.weight.grad_added_to_main_grad = False
+    x, probs, tokens = make_expert_inputs(torch.float32)
+    reference = make_experts(SparseGroupedMLP, SparsityConfig(backend="dense", gradient="masked"))
+    with torch.no_grad():  # the same weights, in float64
+        for ref, ours in zip(reference.parameters(), experts.parameters()):
+            ref.copy_(ours)
+    xr = x.double().requires_grad_(True)
+    y_ref, _ = reference(xr, tokens, probs.double())
+    y, _ = experts(x.requires_grad_(True), tokens, probs)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y.backward(dy.float())
+    y_ref.backward(dy)
+    torch.testing.assert_close(y.double(), y_ref.detach(), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=2e-4, atol=2e-4)
+    for e, (ours, ref) in enumerate(zip(experts.local_experts, reference.local_experts)):
+        for name in ("linear_fc1", "linear_fc2"):
+            weight, expected = getattr(ours, name).weight, getattr(ref, name).weight.grad
+            if e in SPARSE_EXPERTS:
+                assert weight.grad_added_to_main_grad
+                got = weight.main_grad
+            else:
+                assert not weight.grad_added_to_main_grad and not weight.main_grad.any()
+                got = weight.grad
+            torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=2e-4)
+
+
+def test_mixed_experts_on_meta_at_real_shapes():
+    """8 experts, h4096/ffn14336, ~8k tokens each with a +/-50% spread, one with none: the experts
+    from the gate's smallest bucket on run their own sparse GEMMs, the rest one grouped GEMM per
+    product; shapes, dtypes and every weight's gradient on meta tensors."""
+    from types import SimpleNamespace
+
+    from megatron.core.activations import squared_relu
+
+    from megasparse.core.activation_sparsity import ActivationStats
+    from megasparse.core.weight_state import SparseWeightState
+    from megasparse.megatron.grouped_gemm import (
+        ExpertGemms,
+        StackedWeights,
+        expert_plans,
+        grouped_ffn,
+        sparse_activation,
+    )
+    from megasparse.tools.perfmodel import _standins
+
+    hidden, ffn, bf16 = 4096, 14336, torch.bfloat16
+    counts = [12288, 4096, 0, 6144, 9472, 4095, 11904, 16000]
+    backend = CountingSparseBackend()
+    sparsity = SparsityConfig(activations="2:4", backend="auto")
+
+    def meta(*shape, dtype=bf16):
+        return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=True)
+
+    def gemms(shape):
+        weights = [meta(*shape) for _ in counts]
+        steps = [SparseWeightState().step(w, sparsity, backend) for w in weights]
+        gate = lambda e, tokens, step: (  # noqa: E731  (sparse from the smallest bucket on)
+            speed_gate.ROLES if speed_gate.token_bucket(tokens) else ()
+        )
+        plans = expert_plans(steps, [backend] * len(steps), counts, gate, [False] * len(steps))
+        return ExpertGemms(weights, steps, plans, StackedWeights())
+
+    config = SimpleNamespace(
+        moe_apply_probs_on_input=False, recompute_modules=None, recompute_granularity=None
+    )
+    x = meta(sum(counts), hidden)
+    with _standins(), CountGroupedMM() as grouped:
+        fc1, fc2 = gemms((ffn, hidden)), gemms((hidden, ffn))
+        y = grouped_ffn(
+            x,
+            torch.tensor(counts),
+            meta(sum(counts), dtype=torch.float32),
+            fc1,
+            fc2,
+            sparse_activation(squared_relu, sparsity),
+            ActivationStats(),
+            config,
+        )
+        y.backward(torch.empty_like(y))
+    sparse = [n for n in counts if n >= speed_gate.SMALLEST_BUCKET]
+    assert _sparse_forwards(backend) == sorted(2 * sparse)
+    assert sorted(backend.compressed) == sorted([(ffn, hidden), (hidden, ffn)] * len(sparse))
+    dense_rows = sum(counts) - sum(sparse)
+    assert len(grouped.rows) == 6 and all(dense_rows in shape for shape in grouped.rows)
+    assert y.shape == x.shape == x.grad.shape and y.dtype == bf16
+    assert all(w.grad.shape == w.shape for w in fc1.weights + fc2.weights)
