@@ -1,15 +1,17 @@
 """The expert-GEMM engine of the sparse experts: per expert, its own 2:4 GEMM or a share of one grouped GEMM.
 
 `grouped_ffn` runs all local experts' FFNs. Each linear (fc1, fc2) of the experts is an
-`ExpertGemms`: every expert whose W*M is pruned and whose token count the speed gate runs sparse
-(`expert_plans`; any count under backend="cusparselt" or MEGASPARSE_SPEED_GATE=0) runs core's
-`sparse_linear_step` on its rows, with its per-step compressed W*M (built once per optimizer step
-in its WeightStep); the other experts run one torch._grouped_mm on their stacked W*M (input and
-weight gradients by PyTorch's autograd), or one GEMM each where grouping does not apply
-(`can_group`). Results are in expert order; each dense weight gets the gradient of its step's
-rule, into main_grad where its linear fuses the weight-gradient accumulation. On a dense backend
-(CPU, or backend="auto" without sparse kernels) every expert is in the grouped GEMM and no host
-count is read.
+`ExpertGemms` with a `LinearPlan` per expert (`expert_plans`): the roles the speed gate runs sparse
+at the expert's token count (any count under backend="cusparselt" or MEGASPARSE_SPEED_GATE=0). An
+expert with a sparse role in either linear runs its FFN alone: core's `sparse_linear_step` on its
+rows, with its per-step compressed W*M (built once per optimizer step in its WeightStep), its
+activation on its own rows (so no FFN-wide tensor is concatenated from per-expert pieces). The
+other experts run together on their gathered rows: one torch._grouped_mm per product on their
+stacked W*M (input and weight gradients by PyTorch's autograd), or one GEMM each where grouping
+does not apply (`can_group`). The outputs are concatenated in expert order; each dense weight gets
+the gradient of its step's rule, into main_grad where its linear fuses the weight-gradient
+accumulation. On a dense backend (CPU, or backend="auto" without sparse kernels) every expert is
+in the grouped GEMMs and no host count is read.
 
 Per-expert sparse GEMMs need the token counts on the host. Megatron's alltoall and allgather
 dispatchers hand the experts a CPU `tokens_per_expert` (megatron-core 0.16.1 / 0.19.2
@@ -37,6 +39,7 @@ run dense grouped anyway; what would pay there is a ragged (grouped) 2:4 kernel,
 The per-expert loop is kept.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -149,24 +152,25 @@ Gate = Callable[[int, int, object], tuple]
 
 
 def expert_plans(steps, backends, counts, gate: Gate, fusion) -> list:
-    """Per expert: the LinearPlan of its own sparse GEMM when its W*M is pruned, its backend is sparse
-    and the speed gate runs some role sparse at its token count; None: the dense grouped GEMM.
-    counts None (every backend dense): all None. fusion: per expert, whether its linear
-    accumulates the weight gradient into main_grad."""
+    """Per expert: the LinearPlan of its own GEMMs, its sparse roles those the speed gate runs sparse
+    at its token count (none: dense); None where it has no sparse backend or no pruned W*M now, or
+    counts is None (every backend dense). fusion: per expert, whether its linear accumulates the
+    weight gradient into main_grad."""
     plans = []
     for e, (step, backend) in enumerate(zip(steps, backends)):
-        sparse = counts is not None and backend.name != "dense" and step.pruned
-        roles = gate(e, counts[e], step) if sparse else ()
-        plans.append(
-            LinearPlan(backend, step.transposable, bool(fusion[e]), roles) if roles else None
-        )
+        if counts is None or backend.name == "dense" or not step.pruned:
+            plans.append(None)
+            continue
+        roles = tuple(gate(e, counts[e], step))
+        plans.append(LinearPlan(backend, step.transposable, bool(fusion[e]), roles))
     return plans
 
 
 @dataclass
 class ExpertGemms:
     """One linear (fc1 or fc2) of every local expert for one call: weights, this step's WeightSteps,
-    per expert its sparse LinearPlan or None (dense, on `stacked` W*M), and the stacked biases."""
+    per expert its LinearPlan or None (`expert_plans`), `stacked` W*M for the grouped GEMM, and
+    the stacked biases."""
 
     weights: list
     steps: list
@@ -174,31 +178,36 @@ class ExpertGemms:
     stacked: StackedWeights
     biases: Optional[torch.Tensor] = None
 
-    def runs_sparse(self) -> bool:
-        return any(plan is not None for plan in self.plans)
+    def sparse(self, e) -> bool:
+        """Whether expert e runs some GEMM of this linear sparse now."""
+        plan = self.plans[e]
+        return plan is not None and bool(plan.sparse_weight_roles)
 
-    def __call__(self, x, offsets, counts, grouped: bool) -> torch.Tensor:
-        """x [tokens, in] sorted by expert -> each expert's rows times its W*M^T, in expert order."""
-        if not self.runs_sparse() and grouped:  # one grouped GEMM; no host counts needed
-            return grouped_linear(x, self.stacked(self.steps), offsets)
-        chunks = torch.split(x, counts)
-        out = [None] * len(chunks)
-        dense = [e for e, plan in enumerate(self.plans) if plan is None]
-        if dense:
-            w = self.stacked(self.steps, dense)
-            dense_counts = [counts[e] for e in dense]
-            if grouped and sum(dense_counts) > 0:
-                rows = torch.cat([chunks[e] for e in dense])  # the dense experts' rows
-                ends = torch.tensor(dense_counts).cumsum(0).to(device=x.device, dtype=torch.int32)
-                parts = grouped_linear(rows, w, ends).split(dense_counts)
-            else:
-                parts = [torch.nn.functional.linear(chunks[e], w[i]) for i, e in enumerate(dense)]
-            for e, part in zip(dense, parts):
-                out[e] = part
-        for e, plan in enumerate(self.plans):
-            if plan is not None:  # this expert's own 2:4 GEMMs on its per-step compressed W*M
-                out[e] = sparse_linear_step(chunks[e], self.weights[e], None, self.steps[e], plan)
-        return torch.cat(out)
+    def alone(self, e) -> Callable:
+        """x -> x (W_e*M_e)^T by the expert's own op (sparse where its plan says, else dense on W*M
+        held for the step)."""
+        step, plan = self.steps[e], self.plans[e]
+        if plan is None:
+            plan = LinearPlan(step.backend, step.transposable, sparse_weight_roles=())
+        return lambda x: sparse_linear_step(x, self.weights[e], None, step, plan)
+
+    def grouped(self, members, counts, grouped: bool, offsets=None) -> Callable:
+        """x (the members' rows, in order) -> each member's rows times its W*M^T: one grouped GEMM on
+        their stacked W*M (one dense GEMM each where grouped is False)."""
+        w = self.stacked(self.steps, None if len(members) == len(self.steps) else members)
+        if grouped and (offsets is not None or sum(counts) > 0):
+            if offsets is None:
+                offsets = torch.tensor(counts).cumsum(0).to(dtype=torch.int32)
+            return lambda x: grouped_linear(x, w, offsets.to(x.device))
+        return lambda x: torch.cat(
+            [torch.nn.functional.linear(xe, w[i]) for i, xe in enumerate(torch.split(x, counts))]
+        )
+
+    def bias_rows(self, members, expert_of_token) -> Optional[torch.Tensor]:
+        if self.biases is None:
+            return None
+        biases = self.biases if len(members) == len(self.steps) else self.biases[list(members)]
+        return biases[expert_of_token]
 
 
 def _activation_with_recompute(activation, h, tokens_per_expert, stats, config):
@@ -229,35 +238,70 @@ def grouped_ffn(
     counts=None,
     grouped: bool = True,
 ):
-    """All local experts' FFNs (module docstring). counts: the host token counts (needed for per-expert
-    GEMMs and grouped=False; read from tokens_per_expert when not given); grouped=False: one dense
-    GEMM per expert where grouped GEMMs do not apply.
+    """All local experts' FFNs (module docstring). Experts with a linear the speed gate runs sparse
+    run their FFN alone on their own GEMMs; the others together, one grouped GEMM per product (one
+    dense GEMM per expert where grouped is False). counts: the host token counts (read from
+    tokens_per_expert when needed and not given).
 
     Mirrors Megatron's expert MLP: act(x W1^T + b1) * p, then W2, plus b2 * p.
     """
     if config.moe_apply_probs_on_input:  # as SequentialMLP: scale the input, then probs are 1
         x = (probs.unsqueeze(-1) * x).to(x.dtype)
         probs = torch.ones_like(probs)
-    if counts is None and (not grouped or fc1.runs_sparse() or fc2.runs_sparse()):
+    experts = len(fc1.steps)
+    alone = [e for e in range(experts) if fc1.sparse(e) or fc2.sparse(e)]
+    members = tuple(range(experts))
+    run = functools.partial(
+        _ffn, fc1=fc1, fc2=fc2, activation=activation, stats=stats, config=config
+    )
+    if not alone and grouped:  # one grouped GEMM per product: no host counts needed
+        tokens_per_expert = torch.as_tensor(tokens_per_expert, device=x.device)
+        offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+        linears = [fc.grouped(members, None, True, offsets) for fc in (fc1, fc2)]
+        return run(x, tokens_per_expert, probs, members, linears)
+    if counts is None:
         counts = host_counts(tokens_per_expert)
-    tokens_per_expert = torch.as_tensor(tokens_per_expert, device=x.device)
-    offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+    if not alone:  # one dense GEMM per expert
+        linears = [fc.grouped(members, counts, False) for fc in (fc1, fc2)]
+        return run(x, torch.tensor(counts), probs, members, linears)
+    xs, ps = torch.split(x, counts), torch.split(probs, counts)
+    ys = [None] * experts
+    together = [e for e in members if e not in alone]
+    if together:  # the others on their rows, gathered
+        rows = [counts[e] for e in together]
+        linears = [fc.grouped(together, rows, grouped) for fc in (fc1, fc2)]
+        x_together = torch.cat([xs[e] for e in together])
+        p_together = torch.cat([ps[e] for e in together])
+        y = run(x_together, torch.tensor(rows), p_together, together, linears)
+        for e, part in zip(together, y.split(rows)):
+            ys[e] = part
+    for e in alone:  # its own GEMMs: sparse on its per-step compressed W*M where gated
+        linears = [fc1.alone(e), fc2.alone(e)]
+        ys[e] = run(xs[e], torch.tensor([counts[e]]), ps[e], (e,), linears)
+    return torch.cat(ys)
+
+
+def _ffn(x, tokens_per_expert, probs, members, linears, fc1, fc2, activation, stats, config):
+    """The FFN of the experts `members` on their rows x (sorted by expert, `tokens_per_expert` each),
+    with `linears` = (x -> x W1^T, a -> a W2^T)."""
     expert_of_token = torch.repeat_interleave(
-        torch.arange(len(tokens_per_expert), device=x.device),
-        tokens_per_expert,
+        torch.arange(len(members), device=x.device),
+        tokens_per_expert.to(x.device),
         output_size=x.shape[0],
     )
-    h = fc1(x, offsets, counts, grouped)
-    if fc1.biases is not None:
-        h = h + fc1.biases[expert_of_token]
+    h = linears[0](x)
+    b1 = fc1.bias_rows(members, expert_of_token)
+    if b1 is not None:
+        h = h + b1
     a, checkpoint = _activation_with_recompute(activation, h, tokens_per_expert, stats, config)
     p = probs.unsqueeze(-1)
     a = (a * p).to(a.dtype)  # as MLP's per_token_scale
-    y = fc2(a, offsets, counts, grouped)
+    y = linears[1](a)
     if checkpoint is not None:
         checkpoint.discard_output_and_register_recompute(y)
-    if fc2.biases is not None:  # as MLP: the expert bias is scaled by the token's prob
-        y = y + fc2.biases[expert_of_token] * p
+    b2 = fc2.bias_rows(members, expert_of_token)
+    if b2 is not None:  # as MLP: the expert bias is scaled by the token's prob
+        y = y + b2 * p
     return y
 
 

@@ -10,9 +10,11 @@ import megasparse
 from megasparse import SparseGroupedMLP, SparsityConfig
 from megasparse.core import speed_gate
 from megasparse.core.backends import DenseBackend
-from megasparse.core.sparse_operand import WEIGHT
+from megasparse.core.sparse_operand import GRAD_OUTPUT, WEIGHT
 from megasparse.core.weight_state import WeightStep
 from expert_builders import (
+    FFN,
+    HIDDEN,
     TOKENS_PER_EXPERT,
     PerExpertView,
     check_experts_against_reference,
@@ -97,11 +99,37 @@ def test_grouped_mlp_runs_gated_experts_sparse_and_the_rest_grouped(sparse_backe
     sparse_rows = sorted(2 * [TOKENS_PER_EXPERT[e] for e in SPARSE_EXPERTS])
     assert _sparse_forwards(sparse_backend) == sparse_rows  # fc1 and fc2 of each gated expert
     input_grads = [sparse for role, sparse, _ in sparse_backend.gemms if role == "input_grad"]
-    assert input_grads == [WEIGHT if mask == "transposable" else None] * len(sparse_rows)
+    if mask == "transposable":  # the compressed (W*M)^T
+        assert input_grads == [WEIGHT] * len(sparse_rows)
+    else:  # fc2: dense on W*M; fc1: dH of the 2:4 activation as the sparse operand
+        assert sorted(map(str, input_grads)) == sorted(
+            map(str, [None, GRAD_OUTPUT] * len(SPARSE_EXPERTS))
+        )
     dense_rows = sum(TOKENS_PER_EXPERT[e] for e in DENSE_EXPERTS)
     # fc1 and fc2 forward, and dX, dW of each: the dense experts' rows only
     assert len(grouped.rows) == 6 and all(dense_rows in shape for shape in grouped.rows)
     assert sorted(sparse_backend.decisions) == sorted(2 * TOKENS_PER_EXPERT)
+
+
+def test_an_expert_with_one_sparse_linear_runs_both_alone(sparse_backend, monkeypatch):
+    """The gate runs fc1's shape sparse and fc2's dense: the gated experts run alone, fc2 dense on
+    their W*M; the other experts stay in the grouped GEMM."""
+    roles = lambda layer, step, backend, tokens, group=None: (  # noqa: E731
+        speed_gate.ROLES if tokens >= GATE_TOKENS and step.weight.shape == (FFN, HIDDEN) else ()
+    )
+    monkeypatch.setattr(speed_gate, "sparse_roles", roles)
+    experts = make_experts(SparseGroupedMLP, SparsityConfig(backend="auto"), dtype=torch.float32)
+    x, probs, tokens = make_expert_inputs(torch.float32)
+    with CountGroupedMM() as grouped:
+        check_experts_against_reference(experts, x, probs, tokens, None, 2e-4)
+    alone = sorted(TOKENS_PER_EXPERT[e] for e in SPARSE_EXPERTS)
+    assert _sparse_forwards(sparse_backend) == alone  # fc1 only
+    dense_forwards = [
+        n for role, sparse, n in sparse_backend.gemms if role == "forward" and not sparse
+    ]
+    assert sorted(dense_forwards) == alone  # fc2 of the experts running alone
+    dense_rows = sum(TOKENS_PER_EXPERT[e] for e in DENSE_EXPERTS)
+    assert len(grouped.rows) == 6 and all(dense_rows in shape for shape in grouped.rows)
 
 
 @pytest.mark.parametrize("activations,pattern", [(None, None), ("4:2:8", (4, 2, 8))])
