@@ -13,12 +13,13 @@ the gradient of its step's rule, into main_grad where its linear fuses the weigh
 accumulation. On a dense backend (CPU, or backend="auto" without sparse kernels) every expert is
 in the grouped GEMMs and no host count is read.
 
-Per-expert sparse GEMMs need the token counts on the host. Megatron's alltoall and allgather
-dispatchers hand the experts a CPU `tokens_per_expert` (megatron-core 0.16.1 / 0.19.2
-token_dispatcher.py: `_maybe_dtoh_and_synchronize`, `.cpu()`), so reading it costs nothing; a
-device tensor (the flex / DeepEP dispatcher) costs one host sync per call, the one TEGroupedMLP's
-and SequentialMLP's own forwards pay (`tokens_per_expert.tolist()`). It is read only when a
-sparse backend is in use.
+Per-expert sparse GEMMs need the token counts on the host. Megatron's dropless alltoall dispatcher
+and its allgather dispatcher hand the experts a CPU `tokens_per_expert` (megatron-core 0.16.1 and
+0.19.2 token_dispatcher.py: `_maybe_dtoh_and_synchronize` copies it on a side stream before the
+experts run; allgather `.cpu()`), so reading it costs nothing; a device tensor (alltoall with
+moe_pad_expert_input_to_capacity, the flex / DeepEP dispatcher) costs one host sync per call, the
+one TEGroupedMLP's and SequentialMLP's own forwards pay (`tokens_per_expert.tolist()`). It is read
+only when a sparse backend is in use.
 
 A batched sparse call over the experts (proposed, not built). PyTorch's `_cslt_sparse_mm` takes 2-D
 operands only, so the sparse experts run one call each: per expert and micro-batch 4 calls (fc1 and
