@@ -16,6 +16,7 @@ from megasparse.core import weight_state
 from megasparse.core.backends import DenseBackend
 from megasparse.core.masks import follows_pattern, pack_mask
 from megasparse.core.masks import weight_mask
+from backend_standins import CountingSparseBackend
 from megatron_helpers import make_config, make_column, make_mlp, make_row
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
@@ -89,33 +90,13 @@ def test_k_micro_batches_share_one_mask_and_gradient_terms_apply_once_per_step(
     assert not torch.equal(weight_mask(layer.weight), weight_mask(mask_calls[0]))  # masks did move
 
 
-class CountingBackend(DenseBackend):
-    """The dense backend, counting compressions and which operand each GEMM was told is sparse."""
-
-    def __init__(self):
-        self.compressed, self.gemms = [], []
-
-    def compress(self, matrix):
-        self.compressed.append(tuple(matrix.shape))
-        return matrix.clone()
-
-    def linear(self, x2d, w, bias, sparse):
-        self.gemms.append(("forward", sparse))
-        return super().linear(x2d, w, bias, sparse)
-
-    def input_grad(self, dy2d, w, sparse):
-        self.gemms.append(("input_grad", sparse))
-        return super().input_grad(dy2d, w, sparse)
-
-
 @pytest.mark.parametrize(
     "mask,hold", [("1d", None), ("transposable", None), ("transposable", False)]
 )
 def test_weight_is_compressed_once_per_step_and_reused_by_every_micro_batch(
     monkeypatch, mask, hold
 ):
-    backend = CountingBackend()
-    backend.name = "counting"  # not "dense": the state treats it as a sparse GPU backend
+    backend = CountingSparseBackend()  # not "dense": the state treats it as a sparse GPU backend
     monkeypatch.setattr("megasparse.core.sparse_module.resolve_backend", lambda *a, **k: backend)
     layer = make_column(make_config(), 16, 32, SparsityConfig(mask=mask, hold_backward_weight=hold))
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
@@ -132,7 +113,7 @@ def test_weight_is_compressed_once_per_step_and_reused_by_every_micro_batch(
         else:
             assert transposed == 0  # a 1d mask's W^T is not 2:4: the dgrad GEMM stays dense
         opt.step()
-    sparse_roles = {role: sparse for role, sparse in backend.gemms}
+    sparse_roles = {role: sparse for role, sparse, _ in backend.gemms}
     assert sparse_roles == {
         "forward": "weight",
         "input_grad": "weight" if mask == "transposable" else None,
@@ -148,8 +129,7 @@ def test_roles_the_speed_gate_runs_dense_build_w_times_m_once_per_step(monkeypat
     from megasparse.core import speed_gate
     from megasparse.core.weight_state import WeightStep
 
-    backend = CountingBackend()
-    backend.name = "counting"  # a sparse backend to the state
+    backend = CountingSparseBackend()
     monkeypatch.setattr("megasparse.core.sparse_module.resolve_backend", lambda *a, **k: backend)
     monkeypatch.setattr(speed_gate, "applies", lambda requested, backend, weight: True)
     builds = []
@@ -170,7 +150,7 @@ def test_roles_the_speed_gate_runs_dense_build_w_times_m_once_per_step(monkeypat
             torch.testing.assert_close(x.grad, dy @ w)
         assert len(builds) == 1, step
         opt.step()
-    assert backend.compressed == [] and {sparse for _, sparse in backend.gemms} == {None}
+    assert backend.compressed == [] and {sparse for _, sparse, _ in backend.gemms} == {None}
 
 
 @pytest.mark.parametrize("hold", [None, True, False])
@@ -180,8 +160,7 @@ def test_1d_mask_holds_w_times_m_for_the_dgrad_unless_told_to_rebuild(monkeypatc
     micro-batch's backward reuses it; hold_backward_weight=False rebuilds it in each backward."""
     from megasparse.core.weight_state import WeightStep
 
-    backend = CountingBackend()
-    backend.name = "counting"  # a sparse backend to the state (not "dense", which holds W*M)
+    backend = CountingSparseBackend()  # not "dense", which holds W*M
     monkeypatch.setattr("megasparse.core.sparse_module.resolve_backend", lambda *a, **k: backend)
     builds, unpacks = [], []
     masked, unpack = WeightStep._masked, weight_state.unpack_mask
@@ -205,7 +184,7 @@ def test_1d_mask_holds_w_times_m_for_the_dgrad_unless_told_to_rebuild(monkeypatc
         # held: one weight-sized tensor for the step
         assert held.get("dense") == (None if hold is False else weight_bytes)
         opt.step()
-    assert {sparse for role, sparse in backend.gemms if role == "input_grad"} == {None}
+    assert {sparse for role, sparse, _ in backend.gemms if role == "input_grad"} == {None}
 
 
 class CusparseltSizedBackend(DenseBackend):

@@ -9,9 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import megasparse
 from megasparse import SparseGroupedMLP, SparsityConfig
 from megasparse.core import speed_gate
-from megasparse.core.backends import DenseBackend
 from megasparse.core.sparse_operand import GRAD_OUTPUT, WEIGHT
 from megasparse.core.weight_state import WeightStep
+from backend_standins import CountingSparseBackend
 from expert_builders import (
     FFN,
     HIDDEN,
@@ -28,28 +28,6 @@ pytestmark = pytest.mark.usefixtures("megatron_tp1")
 GATE_TOKENS = 4  # stand-in for the gate's smallest bucket: experts with 5 and 7 tokens run sparse
 SPARSE_EXPERTS = [e for e, n in enumerate(TOKENS_PER_EXPERT) if n >= GATE_TOKENS]
 DENSE_EXPERTS = [e for e, n in enumerate(TOKENS_PER_EXPERT) if n < GATE_TOKENS]  # incl. 0 tokens
-
-
-class CountingSparseBackend(DenseBackend):
-    """A sparse backend to the layers (name not "dense") computing dense: logs every compression
-    (by the weight tensor it came from) and every GEMM with the operand it was told is sparse."""
-
-    name = "counting-sparse"
-
-    def __init__(self):
-        self.compressed, self.gemms = [], []
-
-    def compress(self, matrix):
-        self.compressed.append(tuple(matrix.shape))
-        return matrix.clone()
-
-    def linear(self, x2d, w, bias, sparse):
-        self.gemms.append(("forward", sparse, x2d.shape[0]))
-        return super().linear(x2d, w, bias, sparse)
-
-    def input_grad(self, dy2d, w, sparse):
-        self.gemms.append(("input_grad", sparse, dy2d.shape[0]))
-        return super().input_grad(dy2d, w, sparse)
 
 
 class CountGroupedMM(TorchDispatchMode):
@@ -233,65 +211,3 @@ def test_sparse_experts_accumulate_into_main_grad_and_dense_ones_give_grad(spars
                 assert not weight.grad_added_to_main_grad and not weight.main_grad.any()
                 got = weight.grad
             torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=2e-4)
-
-
-def test_mixed_experts_on_meta_at_real_shapes():
-    """8 experts, h4096/ffn14336, ~8k tokens each with a +/-50% spread, one with none: the experts
-    from the gate's smallest bucket on run their own sparse GEMMs, the rest one grouped GEMM per
-    product; shapes, dtypes and every weight's gradient on meta tensors."""
-    from types import SimpleNamespace
-
-    from megatron.core.activations import squared_relu
-
-    from megasparse.core.activation_sparsity import ActivationStats
-    from megasparse.core.weight_state import SparseWeightState
-    from megasparse.megatron.grouped_gemm import (
-        ExpertGemms,
-        StackedWeights,
-        expert_plans,
-        grouped_ffn,
-        sparse_activation,
-    )
-    from megasparse.tools.perfmodel import _standins
-
-    hidden, ffn, bf16 = 4096, 14336, torch.bfloat16
-    counts = [12288, 4096, 0, 6144, 9472, 4095, 11904, 16000]
-    backend = CountingSparseBackend()
-    sparsity = SparsityConfig(activations="2:4", backend="auto")
-
-    def meta(*shape, dtype=bf16):
-        return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=True)
-
-    def gemms(shape):
-        weights = [meta(*shape) for _ in counts]
-        steps = [SparseWeightState().step(w, sparsity, backend) for w in weights]
-        gate = lambda e, tokens, step: (  # noqa: E731  (sparse from the smallest bucket on)
-            speed_gate.ROLES if speed_gate.token_bucket(tokens) else ()
-        )
-        plans = expert_plans(steps, [backend] * len(steps), counts, gate, [False] * len(steps))
-        return ExpertGemms(weights, steps, plans, StackedWeights())
-
-    config = SimpleNamespace(
-        moe_apply_probs_on_input=False, recompute_modules=None, recompute_granularity=None
-    )
-    x = meta(sum(counts), hidden)
-    with _standins(), CountGroupedMM() as grouped:
-        fc1, fc2 = gemms((ffn, hidden)), gemms((hidden, ffn))
-        y = grouped_ffn(
-            x,
-            torch.tensor(counts),
-            meta(sum(counts), dtype=torch.float32),
-            fc1,
-            fc2,
-            sparse_activation(squared_relu, sparsity),
-            ActivationStats(),
-            config,
-        )
-        y.backward(torch.empty_like(y))
-    sparse = [n for n in counts if n >= speed_gate.SMALLEST_BUCKET]
-    assert _sparse_forwards(backend) == sorted(2 * sparse)
-    assert sorted(backend.compressed) == sorted([(ffn, hidden), (hidden, ffn)] * len(sparse))
-    dense_rows = sum(counts) - sum(sparse)
-    assert len(grouped.rows) == 6 and all(dense_rows in shape for shape in grouped.rows)
-    assert y.shape == x.shape == x.grad.shape and y.dtype == bf16
-    assert all(w.grad.shape == w.shape for w in fc1.weights + fc2.weights)
