@@ -197,17 +197,25 @@ class ExpertGemms:
         their stacked W*M (one dense GEMM each where grouped is False)."""
         w = self.stacked(self.steps, None if len(members) == len(self.steps) else members)
         if grouped and (offsets is not None or sum(counts) > 0):
-            if offsets is None:
+            if offsets is None:  # host counts: copied without a stream sync
                 offsets = torch.tensor(counts).cumsum(0).to(dtype=torch.int32)
-            return lambda x: grouped_linear(x, w, offsets.to(x.device))
+            return lambda x: grouped_linear(x, w, offsets.to(x.device, non_blocking=True))
         return lambda x: torch.cat(
             [torch.nn.functional.linear(xe, w[i]) for i, xe in enumerate(torch.split(x, counts))]
         )
 
-    def bias_rows(self, members, expert_of_token) -> Optional[torch.Tensor]:
+    def bias_rows(self, members, tokens_per_expert, rows) -> Optional[torch.Tensor]:
+        """Each of the `rows` rows' expert bias ([rows, out]; one expert's: [out]), or None."""
         if self.biases is None:
             return None
+        if len(members) == 1:
+            return self.biases[members[0]]
         biases = self.biases if len(members) == len(self.steps) else self.biases[list(members)]
+        expert_of_token = torch.repeat_interleave(
+            torch.arange(len(members), device=biases.device),
+            tokens_per_expert.to(biases.device, non_blocking=True),
+            output_size=rows,
+        )
         return biases[expert_of_token]
 
 
@@ -256,7 +264,8 @@ def grouped_ffn(
         _ffn, fc1=fc1, fc2=fc2, activation=activation, stats=stats, config=config
     )
     if not alone and grouped:  # one grouped GEMM per product: no host counts needed
-        tokens_per_expert = torch.as_tensor(tokens_per_expert, device=x.device)
+        # a host tensor (Megatron's dispatchers) is copied without a stream sync
+        tokens_per_expert = torch.as_tensor(tokens_per_expert).to(x.device, non_blocking=True)
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)
         linears = [fc.grouped(members, None, True, offsets) for fc in (fc1, fc2)]
         return run(x, tokens_per_expert, probs, members, linears)
@@ -285,13 +294,8 @@ def grouped_ffn(
 def _ffn(x, tokens_per_expert, probs, members, linears, fc1, fc2, activation, stats, config):
     """The FFN of the experts `members` on their rows x (sorted by expert, `tokens_per_expert` each),
     with `linears` = (x -> x W1^T, a -> a W2^T)."""
-    expert_of_token = torch.repeat_interleave(
-        torch.arange(len(members), device=x.device),
-        tokens_per_expert.to(x.device),
-        output_size=x.shape[0],
-    )
     h = linears[0](x)
-    b1 = fc1.bias_rows(members, expert_of_token)
+    b1 = fc1.bias_rows(members, tokens_per_expert, x.shape[0])
     if b1 is not None:
         h = h + b1
     a, checkpoint = _activation_with_recompute(activation, h, tokens_per_expert, stats, config)
@@ -300,7 +304,7 @@ def _ffn(x, tokens_per_expert, probs, members, linears, fc1, fc2, activation, st
     y = linears[1](a)
     if checkpoint is not None:
         checkpoint.discard_output_and_register_recompute(y)
-    b2 = fc2.bias_rows(members, expert_of_token)
+    b2 = fc2.bias_rows(members, tokens_per_expert, x.shape[0])
     if b2 is not None:  # as MLP: the expert bias is scaled by the token's prob
         y = y + b2 * p
     return y

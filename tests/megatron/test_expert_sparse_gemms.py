@@ -211,3 +211,33 @@ def test_sparse_experts_accumulate_into_main_grad_and_dense_ones_give_grad(spars
                 assert not weight.grad_added_to_main_grad and not weight.main_grad.any()
                 got = weight.grad
             torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=2e-4)
+
+
+def test_moe_act_recompute_on_the_mixed_path(sparse_backend, monkeypatch):
+    """recompute_modules=["moe_act"]: each part (the experts running alone, the grouped rest)
+    recomputes its activation in the backward, with the same outputs and gradients bit for bit."""
+    from megatron.core import tensor_parallel
+
+    used = []
+
+    class Counting(tensor_parallel.CheckpointWithoutOutput):
+        def discard_output_and_register_recompute(self, hook_tensor):
+            used.append(True)
+            return super().discard_output_and_register_recompute(hook_tensor)
+
+    monkeypatch.setattr(tensor_parallel, "CheckpointWithoutOutput", Counting)
+    x, probs, tokens = make_expert_inputs(torch.float32)
+    results = []
+    for recompute in (False, True):
+        sparsity = SparsityConfig(activations="2:4", backend="auto")
+        experts = make_te_experts(megasparse.SparseTEGroupedMLP, sparsity, torch.float32, seed=3)
+        if recompute:
+            experts.config.recompute_granularity = "selective"
+            experts.config.recompute_modules = ["moe_act"]
+        xr = x.clone().requires_grad_(True)
+        y, _ = experts(xr, tokens, probs)
+        y.backward(torch.ones_like(y))
+        results.append([y.detach(), xr.grad] + [p.grad for p in experts.parameters()])
+    assert len(used) == len(SPARSE_EXPERTS) + 1  # each expert alone, and the grouped rest
+    for plain, recomputed in zip(*results):
+        assert torch.equal(plain, recomputed)
