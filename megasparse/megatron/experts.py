@@ -37,7 +37,7 @@ from megasparse.megatron.grouped_gemm import (
     can_group,
     expert_plans,
     grouped_ffn,
-    host_counts,
+    counts_for,
     run_forward_pre_hooks,
     sparse_activation,
 )
@@ -102,11 +102,7 @@ class SparseGroupedMLP(SparseSequentialMLP):
         fc2s = [e.linear_fc2 for e in self.local_experts]
         plain = self.local_experts[0].activation_func
         plain = getattr(plain, "activation", plain)  # the function under SparseMLP's hook
-        backends = [self._backend(layer) for layer in fc1s + fc2s]
-        # host counts only where some expert may run its own sparse GEMM (module docstring of grouped_gemm)
-        counts = (
-            None if all(b.name == "dense" for b in backends) else host_counts(tokens_per_expert)
-        )
+        counts = counts_for([self._backend(fc) for fc in fc1s + fc2s], tokens_per_expert)
         y = grouped_ffn(
             x,
             tokens_per_expert,

@@ -148,6 +148,14 @@ def host_counts(tokens_per_expert) -> list:
     return [int(n) for n in tokens_per_expert]
 
 
+def counts_for(backends, tokens_per_expert) -> Optional[list]:
+    """The host token counts where some expert may run its own sparse GEMM (a backend of the
+    experts' linears is sparse), else None: nothing read, no sync."""
+    if all(backend.name == "dense" for backend in backends):
+        return None
+    return host_counts(tokens_per_expert)
+
+
 # (expert index, its token count, its WeightStep) -> the roles the speed gate runs sparse
 Gate = Callable[[int, int, object], tuple]
 

@@ -26,7 +26,7 @@ from megasparse.megatron.grouped_gemm import (
     can_group,
     expert_plans,
     grouped_ffn,
-    host_counts,
+    counts_for,
     run_forward_pre_hooks,
     sparse_activation,
 )
@@ -147,10 +147,8 @@ class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
             # the sparse TE grouped linears: FP8 2:4 per expert, or TE's grouped FP8 GEMM on W*M
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         x = permuted_local_hidden_states
-        backends = [self._backend("linear_fc1"), self._backend("linear_fc2")]
-        # host counts only where some expert may run its own sparse GEMM (module docstring of grouped_gemm)
-        counts = (
-            None if all(b.name == "dense" for b in backends) else host_counts(tokens_per_expert)
+        counts = counts_for(
+            [self._backend(n) for n in ("linear_fc1", "linear_fc2")], tokens_per_expert
         )
         fc1 = self._expert_gemms("linear_fc1", counts)
         fc2 = self._expert_gemms("linear_fc2", counts)
