@@ -125,14 +125,16 @@ def test_grouped_mlp_activations_on_the_mixed_path(sparse_backend, activations, 
     )
 
 
+@pytest.mark.parametrize("activations,pattern", [("2:4", (64, 2, 4)), ("4:2:8", (4, 2, 8))])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.float64, 1e-10)])
-def test_te_grouped_mlp_runs_gated_experts_sparse(sparse_backend, dtype, tol):
+def test_te_grouped_mlp_runs_gated_experts_sparse(sparse_backend, dtype, tol, activations, pattern):
     """bf16 branch of SparseTEGroupedMLP (TE's GroupedLinear stand-in): grouped (float32) and
-    looped (float64: no grouped GEMM) dense experts beside the per-expert sparse ones."""
-    sparsity = SparsityConfig(activations="2:4", backend="auto")
+    looped (float64: no grouped GEMM) dense experts beside the per-expert sparse ones; V:N:M
+    blocks (4:2:8, its masked math) never mix two experts."""
+    sparsity = SparsityConfig(activations=activations, backend="auto")
     experts = make_te_experts(megasparse.SparseTEGroupedMLP, sparsity, dtype)
     x, probs, tokens = make_expert_inputs(dtype)
-    check_experts_against_reference(PerExpertView(experts), x, probs, tokens, (64, 2, 4), tol)
+    check_experts_against_reference(PerExpertView(experts), x, probs, tokens, pattern, tol)
     assert _sparse_forwards(sparse_backend) == sorted(
         2 * [TOKENS_PER_EXPERT[e] for e in SPARSE_EXPERTS]
     )
