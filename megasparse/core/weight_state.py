@@ -213,6 +213,13 @@ class WeightStep:
             self._dense = masked
         return masked
 
+    def dense_for_copy(self) -> torch.Tensor:
+        """dense() for a caller that keeps its own copy (grouped experts stack the W*M of the experts
+        running together): the held W*M if there is one, else built without holding a second one."""
+        if not self.pruned or self._dense is not None:
+            return self.dense()
+        return self._masked()
+
     def compressed(self):
         """The forward operand: W*M in the backend's sparse format (built once per step)."""
         if self._compressed is None:

@@ -136,7 +136,7 @@ class StackedWeights:
             self._steps, self._stacks = list(steps), {}
         chosen = [steps[e] for e in members]
         if members not in self._stacks:
-            self._stacks[members] = torch.stack([s.dense() for s in chosen])
+            self._stacks[members] = torch.stack([s.dense_for_copy() for s in chosen])
         return masked_weight(chosen, stacked=self._stacks[members])
 
 

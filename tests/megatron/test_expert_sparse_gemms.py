@@ -87,6 +87,15 @@ def test_grouped_mlp_runs_gated_experts_sparse_and_the_rest_grouped(sparse_backe
     # fc1 and fc2 forward, and dX, dW of each: the dense experts' rows only
     assert len(grouped.rows) == 6 and all(dense_rows in shape for shape in grouped.rows)
     assert sorted(sparse_backend.decisions) == sorted(2 * TOKENS_PER_EXPERT)
+    for e, expert in enumerate(experts.local_experts):
+        for linear in (expert.linear_fc1, expert.linear_fc2):
+            held = linear.sparsity_stats()["state_bytes"]
+            weight_bytes = linear.weight.numel() * linear.weight.element_size()
+            # alone: its compressed W*M, and (1d) W*M for the dense dgrad, held for the step;
+            # together: only the stack holds its W*M
+            assert ("compressed" in held) == (e in SPARSE_EXPERTS)
+            held_dense = e in SPARSE_EXPERTS and mask == "1d"
+            assert held.get("dense") == (weight_bytes if held_dense else None)
 
 
 def test_an_expert_with_one_sparse_linear_runs_both_alone(sparse_backend, monkeypatch):
