@@ -203,7 +203,7 @@ class ExpertGemms:
     def grouped(self, members, counts, grouped: bool, offsets=None) -> Callable:
         """x (the members' rows, in order) -> each member's rows times its W*M^T: one grouped GEMM on
         their stacked W*M (one dense GEMM each where grouped is False)."""
-        w = self.stacked(self.steps, None if len(members) == len(self.steps) else members)
+        w = self.stacked(self.steps, members)
         if grouped and (offsets is not None or sum(counts) > 0):
             if offsets is None:  # host counts: copied without a stream sync
                 offsets = torch.tensor(counts).cumsum(0).to(dtype=torch.int32)
