@@ -94,6 +94,20 @@ def agree(votes, group=None) -> list:
     return [bool(v) for v in tally.tolist()]
 
 
+def agree_max(values, group=None) -> list:
+    """The largest value of each position over the group's ranks (one all-reduce), for choices
+    that are numbers rather than votes (a cuSPARSELt algorithm, megasparse.core.cusparselt_search)."""
+    values = [int(v) for v in values]
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return values
+    device = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    tally = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tally, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in tally.tolist()]
+
+
 class SpeedGate:
     def __init__(self, path: Optional[Path] = None, timer: Callable = cuda_event_timer):
         self.path = Path(path) if path is not None else cache_path()
@@ -241,5 +255,9 @@ def sparse_roles(layer: str, step, backend, tokens: int, group=None) -> tuple:
             shape = (bucket, *masked.shape)
             name = device_name(masked.device)
             roles = speed_gate.decide(layer, shape, masked.dtype, pairs, name, group)
+            # the backend's per-bucket choices (a cuSPARSELt algorithm) are made here too: once
+            prepare = getattr(backend, "prepare_algorithms", None)
+            if prepare is not None:
+                prepare(tuple(r for r in roles if r in pairs), bucket, masked, group)
         speed_gate.decided[key] = roles
     return roles
