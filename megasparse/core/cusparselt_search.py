@@ -77,19 +77,35 @@ def torch_search(compressed, dense, bias, alpha, out_dtype, transpose_result) ->
         found = binding.mm_search(compressed, dense, bias, alpha, out_dtype, transpose_result)
         return Algorithm(*(int(v) for v in found[:3]))
     alg_id = torch._cslt_sparse_mm_search(
-        compressed, dense, bias=bias, alpha=alpha, out_dtype=out_dtype,
+        compressed,
+        dense,
+        bias=bias,
+        alpha=alpha,
+        out_dtype=out_dtype,
         transpose_result=transpose_result,
-    )  # fmt: skip
+    )
     return Algorithm(int(alg_id))
 
 
-def sparse_mm(compressed, dense, algorithm: Algorithm, bias=None, alpha=None, out_dtype=None,
-              transpose_result=False):  # fmt: skip
+def sparse_mm(
+    compressed,
+    dense,
+    algorithm: Algorithm,
+    bias=None,
+    alpha=None,
+    out_dtype=None,
+    transpose_result=False,
+):
     """torch._cslt_sparse_mm with `algorithm` (looked up at call time, so tests can stand in)."""
     return torch._cslt_sparse_mm(
-        compressed, dense, bias=bias, alpha=alpha, out_dtype=out_dtype,
-        transpose_result=transpose_result, **algorithm.arguments(),
-    )  # fmt: skip
+        compressed,
+        dense,
+        bias=bias,
+        alpha=alpha,
+        out_dtype=out_dtype,
+        transpose_result=transpose_result,
+        **algorithm.arguments(),
+    )
 
 
 class Operands(NamedTuple):
@@ -163,7 +179,7 @@ class AlgorithmSearch:
             try:
                 got = self.run(operands.compressed, operands.dense, algorithm, *operands[2:])
             except RuntimeError as error:
-                return False, float("nan"), tolerance, f"algorithm {algorithm} raised: {error}"
+                return False, worst, tolerance, f"algorithm {tuple(algorithm)} raised: {error}"
             worst = max(worst, (got.float() - reference).abs().max().item())
             if not worst <= tolerance:
                 return (
@@ -200,12 +216,15 @@ class AlgorithmSearch:
         )
         return chosen
 
-    def algorithm_for(self, role, bucket, dtype, shape, operands: Operands, group=None,
-                      device_name=None) -> Algorithm:  # fmt: skip
+    def algorithm_for(
+        self, role, bucket, dtype, shape, operands: Operands, group=None, device_name=None
+    ) -> Algorithm:
         """The agreed algorithm for (role, bucket, dtype, shard shape), decided once per process
         (and once per group for the agreement), then kept for `lookup`."""
         if role not in ROLES:
-            raise ValueError(f"megasparse: cuSPARSELt search role must be one of {ROLES}, got {role!r}")
+            raise ValueError(
+                f"megasparse: cuSPARSELt search role must be one of {ROLES}, got {role!r}"
+            )
         device = operands.dense.device
         key = (role, bucket, dtype, tuple(shape), device, operands.transpose_result)
         if (key, group) in self.agreed:
@@ -247,8 +266,9 @@ def prepare_weight_roles(roles, bucket: int, masked: torch.Tensor, group=None) -
         searcher().algorithm_for(role, bucket, matrix.dtype, matrix.shape, operands, group)
 
 
-def fp8_arguments(compressed, dense, rows: int, alpha=None, out_dtype=None,
-                  transpose_result=False) -> dict:  # fmt: skip
+def fp8_arguments(
+    compressed, dense, rows: int, alpha=None, out_dtype=None, transpose_result=False
+) -> dict:
     """torch._cslt_sparse_mm's algorithm arguments for an e4m3 2:4 GEMM (compressed [rows, k] by
     dense [k, tokens]): {} (algorithm 0, the call as without a search) when the search is off or
     below the smallest bucket; else searched once per (bucket, shape, layout) on the first call,

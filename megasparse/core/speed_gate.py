@@ -258,6 +258,6 @@ def sparse_roles(layer: str, step, backend, tokens: int, group=None) -> tuple:
             # the backend's per-bucket choices (a cuSPARSELt algorithm) are made here too: once
             prepare = getattr(backend, "prepare_algorithms", None)
             if prepare is not None:
-                prepare(tuple(r for r in roles if r in pairs), bucket, masked, group)
+                prepare(roles, bucket, masked, group)
         speed_gate.decided[key] = roles
     return roles

@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from megasparse.core.cusparselt_search import fp8_arguments as algorithm  # {}: algorithm 0
+from megasparse.core import cusparselt_search
 
 TOKEN_MULTIPLE = 16  # dense_min_rows / dense_min_cols for e4m3 in PyTorch's cuSPARSELt table
 WEIGHT_MULTIPLE = 32  # sparse_min_rows / sparse_min_cols for e4m3
@@ -140,11 +140,14 @@ def sparse_fp8_mm(
             alpha=alpha,
             out_dtype=out_dtype,
             transpose_result=True,
-            **algorithm(sparse_b, a_pad.t(), rows_b, alpha, out_dtype, transpose_result=True),
+            **cusparselt_search.fp8_arguments(sparse_b, a_pad.t(), rows_b, alpha, out_dtype, True),
         )[:tokens]
         return y if bias is None else y + bias.to(y.dtype)
     unscaled = torch._cslt_sparse_mm(
-        sparse_b, a_pad.t(), out_dtype=out_dtype, **algorithm(sparse_b, a_pad.t(), rows_b, None, out_dtype)
+        sparse_b,
+        a_pad.t(),
+        out_dtype=out_dtype,
+        **cusparselt_search.fp8_arguments(sparse_b, a_pad.t(), rows_b, None, out_dtype),
     )  # [rows_b, padded]
     return scale_epilogue(
         unscaled.t()[:tokens], a_scale_inv.float() * b_scale_inv.float(), bias, out_dtype

@@ -134,9 +134,7 @@ def test_off_by_default_searches_nothing_and_runs_algorithm_0(search_env, cslt):
     assert "cusparselt algorithm" not in search_env.read_text()
 
 
-def test_opt_in_searches_once_per_key_across_micro_batches_and_steps(
-    search_env, cslt, monkeypatch
-):
+def test_opt_in_searches_once_per_key_across_micro_batches_and_steps(search_env, cslt, monkeypatch):
     monkeypatch.setenv(cusparselt_search.SWITCH_ENV, "1")
     search = CountingSearch(Algorithm(5, 2, 0))
     cusparselt_search._SEARCH = AlgorithmSearch(search=search)
@@ -158,10 +156,15 @@ def test_opt_in_searches_once_per_key_across_micro_batches_and_steps(
     assert search.calls == [((IN, BUCKET), True), ((OUT, BUCKET), True)]
     # below the smallest bucket (and 0 tokens): algorithm 0 through torch's own call
     for tokens in (BUCKET - 1, 0):
-        assert cusparselt_search.searcher().lookup("forward", tokens, BF16, (OUT, IN), "cpu") == DEFAULT
+        assert (
+            cusparselt_search.searcher().lookup("forward", tokens, BF16, (OUT, IN), "cpu")
+            == DEFAULT
+        )
     del cslt.calls[:]
     x = tokens_of(BUCKET - 1)
-    assert_matches_masked_reference(backend.linear(x, w_c, None, WEIGHT), x.double() @ w.double().t())
+    assert_matches_masked_reference(
+        backend.linear(x, w_c, None, WEIGHT), x.double() @ w.double().t()
+    )
     assert cslt.calls == [DEFAULT]
 
 
@@ -190,9 +193,9 @@ def test_chosen_algorithm_calls_on_meta_at_real_shapes(search_env, monkeypatch, 
         dx = backend.input_grad(dy, w_t, WEIGHT)
     calls = fake_ops.sparse_mm_calls[before:]
     padded = tokens + (-tokens) % 8
-    assert [(c["m"], c["k"], c["n"], c["transpose_result"]) for c in calls] == [
-        (ffn, hidden, padded, True),
-        (hidden, ffn, padded, True),
+    assert [(c["m"], c["k"], c["n"], c["transpose_result"], c["dense_layout"]) for c in calls] == [
+        (ffn, hidden, padded, True, "column-major"),
+        (hidden, ffn, padded, True, "column-major"),
     ]
     assert y.shape == (tokens, ffn) and dx.shape == (tokens, hidden)
 
@@ -338,7 +341,9 @@ def test_fp8_searches_once_per_bucket_and_passes_the_algorithm(
 
     assert fp8_gemm_of(BUCKET + 5, 1) == [DEFAULT]  # off: today's call
     monkeypatch.setenv(cusparselt_search.SWITCH_ENV, "1")
-    first = fp8_gemm_of(BUCKET + 5, 2)  # searched: algorithm 0, then the check's runs, then the GEMM
+    first = fp8_gemm_of(
+        BUCKET + 5, 2
+    )  # searched: algorithm 0, then the check's runs, then the GEMM
     assert first[0] == DEFAULT and first[-1] == Algorithm(6) and len(search.calls) == 1
     for tokens, seed in ((BUCKET, 3), (2 * BUCKET - 16, 4)):
         assert fp8_gemm_of(tokens, seed) == [Algorithm(6)]  # looked up: no search, no check
@@ -389,7 +394,9 @@ def test_tensor_parallel_ranks_agree_on_one_algorithm(tmp_path, found, wrong_on_
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens, out, k", [(4096, 4096, 4096), (8192, 14336, 4096), (4096, 512, 256)])
+@pytest.mark.parametrize(
+    "tokens, out, k", [(4096, 4096, 4096), (8192, 14336, 4096), (4096, 512, 256)]
+)
 def test_gpu_search_result_matches_algorithm_0_and_the_dense_gemm(dtype, tokens, out, k):
     backend = BACKENDS["cusparselt"]
     reason = backend.device_reason(torch.device("cuda"))
