@@ -149,7 +149,7 @@ class CusparseltBackend(_SemiStructuredBackend):
             found = cusparselt_search.searcher().lookup(
                 "forward", x2d.shape[0], w.dtype, w.shape, x2d.device
             )
-            if found != cusparselt_search.DEFAULT:
+            if found != cusparselt_search.DEFAULT and w.packed is not None:
                 return self.weight_mm(w, binding_layout(x2d), bias, found)
         return super().linear(x2d, w, bias, sparse)
 
@@ -158,7 +158,7 @@ class CusparseltBackend(_SemiStructuredBackend):
             found = cusparselt_search.searcher().lookup(
                 "input_grad", dy2d.shape[0], w.dtype, w.shape, dy2d.device
             )
-            if found != cusparselt_search.DEFAULT:
+            if found != cusparselt_search.DEFAULT and w.packed is not None:
                 return self.weight_mm(w, binding_layout(dy2d), None, found)
         return super().input_grad(dy2d, w, sparse)
 

@@ -5,14 +5,15 @@ Opt-in: MEGASPARSE_CUSPARSELT_SEARCH=1. Unset or 0: every cuSPARSELt call runs a
 split_k=1, exactly as without this module. The search is opt-in until a GPU run of
 `make gpu-check` (its cusparselt_search part) has checked it, because some cuSPARSELt algorithms
 have returned wrong results (pytorch/pytorch#155333: A100, torch 2.7.1+cu128, cuSPARSELt 0.6.3,
-alg_id=20 failed allclose, non-deterministically, from 256 rows of the sparse operand up; xformers
-turned its own algorithm tuning off over it).
+alg_id=20 failed allclose against the dense product, non-deterministically: the report's 128xN
+shapes passed, 256x128 and larger failed; xformers turned its own algorithm tuning off over it).
 
 What torch offers (torch 2.13's Python, and aten/.../sparse/cuda/cuSPARSELtOps.cpp with
 torch/csrc's cuSPARSELt bindings): `torch._C._cusparselt.mm_search(compressed_A, dense_B, bias,
-alpha, out_dtype, transpose_result)` returns (alg_id, split_k, split_k_mode, max_alg_id) where
-the build has it; the deprecated `torch._cslt_sparse_mm_search(...)` returns alg_id only (then
-split_k=1, split_k_mode=-1). `torch._cslt_sparse_mm(..., alg_id, split_k, split_k_mode)` runs one.
+alpha, out_dtype, transpose_result)` returns (alg_id, split_k, split_k_mode, max_alg_id) in the
+builds whose `_cslt_sparse_mm` takes split_k_mode (2.13's does); the deprecated
+`torch._cslt_sparse_mm_search(...)` returns alg_id only (then split_k=1, split_k_mode=-1).
+`torch._cslt_sparse_mm(..., alg_id, split_k, split_k_mode)` runs one.
 Every torch call builds a fresh plan: no plan can be kept from Python.
 
 Numerics: a chosen algorithm is accepted only if, on the search's own operands, VALIDATION_RUNS
@@ -20,7 +21,9 @@ results each lie within TOLERANCE_ULPS units in the last place (of the output dt
 max|result of algorithm 0| from algorithm 0's result; else algorithm 0 stays, with the reason in
 the JSON. A rejected algorithm costs speed, never accuracy.
 
-Hot path: `lookup(role, tokens, weight)` is one dict look-up (no file, no search, no sync).
+Hot path: `AlgorithmSearch.lookup(role, tokens, dtype, shape, device)` is one dict look-up (no
+file, no search, no sync); the search runs where the speed gate decides (`prepare_weight_roles`,
+once per key) or, for the FP8 GEMM, on a bucket's first call (`fp8_arguments`).
 """
 
 import logging
@@ -76,15 +79,10 @@ def torch_search(compressed, dense, bias, alpha, out_dtype, transpose_result) ->
     if binding is not None and hasattr(binding, "mm_search"):
         found = binding.mm_search(compressed, dense, bias, alpha, out_dtype, transpose_result)
         return Algorithm(*(int(v) for v in found[:3]))
-    alg_id = torch._cslt_sparse_mm_search(
-        compressed,
-        dense,
-        bias=bias,
-        alpha=alpha,
-        out_dtype=out_dtype,
-        transpose_result=transpose_result,
+    found = torch._cslt_sparse_mm_search(
+        compressed, dense, bias, alpha, out_dtype, transpose_result
     )
-    return Algorithm(int(alg_id))
+    return Algorithm(int(found))
 
 
 def sparse_mm(
@@ -98,13 +96,7 @@ def sparse_mm(
 ):
     """torch._cslt_sparse_mm with `algorithm` (looked up at call time, so tests can stand in)."""
     return torch._cslt_sparse_mm(
-        compressed,
-        dense,
-        bias=bias,
-        alpha=alpha,
-        out_dtype=out_dtype,
-        transpose_result=transpose_result,
-        **algorithm.arguments(),
+        compressed, dense, bias, alpha, out_dtype, transpose_result, **algorithm.arguments()
     )
 
 
