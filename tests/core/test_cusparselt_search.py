@@ -172,6 +172,17 @@ def test_opt_in_searches_once_per_key_across_micro_batches_and_steps(
     assert cslt.calls == [DEFAULT]
 
 
+def test_only_the_roles_the_gate_runs_sparse_are_searched(search_env, cslt, monkeypatch):
+    monkeypatch.setenv(cusparselt_search.SWITCH_ENV, "1")
+    search = CountingSearch(Algorithm(5))
+    cusparselt_search._SEARCH = AlgorithmSearch(search=search)
+    times = iter([1.0, 2.0, 2.0, 1.0])  # forward: dense 1 s, sparse 2 s; input_grad: the reverse
+    speed_gate._GATE = SpeedGate(timer=lambda fn: next(times))
+    step = weight_step(masked_weight())
+    assert speed_gate.sparse_roles("fc1", step, CpuCusparselt(), BUCKET) == ("input_grad",)
+    assert search.calls == [((OUT, BUCKET), True)]
+
+
 @pytest.mark.parametrize("tokens", [16384, 16384 + 7, 30000])
 def test_chosen_algorithm_calls_on_meta_at_real_shapes(search_env, monkeypatch, tokens):
     """The per-call path with a chosen algorithm passes the binding's checks (fake_ops) at the
