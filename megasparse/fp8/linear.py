@@ -7,7 +7,10 @@ e4m3 operands, for training under an FP8 recipe:
   e4m3: PyTorch's cuSPARSELt binding takes e4m3 only, so under HYBRID dY gets a second, e4m3 cast
   for this GEMM); with 1d masks a dense FP8 GEMM (`torch._scaled_mm`) on the e4m3 W*M, as TE;
 - weight gradient: as TE does it: an FP8 GEMM of dY (the recipe's gradient format) and x (e4m3),
-  fp32 output, or a high-precision GEMM when the recipe overrides wgrad precision.
+  fp32 output, or a high-precision GEMM when the recipe overrides wgrad precision. Under
+  Megatron's main_grad fusion with an accumulating FP8 GEMM in the plan (TE's, on the TE route),
+  dY^T X accumulates into main_grad inside the GEMM; elsewhere (the local path: torch 2.13 has no
+  accumulating FP8 GEMM) the fp32 result is added to main_grad.
 The e4m3 weight is pruned, then quantized with the amax of W*M ("amax after pruning"), and built
 once per optimizer step with its compressed operands (`WeightStep.cached`), shared by every
 micro-batch. x is saved for the backward in e4m3 (as TE saves it), as the weight-gradient GEMM's
@@ -28,8 +31,9 @@ The numerics study (megasparse.fp8.study) runs the same op with its backward in 
 precision on the dequantized W*M (`fp8_dgrad=False`, `fp8_wgrad=False`) and its own weight scale.
 """
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -60,6 +64,10 @@ class Fp8LinearPlan:
     order: str = Fp8Order.PRUNE_THEN_QUANTIZE
     fp8_dgrad: bool = True  # False: dY @ the dequantized W*M in x's dtype (the numerics study)
     weight_scale: Optional[torch.Tensor] = None  # the weight's e4m3 scale; None: current, per step
+    # main_grad += (dy_q_t dy_si) (x_q_t x_si)^T inside one FP8 GEMM (TE's general_gemm with
+    # accumulate=True: megasparse.te.fp8_route.te_wgrad_into_main_grad); None: no such GEMM, the
+    # wgrad is written in fp32 and added (torch 2.13's FP8 GEMMs cannot accumulate: `_wgrad_fp32`)
+    wgrad_into_main_grad: Optional[Callable] = None
 
 
 class Fp8Weight:
@@ -194,17 +202,7 @@ class _Fp8SparseLinear(torch.autograd.Function):
                 )
             grad_x = grad_x.reshape(saved.x_shape)
         if ctx.needs_input_grad[1]:
-            if saved.empty:
-                grad32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            else:
-                grad32 = _weight_grad(dy2d, dy_q_t, dy_si, saved_x, x_si, plan)
-            if saved.main_grad is not None:
-                weight.main_grad = saved.main_grad
-                grad = step.rule.dense_gradient(grad32, weight, step)
-                saved.main_grad.add_(grad.to(saved.main_grad.dtype))
-                grad_w = gradient_went_to_main_grad(weight, dy.dtype)
-            else:
-                grad_w = step.rule.dense_gradient(grad32, weight, step).to(weight.dtype)
+            grad_w = _weight_gradient(dy2d, dy_q_t, dy_si, saved_x, x_si, weight, saved)
         if saved.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy2d.sum(dim=0)
         return grad_x, grad_w, grad_b, None, None
@@ -220,10 +218,47 @@ def quantize(scaler, t, transpose: bool):
     return q, scale_inv, fp8_gemm.pad_rows(q).t().contiguous() if transpose else None
 
 
-def _weight_grad(dy2d, dy_q_t, dy_si, saved_x, x_si, plan):
+def _weight_gradient(dy2d, dy_q_t, dy_si, saved_x, x_si, weight, saved: _Fp8SavedForBackward):
+    """What the backward returns for the weight, after the step's gradient rule; under Megatron's
+    main_grad fusion the gradient goes into main_grad (and the dummy gradient is returned).
+
+    With an accumulating FP8 GEMM (`plan.wgrad_into_main_grad`), dY^T X goes straight into
+    main_grad, no fp32 [out, in] temporary: the gradient under straight-through rules and dense
+    steps; other rules then apply `main_grad_term` to the accumulated main_grad, as the TE
+    linears' masked-weight path does after TE's fused accumulation (masked: idempotent mask
+    multiply; srste / masked_decay: the decay term once per step)."""
+    step, plan, main_grad = saved.step, saved.plan, saved.main_grad
+    fused_gemm = plan.wgrad_into_main_grad if plan.fp8_wgrad else None
+    if main_grad is not None and fused_gemm is not None:
+        weight.main_grad = main_grad
+        if not saved.empty:
+            if dy_q_t is None:
+                _, dy_si, dy_q_t = quantize(plan.grad_scaler, dy2d, True)
+            fused_gemm(main_grad, dy_q_t, dy_si, saved_x, x_si)
+        step.rule.main_grad_term(weight, step)
+        return gradient_went_to_main_grad(weight, dy2d.dtype)
+    if saved.empty:
+        grad32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    else:
+        grad32 = _wgrad_fp32(dy2d, dy_q_t, dy_si, saved_x, x_si, plan)
+    if main_grad is None:
+        return step.rule.dense_gradient(grad32, weight, step).to(weight.dtype)
+    weight.main_grad = main_grad
+    grad = step.rule.dense_gradient(grad32, weight, step)
+    main_grad.add_(grad.to(main_grad.dtype))
+    return gradient_went_to_main_grad(weight, dy2d.dtype)
+
+
+def _wgrad_fp32(dy2d, dy_q_t, dy_si, saved_x, x_si, plan):
     """dY^T X in fp32: FP8 (as TE: dY in the recipe's gradient format, x in e4m3) or high precision.
     Tokens are the reduction dim: both FP8 operands come transposed with zero rows padded to a
-    multiple of 16 (saved_x is x_q's [in, tokens], dy_q_t dY's [out, tokens] unless None)."""
+    multiple of 16 (saved_x is x_q's [in, tokens], dy_q_t dY's [out, tokens] unless None).
+
+    Why a temporary where no accumulating GEMM is given (the local path): torch 2.13's FP8 GEMMs
+    cannot accumulate. `torch._scaled_mm(self, mat2, scale_a, scale_b, bias=None,
+    scale_result=None, out_dtype=None, use_fast_accum=False, *, out)` and `torch._scaled_mm_v2`
+    (the same plus per-operand recipes, swizzles, contraction_dim) overwrite `out` (no beta), and
+    their bias is a 1-D row vector; `torch.nn.functional.scaled_mm` has no `out` at all."""
     if not plan.fp8_wgrad:
         return dy2d.t().float() @ saved_x.float()
     if dy_q_t is None:
@@ -255,12 +290,16 @@ def default_plan(recipe=None, use_cusparselt=False, **kwargs) -> Fp8LinearPlan:
 
 def cusparselt_fp8_reason(weight: torch.Tensor) -> Optional[str]:
     """Why this weight (shard) cannot run its FP8 2:4 GEMMs on cuSPARSELt (None: it can)."""
-    reason = fp8_gemm.fp8_cusparselt_reason(weight.device)
+    return _cusparselt_fp8_reason(weight.device, tuple(weight.shape))
+
+
+@functools.lru_cache(maxsize=None)
+def _cusparselt_fp8_reason(device, shape) -> Optional[str]:
+    """Asked once per device and shape (device properties, cuSPARSELt version): not per call."""
+    reason = fp8_gemm.fp8_cusparselt_reason(device)
     multiple = fp8_gemm.WEIGHT_MULTIPLE
-    if reason is None and (weight.shape[0] % multiple or weight.shape[1] % multiple):
-        reason = (
-            f"the weight shard {tuple(weight.shape)} is not a multiple of {multiple} in both dims"
-        )
+    if reason is None and (shape[0] % multiple or shape[1] % multiple):
+        reason = f"the weight shard {shape} is not a multiple of {multiple} in both dims"
     return reason
 
 

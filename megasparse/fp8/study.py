@@ -54,16 +54,24 @@ def sparse_fp8_weight(
     scale: a tensor, None (current scaling), or a function of the tensor the order quantizes
     (e.g. a scaler's `scale`), so the mask is computed once.
     """
+    mask, scale, source = _mask_and_scale(weight, scale, mask_kind, order, nonfinite)
+    if _order(order) == Fp8Order.PRUNE_THEN_QUANTIZE:
+        return quantize_with(source, scale), scale, mask  # source: W*M
+    return (source * mask).to(E4M3), scale, mask  # source: W's e4m3 values
+
+
+def _mask_and_scale(weight, scale, mask_kind, order, nonfinite="propagate"):
+    """(mask, scale, what the mask applies to): W*M's scale and W*M under prune-then-quantize (no
+    cast: the FP8 op casts W*M once per step), W's scale and W's e4m3 values (as float) under
+    quantize-then-prune (the mask is taken of them)."""
     order, scale_of = _order(order), _scale_of(scale)
     if order == Fp8Order.PRUNE_THEN_QUANTIZE:
         mask = weight_mask(weight, mask_kind, nonfinite)
         pruned = weight * mask
-        scale = scale_of(pruned)
-        return quantize_with(pruned, scale), scale, mask
+        return mask, scale_of(pruned), pruned
     scale = scale_of(weight)
     q = quantize_with(weight, scale).float()
-    mask = weight_mask(q, mask_kind, nonfinite)
-    return (q * mask).to(E4M3), scale, mask
+    return weight_mask(q, mask_kind, nonfinite), scale, q
 
 
 class Fp8NumericsStudy:
@@ -83,7 +91,8 @@ class Fp8NumericsStudy:
         self.w_scaler = self.recipe.own_scaler(E4M3)
 
     def __call__(self, x, weight):
-        _, w_scale, mask = sparse_fp8_weight(
+        # the mask and the weight scale; W*M is cast once, by the op's per-step FP8 weight
+        mask, w_scale, _ = _mask_and_scale(
             weight.detach(), self.w_scaler.scale, self.mask_kind, self.order
         )
         # a step of this call's own: its mask, no transposed operand (the dgrad is not FP8), and

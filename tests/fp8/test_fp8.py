@@ -123,6 +123,28 @@ def test_numerics_study_runs_the_training_op(order):
     assert type(y.grad_fn).__name__ == "_Fp8SparseLinearBackward"
 
 
+@pytest.mark.parametrize(
+    "order,weight_casts", [("prune-then-quantize", 1), ("quantize-then-prune", 2)]
+)
+def test_numerics_study_casts_the_weight_once_per_call(monkeypatch, order, weight_casts):
+    """W*M is cast to e4m3 once per call, by the op's FP8 weight (quantize-then-prune also casts W,
+    which its mask is taken of); the forward still equals the float64 product of the operands."""
+    from megasparse.fp8 import scaling
+
+    casts, original = [], scaling.fp8_cast
+    monkeypatch.setattr(
+        scaling,
+        "fp8_cast",
+        lambda t, *a, **k: (casts.append(tuple(t.shape)), original(t, *a, **k))[1],
+    )
+    w, x = _w((64, 128), 16), _w((21, 128), 17)
+    y = Fp8NumericsStudy(order=order)(x, w)
+    assert casts.count((64, 128)) == weight_casts
+    w_q, w_scale, _ = sparse_fp8_weight(w, None, "1d", order)
+    ref = q64(x) @ (w_q.double() / w_scale.double()).t()
+    torch.testing.assert_close(y.double(), ref, rtol=2**-7, atol=1e-6)  # bf16 output rounding
+
+
 def test_numerics_study_with_sste_runs_the_straight_through_gradient():
     """The study's forward weight is the FP8 2:4 weight whatever the mode; under sste it keeps
     S-STE's straight-through gradient, the same as ste's."""
@@ -512,7 +534,9 @@ def test_fp8_weight_built_once_per_step_and_gradient_modes(monkeypatch):
         fp8_linear.fp8_sparse_linear_step(torch.randn(16, 64), w, None, step, plan).sum().backward()
     assert len(builds) == 1
     assert (w.grad[~step.mask()] == 0).all() and w.grad[step.mask()].abs().sum() > 0  # masked mode
-    assert "('fp8_weight', False, 'prune-then-quantize')" in step.held_bytes()
+    fp8_w = fp8_linear.fp8_weight(step, False)  # the cached one: no new build
+    held = sum(t.numel() * t.element_size() for t in fp8_w.held_tensors())
+    assert len(builds) == 1 and step.held_bytes()["fp8_weight"] == held
     with torch.no_grad():
         w.add_(1.0)  # an optimizer step changes the weight: a new FP8 weight
     step = state.step(w, cfg, BACKENDS["dense"])

@@ -269,7 +269,7 @@ def test_real_te_layernorm_linear_runs_fp8_2_4(normalization):
         y, _ = layer(x)
     y.float().square().sum().backward()
     held = layer.weight_states[0].held_bytes()
-    assert any(key.startswith("('fp8_weight', True,") for key in held), held
+    assert "fp8_weight" in held, held
     xf = x.detach().double()
     if normalization == "RMSNorm":
         ln = xf * (xf.square().mean(-1, keepdim=True) + layer.eps).rsqrt()

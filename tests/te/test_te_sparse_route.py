@@ -215,7 +215,7 @@ def test_fp32_parameters_under_autocast_compute_with_w_m_cast_once_per_step():
     compresses = [c for c in backend.calls if c[0] == "compress"]
     assert [c[2] for c in compresses] == [torch.bfloat16, torch.bfloat16]  # W*M and (W*M)^T
     held = layer.sparsity_stats()["state_bytes"]  # the bf16 operands count as the step's state
-    assert held[str(("activation_dtype", torch.bfloat16))] == 2 * 64 * 32 * 2
+    assert held["activation_dtype"] == 2 * 64 * 32 * 2
     # without the counting backend: the backend is resolved for the bf16 W*M TE computes with
     plain = linear(mask="transposable", dtype=torch.float32, in_f=64, out_f=32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
