@@ -226,7 +226,12 @@ class _TEFeedsActivation(FeedsSparseActivation):
 
 
 def _activation_role(base: type) -> tuple:
-    """The activation side of Megatron's TE class: row-parallel (fc2) or column-parallel (fc1)."""
+    """The activation side of Megatron's TE class: row-parallel (fc2) or column-parallel (fc1) over
+    TE's Linear / LayerNormLinear. None for grouped linears (MoE experts: SparseTEGroupedMLP runs
+    their activation) and for classes without TE's linear underneath."""
+    te_linear = _te_linear_class(base)
+    if te_linear is None or te_linear.__name__ == "GroupedLinear":
+        return ()
     names = [cls.__name__ for cls in base.__mro__]
     if any("RowParallel" in name for name in names):
         return (_TEActivationInput,)

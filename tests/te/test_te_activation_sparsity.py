@@ -315,3 +315,17 @@ def test_te_fc2_checks_what_the_local_fc2_checks():
         _te_mlp(_sparsity("2:4"), _config(gated_linear_unit=True))
     with pytest.raises(ValueError, match="tp_comm_buffer_name='proj'.*or set activations=None"):
         _hand_built_fc2(_sparsity("2:4"), "proj")
+
+
+def test_only_linears_over_tes_linear_take_an_activation_side():
+    from megasparse.megatron.activation_input import FeedsSparseActivation, SparseActivationInput
+    from te_standins import TEGroupedLinearLike
+
+    class TERowParallelGroupedLinear(TEGroupedLinearLike):  # Megatron's experts' fc2 (its name)
+        pass
+
+    grouped = sparse_te_class(TERowParallelGroupedLinear)(2, 64, 32, sparsity=SparsityConfig())
+    assert not isinstance(grouped, (SparseActivationInput, FeedsSparseActivation))
+    assert issubclass(SparseFc2, SparseActivationInput) and issubclass(
+        SparseFc1, FeedsSparseActivation
+    )
