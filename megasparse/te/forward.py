@@ -81,30 +81,44 @@ def _communicates(module) -> bool:
     return getattr(module, "tp_size", 2) != 1
 
 
-def _column_input(module, x):
-    """The GEMM input as TE's column-parallel mode makes it: sequence-parallel all-gather, or a copy
-    whose backward all-reduces the input gradient."""
+def _column_input(module, x, gemm=None, total_needed=False):
+    """(GEMM input, its input communication or None) as TE's column-parallel mode makes it:
+    sequence-parallel all-gather, or a copy whose backward all-reduces the input gradient.
+
+    With the bf16/fp16 route (`sparse_route.sparse_gemm`) the communication runs inside the op,
+    overlapped with the weight-gradient GEMM as TE's Linear backward does it: the local x comes
+    back with a `ColumnInputComm` for the GEMM (megasparse.core.input_comm). Else (the FP8 route,
+    or `total_needed`: the caller needs the gathered input itself) Megatron's mappings run here:
+    the communicated x and None."""
     if getattr(module, "parallel_mode", None) != "column":
-        return x
+        return x, None
     if not _communicates(module):
-        return x
+        return x, None
     group = getattr(module, "tp_group", None)  # None: Megatron's tensor-parallel group
-    if getattr(module, "sequence_parallel", False):
-        return _comm().gather_from_sequence_parallel_region(x, group=group)
-    return _comm().copy_to_tensor_model_parallel_region(x, group=group)
+    sequence_parallel = bool(getattr(module, "sequence_parallel", False))
+    if gemm is sparse_route.sparse_gemm and not (total_needed and sequence_parallel):
+        from megatron.core.utils import get_tensor_model_parallel_group_if_none
+        from megasparse.core.input_comm import ColumnInputComm
+
+        group = get_tensor_model_parallel_group_if_none(group)
+        return x, ColumnInputComm(group, sequence_parallel)
+    if sequence_parallel:
+        return _comm().gather_from_sequence_parallel_region(x, group=group), None
+    return _comm().copy_to_tensor_model_parallel_region(x, group=group), None
 
 
-def _linear_output(module, x, gemm):
-    """(out, returned bias) of TE's Linear GEMM on the communicated input x: the route's op, the
-    row-parallel output reduction, the bias where TE adds it (in the GEMM, after the reduction, or
-    returned)."""
+def _linear_output(module, x, gemm, input_comm=None):
+    """(out, returned bias) of TE's Linear GEMM on the communicated input x (or the local x and
+    the `input_comm` the op runs, from `_column_input`): the route's op, the row-parallel output
+    reduction, the bias where TE adds it (in the GEMM, after the reduction, or returned)."""
     mode, sp = getattr(module, "parallel_mode", None), getattr(module, "sequence_parallel", False)
     bias = getattr(module, "bias", None) if getattr(module, "use_bias", False) else None
     return_bias = getattr(module, "return_bias", False)
     dtype = _activation_dtype(module, x)
     (step,) = _weight_steps(module, gemm, dtype)
     in_gemm_bias = bias if (bias is not None and not return_bias and mode != "row") else None
-    out = gemm(module, x, module.weight, in_gemm_bias, step, 0, dtype)
+    comm = {} if input_comm is None else {"input_comm": input_comm}
+    out = gemm(module, x, module.weight, in_gemm_bias, step, 0, dtype, **comm)
     if mode == "row" and _communicates(module):
         group = getattr(module, "tp_group", None)
         out = (
@@ -179,14 +193,18 @@ def _fp8_io(module, arguments):
 
 
 def _linear(module, x, gemm, arguments):
-    out, bias = _linear_output(module, _column_input(module, x), gemm)
+    total, comm = _column_input(module, x, gemm)
+    out, bias = _linear_output(module, total, gemm, comm)
     return (out, bias) if getattr(module, "return_bias", False) else out
 
 
 def _layernorm_linear(module, x, gemm, arguments):
     ln_out = te_normalization(module, x.to(_activation_dtype(module, x)))
-    total = _column_input(module, ln_out)
-    out, bias = _linear_output(module, total, gemm)
+    gathered_out = getattr(module, "return_layernorm_output", False) and getattr(
+        module, "return_layernorm_output_gathered", False
+    )  # the gathered norm output is returned: gathered here, not inside the op
+    total, comm = _column_input(module, ln_out, gemm, total_needed=gathered_out)
+    out, bias = _linear_output(module, total, gemm, comm)
     outputs = (out, bias) if getattr(module, "return_bias", False) else (out,)
     if getattr(module, "return_layernorm_output", False):
         if getattr(module, "return_layernorm_output_gathered", False):
