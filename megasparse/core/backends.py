@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megasparse.core import cusparselt_search
 from megasparse.core.sparse_operand import ACTIVATION, GRAD_OUTPUT, WEIGHT
 from megasparse.core.warn import warn_once
 
@@ -128,11 +129,53 @@ class _SemiStructuredBackend:
 
 
 class CusparseltBackend(_SemiStructuredBackend):
+    """cuSPARSELt through torch's SparseSemiStructuredTensorCUSPARSELT. With
+    MEGASPARSE_CUSPARSELT_SEARCH=1 a compressed weight's GEMM runs the algorithm chosen for its
+    (role, token bucket, dtype, shard shape) (megasparse.core.cusparselt_search), passed per call
+    on the weight's packed tensor: the per-step compressed weight is never rebuilt for it."""
+
     name = "cusparselt"
 
     @staticmethod
     def tensor_class():
         return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+
+    def prepare_algorithms(self, roles, bucket, masked, group=None) -> None:
+        """The speed gate's hook, once per decision: search the algorithm of each sparse role."""
+        cusparselt_search.prepare_weight_roles(roles, bucket, masked, group)
+
+    def linear(self, x2d, w, bias, sparse):
+        if sparse == WEIGHT:
+            found = cusparselt_search.searcher().lookup(
+                "forward", x2d.shape[0], w.dtype, w.shape, x2d.device
+            )
+            if found != cusparselt_search.DEFAULT and w.packed is not None:
+                return self.weight_mm(w, binding_layout(x2d), bias, found)
+        return super().linear(x2d, w, bias, sparse)
+
+    def input_grad(self, dy2d, w, sparse):
+        if sparse == WEIGHT:
+            found = cusparselt_search.searcher().lookup(
+                "input_grad", dy2d.shape[0], w.dtype, w.shape, dy2d.device
+            )
+            if found != cusparselt_search.DEFAULT and w.packed is not None:
+                return self.weight_mm(w, binding_layout(dy2d), None, found)
+        return super().input_grad(dy2d, w, sparse)
+
+    def weight_mm(self, w, dense, bias, algorithm):
+        """dense [tokens, k] @ w^T (+ bias) for a compressed w [n, k], with `algorithm`: the call
+        torch's `F.linear` on the compressed weight makes (torch/sparse/semi_structured.py,
+        cusparselt_mm: rows padded to the dtype's multiple, the dense operand transposed, the
+        result transposed by cuSPARSELt), with the algorithm arguments added."""
+        constraint = w._DTYPE_SHAPE_CONSTRAINTS[dense.dtype]
+        tokens, k = dense.shape
+        pad_rows, pad_cols = (-tokens) % constraint.dense_min_rows, (-k) % constraint.dense_min_cols
+        if pad_rows or pad_cols:
+            dense = F.pad(dense, (0, pad_cols, 0, pad_rows))
+        y = cusparselt_search.sparse_mm(
+            w.packed, dense.t(), algorithm, bias=bias, transpose_result=True
+        )
+        return y if not pad_rows else y.narrow(0, 0, tokens).contiguous()
 
     def build_reason(self, device):
         if not torch.backends.cusparselt.is_available():

@@ -83,15 +83,25 @@ def decision_key(device_name, role, shape, dtype) -> str:
 def agree(votes, group=None) -> list:
     """One decision per vote for the whole group: sparse only if every rank says sparse.
     All votes travel in one all-reduce (one host sync)."""
-    votes = [bool(v) for v in votes]
+    return [bool(v) for v in _all_reduce([bool(v) for v in votes], dist.ReduceOp.MIN, group)]
+
+
+def agree_max(values, group=None) -> list:
+    """The largest value of each position over the group's ranks (one all-reduce), for choices
+    that are numbers rather than votes (a cuSPARSELt algorithm, megasparse.core.cusparselt_search)."""
+    return _all_reduce([int(v) for v in values], dist.ReduceOp.MAX, group)
+
+
+def _all_reduce(values: list, op, group) -> list:
+    """`values` reduced by `op` over the group (one all-reduce); themselves without a group."""
     if group is None or not dist.is_available() or not dist.is_initialized():
-        return votes
+        return values
     device = torch.device("cpu")
     if dist.get_backend(group) == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
-    tally = torch.tensor(votes, dtype=torch.int32, device=device)
-    dist.all_reduce(tally, op=dist.ReduceOp.MIN, group=group)
-    return [bool(v) for v in tally.tolist()]
+    tally = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tally, op=op, group=group)
+    return tally.tolist()
 
 
 class SpeedGate:
@@ -241,5 +251,9 @@ def sparse_roles(layer: str, step, backend, tokens: int, group=None) -> tuple:
             shape = (bucket, *masked.shape)
             name = device_name(masked.device)
             roles = speed_gate.decide(layer, shape, masked.dtype, pairs, name, group)
+            # the backend's per-bucket choices (a cuSPARSELt algorithm) are made here too: once
+            prepare = getattr(backend, "prepare_algorithms", None)
+            if prepare is not None:
+                prepare(roles, bucket, masked, group)
         speed_gate.decided[key] = roles
     return roles

@@ -6,7 +6,10 @@ micro-batch's forward, backward and recompute in that step (a `WeightStep`):
 - the 2:4 mask, bit-packed (1/16 of a bf16 weight), held for `mask_refresh_interval` steps;
 - the forward GEMM operand: W*M compressed for the sparse backends (W*M itself for `dense`);
 - the input-gradient operand: the compressed (W*M)^T for transposable masks, W*M for 1d masks;
-  held for the step or rebuilt in each backward (`SparsityConfig.hold_backward_weight`).
+  held for the step by default, or rebuilt in each backward under
+  `SparsityConfig.hold_backward_weight=False` (memory over time: a 1d mask's W*M costs one
+  weight-sized tensor held, against an unpack + multiply of ~10 bytes per weight element in
+  every backward).
 
 The step-boundary rule (also in docs/weight-state.md). The state is rebuilt from the current weight at the
 first use after
@@ -204,11 +207,18 @@ class WeightStep:
             return self._dense
         masked = self._masked()
         # held where W*M itself is a GEMM operand in every micro-batch: the dense backend's forward,
-        # a held 1d backward (a transposable backward uses the compressed (W*M)^T instead), or
-        # the caller's dense GEMM
+        # a held 1d backward (the default; a transposable backward uses the compressed (W*M)^T
+        # instead), or the caller's dense GEMM
         if hold or self.backend.name == "dense" or (self.hold_backward and not self.transposable):
             self._dense = masked
         return masked
+
+    def dense_for_copy(self) -> torch.Tensor:
+        """dense() for a caller that keeps its own copy (grouped experts stack the W*M of the experts
+        running together): the held W*M if there is one, else built without holding a second one."""
+        if not self.pruned or self._dense is not None:
+            return self.dense()
+        return self._masked()
 
     def compressed(self):
         """The forward operand: W*M in the backend's sparse format (built once per step)."""
@@ -407,9 +417,8 @@ class SparseWeightState(WeightCheckpointMixin):
             self._watch.interleaved = False
             self._warn_unowned(sparsity, weight)
         transposable = sparsity.mask == "transposable" if transposable is None else transposable
-        hold = (
-            transposable if sparsity.hold_backward_weight is None else sparsity.hold_backward_weight
-        )
+        # None holds: the dgrad operand is built once per step, not once per micro-batch
+        hold = sparsity.hold_backward_weight is not False
         rule = _mask_rule(sparsity)
         mask_key = (
             rule,

@@ -42,6 +42,8 @@ from typing import Optional
 
 import torch
 
+from megasparse.core import cusparselt_search
+
 TOKEN_MULTIPLE = 16  # dense_min_rows / dense_min_cols for e4m3 in PyTorch's cuSPARSELt table
 WEIGHT_MULTIPLE = 32  # sparse_min_rows / sparse_min_cols for e4m3
 ALPHA_MODES = ("output", "vector")
@@ -131,15 +133,22 @@ def sparse_fp8_mm(
     if mode not in ALPHA_MODES:
         raise ValueError(f"megasparse: alpha_mode must be one of {ALPHA_MODES}, got {mode!r}")
     if mode == "vector":
+        alpha = alpha_vector(a_scale_inv, b_scale_inv, rows_b)
         y = torch._cslt_sparse_mm(
             sparse_b,
             a_pad.t(),
-            alpha=alpha_vector(a_scale_inv, b_scale_inv, rows_b),
+            alpha=alpha,
             out_dtype=out_dtype,
             transpose_result=True,
+            **cusparselt_search.fp8_arguments(sparse_b, a_pad.t(), rows_b, alpha, out_dtype, True),
         )[:tokens]
         return y if bias is None else y + bias.to(y.dtype)
-    unscaled = torch._cslt_sparse_mm(sparse_b, a_pad.t(), out_dtype=out_dtype)  # [rows_b, padded]
+    unscaled = torch._cslt_sparse_mm(
+        sparse_b,
+        a_pad.t(),
+        out_dtype=out_dtype,
+        **cusparselt_search.fp8_arguments(sparse_b, a_pad.t(), rows_b, None, out_dtype),
+    )  # [rows_b, padded]
     return scale_epilogue(
         unscaled.t()[:tokens], a_scale_inv.float() * b_scale_inv.float(), bias, out_dtype
     )

@@ -10,17 +10,17 @@ SparseSequentialMLP
     Each expert's GEMMs run on the sparse backend (cuSPARSELt / CUTLASS) when there is one.
 
 SparseGroupedMLP
-    The same module and parameters as SparseSequentialMLP, but the forward runs all local experts at once: one mask
-    kernel over the stacked expert weights and one grouped GEMM per product
-    (torch._grouped_mm: forward, input gradient, weight gradient) on the masked weights.
-    PyTorch has no grouped 2:4 GEMM, so this trades the sparse-tensor-core speed-up of each
-    expert for one launch instead of one per expert: the better choice for many small experts.
-    It needs grouped-GEMM-friendly shapes (hidden and ffn per rank 16-byte aligned), fp32 /
-    bf16 / fp16 and, on CUDA, sm90+; a non-gated activation without bias-activation fusion and
-    without FP8. Anything else falls back to SparseSequentialMLP's per-expert loop, and so does a
-    compacted activation (V:N:M with M >= 8, while it sparsifies): each expert then runs
-    SparseMLP's compact path on its own tokens (there is no grouped gather-GEMM), so no V-token
-    block mixes two experts and the GEMMs skip 1 - 4/M of their work.
+    The same module and parameters as SparseSequentialMLP, but the forward runs all local experts at
+    once (megasparse.megatron.grouped_gemm): each expert whose token count the speed gate runs
+    sparse runs its own 2:4 GEMMs (cuSPARSELt, its compressed W*M built once per optimizer step),
+    the others one grouped GEMM per product (torch._grouped_mm: forward, input gradient, weight
+    gradient) on their stacked masked weights: one launch for many small experts. It needs
+    grouped-GEMM-friendly shapes (hidden and ffn per rank 16-byte aligned), fp32 / bf16 / fp16 and,
+    on CUDA, sm90+; a non-gated activation without bias-activation fusion and without FP8. Anything
+    else falls back to SparseSequentialMLP's per-expert loop, and so does a compacted activation
+    (V:N:M with M >= 8, while it sparsifies): each expert then runs SparseMLP's compact path on its
+    own tokens (there is no grouped gather-GEMM), so no V-token block mixes two experts and the
+    GEMMs skip 1 - 4/M of their work.
 """
 
 import torch
@@ -32,9 +32,12 @@ from megasparse.megatron.mlp import install_activation_sparsity
 from megasparse.core.backends import BACKENDS
 from megasparse.core.weight_state import refuse_graph_capture
 from megasparse.megatron.grouped_gemm import (
+    ExpertGemms,
     StackedWeights,
     can_group,
+    expert_plans,
     grouped_ffn,
+    counts_for,
     run_forward_pre_hooks,
     sparse_activation,
 )
@@ -99,24 +102,47 @@ class SparseGroupedMLP(SparseSequentialMLP):
         fc2s = [e.linear_fc2 for e in self.local_experts]
         plain = self.local_experts[0].activation_func
         plain = getattr(plain, "activation", plain)  # the function under SparseMLP's hook
+        counts = counts_for([self._backend(fc) for fc in fc1s + fc2s], tokens_per_expert)
         y = grouped_ffn(
             x,
             tokens_per_expert,
             permuted_probs,
-            self._sparse_weights_and_biases("linear_fc1", fc1s),
-            self._sparse_weights_and_biases("linear_fc2", fc2s),
+            self._expert_gemms("linear_fc1", fc1s, counts),
+            self._expert_gemms("linear_fc2", fc2s, counts),
             sparse_activation(plain, fc2s[0].sparsity),
             self.grouped_activation_stats,
             self.config,
+            counts=counts,
         )
         return y, None
 
-    def _sparse_weights_and_biases(self, name, layers):
-        """Each expert's per-step state gives its mask (held masks included); stacked once per step."""
-        dense = BACKENDS["dense"]  # the grouped GEMM runs on W*M
+    @staticmethod
+    def _backend(layer):
+        """The expert linear's own GEMM backend while it prunes (its per-step state keeps one), else dense."""
+        if not layer.sparsity.prunes_weights:
+            return BACKENDS["dense"]
+        return layer.backend_for(layer.weight)
+
+    def _expert_gemms(self, name, layers, counts) -> ExpertGemms:
+        """Each expert's per-step state gives its mask (held masks included) and operands; experts the
+        speed gate runs sparse at their token counts use their own 2:4 GEMMs, the rest W*M stacked
+        once per step."""
         for layer in layers:  # their forwards do not run: their hooks must, before any read
             run_forward_pre_hooks(layer)
-        steps = [layer.weight_state.step(layer.weight, layer.sparsity, dense) for layer in layers]
-        weights = self._stacked[name](steps)
+        backends = [self._backend(layer) for layer in layers]
+        steps = [
+            layer.weight_state.step(layer.weight, layer.sparsity, backend)
+            for layer, backend in zip(layers, backends)
+        ]
+        plans = expert_plans(
+            steps,
+            backends,
+            counts,
+            lambda e, tokens, step: layers[e].gated_roles(
+                tokens, step, backends[e], layers[e].tp_group
+            ),
+            [getattr(layer, "gradient_accumulation_fusion", False) for layer in layers],
+        )
         biases = None if layers[0].bias is None else torch.stack([layer.bias for layer in layers])
-        return weights, biases
+        weights = [layer.weight for layer in layers]
+        return ExpertGemms(weights, steps, plans, self._stacked[name], biases)

@@ -1,17 +1,54 @@
-"""The grouped-GEMM engine of the sparse experts: stacked per-step W*M, one grouped GEMM per product.
+"""The expert-GEMM engine of the sparse experts: per expert, its own 2:4 GEMM or a share of one grouped GEMM.
 
-`grouped_ffn` runs all local experts' FFNs with two torch._grouped_mm calls (forward, input and
-weight gradients by PyTorch's autograd); `looped_ffn` gives the same result with one GEMM per
-expert where grouping does not apply (`can_group`). `StackedWeights` stacks the experts' masked
-weights once per optimizer step; `run_forward_pre_hooks` runs the hooks of linears whose forward
-the grouped path skips.
+`grouped_ffn` runs all local experts' FFNs. Each linear (fc1, fc2) of the experts is an
+`ExpertGemms` with a `LinearPlan` per expert (`expert_plans`): the roles the speed gate runs sparse
+at the expert's token count (any count under backend="cusparselt" or MEGASPARSE_SPEED_GATE=0). An
+expert with a sparse role in either linear runs its FFN alone: core's `sparse_linear_step` on its
+rows, with its per-step compressed W*M (built once per optimizer step in its WeightStep), its
+activation on its own rows (so no FFN-wide tensor is concatenated from per-expert pieces). The
+other experts run together on their gathered rows: one torch._grouped_mm per product on their
+stacked W*M (input and weight gradients by PyTorch's autograd), or one GEMM each where grouping
+does not apply (`can_group`). The outputs are concatenated in expert order; each dense weight gets
+the gradient of its step's rule, into main_grad where its linear fuses the weight-gradient
+accumulation. On a dense backend (CPU, or backend="auto" without sparse kernels) every expert is
+in the grouped GEMMs and no host count is read.
+
+Per-expert sparse GEMMs need the token counts on the host. Megatron's dropless alltoall dispatcher
+and its allgather dispatcher hand the experts a CPU `tokens_per_expert` (megatron-core 0.16.1 and
+0.19.2 token_dispatcher.py: `_maybe_dtoh_and_synchronize` copies it on a side stream before the
+experts run; allgather `.cpu()`), so reading it costs nothing; a device tensor (alltoall with
+moe_pad_expert_input_to_capacity, the flex / DeepEP dispatcher) costs one host sync per call, the
+one TEGroupedMLP's and SequentialMLP's own forwards pay (`tokens_per_expert.tolist()`). It is read
+only when a sparse backend is in use.
+
+A batched sparse call over the experts (proposed, not built). PyTorch's `_cslt_sparse_mm` takes 2-D
+operands only, so the sparse experts run one call each: per expert and micro-batch 4 calls (fc1 and
+fc2, forward and dgrad; 2 with a 1d mask), each assumed ~30 us of host work (the autograd op,
+split/cat views, PyTorch's cuSPARSELt plan setup: alg_id 0, a fresh plan per call) and ~5 us of
+launch gap on the GPU. cuSPARSELt itself batches (`CUSPARSELT_MAT_NUM_BATCHES`,
+`CUSPARSELT_MAT_BATCH_STRIDE` on its matrix descriptors), so a binding of its own (a torch custom op
+over cusparseLtMatmul with batch count E, the compressed weights stacked at a fixed stride) would
+run all sparse experts in one call, but every batch member has one shape: each expert's rows padded
+to the largest count. At a +/-50% load spread (counts uniform in [0.5, 1.5] x the mean) the largest
+of E counts is on average 0.5 + E/(E+1) of the mean: 1.39x for 8 experts, 1.48x for 64, so the
+padded batch does 39% / 48% more GEMM work. Projected, H100 SXM, 70% of the dense peak, an
+h4096/ffn14336 expert at ~8k rows (8 experts, top-2, 32k tokens): one forward GEMM is ~1.4 ms dense,
+~0.9-1.2 ms 2:4, against ~5 us of gap per call, so the loop loses < 1% while the padded batch is
+~39% slower than the loop, about as slow as dense (gain negative). Where counts are small enough for
+launches to matter (64 experts, ~1k rows each) they are under the speed gate's smallest bucket and
+run dense grouped anyway; what would pay there is a ragged (grouped) 2:4 kernel, not a padded batch.
+The per-expert loop is kept.
 """
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from megasparse.core.activation_sparsity import activate_sparse
 from megasparse.megatron.mlp import is_squared_relu
-from megasparse.core.linear_op import masked_weight
+from megasparse.core.linear_op import LinearPlan, masked_weight, sparse_linear_step
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -83,19 +120,111 @@ def can_group(config, x, fc1_weight, fc2_weight) -> bool:
 
 
 class StackedWeights:
-    """[experts, out, in] of this step's W*M, stacked once per optimizer step from the experts' states."""
+    """[experts, out, in] of this step's W*M of some experts (all, or those running dense now),
+    stacked once per optimizer step and set of experts from the experts' states."""
 
     def __init__(self):
-        self._steps, self._stacked = None, None
+        self._steps, self._stacks = None, {}
 
-    def __call__(self, steps):
+    def __call__(self, steps, members=None):
+        members = tuple(range(len(steps))) if members is None else tuple(members)
         if (
             self._steps is None
             or len(steps) != len(self._steps)
             or any(a is not b for a, b in zip(steps, self._steps))
-        ):
-            self._steps, self._stacked = list(steps), torch.stack([s.dense() for s in steps])
-        return masked_weight(steps, stacked=self._stacked)
+        ):  # a new optimizer step (or rebuilt states): the old stacks are stale
+            self._steps, self._stacks = list(steps), {}
+        chosen = [steps[e] for e in members]
+        if members not in self._stacks:
+            self._stacks[members] = torch.stack([s.dense_for_copy() for s in chosen])
+        return masked_weight(chosen, stacked=self._stacks[members])
+
+
+def host_counts(tokens_per_expert) -> list:
+    """Token counts per expert as Python ints: free for Megatron's dispatchers' CPU tensor, one host
+    sync for a device tensor (see the module docstring)."""
+    if isinstance(tokens_per_expert, torch.Tensor):
+        return tokens_per_expert.tolist()
+    return [int(n) for n in tokens_per_expert]
+
+
+def counts_for(backends, tokens_per_expert) -> Optional[list]:
+    """The host token counts where some expert may run its own sparse GEMM (a backend of the
+    experts' linears is sparse), else None: nothing read, no sync."""
+    if all(backend.name == "dense" for backend in backends):
+        return None
+    return host_counts(tokens_per_expert)
+
+
+# (expert index, its token count, its WeightStep) -> the roles the speed gate runs sparse
+Gate = Callable[[int, int, object], tuple]
+
+
+def expert_plans(steps, backends, counts, gate: Gate, fusion) -> list:
+    """Per expert: the LinearPlan of its own GEMMs, its sparse roles those the speed gate runs sparse
+    at its token count (none: dense); None where it has no sparse backend or no pruned W*M now, or
+    counts is None (every backend dense). fusion: per expert, whether its linear accumulates the
+    weight gradient into main_grad."""
+    plans = []
+    for e, (step, backend) in enumerate(zip(steps, backends)):
+        if counts is None or backend.name == "dense" or not step.pruned:
+            plans.append(None)
+            continue
+        roles = tuple(gate(e, counts[e], step))
+        plans.append(LinearPlan(backend, step.transposable, bool(fusion[e]), roles))
+    return plans
+
+
+@dataclass
+class ExpertGemms:
+    """One linear (fc1 or fc2) of every local expert for one call: weights, this step's WeightSteps,
+    per expert its LinearPlan or None (`expert_plans`), `stacked` W*M for the grouped GEMM, and
+    the stacked biases."""
+
+    weights: list
+    steps: list
+    plans: list
+    stacked: StackedWeights
+    biases: Optional[torch.Tensor] = None
+
+    def sparse(self, e) -> bool:
+        """Whether expert e runs some GEMM of this linear sparse now."""
+        plan = self.plans[e]
+        return plan is not None and bool(plan.sparse_weight_roles)
+
+    def alone(self, e) -> Callable:
+        """x -> x (W_e*M_e)^T by the expert's own op (sparse where its plan says, else dense on W*M
+        held for the step)."""
+        step, plan = self.steps[e], self.plans[e]
+        if plan is None:
+            plan = LinearPlan(step.backend, step.transposable, sparse_weight_roles=())
+        return lambda x: sparse_linear_step(x, self.weights[e], None, step, plan)
+
+    def grouped(self, members, counts, grouped: bool, offsets=None) -> Callable:
+        """x (the members' rows, in order) -> each member's rows times its W*M^T: one grouped GEMM on
+        their stacked W*M (one dense GEMM each where grouped is False)."""
+        w = self.stacked(self.steps, members)
+        if grouped and (offsets is not None or sum(counts) > 0):
+            if offsets is None:  # host counts: copied without a stream sync
+                offsets = torch.tensor(counts).cumsum(0).to(dtype=torch.int32)
+            return lambda x: grouped_linear(x, w, offsets.to(x.device, non_blocking=True))
+        return lambda x: torch.cat(
+            [torch.nn.functional.linear(xe, w[i]) for i, xe in enumerate(torch.split(x, counts))]
+        )
+
+    def bias_rows(self, members, tokens_per_expert, rows) -> Optional[torch.Tensor]:
+        """Each of the `rows` rows' expert bias ([rows, out]; one expert's: [out]), or None."""
+        if self.biases is None:
+            return None
+        if len(members) == 1:
+            return self.biases[members[0]]
+        biases = self.biases if len(members) == len(self.steps) else self.biases[list(members)]
+        expert_of_token = torch.repeat_interleave(
+            torch.arange(len(members), device=biases.device),
+            tokens_per_expert.to(biases.device, non_blocking=True),
+            output_size=rows,
+        )
+        return biases[expert_of_token]
 
 
 def _activation_with_recompute(activation, h, tokens_per_expert, stats, config):
@@ -114,33 +243,78 @@ def _activation_with_recompute(activation, h, tokens_per_expert, stats, config):
     return checkpoint.checkpoint(run, h, tokens_per_expert), checkpoint
 
 
-def grouped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config):
-    """All local experts' FFNs with two grouped GEMMs. fc1/fc2: (stacked masked weights, biases or None).
+def grouped_ffn(
+    x,
+    tokens_per_expert,
+    probs,
+    fc1: ExpertGemms,
+    fc2: ExpertGemms,
+    activation,
+    stats,
+    config,
+    counts=None,
+    grouped: bool = True,
+):
+    """All local experts' FFNs (module docstring). Experts with a linear the speed gate runs sparse
+    run their FFN alone on their own GEMMs; the others together, one grouped GEMM per product (one
+    dense GEMM per expert where grouped is False). counts: the host token counts (read from
+    tokens_per_expert when needed and not given).
 
     Mirrors Megatron's expert MLP: act(x W1^T + b1) * p, then W2, plus b2 * p.
     """
     if config.moe_apply_probs_on_input:  # as SequentialMLP: scale the input, then probs are 1
         x = (probs.unsqueeze(-1) * x).to(x.dtype)
         probs = torch.ones_like(probs)
-    tokens_per_expert = torch.as_tensor(tokens_per_expert, device=x.device)
-    offsets = tokens_per_expert.cumsum(0).to(torch.int32)
-    expert_of_token = torch.repeat_interleave(
-        torch.arange(len(tokens_per_expert), device=x.device),
-        tokens_per_expert,
-        output_size=x.shape[0],
+    experts = len(fc1.steps)
+    alone = [e for e in range(experts) if fc1.sparse(e) or fc2.sparse(e)]
+    members = tuple(range(experts))
+    run = functools.partial(
+        _ffn, fc1=fc1, fc2=fc2, activation=activation, stats=stats, config=config
     )
-    (w1, b1), (w2, b2) = fc1, fc2
-    h = grouped_linear(x, w1, offsets)
+    if not alone and grouped:  # one grouped GEMM per product: no host counts needed
+        # a host tensor (Megatron's dispatchers) is copied without a stream sync
+        tokens_per_expert = torch.as_tensor(tokens_per_expert).to(x.device, non_blocking=True)
+        offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+        linears = [fc.grouped(members, None, True, offsets) for fc in (fc1, fc2)]
+        return run(x, tokens_per_expert, probs, members, linears)
+    if counts is None:
+        counts = host_counts(tokens_per_expert)
+    if not alone:  # one dense GEMM per expert
+        linears = [fc.grouped(members, counts, False) for fc in (fc1, fc2)]
+        return run(x, torch.tensor(counts), probs, members, linears)
+    xs, ps = torch.split(x, counts), torch.split(probs, counts)
+    ys = [None] * experts
+    together = [e for e in members if e not in alone]
+    if together:  # the others on their rows, gathered
+        rows = [counts[e] for e in together]
+        linears = [fc.grouped(together, rows, grouped) for fc in (fc1, fc2)]
+        x_together = torch.cat([xs[e] for e in together])
+        p_together = torch.cat([ps[e] for e in together])
+        y = run(x_together, torch.tensor(rows), p_together, together, linears)
+        for e, part in zip(together, y.split(rows)):
+            ys[e] = part
+    for e in alone:  # its own GEMMs: sparse on its per-step compressed W*M where gated
+        linears = [fc1.alone(e), fc2.alone(e)]
+        ys[e] = run(xs[e], torch.tensor([counts[e]]), ps[e], (e,), linears)
+    return torch.cat(ys)
+
+
+def _ffn(x, tokens_per_expert, probs, members, linears, fc1, fc2, activation, stats, config):
+    """The FFN of the experts `members` on their rows x (sorted by expert, `tokens_per_expert` each),
+    with `linears` = (x -> x W1^T, a -> a W2^T)."""
+    h = linears[0](x)
+    b1 = fc1.bias_rows(members, tokens_per_expert, x.shape[0])
     if b1 is not None:
-        h = h + b1[expert_of_token]
+        h = h + b1
     a, checkpoint = _activation_with_recompute(activation, h, tokens_per_expert, stats, config)
     p = probs.unsqueeze(-1)
     a = (a * p).to(a.dtype)  # as MLP's per_token_scale
-    y = grouped_linear(a, w2, offsets)
+    y = linears[1](a)
     if checkpoint is not None:
         checkpoint.discard_output_and_register_recompute(y)
+    b2 = fc2.bias_rows(members, tokens_per_expert, x.shape[0])
     if b2 is not None:  # as MLP: the expert bias is scaled by the token's prob
-        y = y + b2[expert_of_token] * p
+        y = y + b2 * p
     return y
 
 
@@ -176,19 +350,3 @@ def sparse_activation(plain_activation, fc2_sparsity):
         return torch.cat([one(chunk) for chunk in torch.split(h, tokens_per_expert.tolist())])
 
     return run
-
-
-def looped_ffn(x, tokens_per_expert, probs, fc1, fc2, activation, stats, config):
-    """grouped_ffn's result with one GEMM per expert (where grouped GEMMs do not apply)."""
-    if config.moe_apply_probs_on_input:
-        x = (probs.unsqueeze(-1) * x).to(x.dtype)
-        probs = torch.ones_like(probs)
-    counts = torch.as_tensor(tokens_per_expert).tolist()
-    (w1, b1), (w2, b2) = fc1, fc2
-    outputs = []
-    for e, (xe, pe) in enumerate(zip(torch.split(x, counts), torch.split(probs, counts))):
-        h = torch.nn.functional.linear(xe, w1[e], None if b1 is None else b1[e])
-        a = (activation(h, torch.tensor([xe.shape[0]]), stats) * pe.unsqueeze(-1)).to(h.dtype)
-        y = torch.nn.functional.linear(a, w2[e])
-        outputs.append(y if b2 is None else y + b2[e] * pe.unsqueeze(-1))
-    return torch.cat(outputs)

@@ -1,7 +1,9 @@
 """SparseTEGroupedMLP: Megatron's TEGroupedMLP (Transformer Engine's grouped experts) with 2:4 masks.
 
-Its parameters are `weight{i}` of TE GroupedLinear; its sparse forward is the grouped-GEMM engine
-(megasparse.megatron.grouped_gemm) on the masked TE weights (bf16/fp16; a per-expert loop where
+Its parameters are `weight{i}` of TE GroupedLinear; its sparse bf16/fp16 forward is the expert-GEMM
+engine (megasparse.megatron.grouped_gemm) on the TE grouped linears' per-step states: each expert the
+speed gate runs sparse at its token count on its own 2:4 GEMMs (cuSPARSELt, compressed W*M built
+once per optimizer step), the rest one grouped GEMM on their stacked W*M (one GEMM per expert where
 grouping does not apply). Under FP8 (weights only), TEGroupedMLP's own forward runs and its sparse
 TE grouped linears take over TE's GroupedLinear GEMMs: FP8 2:4 per expert under a per-tensor recipe
 (megasparse.te.forward), else TE's grouped FP8 GEMM on W*M. Masks come from the TE grouped
@@ -14,17 +16,21 @@ import torch
 from megatron.core.transformer.moe.experts import TEGroupedMLP
 
 from megasparse.core.activation_sparsity import ActivationStats
+from megasparse.core.backends import BACKENDS
 from megasparse.core.weight_state import refuse_graph_capture
 from megasparse.core.sparse_module import SparseModuleMixin, take_sparsity
 from megasparse.megatron.grouped_gemm import (
+    ExpertGemms,
     StackedWeights,
     both_ways_refusal,
     can_group,
+    expert_plans,
     grouped_ffn,
-    looped_ffn,
+    counts_for,
     run_forward_pre_hooks,
     sparse_activation,
 )
+from megasparse.megatron.tp_group import weight_tp_group
 
 
 class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
@@ -90,14 +96,36 @@ class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
     def _weights(self, linear):
         return [getattr(linear, f"weight{i}") for i in range(self.num_local_experts)]
 
-    def _sparse_weights_and_biases(self, name):
-        """The sparse TE grouped linear's per-step states give the masks; stacked once per step."""
+    def _backend(self, name):
+        """The TE grouped linear's GEMM backend while it prunes (its per-step states keep one), else dense."""
+        linear = getattr(self, name)
+        if not linear.sparsity.prunes_weights:
+            return BACKENDS["dense"]
+        return linear.backend_for(self._weights(linear)[0])  # every expert weight has one shape
+
+    def _expert_gemms(self, name, counts) -> ExpertGemms:
+        """The sparse TE grouped linear's per-step states give the masks and operands; experts the
+        speed gate runs sparse at their token counts use their own 2:4 GEMMs, the rest W*M stacked
+        once per step."""
         linear = getattr(self, name)
         run_forward_pre_hooks(linear)  # its forward does not run: its hooks must, before any read
-        weights = self._stacked[name](linear.weight_steps())
+        backend = self._backend(name)
+        steps = linear.weight_steps(backend)
+        fusion = getattr(linear, "fuse_wgrad_accumulation", False)  # TE's main_grad fusion
+        plans = expert_plans(
+            steps,
+            [backend] * len(steps),
+            counts,
+            lambda e, tokens, step: linear.gated_roles(
+                tokens, step, backend, weight_tp_group(step.weight)
+            ),
+            [fusion] * len(steps),
+        )
         biases = [getattr(linear, f"bias{i}", None) for i in range(self.num_local_experts)]
         has_bias = all(b is not None and b.numel() for b in biases)
-        return weights, torch.stack(biases) if has_bias else None
+        weights = self._weights(linear)
+        stacked_biases = torch.stack(biases) if has_bias else None
+        return ExpertGemms(weights, steps, plans, self._stacked[name], stacked_biases)
 
     def activation_stats(self, reset: bool = False) -> dict:
         result = self.grouped_activation_stats.as_dict()
@@ -119,10 +147,12 @@ class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
             # the sparse TE grouped linears: FP8 2:4 per expert, or TE's grouped FP8 GEMM on W*M
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         x = permuted_local_hidden_states
-        fc1 = self._sparse_weights_and_biases("linear_fc1")
-        fc2 = self._sparse_weights_and_biases("linear_fc2")
-        run = grouped_ffn if can_group(self.config, x, fc1[0][0], fc2[0][0]) else looped_ffn
-        y = run(
+        counts = counts_for(
+            [self._backend(n) for n in ("linear_fc1", "linear_fc2")], tokens_per_expert
+        )
+        fc1 = self._expert_gemms("linear_fc1", counts)
+        fc2 = self._expert_gemms("linear_fc2", counts)
+        y = grouped_ffn(
             x,
             tokens_per_expert,
             permuted_probs,
@@ -131,5 +161,7 @@ class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
             sparse_activation(self.activation_func, s),
             self.grouped_activation_stats,
             self.config,
+            counts=counts,
+            grouped=can_group(self.config, x, fc1.weights[0], fc2.weights[0]),
         )
         return y, None

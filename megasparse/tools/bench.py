@@ -12,7 +12,9 @@ against a device copy of the same bytes (`kernel_bandwidths`); the bytes the per
 holds per layer against the dense weight; and the activation speed path (V:N:M activations with
 M >= 8, with and without both-ways weight gradients): its gather/compact GEMMs beside the dense
 cuBLAS GEMMs and one FFN step per pattern, each beside perfmodel's projection
-(`bench_activation_path`). Targets are marked met or MISSED; `--check` exits non-zero if one is missed.
+(`bench_activation_path`); the TE spec's sparse linears against TE dense in bf16 and FP8
+(`bench_te_spec`, skipped without Transformer Engine). Targets are marked met or MISSED;
+`--check` exits non-zero if one is missed.
 Without a GPU it says so, runs a small CPU correctness smoke, prints the state's memory and the
 projected targets (labelled projected), and `--check` applies the targets to the projection.
 """
@@ -42,7 +44,11 @@ TARGETS = {  # name: (what, threshold, higher is better)
         True,
     ),
     "mask_bandwidth": ("mask kernels / device copy bandwidth", 0.70, True),
-    "state_memory_1d": ("per-step state of a 1d-mask layer / dense weight bytes", 0.65, False),
+    "state_memory_1d": (
+        "per-step state of a 1d-mask layer with hold_backward_weight=False / dense weight bytes",
+        0.65,
+        False,
+    ),
 }
 RECIPES = {  # bench name: (perfmodel recipe, SparsityConfig keywords or None for dense)
     "dense": ("dense bf16", None),
@@ -56,16 +62,12 @@ def _time_ms(fn, warmup=3, iters=10):
     return 1e3 * cuda_event_seconds(fn, iters, warmup, synchronize_device=True)
 
 
-def _mlp(hidden, ffn, sparsity, dtype):
+def mlp_config(hidden, ffn, dtype):
+    """One bias-free Squared-ReLU MLP's TransformerConfig (the local and the TE-spec bench)."""
     from megatron.core.activations import squared_relu
     from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from megasparse.megatron.compat import with_sparse_linears
-    from megasparse.megatron.mlp import SparseMLP
-
-    config = TransformerConfig(
+    return TransformerConfig(
         num_layers=1,
         hidden_size=hidden,
         ffn_hidden_size=ffn,
@@ -76,6 +78,16 @@ def _mlp(hidden, ffn, sparsity, dtype):
         add_bias_linear=False,
         use_cpu_initialization=True,
     )
+
+
+def _mlp(hidden, ffn, sparsity, dtype):
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megasparse.megatron.compat import with_sparse_linears
+    from megasparse.megatron.mlp import SparseMLP
+
+    config = mlp_config(hidden, ffn, dtype)
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     if sparsity is None:
         return MLP(config, submodules, ffn_hidden_size=ffn)
@@ -218,6 +230,7 @@ def bench_gpu(args, shapes=None, tokens_list=None):
         del modules
     hidden, ffn = shapes[-1]
     results.update(bench_activation_path(args.quick, key, hidden, ffn))
+    results["te_spec"] = bench_te_spec(hidden, ffn)
     results["targets"]["fp8_2:4"] = _fp8_gemm_ratio(hidden, ffn)
     bandwidth = kernel_bandwidths(hidden, ffn)
     results["kernel_bandwidth"] = bandwidth
@@ -228,8 +241,26 @@ def bench_gpu(args, shapes=None, tokens_list=None):
     results["targets"]["mask_bandwidth"] = min(results["mask_bandwidth"].values())
     results["fp8_cast"] = _fp8_cast_bandwidth(hidden, bandwidth)
     results["state_memory"] = state_memory(hidden, ffn, "cuda")
-    results["targets"]["state_memory_1d"] = results["state_memory"]["1d"]
+    results["targets"]["state_memory_1d"] = results["state_memory"]["1d, W*M rebuilt"]
     return results
+
+
+def bench_te_spec(hidden, ffn, tokens=16384):
+    """The TE spec's sparse linears vs TE dense (bf16 and FP8), one step of k micro-batches each,
+    beside te_spec's projection (megasparse.tools.perf.bench_te); skipped without TE."""
+    from megasparse.tools.perf import bench_te
+
+    rows = bench_te.te_ffn_rows(_time_ms, hidden, ffn, tokens, MICROBATCHES)
+    for row in rows:
+        if "skipped" in row:
+            print(f"TE spec rows skipped: {row['skipped']}")
+            continue
+        shown = "-" if row["projected_ratio"] is None else f"{row['projected_ratio']:.2f}x"
+        print(
+            f"TE spec FFN h={hidden} ffn={ffn} tokens={tokens} {row['recipe']:>8}: measured "
+            f"{row['measured_ratio']:.2f}x vs {row['baseline']}, projected {shown}"
+        )
+    return rows
 
 
 def bench_activation_path(quick, device_key_, hidden, ffn, tokens=16384):
@@ -453,7 +484,8 @@ def state_memory(hidden, ffn, device):
     weight = torch.randn(ffn, hidden, device=device, dtype=torch.bfloat16)
     out = {}
     for name, kw in (
-        ("1d", {"mask": "1d"}),
+        ("1d", {"mask": "1d"}),  # the default holds W*M for the dgrad
+        ("1d, W*M rebuilt", {"mask": "1d", "hold_backward_weight": False}),
         ("transposable, W^T held", {"mask": "transposable"}),
         ("transposable, W^T rebuilt", {"mask": "transposable", "hold_backward_weight": False}),
     ):
@@ -513,7 +545,7 @@ def projected_targets(device="H100") -> dict:
         "ffn_2:4": by_recipe["2:4 (transposable)"]["ratio_vs_dense"],
         "weight_prep": by_recipe["2:4 (transposable)"]["weight_prep_share"],
         "fp8_2:4": by_recipe.get("FP8 2:4", {}).get("ratio_vs_fp8_dense"),  # none without FP8
-        "state_memory_1d": state_memory(512, 1024, "cpu")["1d"],
+        "state_memory_1d": state_memory(512, 1024, "cpu")["1d, W*M rebuilt"],
     }  # a ratio: the same at every shape
 
 

@@ -9,6 +9,11 @@ with its own time budget, so a crash, a hang or a broken CUDA context stops only
                     gradient) and the FP8 e4m3 2:4 GEMM of megasparse.fp8.gemm at 8192 x 8192 x 8192,
                     each against its reference (relative error)
   kernel_bandwidth  every Triton kernel in megasparse.kernels against a device copy of the same bytes
+  cusparselt_search cuSPARSELt's algorithm search (megasparse.core.cusparselt_search) at a square
+                    GEMM and the reference FFN's fc1 / fc2 shapes, bf16, fp16 and e4m3, each found
+                    algorithm against algorithm 0 (repeated runs), float64 and the dense GEMM; and
+                    every algorithm id at 512^3 against algorithm 0 (pytorch#155333). It must
+                    pass before MEGASPARSE_CUSPARSELT_SEARCH can default on
   gpu_tests         the `gpu`-marked tests (pytest -m gpu): passed / failed / skipped
   bench             megasparse.tools.bench at the projection's shape, each measured figure beside
                     megasparse.tools.perfmodel's projection of it
@@ -162,6 +167,124 @@ def smoke(budget_s: float, n: int = SMOKE_SIZE, checks=(_cusparselt_bf16_rows, _
         "tables": {"relative error against the reference": rows},
         "failures": failures,
     }
+
+
+def _search_shapes(n: int) -> tuple:
+    """(tokens, out, in): a square GEMM and the reference FFN's fc1 and fc2 at n tokens."""
+    ffn = n * 7 // 2
+    return ((n // 2, n // 2, n // 2), (n, ffn, n), (n, n, ffn))
+
+
+def _search_row(check: str, search, operands, reference: torch.Tensor, dense: torch.Tensor):
+    """cuSPARSELt's own search on `operands`; the found algorithm's result against algorithm 0
+    (megasparse's acceptance check, repeated runs), float64 and the dense GEMM."""
+    from megasparse.core import cusparselt_search
+
+    found = cusparselt_search.torch_search(*operands)
+    accepted, worst, tolerance, why = search.check(found, operands)
+    got = cusparselt_search.sparse_mm(operands.compressed, operands.dense, found, *operands[2:])
+    got = got.t() if not operands.transpose_result else got
+    row = compare(f"{check}: algorithm {tuple(found)}", got, reference)
+    against_dense = relative_error(got, dense)
+    row.update(
+        {
+            "max |found - algorithm 0|": worst,
+            "check tolerance": tolerance,
+            "relative error vs dense GEMM": against_dense,
+            "ok": bool(row["ok"] and accepted and against_dense <= REL_TOL),
+        }
+    )
+    if why:
+        row["note"] = why
+    return row
+
+
+def _cusparselt_search_rows(n: int, device="cuda") -> list:
+    """The algorithm search (megasparse.core.cusparselt_search) at a few shapes, bf16 and fp16 as
+    the backend calls it and e4m3 as megasparse.fp8.gemm calls it: each found algorithm against
+    algorithm 0, float64 and the dense GEMM. The check that must pass before
+    MEGASPARSE_CUSPARSELT_SEARCH can default on."""
+    from megasparse.core.backends import BACKENDS
+    from megasparse.core.cusparselt_search import AlgorithmSearch, Operands
+    from megasparse.core.masks import weight_mask
+    from megasparse.fp8 import gemm as fp8_gemm
+
+    reason = BACKENDS["cusparselt"].device_reason(torch.device(device))
+    if reason:
+        return [_skipped("cuSPARSELt algorithm search", reason)]
+    search = AlgorithmSearch()  # its check only: nothing searched through it, nothing stored
+    g = torch.Generator(device=device).manual_seed(2)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for tokens, out, k in _search_shapes(n):
+            w = torch.randn(out, k, device=device, generator=g).to(dtype)
+            w = w * weight_mask(w, "transposable")
+            x = torch.randn(tokens, k, device=device, generator=g).to(dtype)
+            operands = Operands(torch._cslt_compress(w), x.t(), transpose_result=True)
+            check = f"search {str(dtype).replace('torch.', '')} {tokens}x{out}x{k}"
+            reference = x.double() @ w.double().t()
+            rows.append(_search_row(check, search, operands, reference, x @ w.t()))
+            del w, x, operands
+    fp8_reason = fp8_gemm.fp8_cusparselt_reason(torch.device(device))
+    if fp8_reason:
+        return rows + [_skipped("search e4m3", fp8_reason)]
+    for tokens, out, k in _search_shapes(n):
+        w = torch.randn(out, k, device=device, generator=g)
+        w_q = (w * weight_mask(w)).to(torch.float8_e4m3fn)
+        x_q = torch.randn(tokens, k, device=device, generator=g).to(torch.float8_e4m3fn)
+        operands = Operands(
+            fp8_gemm.compress(w_q), x_q.t(), out_dtype=torch.bfloat16, transpose_result=False
+        )
+        reference = x_q.double() @ w_q.double().t()
+        one = torch.ones((), device=device)
+        dense = fp8_gemm.dense_fp8_mm(x_q, one, w_q, one)
+        rows.append(
+            _search_row(f"search e4m3 {tokens}x{out}x{k}", search, operands, reference, dense)
+        )
+    return rows
+
+
+SWEEP_SHAPE = 512  # pytorch#155333 saw wrong results from 256 rows up (A100, alg_id 20)
+SWEEP_LIMIT = 70  # xformers' own sweep bound; the sweep stops at the first id cuSPARSELt refuses
+
+
+def _algorithm_sweep_rows(n: int, device="cuda", size: int = SWEEP_SHAPE) -> list:
+    """Every cuSPARSELt algorithm id at size^3 bf16 (n, the smoke size, is unused), each run
+    VALIDATION_RUNS times against algorithm 0: the pytorch#155333 class of bug, whatever the
+    search picks."""
+    from megasparse.core.backends import BACKENDS
+    from megasparse.core.cusparselt_search import Algorithm, AlgorithmSearch, Operands
+    from megasparse.core.masks import weight_mask
+
+    check = f"every cuSPARSELt algorithm id, bf16 {size}^3, against algorithm 0"
+    reason = BACKENDS["cusparselt"].device_reason(torch.device(device))
+    if reason:
+        return [_skipped(check, reason)]
+    search = AlgorithmSearch()
+    g = torch.Generator(device=device).manual_seed(3)
+    w = torch.randn(size, size, device=device, generator=g).bfloat16()
+    w = w * weight_mask(w, "transposable")
+    x = torch.randn(size, size, device=device, generator=g).bfloat16()
+    operands = Operands(torch._cslt_compress(w), x.t(), transpose_result=True)
+    ran, differing = [], []
+    for alg_id in range(SWEEP_LIMIT):
+        accepted, worst, tolerance, why = search.check(Algorithm(alg_id), operands)
+        if "raised" in why:
+            break
+        ran.append(alg_id)
+        if not accepted:
+            differing.append((alg_id, worst))
+    reference = x.double() @ w.double().t()
+    row = compare(check, x @ w.t(), reference)  # the dense GEMM: the sweep's own sanity
+    row["ok"] = bool(row["ok"] and not differing and ran)
+    row["note"] = f"ids 0..{ran[-1] if ran else '-'} ran; differing from algorithm 0: " + (
+        ", ".join(f"{i} (max |diff| {d:.3g})" for i, d in differing) or "none"
+    )
+    return [row]
+
+
+def cusparselt_search_part(budget_s: float, n: int = SMOKE_SIZE // 2) -> dict:
+    return smoke(budget_s, n, checks=(_cusparselt_search_rows, _algorithm_sweep_rows))
 
 
 def kernel_rows(bandwidths: dict, device: Optional[str] = None) -> list:
@@ -330,6 +453,12 @@ PARTS = (
     Part("smoke", "cuSPARSELt bf16 and FP8 e4m3 2:4 at real shapes against references", 60, smoke),
     Part(
         "kernel_bandwidth", "Triton kernels against a copy of the same bytes", 60, kernel_bandwidth
+    ),
+    Part(
+        "cusparselt_search",
+        "cuSPARSELt algorithm search at a few shapes and every algorithm id against algorithm 0",
+        45,
+        cusparselt_search_part,
     ),
     Part("gpu_tests", "the gpu-marked tests (pytest -m gpu)", 150, gpu_tests),
     Part("bench", "megasparse.tools.bench beside megasparse.tools.perfmodel", 180, bench),

@@ -8,13 +8,16 @@ reference would be recorded instead of the GPU kernel (the Triton mask, activati
 kernels, the activation speed path's compact kernels) and flash attention are stood in for by one
 op each with the kernel's own inputs and outputs (`_standins`). `projected_speedups` is the small
 API the demo's sweep calls; `activation_targets` gives the activation path's verdicts.
-Nothing printed is a measurement.
+`--te` / `--moe`: the Transformer Engine spec's and MoE experts' rows, each change before/after,
+and their targets (megasparse.tools.perf.te_spec, moe, te_report); the default output ends with
+their summary. Nothing printed is a measurement.
 """
 
 import argparse
 import contextlib
 import functools
 import json
+import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 from unittest import mock
@@ -800,6 +803,9 @@ def activation_targets(device="H100", recipes=ACTIVATION_RECIPES):
 
 
 def main(argv=None):
+    # run as `python -m`, this module is __main__: te_spec's lazy imports of it must find this one
+    # (a second copy would register the stand-in kernels' library again)
+    sys.modules.setdefault("megasparse.tools.perfmodel", sys.modules[__name__])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all rows (every device, shape, TP, k) to this file")
     parser.add_argument(
@@ -814,7 +820,20 @@ def main(argv=None):
         default="all",
         help="ffn / layer (h8192/ffn28672), layer_1b / layer_7b (Llama-1B/7B-like); default all",
     )
+    parser.add_argument(
+        "--te",
+        action="store_true",
+        help="only the Transformer Engine spec: bf16 and FP8 2:4, each change before/after, "
+        "activation sparsity, with the targets (megasparse.tools.perf.te_spec)",
+    )
+    parser.add_argument(
+        "--moe",
+        action="store_true",
+        help="only the MoE experts: 8 and 64 experts at uneven loads (megasparse.tools.perf.moe)",
+    )
     args = parser.parse_args(argv)
+    if args.te or args.moe:
+        return _te_main(args)
     scopes = tuple(SCOPES) if args.scope == "all" else (args.scope,)
     legacy = tuple(s for s in scopes if s in ("ffn", "layer"))
     all_rows = rows(bound=args.bound, scopes=legacy) if legacy else []
@@ -827,10 +846,28 @@ def main(argv=None):
         print("\n".join(report(args.bound)))
     print("\n".join(activation_targets()))
     print("\n".join(assumptions(args.bound)))
+    from megasparse.tools.perf import te_report
+
+    print("\n".join(te_report.summary(te_report.summary_rows())))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(all_rows + act_rows, f, indent=1)
         print(f"wrote {len(all_rows) + len(act_rows)} projected rows to {args.json}")
+
+
+def _te_main(args):
+    """--te / --moe: the TE-spec and MoE rows (every bound), their tables and targets."""
+    from megasparse.tools.perf import te_report
+
+    rows = te_report.te_rows()
+    lines = te_report.te_tables(rows) if args.te else []
+    lines += te_report.moe_tables(rows) if args.moe else []
+    lines += te_report.targets(rows) + te_report.summary(rows)
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {len(rows)} projected rows to {args.json}")
 
 
 if __name__ == "__main__":

@@ -264,42 +264,58 @@ def test_fp8_2_4_ffn_forward_backward(tp, mask_kind, tokens):
     assert len(scaled) == 2 * (2 if mask_kind == "transposable" else 4)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("tp", [1, 8])
-def test_grouped_experts_with_uneven_and_zero_token_counts(tp):
-    """SparseGroupedMLP's path on meta tensors: 8 experts' per-step states stacked once, one grouped GEMM
-    per product (forward, and PyTorch's autograd for dX and dW), expert 1 with no tokens."""
+def test_grouped_experts_with_uneven_and_zero_token_counts(tp, sparse):
+    """SparseGroupedMLP's path on meta tensors: 8 experts, expert 1 with no tokens. Dense backend:
+    the per-step states stacked once, one grouped GEMM per product (forward, and PyTorch's autograd
+    for dX and dW). A sparse backend (a counting stand-in) with the gate's smallest bucket: the
+    experts from 4096 tokens on run their own sparse GEMMs, the rest the grouped GEMMs."""
     from types import SimpleNamespace
 
     from megatron.core.activations import squared_relu
 
+    from backend_standins import CountingSparseBackend
     from megasparse import SparsityConfig
+    from megasparse.core import speed_gate
     from megasparse.core.activation_sparsity import ActivationStats
-    from megasparse.megatron.grouped_gemm import StackedWeights, grouped_ffn, sparse_activation
+    from megasparse.megatron.grouped_gemm import (
+        ExpertGemms,
+        StackedWeights,
+        expert_plans,
+        grouped_ffn,
+        sparse_activation,
+    )
     from megasparse.tools.perfmodel import _standins
     from megasparse.core.weight_state import SparseWeightState
 
     counts = [4096, 0, 1000, 3000, 16, 2048, 2, 6222]
     experts, ffn = len(counts), FFN // tp
-    sparsity = SparsityConfig(activations="2:4", backend="dense")
+    backend = CountingSparseBackend() if sparse else BACKENDS["dense"]
+    sparsity = SparsityConfig(activations="2:4", backend="auto")
     x = meta(sum(counts), HIDDEN, grad=True)
     w1 = [meta(ffn, HIDDEN, grad=True) for _ in range(experts)]
     w2 = [meta(HIDDEN, ffn, grad=True) for _ in range(experts)]
     config = SimpleNamespace(
         moe_apply_probs_on_input=False, recompute_modules=None, recompute_granularity=None
     )
+
+    def gate(e, tokens, step):  # sparse from the smallest bucket on
+        return speed_gate.ROLES if speed_gate.token_bucket(tokens) else ()
+
+    def gemms(weights):
+        steps = [SparseWeightState().step(w, sparsity, backend) for w in weights]
+        plans = expert_plans(steps, [backend] * experts, counts, gate, [False] * experts)
+        return ExpertGemms(weights, steps, plans, StackedWeights())
+
     with _standins(), OpRecorder() as rec:
-        fc1 = StackedWeights()(
-            [SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w1]
-        )
-        fc2 = StackedWeights()(
-            [SparseWeightState().step(w, sparsity, BACKENDS["dense"]) for w in w2]
-        )
+        fc1, fc2 = gemms(w1), gemms(w2)
         y = grouped_ffn(
             x,
             torch.tensor(counts),
             meta(sum(counts), dtype=torch.float32),
-            (fc1, None),
-            (fc2, None),
+            fc1,
+            fc2,
             sparse_activation(squared_relu, sparsity),
             ActivationStats(),
             config,
@@ -309,6 +325,11 @@ def test_grouped_experts_with_uneven_and_zero_token_counts(tp):
     assert all(w.grad.shape == w.shape for w in w1 + w2)
     grouped = [r for r in rec.records if r.op == "_grouped_mm"]
     assert len(grouped) == 6  # fc1, fc2 forward; dX and dW of each
+    if sparse:
+        alone = [n for n in counts if n >= speed_gate.SMALLEST_BUCKET]
+        sparse_forwards = [n for role, op, n in backend.gemms if role == "forward" and op]
+        assert sorted(sparse_forwards) == sorted(2 * alone)  # fc1 and fc2 of each
+        assert sorted(backend.compressed) == sorted([(ffn, HIDDEN), (HIDDEN, ffn)] * len(alone))
 
 
 @pytest.mark.parametrize("mask_kind", ["1d", "transposable"])

@@ -5,55 +5,19 @@ import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megasparse import SparseGroupedMLP, SparseSequentialMLP, SparsityConfig
-from reference import sparse_mlp_reference
 from expert_builders import (
     EXPERTS,
     FFN,
     HIDDEN,
     TOKENS_PER_EXPERT,
+    PerExpertView,
+    check_experts_against_reference,
     make_expert_inputs,
     make_experts,
     make_te_experts,
-    run_experts_per_expert,
 )
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
-
-
-def _check_against_reference(experts, x, probs, tokens, pattern, tol):
-    (y, bias, dy, dx), per_expert = run_experts_per_expert(experts, x, tokens, probs)
-    assert bias is None
-    for e, rows, fc1, fc2 in per_expert:
-        ref = sparse_mlp_reference(
-            x[rows],
-            fc1.weight,
-            fc1.bias,
-            fc2.weight,
-            fc2.bias,
-            fc1.sparsity_mask(),
-            fc2.sparsity_mask(),
-            pattern,
-            "squared_relu",
-            grad_output=dy[rows],
-            probs=probs[rows],
-        )
-        close = dict(rtol=tol, atol=tol)
-        torch.testing.assert_close(y[rows].double(), ref["y"], **close, msg=f"expert {e} output")
-        torch.testing.assert_close(
-            dx[rows].double(), ref["dx"], **close, msg=f"expert {e} input grad"
-        )
-        for name, p in (
-            ("dw1", fc1.weight),
-            ("db1", fc1.bias),
-            ("dw2", fc2.weight),
-            ("db2", fc2.bias),
-        ):
-            if p is None:
-                continue
-            assert p.grad is not None, f"expert {e} {name}: every expert parameter gets a gradient"
-            torch.testing.assert_close(
-                p.grad.double(), ref[name], **close, msg=f"expert {e} {name}"
-            )
 
 
 @pytest.mark.parametrize(
@@ -64,7 +28,7 @@ def test_sparse_sequential_mlp_matches_per_expert_reference(activations, pattern
         SparseSequentialMLP, SparsityConfig(activations=activations, backend="dense")
     )
     x, probs, tokens = make_expert_inputs(torch.float64)
-    _check_against_reference(experts, x, probs, tokens, pattern, 1e-10)
+    check_experts_against_reference(experts, x, probs, tokens, pattern, 1e-10)
     masks = [e.linear_fc1.sparsity_mask() for e in experts.local_experts]
     assert not torch.equal(masks[0], masks[1])  # each expert has its own mask
     expected = sum(TOKENS_PER_EXPERT) * FFN if activations else 0
@@ -96,7 +60,7 @@ def test_sparse_grouped_mlp_runs_one_grouped_gemm_and_matches_reference(
     experts = make_experts(SparseGroupedMLP, sparsity, dtype=torch.float32)
     x, probs, tokens = make_expert_inputs(torch.float32)
     with CountGroupedMM():
-        _check_against_reference(experts, x, probs, tokens, pattern, 2e-4)
+        check_experts_against_reference(experts, x, probs, tokens, pattern, 2e-4)
     assert (
         len(calls) == 6
     )  # fc1, fc2 forward; and dX, dW of each in the backward: no per-expert loop
@@ -112,7 +76,7 @@ def test_grouped_mlp_with_expert_bias_matches_reference():
     )
     x, probs, tokens = make_expert_inputs(torch.float32)
     assert experts._can_group(x)
-    _check_against_reference(experts, x, probs, tokens, (64, 2, 4), 2e-4)
+    check_experts_against_reference(experts, x, probs, tokens, (64, 2, 4), 2e-4)
 
 
 def test_grouped_falls_back_to_the_loop_where_it_cannot_group():
@@ -121,7 +85,7 @@ def test_grouped_falls_back_to_the_loop_where_it_cannot_group():
     )  # float64: no grouped GEMM
     x, probs, tokens = make_expert_inputs(torch.float64)
     assert not experts._can_group(x)
-    _check_against_reference(experts, x, probs, tokens, (64, 2, 4), 1e-10)
+    check_experts_against_reference(experts, x, probs, tokens, (64, 2, 4), 1e-10)
 
 
 def _gather_weights_in_forward_pre_hooks(linears):
@@ -178,8 +142,10 @@ def test_grouped_experts_run_the_linears_forward_pre_hooks_before_reading_weight
     with torch.no_grad():
         first = experts(x, tokens, probs)[0]
     finish_gathers()  # nothing left to do where the hooks ran
-    checked = experts if grouped == "SparseGroupedMLP" else _PerExpertView(experts)
-    _check_against_reference(checked, x, probs, tokens, (64, 2, 4), tol)  # the gathered weights
+    checked = experts if grouped == "SparseGroupedMLP" else PerExpertView(experts)
+    check_experts_against_reference(
+        checked, x, probs, tokens, (64, 2, 4), tol
+    )  # the gathered weights
     with torch.no_grad():
         torch.testing.assert_close(first, experts(x, tokens, probs)[0], rtol=0, atol=0)
     assert sorted(map(id, calls)) == sorted(map(id, linears * 3))  # each linear's, per forward
@@ -243,43 +209,6 @@ def test_all_tokens_to_other_ranks_still_gives_every_parameter_a_gradient():
     assert all(p.grad is not None and not p.grad.any() for p in experts.parameters())
 
 
-class _PerExpertView:
-    """Present a TE-style experts module as local_experts[e].linear_fc{1,2} for the shared reference check."""
-
-    def __init__(self, te_experts, masks_kind="1d"):
-        from megasparse.core.masks import weight_mask
-
-        class Layer:
-            def __init__(self, weight, sparse):
-                self.weight, self.bias = weight, None
-                self._mask = (
-                    weight_mask(weight, masks_kind)
-                    if sparse
-                    else torch.ones_like(weight, dtype=torch.bool)
-                )
-
-            def sparsity_mask(self):
-                return self._mask
-
-        class Expert:
-            pass
-
-        self.module = te_experts
-        self.local_experts = []
-        for e in range(EXPERTS):
-            expert = Expert()
-            expert.linear_fc1 = Layer(
-                getattr(te_experts.linear_fc1, f"weight{e}"), te_experts.sparsity.prunes_weights
-            )
-            expert.linear_fc2 = Layer(
-                getattr(te_experts.linear_fc2, f"weight{e}"), te_experts.sparsity.prunes_weights
-            )
-            self.local_experts.append(expert)
-
-    def __call__(self, *args):
-        return self.module(*args)
-
-
 @pytest.mark.parametrize(
     "dtype,tol", [(torch.float32, 2e-4), (torch.float64, 1e-10)]
 )  # grouped / looped path
@@ -290,7 +219,7 @@ def test_sparse_te_grouped_mlp_logic_matches_reference(dtype, tol):
         SparseTEGroupedMLP, SparsityConfig(activations="2:4", backend="dense"), dtype
     )
     x, probs, tokens = make_expert_inputs(dtype)
-    _check_against_reference(_PerExpertView(experts), x, probs, tokens, (64, 2, 4), tol)
+    check_experts_against_reference(PerExpertView(experts), x, probs, tokens, (64, 2, 4), tol)
     assert experts.activation_stats()["elements"] == sum(TOKENS_PER_EXPERT) * FFN
 
 

@@ -8,6 +8,7 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_helpers import make_config
+from reference import sparse_mlp_reference
 
 HIDDEN, FFN, EXPERTS = 16, 32, 4
 TOKENS_PER_EXPERT = [5, 0, 7, 3]  # an expert with no tokens, counts not aligned to anything
@@ -112,3 +113,79 @@ def run_experts_per_expert(experts, x, tokens, probs):
         per_expert.append((e, slice(start, start + n), expert.linear_fc1, expert.linear_fc2))
         start += n
     return (y, bias, dy, xr.grad), per_expert
+
+
+def check_experts_against_reference(experts, x, probs, tokens, pattern, tol):
+    """Forward + backward of `experts` (squared-ReLU, `pattern` its activation sparsity or None):
+    each expert's outputs, input gradient and parameter gradients against the float64 masked
+    dense MLP of that expert's rows (reference.sparse_mlp_reference)."""
+    (y, bias, dy, dx), per_expert = run_experts_per_expert(experts, x, tokens, probs)
+    assert bias is None
+    for e, rows, fc1, fc2 in per_expert:
+        ref = sparse_mlp_reference(
+            x[rows],
+            fc1.weight,
+            fc1.bias,
+            fc2.weight,
+            fc2.bias,
+            fc1.sparsity_mask(),
+            fc2.sparsity_mask(),
+            pattern,
+            "squared_relu",
+            grad_output=dy[rows],
+            probs=probs[rows],
+        )
+        close = dict(rtol=tol, atol=tol)
+        torch.testing.assert_close(y[rows].double(), ref["y"], **close, msg=f"expert {e} output")
+        torch.testing.assert_close(
+            dx[rows].double(), ref["dx"], **close, msg=f"expert {e} input grad"
+        )
+        for name, p in (
+            ("dw1", fc1.weight),
+            ("db1", fc1.bias),
+            ("dw2", fc2.weight),
+            ("db2", fc2.bias),
+        ):
+            if p is None:
+                continue
+            assert p.grad is not None, f"expert {e} {name}: every expert parameter gets a gradient"
+            torch.testing.assert_close(
+                p.grad.double(), ref[name], **close, msg=f"expert {e} {name}"
+            )
+
+
+class PerExpertView:
+    """Present a TE-style experts module as local_experts[e].linear_fc{1,2} for the shared reference check."""
+
+    def __init__(self, te_experts, masks_kind="1d"):
+        from megasparse.core.masks import weight_mask
+
+        class Layer:
+            def __init__(self, weight, sparse):
+                self.weight, self.bias = weight, None
+                self._mask = (
+                    weight_mask(weight, masks_kind)
+                    if sparse
+                    else torch.ones_like(weight, dtype=torch.bool)
+                )
+
+            def sparsity_mask(self):
+                return self._mask
+
+        class Expert:
+            pass
+
+        self.module = te_experts
+        self.local_experts = []
+        for e in range(EXPERTS):
+            expert = Expert()
+            expert.linear_fc1 = Layer(
+                getattr(te_experts.linear_fc1, f"weight{e}"), te_experts.sparsity.prunes_weights
+            )
+            expert.linear_fc2 = Layer(
+                getattr(te_experts.linear_fc2, f"weight{e}"), te_experts.sparsity.prunes_weights
+            )
+            self.local_experts.append(expert)
+
+    def __call__(self, *args):
+        return self.module(*args)

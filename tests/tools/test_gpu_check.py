@@ -304,3 +304,69 @@ def test_every_triton_kernel_has_a_bandwidth_launch_that_runs(monkeypatch):
     assert modules <= {name.split(" ")[0] for name in bandwidths}
     rows = gpu_check.kernel_rows(bandwidths)
     assert [r["kernel"] for r in rows] == list(bandwidths)
+
+
+@pytest.fixture
+def cusparselt_search_on_cpu(monkeypatch):
+    """The cusparselt_search part's checks on the CPU: torch's binding modelled by cusparselt_cpu,
+    cuSPARSELt's search answering `state.found`, algorithm ids in `state.wrong` giving a wrong
+    result and ids from `state.refused` on raising, as cuSPARSELt does past its last id."""
+    from cusparselt_cpu import cusparselt_on_cpu
+    from megasparse.core.backends import CusparseltBackend
+    from megasparse.core.cusparselt_search import Algorithm
+
+    state = SimpleNamespace(found=Algorithm(4, 2, 1), wrong=set(), refused=8, searched=[])
+    monkeypatch.setattr(CusparseltBackend, "device_reason", lambda self, device: None)
+    with cusparselt_on_cpu():
+        exact = torch._cslt_sparse_mm
+
+        def cslt_sparse_mm(*args, alg_id=0, split_k=1, split_k_mode=-1, **kwargs):
+            if alg_id >= state.refused:
+                raise RuntimeError("CUSPARSE_STATUS_INVALID_VALUE: alg_id out of range")
+            y = exact(*args, **kwargs)
+            return y * 1.5 if alg_id in state.wrong else y
+
+        def search(*args, **kwargs):
+            state.searched.append(args[1].shape)
+            return state.found.alg_id
+
+        monkeypatch.setattr(torch, "_cslt_sparse_mm", cslt_sparse_mm)
+        monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search)
+        yield state
+
+
+def test_cusparselt_search_part_checks_each_found_algorithm_against_algorithm_0(
+    cusparselt_search_on_cpu,
+):
+    """Each shape and dtype is searched; the found algorithm's result is compared with algorithm 0,
+    float64 and the dense GEMM; an algorithm with wrong results fails its row and the part."""
+    state = cusparselt_search_on_cpu
+    result = gpu_check.smoke(
+        0, n=64, checks=(lambda n: gpu_check._cusparselt_search_rows(n, "cpu"),)
+    )
+    rows = result["tables"]["relative error against the reference"]
+    searched = [r for r in rows if r["ok"] is not None]
+    assert len(searched) == 6 and len(state.searched) == 6  # 3 shapes x bf16, fp16
+    assert all(r["ok"] and "algorithm (4, 1, -1)" in r["check"] for r in searched)
+    assert all(r["max |found - algorithm 0|"] <= r["check tolerance"] for r in searched)
+    assert [r["check"] for r in rows if r["ok"] is None] == ["search e4m3"]  # no sm90 here
+    state.wrong.add(4)
+    result = gpu_check.smoke(
+        0, n=64, checks=(lambda n: gpu_check._cusparselt_search_rows(n, "cpu"),)
+    )
+    assert len(result["failures"]) == 6
+    failed = [
+        r for r in result["tables"]["relative error against the reference"] if r["ok"] is False
+    ]
+    assert all("differs from algorithm 0" in r["note"] for r in failed)
+
+
+def test_algorithm_sweep_runs_every_id_until_refused_and_names_the_wrong_ones(
+    cusparselt_search_on_cpu,
+):
+    state = cusparselt_search_on_cpu
+    (row,) = gpu_check._algorithm_sweep_rows(64, "cpu", size=64)
+    assert row["ok"] is True and row["note"].startswith("ids 0..7 ran") and "none" in row["note"]
+    state.wrong.add(5)
+    (row,) = gpu_check._algorithm_sweep_rows(64, "cpu", size=64)
+    assert row["ok"] is False and "differing from algorithm 0: 5 (max |diff|" in row["note"]
