@@ -5,8 +5,9 @@ tokens (dim 0) with sequence parallelism. The forward all-gathers the shards (SP
 input; the backward reduces the input gradient over the group: all-reduce (no SP) or
 reduce-scatter back to the shards (SP). Megatron's own linear
 (`LinearWithGradAccumulationAndAsyncCommunication`, megatron-core 0.16.1 and 0.19.2) and TE's
-Linear launch that reduction asynchronously after the input-gradient GEMM and wait for it after the
-weight-gradient GEMM, so the two overlap; megasparse's ops do the same with this description
+Linear backward (module/linear.py, TE 2.5 and main: `dgrad_work`) launch that reduction
+asynchronously after the input-gradient GEMM and wait for it after the weight-gradient GEMM, so
+the two overlap; megasparse's ops do the same with this description
 (`LinearPlan.input_comm`, `Fp8LinearPlan.input_comm`): dgrad GEMM -> `start_reduce` -> wgrad GEMM
 (and main_grad fusion) -> `wait()` -> the local input gradient.
 

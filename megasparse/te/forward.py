@@ -27,11 +27,14 @@ path does not reproduce (fp8_output / fp8_grad, GroupedLinear's preallocated out
 buffers or single grouped weight / bias).
 
 What stays TE's and Megatron's: TE's `prepare_forward` (FP8 metadata, the amax buffers TE reduces
-over its amax group and turns into scales at the end of fp8_autocast); communication through
-Megatron's tensor-parallel mappings on the module's tp_group, as TE does it for its parallel_mode
-when tp_size > 1 (column: copy / sequence-parallel all-gather of the GEMM input; row: all-reduce /
-reduce-scatter of the output, bias after it in the activation dtype; checked against TE 2.5 and
-main, module/linear.py); main_grad accumulation when TE fuses wgrad accumulation (the route adds
+over its amax group and turns into scales at the end of fp8_autocast); communication on the
+module's tp_group, as TE does it for its parallel_mode when tp_size > 1 (column: copy /
+sequence-parallel all-gather of the GEMM input, whose backward all-reduce / reduce-scatter of the
+input gradient the bf16/fp16 route runs inside its op, launched after the dgrad GEMM and waited
+for after the wgrad GEMM as TE's Linear backward does (megasparse.core.input_comm), the FP8 route
+through Megatron's mappings; row: all-reduce / reduce-scatter of the output through Megatron's
+mappings, bias after it in the activation dtype; checked against TE 2.5 and main,
+module/linear.py); main_grad accumulation when TE fuses wgrad accumulation (the route adds
 to main_grad in every micro-batch, where TE overwrites it with is_first_microbatch=True: the same
 on the grad buffer Megatron zeroes before each step).
 """
