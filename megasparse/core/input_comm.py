@@ -33,7 +33,7 @@ class _Done:
         return True
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class ColumnInputComm:
     """The input communication of one column-parallel call on `group` (a torch.distributed group).
 

@@ -30,13 +30,12 @@ What stays TE's and Megatron's: TE's `prepare_forward` (FP8 metadata, the amax b
 over its amax group and turns into scales at the end of fp8_autocast); communication on the
 module's tp_group, as TE does it for its parallel_mode when tp_size > 1 (column: copy /
 sequence-parallel all-gather of the GEMM input, whose backward all-reduce / reduce-scatter of the
-input gradient the bf16/fp16 route runs inside its op, launched after the dgrad GEMM and waited
-for after the wgrad GEMM as TE's Linear backward does (megasparse.core.input_comm), the FP8 route
-through Megatron's mappings; row: all-reduce / reduce-scatter of the output through Megatron's
-mappings, bias after it in the activation dtype; checked against TE 2.5 and main,
-module/linear.py); main_grad accumulation when TE fuses wgrad accumulation (the route adds
-to main_grad in every micro-batch, where TE overwrites it with is_first_microbatch=True: the same
-on the grad buffer Megatron zeroes before each step).
+input gradient both routes run inside their op, launched after the dgrad GEMM and waited for
+after the wgrad GEMM as TE's Linear backward does (megasparse.core.input_comm); row: all-reduce /
+reduce-scatter of the output through Megatron's mappings, bias after it in the activation dtype;
+checked against TE 2.5 and main, module/linear.py); main_grad accumulation when TE fuses wgrad
+accumulation (the route adds to main_grad in every micro-batch, where TE overwrites it with
+is_first_microbatch=True: the same on the grad buffer Megatron zeroes before each step).
 """
 
 import contextlib
@@ -88,18 +87,19 @@ def _column_input(module, x, gemm=None, total_needed=False):
     """(GEMM input, its input communication or None) as TE's column-parallel mode makes it:
     sequence-parallel all-gather, or a copy whose backward all-reduces the input gradient.
 
-    With the bf16/fp16 route (`sparse_route.sparse_gemm`) the communication runs inside the op,
-    overlapped with the weight-gradient GEMM as TE's Linear backward does it: the local x comes
-    back with a `ColumnInputComm` for the GEMM (megasparse.core.input_comm). Else (the FP8 route,
-    or `total_needed`: the caller needs the gathered input itself) Megatron's mappings run here:
-    the communicated x and None."""
+    On megasparse's routes (`sparse_route.sparse_gemm`, `fp8_route.fp8_gemm`) the communication
+    runs inside the op, overlapped with the weight-gradient GEMM as TE's Linear backward does it:
+    the local x comes back with a `ColumnInputComm` for the GEMM (megasparse.core.input_comm).
+    Else (`total_needed` under sequence parallelism: the caller needs the gathered input itself)
+    Megatron's mappings run here: the communicated x and None."""
     if getattr(module, "parallel_mode", None) != "column":
         return x, None
     if not _communicates(module):
         return x, None
     group = getattr(module, "tp_group", None)  # None: Megatron's tensor-parallel group
     sequence_parallel = bool(getattr(module, "sequence_parallel", False))
-    if gemm is sparse_route.sparse_gemm and not (total_needed and sequence_parallel):
+    in_op = gemm is sparse_route.sparse_gemm or getattr(gemm, "func", None) is fp8_route.fp8_gemm
+    if in_op and not (total_needed and sequence_parallel):
         from megatron.core.utils import get_tensor_model_parallel_group_if_none
         from megasparse.core.input_comm import ColumnInputComm
 
