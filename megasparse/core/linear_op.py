@@ -13,6 +13,15 @@ reduce over the ffn dim, on W*M held as the dense role holds it:
   gather_k_matmul(dH_c, columns, W*M); weight gradient dH^T X.
 Both weight gradients are exact, or both-ways (the compact form's `wgrad` pattern:
 compact_activation.BothWaysWgrad), and follow the step's gradient rule and main_grad fusion.
+
+A column-parallel layer's input communication runs inside the op when its plan carries it
+(`LinearPlan.input_comm`, megasparse.core.input_comm): the op takes the local input, all-gathers it
+(sequence parallelism) for the GEMMs and saves the gathered input for the weight gradient (as the
+mapping in front of the op did; Megatron re-gathers it in the backward instead, trading a second
+all-gather for the memory); the backward runs dgrad GEMM -> the input gradient's reduction launched
+asynchronously (all-reduce, or reduce-scatter under SP) -> weight-gradient GEMM and main_grad
+fusion -> wait, so that the reduction overlaps the weight-gradient GEMM as in Megatron's and TE's
+linears.
 """
 
 import itertools
@@ -24,6 +33,7 @@ import torch
 
 from megasparse.core.backends import DenseBackend
 from megasparse.core import compact_activation, mvue
+from megasparse.core.input_comm import reduce_input_grad_overlapped
 from megasparse.core.gradients import gradient_rule
 from megasparse.core.masks import pack_mask
 from megasparse.core.sparse_operand import (
@@ -52,6 +62,9 @@ class LinearPlan:
         "forward",
         "input_grad",
     )  # where the speed gate lets W*M be sparse
+    # a column-parallel layer's input communication run inside the op, overlapped with the weight
+    # gradient (megasparse.core.input_comm.ColumnInputComm); None: the input arrives communicated
+    input_comm: Optional[object] = None
 
 
 def gradient_went_to_main_grad(weight, dtype):
@@ -137,8 +150,16 @@ class _SavedForBackward:
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, step: WeightStep, plan: LinearPlan):
+        if plan.input_comm is not None:
+            x = plan.input_comm.gather(x)  # the total input (SP); saved below for the wgrad
         x2d = x.reshape(-1, x.shape[-1])
         compact = _compact_of(x, x2d)
+        if compact is not None and plan.input_comm is not None:
+            raise ValueError(
+                "megasparse: a compact activation is the input of a row-parallel fc2, but this "
+                "call carries a column-parallel input communication (LinearPlan.input_comm); "
+                "build fc2's plan with input_comm=None"
+            )
         y2d = _forward_gemm(x, x2d, step, bias, plan, compact)
         # the input (compact when it is: A_c and columns, not the dense A) and this step's state are
         # saved; the weight's operands live in the step, shared by micro-batches
@@ -163,14 +184,22 @@ class _SparseLinear(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])
         x2d = x.reshape(-1, x.shape[-1])
         compact = _compact_of(dy, dy2d)  # dH of a compact activation (fc1)
-        grad_x = grad_w = grad_b = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad_gemm(dy, dy2d, saved.step, saved.plan, compact).reshape(x.shape)
-        if ctx.needs_input_grad[1]:
-            wgrad = _both_ways(compact, "grad_output")
-            grad_w = _weight_grad(dy2d, x2d, weight, saved, wgrad)
-        if saved.has_bias and ctx.needs_input_grad[2]:
-            grad_b = dy2d.sum(dim=0)
+
+        def weight_and_bias_grads():  # while the input gradient's reduction is in flight
+            grad_w = grad_b = None
+            if ctx.needs_input_grad[1]:
+                wgrad = _both_ways(compact, "grad_output")
+                grad_w = _weight_grad(dy2d, x2d, weight, saved, wgrad)
+            if saved.has_bias and ctx.needs_input_grad[2]:
+                grad_b = dy2d.sum(dim=0)
+            return grad_w, grad_b
+
+        grad_x, (grad_w, grad_b) = reduce_input_grad_overlapped(
+            saved.plan.input_comm, grad_x, weight_and_bias_grads
+        )
         return grad_x, grad_w, grad_b, None, None
 
 

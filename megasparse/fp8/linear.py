@@ -19,8 +19,10 @@ x_q (megasparse.kernels.fp8_cast); dY's transpose comes from the cast of dY that
 gradient runs (one cast of dY serves both GEMMs where they take the same format). An input
 without rows (an expert that got no tokens) runs no GEMM: zero output rows, zero gradients,
 the per-step terms.
-Gradient modes (the step's rule, megasparse.core.gradients) and Megatron's main_grad fusion work
-as in megasparse.core.linear_op.
+Gradient modes (the step's rule, megasparse.core.gradients), Megatron's main_grad fusion and a
+column-parallel input communication inside the op (`Fp8LinearPlan.input_comm`: the SP all-gather
+in the forward, the input gradient's all-reduce / reduce-scatter overlapped with the wgrad GEMM)
+work as in megasparse.core.linear_op.
 
 Who runs it: the sparse TE linears under TE's fp8_autocast (megasparse.te.forward), and Megatron's
 local sparse linears with SparsityConfig.fp8 (`local_plan`: megasparse's current scaling in TE's
@@ -47,6 +49,7 @@ from megasparse.fp8.scaling import (
     scale_from_amax,
     quantize_with,
 )
+from megasparse.core.input_comm import reduce_input_grad_overlapped
 from megasparse.core.linear_op import gradient_went_to_main_grad
 from megasparse.core.weight_state import WeightStep
 from megasparse.core.warn import warn_once
@@ -68,6 +71,9 @@ class Fp8LinearPlan:
     # accumulate=True: megasparse.te.fp8_route.te_wgrad_into_main_grad); None: no such GEMM, the
     # wgrad is written in fp32 and added (torch 2.13's FP8 GEMMs cannot accumulate: `_wgrad_fp32`)
     wgrad_into_main_grad: Optional[Callable] = None
+    # a column-parallel layer's input communication run inside the op, overlapped with the wgrad
+    # (megasparse.core.input_comm.ColumnInputComm); None: the input arrives communicated
+    input_comm: Optional[object] = None
 
 
 class Fp8Weight:
@@ -142,6 +148,8 @@ class _Fp8SavedForBackward:
 class _Fp8SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, step: WeightStep, plan: Fp8LinearPlan):
+        if plan.input_comm is not None:
+            x = plan.input_comm.gather(x)  # the total input (SP): its e4m3 cast is saved below
         x2d = x.reshape(-1, x.shape[-1])
         empty = x2d.shape[0] == 0
         if empty:
@@ -201,10 +209,18 @@ class _Fp8SparseLinear(torch.autograd.Function):
                     dy_q, dy_si, wq.backward, wq.scale_inv, plan.out_dtype
                 )
             grad_x = grad_x.reshape(saved.x_shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = _weight_gradient(dy2d, dy_q_t, dy_si, saved_x, x_si, weight, saved)
-        if saved.has_bias and ctx.needs_input_grad[2]:
-            grad_b = dy2d.sum(dim=0)
+
+        def weight_and_bias_grads():  # while the input gradient's reduction is in flight
+            grad_w = grad_b = None
+            if ctx.needs_input_grad[1]:
+                grad_w = _weight_gradient(dy2d, dy_q_t, dy_si, saved_x, x_si, weight, saved)
+            if saved.has_bias and ctx.needs_input_grad[2]:
+                grad_b = dy2d.sum(dim=0)
+            return grad_w, grad_b
+
+        grad_x, (grad_w, grad_b) = reduce_input_grad_overlapped(
+            plan.input_comm, grad_x, weight_and_bias_grads
+        )
         return grad_x, grad_w, grad_b, None, None
 
 

@@ -2,21 +2,21 @@
 
 Same constructor (plus the keyword `sparsity`), parameters, `(output, bias)` return and
 `sharded_state_dict` as the parents. Only the GEMM changes: Megatron's own forward runs
-unchanged and calls `_forward_impl`, which we override. Communication goes through
-Megatron's mappings (sequence-parallel all-gather / reduce-scatter, dgrad all-reduce).
+unchanged and calls `_forward_impl`, which we override. A column layer's input communication
+(sequence-parallel all-gather and its reduce-scatter, or the dgrad all-reduce) runs inside the
+sparse op, overlapped with the weight-gradient GEMM as in Megatron's own linear; the output
+communication of row layers stays Megatron's.
 """
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 from typing import Optional
 
 import torch
 from megatron.core.tensor_parallel import layers as mcore_layers
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-)
+from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
 from megasparse.core.backends import BACKENDS, check_backend_static
 from megasparse.config import SparsityConfig
@@ -31,6 +31,7 @@ from megasparse.megatron.activation_input import (
 from megasparse.megatron.tp_group import weight_tp_group
 from megasparse.core import speed_gate
 from megasparse.core.gradients import gradient_rule
+from megasparse.core.input_comm import ColumnInputComm
 from megasparse.core.linear_op import LinearPlan, sparse_linear_step
 from megasparse.core.sparse_operand import is_2_4
 from megasparse.core.weight_checkpoint import parse_refreshed_at
@@ -205,17 +206,22 @@ class _SparseLinearMixin(LinearActivationRole, SparseModuleMixin):
                 "megasparse: deferred embedding wgrad (grad_output_buffer) is for the output layer, "
                 "which megasparse never sparsifies"
             )
-        tp_group = call["tp_group"] if call["tp_group"] is not None else self.tp_group
-        if call["sequence_parallel"]:
-            input = gather_from_sequence_parallel_region(
-                input, tensor_parallel_output_grad=True, group=tp_group
+        # the column-parallel input communication, inside the op: the SP all-gather (its backward
+        # a reduce-scatter, Megatron's tensor_parallel_output_grad=True) or allreduce_dgrad's
+        # all-reduce of the input gradient, overlapped with the weight-gradient GEMM as in
+        # Megatron's own linear (megasparse.core.input_comm)
+        comm = None
+        if call["sequence_parallel"] or call["allreduce_dgrad"]:
+            tp_group = call["tp_group"] if call["tp_group"] is not None else self.tp_group
+            comm = ColumnInputComm(
+                get_tensor_model_parallel_group_if_none(tp_group),
+                sequence_parallel=bool(call["sequence_parallel"]),
             )
-        elif call["allreduce_dgrad"]:
-            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
         input = self._sparse_input(input)
         if fp8:
             step = self.weight_state.step(weight, self.sparsity, BACKENDS["dense"])
             plan = fp8_linear.local_plan(self.sparsity, weight, input, fusion)
+            plan = plan if comm is None else dataclasses.replace(plan, input_comm=comm)
             return fp8_linear.fp8_sparse_linear_step(input, weight, call["bias"], step, plan)
         # a sparse backend only where something is sparse now; else the exact dense path
         backend = self.backend_for(weight) if sparse_now or is_2_4(input) else BACKENDS["dense"]
@@ -224,12 +230,15 @@ class _SparseLinearMixin(LinearActivationRole, SparseModuleMixin):
             backend=backend,
             transposable=self.sparsity.mask == "transposable",
             gradient_accumulation_fusion=fusion,
-            sparse_weight_roles=self._gated_roles(input, step, backend),
+            sparse_weight_roles=self._gated_roles(input, step, backend, comm),
+            input_comm=comm,
         )
         return sparse_linear_step(input, weight, call["bias"], step, plan)
 
-    def _gated_roles(self, input, step, backend) -> tuple:
-        return self.gated_roles(input.numel() // input.shape[-1], step, backend, self.tp_group)
+    def _gated_roles(self, input, step, backend, comm=None) -> tuple:
+        tokens = input.numel() // input.shape[-1]  # the GEMMs' tokens: all-gathered under SP
+        tokens = tokens if comm is None else comm.total_tokens(tokens)
+        return self.gated_roles(tokens, step, backend, self.tp_group)
 
 
 class SparseColumnParallelLinear(

@@ -27,13 +27,15 @@ path does not reproduce (fp8_output / fp8_grad, GroupedLinear's preallocated out
 buffers or single grouped weight / bias).
 
 What stays TE's and Megatron's: TE's `prepare_forward` (FP8 metadata, the amax buffers TE reduces
-over its amax group and turns into scales at the end of fp8_autocast); communication through
-Megatron's tensor-parallel mappings on the module's tp_group, as TE does it for its parallel_mode
-when tp_size > 1 (column: copy / sequence-parallel all-gather of the GEMM input; row: all-reduce /
-reduce-scatter of the output, bias after it in the activation dtype; checked against TE 2.5 and
-main, module/linear.py); main_grad accumulation when TE fuses wgrad accumulation (the route adds
-to main_grad in every micro-batch, where TE overwrites it with is_first_microbatch=True: the same
-on the grad buffer Megatron zeroes before each step).
+over its amax group and turns into scales at the end of fp8_autocast); communication on the
+module's tp_group, as TE does it for its parallel_mode when tp_size > 1 (column: copy /
+sequence-parallel all-gather of the GEMM input, whose backward all-reduce / reduce-scatter of the
+input gradient both routes run inside their op, launched after the dgrad GEMM and waited for
+after the wgrad GEMM as TE's Linear backward does (megasparse.core.input_comm); row: all-reduce /
+reduce-scatter of the output through Megatron's mappings, bias after it in the activation dtype;
+checked against TE 2.5 and main, module/linear.py); main_grad accumulation when TE fuses wgrad
+accumulation (the route adds to main_grad in every micro-batch, where TE overwrites it with
+is_first_microbatch=True: the same on the grad buffer Megatron zeroes before each step).
 """
 
 import contextlib
@@ -81,30 +83,45 @@ def _communicates(module) -> bool:
     return getattr(module, "tp_size", 2) != 1
 
 
-def _column_input(module, x):
-    """The GEMM input as TE's column-parallel mode makes it: sequence-parallel all-gather, or a copy
-    whose backward all-reduces the input gradient."""
+def _column_input(module, x, gemm=None, total_needed=False):
+    """(GEMM input, its input communication or None) as TE's column-parallel mode makes it:
+    sequence-parallel all-gather, or a copy whose backward all-reduces the input gradient.
+
+    On megasparse's routes (`sparse_route.sparse_gemm`, `fp8_route.fp8_gemm`) the communication
+    runs inside the op, overlapped with the weight-gradient GEMM as TE's Linear backward does it:
+    the local x comes back with a `ColumnInputComm` for the GEMM (megasparse.core.input_comm).
+    Else (`total_needed` under sequence parallelism: the caller needs the gathered input itself)
+    Megatron's mappings run here: the communicated x and None."""
     if getattr(module, "parallel_mode", None) != "column":
-        return x
+        return x, None
     if not _communicates(module):
-        return x
+        return x, None
     group = getattr(module, "tp_group", None)  # None: Megatron's tensor-parallel group
-    if getattr(module, "sequence_parallel", False):
-        return _comm().gather_from_sequence_parallel_region(x, group=group)
-    return _comm().copy_to_tensor_model_parallel_region(x, group=group)
+    sequence_parallel = bool(getattr(module, "sequence_parallel", False))
+    in_op = gemm is sparse_route.sparse_gemm or getattr(gemm, "func", None) is fp8_route.fp8_gemm
+    if in_op and not (total_needed and sequence_parallel):
+        from megatron.core.utils import get_tensor_model_parallel_group_if_none
+        from megasparse.core.input_comm import ColumnInputComm
+
+        group = get_tensor_model_parallel_group_if_none(group)
+        return x, ColumnInputComm(group, sequence_parallel)
+    if sequence_parallel:
+        return _comm().gather_from_sequence_parallel_region(x, group=group), None
+    return _comm().copy_to_tensor_model_parallel_region(x, group=group), None
 
 
-def _linear_output(module, x, gemm):
-    """(out, returned bias) of TE's Linear GEMM on the communicated input x: the route's op, the
-    row-parallel output reduction, the bias where TE adds it (in the GEMM, after the reduction, or
-    returned)."""
+def _linear_output(module, x, gemm, input_comm=None):
+    """(out, returned bias) of TE's Linear GEMM on the communicated input x (or the local x and
+    the `input_comm` the op runs, from `_column_input`): the route's op, the row-parallel output
+    reduction, the bias where TE adds it (in the GEMM, after the reduction, or returned)."""
     mode, sp = getattr(module, "parallel_mode", None), getattr(module, "sequence_parallel", False)
     bias = getattr(module, "bias", None) if getattr(module, "use_bias", False) else None
     return_bias = getattr(module, "return_bias", False)
     dtype = _activation_dtype(module, x)
     (step,) = _weight_steps(module, gemm, dtype)
     in_gemm_bias = bias if (bias is not None and not return_bias and mode != "row") else None
-    out = gemm(module, x, module.weight, in_gemm_bias, step, 0, dtype)
+    comm = {} if input_comm is None else {"input_comm": input_comm}
+    out = gemm(module, x, module.weight, in_gemm_bias, step, 0, dtype, **comm)
     if mode == "row" and _communicates(module):
         group = getattr(module, "tp_group", None)
         out = (
@@ -179,14 +196,18 @@ def _fp8_io(module, arguments):
 
 
 def _linear(module, x, gemm, arguments):
-    out, bias = _linear_output(module, _column_input(module, x), gemm)
+    total, comm = _column_input(module, x, gemm)
+    out, bias = _linear_output(module, total, gemm, comm)
     return (out, bias) if getattr(module, "return_bias", False) else out
 
 
 def _layernorm_linear(module, x, gemm, arguments):
     ln_out = te_normalization(module, x.to(_activation_dtype(module, x)))
-    total = _column_input(module, ln_out)
-    out, bias = _linear_output(module, total, gemm)
+    gathered_out = getattr(module, "return_layernorm_output", False) and getattr(
+        module, "return_layernorm_output_gathered", False
+    )  # the gathered norm output is returned: gathered here, not inside the op
+    total, comm = _column_input(module, ln_out, gemm, total_needed=gathered_out)
+    out, bias = _linear_output(module, total, gemm, comm)
     outputs = (out, bias) if getattr(module, "return_bias", False) else (out,)
     if getattr(module, "return_layernorm_output", False):
         if getattr(module, "return_layernorm_output_gathered", False):

@@ -9,6 +9,7 @@ the FP8 weight gradient accumulates into main_grad inside TE's own FP8 GEMM (gen
 accumulate=True), no fp32 temporary. The forwards that call it: megasparse.te.forward.
 """
 
+import dataclasses
 import functools
 import inspect
 
@@ -123,9 +124,24 @@ def plan_for(module, route, out_dtype, gemm=0) -> Fp8LinearPlan:
     return plan
 
 
-def fp8_gemm(module, x, weight, bias, step, gemm, out_dtype, *, route):
-    """GEMM `gemm` of a TE forward call on the FP8 2:4 route: y = x (W*M)^T + b."""
-    return fp8_sparse_linear_step(x, weight, bias, step, plan_for(module, route, out_dtype, gemm))
+def fp8_gemm(module, x, weight, bias, step, gemm, out_dtype, *, route, input_comm=None):
+    """GEMM `gemm` of a TE forward call on the FP8 2:4 route: y = x (W*M)^T + b. `input_comm`:
+    the column-parallel input communication the op runs on the local x, overlapped with the wgrad
+    as TE's Linear does (megasparse.core.input_comm; None: x arrives communicated)."""
+    plan = plan_for(module, route, out_dtype, gemm)
+    if input_comm is not None:
+        plan = _with_input_comm(module, gemm, plan, input_comm)
+    return fp8_sparse_linear_step(x, weight, bias, step, plan)
+
+
+def _with_input_comm(module, gemm, plan, input_comm) -> Fp8LinearPlan:
+    """`plan` carrying `input_comm`, kept beside it: later micro-batches allocate no plan."""
+    kept = module.__dict__.setdefault("_megasparse_fp8_comm_plans", {})
+    cached = kept.get(gemm)
+    if cached is None or cached[0] is not plan or cached[1] != input_comm:
+        cached = (plan, input_comm, dataclasses.replace(plan, input_comm=input_comm))
+        kept[gemm] = cached
+    return cached[2]
 
 
 def _te_wgrad_gemm(module):

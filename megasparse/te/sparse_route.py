@@ -89,18 +89,23 @@ def _group(module):
     return None
 
 
-def sparse_gemm(module, x, weight, bias, step, index, out_dtype):
+def sparse_gemm(module, x, weight, bias, step, index, out_dtype, input_comm=None):
     """y = x (W*M)^T + b of GEMM `index` of a TE forward call, in TE's activation dtype
-    `out_dtype`, on core's sparse linear op; `step` from `route_steps`."""
+    `out_dtype`, on core's sparse linear op; `step` from `route_steps`. `input_comm`: the
+    column-parallel input communication the op runs on the local x, overlapped with the weight
+    gradient as TE's Linear does (megasparse.core.input_comm; None: x arrives communicated)."""
     step = _ActivationDtypeStep.of(step, out_dtype)
     x = x if x.dtype == out_dtype else x.to(out_dtype)  # TE's cast_if_needed for AMP
     x = module._sparse_input(x)  # fc2 of an activation-sparse FFN: the sparse activation
     bias = bias if bias is None or bias.dtype == out_dtype else bias.to(out_dtype)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if input_comm is not None:  # the GEMMs' tokens: all-gathered under sequence parallelism
+        tokens = input_comm.total_tokens(tokens)
     plan = LinearPlan(
         backend=step.backend,
         transposable=module.sparsity.mask == "transposable",
         gradient_accumulation_fusion=bool(getattr(module, "fuse_wgrad_accumulation", False)),
         sparse_weight_roles=module.gated_roles(tokens, step, step.backend, _group(module)),
+        input_comm=input_comm,
     )
     return sparse_linear_step(x, weight, bias, step, plan)
