@@ -125,9 +125,10 @@ class SparsityConfig:
     enabled: runtime switch; False makes the layer compute exactly like its dense parent.
     activations: None, "2:4" or "V:N:M" (VENOM "64:2:8" keeps 25%; "64:4:16" keeps 4 whole
         columns of every 16 per 64-token block, 25%): sparsify the FFN activation, i.e. the input of
-        fc2 (a SparseRowParallelLinear). Column layers ignore it. With `SparseMLP` the Squared-ReLU
-        is fused with the sparsifier and fc1's input gradient uses the activation's sparsity; with
-        M >= 8 the activation is held compacted and the GEMMs gather its chosen columns.
+        fc2 (a SparseRowParallelLinear, or a sparse TERowParallelLinear on the TE spec, bf16/fp16
+        only). Column layers ignore it. With `SparseMLP` the Squared-ReLU is fused with the
+        sparsifier and fc1's input gradient uses the activation's sparsity; with M >= 8 the
+        activation is held compacted and the GEMMs gather its chosen columns.
     activation_wgrad: None (exact weight gradients) or "V:N:M" applied along tokens ("both ways"):
         the operand of fc2's and fc1's weight-gradient GEMM (A and dH) is sparsified again along
         tokens, per block of V neurons keeping 4 of every M tokens, so those GEMMs skip work too.
