@@ -283,6 +283,42 @@ def test_real_te_layernorm_linear_runs_fp8_2_4(normalization):
     assert x.grad is not None and layer.layer_norm_weight.grad is not None
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
+def test_real_te_layernorm_linear_runs_bf16_2_4_on_cusparselt(normalization):
+    """Real TE, bf16, no fp8_autocast: the sparse TELayerNormColumnParallelLinear runs TE's norm
+    kernels, then megasparse's op on cuSPARSELt (forward and, transposable, dgrad on the per-step
+    compressed operands), matching the float64 norm + masked linear in value and gradients."""
+    pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
+    import megasparse.te.linear as te
+    from megasparse.core.backends import BACKENDS
+
+    reason = BACKENDS["cusparselt"].device_reason(torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
+    sparsity = SparsityConfig(mask="transposable", backend="cusparselt")
+    layer = _real_te_column(te.SparseTELayerNormColumnParallelLinear, sparsity, normalization)
+    x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y, _ = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    (step,) = layer.weight_steps(BACKENDS["cusparselt"])
+    assert type(step.compressed()).__name__.startswith("SparseSemiStructuredTensor")
+    assert type(step.compressed_t()).__name__.startswith("SparseSemiStructuredTensor")
+    x64 = x.detach().double().requires_grad_()
+    gamma = layer.layer_norm_weight.detach().double()
+    if normalization == "RMSNorm":
+        ln = x64 * (x64.square().mean(-1, keepdim=True) + layer.eps).rsqrt() * gamma
+    else:
+        beta = layer.layer_norm_bias.detach().double()
+        ln = torch.nn.functional.layer_norm(x64, (256,), gamma, beta, layer.eps)
+    ref = ln @ (layer.weight.detach().double() * layer.sparsity_mask()).t()
+    ref.backward(dy.double())
+    assert ((y.double() - ref).norm() / ref.norm()) < 2e-2
+    assert ((x.grad.double() - x64.grad).norm() / x64.grad.norm()) < 3e-2
+    assert layer.layer_norm_weight.grad is not None and layer.weight.grad is not None
+
+
 # --- FP8 2:4 under fp8_autocast (megasparse.te.forward) with stand-ins for TE's Linear and state ------
 
 
