@@ -546,3 +546,21 @@ def _tp2_layernorm_worker():
 
 def test_tp2_layernorm_linear_with_sequence_parallel():
     run_distributed(_tp2_layernorm_worker, world_size=2, tensor_model_parallel_size=2)
+
+
+def test_route_writes_main_grad_where_the_weight_asks_for_it():
+    """Megatron-FSDP marks parameters `overwrite_main_grad = True` and TE then writes dY^T X into
+    main_grad with accumulate=False (TE main module/linear.py); the route writes it too, for
+    every gradient mode, where a plain add would keep the buffer's old contents."""
+    torch.manual_seed(5)
+    for gradient in ("ste", "masked"):
+        layer = linear(fuse_wgrad_accumulation=True, bias=False, gradient=gradient)
+        counted(layer)
+        layer.weight.overwrite_main_grad = True  # what Megatron-FSDP sets on every parameter
+        layer.weight.main_grad = torch.full((16, 32), 7.0, dtype=torch.float32)
+        x, dy = torch.randn(5, 32, dtype=F64), torch.randn(5, 16, dtype=F64)
+        layer(x)[0].backward(dy)
+        ref = dy.t() @ x
+        if gradient == "masked":
+            ref = ref * layer.sparsity_mask()
+        torch.testing.assert_close(layer.weight.main_grad.double(), ref, rtol=1e-6, atol=1e-6)
