@@ -265,6 +265,27 @@ def test_userbuffers_overlap_keeps_tes_forward_with_one_warning():
     assert backend.calls == []
 
 
+def test_userbuffers_overlap_keeps_tes_forward_under_fp8_too(monkeypatch):
+    """Under fp8_autocast with a per-tensor recipe, a module with TE's userbuffers overlap keeps
+    TE's own (FP8) forward as well: the overlap lives inside TE's GEMM."""
+    import megasparse.te.fp8_route as te_fp8
+
+    recipe = type("Float8CurrentScaling", (), {})()
+    recipe.fp8_format = type("F", (), {"name": "HYBRID"})()
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, recipe))
+    torch.manual_seed(9)
+    layer = linear(in_f=32, out_f=32, dtype=torch.float32)
+    calls = []
+    monkeypatch.setattr(te_fp8, "fp8_gemm", lambda *a, **k: calls.append(a))
+    layer.ub_overlap_rs_dgrad = True
+    x = torch.randn(4, 32)
+    with pytest.warns(UserWarning, match="userbuffers.*--tp-comm-overlap"):
+        y, _ = layer(x)
+    assert calls == []  # no FP8 2:4 GEMM: TE's forward on W*M
+    expected = x @ (layer.weight * weight_mask(layer.weight)).t() + layer.bias
+    torch.testing.assert_close(y, expected.detach())
+
+
 def _norm64(x, layer):
     x = x.double()
     g = layer.layer_norm_weight.double() + (1 if layer.zero_centered_gamma else 0)
