@@ -286,7 +286,7 @@ def test_grouped_experts_with_uneven_and_zero_token_counts(tp, sparse):
         grouped_ffn,
         sparse_activation,
     )
-    from megasparse.tools.perfmodel import _standins
+    from megasparse.tools.perf.meta_model import _standins
     from megasparse.core.weight_state import SparseWeightState
 
     counts = [4096, 0, 1000, 3000, 16, 2048, 2, 6222]
@@ -341,7 +341,7 @@ def test_te_grouped_linear_fp8_2_4_experts(mask_kind, monkeypatch):
     from megasparse import SparsityConfig
     from megasparse.fp8.scaling import Fp8Recipe
     from megasparse.te.linear import sparse_te_class
-    from megasparse.tools.perfmodel import _standins
+    from megasparse.tools.perf.meta_model import _standins
     from te_standins import TEGroupedLinearLike
 
     # sm90 stands in for meta: the route as it is there (HYBRID per-tensor recipe, cuSPARSELt)

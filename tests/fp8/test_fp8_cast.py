@@ -493,7 +493,7 @@ def test_delayed_scalers_read_t_once():
     DelayedScaler past its first call) is one pass over t, current scaling two (amax, then cast)."""
     from types import SimpleNamespace
 
-    from megasparse.tools.perfmodel import _standins
+    from megasparse.tools.perf.meta_model import _standins
 
     t = torch.empty(4096, 1024, device="meta", dtype=torch.bfloat16)
     te = SimpleNamespace(scale=torch.ones(1, device="meta"), amax=torch.zeros(1, device="meta"))

@@ -10,7 +10,7 @@ from megasparse import SparsityConfig
 from megasparse.core.backends import BACKENDS
 from megasparse.te.linear import sparse_te_class
 from megasparse.tools.perf.recorder import OpRecorder
-from megasparse.tools.perfmodel import _standins
+from megasparse.tools.perf.meta_model import _standins
 from te_standins import TEGroupedLinearLike, TELayerNormLinearLike, TELinearLike
 
 HIDDEN, FFN, TOKENS, MICRO_BATCHES = 8192, 28672, 16384, 4

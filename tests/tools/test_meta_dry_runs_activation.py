@@ -15,7 +15,7 @@ import torch
 from megasparse.config import parse_activation_pattern
 from megasparse.core import activation_sparsity, compact_activation
 from megasparse.kernels import dispatch
-from megasparse.tools import perfmodel
+from megasparse.tools.perf import meta_model
 from megasparse.tools.perf.models import Recipe
 from megasparse.tools.perf.recorder import MICROBATCH, OpRecorder
 
@@ -89,7 +89,7 @@ def _meta_kernels():
     kernels = _CompactKernels()
     activation_kernel = activation_sparsity._kernel  # compacting patterns: activation_compact
     with (
-        perfmodel._standins(),  # cuSPARSELt fakes, the weight-mask kernels
+        meta_model._standins(),  # cuSPARSELt fakes, the weight-mask kernels
         mock.patch.object(activation_sparsity, "_kernel", activation_kernel),
         mock.patch.object(compact_activation.kernels, "pick", kernels.pick(dispatch.pick)),
     ):
@@ -100,11 +100,11 @@ def _ffn_on_meta(activations, wgrad, tp):
     """fc1 (2:4) -> Squared-ReLU sparsified to `activations` -> fc2 (2:4), forward and backward."""
     rec = OpRecorder()
     with _meta_kernels() as kernels, rec:
-        x = perfmodel._meta(TOKENS, HIDDEN, grad=True)
+        x = meta_model._meta(TOKENS, HIDDEN, grad=True)
         recipe = Recipe(weights="1d", activations=activations, activation_wgrad=wgrad)
-        fc1, fc2 = perfmodel.Linear(recipe, True), perfmodel.Linear(recipe, True)
-        w1 = perfmodel._meta(FFN // tp, HIDDEN, grad=True)
-        w2 = perfmodel._meta(HIDDEN, FFN // tp, grad=True)
+        fc1, fc2 = meta_model.Linear(recipe, True), meta_model.Linear(recipe, True)
+        w1 = meta_model._meta(FFN // tp, HIDDEN, grad=True)
+        w2 = meta_model._meta(HIDDEN, FFN // tp, grad=True)
         h = fc1(x, w1, fc1.prepare(w1))
         a, _ = activation_sparsity.squared_relu_sparsify(
             h,

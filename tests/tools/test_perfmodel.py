@@ -13,7 +13,7 @@ from megasparse.core.linear_op import LinearPlan, sparse_linear, sparse_linear_s
 from megasparse.core.weight_state import SparseWeightState
 from megasparse.tools.perf.roofline import DEVICES, SPEEDUPS, op_time
 from megasparse.tools import perfmodel
-from megasparse.tools.perfmodel import _standins
+from megasparse.tools.perf.meta_model import _standins
 
 BF16 = torch.bfloat16
 

@@ -13,7 +13,7 @@ from megasparse.core.activation_sparsity import ActivationStats, squared_relu_sp
 from megasparse.core.linear_op import LinearPlan, sparse_linear_step
 from megasparse.core.weight_state import WeightStep
 from megasparse.tools import perfmodel
-from megasparse.tools.perf import compact_ops
+from megasparse.tools.perf import compact_ops, meta_model
 from megasparse.tools.perf.models import LLAMA_7B, REFERENCE, SCHEDULE, Recipe, schedule_ratio
 from megasparse.tools.perf.recorder import COMPACT, OpRecorder
 from megasparse.tools.perf.roofline import (
@@ -39,7 +39,7 @@ def _record_ffn(tokens, hidden, ffn, pattern, wgrad=None):
     w1, w2 = meta(ffn, hidden, grad=True), meta(hidden, ffn, grad=True)
     plan = LinearPlan(backend=BACKENDS["dense"])
     s1, s2 = (WeightStep(w, None, plan.backend, False, True) for w in (w1, w2))
-    with perfmodel._standins(), OpRecorder() as rec:
+    with meta_model._standins(), OpRecorder() as rec:
         h = sparse_linear_step(x, w1, None, s1, plan)
         a, _ = squared_relu_sparsify(h, pattern, ActivationStats(), wgrad)
         y = sparse_linear_step(a, w2, None, s2, plan)

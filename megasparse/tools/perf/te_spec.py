@@ -12,7 +12,7 @@ What a case runs (`TeCase`):
   a norm in eager fp32 ops with their autograd backward (`eager_norm`: x and gamma/beta up-cast,
   an fp32 layer_norm, the output rounded back), what a reimplementation outside TE's kernel runs;
 - FP8 2:4: `megasparse.fp8.linear.fp8_sparse_linear_step` under Megatron's default delayed
-  scaling (perfmodel.delayed_plan) with main_grad fusion; `wgrad_temporary` keeps its fp32
+  scaling (meta_model.delayed_plan) with main_grad fusion; `wgrad_temporary` keeps its fp32
   [out, in] weight gradient plus the add_ into main_grad, otherwise the GEMM accumulates into
   main_grad (TE's general_gemm(accumulate=True)): the add_ pass goes, the GEMM reads main_grad;
 - 1d masks: `hold` False rebuilds W*M (unpack + multiply) in every backward (recorded there: the
@@ -119,12 +119,12 @@ def linear(rec, case: TeCase, x, out_features: int):
     rec.mark_weight(weight)
     if case.fp8:
         if case.weights is None:  # TE's FP8 dense linear (perfmodel's stand-in)
-            from megasparse.tools import perfmodel
+            from megasparse.tools.perf import meta_model
 
             with rec.phase(WEIGHT_PREP):
-                state = perfmodel._fp8_cast(weight)
-            return perfmodel._Fp8DenseLinear.apply(x, weight, *state)
-        from megasparse.tools.perfmodel import delayed_plan
+                state = meta_model._fp8_cast(weight)
+            return meta_model._Fp8DenseLinear.apply(x, weight, *state)
+        from megasparse.tools.perf.meta_model import delayed_plan
 
         # Megatron's fp32 main_grad, allocated once (not a per-micro-batch op)
         weight.main_grad = torch.empty(weight.shape, dtype=torch.float32, device="meta")
@@ -141,7 +141,7 @@ def linear(rec, case: TeCase, x, out_features: int):
 
 
 def _recorded(build) -> OpRecorder:
-    from megasparse.tools.perfmodel import _standins
+    from megasparse.tools.perf.meta_model import _standins
 
     rec = OpRecorder()
     with _standins(), rec:
@@ -155,7 +155,7 @@ def rebuild_records(case: TeCase, rows: int, cols: int):
     backward runs where W*M is not held; [] where the case holds it (or has no such rebuild)."""
     if case.fp8 or case.weights != "1d" or case.hold is not False or case.route == "te_gemm":
         return []
-    from megasparse.tools.perfmodel import _standins
+    from megasparse.tools.perf.meta_model import _standins
 
     rec = OpRecorder()
     with _standins():
@@ -209,7 +209,7 @@ def te_records(case: TeCase, part: str, tokens: int = TOKENS, tp: int = TP, shap
     elif part == "residual":
         rec = _recorded(lambda r: _meta(tokens, hidden, grad=True) + _meta(tokens, hidden))
     elif part == "attention":
-        from megasparse.tools.perfmodel import _attention_block
+        from megasparse.tools.perf.meta_model import _attention_block
 
         def build(r):
             x = _meta(tokens, hidden, grad=True)
@@ -255,7 +255,7 @@ def case_records(case: TeCase, scope="ffn", tokens=TOKENS, tp=TP):
 
 def local_records(recipe: Recipe, scope="ffn", tokens=TOKENS, tp=TP):
     """The local spec's FFN (with its own fused norm before fc1) or layer, as perfmodel records it."""
-    from megasparse.tools.perfmodel import record_case
+    from megasparse.tools.perf.meta_model import record_case
 
     records = list(record_case(recipe, scope, tokens, tp).records)
     if scope == "ffn":
