@@ -18,6 +18,10 @@ _LAZY = {
     "SparseSequentialMLP": "megasparse.megatron.experts",
     "SparseGroupedMLP": "megasparse.megatron.experts",
     "SparseTEGroupedMLP": "megasparse.te.experts",
+    # built from Megatron's TE classes on first access (Transformer Engine >= 2.5 needed)
+    "SparseTEColumnParallelLinear": "megasparse.te.linear",
+    "SparseTERowParallelLinear": "megasparse.te.linear",
+    "SparseTELayerNormColumnParallelLinear": "megasparse.te.linear",
     "sparsify_spec": "megasparse.specs",
     "SparsitySchedule": "megasparse.megatron.schedule",
     "add_args": "megasparse.megatron.args",

@@ -60,7 +60,8 @@ def require_transformer_engine(what: str) -> None:
     if not getattr(mcore_te, "HAVE_TE", False):
         raise ImportError(
             f"megasparse: {what} needs Transformer Engine, which is not installed: install it "
-            "(pip install megasparse[te], on a CUDA machine) or use Megatron's local spec "
+            "(pip install -e '.[te]' in the clone, or pip install "
+            "'transformer-engine[pytorch]>=2.5', on a CUDA machine) or use Megatron's local spec "
             "(Megatron-LM: --transformer-impl local; megatron-core: get_gpt_layer_local_spec)"
         )
 

@@ -242,13 +242,23 @@ def _weight_grad(dy2d, x2d, weight, saved: _SavedForBackward, wgrad=None):
     wgrad = step.wgrad if wgrad is None else wgrad
     if main_grad is None:
         return step.rule.dense_gradient(wgrad(dy2d, x2d, step, backend), weight, step)
-    weight.main_grad = main_grad
+    take_main_grad(weight, main_grad)
     if wgrad.plain and (step.rule.straight_through or not step.pruned):
         wgrad.accumulate(main_grad, dy2d, x2d)  # dY^T X is the gradient: one fused GEMM
     else:
         grad = step.rule.dense_gradient(wgrad.fp32(dy2d, x2d, step, backend), weight, step)
         main_grad.add_(grad.to(main_grad.dtype))
     return gradient_went_to_main_grad(weight, x2d.dtype)
+
+
+def take_main_grad(weight, main_grad) -> None:
+    """Before this backward's gradient goes into main_grad: give it back to the weight, and clear
+    it where the weight asks for its gradient to be written, not added (`overwrite_main_grad`,
+    set by Megatron-FSDP, whose buffer is not zeroed per step: TE then runs its wgrad GEMM with
+    accumulate=False)."""
+    weight.main_grad = main_grad
+    if getattr(weight, "overwrite_main_grad", False):
+        main_grad.zero_()
 
 
 def sparse_linear_step(x, weight, bias, step: WeightStep, plan: LinearPlan) -> torch.Tensor:

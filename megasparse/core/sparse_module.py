@@ -12,17 +12,22 @@ from typing import Optional
 import torch
 
 from megasparse.config import SparsityConfig
-from megasparse.core import speed_gate
+from megasparse.core import cusparselt_search, speed_gate
+from megasparse.core.warn import warn_once
 from megasparse.core.backends import resolve_backend
 from megasparse.core.weight_state import compute_mask
 
 
 def take_sparsity(sparsity: Optional[SparsityConfig]) -> SparsityConfig:
-    """A module's own copy of `sparsity` (the default config when None): schedules switch it per module."""
+    """A module's own copy of `sparsity` (the default config when None): schedules switch it per module.
+    The environment switches are read here too, so a bad value fails at model construction, not
+    at the first GPU GEMM."""
     if sparsity is not None and not isinstance(sparsity, SparsityConfig):
         raise TypeError(
             f"sparsity must be a megasparse.SparsityConfig, got {type(sparsity).__name__}"
         )
+    speed_gate.enabled()
+    cusparselt_search.enabled()
     return dataclasses.replace(sparsity) if sparsity is not None else SparsityConfig()
 
 
@@ -90,6 +95,13 @@ class SparseModuleMixin:
         the speed gate (megasparse.core.speed_gate), which decides once per shard shape, dtype and token
         bucket for all layers alike (dense below its smallest bucket: 0 tokens is never timed)."""
         if not (step.pruned and speed_gate.applies(self.sparsity.backend, backend, step.weight)):
+            if step.pruned and backend.name == "cusparselt" and cusparselt_search.enabled():
+                warn_once(
+                    f"megasparse: {cusparselt_search.SWITCH_ENV}=1 searches cuSPARSELt's "
+                    "algorithm where the speed gate decides (backend='auto' with "
+                    f"{speed_gate.SWITCH_ENV}=1); this layer (backend="
+                    f"{self.sparsity.backend!r}) runs algorithm 0"
+                )
             return speed_gate.ROLES
         return speed_gate.sparse_roles(type(self).__name__, step, backend, tokens, group)
 

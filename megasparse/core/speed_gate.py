@@ -51,7 +51,15 @@ def token_bucket(tokens: int) -> Optional[int]:
 
 
 def enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "1") != "0"
+    """The switch MEGASPARSE_SPEED_GATE: 1 (default) gates, 0 keeps every sparse role sparse;
+    anything else is refused, so that "off" or "false" cannot silently mean on."""
+    value = os.environ.get(SWITCH_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(
+            f"megasparse: {SWITCH_ENV} must be 0 (always sparse) or 1 (the speed gate decides), "
+            f"got {value!r}"
+        )
+    return value == "1"
 
 
 def cache_path() -> Path:

@@ -50,7 +50,7 @@ from megasparse.fp8.scaling import (
     quantize_with,
 )
 from megasparse.core.input_comm import reduce_input_grad_overlapped
-from megasparse.core.linear_op import gradient_went_to_main_grad
+from megasparse.core.linear_op import gradient_went_to_main_grad, take_main_grad
 from megasparse.core.weight_state import WeightStep
 from megasparse.core.warn import warn_once
 
@@ -246,7 +246,7 @@ def _weight_gradient(dy2d, dy_q_t, dy_si, saved_x, x_si, weight, saved: _Fp8Save
     step, plan, main_grad = saved.step, saved.plan, saved.main_grad
     fused_gemm = plan.wgrad_into_main_grad if plan.fp8_wgrad else None
     if main_grad is not None and fused_gemm is not None:
-        weight.main_grad = main_grad
+        take_main_grad(weight, main_grad)
         if not saved.empty:
             if dy_q_t is None:
                 _, dy_si, dy_q_t = quantize(plan.grad_scaler, dy2d, True)
@@ -259,7 +259,7 @@ def _weight_gradient(dy2d, dy_q_t, dy_si, saved_x, x_si, weight, saved: _Fp8Save
         grad32 = _wgrad_fp32(dy2d, dy_q_t, dy_si, saved_x, x_si, plan)
     if main_grad is None:
         return step.rule.dense_gradient(grad32, weight, step).to(weight.dtype)
-    weight.main_grad = main_grad
+    take_main_grad(weight, main_grad)
     grad = step.rule.dense_gradient(grad32, weight, step)
     main_grad.add_(grad.to(main_grad.dtype))
     return gradient_went_to_main_grad(weight, dy2d.dtype)

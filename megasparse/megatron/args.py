@@ -228,6 +228,15 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "Megatron's --fp8-format instead. 'none' (default).",
     )
     g.add_argument(
+        "--sparsity-hold-backward-weight",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="The input-gradient GEMM's weight operand: held for the optimizer step ('auto', "
+        "default, = 'true': W*M for 1d masks, the compressed (W*M)^T for transposable ones), or "
+        "rebuilt in each backward ('false': saves one weight-sized tensor per sparse weight, "
+        "costs an unpack + multiply per micro-batch).",
+    )
+    g.add_argument(
         "--sparsity-fp8-order",
         default=Fp8Order.PRUNE_THEN_QUANTIZE.value,
         choices=FP8_ORDERS,
@@ -260,6 +269,20 @@ def config_from_args(args) -> SparsityConfig:
             "is a bf16/fp16 GEMM operand. Drop --fp8-format, or use --sparsity-activations none "
             "to keep FP8 with --sparsity-weights 2:4."
         )
+    if getattr(args, "transformer_impl", "local") == "transformer_engine":
+        if getattr(args, "sparsity_fp8", None) is not None:
+            raise ValueError(
+                f"--sparsity-fp8 {args.sparsity_fp8} is the local spec's FP8 path; with "
+                "--transformer-impl transformer_engine the sparse TE linears follow Transformer "
+                "Engine's FP8 (--fp8-format). Drop --sparsity-fp8, or use --transformer-impl local."
+            )
+        if args.sparsity_mask_refresh_iters != 1:
+            raise ValueError(
+                f"--sparsity-mask-refresh-iters {args.sparsity_mask_refresh_iters} holds masks "
+                "across steps, which the sparse TE linears cannot checkpoint (TE's _extra_state "
+                "carries its FP8 metadata). Use --sparsity-mask-refresh-iters 1 (masks are still "
+                "computed once per optimizer step), or --transformer-impl local."
+            )
     if activations is not None and getattr(args, "swiglu", False):
         raise ValueError(
             f"--sparsity-activations {args.sparsity_activations} needs a non-gated Squared-ReLU "
@@ -282,7 +305,11 @@ def config_from_args(args) -> SparsityConfig:
         track_flip_rate=getattr(args, "sparsity_flip_rate", False),
         fp8=getattr(args, "sparsity_fp8", None),
         fp8_order=getattr(args, "sparsity_fp8_order", Fp8Order.PRUNE_THEN_QUANTIZE.value),
+        hold_backward_weight=_HOLD[getattr(args, "sparsity_hold_backward_weight", "auto")],
     )
+
+
+_HOLD = {"auto": None, "true": True, "false": False}
 
 
 def schedule_from_args(args) -> SparsitySchedule:

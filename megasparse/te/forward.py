@@ -150,15 +150,16 @@ def choose_gemm(module, unsupported=None):
         (`unsupported`, TE's userbuffers overlap), said once in a warning;
       - else (a dense phase): None, TE's own forward exactly.
     unsupported: the caller's reason this call needs TE's own forward (a TE option not reproduced)."""
+    # TE's userbuffers overlap keeps TE's own forward on every route (FP8 included)
+    unsupported = unsupported or sparse_route.sparse_route_reason(module)
     route = fp8_route.fp8_route(module, unsupported)
     if route is not None:
         return functools.partial(fp8_route.fp8_gemm, route=route)
     if fp8_route.te_fp8_state()[0] or not module._sparse_now():
         return None
-    reason = unsupported or sparse_route.sparse_route_reason(module)
-    if reason is not None:
+    if unsupported is not None:
         warn_once(
-            f"megasparse: the 2:4 GEMMs are off for this layer ({reason}); TE's dense GEMM "
+            f"megasparse: the 2:4 GEMMs are off for this layer ({unsupported}); TE's dense GEMM "
             "runs on W*M instead",
             stacklevel=4,
         )

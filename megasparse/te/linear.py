@@ -301,7 +301,8 @@ def __getattr__(name):
         )
         if not isinstance(base, type):
             raise ImportError(
-                f"megasparse.te.linear.{name} needs Transformer Engine (pip install megasparse[te])"
+                f"megasparse.te.linear.{name} needs Transformer Engine >= 2.5 (pip install -e "
+                "'.[te]' in the clone, or pip install 'transformer-engine[pytorch]>=2.5')"
             )
         return sparse_te_class(base)
     raise AttributeError(f"module 'megasparse.te.linear' has no attribute {name!r}")

@@ -434,3 +434,34 @@ def test_gpu_search_result_matches_algorithm_0_and_the_dense_gemm(dtype, tokens,
     for got in (alg0, chosen):
         assert (got.double() - reference).abs().max().item() <= 4 * torch.finfo(dtype).eps * scale
         assert (got.double() - dense).abs().max().item() <= 4 * torch.finfo(dtype).eps * scale
+
+
+@pytest.mark.parametrize(
+    "env", [(cusparselt_search.SWITCH_ENV, "yes"), (speed_gate.SWITCH_ENV, "off")]
+)
+def test_bad_switch_values_fail_at_module_construction(search_env, monkeypatch, env):
+    """A bad switch value names itself when the sparse module is built, not at the first GPU
+    GEMM (CPU runs never reach the GEMMs that read the switches)."""
+    from megasparse import SparsityConfig
+    from megasparse.fp8.layer import Fp8SparseLinear
+
+    monkeypatch.setenv(*env)
+    with pytest.raises(ValueError, match=f"{env[0]} must be 0"):
+        Fp8SparseLinear(64, 32, sparsity=SparsityConfig(fp8="hybrid"))
+
+
+def test_search_says_where_it_does_not_run(search_env, monkeypatch):
+    """backend='cusparselt' never asks the speed gate, where the search runs: one warning says
+    this layer keeps algorithm 0."""
+    from megasparse import SparsityConfig
+    from megasparse.core.sparse_module import SparseModuleMixin
+    from megasparse.core.weight_state import SparseWeightState
+
+    monkeypatch.setenv(cusparselt_search.SWITCH_ENV, "1")
+    layer = SparseModuleMixin()
+    layer.sparsity = SparsityConfig(backend="cusparselt")
+    weight = torch.randn(OUT, IN, dtype=BF16)
+    step = SparseWeightState().step(weight, layer.sparsity, BACKENDS["dense"])
+    with pytest.warns(UserWarning, match="MEGASPARSE_CUSPARSELT_SEARCH=1 searches.*algorithm 0"):
+        roles = layer.gated_roles(BUCKET, step, BACKENDS["cusparselt"])
+    assert roles == speed_gate.ROLES

@@ -95,6 +95,13 @@ def test_switch_off_means_always_sparse(tmp_path, monkeypatch):
     assert not path.exists()
 
 
+@pytest.mark.parametrize("value", ["off", "false", "2", ""])
+def test_switch_refuses_values_other_than_0_and_1(monkeypatch, value):
+    monkeypatch.setenv(speed_gate.SWITCH_ENV, value)
+    with pytest.raises(ValueError, match="MEGASPARSE_SPEED_GATE must be 0.*or 1.*got"):
+        speed_gate.enabled()
+
+
 def _tp_worker(rank, port, cache_dir, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -557,6 +557,26 @@ def test_fp8_linear_main_grad_fusion():
     assert ((w.main_grad.double() - ref).norm() / ref.norm()) < 0.06
 
 
+def test_fp8_linear_writes_main_grad_where_the_weight_asks_for_it():
+    """Megatron-FSDP marks parameters `overwrite_main_grad` (its buffer is not zeroed per step):
+    the gradient replaces main_grad, it is not added to what was there."""
+    torch.manual_seed(2)
+    w = torch.randn(32, 64, requires_grad=True)
+    x = torch.randn(16, 64)
+    grads = []
+    for overwrite in (False, True):
+        w.main_grad = torch.full((32, 64), 7.0)
+        w.overwrite_main_grad = overwrite
+        plan = fp8_linear.default_plan(gradient_accumulation_fusion=True)
+        fp8_linear.fp8_sparse_linear_step(
+            x, w, None, _fp8_layer_step(w, "1d"), plan
+        ).sum().backward()
+        grads.append(w.main_grad.clone())
+    torch.testing.assert_close(grads[0] - 7.0, grads[1])  # the same gradient, not added to 7
+    ref = torch.ones(16, 32).double().t() @ x.double()
+    assert ((grads[1].double() - ref).norm() / ref.norm()) < 0.06
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("alpha", ["vector", "output"])
 def test_cusparselt_fp8_linear_matches_emulation(monkeypatch, alpha):

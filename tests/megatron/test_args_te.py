@@ -34,6 +34,29 @@ def test_activation_sparsity_with_te_fp8_is_refused_with_the_fix():
     assert weights_only.weights == "2:4" and weights_only.activations is None
 
 
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (("--sparsity-fp8", "hybrid"), "--sparsity-fp8 hybrid is the local spec's.*--fp8-format"),
+        (("--sparsity-mask-refresh-iters", "4"), "refresh-iters 4 holds masks.*refresh-iters 1"),
+    ],
+)
+def test_te_spec_refuses_local_only_flags_at_parsing_with_the_fix(flags, match):
+    """What the sparse TE linears refuse at construction is refused when the flags are read,
+    naming the fix; the local spec takes both."""
+    with pytest.raises(ValueError, match=match):
+        config_from_args(_args("--sparsity-weights", "2:4", *flags))
+    local = config_from_args(_args("--sparsity-weights", "2:4", *flags, transformer_impl="local"))
+    assert local.fp8 == "hybrid" or local.mask_refresh_interval == 4
+
+
+@pytest.mark.parametrize("value,hold", [("auto", None), ("true", True), ("false", False)])
+def test_hold_backward_weight_flag(value, hold):
+    args = _args("--sparsity-weights", "2:4", "--sparsity-hold-backward-weight", value)
+    assert config_from_args(args).hold_backward_weight is hold
+    assert config_from_args(_args("--sparsity-weights", "2:4")).hold_backward_weight is None
+
+
 @pytest.mark.parametrize("flag", ["--sparsity-weights", "--sparsity-wgrad", "--sparsity-fp8"])
 def test_flags_taking_none_spell_it_as_typed(flag, capsys):
     parser = add_args(argparse.ArgumentParser())

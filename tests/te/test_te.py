@@ -756,3 +756,23 @@ def test_te_grouped_linear_falls_back_for_what_it_does_not_reproduce(monkeypatch
     monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, recipe))
     with pytest.warns(UserWarning, match="backward_override"):
         assert te_fp8.fp8_route(layer) is None
+
+
+def test_sparse_te_linears_are_public_names_that_need_transformer_engine():
+    """`from megasparse import SparseTEColumnParallelLinear` works where TE is installed and
+    names the install otherwise."""
+    import megasparse
+
+    for name in (
+        "SparseTEColumnParallelLinear",
+        "SparseTERowParallelLinear",
+        "SparseTELayerNormColumnParallelLinear",
+    ):
+        assert name in megasparse.__all__
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError:
+            with pytest.raises(ImportError, match="needs Transformer Engine >= 2.5"):
+                getattr(megasparse, name)
+        else:
+            assert getattr(megasparse, name).__name__ == name

@@ -265,6 +265,27 @@ def test_userbuffers_overlap_keeps_tes_forward_with_one_warning():
     assert backend.calls == []
 
 
+def test_userbuffers_overlap_keeps_tes_forward_under_fp8_too(monkeypatch):
+    """Under fp8_autocast with a per-tensor recipe, a module with TE's userbuffers overlap keeps
+    TE's own (FP8) forward as well: the overlap lives inside TE's GEMM."""
+    import megasparse.te.fp8_route as te_fp8
+
+    recipe = type("Float8CurrentScaling", (), {})()
+    recipe.fp8_format = type("F", (), {"name": "HYBRID"})()
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, recipe))
+    torch.manual_seed(9)
+    layer = linear(in_f=32, out_f=32, dtype=torch.float32)
+    calls = []
+    monkeypatch.setattr(te_fp8, "fp8_gemm", lambda *a, **k: calls.append(a))
+    layer.ub_overlap_rs_dgrad = True
+    x = torch.randn(4, 32)
+    with pytest.warns(UserWarning, match="userbuffers.*--tp-comm-overlap"):
+        y, _ = layer(x)
+    assert calls == []  # no FP8 2:4 GEMM: TE's forward on W*M
+    expected = x @ (layer.weight * weight_mask(layer.weight)).t() + layer.bias
+    torch.testing.assert_close(y, expected.detach())
+
+
 def _norm64(x, layer):
     x = x.double()
     g = layer.layer_norm_weight.double() + (1 if layer.zero_centered_gamma else 0)
@@ -546,3 +567,21 @@ def _tp2_layernorm_worker():
 
 def test_tp2_layernorm_linear_with_sequence_parallel():
     run_distributed(_tp2_layernorm_worker, world_size=2, tensor_model_parallel_size=2)
+
+
+def test_route_writes_main_grad_where_the_weight_asks_for_it():
+    """Megatron-FSDP marks parameters `overwrite_main_grad = True` and TE then writes dY^T X into
+    main_grad with accumulate=False (TE main module/linear.py); the route writes it too, for
+    every gradient mode, where a plain add would keep the buffer's old contents."""
+    torch.manual_seed(5)
+    for gradient in ("ste", "masked"):
+        layer = linear(fuse_wgrad_accumulation=True, bias=False, gradient=gradient)
+        counted(layer)
+        layer.weight.overwrite_main_grad = True  # what Megatron-FSDP sets on every parameter
+        layer.weight.main_grad = torch.full((16, 32), 7.0, dtype=torch.float32)
+        x, dy = torch.randn(5, 32, dtype=F64), torch.randn(5, 16, dtype=F64)
+        layer(x)[0].backward(dy)
+        ref = dy.t() @ x
+        if gradient == "masked":
+            ref = ref * layer.sparsity_mask()
+        torch.testing.assert_close(layer.weight.main_grad.double(), ref, rtol=1e-6, atol=1e-6)

@@ -32,7 +32,10 @@ def unavailable() -> str:
     try:
         import transformer_engine.pytorch  # noqa: F401
     except ImportError:
-        return "Transformer Engine is not installed (pip install megasparse[te])"
+        return (
+            "Transformer Engine is not installed (pip install -e '.[te]' in the clone, "
+            "or pip install 'transformer-engine[pytorch]>=2.5')"
+        )
     return ""
 
 
