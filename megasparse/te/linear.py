@@ -47,6 +47,7 @@ from megasparse.megatron.activation_input import (
     SparseActivationInput,
 )
 from megasparse.megatron.tp_group import weight_tp_group
+from megasparse.te.userbuffers import userbuffers_overlap
 
 _TE_BASES = {
     "SparseTEColumnParallelLinear": "TEColumnParallelLinear",
@@ -168,24 +169,6 @@ def _activation_config(module):
     """The config whose activations this layer serves: its own (fc2), or its fc2's (fc1)."""
     fed = getattr(module, "_fed_fc2", lambda: None)()
     return module.sparsity if fed is None else fed.sparsity
-
-
-# TE's userbuffers overlap (--tp-comm-overlap) as TE's Linear and LayerNormLinear record it on the
-# module (their __init__, TE 2.5 - 2.18 and main): the communication runs inside TE's own GEMM
-# (TE's GroupedLinear has no such flags)
-USERBUFFERS_FLAGS = (
-    "ub_overlap_ag_fprop",
-    "ub_overlap_rs_fprop",
-    "ub_overlap_ag_dgrad",
-    "ub_overlap_rs_dgrad",
-    "ub_bulk_dgrad",
-    "ub_bulk_wgrad",
-)
-
-
-def userbuffers_overlap(module) -> list:
-    """The userbuffers-overlap flags set on this TE module (empty: no overlap)."""
-    return [flag for flag in USERBUFFERS_FLAGS if getattr(module, flag, False)]
 
 
 def _refuse_activation_sparsity_here(module) -> None:

@@ -18,7 +18,7 @@ import types
 
 from megasparse.core.linear_op import LinearPlan, sparse_linear_step
 from megasparse.core.weight_state import WeightStep
-from megasparse.te.linear import userbuffers_overlap
+from megasparse.te.userbuffers import userbuffers_overlap
 
 
 def sparse_route_reason(module):

@@ -27,6 +27,7 @@ import sys
 import torch
 
 from megasparse.core.gpu_timer import cuda_event_seconds
+from megasparse.tools.perf.models import mlp_config
 
 SHAPES = [(4096, 14336), (8192, 28672)]  # (hidden, ffn)
 TOKENS = [4096, 16384, 32768]
@@ -60,24 +61,6 @@ RECIPES = {  # bench name: (perfmodel recipe, SparsityConfig keywords or None fo
 
 def _time_ms(fn, warmup=3, iters=10):
     return 1e3 * cuda_event_seconds(fn, iters, warmup, synchronize_device=True)
-
-
-def mlp_config(hidden, ffn, dtype):
-    """One bias-free Squared-ReLU MLP's TransformerConfig (the local and the TE-spec bench)."""
-    from megatron.core.activations import squared_relu
-    from megatron.core.transformer import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=1,
-        hidden_size=hidden,
-        ffn_hidden_size=ffn,
-        num_attention_heads=8,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        activation_func=squared_relu,
-        add_bias_linear=False,
-        use_cpu_initialization=True,
-    )
 
 
 def _mlp(hidden, ffn, sparsity, dtype):

@@ -50,7 +50,7 @@ def te_mlp(hidden, ffn, sparsity, dtype=torch.bfloat16):
 
     from megasparse.megatron.compat import linear_entry
     from megasparse.te.linear import sparse_te_class
-    from megasparse.tools.bench import mlp_config
+    from megasparse.tools.perf.models import mlp_config
 
     config = mlp_config(hidden, ffn, dtype)
     fc1, fc2 = TELayerNormColumnParallelLinear, TERowParallelLinear

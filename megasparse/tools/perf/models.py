@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -105,3 +107,21 @@ def recipe(value) -> Recipe:
     if value not in RECIPES:
         raise ValueError(f"unknown recipe {value!r}; known: {', '.join(RECIPES)}")
     return RECIPES[value]
+
+
+def mlp_config(hidden, ffn, dtype):
+    """One bias-free Squared-ReLU MLP's TransformerConfig (the local and the TE-spec bench)."""
+    from megatron.core.activations import squared_relu
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_attention_heads=8,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        activation_func=squared_relu,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+    )
