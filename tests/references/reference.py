@@ -114,3 +114,13 @@ def sste_beta_reference(w):
     """S-STE's beta = <W, S(W)> / <S(W), S(W)> in float64."""
     s = soft_threshold_reference(w)
     return float((w.double() * s).sum() / (s * s).sum())
+
+
+def norm64(x, gamma, beta, normalization, eps, zero_centered):
+    """TE's LayerNorm / RMSNorm in float64 (TE's own test references, tests/pytorch/test_numerics.py)."""
+    g = gamma + 1 if zero_centered else gamma
+    if normalization == "RMSNorm":
+        return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * g
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).square().mean(-1, keepdim=True)
+    return (x - mu) * (var + eps).rsqrt() * g + beta

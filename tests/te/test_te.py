@@ -10,7 +10,7 @@ from megasparse import SparsityConfig
 from megasparse.core.masks import weight_mask
 from megasparse.te.linear import sparse_te_class
 from megatron_helpers import make_config
-from reference import masked_linear_reference
+from reference import masked_linear_reference, norm64
 from te_standins import FakeTELinear, TEGroupedLinearLike, TELayerNormLinearLike
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
@@ -461,16 +461,6 @@ def master_grad64(grad_wm, weight, mask, gradient, decay):
     if gradient == "srste":
         return grad_wm + decay * (~mask) * weight.detach().double()
     return grad_wm
-
-
-def norm64(x, gamma, beta, normalization, eps, zero_centered):
-    """TE's LayerNorm / RMSNorm in float64 (TE's own test references, tests/pytorch/test_numerics.py)."""
-    g = gamma + 1 if zero_centered else gamma
-    if normalization == "RMSNorm":
-        return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * g
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).square().mean(-1, keepdim=True)
-    return (x - mu) * (var + eps).rsqrt() * g + beta
 
 
 def _current_recipe(fmt="HYBRID"):

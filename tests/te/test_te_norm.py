@@ -16,19 +16,10 @@ from megasparse.config import SparsityConfig
 from megasparse.core.masks import weight_mask
 from megasparse.te import norm as te_norm
 from megasparse.te.linear import sparse_te_class
+from reference import norm64
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-
-
-def norm64(x, gamma, beta, normalization, eps, zero_centered):
-    """LayerNorm / RMSNorm in float64 (TE's own test reference, tests/pytorch/test_numerics.py)."""
-    g = gamma + 1 if zero_centered else gamma
-    if normalization == "RMSNorm":
-        return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * g
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).square().mean(-1, keepdim=True)
-    return (x - mu) * (var + eps).rsqrt() * g + beta
 
 
 @pytest.fixture
