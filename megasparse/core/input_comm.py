@@ -3,13 +3,17 @@
 A column-parallel layer's input is replicated over its tensor-parallel group, or sharded along the
 tokens (dim 0) with sequence parallelism. The forward all-gathers the shards (SP) into the total
 input; the backward reduces the input gradient over the group: all-reduce (no SP) or
-reduce-scatter back to the shards (SP). Megatron's own linear
+reduce-scatter back to the shards (SP). Under SP the op saves only the local shard for the weight
+gradient and all-gathers it again in the backward, as Megatron's own linear
 (`LinearWithGradAccumulationAndAsyncCommunication`, megatron-core 0.16.1 and 0.19.2) and TE's
-Linear backward (module/linear.py, TE 2.5 and main: `dgrad_work`) launch that reduction
-asynchronously after the input-gradient GEMM and wait for it after the weight-gradient GEMM, so
-the two overlap; megasparse's ops do the same with this description
-(`LinearPlan.input_comm`, `Fp8LinearPlan.input_comm`): dgrad GEMM -> `start_reduce` -> wgrad GEMM
-(and main_grad fusion) -> `wait()` -> the local input gradient.
+Linear / LayerNormLinear (module/linear.py, TE 2.5 and main: `backward_input_needs_gather`) do:
+saving the gathered input would hold TP times the activation memory (h8192, 16k tokens, TP=8,
+bf16: 224 MiB more per column layer per micro-batch in flight). Their backward, and megasparse's
+ops with this description (`LinearPlan.input_comm`, `Fp8LinearPlan.input_comm`), run
+`column_backward`: the input all-gather launched (SP) -> dgrad GEMM -> wait for the gather ->
+the input gradient's reduction launched -> wgrad GEMM (and main_grad fusion) on the gathered
+input -> wait -> the local input gradient; the gather overlaps the dgrad GEMM and the reduction
+the wgrad GEMM.
 
 On CUDA the collective runs on its communicator's stream and the wgrad GEMM on the compute stream.
 As for Megatron's overlap, launch with CUDA_DEVICE_MAX_CONNECTIONS=1 so that the GPU starts the
@@ -64,6 +68,23 @@ class ColumnInputComm:
         dist.all_gather_into_tensor(total, x_local.contiguous(), group=self.group)
         return total
 
+    def start_gather(self, x_local: torch.Tensor):
+        """Launch `gather(x_local)` without waiting: (handle, total). `total` holds the gathered
+        input once `handle.wait()` has returned (x_local itself where nothing is communicated:
+        no SP, one rank, or 0 tokens, which every rank has alike since SP shards are equal).
+        e4m3 / e5m2 shards travel as their bytes (torch.distributed's backends differ on float8)."""
+        size = self.world_size
+        if not self.sequence_parallel or size == 1 or x_local.numel() == 0:
+            return _Done(), x_local
+        total = x_local.new_empty((x_local.shape[0] * size, *x_local.shape[1:]))
+        send = x_local.contiguous()
+        if x_local.element_size() == 1 and x_local.is_floating_point():
+            send, receive = send.view(torch.uint8), total.view(torch.uint8)
+        else:
+            receive = total
+        handle = dist.all_gather_into_tensor(receive, send, group=self.group, async_op=True)
+        return handle, total
+
     def start_reduce(self, grad_total: torch.Tensor):
         """Launch the input gradient's reduction without waiting: (handle, out). `out` holds the
         local input gradient once `handle.wait()` has returned: the reduce-scatter's shard (SP) or
@@ -89,13 +110,32 @@ class ColumnInputComm:
         return handle, out
 
 
-def reduce_input_grad_overlapped(comm: Optional[ColumnInputComm], grad_total, weight_work):
-    """The local input gradient of `grad_total` (None passes through), with `weight_work()` (the
-    weight and bias gradient GEMMs) run while the reduction is in flight; returns (local input
-    gradient, what weight_work returned)."""
+def regathers(comm: Optional[ColumnInputComm]) -> bool:
+    """Whether the op saves the local input shard and all-gathers it again in the backward."""
+    return comm is not None and comm.sequence_parallel and comm.world_size > 1
+
+
+def column_backward(comm: Optional[ColumnInputComm], saved_input, input_grad_work, weight_work):
+    """The backward of a column-parallel call in Megatron's and TE's order; returns (local input
+    gradient, what weight_work returned).
+
+    saved_input: what the forward saved for the weight gradient: the local shard when
+    `regathers(comm)` (all-gathered here while `input_grad_work()` runs), else the GEMM's input
+    itself; None: the weight gradient needs no input. input_grad_work() -> the input gradient of
+    the GEMM's total input, or None; weight_work(total_input) -> the weight and bias gradients,
+    run while the input gradient's reduction is in flight. Every launched collective is waited
+    for, also when the work beside it raises."""
+    gather = regathers(comm) and saved_input is not None
+    handle, total_input = comm.start_gather(saved_input) if gather else (_Done(), saved_input)
+    try:
+        grad_total = input_grad_work()
+    finally:
+        handle.wait()
     if comm is None or grad_total is None:
-        return grad_total, weight_work()
-    handle, out = comm.start_reduce(grad_total)
-    result = weight_work()
-    handle.wait()
-    return out, result
+        return grad_total, weight_work(total_input)
+    handle, grad_local = comm.start_reduce(grad_total)
+    try:
+        result = weight_work(total_input)
+    finally:
+        handle.wait()
+    return grad_local, result

@@ -16,12 +16,12 @@ compact_activation.BothWaysWgrad), and follow the step's gradient rule and main_
 
 A column-parallel layer's input communication runs inside the op when its plan carries it
 (`LinearPlan.input_comm`, megasparse.core.input_comm): the op takes the local input, all-gathers it
-(sequence parallelism) for the GEMMs and saves the gathered input for the weight gradient (as the
-mapping in front of the op did; Megatron re-gathers it in the backward instead, trading a second
-all-gather for the memory); the backward runs dgrad GEMM -> the input gradient's reduction launched
-asynchronously (all-reduce, or reduce-scatter under SP) -> weight-gradient GEMM and main_grad
-fusion -> wait, so that the reduction overlaps the weight-gradient GEMM as in Megatron's and TE's
-linears.
+(sequence parallelism) for the GEMMs and saves only the local shard for the weight gradient, as
+Megatron's and TE's linears do; the backward (`input_comm.column_backward`) launches the
+all-gather of that shard -> dgrad GEMM -> waits for the gather -> launches the input gradient's
+reduction (all-reduce, or reduce-scatter under SP) -> weight-gradient GEMM and main_grad fusion on
+the gathered input -> waits, so that the gather overlaps the dgrad GEMM and the reduction the
+weight-gradient GEMM.
 """
 
 import itertools
@@ -33,7 +33,7 @@ import torch
 
 from megasparse.core.backends import DenseBackend
 from megasparse.core import compact_activation, mvue
-from megasparse.core.input_comm import reduce_input_grad_overlapped
+from megasparse.core.input_comm import column_backward, regathers
 from megasparse.core.gradients import gradient_rule
 from megasparse.core.masks import pack_mask
 from megasparse.core.sparse_operand import (
@@ -142,16 +142,17 @@ class _SavedForBackward:
     plan: LinearPlan
     has_bias: bool
     main_grad: Optional[torch.Tensor]  # the weight's main_grad under gradient-accumulation fusion
-    # fc2: its input's CompactActivation without tensors (those are saved tensors) and shape
+    # fc2: its input's CompactActivation without tensors (those are saved tensors)
     compact_input: Optional[object] = None
-    input_shape: tuple = ()
+    input_shape: tuple = ()  # the GEMM's input (the gathered one under sequence parallelism)
 
 
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, step: WeightStep, plan: LinearPlan):
+        x_local = x
         if plan.input_comm is not None:
-            x = plan.input_comm.gather(x)  # the total input (SP); saved below for the wgrad
+            x = plan.input_comm.gather(x)  # the total input (SP)
         x2d = x.reshape(-1, x.shape[-1])
         compact = _compact_of(x, x2d)
         if compact is not None and plan.input_comm is not None:
@@ -165,14 +166,14 @@ class _SparseLinear(torch.autograd.Function):
         # saved; the weight's operands live in the step, shared by micro-batches
         fused = plan.gradient_accumulation_fusion
         main_grad = getattr(weight, "main_grad", None) if fused else None
-        ctx.saved = _SavedForBackward(step, plan, bias is not None, main_grad)
+        ctx.saved = _SavedForBackward(step, plan, bias is not None, main_grad, input_shape=x.shape)
         if compact is None:
-            ctx.save_for_backward(x, weight)
+            # under SP the local shard: the backward all-gathers it again (TP times less memory)
+            ctx.save_for_backward(x_local if regathers(plan.input_comm) else x, weight)
         else:
             ctx.save_for_backward(compact.values_c, compact.columns, weight)
             # the holder without its tensors: they come back from saved_tensors (hooks see them)
             ctx.saved.compact_input = replace(compact, values_c=None, preact_c=None, columns=None)
-            ctx.saved.input_shape = x.shape
         return y2d.reshape(*x.shape[:-1], y2d.shape[-1])
 
     @staticmethod
@@ -180,25 +181,28 @@ class _SparseLinear(torch.autograd.Function):
         saved: _SavedForBackward = ctx.saved
         if saved.compact_input is not None:
             return _compact_input_backward(ctx, dy)
-        x, weight = ctx.saved_tensors
+        x_saved, weight = ctx.saved_tensors
         dy2d = dy.reshape(-1, dy.shape[-1])
-        x2d = x.reshape(-1, x.shape[-1])
         compact = _compact_of(dy, dy2d)  # dH of a compact activation (fc1)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _input_grad_gemm(dy, dy2d, saved.step, saved.plan, compact).reshape(x.shape)
 
-        def weight_and_bias_grads():  # while the input gradient's reduction is in flight
+        def input_grad():  # while the saved input shard is all-gathered (SP)
+            if not ctx.needs_input_grad[0]:
+                return None
+            grad_x = _input_grad_gemm(dy, dy2d, saved.step, saved.plan, compact)
+            return grad_x.reshape(saved.input_shape)
+
+        def weight_and_bias_grads(x):  # while the input gradient's reduction is in flight
             grad_w = grad_b = None
             if ctx.needs_input_grad[1]:
                 wgrad = _both_ways(compact, "grad_output")
-                grad_w = _weight_grad(dy2d, x2d, weight, saved, wgrad)
+                grad_w = _weight_grad(dy2d, x.reshape(-1, x.shape[-1]), weight, saved, wgrad)
             if saved.has_bias and ctx.needs_input_grad[2]:
                 grad_b = dy2d.sum(dim=0)
             return grad_w, grad_b
 
-        grad_x, (grad_w, grad_b) = reduce_input_grad_overlapped(
-            saved.plan.input_comm, grad_x, weight_and_bias_grads
+        x_for_wgrad = x_saved if ctx.needs_input_grad[1] else None
+        grad_x, (grad_w, grad_b) = column_backward(
+            saved.plan.input_comm, x_for_wgrad, input_grad, weight_and_bias_grads
         )
         return grad_x, grad_w, grad_b, None, None
 

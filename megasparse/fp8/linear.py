@@ -49,7 +49,7 @@ from megasparse.fp8.scaling import (
     scale_from_amax,
     quantize_with,
 )
-from megasparse.core.input_comm import reduce_input_grad_overlapped
+from megasparse.core.input_comm import column_backward
 from megasparse.core.linear_op import gradient_went_to_main_grad, take_main_grad
 from megasparse.core.weight_state import WeightStep
 from megasparse.core.warn import warn_once
@@ -218,8 +218,8 @@ class _Fp8SparseLinear(torch.autograd.Function):
                 grad_b = dy2d.sum(dim=0)
             return grad_w, grad_b
 
-        grad_x, (grad_w, grad_b) = reduce_input_grad_overlapped(
-            plan.input_comm, grad_x, weight_and_bias_grads
+        grad_x, (grad_w, grad_b) = column_backward(
+            plan.input_comm, None, lambda: grad_x, lambda _: weight_and_bias_grads()
         )
         return grad_x, grad_w, grad_b, None, None
 

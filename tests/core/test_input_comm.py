@@ -2,9 +2,11 @@
 
 Each rank holds its own weight shard (a column-parallel layer's rows); the input is replicated, or
 sharded along the tokens with sequence parallelism. Checked on every rank:
-- the order of the backward's work: dgrad GEMM, the reduction launched, wgrad GEMM (and main_grad
-  fusion), the reduction waited for (recorded by wrapping the backend's dgrad GEMM, the op's
-  weight-gradient step, torch.distributed's collective and its handle's wait);
+- the order of the backward's work: under sequence parallelism the saved input shard's all-gather
+  launched, dgrad GEMM, the gather waited for; then the reduction launched, wgrad GEMM (and
+  main_grad fusion), the reduction waited for (recorded by wrapping the backend's dgrad GEMM, the
+  op's weight-gradient step, torch.distributed's collectives and their handles' waits);
+- a collective launched is waited for also when the work beside it raises;
 - output and gradients against the float64 masked reference built from every rank's shard (the
   input gradient is the sum over ranks of dY_r (W_r*M_r), sliced to the rank's tokens under SP),
   and equal to the unfused path (the op on the gathered input, its input gradient all-reduced
@@ -40,12 +42,12 @@ class _RecordingBackend(DenseBackend):
 
 
 class _RecordedHandle:
-    def __init__(self, handle, events):
-        self.handle, self.events = handle, events
+    def __init__(self, handle, events, event):
+        self.handle, self.events, self.event = handle, events, event
 
     def wait(self):
         result = self.handle.wait()
-        self.events.append("wait")
+        self.events.append(self.event)
         return result
 
 
@@ -54,22 +56,22 @@ def _recorded(events, monkey_targets):
     """Record the collectives (and their waits) and each `(module, name, event)` call."""
     saved = []
 
-    def wrap(module, name, event):
+    def wrap(module, name, event, async_event="comm start", wait_event="wait"):
         original = getattr(module, name)
 
         def recorded(*args, **kwargs):
-            events.append(event)
-            result = original(*args, **kwargs)
             if kwargs.get("async_op"):
-                return _RecordedHandle(result, events)
-            return result
+                events.append(async_event)
+                return _RecordedHandle(original(*args, **kwargs), events, wait_event)
+            events.append(event)
+            return original(*args, **kwargs)
 
         saved.append((module, name, original))
         setattr(module, name, recorded)
 
     wrap(dist, "all_reduce", "comm start")
     wrap(dist, "reduce_scatter_tensor", "comm start")
-    wrap(dist, "all_gather_into_tensor", "forward gather")
+    wrap(dist, "all_gather_into_tensor", "forward gather", "gather start", "gather wait")
     for target in monkey_targets:
         wrap(*target)
     try:
@@ -120,9 +122,12 @@ def _run(x_local, w, b, dy, mask, plan, sparsity, fused=False):
     return y, x, weight, bias
 
 
-def _check_order(events, where, dgrad="dgrad GEMM"):
+def _check_order(events, where, sequence_parallel, dgrad="dgrad GEMM"):
     backward = [e for e in events if e != "forward gather"]
-    assert backward == [dgrad, "comm start", "wgrad", "wait"], f"{where}: {events}"
+    expected = [dgrad, "comm start", "wgrad", "wait"]
+    if sequence_parallel:  # the saved local input shard is gathered again while the dgrad runs
+        expected = ["gather start", dgrad, "gather wait", *expected[1:]]
+    assert backward == expected, f"{where}: {events}"
 
 
 def _check_sparse_op(rank, sequence_parallel, mask_kind, gradient, fused):
@@ -145,7 +150,7 @@ def _check_sparse_op(rank, sequence_parallel, mask_kind, gradient, fused):
         y, x, weight, bias = _run(
             _local(x_total, rank, sequence_parallel), w, b, dy, mask, plan, sparsity, fused
         )
-    _check_order(events, where)
+    _check_order(events, where, sequence_parallel)
     assert ("forward gather" in events) == sequence_parallel, where
     close = dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y, ref["y"], **close, msg=lambda m: f"{where} y: {m}")
@@ -200,7 +205,7 @@ def _check_compact_dh(rank, sequence_parallel):
             plan,
             SparsityConfig(),
         )
-    _check_order(events, where, dgrad="compact dgrad GEMM")
+    _check_order(events, where, sequence_parallel, dgrad="compact dgrad GEMM")
     close = dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, ref_dx, **close, msg=lambda m: f"{where} dx: {m}")
     torch.testing.assert_close(weight.grad, ref["dw"], **close, msg=lambda m: f"{where} dw: {m}")
@@ -297,3 +302,54 @@ def test_single_process_comm_is_the_identity():
     assert comm.gather(x) is x and comm.total_tokens(4) == 4
     handle, out = comm.start_reduce(x)
     assert handle.wait() and out is x
+
+
+class _StubComm:
+    """A sequence-parallel comm of 2 ranks whose collectives only record their launch and wait."""
+
+    sequence_parallel, world_size = True, 2
+
+    def __init__(self, events):
+        self.events = events
+
+    def _handle(self, name):
+        events = self.events
+
+        class Handle:
+            def wait(self):
+                events.append(f"{name} wait")
+
+        events.append(f"{name} start")
+        return Handle()
+
+    def start_gather(self, x):
+        return self._handle("gather"), torch.cat([x, x])
+
+    def start_reduce(self, grad):
+        return self._handle("reduce"), grad[: grad.shape[0] // 2]
+
+
+def test_collectives_are_waited_for_when_the_work_beside_them_raises():
+    from megasparse.core.input_comm import column_backward
+
+    x = torch.randn(2, 3, dtype=F64)
+
+    def fails(*_):
+        raise RuntimeError("GEMM failed")
+
+    for input_grad_work, weight_work, expected in (
+        (fails, lambda total: None, ["gather start", "gather wait"]),
+        (
+            lambda: torch.ones(4, 3),
+            fails,
+            ["gather start", "gather wait", "reduce start", "reduce wait"],
+        ),
+    ):
+        events = []
+        try:
+            column_backward(_StubComm(events), x, input_grad_work, weight_work)
+        except RuntimeError as error:
+            assert str(error) == "GEMM failed"
+        else:
+            raise AssertionError("the work's error was swallowed")
+        assert events == expected, events
