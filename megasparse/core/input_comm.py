@@ -68,6 +68,11 @@ class ColumnInputComm:
         dist.all_gather_into_tensor(total, x_local.contiguous(), group=self.group)
         return total
 
+    def own_shard(self, total: torch.Tensor) -> torch.Tensor:
+        """A copy of this rank's rows of a tensor laid out as `gather`'s output (dim 0), in its
+        own storage, so that saving it does not keep the total alive."""
+        return total.chunk(self.world_size)[dist.get_rank(self.group)].clone()
+
     def start_gather(self, x_local: torch.Tensor):
         """Launch `gather(x_local)` without waiting: (handle, total). `total` holds the gathered
         input once `handle.wait()` has returned (x_local itself where nothing is communicated:

@@ -49,7 +49,7 @@ from megasparse.fp8.scaling import (
     scale_from_amax,
     quantize_with,
 )
-from megasparse.core.input_comm import column_backward
+from megasparse.core.input_comm import column_backward, regathers
 from megasparse.core.linear_op import gradient_went_to_main_grad, take_main_grad
 from megasparse.core.weight_state import WeightStep
 from megasparse.core.warn import warn_once
@@ -148,8 +148,10 @@ class _Fp8SavedForBackward:
 class _Fp8SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, step: WeightStep, plan: Fp8LinearPlan):
-        if plan.input_comm is not None:
-            x = plan.input_comm.gather(x)  # the total input (SP): its e4m3 cast is saved below
+        x_local, comm = x, plan.input_comm
+        if comm is not None:
+            x = comm.gather(x)  # the total input (SP)
+        regather = regathers(comm)  # SP: the local shard is saved, all-gathered in the backward
         x2d = x.reshape(-1, x.shape[-1])
         empty = x2d.shape[0] == 0
         if empty:
@@ -157,13 +159,19 @@ class _Fp8SparseLinear(torch.autograd.Function):
         else:
             wq = fp8_weight(step, plan.use_cusparselt, plan.order, plan.weight_scale)
             x_t = plan.fp8_wgrad and ctx.needs_input_grad[1]  # the FP8 wgrad takes x^T: cast now
-            x_q, x_si, x_q_t = quantize(plan.x_scaler, x2d, x_t)
+            # (under SP after the backward's gather: the total's transpose is not kept)
+            x_q, x_si, x_q_t = quantize(plan.x_scaler, x2d, x_t and not regather)
             cusparselt = plan.use_cusparselt and step.pruned  # a dense step: the dense FP8 GEMM
             # the bias joins the pass that scales and casts the GEMM's output
             y = fp8_gemm.sparse_fp8_mm(
                 x_q, x_si, wq.forward, wq.rows, wq.scale_inv, plan.out_dtype, cusparselt, bias
             )
             saved_x = x_q_t if plan.fp8_wgrad else x2d  # [in, tokens padded to 16] e4m3, or x
+            if regather:  # this rank's rows: of x_q (the total's scale, 1 byte/elem) or of x
+                if plan.fp8_wgrad:
+                    saved_x = comm.own_shard(x_q) if x_t else None
+                else:
+                    saved_x = x_local.reshape(-1, x_local.shape[-1])
         ctx.save_for_backward(saved_x, x_si, weight)
         fused = plan.gradient_accumulation_fusion
         main_grad = getattr(weight, "main_grad", None) if fused else None
@@ -178,12 +186,15 @@ class _Fp8SparseLinear(torch.autograd.Function):
         saved = ctx.saved
         step, plan = saved.step, saved.plan
         dy2d = dy.reshape(-1, dy.shape[-1])
-        grad_x = grad_w = grad_b = None
         wgrad_t = plan.fp8_wgrad and ctx.needs_input_grad[1]  # the FP8 wgrad takes dY^T
-        dy_q_t = dy_si = None  # the wgrad's dY operand, when a cast below already made it
-        if saved.empty:  # no tokens: zero gradients (the weight still gets its per-step terms)
-            grad_x = dy.new_zeros(saved.x_shape) if ctx.needs_input_grad[0] else None
-        elif ctx.needs_input_grad[0]:
+        dy_q_t = dy_si = None  # the wgrad's dY operand, when the dgrad's cast already made it
+
+        def input_grad():  # while the saved input shard is all-gathered (SP)
+            nonlocal dy_q_t, dy_si
+            if not ctx.needs_input_grad[0]:
+                return None
+            if saved.empty:  # no tokens: zero gradients (the weight still gets its per-step terms)
+                return dy.new_zeros(saved.x_shape)
             wq = fp8_weight(step, plan.use_cusparselt, plan.order, plan.weight_scale)
             if not plan.fp8_dgrad:  # in x's precision on the weight the forward used
                 grad_x = dy2d.to(saved.x_dtype) @ wq.dequantized().to(saved.x_dtype)
@@ -208,18 +219,21 @@ class _Fp8SparseLinear(torch.autograd.Function):
                 grad_x = fp8_gemm.dense_fp8_mm(
                     dy_q, dy_si, wq.backward, wq.scale_inv, plan.out_dtype
                 )
-            grad_x = grad_x.reshape(saved.x_shape)
+            return grad_x.reshape(saved.x_shape)
 
-        def weight_and_bias_grads():  # while the input gradient's reduction is in flight
+        def weight_and_bias_grads(x_saved):  # while the input gradient's reduction is in flight
             grad_w = grad_b = None
             if ctx.needs_input_grad[1]:
-                grad_w = _weight_gradient(dy2d, dy_q_t, dy_si, saved_x, x_si, weight, saved)
+                if regathered and plan.fp8_wgrad:  # the gathered e4m3 rows -> the wgrad's x^T
+                    x_saved = fp8_gemm.pad_rows(x_saved).t().contiguous()
+                grad_w = _weight_gradient(dy2d, dy_q_t, dy_si, x_saved, x_si, weight, saved)
             if saved.has_bias and ctx.needs_input_grad[2]:
                 grad_b = dy2d.sum(dim=0)
             return grad_w, grad_b
 
+        regathered = regathers(plan.input_comm) and saved_x is not None
         grad_x, (grad_w, grad_b) = column_backward(
-            plan.input_comm, None, lambda: grad_x, lambda _: weight_and_bias_grads()
+            plan.input_comm, saved_x, input_grad, weight_and_bias_grads
         )
         return grad_x, grad_w, grad_b, None, None
 
