@@ -22,7 +22,10 @@ the per-step terms.
 Gradient modes (the step's rule, megasparse.core.gradients), Megatron's main_grad fusion and a
 column-parallel input communication inside the op (`Fp8LinearPlan.input_comm`: the SP all-gather
 in the forward, the input gradient's all-reduce / reduce-scatter overlapped with the wgrad GEMM)
-work as in megasparse.core.linear_op.
+work as in megasparse.core.linear_op. Under sequence parallelism the op saves this rank's rows of
+the total input's e4m3 cast (the total's scale, 1 byte/elem, T/TP rows) instead of the total's
+transpose, and the backward all-gathers them during the dgrad GEMM, then transposes and pads them
+for the wgrad (the values are the same: the wgrad is unchanged bit for bit).
 
 Who runs it: the sparse TE linears under TE's fp8_autocast (megasparse.te.forward), and Megatron's
 local sparse linears with SparsityConfig.fp8 (`local_plan`: megasparse's current scaling in TE's
