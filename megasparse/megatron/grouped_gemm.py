@@ -142,9 +142,8 @@ class _StackedMaskedWeights(torch.autograd.Function):
         ctx.main_grads = [
             getattr(w, "main_grad", None) if f else None for w, f in zip(weights, fused)
         ]
-        return stacked.view_as(
-            stacked
-        )  # a new view each call: the cached stack stays out of graphs
+        # a new view each call: the cached stack stays out of graphs
+        return stacked.view_as(stacked)
 
     @staticmethod
     def backward(ctx, grad):

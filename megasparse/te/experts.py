@@ -66,7 +66,7 @@ class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
         self.grouped_activation_stats = ActivationStats()
         self._stacked = {"linear_fc1": StackedWeights(), "linear_fc2": StackedWeights()}
         for linear in (self.linear_fc1, self.linear_fc2):  # S-STE's beta: over expert-TP only
-            for state in linear.weight_states:
+            for state in getattr(linear, "weight_states", ()):
                 state.process_group = functools.partial(expert_tp_group, linear)
 
     # the SparseModule interface: masks and held state live in the sparse TE grouped linears
