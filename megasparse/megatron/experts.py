@@ -125,8 +125,8 @@ class SparseGroupedMLP(SparseSequentialMLP):
 
     def _expert_gemms(self, name, layers, counts) -> ExpertGemms:
         """Each expert's per-step state gives its mask (held masks included) and operands; experts the
-        speed gate runs sparse at their token counts use their own 2:4 GEMMs, the rest W*M stacked
-        once per step."""
+        speed gate runs sparse at their token counts use their own 2:4 GEMMs, the rest one grouped
+        GEMM on the W*M of all experts, stacked once per step."""
         for layer in layers:  # their forwards do not run: their hooks must, before any read
             run_forward_pre_hooks(layer)
         backends = [self._backend(layer) for layer in layers]
@@ -134,6 +134,7 @@ class SparseGroupedMLP(SparseSequentialMLP):
             layer.weight_state.step(layer.weight, layer.sparsity, backend)
             for layer, backend in zip(layers, backends)
         ]
+        fusion = [getattr(layer, "gradient_accumulation_fusion", False) for layer in layers]
         plans = expert_plans(
             steps,
             backends,
@@ -141,8 +142,8 @@ class SparseGroupedMLP(SparseSequentialMLP):
             lambda e, tokens, step: layers[e].gated_roles(
                 tokens, step, backends[e], layers[e].tp_group
             ),
-            [getattr(layer, "gradient_accumulation_fusion", False) for layer in layers],
+            fusion,
         )
         biases = None if layers[0].bias is None else torch.stack([layer.bias for layer in layers])
         weights = [layer.weight for layer in layers]
-        return ExpertGemms(weights, steps, plans, self._stacked[name], biases)
+        return ExpertGemms(weights, steps, plans, self._stacked[name], biases, fusion)

@@ -6,12 +6,15 @@ at the expert's token count (any count under backend="cusparselt" or MEGASPARSE_
 expert with a sparse role in either linear runs its FFN alone: core's `sparse_linear_step` on its
 rows, with its per-step compressed W*M (built once per optimizer step in its WeightStep), its
 activation on its own rows (so no FFN-wide tensor is concatenated from per-expert pieces). The
-other experts run together on their gathered rows: one torch._grouped_mm per product on their
-stacked W*M (input and weight gradients by PyTorch's autograd), or one GEMM each where grouping
-does not apply (`can_group`). The outputs are concatenated in expert order; each dense weight gets
-the gradient of its step's rule, into main_grad where its linear fuses the weight-gradient
-accumulation. On a dense backend (CPU, or backend="auto" without sparse kernels) every expert is
-in the grouped GEMMs and no host count is read.
+other experts run together on their gathered rows: one torch._grouped_mm per product on the W*M of
+ALL local experts, stacked once per optimizer step (`StackedWeights`), the experts running alone
+given zero-row groups, so the stack does not depend on which experts the gate runs alone in a
+micro-batch (input and weight gradients by PyTorch's autograd; the zero-row groups' weight
+gradients are dropped, not added), or one GEMM each where grouping does not apply (`can_group`).
+The outputs are concatenated in expert order; each dense weight gets the gradient of its step's
+rule (a per-step term once, by whichever GEMM's backward comes first), into main_grad where its
+linear fuses the weight-gradient accumulation. On a dense backend (CPU, or backend="auto" without
+sparse kernels) every expert is in the grouped GEMMs and no host count is read.
 
 Per-expert sparse GEMMs need the token counts on the host. Megatron's dropless alltoall dispatcher
 and its allgather dispatcher hand the experts a CPU `tokens_per_expert` (megatron-core 0.16.1 and
@@ -48,7 +51,11 @@ import torch
 
 from megasparse.core.activation_sparsity import activate_sparse
 from megasparse.megatron.mlp import is_squared_relu
-from megasparse.core.linear_op import LinearPlan, masked_weight, sparse_linear_step
+from megasparse.core.linear_op import (
+    LinearPlan,
+    gradient_went_to_main_grad,
+    sparse_linear_step,
+)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -119,25 +126,66 @@ def can_group(config, x, fc1_weight, fc2_weight) -> bool:
     )
 
 
+class _StackedMaskedWeights(torch.autograd.Function):
+    """The step's stacked W*M of all experts for one grouped GEMM call; the backward gives the dense
+    weight of each expert in `members` (those with rows in the call) the gradient of its step's rule
+    from its slice, and nothing to the others: their rows are not in the call (zero-row groups),
+    their gradient (and any per-step term) comes from their own GEMMs. Under wgrad accumulation
+    fusion the gradient is added to main_grad and Megatron's dummy gradient returned, as the
+    experts' own GEMMs do, so an expert that runs alone in one micro-batch and grouped in the next
+    (Megatron's DDP skips .grad once a weight is flagged as added to main_grad) loses nothing."""
+
+    @staticmethod
+    def forward(ctx, stacked, steps, members, fused, *weights):
+        ctx.save_for_backward(*weights)
+        ctx.steps, ctx.members = steps, members
+        ctx.main_grads = [
+            getattr(w, "main_grad", None) if f else None for w, f in zip(weights, fused)
+        ]
+        # a new view each call: the cached stack stays out of graphs
+        return stacked.view_as(stacked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = []
+        for e, weight, main_grad in zip(ctx.members, ctx.saved_tensors, ctx.main_grads):
+            step = ctx.steps[e]
+            g = step.rule.dense_gradient(grad[e], weight, step)
+            if main_grad is None:
+                grads.append(g)
+                continue
+            weight.main_grad = main_grad
+            main_grad.add_(g.to(main_grad.dtype))
+            grads.append(gradient_went_to_main_grad(weight, grad.dtype))
+        return (None, None, None, None, *grads)
+
+
 class StackedWeights:
-    """[experts, out, in] of this step's W*M of some experts (all, or those running dense now),
-    stacked once per optimizer step and set of experts from the experts' states."""
+    """[experts, out, in]: this step's W*M of ALL local experts, stacked once per optimizer step
+    from the experts' states, whatever set of experts runs grouped in each micro-batch (the experts
+    running alone get zero-row groups); one weight-sized copy per step."""
 
     def __init__(self):
-        self._steps, self._stacks = None, {}
+        self._steps, self._stack = None, None
 
-    def __call__(self, steps, members=None):
-        members = tuple(range(len(steps))) if members is None else tuple(members)
+    def __call__(self, steps, members=None, fusion=None):
+        """The stack, with gradients for the experts `members` (default all); fusion: per expert,
+        whether its linear accumulates the weight gradient into main_grad."""
         if (
             self._steps is None
             or len(steps) != len(self._steps)
             or any(a is not b for a, b in zip(steps, self._steps))
-        ):  # a new optimizer step (or rebuilt states): the old stacks are stale
-            self._steps, self._stacks = list(steps), {}
-        chosen = [steps[e] for e in members]
-        if members not in self._stacks:
-            self._stacks[members] = torch.stack([s.dense_for_copy() for s in chosen])
-        return masked_weight(chosen, stacked=self._stacks[members])
+        ):  # a new optimizer step (or rebuilt states): the old stack is stale
+            self._steps = list(steps)
+            self._stack = torch.stack([s.dense_for_copy() for s in steps])
+        members = tuple(range(len(steps))) if members is None else tuple(members)
+        fused = [bool(fusion[e]) if fusion is not None else False for e in members]
+        weights = [steps[e].weight for e in members]
+        return _StackedMaskedWeights.apply(self._stack, self._steps, members, fused, *weights)
+
+    def held(self) -> Optional[torch.Tensor]:
+        """The stack held for this step (None before the first call)."""
+        return self._stack
 
 
 def host_counts(tokens_per_expert) -> list:
@@ -178,14 +226,16 @@ def expert_plans(steps, backends, counts, gate: Gate, fusion) -> list:
 @dataclass
 class ExpertGemms:
     """One linear (fc1 or fc2) of every local expert for one call: weights, this step's WeightSteps,
-    per expert its LinearPlan or None (`expert_plans`), `stacked` W*M for the grouped GEMM, and
-    the stacked biases."""
+    per expert its LinearPlan or None (`expert_plans`), `stacked` W*M of all experts for the
+    grouped GEMM, the stacked biases, and per expert whether its linear fuses the weight-gradient
+    accumulation into main_grad (None: none does)."""
 
     weights: list
     steps: list
     plans: list
     stacked: StackedWeights
     biases: Optional[torch.Tensor] = None
+    fusion: Optional[list] = None
 
     def sparse(self, e) -> bool:
         """Whether expert e runs some GEMM of this linear sparse now."""
@@ -197,34 +247,40 @@ class ExpertGemms:
         held for the step)."""
         step, plan = self.steps[e], self.plans[e]
         if plan is None:
-            plan = LinearPlan(step.backend, step.transposable, sparse_weight_roles=())
+            fused = bool(self.fusion[e]) if self.fusion is not None else False
+            plan = LinearPlan(step.backend, step.transposable, fused, sparse_weight_roles=())
         return lambda x: sparse_linear_step(x, self.weights[e], None, step, plan)
 
     def grouped(self, members, counts, grouped: bool, offsets=None) -> Callable:
-        """x (the members' rows, in order) -> each member's rows times its W*M^T: one grouped GEMM on
-        their stacked W*M (one dense GEMM each where grouped is False)."""
-        w = self.stacked(self.steps, members)
+        """x (the rows of all experts, in order; `counts` rows each, 0 for an expert not in
+        `members`) -> each expert's rows times its W*M^T: one grouped GEMM on the step's stack of
+        all experts (zero-row groups for the others), one dense GEMM per member where grouped is
+        False. Only the `members` get weight gradients from it."""
+        w = self.stacked(self.steps, members, self.fusion)
         if grouped and (offsets is not None or sum(counts) > 0):
             if offsets is None:  # host counts: copied without a stream sync
                 offsets = torch.tensor(counts).cumsum(0).to(dtype=torch.int32)
             return lambda x: grouped_linear(x, w, offsets.to(x.device, non_blocking=True))
-        return lambda x: torch.cat(
-            [torch.nn.functional.linear(xe, w[i]) for i, xe in enumerate(torch.split(x, counts))]
-        )
 
-    def bias_rows(self, members, tokens_per_expert, rows) -> Optional[torch.Tensor]:
-        """Each of the `rows` rows' expert bias ([rows, out]; one expert's: [out]), or None."""
+        def looped(x):
+            parts = torch.split(x, counts)
+            return torch.cat([torch.nn.functional.linear(parts[e], w[e]) for e in members])
+
+        return looped
+
+    def bias_rows(self, tokens_per_expert, rows, expert=None) -> Optional[torch.Tensor]:
+        """Each of the `rows` rows' expert bias ([rows, out], `tokens_per_expert` rows of each
+        expert), or, for one `expert`'s rows, its bias [out]; None without biases."""
         if self.biases is None:
             return None
-        if len(members) == 1:
-            return self.biases[members[0]]
-        biases = self.biases if len(members) == len(self.steps) else self.biases[list(members)]
+        if expert is not None:
+            return self.biases[expert]
         expert_of_token = torch.repeat_interleave(
-            torch.arange(len(members), device=biases.device),
-            tokens_per_expert.to(biases.device, non_blocking=True),
+            torch.arange(len(self.steps), device=self.biases.device),
+            tokens_per_expert.to(self.biases.device, non_blocking=True),
             output_size=rows,
         )
-        return biases[expert_of_token]
+        return self.biases[expert_of_token]
 
 
 def _activation_with_recompute(activation, h, tokens_per_expert, stats, config):
@@ -276,34 +332,35 @@ def grouped_ffn(
         tokens_per_expert = torch.as_tensor(tokens_per_expert).to(x.device, non_blocking=True)
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)
         linears = [fc.grouped(members, None, True, offsets) for fc in (fc1, fc2)]
-        return run(x, tokens_per_expert, probs, members, linears)
+        return run(x, tokens_per_expert, probs, linears)
     if counts is None:
         counts = host_counts(tokens_per_expert)
     if not alone:  # one dense GEMM per expert
         linears = [fc.grouped(members, counts, False) for fc in (fc1, fc2)]
-        return run(x, torch.tensor(counts), probs, members, linears)
+        return run(x, torch.tensor(counts), probs, linears)
     xs, ps = torch.split(x, counts), torch.split(probs, counts)
     ys = [None] * experts
-    together = [e for e in members if e not in alone]
-    if together:  # the others on their rows, gathered
-        rows = [counts[e] for e in together]
+    # alone first: a W*M an expert holds for the step (1d mask) is then what the stack copies
+    for e in alone:  # its own GEMMs: sparse on its per-step compressed W*M where gated
+        linears = [fc1.alone(e), fc2.alone(e)]
+        ys[e] = run(xs[e], torch.tensor([counts[e]]), ps[e], linears, expert=e)
+    together = tuple(e for e in members if e not in alone)
+    if together:  # the others on their rows, gathered; the experts running alone: zero-row groups
+        rows = [0 if e in alone else counts[e] for e in members]
         linears = [fc.grouped(together, rows, grouped) for fc in (fc1, fc2)]
         x_together = torch.cat([xs[e] for e in together])
         p_together = torch.cat([ps[e] for e in together])
-        y = run(x_together, torch.tensor(rows), p_together, together, linears)
-        for e, part in zip(together, y.split(rows)):
+        y = run(x_together, torch.tensor(rows), p_together, linears)
+        for e, part in zip(together, y.split([counts[e] for e in together])):
             ys[e] = part
-    for e in alone:  # its own GEMMs: sparse on its per-step compressed W*M where gated
-        linears = [fc1.alone(e), fc2.alone(e)]
-        ys[e] = run(xs[e], torch.tensor([counts[e]]), ps[e], (e,), linears)
     return torch.cat(ys)
 
 
-def _ffn(x, tokens_per_expert, probs, members, linears, fc1, fc2, activation, stats, config):
-    """The FFN of the experts `members` on their rows x (sorted by expert, `tokens_per_expert` each),
-    with `linears` = (x -> x W1^T, a -> a W2^T)."""
+def _ffn(x, tokens_per_expert, probs, linears, fc1, fc2, activation, stats, config, expert=None):
+    """The FFN on rows x (sorted by expert, `tokens_per_expert` each; one `expert`'s rows when
+    given), with `linears` = (x -> x W1^T, a -> a W2^T)."""
     h = linears[0](x)
-    b1 = fc1.bias_rows(members, tokens_per_expert, x.shape[0])
+    b1 = fc1.bias_rows(tokens_per_expert, x.shape[0], expert)
     if b1 is not None:
         h = h + b1
     a, checkpoint = _activation_with_recompute(activation, h, tokens_per_expert, stats, config)
@@ -312,7 +369,7 @@ def _ffn(x, tokens_per_expert, probs, members, linears, fc1, fc2, activation, st
     y = linears[1](a)
     if checkpoint is not None:
         checkpoint.discard_output_and_register_recompute(y)
-    b2 = fc2.bias_rows(members, tokens_per_expert, x.shape[0])
+    b2 = fc2.bias_rows(tokens_per_expert, x.shape[0], expert)
     if b2 is not None:  # as MLP: the expert bias is scaled by the token's prob
         y = y + b2 * p
     return y

@@ -3,14 +3,15 @@
 Its parameters are `weight{i}` of TE GroupedLinear; its sparse bf16/fp16 forward is the expert-GEMM
 engine (megasparse.megatron.grouped_gemm) on the TE grouped linears' per-step states: each expert the
 speed gate runs sparse at its token count on its own 2:4 GEMMs (cuSPARSELt, compressed W*M built
-once per optimizer step), the rest one grouped GEMM on their stacked W*M (one GEMM per expert where
-grouping does not apply). Under FP8 (weights only), TEGroupedMLP's own forward runs and its sparse
-TE grouped linears take over TE's GroupedLinear GEMMs: FP8 2:4 per expert under a per-tensor recipe
-(megasparse.te.forward), else TE's grouped FP8 GEMM on W*M. Masks come from the TE grouped
-linears' per-step states.
+once per optimizer step), the rest one grouped GEMM on the W*M of all experts stacked once per step
+(one GEMM per expert where grouping does not apply). Under FP8 (weights only), TEGroupedMLP's own
+forward runs and its sparse TE grouped linears take over TE's GroupedLinear GEMMs: FP8 2:4 per
+expert under a per-tensor recipe (megasparse.te.forward), else TE's grouped FP8 GEMM on W*M. Masks
+come from the TE grouped linears' per-step states.
 """
 
 import dataclasses
+import functools
 
 import torch
 from megatron.core.transformer.moe.experts import TEGroupedMLP
@@ -30,7 +31,7 @@ from megasparse.megatron.grouped_gemm import (
     run_forward_pre_hooks,
     sparse_activation,
 )
-from megasparse.megatron.tp_group import weight_tp_group
+from megasparse.megatron.tp_group import expert_tp_group
 
 
 class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
@@ -64,6 +65,9 @@ class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
                 )
         self.grouped_activation_stats = ActivationStats()
         self._stacked = {"linear_fc1": StackedWeights(), "linear_fc2": StackedWeights()}
+        for linear in (self.linear_fc1, self.linear_fc2):  # S-STE's beta: over expert-TP only
+            for state in getattr(linear, "weight_states", ()):
+                state.process_group = functools.partial(expert_tp_group, linear)
 
     # the SparseModule interface: masks and held state live in the sparse TE grouped linears
 
@@ -105,27 +109,28 @@ class SparseTEGroupedMLP(SparseModuleMixin, TEGroupedMLP):
 
     def _expert_gemms(self, name, counts) -> ExpertGemms:
         """The sparse TE grouped linear's per-step states give the masks and operands; experts the
-        speed gate runs sparse at their token counts use their own 2:4 GEMMs, the rest W*M stacked
-        once per step."""
+        speed gate runs sparse at their token counts use their own 2:4 GEMMs, the rest one grouped
+        GEMM on the W*M of all experts, stacked once per step."""
         linear = getattr(self, name)
         run_forward_pre_hooks(linear)  # its forward does not run: its hooks must, before any read
         backend = self._backend(name)
         steps = linear.weight_steps(backend)
-        fusion = getattr(linear, "fuse_wgrad_accumulation", False)  # TE's main_grad fusion
+        fusion = [getattr(linear, "fuse_wgrad_accumulation", False)] * len(steps)  # TE's
+        # the ranks that see the same tokens agree on the gate: the expert-TP group the weights are
+        # split over (not the dense TP group: its ranks run the experts on other tokens)
+        group = expert_tp_group(linear)
         plans = expert_plans(
             steps,
             [backend] * len(steps),
             counts,
-            lambda e, tokens, step: linear.gated_roles(
-                tokens, step, backend, weight_tp_group(step.weight)
-            ),
-            [fusion] * len(steps),
+            lambda e, tokens, step: linear.gated_roles(tokens, step, backend, group),
+            fusion,
         )
         biases = [getattr(linear, f"bias{i}", None) for i in range(self.num_local_experts)]
         has_bias = all(b is not None and b.numel() for b in biases)
         weights = self._weights(linear)
         stacked_biases = torch.stack(biases) if has_bias else None
-        return ExpertGemms(weights, steps, plans, self._stacked[name], stacked_biases)
+        return ExpertGemms(weights, steps, plans, self._stacked[name], stacked_biases, fusion)
 
     def activation_stats(self, reset: bool = False) -> dict:
         result = self.grouped_activation_stats.as_dict()

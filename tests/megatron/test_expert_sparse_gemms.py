@@ -181,17 +181,19 @@ def test_each_sparse_expert_compresses_once_per_step_across_micro_batches(
         shapes += [(16, 32), (32, 16)]  # their (W*M)^T for the sparse dgrad, held for the step
     for compressed, builds in _micro_batch_steps(experts, weights, monkeypatch):
         assert sorted(compressed) == sorted(shapes * len(SPARSE_EXPERTS))
-        # per step, whatever the micro-batches: one W*M per expert weight, and (transposable) one
-        # more for each sparse expert's held (W*M)^T compression
-        extra = 2 * len(SPARSE_EXPERTS) if mask == "transposable" else 0
+        # per step, whatever the micro-batches: one W*M per expert weight (the 1d mask's, held,
+        # also fills the stack of all experts); transposable (no W*M held) two more for each
+        # sparse expert: its held (W*M)^T compression and the stack of all experts
+        extra = 4 * len(SPARSE_EXPERTS) if mask == "transposable" else 0
         assert builds == 2 * len(TOKENS_PER_EXPERT) + extra
     assert len(sparse_backend.gemms) > 0
 
 
-def test_sparse_experts_accumulate_into_main_grad_and_dense_ones_give_grad(sparse_backend):
-    """gradient_accumulation_fusion: the experts on their own sparse GEMMs add dY^T X into
-    main_grad (Megatron's dummy gradient returned); the grouped experts' weights get .grad, which
-    Megatron's DDP adds to main_grad; either way the float64 reference."""
+def test_sparse_and_grouped_experts_accumulate_into_main_grad(sparse_backend):
+    """gradient_accumulation_fusion: the experts on their own sparse GEMMs and the grouped experts
+    alike add their gradient into main_grad and return Megatron's dummy gradient (its DDP skips
+    .grad of a weight flagged as added, so an expert grouped after running alone in the same step
+    must not put its gradient in .grad); the float64 reference."""
     sparsity = SparsityConfig(backend="auto", gradient="masked")
     experts = make_experts(SparseGroupedMLP, sparsity, dtype=torch.float32)
     linears = [lin for e in experts.local_experts for lin in (e.linear_fc1, e.linear_fc2)]
@@ -215,13 +217,8 @@ def test_sparse_experts_accumulate_into_main_grad_and_dense_ones_give_grad(spars
     for e, (ours, ref) in enumerate(zip(experts.local_experts, reference.local_experts)):
         for name in ("linear_fc1", "linear_fc2"):
             weight, expected = getattr(ours, name).weight, getattr(ref, name).weight.grad
-            if e in SPARSE_EXPERTS:
-                assert weight.grad_added_to_main_grad
-                got = weight.main_grad
-            else:
-                assert not weight.grad_added_to_main_grad and not weight.main_grad.any()
-                got = weight.grad
-            torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=2e-4)
+            assert weight.grad_added_to_main_grad
+            torch.testing.assert_close(weight.main_grad.double(), expected, rtol=2e-4, atol=2e-4)
 
 
 def test_moe_act_recompute_on_the_mixed_path(sparse_backend, monkeypatch):
