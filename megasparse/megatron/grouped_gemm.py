@@ -26,9 +26,9 @@ only when a sparse backend is in use.
 
 A batched sparse call over the experts (proposed, not built). PyTorch's `_cslt_sparse_mm` takes 2-D
 operands only, so the sparse experts run one call each: per expert and micro-batch 4 calls (fc1 and
-fc2, forward and dgrad; 2 with a 1d mask), each assumed ~30 us of host work (the autograd op,
-split/cat views, PyTorch's cuSPARSELt plan setup: alg_id 0, a fresh plan per call) and ~5 us of
-launch gap on the GPU. cuSPARSELt itself batches (`CUSPARSELT_MAT_NUM_BATCHES`,
+fc2, forward and dgrad; 2 with a 1d mask), each assumed ~15 us of host work (perfmodel's
+CSLT_CALL_US: the autograd op, split/cat views, PyTorch's cuSPARSELt plan setup, a fresh plan per
+call) and ~5 us of launch gap on the GPU. cuSPARSELt itself batches (`CUSPARSELT_MAT_NUM_BATCHES`,
 `CUSPARSELT_MAT_BATCH_STRIDE` on its matrix descriptors), so a binding of its own (a torch custom op
 over cusparseLtMatmul with batch count E, the compressed weights stacked at a fixed stride) would
 run all sparse experts in one call, but every batch member has one shape: each expert's rows padded
