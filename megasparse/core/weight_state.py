@@ -105,6 +105,20 @@ def refuse_graph_capture(tensor, *configs) -> None:
         raise RuntimeError(_CAPTURE_ERROR)
 
 
+def refuse_megatron_fsdp(weight) -> None:
+    """Megatron-FSDP (`use_megatron_fsdp`) shards parameters and hands out each one's main_grad
+    bucket per backward (`get_main_grad()`); megasparse's per-step state and its gradient paths
+    (which take main_grad at the forward) are built for Megatron's DDP, where both stay put. A
+    stale bucket would take the gradient silently, so sparse layers refuse it."""
+    if hasattr(weight, "__fsdp_param__"):
+        raise NotImplementedError(
+            "megasparse: sparse layers do not support Megatron-FSDP (use_megatron_fsdp / "
+            "--use-megatron-fsdp) yet: its per-backward main_grad buckets would not receive the "
+            "sparse GEMMs' gradients. Use Megatron's DDP (optionally with "
+            "--use-distributed-optimizer) for models with sparse layers."
+        )
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (NaN equals the same NaN), one host sync."""
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
@@ -405,6 +419,7 @@ class SparseWeightState(WeightCheckpointMixin):
     def step(self, weight, sparsity, backend, transposable: Optional[bool] = None) -> WeightStep:
         """This step's WeightStep for `weight` under `sparsity`, built at the first call after a boundary."""
         refuse_graph_capture(weight, sparsity)
+        refuse_megatron_fsdp(weight)
         crossed = self._watch.look(weight)
         if self._watch.guessed and self._watch.owned:
             self._settle_guessed_steps(sparsity)

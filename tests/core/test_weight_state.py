@@ -912,3 +912,12 @@ def test_megatron_mixed_precision_main_copies_tie_the_step_to_the_weights_optimi
     for step, (a, b) in enumerate(zip(grads, grads_interleaved)):
         assert torch.equal(a, b), step
     assert torch.equal(weight, weight_interleaved)
+
+
+def test_megatron_fsdp_parameters_are_refused_with_the_fix():
+    """Megatron-FSDP marks its parameters `__fsdp_param__` and hands out main_grad buckets per
+    backward; a sparse weight under it is refused by name, with the supported alternative."""
+    weight = torch.nn.Parameter(torch.randn(8, 16))
+    setattr(weight, "__fsdp_param__", True)
+    with pytest.raises(NotImplementedError, match="Megatron-FSDP.*Use Megatron's DDP"):
+        weight_state.SparseWeightState().step(weight, SparsityConfig(), DenseBackend())

@@ -585,3 +585,10 @@ def test_route_writes_main_grad_where_the_weight_asks_for_it():
         if gradient == "masked":
             ref = ref * layer.sparsity_mask()
         torch.testing.assert_close(layer.weight.main_grad.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_te_linear_under_megatron_fsdp_is_refused():
+    layer = linear()
+    setattr(layer.weight, "__fsdp_param__", True)  # what Megatron-FSDP sets
+    with pytest.raises(NotImplementedError, match="Megatron-FSDP"):
+        layer(torch.randn(4, 32, dtype=F64))
