@@ -343,3 +343,10 @@ class TELinearLike(Linear):
         out = super().forward(x, is_first_microbatch=self.is_first_microbatch)
         self.is_first_microbatch = False
         return out if self.return_bias else (out, None)
+
+
+def current_recipe(fmt="HYBRID"):
+    """Stands in for TE's Float8CurrentScaling recipe (megasparse reads its class name and format)."""
+    recipe = type("Float8CurrentScaling", (), {})()
+    recipe.fp8_format = type("F", (), {"name": fmt})()
+    return recipe

@@ -11,7 +11,7 @@ from megasparse.core.masks import weight_mask
 from megasparse.te.linear import sparse_te_class
 from megatron_helpers import make_config
 from reference import masked_linear_reference, norm64
-from te_standins import FakeTELinear, TEGroupedLinearLike, TELayerNormLinearLike
+from te_standins import FakeTELinear, TEGroupedLinearLike, TELayerNormLinearLike, current_recipe
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
 
@@ -463,12 +463,6 @@ def master_grad64(grad_wm, weight, mask, gradient, decay):
     return grad_wm
 
 
-def _current_recipe(fmt="HYBRID"):
-    recipe = type("Float8CurrentScaling", (), {})()
-    recipe.fp8_format = type("F", (), {"name": fmt})()
-    return recipe
-
-
 @pytest.mark.parametrize(
     "normalization,zero_centered,mask,gradient,fmt",
     [
@@ -499,7 +493,7 @@ def test_te_layernorm_linear_fp8_2_4_against_float64(
     )
     x = (torch.randn(3, 7, 64) * 2 + 0.5).requires_grad_(True)  # 21 tokens: padded to 32
     dy = torch.randn(3, 7, 32)
-    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, _current_recipe(fmt)))
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, current_recipe(fmt)))
     y = layer(x)
     y.backward(dy)
 
@@ -566,7 +560,7 @@ def test_te_layernorm_linear_fp8_returns_what_te_returns(
     )
     x = torch.randn(16, 64, requires_grad=True)
     off = layer(x)  # TE's own forward (fp8_autocast off): the structure to match
-    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, _current_recipe()))
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, current_recipe()))
     outputs = layer(x)
     assert type(outputs) is type(off) and (not isinstance(off, tuple) or len(outputs) == len(off))
     out = outputs[0] if isinstance(outputs, tuple) else outputs
@@ -618,7 +612,7 @@ def test_te_layernorm_linear_falls_back_for_fp8_output(monkeypatch):
     )
     x = torch.randn(16, 64)
     off = layer(x)
-    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, _current_recipe()))
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, current_recipe()))
     with pytest.warns(UserWarning, match="fp8_output"):
         y = layer(x, fp8_output=True)
     assert torch.equal(y, off)  # TE's own forward ran
@@ -657,7 +651,7 @@ def test_te_grouped_linear_fp8_2_4_per_expert_against_float64(
     dy = torch.randn(sum(SPLITS), 32)
     splits = torch.tensor(SPLITS) if splits_as_tensor else SPLITS
     y_off, _ = layer(x, splits)
-    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, _current_recipe()))
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, current_recipe()))
     y, b = layer(x, splits)
     y.backward(dy)
     biases = [getattr(layer, f"bias{i}") for i in range(4)]
@@ -737,11 +731,11 @@ def test_te_grouped_linear_falls_back_for_what_it_does_not_reproduce(monkeypatch
 
     layer = sparse_te_class(TEGroupedLinearLike)(2, 64, 32, sparsity=SparsityConfig())
     layer.single_grouped_weight = True
-    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, _current_recipe()))
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, current_recipe()))
     with pytest.warns(UserWarning, match="single grouped weight"):
         assert te_fp8.fp8_route(layer, te_forward._grouped_unsupported(layer, {})) is None
     layer.single_grouped_weight = False
-    recipe = _current_recipe()
+    recipe = current_recipe()
     recipe.backward_override = "high_precision"
     monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, recipe))
     with pytest.warns(UserWarning, match="backward_override"):

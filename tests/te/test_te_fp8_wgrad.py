@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import te_kernel_standins as kernels
 from fp8_reference import q64
 from megatron_helpers import make_config
-from te_standins import TELayerNormLinearLike
+from te_standins import TELayerNormLinearLike, current_recipe
 
 from megasparse.config import SparsityConfig
 from megasparse.core.backends import BACKENDS
@@ -112,17 +112,11 @@ def test_without_an_accumulating_gemm_the_wgrad_is_an_fp32_temporary_added():
     torch.testing.assert_close(w.main_grad.double(), expected, rtol=1e-5, atol=1e-4)
 
 
-def _current_recipe():
-    recipe = type("Float8CurrentScaling", (), {})()
-    recipe.fp8_format = type("F", (), {"name": "HYBRID"})()
-    return recipe
-
-
 def test_te_layernorm_linear_fp8_wgrad_goes_through_tes_gemm(monkeypatch):
     """The sparse TE LayerNormLinear with fuse_wgrad_accumulation under fp8_autocast: its plan
     carries TE's accumulating GEMM (where TE's kernels exist), main_grad equals the reference over
     two micro-batches, and the dummy gradient is flagged for Megatron's DDP."""
-    monkeypatch.setattr(fp8_route, "te_fp8_state", lambda: (True, _current_recipe()))
+    monkeypatch.setattr(fp8_route, "te_fp8_state", lambda: (True, current_recipe()))
     monkeypatch.setattr(fp8_route, "te_wgrad_kernels", lambda device: kernels.WGRAD_KERNELS)
     torch.manual_seed(6)
     layer = sparse_te_class(TELayerNormLinearLike)(

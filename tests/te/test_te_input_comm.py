@@ -16,15 +16,9 @@ from megasparse.te import forward as te_forward
 from megasparse.te import fp8_route
 from megasparse.te.linear import sparse_te_class
 from megasparse.testing import run_distributed
-from te_standins import TELinearLike
+from te_standins import TELinearLike, current_recipe
 
 SEQ, BATCH, HIDDEN, FFN = 8, 2, 32, 64  # FP8 GEMMs: weight dims multiples of 16 per rank
-
-
-def _current_recipe():
-    recipe = type("Float8CurrentScaling", (), {})()
-    recipe.fp8_format = type("F", (), {"name": "HYBRID"})()
-    return recipe
 
 
 class _Recorder:
@@ -102,7 +96,7 @@ def _worker():
     te_fp8_state = fp8_route.te_fp8_state
     for fp8 in (False, True):
         dtype = torch.float32 if fp8 else torch.float64
-        fp8_route.te_fp8_state = (lambda: (True, _current_recipe())) if fp8 else te_fp8_state
+        fp8_route.te_fp8_state = (lambda: (True, current_recipe())) if fp8 else te_fp8_state
         try:
             for sequence_parallel in (False, True):
                 where = f"rank {rank} fp8={fp8} sp={sequence_parallel}"

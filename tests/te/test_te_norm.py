@@ -10,7 +10,7 @@ import torch
 import te_kernel_standins as kernels
 from fp8_reference import q64
 from megatron_helpers import make_config
-from te_standins import TELayerNormLinearLike
+from te_standins import TELayerNormLinearLike, current_recipe
 
 from megasparse.config import SparsityConfig
 from megasparse.core.masks import weight_mask
@@ -136,12 +136,6 @@ def test_kernels_are_one_autograd_node(te_kernels):
     assert type(y.grad_fn.next_functions[0][0]).__name__ == "_TeNormBackward"
 
 
-def _current_recipe(fmt="HYBRID"):
-    recipe = type("Float8CurrentScaling", (), {})()
-    recipe.fp8_format = type("F", (), {"name": fmt})()
-    return recipe
-
-
 @pytest.mark.parametrize(
     "normalization,zero_centered,mask,dtype",
     [
@@ -170,7 +164,7 @@ def test_fp8_layernorm_linear_runs_tes_norm_kernels(
     ).to(dtype)
     x = (torch.randn(3, 7, 64) * 2 + 0.5).to(dtype).requires_grad_(True)  # 21 tokens: ragged
     dy = torch.randn(3, 7, 32).to(dtype)
-    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, _current_recipe()))
+    monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, current_recipe()))
     y = layer(x)
     y.backward(dy)
     prefix = "layernorm" if normalization == "LayerNorm" else "rmsnorm"

@@ -270,8 +270,9 @@ def test_userbuffers_overlap_keeps_tes_forward_under_fp8_too(monkeypatch):
     TE's own (FP8) forward as well: the overlap lives inside TE's GEMM."""
     import megasparse.te.fp8_route as te_fp8
 
-    recipe = type("Float8CurrentScaling", (), {})()
-    recipe.fp8_format = type("F", (), {"name": "HYBRID"})()
+    from te_standins import current_recipe
+
+    recipe = current_recipe()
     monkeypatch.setattr(te_fp8, "te_fp8_state", lambda: (True, recipe))
     torch.manual_seed(9)
     layer = linear(in_f=32, out_f=32, dtype=torch.float32)
